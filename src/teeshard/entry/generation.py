@@ -1,0 +1,124 @@
+"""The generation loop: prefill, then one pipeline step per new token.
+
+One session per request, opened on every node with room for the prompt plus
+the completion budget and closed in every outcome (done, error, client gone).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+from teeshard.entry.errors import APIError
+from teeshard.entry.text import IncrementalDecoder, StopMatcher, TextCodec
+from teeshard.node.errors import NodeError
+from teeshard.node.service import NodeService
+from teeshard.transport.messages import SamplingParams
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    max_tokens: int
+    sampling: SamplingParams
+    stop: tuple[str, ...] = ()
+
+
+@dataclass
+class Generation:
+    """What a request produced so far; filled in while its deltas stream."""
+
+    request_id: str
+    prompt_tokens: int
+    completion_tokens: int = 0
+    finish_reason: FinishReason | None = None
+    token_ids: list[int] = field(default_factory=list)
+    closed: bool = False  # the session is closed on every node
+
+
+class Generator:
+    def __init__(self, service: NodeService, codec: TextCodec, wire_dtype: str, default_max_tokens: int) -> None:
+        self.service = service
+        self.codec = codec
+        self.wire_dtype = wire_dtype
+        self.default_max_tokens = default_max_tokens
+        self.context = service.shard.spec.max_position_embeddings
+        self.eos_ids = set(service.shard.spec.eos_token_ids) | codec.eos_ids()
+
+    def resolve_max_tokens(self, prompt_len: int, requested: int | None) -> int:
+        """The completion budget, or a 400 explaining why the request cannot fit."""
+        if prompt_len == 0:
+            raise APIError(400, "the prompt is empty", param="prompt")
+        room = self.context - prompt_len
+        if room <= 0:
+            raise APIError(
+                400,
+                f"the prompt has {prompt_len} tokens; this model's context is {self.context} tokens",
+                code="context_length_exceeded", param="messages",
+            )  # fmt: skip
+        if requested is None:
+            return min(room, self.default_max_tokens)
+        if requested <= 0:
+            raise APIError(400, f"max_tokens must be at least 1, got {requested}", param="max_tokens")
+        if requested > room:
+            raise APIError(
+                400,
+                f"max_tokens {requested} plus the prompt's {prompt_len} tokens exceeds this model's "
+                f"context of {self.context} tokens",
+                code="context_length_exceeded", param="max_tokens",
+            )  # fmt: skip
+        return requested
+
+    async def start(self, prompt_ids: list[int], params: GenerationParams) -> Generation:
+        """Open the session on every node; errors here happen before any output."""
+        generation = Generation(request_id=uuid.uuid4().hex, prompt_tokens=len(prompt_ids))
+        try:
+            await self.service.open(
+                generation.request_id, len(prompt_ids) + params.max_tokens, params.sampling, self.wire_dtype
+            )
+        except NodeError as exc:
+            raise APIError.from_node(exc) from None
+        return generation
+
+    async def stream(
+        self, generation: Generation, prompt_ids: list[int], params: GenerationParams
+    ) -> AsyncIterator[str]:
+        """Yield text deltas; ``generation`` holds counts and the finish reason at the end."""
+        session = generation.request_id
+        decoder = IncrementalDecoder(self.codec, prompt_ids)
+        stops = StopMatcher(params.stop)
+        try:
+            result = await self.service.step_tokens(session, prompt_ids)
+            while True:
+                token = result.token
+                if token in self.eos_ids:
+                    generation.finish_reason = "stop"
+                    break
+                generation.token_ids.append(token)
+                generation.completion_tokens += 1
+                delta = stops.feed(decoder.push(token))
+                if delta:
+                    yield delta
+                if stops.stopped:
+                    generation.finish_reason = "stop"
+                    return
+                if generation.completion_tokens >= params.max_tokens:
+                    generation.finish_reason = "length"
+                    break
+                result = await self.service.step_tokens(session, [token])
+            tail = stops.flush()
+            if tail:
+                yield tail
+        except NodeError as exc:
+            raise APIError.from_node(exc) from None
+        finally:
+            await self.release(generation)
+
+    async def release(self, generation: Generation) -> None:
+        """Close the request's session everywhere, once; safe to call in any outcome."""
+        if not generation.closed:
+            generation.closed = True
+            await self.service.close(generation.request_id)

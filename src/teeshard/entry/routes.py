@@ -1,0 +1,69 @@
+"""HTTP routes of the entry node. Thin: parse, call the serving logic, return."""
+
+from __future__ import annotations
+
+from importlib import resources
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from teeshard.entry.errors import APIError
+from teeshard.entry.protocol import ChatCompletionRequest, CompletionRequest, GenerateRequest, error_body
+from teeshard.entry.serving import OpenAIServing
+
+
+def build_router(serving: OpenAIServing) -> APIRouter:
+    router = APIRouter()
+
+    @router.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        return serving.models()
+
+    @router.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(body: ChatCompletionRequest) -> Response:
+        return await serving.chat(body)
+
+    @router.post("/v1/completions", response_model=None)
+    async def completions(body: CompletionRequest) -> Response:
+        return await serving.completions(body)
+
+    @router.post("/generate")
+    async def generate(body: GenerateRequest) -> dict[str, Any]:
+        return await serving.generate(body)
+
+    @router.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def web_page() -> str:
+        return resources.files("teeshard.entry").joinpath("static/index.html").read_text()
+
+    return router
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every error leaves in the OpenAI error shape."""
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, exc: APIError) -> JSONResponse:
+        headers = {"Retry-After": "1"} if exc.status == 503 else None
+        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {"type": "", "loc": (), "msg": "invalid request"}
+        if first.get("type") == "json_invalid":
+            return JSONResponse(
+                error_body("request body is not valid JSON", "invalid_request_error", code="invalid_json"),
+                status_code=400,
+            )
+        location = [str(p) for p in first.get("loc", ()) if p != "body"]
+        param = ".".join(location) or None
+        message = f"{param}: {first['msg']}" if param else str(first["msg"])
+        return JSONResponse(error_body(message, "invalid_request_error", param), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = exc.detail if isinstance(exc.detail, str) else "request failed"
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return JSONResponse(error_body(message, kind), status_code=exc.status_code)

@@ -1,0 +1,239 @@
+"""The transformer blocks of a Llama-family decoder, as one shard of layers.
+
+Read top to bottom: norm, rotary embedding, attention, MLP, block, then the
+``Shard`` that strings blocks together. A shard optionally owns the token
+embedding (first shard) and the final norm plus LM head (last shard); nothing
+here knows about networks or other nodes. Numerics follow Hugging Face's
+implementation so that a split model reproduces the unsplit one.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from teeshard.model.kv_cache import KVCache
+from teeshard.model.layer_range import LayerRange
+from teeshard.model.spec import ArchSpec, RopeSpec
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()  # normalise in float32 like HF, whatever the model dtype
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+def rope_inv_freq(rope: RopeSpec, head_dim: int) -> torch.Tensor:
+    # Built on the CPU explicitly: shards are constructed under the meta device.
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
+    inv_freq = 1.0 / (rope.theta**exponents)
+    if rope.rope_type == "linear":
+        return inv_freq / rope.factor
+    if rope.rope_type == "llama3":
+        # Llama 3.1 frequency-dependent scaling, as in transformers' _compute_llama3_parameters.
+        old_len = rope.original_max_position_embeddings
+        low_wavelen = old_len / rope.low_freq_factor
+        high_wavelen = old_len / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
+        smooth = (old_len / wavelen - rope.low_freq_factor) / (
+            rope.high_freq_factor - rope.low_freq_factor
+        )
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        is_medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        return torch.where(is_medium, smoothed, scaled)
+    return inv_freq
+
+
+class RotaryTable:
+    """cos/sin for every position up to a maximum, grown on demand."""
+
+    def __init__(self, rope: RopeSpec, head_dim: int) -> None:
+        self.inv_freq = rope_inv_freq(rope, head_dim)  # (D/2,)
+        self.cos = torch.empty(0)
+        self.sin = torch.empty(0)
+
+    def get(
+        self, start: int, length: int, dtype: torch.dtype, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        end = start + length
+        if self.cos.shape[0] < end or self.cos.dtype != dtype or self.cos.device != device:
+            size = max(end, 2 * self.cos.shape[0], 256)
+            positions = torch.arange(size, dtype=torch.float32, device="cpu")
+            freqs = torch.outer(positions, self.inv_freq)  # (P, D/2)
+            emb = torch.cat((freqs, freqs), dim=-1)  # (P, D)
+            self.cos = emb.cos().to(dtype=dtype, device=device)
+            self.sin = emb.sin().to(dtype=dtype, device=device)
+        return self.cos[start:end], self.sin[start:end]  # (T, D) each
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + rotate_half(x) * sin  # x: (B, H, T, D); cos/sin broadcast from (T, D)
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: ArchSpec) -> None:
+        super().__init__()
+        self.num_heads = spec.num_heads
+        self.num_kv_heads = spec.num_kv_heads
+        self.head_dim = spec.head_dim
+        self.sliding_window = spec.sliding_window
+        bias = spec.attention_bias
+        self.q_proj = nn.Linear(spec.hidden_size, spec.num_heads * spec.head_dim, bias=bias)
+        self.k_proj = nn.Linear(spec.hidden_size, spec.kv_dim, bias=bias)
+        self.v_proj = nn.Linear(spec.hidden_size, spec.kv_dim, bias=bias)
+        self.o_proj = nn.Linear(spec.num_heads * spec.head_dim, spec.hidden_size, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (B, T, C)
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        k_cache: torch.Tensor,  # (B, Hkv, S, D), preallocated for the whole session
+        v_cache: torch.Tensor,
+        start: int,  # position of x[:, 0] in the sequence
+    ) -> torch.Tensor:
+        batch, steps, _ = x.shape
+        q = self.q_proj(x).view(batch, steps, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, steps, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, steps, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # (B, H, T, D), (B, Hkv, T, D)
+        end = start + steps
+        k_cache[:, :, start:end] = k
+        v_cache[:, :, start:end] = v
+
+        first_key = 0
+        if self.sliding_window is not None and end > self.sliding_window and steps == 1:
+            first_key = end - self.sliding_window  # a decoding token sees only its window
+        keys = k_cache[:, :, first_key:end]  # (B, Hkv, S', D)
+        values = v_cache[:, :, first_key:end]
+        mask = self._mask(start, steps, first_key, end, x.device)
+        out = F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=mask, is_causal=mask is None and steps > 1 and start == 0,
+            enable_gqa=self.num_kv_heads != self.num_heads,
+        )  # (B, H, T, D)
+        out = out.transpose(1, 2).reshape(batch, steps, self.num_heads * self.head_dim)
+        return self.o_proj(out)
+
+    def _mask(
+        self, start: int, steps: int, first_key: int, end: int, device: torch.device
+    ) -> torch.Tensor | None:
+        """Boolean mask (T, S') where True means "may attend"; None when SDPA needs none."""
+        window = self.sliding_window
+        needs_window = window is not None and end > window
+        if steps == 1 or (start == 0 and not needs_window):
+            return None  # single query sees every cached key; or plain causal prefill
+        query_pos = torch.arange(start, end, device=device)[:, None]  # (T, 1)
+        key_pos = torch.arange(first_key, end, device=device)[None, :]  # (1, S')
+        allowed = key_pos <= query_pos
+        if needs_window:
+            assert window is not None
+            allowed &= key_pos > query_pos - window
+        return allowed
+
+
+class MLP(nn.Module):
+    def __init__(self, spec: ArchSpec) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, spec: ArchSpec) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.self_attn = Attention(spec)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.mlp = MLP(spec)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        start: int,
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Shard(nn.Module):
+    """Layers ``[start, end)`` of a decoder, plus the embedding and/or head at the ends.
+
+    Parameter names follow the checkpoint with the ``model.`` prefix dropped and
+    layer indices made local (``layers.0`` is global layer ``start``).
+    """
+
+    def __init__(self, spec: ArchSpec, layers: LayerRange) -> None:
+        super().__init__()
+        layers.check_within(spec.num_layers)
+        self.spec = spec
+        self.layer_range = layers
+        self.is_first = layers.is_first()
+        self.is_last = layers.is_last(spec.num_layers)
+        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size) if self.is_first else None
+        self.layers = nn.ModuleList(Block(spec) for _ in layers)
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps) if self.is_last else None
+        self.lm_head = (
+            nn.Linear(spec.hidden_size, spec.vocab_size, bias=False) if self.is_last else None
+        )
+        self.rotary = RotaryTable(spec.rope, spec.head_dim)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.layers[0].input_layernorm.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.layers[0].input_layernorm.weight.device
+
+    def new_cache(self, max_len: int) -> KVCache:
+        spec = self.spec
+        return KVCache.allocate(
+            len(self.layers), spec.num_kv_heads, max_len, spec.head_dim, self.dtype, self.device
+        )
+
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        if self.embed_tokens is None:
+            raise RuntimeError("this shard does not hold the token embedding")
+        return self.embed_tokens(token_ids)  # (B, T) -> (B, T, C)
+
+    def forward(self, hidden: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Run this shard's blocks on ``hidden`` (B, T, C), append to ``cache``.
+
+        Returns the hidden states for the next shard, or, on the last shard,
+        float32 logits for the final position only: (B, vocab).
+        """
+        steps = hidden.shape[1]
+        start = cache.length
+        cache.check_room(steps)
+        cos, sin = self.rotary.get(start, steps, hidden.dtype, hidden.device)
+        for index, block in enumerate(self.layers):
+            hidden = block(hidden, cos, sin, cache.keys[index], cache.values[index], start)
+        cache.advance(steps)
+        if not self.is_last:
+            return hidden
+        assert self.norm is not None and self.lm_head is not None
+        return self.lm_head(self.norm(hidden[:, -1:, :]))[:, -1, :].float()  # (B, vocab)

@@ -1,0 +1,81 @@
+"""The node's ASGI app: the pipeline socket, health, metrics and, on the entry node, the API."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import psutil
+from fastapi import FastAPI, WebSocket
+from fastapi.responses import PlainTextResponse
+
+from teeshard.entry.routes import build_router, install_error_handlers
+from teeshard.entry.serving import OpenAIServing
+from teeshard.node.config import NodeConfig
+from teeshard.node.pipeline import serve_pipeline
+from teeshard.node.service import NodeService
+
+
+def create_app(service: NodeService, config: NodeConfig, serving: OpenAIServing | None = None) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        evictor = asyncio.create_task(_evict_idle(service))
+        try:
+            yield
+        finally:
+            evictor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await evictor
+            await service.shutdown()
+
+    app = FastAPI(title="teeshard node", lifespan=lifespan, docs_url=None, redoc_url=None)
+    install_error_handlers(app)
+    app.state.service = service
+
+    @app.websocket("/pipeline")
+    async def pipeline(websocket: WebSocket) -> None:
+        await serve_pipeline(websocket, service)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return health_report(service, config)
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics() -> str:
+        return service.metrics.render()
+
+    if serving is not None:
+        app.include_router(build_router(serving))
+    return app
+
+
+def health_report(service: NodeService, config: NodeConfig) -> dict[str, Any]:
+    shard = service.shard
+    limits = service.sessions.limits
+    return {
+        "status": "ok",
+        "model": service.model_name,
+        "layers": [shard.layer_range.start, shard.layer_range.end],
+        "num_layers": shard.spec.num_layers,
+        "entry": config.entry,
+        "dtype": config.dtype,
+        "wire_dtype": config.wire_dtype,
+        "sessions": {
+            "open": len(service.sessions),
+            "reserved_tokens": service.sessions.reserved_tokens,
+            "max_sessions": limits.max_sessions,
+            "max_cached_tokens": limits.max_cached_tokens,
+            "evicted_total": service.sessions.evicted_total,
+        },
+        "memory": {"rss_bytes": psutil.Process().memory_info().rss},
+        "next": service.downstream.stats() if service.downstream is not None else None,
+    }
+
+
+async def _evict_idle(service: NodeService) -> None:
+    interval = max(0.05, min(service.sessions.limits.idle_timeout_s / 4, 30.0))
+    while True:
+        await asyncio.sleep(interval)
+        service.evict_idle()

@@ -1,0 +1,70 @@
+"""The pure compute of one pipeline step: check the input, run the shard, sample.
+
+No I/O here: the pipeline handler decodes frames and forwards results; this
+module only turns a validated input into either hidden states for the next
+node or, on the last node, a token id.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from teeshard.model.sampling import sample
+from teeshard.model.transformer import Shard
+from teeshard.node.errors import BadRequestError, CacheFullError
+from teeshard.node.sessions import Session
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    hidden: torch.Tensor | None = None  # (1, T, C) for the next node
+    token: int | None = None  # sampled on the last node
+    logits: torch.Tensor | None = None  # (vocab,) float32, only when the session asked
+
+
+def check_tokens(shard: Shard, session: Session, tokens: tuple[int, ...] | list[int]) -> torch.Tensor:
+    if not shard.is_first:
+        raise BadRequestError(f"node serves layers {shard.layer_range} and takes hidden states, not tokens")
+    if not tokens:
+        raise BadRequestError("a step needs at least one token")
+    vocab = shard.spec.vocab_size
+    if any(t < 0 or t >= vocab for t in tokens):
+        raise BadRequestError(f"token ids must lie in [0, {vocab})")
+    _check_room(session, len(tokens))
+    return torch.tensor([list(tokens)], dtype=torch.long)  # (1, T)
+
+
+def check_hidden(shard: Shard, session: Session, hidden: torch.Tensor) -> torch.Tensor:
+    if shard.is_first:
+        raise BadRequestError("node serves layer 0 and takes token ids, not hidden states")
+    width = shard.spec.hidden_size
+    if hidden.dim() != 3 or hidden.shape[0] != 1 or hidden.shape[1] < 1 or hidden.shape[2] != width:
+        raise BadRequestError(f"hidden states must have shape (1, T, {width}), got {tuple(hidden.shape)}")
+    if not torch.isfinite(hidden).all():
+        raise BadRequestError("hidden states contain NaN or infinity")
+    _check_room(session, hidden.shape[1])
+    return hidden.to(shard.dtype)
+
+
+def _check_room(session: Session, steps: int) -> None:
+    if session.cache.length + steps > session.max_len:
+        raise CacheFullError(
+            f"session {session.id} holds {session.cache.length} of {session.max_len} positions; "
+            f"{steps} more do not fit"
+        )
+
+
+@torch.no_grad()
+def run_step(shard: Shard, session: Session, *, tokens: torch.Tensor | None, hidden: torch.Tensor | None) -> StepOutput:
+    """Run one step on validated input: ``tokens`` (1, T) on the first node, else ``hidden``."""
+    if tokens is not None:
+        hidden = shard.embed(tokens)  # (1, T, C)
+    assert hidden is not None
+    out = shard(hidden, session.cache)
+    if not shard.is_last:
+        return StepOutput(hidden=out)
+    logits = out[0]  # (vocab,)
+    token = sample(logits, session.sampling, session.generator)
+    return StepOutput(token=token, logits=logits if session.return_logits else None)

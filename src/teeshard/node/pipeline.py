@@ -1,0 +1,91 @@
+"""The pipeline WebSocket endpoint: frames in, work dispatched, replies out.
+
+Each frame is handled in its own task so that requests of different sessions
+on one connection overlap (their compute still queues on the node's worker).
+A bad frame is answered with an ``error`` message carrying its request id when
+it has one; the connection and the node stay up. Frames above the size limit
+are refused by the WebSocket layer itself (close code 1009).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from teeshard.node.errors import NodeError
+from teeshard.node.service import NodeService
+from teeshard.transport.codec import ProtocolError, decode, encode, tensor_to_wire
+from teeshard.transport.messages import CloseMsg, ErrorMsg, Message, OpenMsg, ResultMsg, StepMsg
+
+log = logging.getLogger(__name__)
+
+
+async def serve_pipeline(websocket: WebSocket, service: NodeService) -> None:
+    await websocket.accept()
+    send_lock = asyncio.Lock()
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def reply(message: ResultMsg | ErrorMsg) -> None:
+        async with send_lock:
+            with contextlib.suppress(WebSocketDisconnect, RuntimeError):
+                await websocket.send_bytes(encode(message))
+
+    async def handle(message: Message) -> None:
+        request_id = message.id
+        try:
+            await reply(await dispatch(service, message))
+        except NodeError as exc:
+            service.count_error(exc.code)
+            await reply(ErrorMsg(id=request_id, code=exc.code, message=exc.message, status=exc.status))
+        except Exception:
+            service.count_error("internal_error")
+            log.exception("request %s failed on layers %s", request_id, service.shard.layer_range)
+            await reply(ErrorMsg(id=request_id, code="internal_error", message="internal error", status=500))
+
+    try:
+        while True:
+            frame = await websocket.receive()
+            if frame["type"] == "websocket.disconnect":
+                break
+            data = frame.get("bytes")
+            if data is None:
+                service.count_error("bad_request")
+                await reply(ErrorMsg(id=None, code="bad_request", message="pipeline frames must be binary msgpack", status=400))
+                continue
+            try:
+                message = decode(data)
+            except ProtocolError as exc:
+                service.count_error("bad_request")
+                await reply(ErrorMsg(id=exc.request_id, code="bad_request", message=str(exc), status=400))
+                continue
+            task = asyncio.create_task(handle(message))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+    except WebSocketDisconnect:
+        pass
+    finally:
+        # Let in-flight steps finish so caches stay consistent; their replies are dropped.
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def dispatch(service: NodeService, message: Message) -> ResultMsg:
+    if isinstance(message, OpenMsg):
+        await service.open(
+            message.session, message.max_len, message.sampling, message.wire_dtype, message.return_logits
+        )
+        return ResultMsg(id=message.id)
+    if isinstance(message, StepMsg):
+        if (message.tokens is None) == (message.hidden is None):
+            raise NodeError("a step carries exactly one of tokens or hidden", code="bad_request", status=400)
+        result = await service.step_hidden(message.session, message)
+        logits = tensor_to_wire(result.logits, "float32") if result.logits is not None else None
+        return ResultMsg(id=message.id, token=result.token, logits=logits)
+    if isinstance(message, CloseMsg):
+        if not await service.close(message.session):
+            raise NodeError(f"unknown session {message.session}", code="unknown_session", status=404)
+        return ResultMsg(id=message.id)
+    raise NodeError(f"a node does not accept {message.type!r} messages", code="bad_request", status=400)

@@ -1,0 +1,177 @@
+"""A shard node's sessions and steps: local compute, then the next hop.
+
+The pipeline socket and the entry node's generation loop both drive a node
+through this class. Compute runs on one worker thread (torch uses all cores
+inside each op), so the event loop stays free for I/O while a step runs.
+
+Error handling: a step that fails downstream rolls the local cache back, so the
+session is exactly as before the step; a failed ``open`` downstream closes the
+local session again. Errors from the next node keep their code and status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TypeVar
+
+import torch
+
+from teeshard.model.transformer import Shard
+from teeshard.node.compute import StepOutput, check_hidden, check_tokens, run_step
+from teeshard.node.errors import DownstreamError, NodeError
+from teeshard.node.metrics import Metrics
+from teeshard.node.sessions import Session, SessionLimits, SessionStore
+from teeshard.transport.codec import ProtocolError, tensor_from_wire, tensor_to_wire
+from teeshard.transport.messages import CloseMsg, OpenMsg, ResultMsg, SamplingParams, StepMsg
+from teeshard.transport.peer import PeerClient, PeerError, RemoteError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class StepResult:
+    token: int
+    logits: torch.Tensor | None = None  # (vocab,) float32 when the session asked for them
+
+
+class NodeService:
+    def __init__(
+        self,
+        shard: Shard,
+        model_name: str,
+        limits: SessionLimits,
+        downstream: PeerClient | None = None,
+    ) -> None:
+        if not shard.is_last and downstream is None:
+            raise ValueError(
+                f"layers {shard.layer_range} do not end the model ({shard.spec.num_layers} layers): "
+                "a next node (--next) is required"
+            )
+        self.shard = shard
+        self.model_name = model_name
+        self.downstream = downstream if not shard.is_last else None
+        self.sessions = SessionStore(limits, shard.spec.max_position_embeddings)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
+        self._locks: dict[str, asyncio.Lock] = {}
+        self.metrics = Metrics({"model": model_name, "layers": str(shard.layer_range)})
+        self.metrics.counter("teeshard_steps_total", "Pipeline steps run on this node")
+        self.metrics.counter("teeshard_tokens_processed_total", "Token positions run through this shard")
+        self.metrics.counter("teeshard_step_seconds_total", "Time spent in local compute")
+        self.metrics.counter("teeshard_errors_total", "Failed requests by error code")
+        self.metrics.gauge("teeshard_sessions_open", "Open sessions", lambda: len(self.sessions))
+        self.metrics.gauge(
+            "teeshard_cache_reserved_tokens", "KV positions reserved", lambda: self.sessions.reserved_tokens
+        )
+
+    # -- sessions --------------------------------------------------------------------
+
+    async def open(
+        self,
+        session_id: str,
+        max_len: int,
+        sampling: SamplingParams,
+        wire_dtype: str = "float32",
+        return_logits: bool = False,
+    ) -> None:
+        self.sessions.admit(session_id, max_len)
+        cache = self.shard.new_cache(max_len)
+        self.sessions.new_session(session_id, cache, wire_dtype, sampling, return_logits)
+        if self.downstream is None:
+            return
+        try:
+            await self._downstream(
+                lambda rid: OpenMsg(
+                    id=rid, session=session_id, max_len=max_len, wire_dtype=wire_dtype,  # type: ignore[arg-type]
+                    sampling=sampling, return_logits=return_logits,
+                )  # fmt: skip
+            )
+        except BaseException:
+            self.sessions.close(session_id)
+            raise
+
+    async def close(self, session_id: str) -> bool:
+        """Close locally and downstream; downstream failures are logged, not raised."""
+        found = self.sessions.close(session_id)
+        self._locks.pop(session_id, None)
+        if self.downstream is not None:
+            try:
+                await self._downstream(lambda rid: CloseMsg(id=rid, session=session_id))
+            except NodeError as exc:
+                log.info("close of session %s downstream failed: %s", session_id, exc.code)
+        return found
+
+    def evict_idle(self) -> list[str]:
+        evicted = self.sessions.evict_idle()
+        for session_id in evicted:
+            self._locks.pop(session_id, None)
+            log.info("evicted idle session %s", session_id)
+        return evicted
+
+    # -- steps -----------------------------------------------------------------------
+
+    async def step_tokens(self, session_id: str, tokens: list[int] | tuple[int, ...]) -> StepResult:
+        session = self.sessions.get(session_id)
+        inputs = check_tokens(self.shard, session, tokens)
+        return await self._step(session, tokens=inputs, hidden=None)
+
+    async def step_hidden(self, session_id: str, wire: StepMsg) -> StepResult:
+        session = self.sessions.get(session_id)
+        if wire.hidden is None:
+            return await self.step_tokens(session_id, wire.tokens or ())
+        try:
+            hidden = tensor_from_wire(wire.hidden, expected_dtype=session.wire_dtype)
+        except ProtocolError as exc:
+            raise NodeError(str(exc), code="bad_request", status=400) from None
+        return await self._step(session, tokens=None, hidden=check_hidden(self.shard, session, hidden))
+
+    async def _step(self, session: Session, *, tokens: torch.Tensor | None, hidden: torch.Tensor | None) -> StepResult:
+        lock = self._locks.setdefault(session.id, asyncio.Lock())
+        async with lock:  # one step at a time per session: the cache is sequential
+            started = time.perf_counter()
+            length_before = session.cache.length
+            out: StepOutput = await self._compute(lambda: run_step(self.shard, session, tokens=tokens, hidden=hidden))
+            steps = session.cache.length - length_before
+            self.metrics.inc("teeshard_steps_total")
+            self.metrics.inc("teeshard_tokens_processed_total", steps)
+            self.metrics.inc("teeshard_step_seconds_total", time.perf_counter() - started)
+            if out.hidden is None:
+                assert out.token is not None
+                return StepResult(out.token, out.logits)
+            wire = tensor_to_wire(out.hidden, session.wire_dtype)
+            try:
+                reply = await self._downstream(lambda rid: StepMsg(id=rid, session=session.id, hidden=wire))
+            except BaseException:
+                session.cache.length = length_before  # keep the session consistent for a retry
+                raise
+            if reply.token is None:
+                raise DownstreamError("next node returned a step result without a token")
+            logits = tensor_from_wire(reply.logits) if reply.logits is not None else None
+            return StepResult(reply.token, logits)
+
+    async def _compute(self, fn: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
+    async def _downstream(self, build: Callable[[int], OpenMsg | StepMsg | CloseMsg]) -> ResultMsg:
+        assert self.downstream is not None
+        try:
+            return await self.downstream.request(build)
+        except RemoteError as exc:
+            # the next node refused: keep its reason and status (e.g. 503 when it is full)
+            raise NodeError(f"next node: {exc}", code=exc.code, status=exc.status) from None
+        except PeerError as exc:
+            raise DownstreamError(f"next node unavailable: {exc}") from None
+
+    def count_error(self, code: str) -> None:
+        self.metrics.inc("teeshard_errors_total", code=code)
+
+    async def shutdown(self) -> None:
+        if self.downstream is not None:
+            await self.downstream.close()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+

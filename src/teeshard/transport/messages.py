@@ -1,0 +1,91 @@
+"""Pipeline wire messages, node to node.
+
+Every frame is one msgpack map ``{"v": 1, "type": ..., "id": ..., ...}``. Models
+are frozen and reject unknown fields; a frame that does not validate is answered
+with an ``error`` message, never executed. Tensors travel as dtype, shape and raw
+little-endian bytes; nothing received is ever unpickled.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+PROTOCOL_VERSION = 1
+WIRE_DTYPES = ("float32", "float16", "bfloat16")
+
+SessionId = Annotated[str, Field(min_length=1, max_length=128)]
+RequestId = Annotated[int, Field(ge=0)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+
+class WireTensor(_Strict):
+    dtype: str
+    shape: tuple[int, ...]
+    data: bytes
+
+
+class SamplingParams(_Strict):
+    temperature: float = Field(default=0.0, ge=0.0, le=100.0)  # 0 means greedy
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=0)  # 0 means no top-k filter
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+class OpenMsg(_Strict):
+    v: Literal[1] = PROTOCOL_VERSION
+    type: Literal["open"] = "open"
+    id: RequestId
+    session: SessionId
+    max_len: int = Field(ge=1)
+    wire_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    sampling: SamplingParams = SamplingParams()
+    return_logits: bool = False  # last node also returns float32 logits (tests, logprobs)
+
+
+class StepMsg(_Strict):
+    v: Literal[1] = PROTOCOL_VERSION
+    type: Literal["step"] = "step"
+    id: RequestId
+    session: SessionId
+    tokens: tuple[int, ...] | None = None  # for a node whose range starts at layer 0
+    hidden: WireTensor | None = None  # (1, T, hidden) for every other node
+
+
+class CloseMsg(_Strict):
+    v: Literal[1] = PROTOCOL_VERSION
+    type: Literal["close"] = "close"
+    id: RequestId
+    session: SessionId
+
+
+class ResultMsg(_Strict):
+    v: Literal[1] = PROTOCOL_VERSION
+    type: Literal["result"] = "result"
+    id: RequestId
+    token: int | None = None  # sampled token id (step results)
+    logits: WireTensor | None = None
+
+
+class ErrorMsg(_Strict):
+    v: Literal[1] = PROTOCOL_VERSION
+    type: Literal["error"] = "error"
+    id: RequestId | None
+    code: str  # machine-readable, see teeshard.node.errors
+    message: str
+    status: int = 500  # the HTTP status the entry node should give a client
+
+
+Request = OpenMsg | StepMsg | CloseMsg
+Reply = ResultMsg | ErrorMsg
+Message = Annotated[
+    OpenMsg | StepMsg | CloseMsg | ResultMsg | ErrorMsg, Field(discriminator="type")
+]
