@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Every check CI runs: lint, format, types, tests. Arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$PWD/.venv/bin:$PATH"
+echo "== ruff"; ruff check src tests benchmarks; ruff format --check src tests benchmarks
+echo "== mypy"; mypy
+echo "== pytest"; pytest "$@"
