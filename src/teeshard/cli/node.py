@@ -12,31 +12,67 @@ from teeshard.node.sessions import SessionLimits
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("node", help="serve layers START:END of a model")
-    parser.add_argument("--model", required=True, type=Path, help="Hugging Face checkpoint directory")
-    parser.add_argument("--layers", required=True, type=LayerRange.parse, help="half-open range START:END")
+    parser.add_argument(
+        "--model", required=True, type=Path, help="Hugging Face checkpoint directory"
+    )
+    parser.add_argument(
+        "--layers", required=True, type=LayerRange.parse, help="half-open range START:END"
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8000, help="port for HTTP and the pipeline socket")
-    parser.add_argument("--next", dest="next_url", help="ws://HOST:PORT of the node serving the next layers")
-    parser.add_argument("--entry", action="store_true", help="serve the OpenAI-compatible API (layers 0:N only)")
+    parser.add_argument(
+        "--port", type=int, default=8000, help="port for HTTP and the pipeline socket"
+    )
+    parser.add_argument(
+        "--next", dest="next_url", help="ws://HOST:PORT of the node serving the next layers"
+    )
+    parser.add_argument(
+        "--entry", action="store_true", help="serve the OpenAI-compatible API (layers 0:N only)"
+    )
     add_runtime_options(parser)
     parser.set_defaults(func=run)
 
 
 def add_runtime_options(parser: argparse.ArgumentParser) -> None:
     """Options shared by ``node`` and ``up``."""
-    parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
-                        help="compute dtype of the weights (default float32)")
-    parser.add_argument("--wire-dtype", default="float32", choices=("float32", "float16", "bfloat16"),
-                        help="dtype of hidden states between nodes (default float32)")
-    parser.add_argument("--max-sessions", type=int, default=16, help="open sessions per node (default 16)")
-    parser.add_argument("--max-cached-tokens", type=int, default=65536,
-                        help="KV positions reserved over all sessions (default 65536)")
-    parser.add_argument("--idle-timeout", type=float, default=300.0,
-                        help="seconds before an idle session is evicted (default 300)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
-    parser.add_argument("--model-name", default=None, help="name on /v1/models (default: directory name)")
-    parser.add_argument("--max-tokens-default", type=int, default=512,
-                        help="completion budget when a request names none (default 512)")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "float16", "bfloat16"),
+        help="compute dtype of the weights (default float32)",
+    )
+    parser.add_argument(
+        "--wire-dtype",
+        default="float32",
+        choices=("float32", "float16", "bfloat16"),
+        help="dtype of hidden states between nodes (default float32)",
+    )
+    parser.add_argument(
+        "--max-sessions", type=int, default=16, help="open sessions per node (default 16)"
+    )
+    parser.add_argument(
+        "--max-cached-tokens",
+        type=int,
+        default=65536,
+        help="KV positions reserved over all sessions (default 65536)",
+    )
+    parser.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=300.0,
+        help="seconds before an idle session is evicted (default 300)",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: all cores)"
+    )
+    parser.add_argument(
+        "--model-name", default=None, help="name on /v1/models (default: directory name)"
+    )
+    parser.add_argument(
+        "--max-tokens-default",
+        type=int,
+        default=512,
+        help="completion budget when a request names none (default 512)",
+    )
 
 
 def config_from_args(args: argparse.Namespace, **overrides: object) -> NodeConfig:
@@ -57,7 +93,12 @@ def run(args: argparse.Namespace) -> int:
     from teeshard.node.runtime import serve
 
     config = config_from_args(
-        args, layers=args.layers, host=args.host, port=args.port, next_url=args.next_url, entry=args.entry
+        args,
+        layers=args.layers,
+        host=args.host,
+        port=args.port,
+        next_url=args.next_url,
+        entry=args.entry,
     )
     serve(config)
     return 0

@@ -27,7 +27,9 @@ def run(args: argparse.Namespace) -> int:
     checkpoint = Checkpoint(args.model)
     weights = [float(w) for w in args.weights.split(",")] if args.weights else None
     plans = plan_checkpoint(checkpoint, args.nodes, weights)
-    table = Table(title=f"{checkpoint.name}: {checkpoint.spec.num_layers} layers over {args.nodes} nodes")
+    table = Table(
+        title=f"{checkpoint.name}: {checkpoint.spec.num_layers} layers over {args.nodes} nodes"
+    )
     for column in ("node", "layers", "holds", "param bytes", "MiB"):
         table.add_column(column, justify="right" if column in ("param bytes", "MiB") else "left")
     for index, plan in enumerate(plans):

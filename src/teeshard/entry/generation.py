@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Literal
 
+from teeshard.entry.billing import Billing, ChargeRequest, FreeBilling, Reservation, Settlement
 from teeshard.entry.errors import APIError
 from teeshard.entry.text import IncrementalDecoder, StopMatcher, TextCodec
 from teeshard.node.errors import NodeError
@@ -37,11 +38,22 @@ class Generation:
     finish_reason: FinishReason | None = None
     token_ids: list[int] = field(default_factory=list)
     closed: bool = False  # the session is closed on every node
+    served_by: tuple[str, ...] = ()  # node ids of the chain, entry first
+    reservation: Reservation | None = None
+    settlement: Settlement | None = None
 
 
 class Generator:
-    def __init__(self, service: NodeService, codec: TextCodec, wire_dtype: str, default_max_tokens: int) -> None:
+    def __init__(
+        self,
+        service: NodeService,
+        codec: TextCodec,
+        wire_dtype: str,
+        default_max_tokens: int,
+        billing: Billing | None = None,
+    ) -> None:
         self.service = service
+        self.billing: Billing = billing or FreeBilling()
         self.codec = codec
         self.wire_dtype = wire_dtype
         self.default_max_tokens = default_max_tokens
@@ -62,7 +74,9 @@ class Generator:
         if requested is None:
             return min(room, self.default_max_tokens)
         if requested <= 0:
-            raise APIError(400, f"max_tokens must be at least 1, got {requested}", param="max_tokens")
+            raise APIError(
+                400, f"max_tokens must be at least 1, got {requested}", param="max_tokens"
+            )
         if requested > room:
             raise APIError(
                 400,
@@ -72,15 +86,34 @@ class Generator:
             )  # fmt: skip
         return requested
 
-    async def start(self, prompt_ids: list[int], params: GenerationParams) -> Generation:
-        """Open the session on every node; errors here happen before any output."""
+    async def start(
+        self, prompt_ids: list[int], params: GenerationParams, api_key: str | None = None
+    ) -> Generation:
+        """Reserve the most the request can cost, then open the session on every node.
+
+        Errors here (402 no balance, 503 full caches...) happen before any output.
+        """
         generation = Generation(request_id=uuid.uuid4().hex, prompt_tokens=len(prompt_ids))
+        charge = ChargeRequest(
+            generation.request_id,
+            api_key,
+            self.service.model_name,
+            len(prompt_ids),
+            params.max_tokens,
+        )
+        generation.reservation = await self.billing.reserve(charge)
         try:
-            await self.service.open(
-                generation.request_id, len(prompt_ids) + params.max_tokens, params.sampling, self.wire_dtype
+            generation.served_by = await self.service.open(
+                generation.request_id,
+                len(prompt_ids) + params.max_tokens,
+                params.sampling,
+                self.wire_dtype,
             )
-        except NodeError as exc:
-            raise APIError.from_node(exc) from None
+        except BaseException as exc:
+            await self.billing.release(generation.reservation)
+            if isinstance(exc, NodeError):
+                raise APIError.from_node(exc) from None
+            raise
         return generation
 
     async def stream(
@@ -118,7 +151,25 @@ class Generator:
             await self.release(generation)
 
     async def release(self, generation: Generation) -> None:
-        """Close the request's session everywhere, once; safe to call in any outcome."""
-        if not generation.closed:
-            generation.closed = True
+        """Close the session everywhere and settle or release its charge, once.
+
+        A generation that finished is charged for what it produced; one that
+        failed or was abandoned is released in full. Safe to call in any outcome.
+        """
+        if generation.closed:
+            return
+        generation.closed = True
+        try:
             await self.service.close(generation.request_id)
+        finally:
+            reservation = generation.reservation
+            if reservation is not None:
+                if generation.finish_reason is not None:
+                    generation.settlement = await self.billing.settle(
+                        reservation,
+                        generation.prompt_tokens,
+                        generation.completion_tokens,
+                        generation.served_by,
+                    )
+                else:
+                    await self.billing.release(reservation)

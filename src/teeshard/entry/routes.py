@@ -5,13 +5,18 @@ from __future__ import annotations
 from importlib import resources
 from typing import Any
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from teeshard.entry.errors import APIError
-from teeshard.entry.protocol import ChatCompletionRequest, CompletionRequest, GenerateRequest, error_body
+from teeshard.entry.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    GenerateRequest,
+    error_body,
+)
 from teeshard.entry.serving import OpenAIServing
 
 
@@ -23,22 +28,39 @@ def build_router(serving: OpenAIServing) -> APIRouter:
         return serving.models()
 
     @router.post("/v1/chat/completions", response_model=None)
-    async def chat_completions(body: ChatCompletionRequest) -> Response:
-        return await serving.chat(body)
+    async def chat_completions(
+        body: ChatCompletionRequest, authorization: str | None = Header(default=None)
+    ) -> Response:
+        return await serving.chat(body, bearer_token(authorization))
 
     @router.post("/v1/completions", response_model=None)
-    async def completions(body: CompletionRequest) -> Response:
-        return await serving.completions(body)
+    async def completions(
+        body: CompletionRequest, authorization: str | None = Header(default=None)
+    ) -> Response:
+        return await serving.completions(body, bearer_token(authorization))
 
     @router.post("/generate")
-    async def generate(body: GenerateRequest) -> dict[str, Any]:
-        return await serving.generate(body)
+    async def generate(
+        body: GenerateRequest, authorization: str | None = Header(default=None)
+    ) -> dict[str, Any]:
+        return await serving.generate(body, bearer_token(authorization))
 
     @router.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def web_page() -> str:
         return resources.files("teeshard.entry").joinpath("static/index.html").read_text()
 
     return router
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    if not authorization:
+        return None
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise APIError(
+            401, "Authorization header must be 'Bearer <api key>'", code="invalid_authorization"
+        )
+    return token.strip()
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -51,10 +73,14 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {"type": "", "loc": (), "msg": "invalid request"}
+        first = (
+            exc.errors()[0] if exc.errors() else {"type": "", "loc": (), "msg": "invalid request"}
+        )
         if first.get("type") == "json_invalid":
             return JSONResponse(
-                error_body("request body is not valid JSON", "invalid_request_error", code="invalid_json"),
+                error_body(
+                    "request body is not valid JSON", "invalid_request_error", code="invalid_json"
+                ),
                 status_code=400,
             )
         location = [str(p) for p in first.get("loc", ()) if p != "body"]

@@ -44,7 +44,9 @@ class OpenAIServing:
     def models(self) -> dict[str, Any]:
         return {
             "object": "list",
-            "data": [{"id": self.model_name, "object": "model", "created": 0, "owned_by": "teeshard"}],
+            "data": [
+                {"id": self.model_name, "object": "model", "created": 0, "owned_by": "teeshard"}
+            ],
         }
 
     def _check_model(self, model: str) -> None:
@@ -54,25 +56,36 @@ class OpenAIServing:
                 code="model_not_found", param="model",
             )  # fmt: skip
 
-    async def _prepare(self, request: _Request, prompt_ids: list[int], max_tokens: int | None) -> Prepared:
+    async def _prepare(
+        self, request: _Request, prompt_ids: list[int], max_tokens: int | None, api_key: str | None
+    ) -> Prepared:
         budget = self.generator.resolve_max_tokens(len(prompt_ids), max_tokens)
         sampling = SamplingParams(
-            temperature=request.temperature, top_p=request.top_p, top_k=request.top_k, seed=request.seed
+            temperature=request.temperature,
+            top_p=request.top_p,
+            top_k=request.top_k,
+            seed=request.seed,
         )
-        params = GenerationParams(max_tokens=budget, sampling=sampling, stop=tuple(request.stop_list))
-        generation = await self.generator.start(prompt_ids, params)
+        params = GenerationParams(
+            max_tokens=budget, sampling=sampling, stop=tuple(request.stop_list)
+        )
+        generation = await self.generator.start(prompt_ids, params, api_key)
         return Prepared(prompt_ids, params, generation)
 
     # -- /v1/chat/completions ---------------------------------------------------------
 
-    async def chat(self, request: ChatCompletionRequest) -> JSONResponse | StreamingResponse:
+    async def chat(
+        self, request: ChatCompletionRequest, api_key: str | None = None
+    ) -> JSONResponse | StreamingResponse:
         self._check_model(request.model)
         messages = [{"role": m.role, "content": m.text()} for m in request.messages]
         prompt_ids = self.codec.chat_prompt(messages)
-        prepared = await self._prepare(request, prompt_ids, request.requested_max_tokens)
+        prepared = await self._prepare(request, prompt_ids, request.requested_max_tokens, api_key)
         response_id = f"chatcmpl-{prepared.generation.request_id}"
         if request.stream:
-            return self._sse(prepared, self._chat_chunks(prepared, response_id, request.include_usage))
+            return self._sse(
+                prepared, self._chat_chunks(prepared, response_id, request.include_usage)
+            )
         text = await self._collect(prepared)
         gen = prepared.generation
         return JSONResponse({
@@ -81,10 +94,12 @@ class OpenAIServing:
                 "index": 0, "message": {"role": "assistant", "content": text},
                 "finish_reason": gen.finish_reason, "logprobs": None,
             }],
-            "usage": _usage(gen).model_dump(),
+            "usage": _usage(gen),
         })  # fmt: skip
 
-    async def _chat_chunks(self, prepared: Prepared, response_id: str, include_usage: bool) -> AsyncIterator[dict[str, Any]]:
+    async def _chat_chunks(
+        self, prepared: Prepared, response_id: str, include_usage: bool
+    ) -> AsyncIterator[dict[str, Any]]:
         created = now()
 
         def chunk(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
@@ -95,33 +110,38 @@ class OpenAIServing:
             }  # fmt: skip
 
         yield chunk({"role": "assistant", "content": ""}, None)
-        async for delta in self.generator.stream(prepared.generation, prepared.prompt_ids, prepared.params):
+        async for delta in self.generator.stream(
+            prepared.generation, prepared.prompt_ids, prepared.params
+        ):
             yield chunk({"content": delta}, None)
         yield chunk({}, prepared.generation.finish_reason)
         if include_usage:
             yield {
                 "id": response_id, "object": "chat.completion.chunk", "created": created,
-                "model": self.model_name, "choices": [], "usage": _usage(prepared.generation).model_dump(),
+                "model": self.model_name, "choices": [], "usage": _usage(prepared.generation),
             }  # fmt: skip
 
     # -- /v1/completions --------------------------------------------------------------
 
-    async def completions(self, request: CompletionRequest) -> JSONResponse | StreamingResponse:
+    async def completions(
+        self, request: CompletionRequest, api_key: str | None = None
+    ) -> JSONResponse | StreamingResponse:
         self._check_model(request.model)
         prompt_ids = self.codec.completion_prompt(request.prompt_text)
-        prepared = await self._prepare(request, prompt_ids, request.requested_max_tokens)
+        prepared = await self._prepare(request, prompt_ids, request.requested_max_tokens, api_key)
         response_id = f"cmpl-{prepared.generation.request_id}"
         prefix = request.prompt_text if request.echo else ""
         if request.stream:
             return self._sse(
-                prepared, self._completion_chunks(prepared, response_id, prefix, request.include_usage)
+                prepared,
+                self._completion_chunks(prepared, response_id, prefix, request.include_usage),
             )
         text = prefix + await self._collect(prepared)
         gen = prepared.generation
         return JSONResponse({
             "id": response_id, "object": "text_completion", "created": now(), "model": self.model_name,
             "choices": [{"index": 0, "text": text, "finish_reason": gen.finish_reason, "logprobs": None}],
-            "usage": _usage(gen).model_dump(),
+            "usage": _usage(gen),
         })  # fmt: skip
 
     async def _completion_chunks(
@@ -137,24 +157,30 @@ class OpenAIServing:
 
         if prefix:
             yield chunk(prefix, None)
-        async for delta in self.generator.stream(prepared.generation, prepared.prompt_ids, prepared.params):
+        async for delta in self.generator.stream(
+            prepared.generation, prepared.prompt_ids, prepared.params
+        ):
             yield chunk(delta, None)
         yield chunk("", prepared.generation.finish_reason)
         if include_usage:
             yield {
                 "id": response_id, "object": "text_completion", "created": created, "model": self.model_name,
-                "choices": [], "usage": _usage(prepared.generation).model_dump(),
+                "choices": [], "usage": _usage(prepared.generation),
             }  # fmt: skip
 
     # -- /generate (the original demo's endpoint) -------------------------------------
 
-    async def generate(self, request: GenerateRequest) -> dict[str, Any]:
+    async def generate(
+        self, request: GenerateRequest, api_key: str | None = None
+    ) -> dict[str, Any]:
         prompt_ids = self.codec.completion_prompt(request.prompt)
         budget = self.generator.resolve_max_tokens(len(prompt_ids), request.max_tokens)
-        params = GenerationParams(max_tokens=budget, sampling=SamplingParams(temperature=request.temperature))
-        generation = await self.generator.start(prompt_ids, params)
+        params = GenerationParams(
+            max_tokens=budget, sampling=SamplingParams(temperature=request.temperature)
+        )
+        generation = await self.generator.start(prompt_ids, params, api_key)
         text = await self._collect(Prepared(prompt_ids, params, generation))
-        return {"output": text, "usage": _usage(generation).model_dump()}
+        return {"output": text, "usage": _usage(generation)}
 
     def _sse(self, prepared: Prepared, events: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
         async def body() -> AsyncIterator[str]:
@@ -176,15 +202,28 @@ class OpenAIServing:
         )
 
     async def _collect(self, prepared: Prepared) -> str:
-        parts = [d async for d in self.generator.stream(prepared.generation, prepared.prompt_ids, prepared.params)]
+        parts = [
+            d
+            async for d in self.generator.stream(
+                prepared.generation, prepared.prompt_ids, prepared.params
+            )
+        ]
         return "".join(parts)
 
 
-def _usage(generation: Generation) -> Usage:
-    return Usage(
+def _usage(generation: Generation) -> dict[str, Any]:
+    usage = Usage(
         prompt_tokens=generation.prompt_tokens,
         completion_tokens=generation.completion_tokens,
         total_tokens=generation.prompt_tokens + generation.completion_tokens,
-    )
-
-
+    ).model_dump()
+    settlement = generation.settlement
+    if (
+        settlement is not None
+        and generation.reservation is not None
+        and generation.reservation.account
+    ):
+        usage["cost"] = settlement.cost  # in the ledger's smallest unit
+        if settlement.balance is not None:
+            usage["balance"] = settlement.balance
+    return usage

@@ -24,13 +24,17 @@ class TextCodec:
 
     def chat_prompt(self, messages: Sequence[dict[str, str]]) -> list[int]:
         if not getattr(self.tokenizer, "chat_template", None):
-            raise APIError(400, "this model has no chat template; use /v1/completions", code="no_chat_template")
+            raise APIError(
+                400, "this model has no chat template; use /v1/completions", code="no_chat_template"
+            )
         try:
             rendered = self.tokenizer.apply_chat_template(
                 list(messages), add_generation_prompt=True, tokenize=False
             )
         except Exception as exc:  # template errors (e.g. role order) come from jinja
-            raise APIError(400, f"chat template rejected the messages: {exc}", param="messages") from None
+            raise APIError(
+                400, f"chat template rejected the messages: {exc}", param="messages"
+            ) from None
         # The template already places any BOS token, as transformers does when it tokenizes.
         return list(self.tokenizer.encode(rendered, add_special_tokens=False))
 
@@ -81,7 +85,10 @@ class StopMatcher:
             self.stopped = True
             out, self.pending = self.pending[:cut], ""
             return out
-        hold = max((k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
+        hold = max(
+            (k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])),
+            default=0,
+        )
         out = self.pending[: len(self.pending) - hold]
         self.pending = self.pending[len(out) :]
         return out

@@ -81,7 +81,9 @@ class Checkpoint:
             with safe_open(str(file), framework="pt") as handle:
                 for key in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
                     piece = handle.get_slice(key)
-                    tensors[key] = TensorInfo(key, file, piece.get_dtype(), tuple(piece.get_shape()))
+                    tensors[key] = TensorInfo(
+                        key, file, piece.get_dtype(), tuple(piece.get_shape())
+                    )
         return tensors
 
     def keys_for(self, layers: LayerRange) -> list[str]:

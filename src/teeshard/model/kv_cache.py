@@ -29,10 +29,15 @@ class KVCache:
     ) -> KVCache:
         shape = (num_layers, 1, num_kv_heads, max_len, head_dim)
         # torch.empty touches no pages: memory grows with the tokens actually cached.
-        return cls(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
+        return cls(
+            torch.empty(shape, dtype=dtype, device=device),
+            torch.empty(shape, dtype=dtype, device=device),
+        )
 
     @staticmethod
-    def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    def bytes_per_token(
+        num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
+    ) -> int:
         return 2 * num_layers * num_kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
 
     @property
@@ -42,8 +47,7 @@ class KVCache:
     def check_room(self, steps: int) -> None:
         if self.length + steps > self.max_len:
             raise CacheFullError(
-                f"session holds {self.length} of {self.max_len} positions; "
-                f"{steps} more do not fit"
+                f"session holds {self.length} of {self.max_len} positions; {steps} more do not fit"
             )
 
     def advance(self, steps: int) -> None:

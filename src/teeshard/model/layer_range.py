@@ -12,7 +12,9 @@ class LayerRange:
 
     def __post_init__(self) -> None:
         if self.start < 0 or self.end <= self.start:
-            raise ValueError(f"invalid layer range [{self.start}, {self.end}): need 0 <= start < end")
+            raise ValueError(
+                f"invalid layer range [{self.start}, {self.end}): need 0 <= start < end"
+            )
 
     @classmethod
     def parse(cls, text: str) -> LayerRange:

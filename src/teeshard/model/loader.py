@@ -80,7 +80,9 @@ def load_shard(
 
     missing = sorted(set(expected) - set(state))
     if missing:
-        raise CheckpointError(f"checkpoint {checkpoint.dir} lacks weights for: {', '.join(missing[:5])}")
+        raise CheckpointError(
+            f"checkpoint {checkpoint.dir} lacks weights for: {', '.join(missing[:5])}"
+        )
     shard.load_state_dict(state, strict=True, assign=True)
     shard.eval()
     shard.requires_grad_(False)

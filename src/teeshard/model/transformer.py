@@ -124,7 +124,11 @@ class Attention(nn.Module):
         values = v_cache[:, :, first_key:end]
         mask = self._mask(start, steps, first_key, end, x.device)
         out = F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=mask, is_causal=mask is None and steps > 1 and start == 0,
+            q,
+            keys,
+            values,
+            attn_mask=mask,
+            is_causal=mask is None and steps > 1 and start == 0,
             enable_gqa=self.num_kv_heads != self.num_heads,
         )  # (B, H, T, D)
         out = out.transpose(1, 2).reshape(batch, steps, self.num_heads * self.head_dim)
@@ -193,7 +197,9 @@ class Shard(nn.Module):
         self.layer_range = layers
         self.is_first = layers.is_first()
         self.is_last = layers.is_last(spec.num_layers)
-        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size) if self.is_first else None
+        self.embed_tokens = (
+            nn.Embedding(spec.vocab_size, spec.hidden_size) if self.is_first else None
+        )
         self.layers = nn.ModuleList(Block(spec) for _ in layers)
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps) if self.is_last else None
         self.lm_head = (
@@ -203,11 +209,11 @@ class Shard(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.layers[0].input_layernorm.weight.dtype
+        return next(self.parameters()).dtype
 
     @property
     def device(self) -> torch.device:
-        return self.layers[0].input_layernorm.weight.device
+        return next(self.parameters()).device
 
     def new_cache(self, max_len: int) -> KVCache:
         spec = self.spec

@@ -18,7 +18,9 @@ from teeshard.node.pipeline import serve_pipeline
 from teeshard.node.service import NodeService
 
 
-def create_app(service: NodeService, config: NodeConfig, serving: OpenAIServing | None = None) -> FastAPI:
+def create_app(
+    service: NodeService, config: NodeConfig, serving: OpenAIServing | None = None
+) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         evictor = asyncio.create_task(_evict_idle(service))

@@ -24,9 +24,13 @@ class StepOutput:
     logits: torch.Tensor | None = None  # (vocab,) float32, only when the session asked
 
 
-def check_tokens(shard: Shard, session: Session, tokens: tuple[int, ...] | list[int]) -> torch.Tensor:
+def check_tokens(
+    shard: Shard, session: Session, tokens: tuple[int, ...] | list[int]
+) -> torch.Tensor:
     if not shard.is_first:
-        raise BadRequestError(f"node serves layers {shard.layer_range} and takes hidden states, not tokens")
+        raise BadRequestError(
+            f"node serves layers {shard.layer_range} and takes hidden states, not tokens"
+        )
     if not tokens:
         raise BadRequestError("a step needs at least one token")
     vocab = shard.spec.vocab_size
@@ -41,7 +45,9 @@ def check_hidden(shard: Shard, session: Session, hidden: torch.Tensor) -> torch.
         raise BadRequestError("node serves layer 0 and takes token ids, not hidden states")
     width = shard.spec.hidden_size
     if hidden.dim() != 3 or hidden.shape[0] != 1 or hidden.shape[1] < 1 or hidden.shape[2] != width:
-        raise BadRequestError(f"hidden states must have shape (1, T, {width}), got {tuple(hidden.shape)}")
+        raise BadRequestError(
+            f"hidden states must have shape (1, T, {width}), got {tuple(hidden.shape)}"
+        )
     if not torch.isfinite(hidden).all():
         raise BadRequestError("hidden states contain NaN or infinity")
     _check_room(session, hidden.shape[1])
@@ -57,7 +63,9 @@ def _check_room(session: Session, steps: int) -> None:
 
 
 @torch.no_grad()
-def run_step(shard: Shard, session: Session, *, tokens: torch.Tensor | None, hidden: torch.Tensor | None) -> StepOutput:
+def run_step(
+    shard: Shard, session: Session, *, tokens: torch.Tensor | None, hidden: torch.Tensor | None
+) -> StepOutput:
     """Run one step on validated input: ``tokens`` (1, T) on the first node, else ``hidden``."""
     if tokens is not None:
         hidden = shard.embed(tokens)  # (1, T, C)

@@ -24,6 +24,13 @@ class NodeConfig:
     threads: int | None = None  # torch intra-op threads; default: torch's choice
     model_name: str | None = None  # name served on /v1/models; default: directory name
     default_max_tokens: int = 512  # completion budget when a request names none
+    node_id: str | None = (
+        None  # how other parts (ledger, receipts) name this node; default host:port
+    )
+
+    @property
+    def resolved_node_id(self) -> str:
+        return self.node_id or f"{self.host}:{self.port}"
 
     def validate(self, num_layers: int) -> None:
         self.layers.check_within(num_layers)

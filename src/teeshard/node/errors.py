@@ -1,11 +1,11 @@
 """Errors a node reports on the pipeline, each with a code and the HTTP status it maps to.
 
-    NodeError
-    ├── BadRequestError      400  malformed frame, wrong shape or dtype, bad token ids
-    │   └── CacheFullError   400  a step would pass the session's maximum length
-    ├── UnknownSessionError  404  session id never opened, closed, or evicted
-    ├── OverloadedError      503  admission control: session or token budget spent
-    └── DownstreamError      502  the next node failed or is unreachable
+NodeError
+├── BadRequestError      400  malformed frame, wrong shape or dtype, bad token ids
+│   └── CacheFullError   400  a step would pass the session's maximum length
+├── UnknownSessionError  404  session id never opened, closed, or evicted
+├── OverloadedError      503  admission control: session or token budget spent
+└── DownstreamError      502  the next node failed or is unreachable
 """
 
 from __future__ import annotations

@@ -39,11 +39,15 @@ async def serve_pipeline(websocket: WebSocket, service: NodeService) -> None:
             await reply(await dispatch(service, message))
         except NodeError as exc:
             service.count_error(exc.code)
-            await reply(ErrorMsg(id=request_id, code=exc.code, message=exc.message, status=exc.status))
+            await reply(
+                ErrorMsg(id=request_id, code=exc.code, message=exc.message, status=exc.status)
+            )
         except Exception:
             service.count_error("internal_error")
             log.exception("request %s failed on layers %s", request_id, service.shard.layer_range)
-            await reply(ErrorMsg(id=request_id, code="internal_error", message="internal error", status=500))
+            await reply(
+                ErrorMsg(id=request_id, code="internal_error", message="internal error", status=500)
+            )
 
     try:
         while True:
@@ -53,13 +57,22 @@ async def serve_pipeline(websocket: WebSocket, service: NodeService) -> None:
             data = frame.get("bytes")
             if data is None:
                 service.count_error("bad_request")
-                await reply(ErrorMsg(id=None, code="bad_request", message="pipeline frames must be binary msgpack", status=400))
+                await reply(
+                    ErrorMsg(
+                        id=None,
+                        code="bad_request",
+                        message="pipeline frames must be binary msgpack",
+                        status=400,
+                    )
+                )
                 continue
             try:
                 message = decode(data)
             except ProtocolError as exc:
                 service.count_error("bad_request")
-                await reply(ErrorMsg(id=exc.request_id, code="bad_request", message=str(exc), status=400))
+                await reply(
+                    ErrorMsg(id=exc.request_id, code="bad_request", message=str(exc), status=400)
+                )
                 continue
             task = asyncio.create_task(handle(message))
             tasks.add(task)
@@ -74,18 +87,28 @@ async def serve_pipeline(websocket: WebSocket, service: NodeService) -> None:
 
 async def dispatch(service: NodeService, message: Message) -> ResultMsg:
     if isinstance(message, OpenMsg):
-        await service.open(
-            message.session, message.max_len, message.sampling, message.wire_dtype, message.return_logits
+        chain = await service.open(
+            message.session,
+            message.max_len,
+            message.sampling,
+            message.wire_dtype,
+            message.return_logits,
         )
-        return ResultMsg(id=message.id)
+        return ResultMsg(id=message.id, chain=chain)
     if isinstance(message, StepMsg):
         if (message.tokens is None) == (message.hidden is None):
-            raise NodeError("a step carries exactly one of tokens or hidden", code="bad_request", status=400)
+            raise NodeError(
+                "a step carries exactly one of tokens or hidden", code="bad_request", status=400
+            )
         result = await service.step_hidden(message.session, message)
         logits = tensor_to_wire(result.logits, "float32") if result.logits is not None else None
         return ResultMsg(id=message.id, token=result.token, logits=logits)
     if isinstance(message, CloseMsg):
         if not await service.close(message.session):
-            raise NodeError(f"unknown session {message.session}", code="unknown_session", status=404)
+            raise NodeError(
+                f"unknown session {message.session}", code="unknown_session", status=404
+            )
         return ResultMsg(id=message.id)
-    raise NodeError(f"a node does not accept {message.type!r} messages", code="bad_request", status=400)
+    raise NodeError(
+        f"a node does not accept {message.type!r} messages", code="bad_request", status=400
+    )

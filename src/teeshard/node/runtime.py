@@ -40,13 +40,20 @@ def frame_limit(config: NodeConfig, shard: Shard) -> int:
     if config.max_frame_bytes is not None:
         return config.max_frame_bytes
     spec = shard.spec
-    return spec.max_position_embeddings * max(spec.hidden_size, spec.vocab_size) * 4 + _FRAME_HEADROOM
+    return (
+        spec.max_position_embeddings * max(spec.hidden_size, spec.vocab_size) * 4 + _FRAME_HEADROOM
+    )
 
 
 def load_with_progress(checkpoint: Checkpoint, config: NodeConfig, show: bool) -> Shard:
     keys = checkpoint.keys_for(config.layers)
     total = checkpoint.nbytes(keys)
-    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn())
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, disable=not show, transient=True) as progress:
         task = progress.add_task(f"loading layers {config.layers}", total=total)
         return load_shard(
@@ -64,8 +71,10 @@ def build_node(config: NodeConfig, show_progress: bool = False) -> Node:
     model_name = config.model_name or checkpoint.name
     downstream = None
     if config.next_url is not None:
-        downstream = PeerClient(_pipeline_url(config.next_url), max_frame_bytes=frame_limit(config, shard))
-    service = NodeService(shard, model_name, config.limits, downstream)
+        downstream = PeerClient(
+            _pipeline_url(config.next_url), max_frame_bytes=frame_limit(config, shard)
+        )
+    service = NodeService(shard, model_name, config.limits, downstream, config.resolved_node_id)
     serving = _entry_serving(config, service, model_name) if config.entry else None
     app = create_app(service, config, serving)
     log.info(
@@ -81,7 +90,9 @@ def _entry_serving(config: NodeConfig, service: NodeService, model_name: str):  
     from teeshard.entry.serving import OpenAIServing
     from teeshard.entry.text import TextCodec
 
-    generator = Generator(service, TextCodec(config.model_dir), config.wire_dtype, config.default_max_tokens)
+    generator = Generator(
+        service, TextCodec(config.model_dir), config.wire_dtype, config.default_max_tokens
+    )
     return OpenAIServing(generator, model_name)
 
 

@@ -47,6 +47,7 @@ class NodeService:
         model_name: str,
         limits: SessionLimits,
         downstream: PeerClient | None = None,
+        node_id: str = "node",
     ) -> None:
         if not shard.is_last and downstream is None:
             raise ValueError(
@@ -55,18 +56,23 @@ class NodeService:
             )
         self.shard = shard
         self.model_name = model_name
+        self.node_id = node_id
         self.downstream = downstream if not shard.is_last else None
         self.sessions = SessionStore(limits, shard.spec.max_position_embeddings)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
         self._locks: dict[str, asyncio.Lock] = {}
         self.metrics = Metrics({"model": model_name, "layers": str(shard.layer_range)})
         self.metrics.counter("teeshard_steps_total", "Pipeline steps run on this node")
-        self.metrics.counter("teeshard_tokens_processed_total", "Token positions run through this shard")
+        self.metrics.counter(
+            "teeshard_tokens_processed_total", "Token positions run through this shard"
+        )
         self.metrics.counter("teeshard_step_seconds_total", "Time spent in local compute")
         self.metrics.counter("teeshard_errors_total", "Failed requests by error code")
         self.metrics.gauge("teeshard_sessions_open", "Open sessions", lambda: len(self.sessions))
         self.metrics.gauge(
-            "teeshard_cache_reserved_tokens", "KV positions reserved", lambda: self.sessions.reserved_tokens
+            "teeshard_cache_reserved_tokens",
+            "KV positions reserved",
+            lambda: self.sessions.reserved_tokens,
         )
 
     # -- sessions --------------------------------------------------------------------
@@ -78,22 +84,28 @@ class NodeService:
         sampling: SamplingParams,
         wire_dtype: str = "float32",
         return_logits: bool = False,
-    ) -> None:
+    ) -> tuple[str, ...]:
+        """Open a session here and on every later node; return the ids of the chain."""
         self.sessions.admit(session_id, max_len)
         cache = self.shard.new_cache(max_len)
         self.sessions.new_session(session_id, cache, wire_dtype, sampling, return_logits)
         if self.downstream is None:
-            return
+            return (self.node_id,)
         try:
-            await self._downstream(
+            reply = await self._downstream(
                 lambda rid: OpenMsg(
-                    id=rid, session=session_id, max_len=max_len, wire_dtype=wire_dtype,  # type: ignore[arg-type]
-                    sampling=sampling, return_logits=return_logits,
-                )  # fmt: skip
+                    id=rid,
+                    session=session_id,
+                    max_len=max_len,
+                    wire_dtype=wire_dtype,  # type: ignore[arg-type]
+                    sampling=sampling,
+                    return_logits=return_logits,
+                )
             )
         except BaseException:
             self.sessions.close(session_id)
             raise
+        return (self.node_id, *reply.chain)
 
     async def close(self, session_id: str) -> bool:
         """Close locally and downstream; downstream failures are logged, not raised."""
@@ -128,14 +140,20 @@ class NodeService:
             hidden = tensor_from_wire(wire.hidden, expected_dtype=session.wire_dtype)
         except ProtocolError as exc:
             raise NodeError(str(exc), code="bad_request", status=400) from None
-        return await self._step(session, tokens=None, hidden=check_hidden(self.shard, session, hidden))
+        return await self._step(
+            session, tokens=None, hidden=check_hidden(self.shard, session, hidden)
+        )
 
-    async def _step(self, session: Session, *, tokens: torch.Tensor | None, hidden: torch.Tensor | None) -> StepResult:
+    async def _step(
+        self, session: Session, *, tokens: torch.Tensor | None, hidden: torch.Tensor | None
+    ) -> StepResult:
         lock = self._locks.setdefault(session.id, asyncio.Lock())
         async with lock:  # one step at a time per session: the cache is sequential
             started = time.perf_counter()
             length_before = session.cache.length
-            out: StepOutput = await self._compute(lambda: run_step(self.shard, session, tokens=tokens, hidden=hidden))
+            out: StepOutput = await self._compute(
+                lambda: run_step(self.shard, session, tokens=tokens, hidden=hidden)
+            )
             steps = session.cache.length - length_before
             self.metrics.inc("teeshard_steps_total")
             self.metrics.inc("teeshard_tokens_processed_total", steps)
@@ -145,7 +163,9 @@ class NodeService:
                 return StepResult(out.token, out.logits)
             wire = tensor_to_wire(out.hidden, session.wire_dtype)
             try:
-                reply = await self._downstream(lambda rid: StepMsg(id=rid, session=session.id, hidden=wire))
+                reply = await self._downstream(
+                    lambda rid: StepMsg(id=rid, session=session.id, hidden=wire)
+                )
             except BaseException:
                 session.cache.length = length_before  # keep the session consistent for a retry
                 raise
@@ -174,4 +194,3 @@ class NodeService:
         if self.downstream is not None:
             await self.downstream.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
-

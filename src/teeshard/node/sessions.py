@@ -81,9 +81,16 @@ class SessionStore:
         self._sessions[session.id] = session
 
     def new_session(
-        self, session_id: str, cache: KVCache, wire_dtype: str, sampling: SamplingParams, return_logits: bool
+        self,
+        session_id: str,
+        cache: KVCache,
+        wire_dtype: str,
+        sampling: SamplingParams,
+        return_logits: bool,
     ) -> Session:
-        session = Session(session_id, cache, wire_dtype, sampling, new_generator(sampling), return_logits)
+        session = Session(
+            session_id, cache, wire_dtype, sampling, new_generator(sampling), return_logits
+        )
         self.add(session)
         return session
 
@@ -91,7 +98,9 @@ class SessionStore:
         try:
             session = self._sessions[session_id]
         except KeyError:
-            raise UnknownSessionError(f"unknown session {session_id} (never opened, closed or evicted)") from None
+            raise UnknownSessionError(
+                f"unknown session {session_id} (never opened, closed or evicted)"
+            ) from None
         session.touch()
         return session
 
@@ -101,7 +110,9 @@ class SessionStore:
     def evict_idle(self, now: float | None = None) -> list[str]:
         now = time.monotonic() if now is None else now
         stale = [
-            sid for sid, s in self._sessions.items() if now - s.last_used > self.limits.idle_timeout_s
+            sid
+            for sid, s in self._sessions.items()
+            if now - s.last_used > self.limits.idle_timeout_s
         ]
         for sid in stale:
             del self._sessions[sid]

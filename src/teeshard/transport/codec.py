@@ -49,12 +49,16 @@ def decode(frame: bytes) -> Message:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         kind = raw.get("type", "message")
-        raise ProtocolError(f"invalid {kind!s} message: {where}: {first['msg']}", request_id) from None
+        raise ProtocolError(
+            f"invalid {kind!s} message: {where}: {first['msg']}", request_id
+        ) from None
 
 
 def tensor_to_wire(tensor: torch.Tensor, dtype: str) -> WireTensor:
     data = tensor.detach().to(device="cpu", dtype=_TORCH_DTYPES[dtype]).contiguous()
-    return WireTensor(dtype=dtype, shape=tuple(data.shape), data=data.view(torch.uint8).numpy().tobytes())
+    return WireTensor(
+        dtype=dtype, shape=tuple(data.shape), data=data.view(torch.uint8).numpy().tobytes()
+    )
 
 
 def tensor_from_wire(wire: WireTensor, expected_dtype: str | None = None) -> torch.Tensor:
@@ -62,7 +66,9 @@ def tensor_from_wire(wire: WireTensor, expected_dtype: str | None = None) -> tor
     if wire.dtype not in WIRE_DTYPES:
         raise ProtocolError(f"tensor dtype {wire.dtype!r} is not one of {', '.join(WIRE_DTYPES)}")
     if expected_dtype is not None and wire.dtype != expected_dtype:
-        raise ProtocolError(f"tensor dtype {wire.dtype} does not match the session's {expected_dtype}")
+        raise ProtocolError(
+            f"tensor dtype {wire.dtype} does not match the session's {expected_dtype}"
+        )
     if any(dim < 0 for dim in wire.shape):
         raise ProtocolError(f"negative dimension in shape {wire.shape}")
     torch_dtype = _TORCH_DTYPES[wire.dtype]

@@ -41,7 +41,7 @@ class SamplingParams(_Strict):
 
 
 class OpenMsg(_Strict):
-    v: Literal[1] = PROTOCOL_VERSION
+    v: Literal[1] = 1
     type: Literal["open"] = "open"
     id: RequestId
     session: SessionId
@@ -52,7 +52,7 @@ class OpenMsg(_Strict):
 
 
 class StepMsg(_Strict):
-    v: Literal[1] = PROTOCOL_VERSION
+    v: Literal[1] = 1
     type: Literal["step"] = "step"
     id: RequestId
     session: SessionId
@@ -61,22 +61,23 @@ class StepMsg(_Strict):
 
 
 class CloseMsg(_Strict):
-    v: Literal[1] = PROTOCOL_VERSION
+    v: Literal[1] = 1
     type: Literal["close"] = "close"
     id: RequestId
     session: SessionId
 
 
 class ResultMsg(_Strict):
-    v: Literal[1] = PROTOCOL_VERSION
+    v: Literal[1] = 1
     type: Literal["result"] = "result"
     id: RequestId
     token: int | None = None  # sampled token id (step results)
     logits: WireTensor | None = None
+    chain: tuple[str, ...] = ()  # open results: ids of this node and every node after it
 
 
 class ErrorMsg(_Strict):
-    v: Literal[1] = PROTOCOL_VERSION
+    v: Literal[1] = 1
     type: Literal["error"] = "error"
     id: RequestId | None
     code: str  # machine-readable, see teeshard.node.errors

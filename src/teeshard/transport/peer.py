@@ -82,7 +82,9 @@ class PeerClient:
             await conn.send(encode(build(request_id)))
             reply = await asyncio.wait_for(waiter, self.request_timeout)
         except TimeoutError:
-            raise PeerError(f"{self.url} did not answer within {self.request_timeout:.0f}s") from None
+            raise PeerError(
+                f"{self.url} did not answer within {self.request_timeout:.0f}s"
+            ) from None
         except websockets.ConnectionClosed as exc:
             raise PeerError(f"connection to {self.url} closed: {exc}") from None
         finally:
@@ -111,7 +113,12 @@ class PeerClient:
                     ),
                     self.connect_timeout,
                 )
-            except (OSError, TimeoutError, websockets.InvalidHandshake, websockets.InvalidURI) as exc:
+            except (
+                OSError,
+                TimeoutError,
+                websockets.InvalidHandshake,
+                websockets.InvalidURI,
+            ) as exc:
                 raise PeerError(f"cannot connect to {self.url}: {exc}") from None
             log.info("connected to downstream node %s", self.url)
             self._reader = asyncio.create_task(self._read_loop(self._conn))
@@ -144,7 +151,9 @@ class PeerClient:
 
     def _fail_pending(self, reason: str) -> None:
         if self._pending:
-            log.warning("link to %s lost with %d requests waiting: %s", self.url, len(self._pending), reason)
+            log.warning(
+                "link to %s lost with %d requests waiting: %s", self.url, len(self._pending), reason
+            )
         for waiter in self._pending.values():
             if not waiter.done():
                 waiter.set_exception(PeerError(f"{self.url}: {reason}"))
