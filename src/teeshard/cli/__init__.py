@@ -11,6 +11,9 @@ import sys
 COMMAND_MODULES = (
     "teeshard.cli.plan",
     "teeshard.cli.node",
+    "teeshard.cli.up",
+    "teeshard.cli.chat",
+    "teeshard.cli.demo",
 )
 
 
@@ -33,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

@@ -1,0 +1,5 @@
+import sys
+
+from teeshard.cli import main
+
+sys.exit(main())

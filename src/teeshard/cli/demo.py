@@ -1,0 +1,17 @@
+"""``teeshard demo``: build (or locate) the built-in demo checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("demo", help="build the built-in demo model and print its directory")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from teeshard.model.demo import ensure_demo
+
+    print(ensure_demo())
+    return 0

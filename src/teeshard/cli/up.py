@@ -1,0 +1,166 @@
+"""``teeshard up``: start a whole split on this machine, entry node first in the chain.
+
+Nodes are separate processes, as on separate hosts, talking over loopback.
+Ctrl-C (or any node dying) stops every process this command started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from teeshard.cli.node import add_runtime_options
+from teeshard.model.checkpoint import Checkpoint
+from teeshard.model.layer_range import LayerRange
+from teeshard.model.plan import plan_checkpoint
+
+console = Console(stderr=True)
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    layers: LayerRange
+    port: int
+    next_port: int | None
+    entry: bool
+
+    def argv(self, model: Path, host: str, passthrough: list[str]) -> list[str]:
+        args = [sys.executable, "-m", "teeshard.cli", "node", "--model", str(model),
+                "--layers", str(self.layers), "--host", host, "--port", str(self.port)]  # fmt: skip
+        if self.next_port is not None:
+            args += ["--next", f"ws://{host}:{self.next_port}"]
+        if self.entry:
+            args.append("--entry")
+        return args + passthrough
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("up", help="start N nodes on this machine and serve the API")
+    parser.add_argument("--model", type=Path, default=None,
+                        help="Hugging Face checkpoint directory (default: the built-in demo model)")  # fmt: skip
+    parser.add_argument("--nodes", type=int, default=2, help="number of nodes (default 2)")
+    parser.add_argument("--port", type=int, default=8000, help="entry node port; others follow (default 8000)")
+    parser.add_argument("--host", default="127.0.0.1", help="address every node binds (default 127.0.0.1)")
+    parser.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for nodes")
+    add_runtime_options(parser)
+    parser.set_defaults(func=run)
+
+
+def plan_launch(checkpoint: Checkpoint, nodes: int, port: int) -> list[LaunchSpec]:
+    plans = plan_checkpoint(checkpoint, nodes)
+    ports = [port + i for i in range(nodes)]
+    return [
+        LaunchSpec(p.layers, ports[i], ports[i + 1] if i + 1 < nodes else None, entry=i == 0)
+        for i, p in enumerate(plans)
+    ]
+
+
+def passthrough_options(args: argparse.Namespace) -> list[str]:
+    options = ["--dtype", args.dtype, "--wire-dtype", args.wire_dtype,
+               "--max-sessions", str(args.max_sessions), "--max-cached-tokens", str(args.max_cached_tokens),
+               "--idle-timeout", str(args.idle_timeout), "--max-tokens-default", str(args.max_tokens_default)]  # fmt: skip
+    if args.threads:
+        options += ["--threads", str(args.threads)]
+    if args.model_name:
+        options += ["--model-name", args.model_name]
+    return options
+
+
+def run(args: argparse.Namespace) -> int:
+    model = args.model
+    if model is None:
+        from teeshard.model.demo import ensure_demo
+
+        with console.status("building the demo model (random weights: its text is meaningless)"):
+            model = ensure_demo(lambda step: console.log(step))
+        console.log(f"demo model at {model}")
+    checkpoint = Checkpoint(model)
+    launches = plan_launch(checkpoint, args.nodes, args.port)
+    busy = [s.port for s in launches if not _port_free(args.host, s.port)]
+    if busy:
+        raise ValueError(f"port(s) {', '.join(map(str, busy))} already in use; pass --port")
+    for index, spec in enumerate(launches):
+        console.log(f"node {index}: layers [{spec.layers.start}, {spec.layers.end}) on port {spec.port}"
+                    + (" (entry)" if spec.entry else ""))  # fmt: skip
+
+    processes: list[subprocess.Popen[bytes]] = []
+    try:
+        # Last node first, so each node's next hop is already listening when it starts.
+        for spec in reversed(launches):
+            processes.append(subprocess.Popen(spec.argv(model, args.host, passthrough_options(args))))
+        _wait_healthy(launches, processes, args.host, args.startup_timeout)
+        entry = f"http://{args.host}:{launches[0].port}"
+        console.print(f"\n[bold green]teeshard is up[/]: {len(launches)} nodes serving {checkpoint.name}")
+        console.print(f"  API       {entry}/v1   (OpenAI-compatible)")
+        console.print(f"  web page  {entry}/")
+        console.print(f"  try       teeshard chat --url {entry} \"Hello!\"")
+        console.print("Press Ctrl-C to stop every node.\n")
+        print(entry, flush=True)  # stdout: the one line scripts need
+        return _supervise(processes)
+    finally:
+        _stop(processes)
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _wait_healthy(
+    launches: list[LaunchSpec], processes: list[subprocess.Popen[bytes]], host: str, timeout: float
+) -> None:
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        tasks = {s.port: progress.add_task(f"starting node on port {s.port} (layers {s.layers})") for s in launches}
+        deadline = time.monotonic() + timeout
+        pending = {s.port for s in launches}
+        while pending:
+            for process in processes:
+                if process.poll() is not None:
+                    raise RuntimeError(f"a node exited during start-up (exit code {process.returncode})")
+            for port in list(pending):
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(f"http://{host}:{port}/health", timeout=1.0).status_code == 200:
+                        pending.discard(port)
+                        progress.update(tasks[port], description=f"node on port {port} ready")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"nodes on ports {sorted(pending)} not healthy after {timeout:.0f}s")
+            time.sleep(0.2)
+
+
+def _supervise(processes: list[subprocess.Popen[bytes]]) -> int:
+    while True:
+        for process in processes:
+            if process.poll() is not None:
+                console.print(f"[red]a node exited (code {process.returncode}); stopping the others[/]")
+                return 1
+        time.sleep(0.5)
+
+
+def _stop(processes: list[subprocess.Popen[bytes]]) -> None:
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    for process in processes:
+        try:
+            process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
