@@ -14,15 +14,22 @@ import httpx
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("chat", help="chat with an entry node (streams to the terminal)")
-    parser.add_argument("message", nargs="?", help="message to send; omit for an interactive session")
+    parser.add_argument(
+        "message", nargs="?", help="message to send; omit for an interactive session"
+    )
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="entry node URL")
-    parser.add_argument("--model", default=None, help="model name (default: the node's first model)")
+    parser.add_argument(
+        "--model", default=None, help="model name (default: the node's first model)"
+    )
     parser.add_argument("--system", default=None, help="system prompt")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--api-key", default=os.environ.get("TEESHARD_API_KEY"),
-                        help="API key (default: $TEESHARD_API_KEY)")  # fmt: skip
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("TEESHARD_API_KEY"),
+        help="API key (default: $TEESHARD_API_KEY)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -51,9 +58,13 @@ def _error_message(body: dict[str, Any], status: int) -> str:
 
 def run(args: argparse.Namespace) -> int:
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    with httpx.Client(base_url=args.url, headers=headers, timeout=httpx.Timeout(10.0, read=300.0)) as client:
+    with httpx.Client(
+        base_url=args.url, headers=headers, timeout=httpx.Timeout(10.0, read=300.0)
+    ) as client:
         model = args.model or client.get("/v1/models").json()["data"][0]["id"]
-        history: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
+        history: list[dict[str, str]] = (
+            [{"role": "system", "content": args.system}] if args.system else []
+        )
         interactive = args.message is None
         message = args.message
         while True:
@@ -65,8 +76,14 @@ def run(args: argparse.Namespace) -> int:
                 if not message.strip():
                     continue
             history.append({"role": "user", "content": message})
-            body = {"model": model, "messages": history, "stream": True, "max_tokens": args.max_tokens,
-                    "temperature": args.temperature, "seed": args.seed}  # fmt: skip
+            body = {
+                "model": model,
+                "messages": history,
+                "stream": True,
+                "max_tokens": args.max_tokens,
+                "temperature": args.temperature,
+                "seed": args.seed,
+            }
             reply = []
             try:
                 for delta in stream_chat(client, body):

@@ -6,7 +6,9 @@ import argparse
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("demo", help="build the built-in demo model and print its directory")
+    parser = subparsers.add_parser(
+        "demo", help="build the built-in demo model and print its directory"
+    )
     parser.set_defaults(func=run)
 
 

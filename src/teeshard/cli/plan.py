@@ -40,8 +40,11 @@ def run(args: argparse.Namespace) -> int:
         if plan.layers.is_last(checkpoint.spec.num_layers):
             holds.append("norm + lm_head")
         table.add_row(
-            str(index), f"[{plan.layers.start}, {plan.layers.end})", ", ".join(holds),
-            f"{plan.param_bytes:,}", f"{plan.param_bytes / 2**20:,.1f}",
-        )  # fmt: skip
+            str(index),
+            f"[{plan.layers.start}, {plan.layers.end})",
+            ", ".join(holds),
+            f"{plan.param_bytes:,}",
+            f"{plan.param_bytes / 2**20:,.1f}",
+        )
     Console().print(table)
     return 0

@@ -36,8 +36,20 @@ class LaunchSpec:
     entry: bool
 
     def argv(self, model: Path, host: str, passthrough: list[str]) -> list[str]:
-        args = [sys.executable, "-m", "teeshard.cli", "node", "--model", str(model),
-                "--layers", str(self.layers), "--host", host, "--port", str(self.port)]  # fmt: skip
+        args = [
+            sys.executable,
+            "-m",
+            "teeshard.cli",
+            "node",
+            "--model",
+            str(model),
+            "--layers",
+            str(self.layers),
+            "--host",
+            host,
+            "--port",
+            str(self.port),
+        ]
         if self.next_port is not None:
             args += ["--next", f"ws://{host}:{self.next_port}"]
         if self.entry:
@@ -47,12 +59,22 @@ class LaunchSpec:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("up", help="start N nodes on this machine and serve the API")
-    parser.add_argument("--model", type=Path, default=None,
-                        help="Hugging Face checkpoint directory (default: the built-in demo model)")  # fmt: skip
+    parser.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help="Hugging Face checkpoint directory (default: the built-in demo model)",
+    )
     parser.add_argument("--nodes", type=int, default=2, help="number of nodes (default 2)")
-    parser.add_argument("--port", type=int, default=8000, help="entry node port; others follow (default 8000)")
-    parser.add_argument("--host", default="127.0.0.1", help="address every node binds (default 127.0.0.1)")
-    parser.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for nodes")
+    parser.add_argument(
+        "--port", type=int, default=8000, help="entry node port; others follow (default 8000)"
+    )
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address every node binds (default 127.0.0.1)"
+    )
+    parser.add_argument(
+        "--startup-timeout", type=float, default=600.0, help="seconds to wait for nodes"
+    )
     add_runtime_options(parser)
     parser.set_defaults(func=run)
 
@@ -67,9 +89,20 @@ def plan_launch(checkpoint: Checkpoint, nodes: int, port: int) -> list[LaunchSpe
 
 
 def passthrough_options(args: argparse.Namespace) -> list[str]:
-    options = ["--dtype", args.dtype, "--wire-dtype", args.wire_dtype,
-               "--max-sessions", str(args.max_sessions), "--max-cached-tokens", str(args.max_cached_tokens),
-               "--idle-timeout", str(args.idle_timeout), "--max-tokens-default", str(args.max_tokens_default)]  # fmt: skip
+    options = [
+        "--dtype",
+        args.dtype,
+        "--wire-dtype",
+        args.wire_dtype,
+        "--max-sessions",
+        str(args.max_sessions),
+        "--max-cached-tokens",
+        str(args.max_cached_tokens),
+        "--idle-timeout",
+        str(args.idle_timeout),
+        "--max-tokens-default",
+        str(args.max_tokens_default),
+    ]
     if args.threads:
         options += ["--threads", str(args.threads)]
     if args.model_name:
@@ -91,20 +124,26 @@ def run(args: argparse.Namespace) -> int:
     if busy:
         raise ValueError(f"port(s) {', '.join(map(str, busy))} already in use; pass --port")
     for index, spec in enumerate(launches):
-        console.log(f"node {index}: layers [{spec.layers.start}, {spec.layers.end}) on port {spec.port}"
-                    + (" (entry)" if spec.entry else ""))  # fmt: skip
+        console.log(
+            f"node {index}: layers [{spec.layers.start}, {spec.layers.end}) on port {spec.port}"
+            + (" (entry)" if spec.entry else "")
+        )
 
     processes: list[subprocess.Popen[bytes]] = []
     try:
         # Last node first, so each node's next hop is already listening when it starts.
         for spec in reversed(launches):
-            processes.append(subprocess.Popen(spec.argv(model, args.host, passthrough_options(args))))
+            # nodes write to our stderr: our stdout carries only the entry URL
+            argv = spec.argv(model, args.host, passthrough_options(args))
+            processes.append(subprocess.Popen(argv, stdout=sys.stderr.fileno()))
         _wait_healthy(launches, processes, args.host, args.startup_timeout)
         entry = f"http://{args.host}:{launches[0].port}"
-        console.print(f"\n[bold green]teeshard is up[/]: {len(launches)} nodes serving {checkpoint.name}")
+        console.print(
+            f"\n[bold green]teeshard is up[/]: {len(launches)} nodes serving {checkpoint.name}"
+        )
         console.print(f"  API       {entry}/v1   (OpenAI-compatible)")
         console.print(f"  web page  {entry}/")
-        console.print(f"  try       teeshard chat --url {entry} \"Hello!\"")
+        console.print(f'  try       teeshard chat --url {entry} "Hello!"')
         console.print("Press Ctrl-C to stop every node.\n")
         print(entry, flush=True)  # stdout: the one line scripts need
         return _supervise(processes)
@@ -127,20 +166,27 @@ def _wait_healthy(
 ) -> None:
     columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as progress:
-        tasks = {s.port: progress.add_task(f"starting node on port {s.port} (layers {s.layers})") for s in launches}
+        tasks = {
+            s.port: progress.add_task(f"starting node on port {s.port} (layers {s.layers})")
+            for s in launches
+        }
         deadline = time.monotonic() + timeout
         pending = {s.port for s in launches}
         while pending:
             for process in processes:
                 if process.poll() is not None:
-                    raise RuntimeError(f"a node exited during start-up (exit code {process.returncode})")
+                    raise RuntimeError(
+                        f"a node exited during start-up (exit code {process.returncode})"
+                    )
             for port in list(pending):
                 with contextlib.suppress(httpx.HTTPError):
                     if httpx.get(f"http://{host}:{port}/health", timeout=1.0).status_code == 200:
                         pending.discard(port)
                         progress.update(tasks[port], description=f"node on port {port} ready")
             if time.monotonic() > deadline:
-                raise RuntimeError(f"nodes on ports {sorted(pending)} not healthy after {timeout:.0f}s")
+                raise RuntimeError(
+                    f"nodes on ports {sorted(pending)} not healthy after {timeout:.0f}s"
+                )
             time.sleep(0.2)
 
 
@@ -148,7 +194,9 @@ def _supervise(processes: list[subprocess.Popen[bytes]]) -> int:
     while True:
         for process in processes:
             if process.poll() is not None:
-                console.print(f"[red]a node exited (code {process.returncode}); stopping the others[/]")
+                console.print(
+                    f"[red]a node exited (code {process.returncode}); stopping the others[/]"
+                )
                 return 1
         time.sleep(0.5)
 

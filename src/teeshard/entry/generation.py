@@ -69,8 +69,9 @@ class Generator:
             raise APIError(
                 400,
                 f"the prompt has {prompt_len} tokens; this model's context is {self.context} tokens",
-                code="context_length_exceeded", param="messages",
-            )  # fmt: skip
+                code="context_length_exceeded",
+                param="messages",
+            )
         if requested is None:
             return min(room, self.default_max_tokens)
         if requested <= 0:
@@ -82,8 +83,9 @@ class Generator:
                 400,
                 f"max_tokens {requested} plus the prompt's {prompt_len} tokens exceeds this model's "
                 f"context of {self.context} tokens",
-                code="context_length_exceeded", param="max_tokens",
-            )  # fmt: skip
+                code="context_length_exceeded",
+                param="max_tokens",
+            )
         return requested
 
     async def start(

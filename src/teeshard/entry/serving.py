@@ -52,9 +52,11 @@ class OpenAIServing:
     def _check_model(self, model: str) -> None:
         if model != self.model_name:
             raise APIError(
-                404, f"model {model!r} does not exist; this node serves {self.model_name!r}",
-                code="model_not_found", param="model",
-            )  # fmt: skip
+                404,
+                f"model {model!r} does not exist; this node serves {self.model_name!r}",
+                code="model_not_found",
+                param="model",
+            )
 
     async def _prepare(
         self, request: _Request, prompt_ids: list[int], max_tokens: int | None, api_key: str | None
@@ -88,14 +90,23 @@ class OpenAIServing:
             )
         text = await self._collect(prepared)
         gen = prepared.generation
-        return JSONResponse({
-            "id": response_id, "object": "chat.completion", "created": now(), "model": self.model_name,
-            "choices": [{
-                "index": 0, "message": {"role": "assistant", "content": text},
-                "finish_reason": gen.finish_reason, "logprobs": None,
-            }],
-            "usage": _usage(gen),
-        })  # fmt: skip
+        return JSONResponse(
+            {
+                "id": response_id,
+                "object": "chat.completion",
+                "created": now(),
+                "model": self.model_name,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": text},
+                        "finish_reason": gen.finish_reason,
+                        "logprobs": None,
+                    }
+                ],
+                "usage": _usage(gen),
+            }
+        )
 
     async def _chat_chunks(
         self, prepared: Prepared, response_id: str, include_usage: bool
@@ -104,10 +115,14 @@ class OpenAIServing:
 
         def chunk(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
             return {
-                "id": response_id, "object": "chat.completion.chunk", "created": created,
+                "id": response_id,
+                "object": "chat.completion.chunk",
+                "created": created,
                 "model": self.model_name,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
-            }  # fmt: skip
+                "choices": [
+                    {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+                ],
+            }
 
         yield chunk({"role": "assistant", "content": ""}, None)
         async for delta in self.generator.stream(
@@ -117,9 +132,13 @@ class OpenAIServing:
         yield chunk({}, prepared.generation.finish_reason)
         if include_usage:
             yield {
-                "id": response_id, "object": "chat.completion.chunk", "created": created,
-                "model": self.model_name, "choices": [], "usage": _usage(prepared.generation),
-            }  # fmt: skip
+                "id": response_id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": self.model_name,
+                "choices": [],
+                "usage": _usage(prepared.generation),
+            }
 
     # -- /v1/completions --------------------------------------------------------------
 
@@ -138,11 +157,18 @@ class OpenAIServing:
             )
         text = prefix + await self._collect(prepared)
         gen = prepared.generation
-        return JSONResponse({
-            "id": response_id, "object": "text_completion", "created": now(), "model": self.model_name,
-            "choices": [{"index": 0, "text": text, "finish_reason": gen.finish_reason, "logprobs": None}],
-            "usage": _usage(gen),
-        })  # fmt: skip
+        return JSONResponse(
+            {
+                "id": response_id,
+                "object": "text_completion",
+                "created": now(),
+                "model": self.model_name,
+                "choices": [
+                    {"index": 0, "text": text, "finish_reason": gen.finish_reason, "logprobs": None}
+                ],
+                "usage": _usage(gen),
+            }
+        )
 
     async def _completion_chunks(
         self, prepared: Prepared, response_id: str, prefix: str, include_usage: bool
@@ -151,9 +177,12 @@ class OpenAIServing:
 
         def chunk(text: str, finish: str | None) -> dict[str, Any]:
             return {
-                "id": response_id, "object": "text_completion", "created": created, "model": self.model_name,
+                "id": response_id,
+                "object": "text_completion",
+                "created": created,
+                "model": self.model_name,
                 "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}],
-            }  # fmt: skip
+            }
 
         if prefix:
             yield chunk(prefix, None)
@@ -164,9 +193,13 @@ class OpenAIServing:
         yield chunk("", prepared.generation.finish_reason)
         if include_usage:
             yield {
-                "id": response_id, "object": "text_completion", "created": created, "model": self.model_name,
-                "choices": [], "usage": _usage(prepared.generation),
-            }  # fmt: skip
+                "id": response_id,
+                "object": "text_completion",
+                "created": created,
+                "model": self.model_name,
+                "choices": [],
+                "usage": _usage(prepared.generation),
+            }
 
     # -- /generate (the original demo's endpoint) -------------------------------------
 

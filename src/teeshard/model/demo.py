@@ -133,7 +133,10 @@ def random_llama_weights(config: dict[str, Any], seed: int) -> dict[str, torch.T
 
 
 def write_checkpoint(
-    out: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor], shard_bytes: int | None = None
+    out: Path,
+    config: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
+    shard_bytes: int | None = None,
 ) -> None:
     """Write config.json and safetensors, split into files of ``shard_bytes`` with an index."""
     out.mkdir(parents=True, exist_ok=True)
@@ -155,8 +158,10 @@ def write_checkpoint(
         name = f"model-{index:05d}-of-{len(files):05d}.safetensors"
         save_file(group, str(out / name), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(group, name))
-    index_doc = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
-                 "weight_map": weight_map}  # fmt: skip
+    index_doc = {
+        "metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+        "weight_map": weight_map,
+    }
     (out / "model.safetensors.index.json").write_text(json.dumps(index_doc, indent=2))
 
 

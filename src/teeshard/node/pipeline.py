@@ -5,6 +5,9 @@ on one connection overlap (their compute still queues on the node's worker).
 A bad frame is answered with an ``error`` message carrying its request id when
 it has one; the connection and the node stay up. Frames above the size limit
 are refused by the WebSocket layer itself (close code 1009).
+
+Sessions belong to the connection that opened them: when it drops, they are
+closed here and downstream, so a vanished upstream never pins cache memory.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ async def serve_pipeline(websocket: WebSocket, service: NodeService) -> None:
     await websocket.accept()
     send_lock = asyncio.Lock()
     tasks: set[asyncio.Task[None]] = set()
+    owned: set[str] = set()  # sessions opened over this connection and not yet closed
 
     async def reply(message: ResultMsg | ErrorMsg) -> None:
         async with send_lock:
@@ -36,7 +40,12 @@ async def serve_pipeline(websocket: WebSocket, service: NodeService) -> None:
     async def handle(message: Message) -> None:
         request_id = message.id
         try:
-            await reply(await dispatch(service, message))
+            result = await dispatch(service, message)
+            if isinstance(message, OpenMsg):
+                owned.add(message.session)
+            elif isinstance(message, CloseMsg):
+                owned.discard(message.session)
+            await reply(result)
         except NodeError as exc:
             service.count_error(exc.code)
             await reply(
@@ -83,6 +92,10 @@ async def serve_pipeline(websocket: WebSocket, service: NodeService) -> None:
         # Let in-flight steps finish so caches stay consistent; their replies are dropped.
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+        for session_id in owned:
+            await service.close(session_id)
+        if owned:
+            log.info("upstream left; closed its %d open sessions", len(owned))
 
 
 async def dispatch(service: NodeService, message: Message) -> ResultMsg:

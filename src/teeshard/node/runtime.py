@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 from fastapi import FastAPI
+from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
 from teeshard.model.checkpoint import Checkpoint
@@ -54,12 +55,17 @@ def load_with_progress(checkpoint: Checkpoint, config: NodeConfig, show: bool) -
         DownloadColumn(),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, disable=not show, transient=True) as progress:
+    console = Console(stderr=True)  # stdout stays clean for scripts
+    with Progress(
+        *columns, console=console, disable=not show or not console.is_terminal, transient=True
+    ) as progress:
         task = progress.add_task(f"loading layers {config.layers}", total=total)
         return load_shard(
-            checkpoint, config.layers, parse_dtype(config.dtype),
+            checkpoint,
+            config.layers,
+            parse_dtype(config.dtype),
             progress=lambda n: progress.advance(task, n),
-        )  # fmt: skip
+        )
 
 
 def build_node(config: NodeConfig, show_progress: bool = False) -> Node:
@@ -79,9 +85,12 @@ def build_node(config: NodeConfig, show_progress: bool = False) -> Node:
     app = create_app(service, config, serving)
     log.info(
         "node ready: model %s, layers %s of %d, %s%s",
-        model_name, config.layers, checkpoint.spec.num_layers, config.dtype,
+        model_name,
+        config.layers,
+        checkpoint.spec.num_layers,
+        config.dtype,
         ", entry" if config.entry else "",
-    )  # fmt: skip
+    )
     return Node(config, checkpoint, shard, service, app)
 
 

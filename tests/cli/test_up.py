@@ -1,0 +1,81 @@
+"""``teeshard up`` on the demo model: serves, then Ctrl-C stops every process it started."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import psutil
+
+from tests.cluster import free_port
+
+
+def test_up_serves_the_demo_and_ctrl_c_stops_everything(tmp_path: object) -> None:
+    port = free_port()
+    while not all(_free(port + i) for i in range(3)):
+        port = free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "teeshard.cli",
+            "up",
+            "--nodes",
+            "3",
+            "--port",
+            str(port),
+            "--threads",
+            "1",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        entry = process.stdout.readline().strip()  # the only stdout line: the entry URL
+        assert entry == f"http://127.0.0.1:{port}"
+        children = psutil.Process(process.pid).children()
+        assert len(children) == 3
+        models = httpx.get(entry + "/v1/models").json()
+        assert models["data"][0]["id"].startswith("teeshard-demo-llama")
+        reply = httpx.post(
+            entry + "/v1/chat/completions",
+            json={
+                "model": models["data"][0]["id"],
+                "messages": [{"role": "user", "content": "Hi"}],
+                "max_tokens": 5,
+            },
+            timeout=60,
+        )
+        assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] >= 1
+        layers = sorted(
+            httpx.get(f"http://127.0.0.1:{port + i}/health").json()["layers"][0] for i in range(3)
+        )
+        assert layers == [0, 3, 6]  # the demo's 8 layers as 3 + 3 + 2
+
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=30) in (0, 130)
+        deadline = time.monotonic() + 10
+        while any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children):
+            assert time.monotonic() < deadline, "a node outlived teeshard up"
+            time.sleep(0.1)
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def _free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True

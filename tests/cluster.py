@@ -1,0 +1,189 @@
+"""Real node servers on loopback for tests: in this process (threads) or as subprocesses.
+
+In-process nodes are real uvicorn servers with real sockets, each on its own
+event loop in its own thread; subprocess nodes are started with the
+``teeshard node`` command line, for tests that kill a node.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import httpx
+import uvicorn
+
+from teeshard.model.checkpoint import Checkpoint
+from teeshard.model.layer_range import LayerRange
+from teeshard.model.plan import split_even
+from teeshard.node.config import NodeConfig
+from teeshard.node.runtime import Node, build_node
+from teeshard.node.sessions import SessionLimits
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class RunningNode:
+    config: NodeConfig
+    node: Node | None = None
+    server: uvicorn.Server | None = None
+    thread: threading.Thread | None = None
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.config.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.config.port}/pipeline"
+
+    def kill(self) -> None:
+        """SIGKILL a subprocess node: no goodbye, sockets simply drop."""
+        assert self.process is not None, "only subprocess nodes can be killed"
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait()
+
+
+@dataclass
+class LocalCluster:
+    model_dir: Path
+    num_nodes: int
+    subprocesses: bool = False
+    limits: SessionLimits = field(default_factory=SessionLimits)
+    wire_dtype: str = "float32"
+    max_frame_bytes: int | None = None
+    ranges: list[LayerRange] | None = None
+    nodes: list[RunningNode] = field(default_factory=list)
+
+    @property
+    def entry(self) -> RunningNode:
+        return self.nodes[0]
+
+    def configs(self) -> list[NodeConfig]:
+        num_layers = Checkpoint(self.model_dir).spec.num_layers
+        ranges = self.ranges or split_even(num_layers, self.num_nodes)
+        ports = [free_port() for _ in ranges]
+        base = NodeConfig(
+            model_dir=self.model_dir,
+            layers=ranges[0],
+            limits=self.limits,
+            wire_dtype=self.wire_dtype,
+            max_frame_bytes=self.max_frame_bytes,
+            model_name="tiny",
+            threads=1,
+        )
+        return [
+            replace(
+                base,
+                layers=r,
+                port=ports[i],
+                entry=i == 0,
+                next_url=f"ws://127.0.0.1:{ports[i + 1]}" if i + 1 < len(ranges) else None,
+            )
+            for i, r in enumerate(ranges)
+        ]
+
+    def __enter__(self) -> LocalCluster:
+        try:
+            for config in reversed(self.configs()):
+                running = RunningNode(config)
+                self.nodes.insert(0, running)
+                if self.subprocesses:
+                    self._spawn(running)
+                else:
+                    self._start_thread(running)
+            for running in self.nodes:
+                _wait_healthy(running)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def _start_thread(self, running: RunningNode) -> None:
+        running.node = build_node(running.config)
+        config = uvicorn.Config(
+            running.node.app,
+            host="127.0.0.1",
+            port=running.config.port,
+            log_level="warning",
+            ws_max_size=running.node.max_frame_bytes,
+            ws_per_message_deflate=False,
+            lifespan="on",
+        )
+        running.server = uvicorn.Server(config)
+        running.thread = threading.Thread(target=running.server.run, daemon=True)
+        running.thread.start()
+
+    def _spawn(self, running: RunningNode) -> None:
+        c = running.config
+        argv = [
+            sys.executable,
+            "-m",
+            "teeshard.cli",
+            "node",
+            "--model",
+            str(c.model_dir),
+            "--layers",
+            str(c.layers),
+            "--port",
+            str(c.port),
+            "--model-name",
+            "tiny",
+            "--threads",
+            "1",
+            "--wire-dtype",
+            c.wire_dtype,
+            "--max-sessions",
+            str(c.limits.max_sessions),
+            "--max-cached-tokens",
+            str(c.limits.max_cached_tokens),
+        ]
+        if c.next_url:
+            argv += ["--next", c.next_url]
+        if c.entry:
+            argv.append("--entry")
+        running.process = subprocess.Popen(argv, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    def __exit__(self, *exc: object) -> None:
+        for running in self.nodes:
+            if running.server is not None:
+                running.server.should_exit = True
+            if running.process is not None and running.process.poll() is None:
+                running.process.terminate()
+        for running in self.nodes:
+            if running.thread is not None:
+                running.thread.join(timeout=10)
+            if running.process is not None:
+                try:
+                    running.process.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    running.process.kill()
+
+
+def _wait_healthy(running: RunningNode, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if running.process is not None and running.process.poll() is not None:
+            raise RuntimeError(
+                f"node on port {running.config.port} exited with {running.process.returncode}"
+            )
+        try:
+            if httpx.get(running.http_url + "/health", timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"node on port {running.config.port} not healthy after {timeout}s")

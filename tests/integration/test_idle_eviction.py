@@ -1,0 +1,29 @@
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+
+from teeshard.node.sessions import SessionLimits
+from teeshard.transport.peer import RemoteError
+from tests.checkpoints import TinyModel
+from tests.cluster import LocalCluster
+from tests.pipeline_client import PipelineClient
+
+
+async def test_idle_sessions_are_evicted_on_every_node(tiny_llama: TinyModel) -> None:
+    limits = SessionLimits(idle_timeout_s=0.4)
+    with LocalCluster(tiny_llama.path, 2, limits=limits) as cluster:
+        client = PipelineClient(cluster.entry.ws_url)
+        session = await client.open(max_len=16)
+        await client.step(session, [5, 6, 7])
+        await asyncio.sleep(1.5)
+        for node in cluster.nodes:
+            health = httpx.get(node.http_url + "/health").json()
+            assert health["sessions"]["open"] == 0 and health["sessions"]["evicted_total"] == 1
+        try:
+            await client.step(session, [8])
+            raise AssertionError("an evicted session must not step")
+        except RemoteError as exc:
+            assert exc.status == 404 and exc.code == "unknown_session"
+        await client.aclose()

@@ -1,0 +1,44 @@
+"""A test-side client of the pipeline socket, speaking the real wire protocol."""
+
+from __future__ import annotations
+
+import uuid
+
+import torch
+
+from teeshard.transport.codec import tensor_from_wire
+from teeshard.transport.messages import CloseMsg, OpenMsg, SamplingParams, StepMsg
+from teeshard.transport.peer import PeerClient
+
+
+class PipelineClient:
+    def __init__(self, ws_url: str, max_frame_bytes: int = 64 << 20) -> None:
+        self.peer = PeerClient(ws_url, max_frame_bytes=max_frame_bytes, request_timeout=60)
+
+    async def open(
+        self, max_len: int, sampling: SamplingParams | None = None, return_logits: bool = True
+    ) -> str:
+        session = uuid.uuid4().hex
+        await self.peer.request(
+            lambda rid: OpenMsg(
+                id=rid,
+                session=session,
+                max_len=max_len,
+                sampling=sampling or SamplingParams(),
+                return_logits=return_logits,
+            )
+        )
+        return session
+
+    async def step(self, session: str, tokens: list[int]) -> tuple[int, torch.Tensor | None]:
+        reply = await self.peer.request(
+            lambda rid: StepMsg(id=rid, session=session, tokens=tuple(tokens))
+        )
+        assert reply.token is not None
+        return reply.token, tensor_from_wire(reply.logits) if reply.logits is not None else None
+
+    async def close(self, session: str) -> None:
+        await self.peer.request(lambda rid: CloseMsg(id=rid, session=session))
+
+    async def aclose(self) -> None:
+        await self.peer.close()
