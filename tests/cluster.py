@@ -26,6 +26,7 @@ from teeshard.model.plan import split_even
 from teeshard.node.config import NodeConfig
 from teeshard.node.runtime import Node, build_node
 from teeshard.node.sessions import SessionLimits
+from teeshard.procutil import die_with_parent
 
 
 def free_port() -> int:
@@ -155,7 +156,9 @@ class LocalCluster:
             argv += ["--next", c.next_url]
         if c.entry:
             argv.append("--entry")
-        running.process = subprocess.Popen(argv, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        running.process = subprocess.Popen(
+            argv, env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=die_with_parent
+        )
 
     def __exit__(self, *exc: object) -> None:
         for running in self.nodes:

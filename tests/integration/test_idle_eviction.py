@@ -6,9 +6,9 @@ import httpx
 
 from teeshard.node.sessions import SessionLimits
 from teeshard.transport.peer import RemoteError
+from teeshard.transport.pipeline_client import PipelineClient
 from tests.checkpoints import TinyModel
 from tests.cluster import LocalCluster
-from tests.pipeline_client import PipelineClient
 
 
 async def test_idle_sessions_are_evicted_on_every_node(tiny_llama: TinyModel) -> None:

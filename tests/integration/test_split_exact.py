@@ -11,9 +11,9 @@ import copy
 import pytest
 import torch
 
+from teeshard.transport.pipeline_client import PipelineClient
 from tests.checkpoints import TinyModel
 from tests.cluster import LocalCluster
-from tests.pipeline_client import PipelineClient
 
 DECODE_STEPS = 40
 PROMPT = [0, 17, 250, 33, 101, 7, 402, 99, 5, 311, 64, 12]

@@ -24,6 +24,7 @@ from teeshard.cli.node import add_runtime_options
 from teeshard.model.checkpoint import Checkpoint
 from teeshard.model.layer_range import LayerRange
 from teeshard.model.plan import plan_checkpoint
+from teeshard.procutil import die_with_parent
 
 console = Console(stderr=True)
 
@@ -135,7 +136,9 @@ def run(args: argparse.Namespace) -> int:
         for spec in reversed(launches):
             # nodes write to our stderr: our stdout carries only the entry URL
             argv = spec.argv(model, args.host, passthrough_options(args))
-            processes.append(subprocess.Popen(argv, stdout=sys.stderr.fileno()))
+            processes.append(
+                subprocess.Popen(argv, stdout=sys.stderr.fileno(), preexec_fn=die_with_parent)
+            )
         _wait_healthy(launches, processes, args.host, args.startup_timeout)
         entry = f"http://{args.host}:{launches[0].port}"
         console.print(

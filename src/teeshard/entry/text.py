@@ -20,6 +20,12 @@ class TextCodec:
     def __init__(self, model_dir: str | Path) -> None:
         from transformers import AutoTokenizer  # heavy import; only the entry node needs it
 
+        model_dir = Path(model_dir)
+        if not any((model_dir / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
+            raise FileNotFoundError(
+                f"no tokenizer (tokenizer.json or tokenizer.model) in {model_dir}: "
+                "the entry node needs the model's tokenizer files"
+            )
         self.tokenizer: Any = AutoTokenizer.from_pretrained(str(model_dir))
 
     def chat_prompt(self, messages: Sequence[dict[str, str]]) -> list[int]:

@@ -129,8 +129,9 @@ class Checkpoint:
     def iter_tensors(self, keys: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield ``(key, tensor)`` for ``keys``, opening each file once.
 
-        Tensors are copied out of the memory map, so the file's pages are not
-        kept resident once the caller has what it needs.
+        Each tensor is copied out of the memory map into private memory: safetensors
+        hands out views of the mapped file, and a node must compute with exactly the
+        bytes it hashed for its manifest, not with a file that may change later.
         """
         by_file: dict[Path, list[str]] = {}
         for key in keys:
@@ -138,4 +139,4 @@ class Checkpoint:
         for file, file_keys in by_file.items():
             with safe_open(str(file), framework="pt") as handle:
                 for key in file_keys:
-                    yield key, handle.get_tensor(key)
+                    yield key, handle.get_tensor(key).clone()

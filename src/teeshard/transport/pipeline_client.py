@@ -1,4 +1,8 @@
-"""A test-side client of the pipeline socket, speaking the real wire protocol."""
+"""A client of a node's pipeline socket: open a session, step tokens, close.
+
+Used by benchmarks, tests and tools that drive a chain below the HTTP API; the
+entry node itself drives its chain through ``NodeService``.
+"""
 
 from __future__ import annotations
 
