@@ -73,7 +73,7 @@ async def test_half_precision_wire_stays_close(tiny_llama: TinyModel) -> None:
     _, ref_logits = reference_generation(tiny_llama, PROMPT, 4)
     with LocalCluster(tiny_llama.path, 2, wire_dtype="float16") as cluster:
         client = PipelineClient(cluster.entry.ws_url)
-        session = await client.open(max_len=len(PROMPT) + 4)
+        session = await client.open(max_len=len(PROMPT) + 4, wire_dtype="float16")
         _, logits = await client.step(session, PROMPT)
         await client.aclose()
     assert logits is not None

@@ -44,7 +44,8 @@ def add_runtime_options(parser: argparse.ArgumentParser) -> None:
         "--wire-dtype",
         default="float32",
         choices=("float32", "float16", "bfloat16"),
-        help="dtype of hidden states between nodes (default float32)",
+        help="dtype of hidden states between nodes in the entry node's sessions; every node "
+        "follows the session's choice (default float32)",
     )
     parser.add_argument(
         "--max-sessions", type=int, default=16, help="open sessions per node (default 16)"

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 PROTOCOL_VERSION = 1
 WIRE_DTYPES = ("float32", "float16", "bfloat16")
+WireDtype = Literal["float32", "float16", "bfloat16"]
 
 SessionId = Annotated[str, Field(min_length=1, max_length=128)]
 RequestId = Annotated[int, Field(ge=0)]
@@ -46,7 +47,7 @@ class OpenMsg(_Strict):
     id: RequestId
     session: SessionId
     max_len: int = Field(ge=1)
-    wire_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    wire_dtype: WireDtype = "float32"  # chosen by the entry node; every node follows it
     sampling: SamplingParams = SamplingParams()
     return_logits: bool = False  # last node also returns float32 logits (tests, logprobs)
 

@@ -11,7 +11,7 @@ import uuid
 import torch
 
 from teeshard.transport.codec import tensor_from_wire
-from teeshard.transport.messages import CloseMsg, OpenMsg, SamplingParams, StepMsg
+from teeshard.transport.messages import CloseMsg, OpenMsg, SamplingParams, StepMsg, WireDtype
 from teeshard.transport.peer import PeerClient
 
 
@@ -20,7 +20,11 @@ class PipelineClient:
         self.peer = PeerClient(ws_url, max_frame_bytes=max_frame_bytes, request_timeout=60)
 
     async def open(
-        self, max_len: int, sampling: SamplingParams | None = None, return_logits: bool = True
+        self,
+        max_len: int,
+        sampling: SamplingParams | None = None,
+        return_logits: bool = True,
+        wire_dtype: WireDtype = "float32",
     ) -> str:
         session = uuid.uuid4().hex
         await self.peer.request(
@@ -30,6 +34,7 @@ class PipelineClient:
                 max_len=max_len,
                 sampling=sampling or SamplingParams(),
                 return_logits=return_logits,
+                wire_dtype=wire_dtype,
             )
         )
         return session
