@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ from teeshard.attest.manifest import ShardManifest, compute_manifest
 from teeshard.attest.providers.simulated import SimulatedProvider
 from teeshard.model.checkpoint import Checkpoint
 from teeshard.model.layer_range import LayerRange
-from tests.attest.helpers import build_llama
+from tests.attest.helpers import NodeFactory, build_llama
 
 
 @pytest.fixture(scope="session")
@@ -34,9 +33,6 @@ def manifests(llama_dir: Path) -> dict[str, ShardManifest]:
         spec: compute_manifest(checkpoint, LayerRange.parse(spec), "float32")
         for spec in ("0:2", "2:3")
     }
-
-
-NodeFactory = Callable[[ShardManifest], NodeAttestation]
 
 
 @pytest.fixture(scope="session")

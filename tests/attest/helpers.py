@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from teeshard.attest.attester import NodeAttestation
+from teeshard.attest.manifest import ShardManifest
 
 DATA = Path(__file__).parent / "data"
 # At this time both good samples' collateral is valid (issued 2025-06-19, next update 2025-07-19).
@@ -24,3 +28,6 @@ def build_llama(path: Path, dtype: torch.dtype = torch.float32, layers: int = 3)
     model = LlamaForCausalLM(config).to(dtype)
     model.save_pretrained(path)
     return path
+
+
+NodeFactory = Callable[[ShardManifest], NodeAttestation]

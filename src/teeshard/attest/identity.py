@@ -87,7 +87,9 @@ class NodeIdentity:
         """New keys and a self-signed certificate with SANs for ``hosts`` (names or IPs)."""
         key = ec.generate_private_key(ec.SECP256R1())
         start = (now or datetime.datetime.now(datetime.UTC)) - datetime.timedelta(minutes=5)
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "teeshard node")])
+        # A unique subject: OpenSSL looks issuers up by name, and same-named anchors collide.
+        common_name = f"teeshard node {secrets.token_hex(8)}"
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
         sans: list[x509.GeneralName] = []
         for host in hosts:
             try:

@@ -76,6 +76,11 @@ class ShardManifest:
     dtype: str  # the node's compute dtype, e.g. "float32"
     tensors: tuple[TensorDigest, ...]  # sorted by key
 
+    def __post_init__(self) -> None:
+        # Normalise to plain JSON values (tuples become lists) so a manifest parsed
+        # back from JSON compares equal to the one it was written from.
+        object.__setattr__(self, "arch", json.loads(canonical_json(dict(self.arch))))
+
     def canonical_bytes(self) -> bytes:
         return encode(
             _DOMAIN,
