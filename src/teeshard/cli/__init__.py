@@ -11,6 +11,7 @@ import sys
 COMMAND_MODULES = (
     "teeshard.cli.plan",
     "teeshard.cli.node",
+    "teeshard.cli.attest",
 )
 
 
