@@ -50,7 +50,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     quote = subparsers.add_parser("verify-quote", help="verify a TDX/SGX quote file offline")
     quote.add_argument("quote", type=Path, help="quote file, binary or hex")
-    quote.add_argument("--collateral", required=True, type=Path, help="collateral JSON file")
+    source = quote.add_mutually_exclusive_group(required=True)
+    source.add_argument("--collateral", type=Path, help="collateral JSON file")
+    source.add_argument("--pccs-url", help="fetch the collateral from this PCCS")
     quote.add_argument("--now", type=int, help="unix time to verify at (default: now)")
     quote.add_argument("--policy", type=Path, help="also check measurements against a policy")
     quote.add_argument("--event-log", type=Path, help="dstack event log JSON (RTMR3 replay)")
@@ -140,7 +142,7 @@ def run_verify_quote(args: argparse.Namespace) -> int:
     now = args.now if args.now is not None else int(time.time())
     try:
         quote = read_quote_file(args.quote)
-        report = verify_quote(quote, CollateralFile(args.collateral), now)
+        report = verify_quote(quote, _collateral(args), now)
         if args.policy is not None:
             event_log = args.event_log.read_text() if args.event_log else None
             provider = "dstack" if event_log is not None else "quote-file"
