@@ -14,6 +14,7 @@ COMMAND_MODULES = (
     "teeshard.cli.up",
     "teeshard.cli.chat",
     "teeshard.cli.demo",
+    "teeshard.cli.attest",
 )
 
 

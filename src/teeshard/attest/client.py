@@ -1,0 +1,193 @@
+"""Talking to attested nodes: fetch and verify a bundle, pin its certificate, seal requests.
+
+Fetching the bundle itself needs no trusted channel: the bundle authenticates
+itself (quote, report_data binding, signature over our fresh nonce). That is why
+the first request may accept any TLS certificate; everything after it uses the
+attested certificate only (:class:`AttestedPeer.ssl_context`) or the attested
+sealing key (:class:`SealedClient`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import ssl
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+
+from teeshard.attest.errors import AttestationError, FormatError
+from teeshard.attest.evidence import Bundle
+from teeshard.attest.identity import NodeIdentity
+from teeshard.attest.sealing import SEALED_CONTENT_TYPE, SEALED_PATH, SealedResponse, seal_request
+from teeshard.attest.verify.bundle import VerifiedNode, verify_bundle
+from teeshard.attest.verify.policy import Policy
+from teeshard.attest.verify.quote import Collateral, CollateralSource
+
+ATTESTATION_PATH = "/v1/attestation"
+NONCE_BYTES = 32
+
+
+def attestation_url(url: str, nonce: bytes) -> str:
+    """``/v1/attestation?nonce=HEX`` on the node behind ``url`` (http(s) or ws(s))."""
+    parts = urlsplit(url)
+    scheme = {"ws": "http", "wss": "https"}.get(parts.scheme, parts.scheme)
+    if scheme not in ("http", "https"):
+        raise FormatError(f"{url}: expected an http(s):// or ws(s):// URL")
+    return urlunsplit((scheme, parts.netloc, ATTESTATION_PATH, f"nonce={nonce.hex()}", ""))
+
+
+def _parse_bundle(response: httpx.Response) -> Bundle:
+    if response.status_code != 200:
+        raise AttestationError(
+            f"{response.request.url}: attestation endpoint answered HTTP {response.status_code}"
+        )
+    return Bundle.loads(response.content)
+
+
+def fetch_bundle(
+    url: str, nonce: bytes, *, client: httpx.Client | None = None, timeout: float = 30.0
+) -> Bundle:
+    target = attestation_url(url, nonce)
+    if client is not None:
+        return _parse_bundle(client.get(target))
+    # verify=False: see the module docstring; nothing is trusted before verify_bundle.
+    with httpx.Client(verify=False, timeout=timeout) as own:
+        return _parse_bundle(own.get(target))
+
+
+async def fetch_bundle_async(
+    url: str, nonce: bytes, *, client: httpx.AsyncClient | None = None, http_timeout_s: float = 30.0
+) -> Bundle:
+    target = attestation_url(url, nonce)
+    if client is not None:
+        return _parse_bundle(await client.get(target))
+    async with httpx.AsyncClient(verify=False, timeout=http_timeout_s) as own:
+        return _parse_bundle(await own.get(target))
+
+
+@dataclass(frozen=True)
+class AttestedPeer:
+    """A verified downstream node and the TLS context that accepts only its certificate."""
+
+    url: str
+    node: VerifiedNode
+    ssl_context: ssl.SSLContext | None  # None for a plain ws:// or http:// URL (no TLS to pin)
+
+
+def _peer(url: str, node: VerifiedNode, client_identity: NodeIdentity | None) -> AttestedPeer:
+    secure = urlsplit(url).scheme in ("wss", "https")
+    return AttestedPeer(url, node, node.pinned_ssl_context(client_identity) if secure else None)
+
+
+def verify_url(
+    url: str,
+    policy: Policy,
+    *,
+    expected_manifest_hash: bytes | None = None,
+    collateral: Collateral | CollateralSource | None = None,
+    client_identity: NodeIdentity | None = None,
+    timeout: float = 30.0,
+) -> tuple[AttestedPeer, Bundle]:
+    """Fetch ``url``'s bundle with a fresh nonce and verify it (blocking)."""
+    nonce = secrets.token_bytes(NONCE_BYTES)
+    bundle = fetch_bundle(url, nonce, timeout=timeout)
+    node = verify_bundle(
+        bundle, policy, nonce=nonce, expected_manifest_hash=expected_manifest_hash,
+        collateral=collateral,
+    )  # fmt: skip
+    return _peer(url, node, client_identity), bundle
+
+
+async def attest_peer(
+    url: str,
+    policy: Policy,
+    *,
+    expected_manifest_hash: bytes | None = None,
+    collateral: Collateral | CollateralSource | None = None,
+    client_identity: NodeIdentity | None = None,
+    http_timeout_s: float = 30.0,
+) -> AttestedPeer:
+    """Before sending anything to ``url``: fetch, verify, and pin its attested certificate.
+
+    Use as ``peer = await attest_peer("wss://b:8001", policy, expected_manifest_hash=h)``
+    then ``websockets.connect("wss://b:8001/pipeline", ssl=peer.ssl_context)``.
+    """
+    nonce = secrets.token_bytes(NONCE_BYTES)
+    bundle = await fetch_bundle_async(url, nonce, http_timeout_s=http_timeout_s)
+    node = await asyncio.to_thread(
+        verify_bundle, bundle, policy, nonce=nonce,
+        expected_manifest_hash=expected_manifest_hash, collateral=collateral,
+    )  # fmt: skip
+    return _peer(url, node, client_identity)
+
+
+class SealedClient:
+    """Verify an entry node's bundle, then send it HPKE-sealed requests.
+
+    ``pin_tls`` also pins the attested TLS certificate for https URLs; leave it off
+    behind a TLS-terminating ingress (the sealing alone keeps the ingress blind).
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        policy: Policy,
+        *,
+        expected_manifest_hash: bytes | None = None,
+        collateral: Collateral | CollateralSource | None = None,
+        http: httpx.Client | None = None,
+        pin_tls: bool = False,
+        timeout: float = 120.0,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.policy = policy
+        self.expected_manifest_hash = expected_manifest_hash
+        self.collateral = collateral
+        self.pin_tls = pin_tls
+        self.timeout = timeout
+        self._http = http
+        self._owns_http = http is None
+        self.node: VerifiedNode | None = None
+
+    def verify(self) -> VerifiedNode:
+        """Fetch and verify the bundle (once); every request is sealed to this node."""
+        if self.node is None:
+            nonce = secrets.token_bytes(NONCE_BYTES)
+            bundle = fetch_bundle(self.base_url, nonce, client=self._http, timeout=self.timeout)
+            self.node = verify_bundle(
+                bundle, self.policy, nonce=nonce, collateral=self.collateral,
+                expected_manifest_hash=self.expected_manifest_hash,
+            )  # fmt: skip
+            if self._http is None:
+                verify: ssl.SSLContext | bool = True
+                if self.pin_tls and self.base_url.startswith("https://"):
+                    verify = self.node.pinned_ssl_context()
+                self._http = httpx.Client(verify=verify, timeout=self.timeout)
+        return self.node
+
+    def request(self, path: str, body: bytes) -> SealedResponse:
+        node = self.verify()
+        assert self._http is not None
+        sealed, opener = seal_request(node.fingerprint, node.sealing_public_key, path, body)
+        response = self._http.post(
+            self.base_url + SEALED_PATH,
+            content=sealed,
+            headers={"content-type": SEALED_CONTENT_TYPE},
+        )
+        if response.status_code != 200:
+            raise AttestationError(f"sealed request refused: HTTP {response.status_code}")
+        return opener.open_response(response.content)
+
+    def post_json(self, path: str, payload: Any) -> tuple[int, Any]:
+        """Seal a JSON request; return the (status, decoded JSON body) of the sealed answer."""
+        answer = self.request(path, json.dumps(payload).encode())
+        return answer.status, json.loads(answer.body) if answer.body else None
+
+    def close(self) -> None:
+        if self._owns_http and self._http is not None:
+            self._http.close()
+            self._http = None
