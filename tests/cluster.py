@@ -2,7 +2,10 @@
 
 In-process nodes are real uvicorn servers with real sockets, each on its own
 event loop in its own thread; subprocess nodes are started with the
-``teeshard node`` command line, for tests that kill a node.
+``teeshard node`` command line, for tests that kill a node. Either way every
+node attests (simulated provider), serves TLS with its attested certificate
+except the entry node, and verifies the next node against a policy naming the
+exact manifest of every shard, as ``teeshard up`` does.
 """
 
 from __future__ import annotations
@@ -10,8 +13,10 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -20,11 +25,13 @@ from pathlib import Path
 import httpx
 import uvicorn
 
+from teeshard.attest.identity import pinned_client_context
 from teeshard.model.checkpoint import Checkpoint
 from teeshard.model.layer_range import LayerRange
 from teeshard.model.plan import split_even
 from teeshard.node.config import NodeConfig
-from teeshard.node.runtime import Node, build_node
+from teeshard.node.local_chain import write_chain_policy
+from teeshard.node.runtime import Node, build_node, make_server
 from teeshard.node.sessions import SessionLimits
 from teeshard.procutil import die_with_parent
 
@@ -44,12 +51,29 @@ class RunningNode:
     process: subprocess.Popen[bytes] | None = None
 
     @property
+    def tls(self) -> bool:
+        return self.config.serves_tls
+
+    @property
     def http_url(self) -> str:
-        return f"http://127.0.0.1:{self.config.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.config.port}"
 
     @property
     def ws_url(self) -> str:
-        return f"ws://127.0.0.1:{self.config.port}/pipeline"
+        return f"{'wss' if self.tls else 'ws'}://127.0.0.1:{self.config.port}/pipeline"
+
+    def client_ssl(self) -> ssl.SSLContext | None:
+        """A client context pinned to this (in-process) node's attested certificate."""
+        if not self.tls:
+            return None
+        assert self.node is not None, "pinning needs the in-process node's identity"
+        return pinned_client_context(self.node.trust.attestation.identity.certificate_pem)
+
+    def get(self, path: str) -> httpx.Response:
+        verify: ssl.SSLContext | bool = True
+        if self.tls:
+            verify = self.client_ssl() if self.node is not None else False
+        return httpx.get(self.http_url + path, verify=verify, timeout=30)
 
     def kill(self) -> None:
         """SIGKILL a subprocess node: no goodbye, sockets simply drop."""
@@ -74,9 +98,13 @@ class LocalCluster:
         return self.nodes[0]
 
     def configs(self) -> list[NodeConfig]:
-        num_layers = Checkpoint(self.model_dir).spec.num_layers
-        ranges = self.ranges or split_even(num_layers, self.num_nodes)
+        checkpoint = Checkpoint(self.model_dir)
+        ranges = self.ranges or split_even(checkpoint.spec.num_layers, self.num_nodes)
         ports = [free_port() for _ in ranges]
+        policy = write_chain_policy(
+            Path(tempfile.mkdtemp(prefix="teeshard-policy-")) / "policy.toml",
+            checkpoint, ranges, "float32", "tiny",
+        )  # fmt: skip
         base = NodeConfig(
             model_dir=self.model_dir,
             layers=ranges[0],
@@ -85,6 +113,8 @@ class LocalCluster:
             max_frame_bytes=self.max_frame_bytes,
             model_name="tiny",
             threads=1,
+            tee="simulated",
+            policy_path=policy,
         )
         return [
             replace(
@@ -92,7 +122,7 @@ class LocalCluster:
                 layers=r,
                 port=ports[i],
                 entry=i == 0,
-                next_url=f"ws://127.0.0.1:{ports[i + 1]}" if i + 1 < len(ranges) else None,
+                next_url=f"wss://127.0.0.1:{ports[i + 1]}" if i + 1 < len(ranges) else None,
             )
             for i, r in enumerate(ranges)
         ]
@@ -115,43 +145,19 @@ class LocalCluster:
 
     def _start_thread(self, running: RunningNode) -> None:
         running.node = build_node(running.config)
-        config = uvicorn.Config(
-            running.node.app,
-            host="127.0.0.1",
-            port=running.config.port,
-            log_level="warning",
-            ws_max_size=running.node.max_frame_bytes,
-            ws_per_message_deflate=False,
-            lifespan="on",
-        )
-        running.server = uvicorn.Server(config)
+        running.server = make_server(running.node)
         running.thread = threading.Thread(target=running.server.run, daemon=True)
         running.thread.start()
 
     def _spawn(self, running: RunningNode) -> None:
         c = running.config
         argv = [
-            sys.executable,
-            "-m",
-            "teeshard.cli",
-            "node",
-            "--model",
-            str(c.model_dir),
-            "--layers",
-            str(c.layers),
-            "--port",
-            str(c.port),
-            "--model-name",
-            "tiny",
-            "--threads",
-            "1",
-            "--wire-dtype",
-            c.wire_dtype,
-            "--max-sessions",
-            str(c.limits.max_sessions),
-            "--max-cached-tokens",
-            str(c.limits.max_cached_tokens),
-        ]
+            sys.executable, "-m", "teeshard.cli", "node", "--model", str(c.model_dir),
+            "--layers", str(c.layers), "--port", str(c.port), "--model-name", "tiny",
+            "--threads", "1", "--wire-dtype", c.wire_dtype, "--tee", "simulated",
+            "--policy", str(c.policy_path), "--max-sessions", str(c.limits.max_sessions),
+            "--max-cached-tokens", str(c.limits.max_cached_tokens),
+        ]  # fmt: skip
         if c.next_url:
             argv += ["--next", c.next_url]
         if c.entry:
@@ -184,7 +190,7 @@ def _wait_healthy(running: RunningNode, timeout: float = 60.0) -> None:
                 f"node on port {running.config.port} exited with {running.process.returncode}"
             )
         try:
-            if httpx.get(running.http_url + "/health", timeout=1.0).status_code == 200:
+            if running.get("/health").status_code == 200:
                 return
         except httpx.HTTPError:
             pass

@@ -54,10 +54,11 @@ def test_up_serves_the_demo_and_ctrl_c_stops_everything(tmp_path: object) -> Non
             timeout=60,
         )
         assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] >= 1
-        layers = sorted(
-            httpx.get(f"http://127.0.0.1:{port + i}/health").json()["layers"][0] for i in range(3)
-        )
-        assert layers == [0, 3, 6]  # the demo's 8 layers as 3 + 3 + 2
+        # the other nodes serve only TLS with their attested certificates
+        urls = [entry] + [f"https://127.0.0.1:{port + i}" for i in (1, 2)]
+        healths = [httpx.get(u + "/health", verify=False).json() for u in urls]
+        assert sorted(h["layers"][0] for h in healths) == [0, 3, 6]  # 8 layers as 3 + 3 + 2
+        assert all(h["attestation"]["provider"] == "simulated" for h in healths)
 
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=30) in (0, 130)

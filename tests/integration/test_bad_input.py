@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -17,7 +18,7 @@ from teeshard.node.sessions import SessionLimits
 from teeshard.transport.codec import encode, tensor_to_wire
 from teeshard.transport.messages import OpenMsg, StepMsg, WireTensor
 from tests.checkpoints import TinyModel
-from tests.cluster import LocalCluster
+from tests.cluster import LocalCluster, RunningNode
 
 CONTEXT = 256  # the tiny models' max_position_embeddings
 
@@ -137,7 +138,7 @@ def test_cache_budget_exhausted_is_503_and_recovers(small_cluster: LocalCluster)
 
 
 async def test_session_limit_is_503_and_nothing_leaks(small_cluster: LocalCluster) -> None:
-    client = PipelineSocket(small_cluster.entry.ws_url)
+    client = PipelineSocket.to(small_cluster.entry)
     async with client:
         first = await client.open(10)
         second = await client.open(10)
@@ -151,15 +152,15 @@ async def test_session_limit_is_503_and_nothing_leaks(small_cluster: LocalCluste
     # the socket closed without closing its sessions: the node closes them itself,
     # here and downstream, so nothing stays reserved
     for node in small_cluster.nodes:
-        assert await _eventually_no_sessions(node.http_url)
+        assert await _eventually_no_sessions(node)
     assert_still_serving(small_cluster)
 
 
-async def _eventually_no_sessions(url: str) -> bool:
+async def _eventually_no_sessions(node: RunningNode) -> bool:
     import asyncio
 
     for _ in range(100):
-        if httpx.get(url + "/health").json()["sessions"]["open"] == 0:
+        if node.get("/health").json()["sessions"]["open"] == 0:
             return True
         await asyncio.sleep(0.05)
     return False
@@ -171,12 +172,17 @@ async def _eventually_no_sessions(url: str) -> bool:
 class PipelineSocket:
     """Raw frames on the pipeline socket, to send what a correct client never would."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, tls: ssl.SSLContext | None = None) -> None:
         self.url = url
+        self.tls = tls
         self.ids = iter(range(1, 10_000))
 
+    @classmethod
+    def to(cls, node: RunningNode) -> PipelineSocket:
+        return cls(node.ws_url, node.client_ssl())
+
     async def __aenter__(self) -> PipelineSocket:
-        self.ws = await connect(self.url, max_size=None, compression=None)
+        self.ws = await connect(self.url, ssl=self.tls, max_size=None, compression=None)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -199,7 +205,7 @@ class PipelineSocket:
 @pytest.fixture
 async def downstream(cluster: LocalCluster) -> Any:
     """The raw socket of the second node (layers 2:4), which takes hidden states."""
-    async with PipelineSocket(cluster.nodes[1].ws_url) as sock:
+    async with PipelineSocket.to(cluster.nodes[1]) as sock:
         yield sock
 
 
@@ -248,7 +254,7 @@ async def test_step_past_max_len(downstream: PipelineSocket) -> None:
 
 
 async def test_out_of_vocabulary_tokens(cluster: LocalCluster) -> None:
-    async with PipelineSocket(cluster.entry.ws_url) as sock:
+    async with PipelineSocket.to(cluster.entry) as sock:
         opened = await sock.open(8)
         reply = await sock.step(opened["session"], tokens=(5, 100_000))
         assert reply["status"] == 400 and "token ids must lie in" in reply["message"]
@@ -278,12 +284,12 @@ async def test_malformed_frames(
 
 async def test_oversized_frame_closes_only_that_connection(cluster: LocalCluster) -> None:
     limit = cluster.nodes[1].node.max_frame_bytes  # type: ignore[union-attr]
-    async with PipelineSocket(cluster.nodes[1].ws_url) as sock:
+    async with PipelineSocket.to(cluster.nodes[1]) as sock:
         # the server may close while the frame is still being sent: both are the refusal
         with pytest.raises(ConnectionClosed) as closed:
             await sock.ws.send(b"\x00" * (limit + 1))
             await sock.ws.recv()
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009  # message too big
-    async with PipelineSocket(cluster.nodes[1].ws_url) as sock:
+    async with PipelineSocket.to(cluster.nodes[1]) as sock:
         assert (await sock.open(4))["type"] == "result"
     assert_still_serving(cluster)

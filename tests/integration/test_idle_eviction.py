@@ -2,8 +2,6 @@ from __future__ import annotations
 
 import asyncio
 
-import httpx
-
 from teeshard.node.sessions import SessionLimits
 from teeshard.transport.peer import RemoteError
 from teeshard.transport.pipeline_client import PipelineClient
@@ -19,7 +17,7 @@ async def test_idle_sessions_are_evicted_on_every_node(tiny_llama: TinyModel) ->
         await client.step(session, [5, 6, 7])
         await asyncio.sleep(1.5)
         for node in cluster.nodes:
-            health = httpx.get(node.http_url + "/health").json()
+            health = node.get("/health").json()
             assert health["sessions"]["open"] == 0 and health["sessions"]["evicted_total"] == 1
         try:
             await client.step(session, [8])

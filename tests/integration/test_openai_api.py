@@ -152,7 +152,7 @@ def test_health_and_metrics(cluster: LocalCluster) -> None:
     assert health["layers"] == [0, 2] and health["entry"] is True
     assert health["sessions"]["open"] == 0  # every earlier request closed its session
     assert health["memory"]["rss_bytes"] > 0
-    downstream = httpx.get(cluster.nodes[1].http_url + "/health").json()
+    downstream = cluster.nodes[1].get("/health").json()
     assert downstream["layers"] == [2, 4] and downstream["sessions"]["open"] == 0
-    metrics = httpx.get(cluster.nodes[1].http_url + "/metrics").text
+    metrics = cluster.nodes[1].get("/metrics").text
     assert 'teeshard_steps_total{model="tiny",layers="2:4"}' in metrics

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from teeshard.attest.providers import TEE_CHOICES
 from teeshard.model.layer_range import LayerRange
 from teeshard.node.config import NodeConfig
 from teeshard.node.sessions import SessionLimits
@@ -23,13 +24,51 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--port", type=int, default=8000, help="port for HTTP and the pipeline socket"
     )
     parser.add_argument(
-        "--next", dest="next_url", help="ws://HOST:PORT of the node serving the next layers"
+        "--next", dest="next_url", help="wss://HOST:PORT of the node serving the next layers"
     )
     parser.add_argument(
         "--entry", action="store_true", help="serve the OpenAI-compatible API (layers 0:N only)"
     )
+    parser.add_argument(
+        "--tls",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="serve HTTPS/WSS with the attested certificate (default: on, except the entry node)",
+    )
+    parser.add_argument(
+        "--public-host",
+        action="append",
+        default=[],
+        help="a name or IP clients use for this node, for its certificate (repeatable)",
+    )
+    parser.add_argument(
+        "--tee",
+        default="auto",
+        choices=TEE_CHOICES,
+        help="attestation provider (default: auto-detect dstack, tsm, gramine); "
+        "'simulated' is INSECURE, for development without a TEE",
+    )
+    add_trust_options(parser)
     add_runtime_options(parser)
     parser.set_defaults(func=run)
+
+
+def add_trust_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--policy", type=Path, help="policy the next node's attestation must satisfy (TOML/JSON)"
+    )
+    parser.add_argument(
+        "--allow-simulated",
+        action="store_true",
+        help="accept the next node's INSECURE simulated attestation (development only)",
+    )
+    parser.add_argument("--collateral", type=Path, help="cached DCAP collateral JSON file")
+    parser.add_argument("--pccs-url", help="PCCS to fetch DCAP collateral from")
+    parser.add_argument(
+        "--no-manifest-cache",
+        action="store_true",
+        help="rehash every tensor at start (for checkpoints on storage the host can write)",
+    )
 
 
 def add_runtime_options(parser: argparse.ArgumentParser) -> None:
@@ -85,6 +124,11 @@ def config_from_args(args: argparse.Namespace, **overrides: object) -> NodeConfi
         threads=args.threads,
         model_name=args.model_name,
         default_max_tokens=args.max_tokens_default,
+        policy_path=args.policy,
+        allow_simulated=args.allow_simulated,
+        collateral_path=args.collateral,
+        pccs_url=args.pccs_url,
+        manifest_cache=not args.no_manifest_cache,
     )
     fields.update(overrides)
     return NodeConfig(**fields)  # type: ignore[arg-type]
@@ -95,6 +139,9 @@ def run(args: argparse.Namespace) -> int:
 
     config = config_from_args(
         args,
+        tee=args.tee,
+        tls=args.tls,
+        public_hosts=tuple(args.public_host),
         layers=args.layers,
         host=args.host,
         port=args.port,

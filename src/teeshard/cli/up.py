@@ -22,8 +22,10 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from teeshard.cli.node import add_runtime_options
 from teeshard.model.checkpoint import Checkpoint
+from teeshard.model.demo import data_dir
 from teeshard.model.layer_range import LayerRange
 from teeshard.model.plan import plan_checkpoint
+from teeshard.node.local_chain import write_chain_policy
 from teeshard.procutil import die_with_parent
 
 console = Console(stderr=True)
@@ -35,6 +37,11 @@ class LaunchSpec:
     port: int
     next_port: int | None
     entry: bool
+
+    def health_url(self, host: str) -> str:
+        # every node but the entry serves only TLS with its attested certificate
+        scheme = "http" if self.entry else "https"
+        return f"{scheme}://{host}:{self.port}/health"
 
     def argv(self, model: Path, host: str, passthrough: list[str]) -> list[str]:
         args = [
@@ -52,7 +59,7 @@ class LaunchSpec:
             str(self.port),
         ]
         if self.next_port is not None:
-            args += ["--next", f"ws://{host}:{self.next_port}"]
+            args += ["--next", f"wss://{host}:{self.next_port}"]
         if self.entry:
             args.append("--entry")
         return args + passthrough
@@ -130,12 +137,21 @@ def run(args: argparse.Namespace) -> int:
             + (" (entry)" if spec.entry else "")
         )
 
+    model_name = args.model_name or checkpoint.name
+    with console.status("hashing shards for the chain's attestation policy"):
+        policy = write_chain_policy(
+            data_dir() / "runs" / f"port-{args.port}" / "policy.toml",
+            checkpoint, [s.layers for s in launches], args.dtype, model_name,
+        )  # fmt: skip
+    console.log(f"attestation: simulated (INSECURE, no TEE here); policy {policy}")
+    trust = ["--tee", "simulated", "--policy", str(policy)]
+
     processes: list[subprocess.Popen[bytes]] = []
     try:
         # Last node first, so each node's next hop is already listening when it starts.
         for spec in reversed(launches):
             # nodes write to our stderr: our stdout carries only the entry URL
-            argv = spec.argv(model, args.host, passthrough_options(args))
+            argv = spec.argv(model, args.host, passthrough_options(args) + trust)
             processes.append(
                 subprocess.Popen(argv, stdout=sys.stderr.fileno(), preexec_fn=die_with_parent)
             )
@@ -175,6 +191,7 @@ def _wait_healthy(
         }
         deadline = time.monotonic() + timeout
         pending = {s.port for s in launches}
+        by_port = {s.port: s for s in launches}
         while pending:
             for process in processes:
                 if process.poll() is not None:
@@ -183,7 +200,9 @@ def _wait_healthy(
                     )
             for port in list(pending):
                 with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(f"http://{host}:{port}/health", timeout=1.0).status_code == 200:
+                    # liveness only: trust comes from attestation, not from this probe
+                    url = by_port[port].health_url(host)
+                    if httpx.get(url, timeout=1.0, verify=False).status_code == 200:
                         pending.discard(port)
                         progress.update(tasks[port], description=f"node on port {port} ready")
             if time.monotonic() > deadline:

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Literal
 
+from teeshard.attest.receipts import Receipt
 from teeshard.entry.billing import Billing, ChargeRequest, FreeBilling, Reservation, Settlement
 from teeshard.entry.errors import APIError
 from teeshard.entry.text import IncrementalDecoder, StopMatcher, TextCodec
@@ -41,6 +42,7 @@ class Generation:
     served_by: tuple[str, ...] = ()  # node ids of the chain, entry first
     reservation: Reservation | None = None
     settlement: Settlement | None = None
+    receipts: list[Receipt] = field(default_factory=list)  # signed by every stage, entry first
 
 
 class Generator:
@@ -89,7 +91,11 @@ class Generator:
         return requested
 
     async def start(
-        self, prompt_ids: list[int], params: GenerationParams, api_key: str | None = None
+        self,
+        prompt_ids: list[int],
+        params: GenerationParams,
+        api_key: str | None = None,
+        input_digest: bytes | None = None,
     ) -> Generation:
         """Reserve the most the request can cost, then open the session on every node.
 
@@ -110,6 +116,7 @@ class Generator:
                 len(prompt_ids) + params.max_tokens,
                 params.sampling,
                 self.wire_dtype,
+                input_digest=input_digest,
             )
         except BaseException as exc:
             await self.billing.release(generation.reservation)
@@ -161,12 +168,15 @@ class Generator:
         if generation.closed:
             return
         generation.closed = True
+        finished = generation.finish_reason is not None
         try:
-            await self.service.close(generation.request_id)
+            # a finished session is closed with signed receipts from every stage
+            receipts = await self.service.close(generation.request_id, sign=finished)
+            generation.receipts = receipts or []
         finally:
             reservation = generation.reservation
             if reservation is not None:
-                if generation.finish_reason is not None:
+                if finished:
                     generation.settlement = await self.billing.settle(
                         reservation,
                         generation.prompt_tokens,

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 from importlib import resources
 from typing import Any
 
-from fastapi import APIRouter, FastAPI, Header, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -17,7 +18,7 @@ from teeshard.entry.protocol import (
     GenerateRequest,
     error_body,
 )
-from teeshard.entry.serving import OpenAIServing
+from teeshard.entry.serving import Caller, OpenAIServing
 
 
 def build_router(serving: OpenAIServing) -> APIRouter:
@@ -28,28 +29,28 @@ def build_router(serving: OpenAIServing) -> APIRouter:
         return serving.models()
 
     @router.post("/v1/chat/completions", response_model=None)
-    async def chat_completions(
-        body: ChatCompletionRequest, authorization: str | None = Header(default=None)
-    ) -> Response:
-        return await serving.chat(body, bearer_token(authorization))
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        return await serving.chat(body, await caller_of(request))
 
     @router.post("/v1/completions", response_model=None)
-    async def completions(
-        body: CompletionRequest, authorization: str | None = Header(default=None)
-    ) -> Response:
-        return await serving.completions(body, bearer_token(authorization))
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        return await serving.completions(body, await caller_of(request))
 
-    @router.post("/generate")
-    async def generate(
-        body: GenerateRequest, authorization: str | None = Header(default=None)
-    ) -> dict[str, Any]:
-        return await serving.generate(body, bearer_token(authorization))
+    @router.post("/generate", response_model=None)
+    async def generate(body: GenerateRequest, request: Request) -> Response:
+        return await serving.generate(body, await caller_of(request))
 
     @router.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def web_page() -> str:
         return resources.files("teeshard.entry").joinpath("static/index.html").read_text()
 
     return router
+
+
+async def caller_of(request: Request) -> Caller:
+    """The caller's key, and the digest of its exact request bytes (for the receipts)."""
+    body = await request.body()  # starlette caches it: the same bytes the model parsed
+    return Caller(bearer_token(request.headers.get("authorization")), hashlib.sha256(body).digest())
 
 
 def bearer_token(authorization: str | None) -> str | None:

@@ -1,20 +1,23 @@
 """Serving logic behind the OpenAI-compatible routes: prompts in, responses out.
 
-Everything that can be refused (unknown model, bad lengths, full caches) is
-refused before a stream starts, so it gets a proper HTTP status; a failure
-during a stream arrives as an OpenAI error object in the stream itself.
+Everything that can be refused (unknown model, bad lengths, full caches, no
+balance) is refused before a stream starts, so it gets a proper HTTP status; a
+failure during a stream arrives as an OpenAI error object in the stream itself.
+Every finished response carries the receipt chain signed by every stage: a
+``receipts`` field (in a stream: on the last event) and a digest header.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.background import BackgroundTask
 
+from teeshard.attest.receipts import RECEIPT_DIGEST_HEADER, RECEIPTS_FIELD, chain_digest
 from teeshard.entry.errors import APIError
 from teeshard.entry.generation import Generation, GenerationParams, Generator
 from teeshard.entry.protocol import (
@@ -27,12 +30,76 @@ from teeshard.entry.protocol import (
 )
 from teeshard.transport.messages import SamplingParams
 
+Event = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who asked, and exactly what: the bearer key and the SHA-256 of the request body."""
+
+    api_key: str | None = None
+    body_digest: bytes | None = None
+
 
 @dataclass(frozen=True)
 class Prepared:
     prompt_ids: list[int]
     params: GenerationParams
     generation: Generation
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """How one endpoint spells its responses."""
+
+    id_prefix: str
+    object: str
+    chunk_object: str
+    final_choice: Callable[[str, str | None], Event]
+    stream_choice: Callable[[str | None, str | None], Event]  # (text or None, finish)
+    opening_choice: Event | None = None  # chat streams open with the assistant role
+
+
+CHAT = _Shape(
+    "chatcmpl",
+    "chat.completion",
+    "chat.completion.chunk",
+    final_choice=lambda text, finish: {
+        "index": 0,
+        "message": {"role": "assistant", "content": text},
+        "finish_reason": finish,
+        "logprobs": None,
+    },
+    stream_choice=lambda text, finish: {
+        "index": 0,
+        "delta": {"content": text} if text is not None else {},
+        "finish_reason": finish,
+        "logprobs": None,
+    },
+    opening_choice={
+        "index": 0,
+        "delta": {"role": "assistant", "content": ""},
+        "finish_reason": None,
+        "logprobs": None,
+    },
+)
+COMPLETION = _Shape(
+    "cmpl",
+    "text_completion",
+    "text_completion",
+    final_choice=lambda text, finish: {
+        "index": 0,
+        "text": text,
+        "finish_reason": finish,
+        "logprobs": None,
+    },
+    stream_choice=lambda text, finish: {
+        "index": 0,
+        "text": text or "",
+        "finish_reason": finish,
+        "logprobs": None,
+    },
+)
 
 
 class OpenAIServing:
@@ -59,7 +126,7 @@ class OpenAIServing:
             )
 
     async def _prepare(
-        self, request: _Request, prompt_ids: list[int], max_tokens: int | None, api_key: str | None
+        self, request: _Request, prompt_ids: list[int], max_tokens: int | None, caller: Caller
     ) -> Prepared:
         budget = self.generator.resolve_max_tokens(len(prompt_ids), max_tokens)
         sampling = SamplingParams(
@@ -71,155 +138,97 @@ class OpenAIServing:
         params = GenerationParams(
             max_tokens=budget, sampling=sampling, stop=tuple(request.stop_list)
         )
-        generation = await self.generator.start(prompt_ids, params, api_key)
+        generation = await self.generator.start(
+            prompt_ids, params, caller.api_key, caller.body_digest
+        )
         return Prepared(prompt_ids, params, generation)
 
-    # -- /v1/chat/completions ---------------------------------------------------------
-
     async def chat(
-        self, request: ChatCompletionRequest, api_key: str | None = None
+        self, request: ChatCompletionRequest, caller: Caller
     ) -> JSONResponse | StreamingResponse:
         self._check_model(request.model)
         messages = [{"role": m.role, "content": m.text()} for m in request.messages]
         prompt_ids = self.codec.chat_prompt(messages)
-        prepared = await self._prepare(request, prompt_ids, request.requested_max_tokens, api_key)
-        response_id = f"chatcmpl-{prepared.generation.request_id}"
-        if request.stream:
-            return self._sse(
-                prepared, self._chat_chunks(prepared, response_id, request.include_usage)
-            )
-        text = await self._collect(prepared)
-        gen = prepared.generation
-        return JSONResponse(
-            {
-                "id": response_id,
-                "object": "chat.completion",
-                "created": now(),
-                "model": self.model_name,
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": text},
-                        "finish_reason": gen.finish_reason,
-                        "logprobs": None,
-                    }
-                ],
-                "usage": _usage(gen),
-            }
-        )
-
-    async def _chat_chunks(
-        self, prepared: Prepared, response_id: str, include_usage: bool
-    ) -> AsyncIterator[dict[str, Any]]:
-        created = now()
-
-        def chunk(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
-            return {
-                "id": response_id,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": self.model_name,
-                "choices": [
-                    {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
-                ],
-            }
-
-        yield chunk({"role": "assistant", "content": ""}, None)
-        async for delta in self.generator.stream(
-            prepared.generation, prepared.prompt_ids, prepared.params
-        ):
-            yield chunk({"content": delta}, None)
-        yield chunk({}, prepared.generation.finish_reason)
-        if include_usage:
-            yield {
-                "id": response_id,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": self.model_name,
-                "choices": [],
-                "usage": _usage(prepared.generation),
-            }
-
-    # -- /v1/completions --------------------------------------------------------------
+        prepared = await self._prepare(request, prompt_ids, request.requested_max_tokens, caller)
+        return await self._respond(prepared, CHAT, request.stream, request.include_usage)
 
     async def completions(
-        self, request: CompletionRequest, api_key: str | None = None
+        self, request: CompletionRequest, caller: Caller
     ) -> JSONResponse | StreamingResponse:
         self._check_model(request.model)
         prompt_ids = self.codec.completion_prompt(request.prompt_text)
-        prepared = await self._prepare(request, prompt_ids, request.requested_max_tokens, api_key)
-        response_id = f"cmpl-{prepared.generation.request_id}"
+        prepared = await self._prepare(request, prompt_ids, request.requested_max_tokens, caller)
         prefix = request.prompt_text if request.echo else ""
-        if request.stream:
-            return self._sse(
-                prepared,
-                self._completion_chunks(prepared, response_id, prefix, request.include_usage),
-            )
-        text = prefix + await self._collect(prepared)
-        gen = prepared.generation
-        return JSONResponse(
-            {
-                "id": response_id,
-                "object": "text_completion",
-                "created": now(),
-                "model": self.model_name,
-                "choices": [
-                    {"index": 0, "text": text, "finish_reason": gen.finish_reason, "logprobs": None}
-                ],
-                "usage": _usage(gen),
-            }
+        return await self._respond(
+            prepared, COMPLETION, request.stream, request.include_usage, prefix
         )
 
-    async def _completion_chunks(
-        self, prepared: Prepared, response_id: str, prefix: str, include_usage: bool
-    ) -> AsyncIterator[dict[str, Any]]:
-        created = now()
-
-        def chunk(text: str, finish: str | None) -> dict[str, Any]:
-            return {
-                "id": response_id,
-                "object": "text_completion",
-                "created": created,
-                "model": self.model_name,
-                "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}],
-            }
-
-        if prefix:
-            yield chunk(prefix, None)
-        async for delta in self.generator.stream(
-            prepared.generation, prepared.prompt_ids, prepared.params
-        ):
-            yield chunk(delta, None)
-        yield chunk("", prepared.generation.finish_reason)
-        if include_usage:
-            yield {
-                "id": response_id,
-                "object": "text_completion",
-                "created": created,
-                "model": self.model_name,
-                "choices": [],
-                "usage": _usage(prepared.generation),
-            }
-
-    # -- /generate (the original demo's endpoint) -------------------------------------
-
-    async def generate(
-        self, request: GenerateRequest, api_key: str | None = None
-    ) -> dict[str, Any]:
+    async def generate(self, request: GenerateRequest, caller: Caller) -> JSONResponse:
+        """The original demo's endpoint: ``{"prompt"}`` in, ``{"output"}`` out."""
         prompt_ids = self.codec.completion_prompt(request.prompt)
         budget = self.generator.resolve_max_tokens(len(prompt_ids), request.max_tokens)
         params = GenerationParams(
             max_tokens=budget, sampling=SamplingParams(temperature=request.temperature)
         )
-        generation = await self.generator.start(prompt_ids, params, api_key)
+        generation = await self.generator.start(
+            prompt_ids, params, caller.api_key, caller.body_digest
+        )
         text = await self._collect(Prepared(prompt_ids, params, generation))
-        return {"output": text, "usage": _usage(generation)}
+        return _with_receipts({"output": text, "usage": _usage(generation)}, generation)
 
-    def _sse(self, prepared: Prepared, events: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
+    async def _respond(
+        self, prepared: Prepared, shape: _Shape, stream: bool, include_usage: bool, prefix: str = ""
+    ) -> JSONResponse | StreamingResponse:
+        response_id = f"{shape.id_prefix}-{prepared.generation.request_id}"
+        if stream:
+            return self._sse(
+                prepared, self._chunks(prepared, shape, response_id, include_usage, prefix)
+            )
+        text = prefix + await self._collect(prepared)
+        gen = prepared.generation
+        body = {
+            "id": response_id,
+            "object": shape.object,
+            "created": now(),
+            "model": self.model_name,
+            "choices": [shape.final_choice(text, gen.finish_reason)],
+            "usage": _usage(gen),
+        }
+        return _with_receipts(body, gen)
+
+    async def _chunks(
+        self, prepared: Prepared, shape: _Shape, response_id: str, include_usage: bool, prefix: str
+    ) -> AsyncIterator[Event]:
+        created = now()
+
+        def event(choices: list[Event]) -> Event:
+            return {
+                "id": response_id,
+                "object": shape.chunk_object,
+                "created": created,
+                "model": self.model_name,
+                "choices": choices,
+            }
+
+        if shape.opening_choice is not None:
+            yield event([shape.opening_choice])
+        if prefix:
+            yield event([shape.stream_choice(prefix, None)])
+        gen = prepared.generation
+        async for delta in self.generator.stream(gen, prepared.prompt_ids, prepared.params):
+            yield event([shape.stream_choice(delta, None)])
+        # The stream has ended, so the session is closed and its receipts are signed.
+        last = event([shape.stream_choice(None, gen.finish_reason)])
+        if include_usage:
+            yield last
+            last = {**event([]), "usage": _usage(gen)}
+        yield _receipt_fields(last, gen)
+
+    def _sse(self, prepared: Prepared, events: AsyncIterator[Event]) -> StreamingResponse:
         async def body() -> AsyncIterator[str]:
             try:
-                async for event in events:
-                    yield f"data: {json.dumps(event, separators=(',', ':'))}\n\n"
+                async for item in events:
+                    yield f"data: {json.dumps(item, separators=(',', ':'))}\n\n"
             except APIError as exc:
                 yield f"data: {json.dumps(exc.body())}\n\n"
             finally:
@@ -235,13 +244,25 @@ class OpenAIServing:
         )
 
     async def _collect(self, prepared: Prepared) -> str:
-        parts = [
-            d
-            async for d in self.generator.stream(
-                prepared.generation, prepared.prompt_ids, prepared.params
-            )
-        ]
-        return "".join(parts)
+        stream = self.generator.stream(prepared.generation, prepared.prompt_ids, prepared.params)
+        return "".join([delta async for delta in stream])
+
+
+def _receipt_fields(body: Event, generation: Generation) -> Event:
+    if not generation.receipts:
+        return body
+    return {
+        **body,
+        RECEIPTS_FIELD: [r.to_json() for r in generation.receipts],
+        "receipt_digest": chain_digest(generation.receipts).hex(),
+    }
+
+
+def _with_receipts(body: Event, generation: Generation) -> JSONResponse:
+    headers = {}
+    if generation.receipts:
+        headers[RECEIPT_DIGEST_HEADER] = chain_digest(generation.receipts).hex()
+    return JSONResponse(_receipt_fields(body, generation), headers=headers)
 
 
 def _usage(generation: Generation) -> dict[str, Any]:
@@ -250,12 +271,8 @@ def _usage(generation: Generation) -> dict[str, Any]:
         completion_tokens=generation.completion_tokens,
         total_tokens=generation.prompt_tokens + generation.completion_tokens,
     ).model_dump()
-    settlement = generation.settlement
-    if (
-        settlement is not None
-        and generation.reservation is not None
-        and generation.reservation.account
-    ):
+    settlement, reservation = generation.settlement, generation.reservation
+    if settlement is not None and reservation is not None and reservation.account:
         usage["cost"] = settlement.cost  # in the ledger's smallest unit
         if settlement.balance is not None:
             usage["balance"] = settlement.balance

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -12,24 +13,36 @@ from fastapi import FastAPI, WebSocket
 from fastapi.responses import PlainTextResponse
 
 from teeshard.entry.routes import build_router, install_error_handlers
+from teeshard.entry.sealed import build_sealed_router
 from teeshard.entry.serving import OpenAIServing
+from teeshard.node.attestation_routes import build_attestation_router
 from teeshard.node.config import NodeConfig
+from teeshard.node.errors import NodeError
 from teeshard.node.pipeline import serve_pipeline
 from teeshard.node.service import NodeService
+from teeshard.node.trust import NodeTrust
+from teeshard.transport.peer import PeerClient, PeerError
+
+log = logging.getLogger(__name__)
 
 
 def create_app(
-    service: NodeService, config: NodeConfig, serving: OpenAIServing | None = None
+    service: NodeService,
+    config: NodeConfig,
+    trust: NodeTrust,
+    serving: OpenAIServing | None = None,
 ) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        evictor = asyncio.create_task(_evict_idle(service))
+        tasks = [asyncio.create_task(_evict_idle(service))]
+        if service.downstream is not None:
+            tasks.append(asyncio.create_task(_connect_downstream(service.downstream)))
         try:
             yield
         finally:
-            evictor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await evictor
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             await service.shutdown()
 
     app = FastAPI(title="teeshard node", lifespan=lifespan, docs_url=None, redoc_url=None)
@@ -42,14 +55,16 @@ def create_app(
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return health_report(service, config)
+        return {**health_report(service, config), "attestation": trust.summary()}
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> str:
         return service.metrics.render()
 
+    app.include_router(build_attestation_router(trust))
     if serving is not None:
         app.include_router(build_router(serving))
+        app.include_router(build_sealed_router(app, trust))
     return app
 
 
@@ -74,6 +89,21 @@ def health_report(service: NodeService, config: NodeConfig) -> dict[str, Any]:
         "memory": {"rss_bytes": psutil.Process().memory_info().rss},
         "next": service.downstream.stats() if service.downstream is not None else None,
     }
+
+
+async def _connect_downstream(peer: PeerClient) -> None:
+    """Attest and connect to the next node at start, so problems show at once.
+
+    Failures are logged and retried with backoff; requests also (re)connect lazily.
+    """
+    delay = 0.5
+    while not peer.connected:
+        try:
+            await peer.connect()
+        except (PeerError, NodeError) as exc:
+            log.warning("next node not ready (%s); retrying in %.0fs", exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
 
 
 async def _evict_idle(service: NodeService) -> None:

@@ -15,7 +15,7 @@ class NodeConfig:
     layers: LayerRange
     host: str = "127.0.0.1"
     port: int = 8000
-    next_url: str | None = None  # ws://host:port of the node serving the following layers
+    next_url: str | None = None  # wss://host:port of the node serving the following layers
     entry: bool = False  # serve the OpenAI-compatible API (needs layers starting at 0)
     dtype: str = "float32"  # compute dtype of the weights
     wire_dtype: str = "float32"  # dtype of hidden states sent to the next node
@@ -24,9 +24,23 @@ class NodeConfig:
     threads: int | None = None  # torch intra-op threads; default: torch's choice
     model_name: str | None = None  # name served on /v1/models; default: directory name
     default_max_tokens: int = 512  # completion budget when a request names none
-    node_id: str | None = (
-        None  # how other parts (ledger, receipts) name this node; default host:port
-    )
+    node_id: str | None = None  # how the ledger names this node; default host:port
+    # -- trust --
+    tee: str = "auto"  # attestation provider: auto, dstack, tsm, gramine, simulated
+    policy_path: Path | None = None  # what the next node's attestation must show
+    allow_simulated: bool = False  # accept the next node's INSECURE simulated evidence
+    collateral_path: Path | None = None  # cached DCAP collateral for TDX/SGX quotes
+    pccs_url: str | None = None  # else fetch collateral from this PCCS
+    tls: bool | None = None  # serve TLS with the attested certificate; default: all but entry
+    public_hosts: tuple[str, ...] = ()  # extra names/IPs for the certificate
+    manifest_cache: bool = True  # reuse tensor hashes of unchanged checkpoint files
+
+    @property
+    def serves_tls(self) -> bool:
+        # The entry node's public face usually sits behind an ingress that terminates
+        # TLS (clients then seal requests to its attested key); every other node
+        # speaks only to attested peers and always serves its attested certificate.
+        return self.tls if self.tls is not None else not self.entry
 
     @property
     def resolved_node_id(self) -> str:
@@ -42,3 +56,7 @@ class NodeConfig:
             )
         if self.next_url is not None and self.layers.is_last(num_layers):
             raise ValueError(f"layers {self.layers} end the model: --next makes no sense here")
+        if self.next_url is not None and not self.next_url.startswith("wss://"):
+            raise ValueError(
+                f"--next {self.next_url}: hidden states go only over RA-TLS; use wss://HOST:PORT"
+            )

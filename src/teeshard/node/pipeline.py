@@ -18,10 +18,20 @@ import logging
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from teeshard.attest.errors import AttestationError
+from teeshard.attest.receipts import Receipt
 from teeshard.node.errors import NodeError
 from teeshard.node.service import NodeService
 from teeshard.transport.codec import ProtocolError, decode, encode, tensor_to_wire
-from teeshard.transport.messages import CloseMsg, ErrorMsg, Message, OpenMsg, ResultMsg, StepMsg
+from teeshard.transport.messages import (
+    CloseMsg,
+    ErrorMsg,
+    Message,
+    OpenMsg,
+    ReceiptWire,
+    ResultMsg,
+    StepMsg,
+)
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +47,10 @@ async def serve_pipeline(websocket: WebSocket, service: NodeService) -> None:
             with contextlib.suppress(WebSocketDisconnect, RuntimeError):
                 await websocket.send_bytes(encode(message))
 
-    async def handle(message: Message) -> None:
+    async def handle(message: Message, frame: bytes) -> None:
         request_id = message.id
         try:
-            result = await dispatch(service, message)
+            result = await dispatch(service, message, frame)
             if isinstance(message, OpenMsg):
                 owned.add(message.session)
             elif isinstance(message, CloseMsg):
@@ -83,7 +93,7 @@ async def serve_pipeline(websocket: WebSocket, service: NodeService) -> None:
                     ErrorMsg(id=exc.request_id, code="bad_request", message=str(exc), status=400)
                 )
                 continue
-            task = asyncio.create_task(handle(message))
+            task = asyncio.create_task(handle(message, data))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
     except WebSocketDisconnect:
@@ -98,7 +108,17 @@ async def serve_pipeline(websocket: WebSocket, service: NodeService) -> None:
             log.info("upstream left; closed its %d open sessions", len(owned))
 
 
-async def dispatch(service: NodeService, message: Message) -> ResultMsg:
+def _receipt(wire: ReceiptWire) -> Receipt:
+    try:
+        return Receipt.from_json(wire.model_dump())
+    except AttestationError as exc:
+        raise NodeError(
+            f"invalid upstream receipt: {exc}", code="bad_request", status=400
+        ) from None
+
+
+async def dispatch(service: NodeService, message: Message, frame: bytes) -> ResultMsg:
+    """Run one request; ``frame`` is its raw bytes (a step's receipt hashes them)."""
     if isinstance(message, OpenMsg):
         chain = await service.open(
             message.session,
@@ -113,15 +133,21 @@ async def dispatch(service: NodeService, message: Message) -> ResultMsg:
             raise NodeError(
                 "a step carries exactly one of tokens or hidden", code="bad_request", status=400
             )
-        result = await service.step_hidden(message.session, message)
+        result = await service.step_wire(message, frame)
         logits = tensor_to_wire(result.logits, "float32") if result.logits is not None else None
         return ResultMsg(id=message.id, token=result.token, logits=logits)
     if isinstance(message, CloseMsg):
-        if not await service.close(message.session):
+        previous = _receipt(message.receipt) if message.receipt is not None else None
+        receipts = await service.close(
+            message.session, sign=message.receipt is not None, previous=previous
+        )
+        if receipts is None:
             raise NodeError(
                 f"unknown session {message.session}", code="unknown_session", status=404
             )
-        return ResultMsg(id=message.id)
+        return ResultMsg(
+            id=message.id, receipts=tuple(ReceiptWire(**r.to_json()) for r in receipts)
+        )
     raise NodeError(
         f"a node does not accept {message.type!r} messages", code="bad_request", status=400
     )

@@ -1,21 +1,35 @@
-"""Assemble a node from its config: load the shard, wire the next hop, build the app."""
+"""Assemble a node from its config: load and attest the shard, wire the next hop, serve.
+
+Start-up order matters for trust: the shard's tensors are hashed as they load
+(the manifest), the node's TLS key is created in process, and the TEE quotes
+both together before the node accepts a single connection.
+"""
 
 from __future__ import annotations
 
 import logging
+import socket
 from dataclasses import dataclass
 
 import torch
+import uvicorn
 from fastapi import FastAPI
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
+from teeshard.attest.attester import NodeAttestation
+from teeshard.attest.identity import NodeIdentity
+from teeshard.attest.manifest import ManifestBuilder
+from teeshard.attest.manifest_cache import ManifestCache
+from teeshard.attest.providers import select_provider
 from teeshard.model.checkpoint import Checkpoint
-from teeshard.model.loader import load_shard, parse_dtype
+from teeshard.model.demo import data_dir
+from teeshard.model.loader import TensorHook, load_shard, parse_dtype
 from teeshard.model.transformer import Shard
 from teeshard.node.app import create_app
 from teeshard.node.config import NodeConfig
 from teeshard.node.service import NodeService
+from teeshard.node.trust import NodeTrust, collateral_source, load_policy
 from teeshard.transport.peer import PeerClient
 
 log = logging.getLogger(__name__)
@@ -29,6 +43,7 @@ class Node:
     checkpoint: Checkpoint
     shard: Shard
     service: NodeService
+    trust: NodeTrust
     app: FastAPI
 
     @property
@@ -41,14 +56,14 @@ def frame_limit(config: NodeConfig, shard: Shard) -> int:
     if config.max_frame_bytes is not None:
         return config.max_frame_bytes
     spec = shard.spec
-    return (
-        spec.max_position_embeddings * max(spec.hidden_size, spec.vocab_size) * 4 + _FRAME_HEADROOM
-    )
+    prefill = spec.max_position_embeddings * spec.hidden_size * 4
+    return prefill + spec.vocab_size * 4 + _FRAME_HEADROOM
 
 
-def load_with_progress(checkpoint: Checkpoint, config: NodeConfig, show: bool) -> Shard:
-    keys = checkpoint.keys_for(config.layers)
-    total = checkpoint.nbytes(keys)
+def load_with_progress(
+    checkpoint: Checkpoint, config: NodeConfig, show: bool, on_tensor: TensorHook
+) -> Shard:
+    total = checkpoint.nbytes(checkpoint.keys_for(config.layers))
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
@@ -56,16 +71,30 @@ def load_with_progress(checkpoint: Checkpoint, config: NodeConfig, show: bool) -
         TimeRemainingColumn(),
     )
     console = Console(stderr=True)  # stdout stays clean for scripts
-    with Progress(
-        *columns, console=console, disable=not show or not console.is_terminal, transient=True
-    ) as progress:
-        task = progress.add_task(f"loading layers {config.layers}", total=total)
+    disable = not show or not console.is_terminal
+    with Progress(*columns, console=console, disable=disable, transient=True) as progress:
+        task = progress.add_task(f"loading and hashing layers {config.layers}", total=total)
         return load_shard(
             checkpoint,
             config.layers,
             parse_dtype(config.dtype),
+            on_tensor=on_tensor,
             progress=lambda n: progress.advance(task, n),
         )
+
+
+def attest_node(config: NodeConfig, builder: ManifestBuilder) -> NodeTrust:
+    provider = select_provider(
+        config.tee, allow_simulated=config.tee == "simulated", data_dir=data_dir() / "simulated-tee"
+    )
+    hosts = {"localhost", "127.0.0.1", *config.public_hosts}
+    if config.host not in ("0.0.0.0", "::"):
+        hosts.add(config.host)
+    else:
+        hosts.add(socket.gethostname())
+    identity = NodeIdentity.generate(hosts=sorted(hosts))
+    attestation = NodeAttestation.create(provider, builder.finish(), identity)
+    return NodeTrust(attestation, load_policy(config), collateral_source(config))
 
 
 def build_node(config: NodeConfig, show_progress: bool = False) -> Node:
@@ -73,25 +102,36 @@ def build_node(config: NodeConfig, show_progress: bool = False) -> Node:
         torch.set_num_threads(config.threads)
     checkpoint = Checkpoint(config.model_dir)
     config.validate(checkpoint.spec.num_layers)
-    shard = load_with_progress(checkpoint, config, show_progress)
     model_name = config.model_name or checkpoint.name
+    cache = ManifestCache.for_checkpoint(config.model_dir) if config.manifest_cache else None
+    builder = ManifestBuilder(
+        checkpoint, config.layers, config.dtype, model_name=model_name, cache=cache
+    )
+    shard = load_with_progress(checkpoint, config, show_progress, builder.on_tensor)
+    trust = attest_node(config, builder)
     downstream = None
     if config.next_url is not None:
+        next_url = config.next_url
+
+        async def attest_next():  # type: ignore[no-untyped-def]
+            return await trust.attest_next(next_url)
+
         downstream = PeerClient(
-            _pipeline_url(config.next_url), max_frame_bytes=frame_limit(config, shard)
+            _pipeline_url(next_url),
+            max_frame_bytes=frame_limit(config, shard),
+            on_connect=attest_next,
         )
-    service = NodeService(shard, model_name, config.limits, downstream, config.resolved_node_id)
-    serving = _entry_serving(config, service, model_name) if config.entry else None
-    app = create_app(service, config, serving)
-    log.info(
-        "node ready: model %s, layers %s of %d, %s%s",
-        model_name,
-        config.layers,
-        checkpoint.spec.num_layers,
-        config.dtype,
-        ", entry" if config.entry else "",
+    service = NodeService(
+        shard, model_name, config.limits, downstream, config.resolved_node_id, trust.attestation
     )
-    return Node(config, checkpoint, shard, service, app)
+    serving = _entry_serving(config, service, model_name) if config.entry else None
+    app = create_app(service, config, trust, serving)
+    log.info(
+        "node ready: model %s, layers %s of %d, %s%s, manifest %s",
+        model_name, config.layers, checkpoint.spec.num_layers, config.dtype,
+        ", entry" if config.entry else "", trust.attestation.manifest.combined_hash.hex()[:16],
+    )  # fmt: skip
+    return Node(config, checkpoint, shard, service, trust, app)
 
 
 def _entry_serving(config: NodeConfig, service: NodeService, model_name: str):  # type: ignore[no-untyped-def]
@@ -106,21 +146,29 @@ def _entry_serving(config: NodeConfig, service: NodeService, model_name: str):  
 
 
 def _pipeline_url(url: str) -> str:
-    """Accept ``ws://host:port`` as well as the full ``.../pipeline`` URL."""
+    """Accept ``wss://host:port`` as well as the full ``.../pipeline`` URL."""
     base = url.rstrip("/")
     return base if base.endswith("/pipeline") else base + "/pipeline"
 
 
-def serve(config: NodeConfig, show_progress: bool = True) -> None:
-    import uvicorn
-
-    node = build_node(config, show_progress)
-    uvicorn.run(
+def make_server(node: Node) -> uvicorn.Server:
+    """A uvicorn server for ``node``, presenting its attested certificate when it serves TLS."""
+    config = uvicorn.Config(
         node.app,
-        host=config.host,
-        port=config.port,
+        host=node.config.host,
+        port=node.config.port,
         log_level="warning",
         ws_max_size=node.max_frame_bytes,
         ws_per_message_deflate=False,
         timeout_graceful_shutdown=5,
+        lifespan="on",
     )
+    config.load()
+    if node.config.serves_tls:
+        # uvicorn builds contexts from key files; the identity builds its own instead
+        config.ssl = node.trust.attestation.identity.server_ssl_context()
+    return uvicorn.Server(config)
+
+
+def serve(config: NodeConfig, show_progress: bool = True) -> None:
+    make_server(build_node(config, show_progress)).run()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import struct
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -21,13 +22,22 @@ from typing import TypeVar
 
 import torch
 
+from teeshard.attest.attester import NodeAttestation
+from teeshard.attest.receipts import Receipt
 from teeshard.model.transformer import Shard
 from teeshard.node.compute import StepOutput, check_hidden, check_tokens, run_step
 from teeshard.node.errors import DownstreamError, NodeError
 from teeshard.node.metrics import Metrics
 from teeshard.node.sessions import Session, SessionLimits, SessionStore
 from teeshard.transport.codec import ProtocolError, tensor_from_wire, tensor_to_wire
-from teeshard.transport.messages import CloseMsg, OpenMsg, ResultMsg, SamplingParams, StepMsg
+from teeshard.transport.messages import (
+    CloseMsg,
+    OpenMsg,
+    ReceiptWire,
+    ResultMsg,
+    SamplingParams,
+    StepMsg,
+)
 from teeshard.transport.peer import PeerClient, PeerError, RemoteError
 
 log = logging.getLogger(__name__)
@@ -48,6 +58,7 @@ class NodeService:
         limits: SessionLimits,
         downstream: PeerClient | None = None,
         node_id: str = "node",
+        attestation: NodeAttestation | None = None,
     ) -> None:
         if not shard.is_last and downstream is None:
             raise ValueError(
@@ -57,6 +68,7 @@ class NodeService:
         self.shard = shard
         self.model_name = model_name
         self.node_id = node_id
+        self.attestation = attestation  # signs this stage's receipts; None: no receipts
         self.downstream = downstream if not shard.is_last else None
         self.sessions = SessionStore(limits, shard.spec.max_position_embeddings)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
@@ -84,11 +96,17 @@ class NodeService:
         sampling: SamplingParams,
         wire_dtype: str = "float32",
         return_logits: bool = False,
+        input_digest: bytes | None = None,
     ) -> tuple[str, ...]:
-        """Open a session here and on every later node; return the ids of the chain."""
+        """Open a session here and on every later node; return the ids of the chain.
+
+        ``input_digest`` (entry node) is what its receipt says it received: the
+        SHA-256 of the client's request body.
+        """
         self.sessions.admit(session_id, max_len)
         cache = self.shard.new_cache(max_len)
-        self.sessions.new_session(session_id, cache, wire_dtype, sampling, return_logits)
+        session = self.sessions.new_session(session_id, cache, wire_dtype, sampling, return_logits)
+        session.input_digest = input_digest
         if self.downstream is None:
             return (self.node_id,)
         try:
@@ -107,16 +125,44 @@ class NodeService:
             raise
         return (self.node_id, *reply.chain)
 
-    async def close(self, session_id: str) -> bool:
-        """Close locally and downstream; downstream failures are logged, not raised."""
-        found = self.sessions.close(session_id)
+    async def close(
+        self, session_id: str, *, sign: bool = False, previous: Receipt | None = None
+    ) -> list[Receipt] | None:
+        """Close here and downstream; with ``sign``, return the receipt chain from here on.
+
+        ``sign`` is for a session that finished normally: this node signs its receipt
+        (linked to ``previous``, the upstream stage's) and passes it on, and every
+        later node does the same. Returns None when the session was not open here.
+        Downstream failures are logged, not raised: the session is gone either way.
+        """
+        session = self.sessions.close(session_id)
         self._locks.pop(session_id, None)
+        own = self._sign(session, previous) if sign and session is not None else None
+        later: list[Receipt] = []
         if self.downstream is not None:
+            wire = ReceiptWire(**own.to_json()) if own is not None else None
             try:
-                await self._downstream(lambda rid: CloseMsg(id=rid, session=session_id))
+                reply = await self._downstream(
+                    lambda rid: CloseMsg(id=rid, session=session_id, receipt=wire)
+                )
+                later = [Receipt.from_json(r.model_dump()) for r in reply.receipts]
             except NodeError as exc:
                 log.info("close of session %s downstream failed: %s", session_id, exc.code)
-        return found
+        if session is None:
+            return None
+        return [own, *later] if own is not None else []
+
+    def _sign(self, session: Session, previous: Receipt | None) -> Receipt | None:
+        if self.attestation is None:
+            return None
+        received = session.input_digest or session.received.digest()
+        return self.attestation.sign_receipt(
+            request_id=session.id,
+            stage=previous.stage + 1 if previous is not None else 0,
+            received_sha256=received,
+            sent_sha256=session.sent.digest(),
+            previous=previous,
+        )
 
     def evict_idle(self) -> list[str]:
         evicted = self.sessions.evict_idle()
@@ -127,25 +173,32 @@ class NodeService:
 
     # -- steps -----------------------------------------------------------------------
 
-    async def step_tokens(self, session_id: str, tokens: list[int] | tuple[int, ...]) -> StepResult:
+    async def step_tokens(
+        self, session_id: str, tokens: list[int] | tuple[int, ...], frame: bytes | None = None
+    ) -> StepResult:
         session = self.sessions.get(session_id)
         inputs = check_tokens(self.shard, session, tokens)
-        return await self._step(session, tokens=inputs, hidden=None)
+        return await self._step(session, tokens=inputs, hidden=None, frame=frame)
 
-    async def step_hidden(self, session_id: str, wire: StepMsg) -> StepResult:
-        session = self.sessions.get(session_id)
-        if wire.hidden is None:
-            return await self.step_tokens(session_id, wire.tokens or ())
+    async def step_wire(self, message: StepMsg, frame: bytes) -> StepResult:
+        """A step that arrived on the pipeline socket as ``frame``."""
+        if message.hidden is None:
+            return await self.step_tokens(message.session, message.tokens or (), frame)
+        session = self.sessions.get(message.session)
         try:
-            hidden = tensor_from_wire(wire.hidden, expected_dtype=session.wire_dtype)
+            hidden = tensor_from_wire(message.hidden, expected_dtype=session.wire_dtype)
         except ProtocolError as exc:
             raise NodeError(str(exc), code="bad_request", status=400) from None
-        return await self._step(
-            session, tokens=None, hidden=check_hidden(self.shard, session, hidden)
-        )
+        hidden = check_hidden(self.shard, session, hidden)
+        return await self._step(session, tokens=None, hidden=hidden, frame=frame)
 
     async def _step(
-        self, session: Session, *, tokens: torch.Tensor | None, hidden: torch.Tensor | None
+        self,
+        session: Session,
+        *,
+        tokens: torch.Tensor | None,
+        hidden: torch.Tensor | None,
+        frame: bytes | None,
     ) -> StepResult:
         lock = self._locks.setdefault(session.id, asyncio.Lock())
         async with lock:  # one step at a time per session: the cache is sequential
@@ -154,33 +207,49 @@ class NodeService:
             out: StepOutput = await self._compute(
                 lambda: run_step(self.shard, session, tokens=tokens, hidden=hidden)
             )
-            steps = session.cache.length - length_before
             self.metrics.inc("teeshard_steps_total")
-            self.metrics.inc("teeshard_tokens_processed_total", steps)
+            self.metrics.inc(
+                "teeshard_tokens_processed_total", session.cache.length - length_before
+            )
             self.metrics.inc("teeshard_step_seconds_total", time.perf_counter() - started)
-            if out.hidden is None:
+            if out.hidden is None:  # the last stage: its output is the token
                 assert out.token is not None
-                return StepResult(out.token, out.logits)
-            wire = tensor_to_wire(out.hidden, session.wire_dtype)
-            try:
-                reply = await self._downstream(
-                    lambda rid: StepMsg(id=rid, session=session.id, hidden=wire)
-                )
-            except BaseException:
-                session.cache.length = length_before  # keep the session consistent for a retry
-                raise
-            if reply.token is None:
-                raise DownstreamError("next node returned a step result without a token")
-            logits = tensor_from_wire(reply.logits) if reply.logits is not None else None
-            return StepResult(reply.token, logits)
+                result = StepResult(out.token, out.logits)
+                session.sent.update(struct.pack("<I", out.token))
+            else:
+                result = await self._forward(session, out.hidden, length_before)
+            if frame is not None:
+                session.received.update(frame)
+            return result
+
+    async def _forward(
+        self, session: Session, hidden: torch.Tensor, length_before: int
+    ) -> StepResult:
+        wire = tensor_to_wire(hidden, session.wire_dtype)
+        try:
+            reply = await self._downstream(
+                lambda rid: StepMsg(id=rid, session=session.id, hidden=wire),
+                on_frame=session.sent.update,
+            )
+        except BaseException:
+            session.cache.length = length_before  # keep the session consistent for a retry
+            raise
+        if reply.token is None:
+            raise DownstreamError("next node returned a step result without a token")
+        logits = tensor_from_wire(reply.logits) if reply.logits is not None else None
+        return StepResult(reply.token, logits)
 
     async def _compute(self, fn: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
-    async def _downstream(self, build: Callable[[int], OpenMsg | StepMsg | CloseMsg]) -> ResultMsg:
+    async def _downstream(
+        self,
+        build: Callable[[int], OpenMsg | StepMsg | CloseMsg],
+        on_frame: Callable[[bytes], None] | None = None,
+    ) -> ResultMsg:
         assert self.downstream is not None
         try:
-            return await self.downstream.request(build)
+            return await self.downstream.request(build, on_frame)
         except RemoteError as exc:
             # the next node refused: keep its reason and status (e.g. 503 when it is full)
             raise NodeError(f"next node: {exc}", code=exc.code, status=exc.status) from None

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from teeshard.attest.receipts import TrafficHash
 from teeshard.model.kv_cache import KVCache
 from teeshard.model.sampling import new_generator
 from teeshard.node.errors import BadRequestError, OverloadedError, UnknownSessionError
@@ -34,6 +35,11 @@ class Session:
     generator: torch.Generator
     return_logits: bool
     last_used: float = field(default_factory=time.monotonic)
+    # What this stage received and sent for the session, for its signed receipt:
+    # frames from upstream / to downstream; the last stage's "sent" is its tokens.
+    received: TrafficHash = field(default_factory=TrafficHash)
+    sent: TrafficHash = field(default_factory=TrafficHash)
+    input_digest: bytes | None = None  # entry node: SHA-256 of the client's request body
 
     @property
     def max_len(self) -> int:
@@ -104,8 +110,8 @@ class SessionStore:
         session.touch()
         return session
 
-    def close(self, session_id: str) -> bool:
-        return self._sessions.pop(session_id, None) is not None
+    def close(self, session_id: str) -> Session | None:
+        return self._sessions.pop(session_id, None)
 
     def evict_idle(self, now: float | None = None) -> list[str]:
         now = time.monotonic() if now is None else now

@@ -61,11 +61,28 @@ class StepMsg(_Strict):
     hidden: WireTensor | None = None  # (1, T, hidden) for every other node
 
 
+class ReceiptWire(_Strict):
+    """A signed stage receipt (``teeshard.attest.receipts.Receipt``), hex fields as text."""
+
+    request_id: str
+    stage: int
+    layers: str
+    manifest_hash: str
+    received_sha256: str
+    sent_sha256: str
+    previous_hash: str
+    signer: str
+    signature: str
+
+
 class CloseMsg(_Strict):
     v: Literal[1] = 1
     type: Literal["close"] = "close"
     id: RequestId
     session: SessionId
+    # The upstream stage's receipt: present when the session finished normally and
+    # this node should sign its own receipt, linked to it, before closing.
+    receipt: ReceiptWire | None = None
 
 
 class ResultMsg(_Strict):
@@ -75,6 +92,7 @@ class ResultMsg(_Strict):
     token: int | None = None  # sampled token id (step results)
     logits: WireTensor | None = None
     chain: tuple[str, ...] = ()  # open results: ids of this node and every node after it
+    receipts: tuple[ReceiptWire, ...] = ()  # close results: this stage's receipt and later ones
 
 
 class ErrorMsg(_Strict):

@@ -68,8 +68,12 @@ class PeerClient:
     def connected(self) -> bool:
         return self._conn is not None
 
-    async def request(self, build: Callable[[int], Request]) -> ResultMsg:
+    async def request(
+        self, build: Callable[[int], Request], on_frame: Callable[[bytes], None] | None = None
+    ) -> ResultMsg:
         """Send ``build(request_id)`` and wait for its reply.
+
+        ``on_frame`` sees the exact bytes sent (receipts hash what travelled).
 
         Raises ``PeerError`` when the peer cannot be reached or the link breaks,
         ``RemoteError`` when the peer answers with an error.
@@ -79,7 +83,10 @@ class PeerClient:
         waiter: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = waiter
         try:
-            await conn.send(encode(build(request_id)))
+            frame = encode(build(request_id))
+            if on_frame is not None:
+                on_frame(frame)
+            await conn.send(frame)
             reply = await asyncio.wait_for(waiter, self.request_timeout)
         except TimeoutError:
             raise PeerError(
@@ -92,6 +99,10 @@ class PeerClient:
         if isinstance(reply, ErrorMsg):
             raise RemoteError(reply)
         return reply
+
+    async def connect(self) -> None:
+        """Connect now rather than at the first request."""
+        await self._ensure_connected()
 
     async def _ensure_connected(self) -> ClientConnection:
         if self._conn is not None:

@@ -1,0 +1,44 @@
+"""A whole chain on one host (``teeshard up``, tests, benchmarks): its trust policy.
+
+Every node of a local chain attests with the simulated provider (there is no
+TEE here), so the policy allows simulated evidence, and names the exact
+manifest hash expected for each layer range, computed from the checkpoint.
+Verification is therefore real: a node serving other weights is refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from teeshard.attest.manifest import compute_manifest
+from teeshard.attest.manifest_cache import ManifestCache
+from teeshard.model.checkpoint import Checkpoint
+from teeshard.model.layer_range import LayerRange
+
+SIMULATED_NOTE = "# INSECURE: a local development chain with simulated attestation, no TEE."
+
+
+def chain_policy_toml(
+    checkpoint: Checkpoint, ranges: Sequence[LayerRange], dtype: str, model_name: str
+) -> str:
+    cache = ManifestCache.for_checkpoint(checkpoint.dir)
+    lines = [SIMULATED_NOTE, "allow_simulated = true", ""]
+    for layers in ranges:
+        manifest = compute_manifest(checkpoint, layers, dtype, model_name=model_name, cache=cache)
+        lines += [
+            "[[manifests]]",
+            f'model = "{model_name}"',
+            f'layers = "{layers}"',
+            f'hash = "{manifest.combined_hash.hex()}"',
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def write_chain_policy(
+    path: Path, checkpoint: Checkpoint, ranges: Sequence[LayerRange], dtype: str, model_name: str
+) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(chain_policy_toml(checkpoint, ranges, dtype, model_name))
+    return path

@@ -1,0 +1,111 @@
+"""A node's side of attestation: its own evidence, and verifying the next node.
+
+Before the first byte of a session goes downstream, the node fetches the next
+node's attestation chain with a fresh nonce, verifies the first bundle against
+its policy (quote, measurements, report_data binding, expected manifest, nonce
+signature) and pins exactly that certificate for the WebSocket. This runs on
+every (re)connection. Attestation failures are never retried silently: they
+surface as ``attestation_failed`` errors naming the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import ssl
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+
+from teeshard.attest.attester import NodeAttestation
+from teeshard.attest.errors import AttestationError
+from teeshard.attest.evidence import Bundle
+from teeshard.attest.verify.bundle import verify_bundle
+from teeshard.attest.verify.policy import Policy
+from teeshard.attest.verify.quote import CollateralFile, CollateralSource, PccsCollateral
+from teeshard.node.config import NodeConfig
+from teeshard.node.errors import DownstreamError
+
+log = logging.getLogger(__name__)
+
+CHAIN_PATH = "/v1/attestation/chain"
+NONCE_BYTES = 32
+
+
+def load_policy(config: NodeConfig) -> Policy:
+    policy = Policy.from_file(config.policy_path) if config.policy_path else Policy()
+    return policy.allowing_simulated() if config.allow_simulated else policy
+
+
+def collateral_source(config: NodeConfig) -> CollateralSource | None:
+    if config.collateral_path is not None:
+        return CollateralFile(config.collateral_path)
+    if config.pccs_url is not None:
+        return PccsCollateral(config.pccs_url)
+    return None
+
+
+@dataclass
+class NodeTrust:
+    attestation: NodeAttestation
+    policy: Policy
+    collateral: CollateralSource | None = None
+    # The attested chain after this node, as its first node presented it at our
+    # last connection (JSON bundles): served on /v1/attestation/chain.
+    downstream_chain: list[dict[str, Any]] = field(default_factory=list)
+
+    def chain(self, nonce_hex: str) -> dict[str, Any]:
+        """This node's bundle for ``nonce`` followed by the chain after it."""
+        return {"bundles": [self.attestation.bundle_json(nonce_hex), *self.downstream_chain]}
+
+    async def attest_next(self, url: str) -> ssl.SSLContext:
+        """Verify the node at ``url`` (wss://) and return a context pinned to its certificate."""
+        nonce = secrets.token_bytes(NONCE_BYTES)
+        try:
+            async with httpx.AsyncClient(verify=False, timeout=30) as client:
+                # verify=False: nothing is trusted until the bundle itself verifies
+                response = await client.get(_chain_url(url), params={"nonce": nonce.hex()})
+            if response.status_code != 200:
+                raise AttestationError(f"attestation endpoint answered HTTP {response.status_code}")
+            bundles = response.json()["bundles"]
+            bundle = Bundle.from_json(bundles[0])
+            node = await asyncio.to_thread(
+                verify_bundle, bundle, self.policy, nonce=nonce, collateral=self.collateral
+            )
+        except AttestationError as exc:
+            log.error("next node %s failed attestation: %s", url, exc)
+            raise DownstreamError(
+                f"next node {url} failed attestation: {exc}", code="attestation_failed"
+            ) from None
+        except httpx.TransportError as exc:
+            # unreachable is not untrusted: the same error as any other lost next hop
+            raise DownstreamError(f"next node unavailable: cannot reach {url}: {exc}") from None
+        except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as exc:
+            raise DownstreamError(
+                f"next node {url} sent no valid attestation: {exc}", code="attestation_failed"
+            ) from None
+        self.downstream_chain = list(bundles)
+        log.info(
+            "next node %s attested: %s%s, layers %s, manifest %s, certificate %s",
+            url, node.provider, " (INSECURE simulated)" if node.insecure else "",
+            node.manifest.layers, node.manifest_hash.hex()[:16], node.fingerprint.hex()[:16],
+        )  # fmt: skip
+        return node.pinned_ssl_context()
+
+    def summary(self) -> dict[str, Any]:
+        evidence = self.attestation.evidence
+        return {
+            "provider": evidence.provider,
+            "insecure": evidence.insecure,
+            "manifest_hash": self.attestation.manifest.combined_hash.hex(),
+            "certificate_sha256": self.attestation.identity.fingerprint.hex(),
+        }
+
+
+def _chain_url(url: str) -> str:
+    parts = urlsplit(url)
+    scheme = {"ws": "http", "wss": "https"}.get(parts.scheme, parts.scheme)
+    return urlunsplit((scheme, parts.netloc, CHAIN_PATH, "", ""))
