@@ -91,6 +91,10 @@ class LocalCluster:
     wire_dtype: str = "float32"
     max_frame_bytes: int | None = None
     ranges: list[LayerRange] | None = None
+    # node index -> checkpoint it loads instead (the policy still expects model_dir's)
+    model_overrides: dict[int, Path] = field(default_factory=dict)
+    # node index -> URL it is told is its next hop (an impostor, say)
+    next_overrides: dict[int, str] = field(default_factory=dict)
     nodes: list[RunningNode] = field(default_factory=list)
 
     @property
@@ -121,8 +125,11 @@ class LocalCluster:
                 base,
                 layers=r,
                 port=ports[i],
-                entry=i == 0,
-                next_url=f"wss://127.0.0.1:{ports[i + 1]}" if i + 1 < len(ranges) else None,
+                entry=i == 0 and r.is_first(),
+                model_dir=self.model_overrides.get(i, self.model_dir),
+                next_url=self.next_overrides.get(
+                    i, f"wss://127.0.0.1:{ports[i + 1]}" if i + 1 < len(ranges) else None
+                ),
             )
             for i, r in enumerate(ranges)
         ]

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 async def serve_pipeline(websocket: WebSocket, service: NodeService) -> None:
     await websocket.accept()
+    service.metrics.inc("teeshard_pipeline_connections_total")
     send_lock = asyncio.Lock()
     tasks: set[asyncio.Task[None]] = set()
     owned: set[str] = set()  # sessions opened over this connection and not yet closed

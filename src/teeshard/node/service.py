@@ -38,7 +38,7 @@ from teeshard.transport.messages import (
     SamplingParams,
     StepMsg,
 )
-from teeshard.transport.peer import PeerClient, PeerError, RemoteError
+from teeshard.transport.peer import PeerCertificateError, PeerClient, PeerError, RemoteError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -80,6 +80,7 @@ class NodeService:
         )
         self.metrics.counter("teeshard_step_seconds_total", "Time spent in local compute")
         self.metrics.counter("teeshard_errors_total", "Failed requests by error code")
+        self.metrics.counter("teeshard_pipeline_connections_total", "Pipeline sockets accepted")
         self.metrics.gauge("teeshard_sessions_open", "Open sessions", lambda: len(self.sessions))
         self.metrics.gauge(
             "teeshard_cache_reserved_tokens",
@@ -253,6 +254,8 @@ class NodeService:
         except RemoteError as exc:
             # the next node refused: keep its reason and status (e.g. 503 when it is full)
             raise NodeError(f"next node: {exc}", code=exc.code, status=exc.status) from None
+        except PeerCertificateError as exc:
+            raise DownstreamError(f"next node refused: {exc}", code="attestation_failed") from None
         except PeerError as exc:
             raise DownstreamError(f"next node unavailable: {exc}") from None
 

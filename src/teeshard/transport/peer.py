@@ -32,6 +32,10 @@ class PeerError(ConnectionError):
     """The downstream node is unreachable, or the connection broke mid-request."""
 
 
+class PeerCertificateError(PeerError):
+    """The peer's TLS certificate is not the one its attestation named: refused."""
+
+
 class RemoteError(RuntimeError):
     """The downstream node answered with an error message."""
 
@@ -124,6 +128,10 @@ class PeerClient:
                     ),
                     self.connect_timeout,
                 )
+            except ssl.SSLCertVerificationError as exc:
+                raise PeerCertificateError(
+                    f"{self.url} presented a TLS certificate other than the attested one: {exc}"
+                ) from None
             except (
                 OSError,
                 TimeoutError,
