@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from teeshard.attest import Bundle, Policy, SealedClient, verify_bundle
+from teeshard.attest.errors import ReceiptError
 from teeshard.attest.receipts import (
     RECEIPT_DIGEST_HEADER,
     chain_digest,
