@@ -20,6 +20,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from typing import Any
 import httpx
 import torch
 
+from teeshard.cli.up import LaunchSpec, plan_launch
 from teeshard.model.checkpoint import Checkpoint
 from teeshard.model.demo import (
     data_dir,
@@ -36,7 +38,11 @@ from teeshard.model.demo import (
     write_checkpoint,
     write_tokenizer,
 )
+from teeshard.model.layer_range import LayerRange
+from teeshard.model.loader import load_shard
 from teeshard.model.plan import plan_checkpoint
+from teeshard.model.transformer import Shard
+from teeshard.node.local_chain import write_chain_policy
 from teeshard.procutil import die_with_parent
 from teeshard.transport.pipeline_client import PipelineClient
 
@@ -68,6 +74,7 @@ class Timing:
     prefill_s: float
     decode_s: float
     tokens: list[int]
+    close_s: float = 0.0  # split only: closing with every stage's receipt signed
 
 
 def free_port() -> int:
@@ -125,68 +132,88 @@ def run_local(model: Any, prompt: list[int], decode_tokens: int) -> Timing:
     return Timing(prefill, time.perf_counter() - started, tokens)
 
 
+@torch.no_grad()
+def run_local_shard(shard: Shard, prompt: list[int], decode_tokens: int) -> Timing:
+    """teeshard's own blocks, all layers in this process: the split minus the network."""
+    cache = shard.new_cache(len(prompt) + decode_tokens)
+    started = time.perf_counter()
+    token = int(shard(shard.embed(torch.tensor([prompt])), cache).argmax())
+    prefill = time.perf_counter() - started
+    tokens = [token]
+    started = time.perf_counter()
+    for _ in range(decode_tokens - 1):
+        token = int(shard(shard.embed(torch.tensor([[token]])), cache).argmax())
+        tokens.append(token)
+    return Timing(prefill, time.perf_counter() - started, tokens)
+
+
 # -- split: real node processes on loopback --------------------------------------------
 
 
 def start_nodes(
     model_dir: Path, nodes: int, wire_dtype: str
-) -> tuple[list[subprocess.Popen[bytes]], list[int]]:
-    plans = plan_checkpoint(Checkpoint(model_dir), nodes)
-    ports = [free_port() for _ in plans]
+) -> tuple[list[subprocess.Popen[bytes]], list[LaunchSpec]]:
+    """Start the chain as ``teeshard up`` would: simulated attestation, RA-TLS, receipts."""
+    checkpoint = Checkpoint(model_dir)
+    launches = plan_launch(checkpoint, nodes, free_port_block(nodes))
+    policy = write_chain_policy(
+        Path(tempfile.mkdtemp(prefix="teeshard-bench-")) / "policy.toml",
+        checkpoint, [s.layers for s in launches], "float32", checkpoint.name,
+    )  # fmt: skip
+    options = ["--wire-dtype", wire_dtype, "--tee", "simulated", "--policy", str(policy)]
     processes: list[subprocess.Popen[bytes]] = []
     try:
-        _start_chain(model_dir, plans, ports, wire_dtype, processes)
+        for spec in reversed(launches):  # one at a time: loads do not fight for memory
+            argv = spec.argv(model_dir, "127.0.0.1", options)
+            argv.insert(argv.index("node"), "--log-level=WARNING")
+            processes.append(subprocess.Popen(argv, preexec_fn=die_with_parent))
+            _wait_healthy(spec, processes[-1])
     except BaseException:
         for process in processes:
             process.kill()
         raise
-    return processes, ports
+    return processes, launches
 
 
-def _start_chain(
-    model_dir: Path,
-    plans: list[Any],
-    ports: list[int],
-    wire_dtype: str,
-    processes: list[subprocess.Popen[bytes]],
-) -> None:
-    nodes = len(plans)
-    for index in reversed(range(nodes)):
-        argv = [sys.executable, "-m", "teeshard.cli", "--log-level", "WARNING", "node",
-                "--model", str(model_dir), "--layers", str(plans[index].layers),
-                "--port", str(ports[index]), "--wire-dtype", wire_dtype]  # fmt: skip
-        if index + 1 < nodes:
-            argv += ["--next", f"ws://127.0.0.1:{ports[index + 1]}"]
-        if index == 0:
-            argv.append("--entry")
-        processes.append(subprocess.Popen(argv, preexec_fn=die_with_parent))
-        _wait_healthy(ports[index], processes[-1])  # one at a time: loads do not fight for memory
+def free_port_block(count: int) -> int:
+    while True:
+        base = free_port()
+        if all(_port_free(base + i) for i in range(count)):
+            return base
 
 
-def _wait_healthy(port: int, process: subprocess.Popen[bytes]) -> None:
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _wait_healthy(spec: LaunchSpec, process: subprocess.Popen[bytes]) -> None:
     while True:
         if process.poll() is not None:
-            raise RuntimeError(f"node on port {port} exited with {process.returncode}")
+            raise RuntimeError(f"node on port {spec.port} exited with {process.returncode}")
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+            if httpx.get(spec.health_url("127.0.0.1"), timeout=1, verify=False).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
 
 
-def node_rss_mb(ports: list[int]) -> list[float]:
-    return [
-        httpx.get(f"http://127.0.0.1:{p}/health").json()["memory"]["rss_bytes"] / 2**20
-        for p in ports
-    ]
+def node_rss_mb(launches: list[LaunchSpec]) -> list[float]:
+    # a memory figure only: reading it needs no trust in the node (verify=False)
+    health = [httpx.get(s.health_url("127.0.0.1"), verify=False).json() for s in launches]
+    return [h["memory"]["rss_bytes"] / 2**20 for h in health]
 
 
 async def run_split(ws_url: str, prompt: list[int], decode_tokens: int) -> Timing:
     client = PipelineClient(ws_url)
     session = await client.open(max_len=len(prompt) + decode_tokens, return_logits=False)
     await client.step(session, [prompt[0]])  # connect and warm the path outside the timing
-    await client.close(session)
+    await client.close(session, sign=True)
     session = await client.open(max_len=len(prompt) + decode_tokens, return_logits=False)
     started = time.perf_counter()
     token, _ = await client.step(session, prompt)
@@ -197,17 +224,23 @@ async def run_split(ws_url: str, prompt: list[int], decode_tokens: int) -> Timin
         token, _ = await client.step(session, [token])
         tokens.append(token)
     decode = time.perf_counter() - started
-    await client.close(session)
+    started = time.perf_counter()
+    receipts = await client.close(session, sign=True)
+    close = time.perf_counter() - started
+    assert len(receipts) >= 2, "every stage signs a receipt"
     await client.aclose()
-    return Timing(prefill, decode, tokens)
+    return Timing(prefill, decode, tokens, close)
 
 
 # -- report ----------------------------------------------------------------------------
 
 
-def rates(timings: list[Timing], prompt_len: int, decode_tokens: int) -> dict[str, float]:
+def rates(
+    timings: list[Timing], prompt_len: int, decode_tokens: int, with_close: bool = False
+) -> dict[str, float]:
+    """Median rates; ``with_close`` counts the signed close (receipts) as decode time."""
     prefill = statistics.median(t.prefill_s for t in timings)
-    decode = statistics.median(t.decode_s for t in timings)
+    decode = statistics.median(t.decode_s + (t.close_s if with_close else 0.0) for t in timings)
     return {
         "prefill_s": prefill,
         "decode_s": decode,
@@ -220,9 +253,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--model", type=Path, help="checkpoint directory (default: TinyLlama-shaped random)"
-    )
+    parser.add_argument("--model", type=Path, help="checkpoint (default: TinyLlama-shaped random)")
     parser.add_argument("--nodes", type=int, default=2)
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--decode-tokens", type=int, default=64)
@@ -239,29 +270,59 @@ def main() -> int:
     checkpoint = Checkpoint(model_dir)
     prompt = prompt_ids(checkpoint.spec.vocab_size, args.prompt_tokens)
     shares_mb = [p.param_bytes / 2**20 for p in plan_checkpoint(checkpoint, args.nodes)]
-
-    print(f"model {model_dir.name}: {checkpoint.spec.num_layers} layers; {args.nodes} nodes; "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores", flush=True)  # fmt: skip
-    processes, ports = start_nodes(model_dir, args.nodes, args.wire_dtype)
+    print(
+        f"model {model_dir.name}: {checkpoint.spec.num_layers} layers; {args.nodes} nodes; "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores",
+        flush=True,
+    )
+    processes, launches = start_nodes(model_dir, args.nodes, args.wire_dtype)
     try:
-        rss_after_load = node_rss_mb(ports)
+        rss_after_load = node_rss_mb(launches)
         local_model = load_local(model_dir)
-        local, split = [], []
-        ws_url = f"ws://127.0.0.1:{ports[0]}/pipeline"
+        own_model = load_shard(checkpoint, LayerRange(0, checkpoint.spec.num_layers))
+        local, own, split = [], [], []
+        ws_url = f"ws://127.0.0.1:{launches[0].port}/pipeline"
         for rep in range(args.reps):
             local.append(run_local(local_model, prompt, args.decode_tokens))
+            own.append(run_local_shard(own_model, prompt, args.decode_tokens))
             split.append(asyncio.run(run_split(ws_url, prompt, args.decode_tokens)))
-            print(f"rep {rep + 1}/{args.reps}: local prefill {local[-1].prefill_s:.2f}s decode "
-                  f"{local[-1].decode_s:.2f}s | split prefill {split[-1].prefill_s:.2f}s decode "
-                  f"{split[-1].decode_s:.2f}s", flush=True)  # fmt: skip
-        rss_after_run = node_rss_mb(ports)
+            print(
+                f"rep {rep + 1}/{args.reps}: local prefill {local[-1].prefill_s:.2f}s decode "
+                f"{local[-1].decode_s:.2f}s | split prefill {split[-1].prefill_s:.2f}s decode "
+                f"{split[-1].decode_s:.2f}s close+receipts {split[-1].close_s * 1000:.1f}ms",
+                flush=True,
+            )
+        rss_after_run = node_rss_mb(launches)
     finally:
         for process in processes:
             process.terminate()
         for process in processes:
             process.wait()
 
-    same_tokens = all(s.tokens == local[0].tokens for s in split)
+    result = report(args, model_dir, local, own, split, shares_mb, rss_after_load, rss_after_run)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def report(
+    args: argparse.Namespace,
+    model_dir: Path,
+    local: list[Timing],
+    own: list[Timing],
+    split: list[Timing],
+    shares_mb: list[float],
+    rss_after_load: list[float],
+    rss_after_run: list[float],
+) -> dict[str, Any]:
+    rows = {
+        "local": rates(local, args.prompt_tokens, args.decode_tokens),
+        "local_teeshard": rates(own, args.prompt_tokens, args.decode_tokens),
+        "split": rates(split, args.prompt_tokens, args.decode_tokens),
+        "split_receipts": rates(split, args.prompt_tokens, args.decode_tokens, with_close=True),
+    }
+    limits = [1.25 * s + 500 for s in shares_mb]
     result: dict[str, Any] = {
         "model": model_dir.name,
         "nodes": args.nodes,
@@ -269,40 +330,43 @@ def main() -> int:
         "decode_tokens": args.decode_tokens,
         "reps": args.reps,
         "wire_dtype": args.wire_dtype,
+        "transport": "RA-TLS (wss, pinned attested certificate, simulated attestation)",
         "torch": torch.__version__,
         "cpu_count": os.cpu_count(),
-        "local": rates(local, args.prompt_tokens, args.decode_tokens),
-        "split": rates(split, args.prompt_tokens, args.decode_tokens),
+        **rows,
+        "prefill_ratio": rows["split"]["prefill_tok_s"] / rows["local"]["prefill_tok_s"],
+        "decode_ratio": rows["split"]["decode_tok_s"] / rows["local"]["decode_tok_s"],
+        "receipts_decode_ratio": rows["split_receipts"]["decode_tok_s"]
+        / rows["local"]["decode_tok_s"],
+        "close_with_receipts_ms": statistics.median(t.close_s for t in split) * 1000,
         "node_share_mb": shares_mb,
         "node_rss_mb": rss_after_load,
         "node_rss_after_run_mb": rss_after_run,
-        "node_rss_limit_mb": [1.25 * s + 500 for s in shares_mb],
-        "greedy_tokens_identical": same_tokens,
+        "node_rss_limit_mb": limits,
+        "memory_within_limit": all(r <= lim for r, lim in zip(rss_after_run, limits, strict=True)),
+        "greedy_tokens_identical": all(s.tokens == local[0].tokens for s in [*split, *own]),
+        # the cost of splitting alone: the split against teeshard's own blocks unsplit
+        "split_vs_own_decode_ratio": rows["split"]["decode_tok_s"]
+        / rows["local_teeshard"]["decode_tok_s"],
     }
-    result["prefill_ratio"] = result["split"]["prefill_tok_s"] / result["local"]["prefill_tok_s"]
-    result["decode_ratio"] = result["split"]["decode_tok_s"] / result["local"]["decode_tok_s"]
-    result["memory_within_limit"] = all(
-        r <= lim for r, lim in zip(rss_after_load, result["node_rss_limit_mb"], strict=True)
-    )
-
     print()
-    print(f"{'':10} {'prefill tok/s':>14} {'decode tok/s':>13}")
-    for name in ("local", "split"):
-        print(
-            f"{name:10} {result[name]['prefill_tok_s']:14.1f} {result[name]['decode_tok_s']:13.2f}"
-        )
-    print(f"{'ratio':10} {result['prefill_ratio']:14.3f} {result['decode_ratio']:13.3f}")
-    for index, (rss, limit) in enumerate(
-        zip(rss_after_load, result["node_rss_limit_mb"], strict=True)
+    print(f"{'':26} {'prefill tok/s':>14} {'decode tok/s':>13} {'decode ratio':>13}")
+    labels = {"local": "local (HF, unsplit)", "local_teeshard": "local (teeshard, unsplit)",
+              "split": "split, RA-TLS",
+              "split_receipts": "split, RA-TLS + receipts"}  # fmt: skip
+    for name, label in labels.items():
+        row = rows[name]
+        ratio = row["decode_tok_s"] / rows["local"]["decode_tok_s"]
+        print(f"{label:26} {row['prefill_tok_s']:14.1f} {row['decode_tok_s']:13.2f} {ratio:13.3f}")
+    print(f"prefill ratio {result['prefill_ratio']:.3f}, decode ratio {result['decode_ratio']:.3f}, "
+          f"with receipts {result['receipts_decode_ratio']:.3f}")  # fmt: skip
+    for index, (rss, after, limit) in enumerate(
+        zip(rss_after_load, rss_after_run, limits, strict=True)
     ):
-        print(
-            f"node {index}: rss {rss:.0f} MB after load (limit {limit:.0f} MB = 1.25 x {shares_mb[index]:.0f} + 500)"
-        )
-    print(f"greedy tokens identical: {same_tokens}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.out}")
-    return 0
+        print(f"node {index}: rss {rss:.0f} MB after load, {after:.0f} MB after the run "
+              f"(limit {limit:.0f} MB = 1.25 x {shares_mb[index]:.0f} + 500)")  # fmt: skip
+    print(f"greedy tokens identical: {result['greedy_tokens_identical']}")
+    return result
 
 
 if __name__ == "__main__":

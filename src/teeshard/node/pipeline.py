@@ -140,7 +140,7 @@ async def dispatch(service: NodeService, message: Message, frame: bytes) -> Resu
     if isinstance(message, CloseMsg):
         previous = _receipt(message.receipt) if message.receipt is not None else None
         receipts = await service.close(
-            message.session, sign=message.receipt is not None, previous=previous
+            message.session, sign=message.sign or previous is not None, previous=previous
         )
         if receipts is None:
             raise NodeError(

@@ -144,7 +144,9 @@ class NodeService:
             wire = ReceiptWire(**own.to_json()) if own is not None else None
             try:
                 reply = await self._downstream(
-                    lambda rid: CloseMsg(id=rid, session=session_id, receipt=wire)
+                    lambda rid: CloseMsg(
+                        id=rid, session=session_id, sign=wire is not None, receipt=wire
+                    )
                 )
                 later = [Receipt.from_json(r.model_dump()) for r in reply.receipts]
             except NodeError as exc:

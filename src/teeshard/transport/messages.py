@@ -80,8 +80,9 @@ class CloseMsg(_Strict):
     type: Literal["close"] = "close"
     id: RequestId
     session: SessionId
-    # The upstream stage's receipt: present when the session finished normally and
-    # this node should sign its own receipt, linked to it, before closing.
+    # The session finished normally: every stage signs its receipt, linked to the
+    # upstream stage's (``receipt``; None when this node is stage 0).
+    sign: bool = False
     receipt: ReceiptWire | None = None
 
 

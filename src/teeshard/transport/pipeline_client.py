@@ -46,8 +46,10 @@ class PipelineClient:
         assert reply.token is not None
         return reply.token, tensor_from_wire(reply.logits) if reply.logits is not None else None
 
-    async def close(self, session: str) -> None:
-        await self.peer.request(lambda rid: CloseMsg(id=rid, session=session))
+    async def close(self, session: str, sign: bool = False) -> list[dict[str, object]]:
+        """Close the session; with ``sign``, return every stage's receipt (JSON form)."""
+        reply = await self.peer.request(lambda rid: CloseMsg(id=rid, session=session, sign=sign))
+        return [r.model_dump() for r in reply.receipts]
 
     async def aclose(self) -> None:
         await self.peer.close()
