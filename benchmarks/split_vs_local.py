@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -43,7 +42,7 @@ from teeshard.model.loader import load_shard
 from teeshard.model.plan import plan_checkpoint
 from teeshard.model.transformer import Shard
 from teeshard.node.local_chain import write_chain_policy
-from teeshard.procutil import die_with_parent
+from teeshard.procutil import die_with_parent, free_port_block
 from teeshard.transport.pipeline_client import PipelineClient
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,12 +74,6 @@ class Timing:
     decode_s: float
     tokens: list[int]
     close_s: float = 0.0  # split only: closing with every stage's receipt signed
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def ensure_tinyllama_shaped() -> Path:
@@ -173,22 +166,6 @@ def start_nodes(
             process.kill()
         raise
     return processes, launches
-
-
-def free_port_block(count: int) -> int:
-    while True:
-        base = free_port()
-        if all(_port_free(base + i) for i in range(count)):
-            return base
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def _wait_healthy(spec: LaunchSpec, process: subprocess.Popen[bytes]) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -33,13 +32,7 @@ from teeshard.node.config import NodeConfig
 from teeshard.node.local_chain import write_chain_policy
 from teeshard.node.runtime import Node, build_node, make_server
 from teeshard.node.sessions import SessionLimits
-from teeshard.procutil import die_with_parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from teeshard.procutil import die_with_parent, free_port
 
 
 @dataclass

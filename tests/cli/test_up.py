@@ -11,13 +11,11 @@ import time
 import httpx
 import psutil
 
-from tests.cluster import free_port
+from teeshard.procutil import free_port_block
 
 
 def test_up_serves_the_demo_and_ctrl_c_stops_everything(tmp_path: object) -> None:
-    port = free_port()
-    while not all(_free(port + i) for i in range(3)):
-        port = free_port()
+    port = free_port_block(3)
     process = subprocess.Popen(
         [
             sys.executable,
@@ -69,14 +67,3 @@ def test_up_serves_the_demo_and_ctrl_c_stops_everything(tmp_path: object) -> Non
     finally:
         if process.poll() is None:
             process.kill()
-
-
-def _free(port: int) -> bool:
-    import socket
-
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True

@@ -20,8 +20,9 @@ from fastapi import FastAPI, Request, WebSocket
 
 from teeshard.attest.identity import NodeIdentity
 from teeshard.model.layer_range import LayerRange
+from teeshard.procutil import free_port
 from tests.checkpoints import TinyModel, build_tiny_model
-from tests.cluster import LocalCluster, free_port
+from tests.cluster import LocalCluster
 
 Tamper = Callable[[dict[str, Any]], dict[str, Any]]
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,7 +25,7 @@ from teeshard.model.demo import data_dir
 from teeshard.model.layer_range import LayerRange
 from teeshard.model.plan import plan_checkpoint
 from teeshard.node.local_chain import write_chain_policy
-from teeshard.procutil import die_with_parent
+from teeshard.procutil import die_with_parent, port_free
 
 console = Console(stderr=True)
 
@@ -128,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
         console.log(f"demo model at {model}")
     checkpoint = Checkpoint(model)
     launches = plan_launch(checkpoint, args.nodes, args.port)
-    busy = [s.port for s in launches if not _port_free(args.host, s.port)]
+    busy = [s.port for s in launches if not port_free(args.host, s.port)]
     if busy:
         raise ValueError(f"port(s) {', '.join(map(str, busy))} already in use; pass --port")
     for index, spec in enumerate(launches):
@@ -168,16 +167,6 @@ def run(args: argparse.Namespace) -> int:
         return _supervise(processes)
     finally:
         _stop(processes)
-
-
-def _port_free(host: str, port: int) -> bool:
-    with socket.socket() as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError:
-            return False
-    return True
 
 
 def _wait_healthy(
