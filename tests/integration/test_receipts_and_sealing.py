@@ -192,3 +192,21 @@ async def test_pipeline_socket_close_can_sign(chain3: LocalCluster) -> None:
     await client.aclose()
     report = verify_chain(receipts, chain_bundles(chain3), request_id=session)
     assert report.stages == 3
+
+
+@pytest.mark.parametrize("node_index", [0, 2])
+def test_verify_cli_against_live_nodes(
+    chain3: LocalCluster, node_index: int, tmp_path: Path
+) -> None:
+    node = chain3.nodes[node_index]
+    assert node.config.policy_path is not None
+    strict = tmp_path / "strict.toml"  # the chain's policy without allow_simulated
+    strict.write_text(node.config.policy_path.read_text().replace("allow_simulated = true", ""))
+    base = [sys.executable, "-m", "teeshard.cli", "verify", node.http_url, "--policy", str(strict)]
+    refused = subprocess.run(base, capture_output=True, text=True)
+    assert refused.returncode != 0 and "simulated" in (refused.stdout + refused.stderr).lower()
+    passed = subprocess.run([*base, "--allow-simulated", "--save-bundle", str(tmp_path / "b.json")],
+                            capture_output=True, text=True)  # fmt: skip
+    output = passed.stdout + passed.stderr
+    assert passed.returncode == 0 and "PASS" in output and "INSECURE" in output, output
+    assert Bundle.loads((tmp_path / "b.json").read_text()).manifest.layers == node.config.layers
