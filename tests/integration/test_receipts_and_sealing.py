@@ -131,6 +131,11 @@ def test_verify_receipt_cli_checks_a_saved_response(chain3: LocalCluster, tmp_pa
     response.write_text(json.dumps(tampered))
     bad = subprocess.run(command, capture_output=True, text=True)
     assert bad.returncode != 0 and "signature" in (bad.stdout + bad.stderr)
+    # the same check with the bundles fetched from the entry node's chain endpoint
+    by_url = [*command[:5], "--chain-url", chain3.entry.http_url, "--policy", policy]
+    response.write_text(post(chain3, chat_body()).text)
+    fetched = subprocess.run(by_url, capture_output=True, text=True)
+    assert fetched.returncode == 0 and "PASS" in fetched.stdout, fetched.stdout + fetched.stderr
 
 
 def test_attestation_endpoints_never_show_prompts(chain3: LocalCluster) -> None:

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import secrets
 import time
 from pathlib import Path
+
+import httpx
 
 from teeshard.attest.errors import AttestationError
 from teeshard.attest.evidence import Bundle, Evidence
@@ -60,8 +63,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     receipt = subparsers.add_parser("verify-receipt", help="verify a receipt chain offline")
     receipt.add_argument("file", type=Path, help="receipts JSON, or a response holding them")
-    receipt.add_argument(
-        "--bundle", action="append", required=True, type=Path, help="a stage's bundle (repeat)"
+    bundles = receipt.add_mutually_exclusive_group(required=True)
+    bundles.add_argument("--bundle", action="append", type=Path, help="a stage's bundle (repeat)")
+    bundles.add_argument(
+        "--chain-url", help="fetch every stage's bundle from the entry node's attestation chain"
     )
     receipt.add_argument("--request-id", help="the request id the chain must be for")
     _add_policy_options(receipt)
@@ -161,13 +166,26 @@ def run_verify_quote(args: argparse.Namespace) -> int:
     return 0
 
 
+def _receipt_bundles(args: argparse.Namespace) -> list[tuple[str, Bundle]]:
+    if args.bundle:
+        return [(str(path), Bundle.loads(path.read_text())) for path in args.bundle]
+    # The bundles authenticate themselves (quotes, signatures): any transport will do.
+    url = args.chain_url.rstrip("/") + "/v1/attestation/chain"
+    try:
+        response = httpx.get(url, params={"nonce": secrets.token_hex(32)}, verify=False, timeout=30)
+        response.raise_for_status()
+        items = response.json()["bundles"]
+    except (httpx.HTTPError, ValueError, KeyError) as exc:
+        raise AttestationError(f"cannot fetch the attestation chain from {url}: {exc}") from None
+    return [(f"{args.chain_url} stage {i}", Bundle.from_json(item)) for i, item in enumerate(items)]
+
+
 def run_verify_receipt(args: argparse.Namespace) -> int:
     policy = _policy(args)
     try:
         receipts = load_receipts(args.file.read_text())
         nodes = []
-        for path in args.bundle:
-            bundle = Bundle.loads(path.read_text())
+        for path, bundle in _receipt_bundles(args):
             # Offline: the bundle answers its own, old nonce; check it at the time it was made.
             expected = policy.expected_manifest(bundle.manifest.model, bundle.manifest.layers)
             if expected is None:
