@@ -1,8 +1,8 @@
 """The SQL ledger's pool: nodes, work served, distribution, withdrawal, and the audit.
 
 Functions take an open transaction; ``SqlLedger`` calls them with the right
-identity. Distribution pays each operator ``pool * tokens / total`` rounded
-down, over the work recorded since the last distribution (an epoch); what
+identity. Distribution pays each node's operator ``pool * tokens / total``
+rounded down, over the work recorded since the last distribution (an epoch); what
 rounding leaves stays in the pool for the next one, so nothing is lost. With
 no work served, nothing is distributed.
 """
@@ -200,14 +200,16 @@ def distribute(conn: Connection) -> Distribution:
         .group_by(work.c.node_id, work.c.operator)
     ).all()
     node_tokens: dict[str, int] = {}
-    operator_tokens: dict[str, int] = {}
-    for node_id, operator, tokens in rows:
-        node_tokens[node_id] = node_tokens.get(node_id, 0) + int(tokens)
-        operator_tokens[operator] = operator_tokens.get(operator, 0) + int(tokens)
-    total = sum(operator_tokens.values())
+    pairs = [(node_id, operator, int(tokens)) for node_id, operator, tokens in rows]
+    for node_id, _, tokens in pairs:
+        node_tokens[node_id] = node_tokens.get(node_id, 0) + tokens
+    total = sum(node_tokens.values())
     if total == 0 or pool_before == 0:
         return Distribution(pool_before, 0, pool_before, {}, node_tokens)
-    shares = {op: pool_before * tokens // total for op, tokens in operator_tokens.items()}
+    # Each node's share is rounded down on its own, as the contract does.
+    shares: dict[str, int] = {}
+    for _, operator, tokens in sorted(pairs):
+        shares[operator] = shares.get(operator, 0) + pool_before * tokens // total
     lock_accounts(conn, shares)
     for operator, share in sorted(shares.items()):
         if share:
