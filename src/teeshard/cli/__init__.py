@@ -11,6 +11,9 @@ import sys
 COMMAND_MODULES = (
     "teeshard.cli.plan",
     "teeshard.cli.node",
+    "teeshard.cli.ledger",
+    "teeshard.cli.pool",
+    "teeshard.cli.chain",
 )
 
 

@@ -87,12 +87,22 @@ def start(
     with log.open("ab") as out:
         process = subprocess.Popen(
             [
-                binary, "--host", host, "--port", str(port), "--state", str(state),
-                "--state-interval", str(state_interval_s), "--silent",
+                binary,
+                "--host",
+                host,
+                "--port",
+                str(port),
+                "--state",
+                str(state),
+                "--state-interval",
+                str(state_interval_s),
+                "--silent",
             ],
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
             start_new_session=True,  # survives the command that started it
-        )  # fmt: skip
+        )
     deadline = time.monotonic() + ready_timeout_s
     while not _rpc_ready(url):
         if process.poll() is not None:

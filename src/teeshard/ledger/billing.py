@@ -92,9 +92,10 @@ class LedgerBilling:
     async def reserve(self, request: ChargeRequest) -> Reservation:
         if not request.api_key:
             raise APIError(
-                401, "this node charges for use: send 'Authorization: Bearer <api key>'",
+                401,
+                "this node charges for use: send 'Authorization: Bearer <api key>'",
                 code="missing_api_key",
-            )  # fmt: skip
+            )
         try:
             account = await self._run(self.ledger.account_for_key, request.api_key)
         except UnknownAccount:

@@ -197,9 +197,13 @@ class InterimVerifier:
                 layers = raw
         node_id = bundle.get("node_id")
         return VerifiedBundle(
-            manifest_hash_of(bundle), provider, str(node_id) if node_id else None, model, layers,
+            manifest_hash_of(bundle),
+            provider,
+            str(node_id) if node_id else None,
+            model,
+            layers,
             tuple(notes),
-        )  # fmt: skip
+        )
 
 
 def default_verifier(
@@ -248,14 +252,10 @@ def fetch_bundle(url: str, nonce: bytes, timeout_s: float = 15.0) -> Mapping[str
     return bundle
 
 
-def register_from_url(
-    ledger: Ledger,
-    url: str,
-    expected: ExpectedShards,
-    verifier: BundleVerifier | None = None,
-    *,
-    node_id: str | None = None,
-) -> Registered:
+def verify_node(
+    url: str, expected: ExpectedShards, verifier: BundleVerifier | None = None
+) -> VerifiedBundle:
+    """Fetch the bundle with a fresh nonce, verify it, check the manifest is an expected shard."""
     nonce = os.urandom(32)
     verified = (verifier or default_verifier()).verify(fetch_bundle(url, nonce), nonce)
     if verified.manifest_hash not in expected.shards:
@@ -264,11 +264,43 @@ def register_from_url(
             f"the node's manifest hash {verified.manifest_hash} is not an expected shard of "
             f"{expected.model or 'the model'} (expected: {known})"
         )
+    return verified
+
+
+def admit_from_url(
+    ledger: Ledger,
+    url: str,
+    expected: ExpectedShards,
+    verifier: BundleVerifier | None = None,
+    *,
+    node_id: str | None = None,
+) -> NodeRecord:
+    """An entry node (or the owner) admits a registered node after verifying it itself."""
+    verified = verify_node(url, expected, verifier)
+    name = node_id or verified.node_id or urlsplit(url).netloc
+    try:
+        return ledger.admit_node(name, verified.manifest_hash)
+    except LedgerError as exc:
+        raise RegistrationRefused(f"the ledger refused the admission: {exc}") from None
+
+
+def register_from_url(
+    ledger: Ledger,
+    url: str,
+    expected: ExpectedShards,
+    verifier: BundleVerifier | None = None,
+    *,
+    node_id: str | None = None,
+) -> Registered:
+    verified = verify_node(url, expected, verifier)
     name = node_id or verified.node_id or urlsplit(url).netloc
     info = NodeInfo(
-        name, url.rstrip("/"), verified.manifest_hash, verified.model or expected.model,
+        name,
+        url.rstrip("/"),
+        verified.manifest_hash,
+        verified.model or expected.model,
         verified.layers or expected.shards[verified.manifest_hash],
-    )  # fmt: skip
+    )
     try:
         record = ledger.register_node(info)
     except LedgerError as exc:

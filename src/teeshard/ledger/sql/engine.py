@@ -13,6 +13,7 @@ then accounts by id, then the reservation) so concurrent writers cannot deadlock
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -106,6 +107,8 @@ def _alembic_config() -> Config:
 def migrate(engines: Engines, revision: str = "head") -> None:
     """Bring the schema to ``revision``; safe to run on every start."""
     config = _alembic_config()
+    # Alembic logs every start at INFO; the ledger's users need only its warnings.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     with engines.write.begin() as connection:
         config.attributes["connection"] = connection
         command.upgrade(config, revision)

@@ -389,6 +389,7 @@ class SqlLedger:
     def recover(self, older_than_s: float | None = None) -> list[str]:
         """Release this entry's reservations left by earlier processes, and any stale ones."""
         with self._read() as conn:
+            self._require_entry(conn, "recover reservations")
             stale = reservations.c.holder == self._actor
             stale = stale & (reservations.c.incarnation != self.incarnation)
             if older_than_s is not None:
