@@ -166,7 +166,7 @@ def test_settle_checks(world: World) -> None:
         world.entry.settle("req-c", 10, {"node-x": 0})
     with pytest.raises(UnknownNode):
         world.entry.settle("req-c", 10, {"node-x": 5})  # never registered
-    operator, as_operator = world.new_account()
+    _, as_operator = world.new_account()
     as_operator.register_node(NodeInfo("node-p", "http://p:1", HASH_A))
     with pytest.raises(UnknownNode):
         world.entry.settle("req-c", 10, {"node-p": 5})  # registered, not admitted
@@ -224,8 +224,8 @@ def test_only_the_operator_edits_or_removes_a_node(world: World) -> None:
 
 
 def test_distribution_is_proportional_and_loses_nothing(world: World) -> None:
-    op_a, as_a = admitted_node(world, "node-a")
-    op_b, as_b = admitted_node(world, "node-b", HASH_B)
+    op_a, _ = admitted_node(world, "node-a")
+    op_b, _ = admitted_node(world, "node-b", HASH_B)
     account, _ = world.new_account(funds=10_000)
     world.entry.reserve("q1", account, 1000)
     world.entry.settle("q1", 1000, {"node-a": 100, "node-b": 100})

@@ -20,7 +20,7 @@ TOKENS = 7  # model tokens each charge credits to the serving node
 
 
 def test_fifty_concurrent_charges_never_overdraw(world: World) -> None:
-    operator, as_operator = world.new_account()
+    _, as_operator = world.new_account()
     as_operator.register_node(NodeInfo("node-c", "http://c:1", "c" * 64))
     world.owner.admit_node("node-c", "c" * 64)
     funds = PRICE * 25  # room for exactly 25 of the 50
