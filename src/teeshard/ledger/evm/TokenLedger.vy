@@ -314,13 +314,12 @@ def register_node(
 ):
     assert self.known[msg.sender], "unknown_account"
     node_id: bytes32 = keccak256(name)
-    node: Node = self.nodes[node_id]
-    listed: bool = node.listed
-    if node.operator != empty(address):
-        assert node.removed, "duplicate_node"
+    # Fields one by one: copying the struct would copy its strings for nothing.
+    if self.nodes[node_id].operator != empty(address):
+        assert self.nodes[node_id].removed, "duplicate_node"
         # Work a removed node served is paid to its old operator first.
-        assert node.served == 0, "duplicate_node"
-    if not listed:
+        assert self.nodes[node_id].served == 0, "duplicate_node"
+    if not self.nodes[node_id].listed:
         assert len(self.node_ids) < MAX_NODES, "too_many_nodes"
         self.node_ids.append(node_id)
     self.nodes[node_id] = Node(
@@ -334,7 +333,7 @@ def register_node(
         removed=False,
         listed=True,
         served=0,
-        served_total=node.served_total,
+        served_total=self.nodes[node_id].served_total,
     )
     log NodeRegistered(
         node_id=node_id, operator=msg.sender, name=name, url=url, manifest_hash=manifest_hash
@@ -346,26 +345,26 @@ def register_node(
 def admit_node(node_id: bytes32, manifest_hash: bytes32):
     """@notice An entry node (or the owner) vouches that it verified the node's attestation."""
     assert self.entries[msg.sender] or msg.sender == self.owner, "unauthorized"
-    node: Node = self.nodes[node_id]
-    assert node.operator != empty(address) and not node.removed, "unknown_node"
-    assert node.manifest_hash == manifest_hash, "manifest_mismatch"
-    if not node.admitted:
+    operator: address = self.nodes[node_id].operator
+    assert operator != empty(address) and not self.nodes[node_id].removed, "unknown_node"
+    assert self.nodes[node_id].manifest_hash == manifest_hash, "manifest_mismatch"
+    if not self.nodes[node_id].admitted:
         self.nodes[node_id].admitted = True
-        self.operator_nodes[node.operator] += 1
+        self.operator_nodes[operator] += 1
     log NodeAdmitted(node_id=node_id, by=msg.sender, manifest_hash=manifest_hash)
 
 
 @external
 @nonreentrant
 def edit_node(node_id: bytes32, url: String[256], manifest_hash: bytes32):
-    node: Node = self.nodes[node_id]
-    assert node.operator != empty(address) and not node.removed, "unknown_node"
-    assert msg.sender == node.operator, "unauthorized"
-    admitted: bool = node.admitted
-    if manifest_hash != node.manifest_hash and admitted:
+    operator: address = self.nodes[node_id].operator
+    assert operator != empty(address) and not self.nodes[node_id].removed, "unknown_node"
+    assert msg.sender == operator, "unauthorized"
+    admitted: bool = self.nodes[node_id].admitted
+    if manifest_hash != self.nodes[node_id].manifest_hash and admitted:
         # Different weights: the old admission does not cover them.
         admitted = False
-        self.operator_nodes[node.operator] -= 1
+        self.operator_nodes[operator] -= 1
     self.nodes[node_id].url = url
     self.nodes[node_id].manifest_hash = manifest_hash
     self.nodes[node_id].admitted = admitted
@@ -378,11 +377,11 @@ def edit_node(node_id: bytes32, url: String[256], manifest_hash: bytes32):
 @nonreentrant
 def remove_node(node_id: bytes32):
     """@notice Work the node already served is still paid at the next distribution."""
-    node: Node = self.nodes[node_id]
-    assert node.operator != empty(address) and not node.removed, "unknown_node"
-    assert msg.sender == node.operator, "unauthorized"
-    if node.admitted:
-        self.operator_nodes[node.operator] -= 1
+    operator: address = self.nodes[node_id].operator
+    assert operator != empty(address) and not self.nodes[node_id].removed, "unknown_node"
+    assert msg.sender == operator, "unauthorized"
+    if self.nodes[node_id].admitted:
+        self.operator_nodes[operator] -= 1
     self.nodes[node_id].admitted = False
     self.nodes[node_id].removed = True
     log NodeRemoved(node_id=node_id, operator=msg.sender)

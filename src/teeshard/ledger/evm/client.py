@@ -292,25 +292,28 @@ class EvmLedger:
                 f"account {existing.account}, amount {existing.amount}, by {existing.holder}"
             )
 
-        def insufficient() -> str:
-            available = self._call("available", address)
-            return (
-                f"account {address} has {available} available; this request may cost up to {amount}"
+        try:
+            self._transact(
+                "reserve",
+                chain_id_of(request_id),
+                address,
+                amount,
+                request_id,
+                messages={
+                    "unauthorized": f"{self.actor} is not an authorised entry node "
+                    "and may not reserve charges",
+                    "unknown_account": f"no account {address}",
+                    "duplicate_request": f"request id {request_id!r} was already used",
+                },
             )
-
-        self._transact(
-            "reserve",
-            chain_id_of(request_id),
-            address,
-            amount,
-            request_id,
-            messages={
-                "unauthorized": f"{self.actor} is not an authorised entry node and may not reserve charges",
-                "unknown_account": f"no account {address}",
-                "insufficient_balance": insufficient,
-                "duplicate_request": f"request id {request_id!r} was already used",
-            },
-        )
+        except InsufficientBalance:
+            available = int(self._call("available", address))
+            raise InsufficientBalance(
+                f"account {address} has {available} available; "
+                f"this request may cost up to {amount}",
+                available=available,
+                needed=amount,
+            ) from None
         self._mine.add(request_id)
         return self.reservation(request_id)
 
