@@ -91,3 +91,13 @@ def sql(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[World]:
         yield w
     finally:
         w.owner.close()
+
+
+@pytest.fixture(params=("sqlite", "evm"))
+def one_sql_one_evm(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[World]:
+    """For tests whose backend-specific part the full suite already covers."""
+    w = make_world(request.param, request, tmp_path)
+    try:
+        yield w
+    finally:
+        w.owner.close()

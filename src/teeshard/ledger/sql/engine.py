@@ -114,6 +114,14 @@ def migrate(engines: Engines, revision: str = "head") -> None:
         command.upgrade(config, revision)
 
 
+def downgrade(engines: Engines, revision: str) -> None:
+    """Take the schema back to ``revision`` (``base``: no tables); for operators and tests."""
+    config = _alembic_config()
+    with engines.write.begin() as connection:
+        config.attributes["connection"] = connection
+        command.downgrade(config, revision)
+
+
 def current_revision(engines: Engines) -> str | None:
     from alembic.runtime.migration import MigrationContext
 
