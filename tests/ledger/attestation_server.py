@@ -69,7 +69,7 @@ class FakeNode:
 @contextmanager
 def serve(node: FakeNode) -> Iterator[FakeNode]:
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+        def do_GET(self) -> None:
             parts = urlsplit(self.path)
             if parts.path != "/v1/attestation" or node.behaviour == "http-404":
                 self.send_error(404)

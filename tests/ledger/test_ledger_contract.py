@@ -94,7 +94,7 @@ def test_anyone_may_release_an_expired_reservation(env) -> None:  # type: ignore
 
 
 def test_node_roles_and_events(env) -> None:  # type: ignore[no-untyped-def]
-    ledger, owner, entry, user, op = env
+    ledger, _, entry, user, op = env
     with boa.env.prank(op):
         with boa.reverts("unknown_account"):
             ledger.register_node("n1", "http://n1", HASH, "m", "0:2")

@@ -22,7 +22,7 @@ def test_migrations_up_down_up(sql: World) -> None:
 
 @pytest.mark.parametrize("statement", ["UPDATE journal SET available = 0", "DELETE FROM journal"])
 def test_the_journal_cannot_be_rewritten(sql: World, statement: str) -> None:
-    account, _ = sql.new_account(funds=10)
+    sql.new_account(funds=10)
     engines = sql.owner.engines  # type: ignore[attr-defined]
     with pytest.raises(sa.exc.DatabaseError, match="append-only"), engines.write.begin() as conn:
         conn.exec_driver_sql(statement)
