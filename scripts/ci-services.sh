@@ -22,7 +22,7 @@ _teeshard_services() {
         fi
     fi
     local version
-    version="$(ls /usr/lib/postgresql 2>/dev/null | sort -V | tail -n 1)"
+    version="$(ls /usr/lib/postgresql 2>/dev/null | sort -V | tail -n 1 || true)"
     if [ -n "$version" ] && [ "$(id -u)" = 0 ]; then
         if ! pg_lsclusters -h 2>/dev/null | awk '{print $1" "$2}' | grep -qx "$version main"; then
             pg_createcluster "$version" main >/dev/null
@@ -60,7 +60,7 @@ SQL
     fi
     local anvil
     # The platform package carries the binary; the .bin wrapper needs node on PATH.
-    anvil="$(ls "$tools"/node_modules/@foundry-rs/anvil-*/bin/anvil 2>/dev/null | head -n 1)"
+    anvil="$(ls "$tools"/node_modules/@foundry-rs/anvil-*/bin/anvil 2>/dev/null | head -n 1 || true)"
     [ -n "$anvil" ] || anvil="$tools/node_modules/.bin/anvil"
     if [ -x "$anvil" ] && "$anvil" --version >/dev/null 2>&1; then
         export TEESHARD_ANVIL="$anvil"

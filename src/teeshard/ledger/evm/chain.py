@@ -43,7 +43,11 @@ class Chain:
 
     @classmethod
     def connect(cls, rpc_url: str, timeout_s: float = 30.0) -> Chain:
-        w3 = Web3(Web3.HTTPProvider(rpc_url, request_kwargs={"timeout": timeout_s}))
+        # cache_allowed_requests: eth_chainId and the like are asked once, not per call.
+        provider = Web3.HTTPProvider(
+            rpc_url, request_kwargs={"timeout": timeout_s}, cache_allowed_requests=True
+        )
+        w3 = Web3(provider)
         try:
             w3.eth.chain_id  # noqa: B018 - fail here, clearly, when nothing answers
         except Exception as exc:

@@ -152,7 +152,9 @@ class EvmLedger:
             if self.chain.in_process:
                 receipt = self.w3.eth.wait_for_transaction_receipt(tx_hash)
         if not self.chain.in_process:
-            receipt = self.w3.eth.wait_for_transaction_receipt(tx_hash, timeout=RECEIPT_TIMEOUT_S)
+            receipt = self.w3.eth.wait_for_transaction_receipt(
+                tx_hash, timeout=RECEIPT_TIMEOUT_S, poll_latency=0.02
+            )
         if receipt["status"] != 1:
             # Reverted on chain after a clean estimate: re-run it to learn why.
             try:
