@@ -99,3 +99,34 @@ async def test_recovery_at_start(world: World) -> None:
     restarted = LedgerBilling(world.restarted_entry(), PRICING)
     assert restarted.recover() == ["g-crash"]
     assert world.entry.balance(account).available == 100
+
+
+def test_billing_from_url_opens_the_ledger_with_pricing_and_recovers(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from teeshard.ledger.billing import billing_from_url
+    from teeshard.ledger.sql import SqlLedger
+
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    owner = SqlLedger.open(url, "owner")
+    owner.open_account("alice")
+    owner.deposit("alice", 100)
+    owner.authorize_entry("entry-9")
+    owner.as_actor("entry-9").reserve("left-open", "alice", 70)
+    pricing = tmp_path / "pricing.toml"
+    pricing.write_text('[models."tiny"]\nprompt_per_1k = 3000\ncompletion_per_1k = 5000\n')
+    billing = billing_from_url(url, pricing, actor="entry-9")
+    try:
+        assert billing.pricing.for_model("tiny").completion_per_1k == 5000
+        assert owner.balance("alice").available == 100  # recovered at start
+    finally:
+        billing.close()
+        owner.close()
+
+
+def test_per_character_pricing_is_refused_until_the_entry_passes_characters(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from teeshard.ledger.sql import SqlLedger
+
+    ledger = SqlLedger.open(f"sqlite:///{tmp_path / 'l.db'}", "owner")
+    legacy = Pricing(models={"legacy": ModelPrice(scheme="per_character")})
+    with pytest.raises(ValueError, match="character counts"):
+        LedgerBilling(ledger, legacy)
+    ledger.close()

@@ -21,6 +21,8 @@ from pathlib import Path
 import httpx
 
 ANVIL_ENV = "TEESHARD_ANVIL"
+# Chains this process started, so stop() can reap them (no zombies, no warnings).
+_STARTED: dict[int, subprocess.Popen[bytes]] = {}
 # anvil's first dev account (from its public default mnemonic): dev chains only.
 DEV_KEY = "0xac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80"
 
@@ -111,6 +113,7 @@ def start(
             process.terminate()
             raise RuntimeError(f"anvil did not answer at {url} within {ready_timeout_s:.0f}s")
         time.sleep(0.1)
+    _STARTED[process.pid] = process
     chain = AnvilChain(process.pid, url, state, log)
     chain.pid_file.write_text(json.dumps({"pid": process.pid, "rpc_url": url}))
     return chain
@@ -132,6 +135,15 @@ def stop(state: Path, timeout_s: float = 15.0) -> bool:
     if chain is None:
         return False
     os.kill(chain.pid, signal.SIGTERM)  # anvil writes its state on the way out
+    process = _STARTED.pop(chain.pid, None)
+    if process is not None:
+        try:
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        chain.pid_file.unlink(missing_ok=True)
+        return True
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:

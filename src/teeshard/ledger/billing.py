@@ -67,6 +67,18 @@ class LedgerBilling:
     ) -> None:
         self.ledger = ledger
         self.pricing = pricing or Pricing()
+        per_character = [
+            name
+            for name, price in {"default": self.pricing.default, **self.pricing.models}.items()
+            if price.scheme == "per_character"
+        ]
+        if per_character:
+            # Billing.settle receives token counts only; characters need the entry
+            # node to pass them (see the module docstring of teeshard.ledger.pricing).
+            raise ValueError(
+                f"per-character pricing ({', '.join(per_character)}) needs character counts "
+                "that the entry node does not pass to Billing.settle yet; use per_token"
+            )
         self.free_for_operators = free_for_operators
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="ledger")
         self._pending: dict[str, _Pending] = {}
@@ -98,11 +110,12 @@ class LedgerBilling:
             )
         try:
             account = await self._run(self.ledger.account_for_key, request.api_key)
+            free = self.free_for_operators and await self._run(self.ledger.is_operator, account)
         except UnknownAccount:
             raise APIError(401, "invalid API key", code="invalid_api_key") from None
         except LedgerError as exc:
             raise _unavailable(exc) from None
-        if self.free_for_operators and await self._run(self.ledger.is_operator, account):
+        if free:
             self._pending[request.request_id] = _Pending(request.model, account, True)
             return Reservation(request.request_id, account, 0)
         amount = self.pricing.max_cost(

@@ -71,6 +71,7 @@ _ERRORS: dict[str, type[LedgerError]] = {
     "too_many_nodes": LedgerError,
 }
 _REASON = re.compile(r"execution reverted:?\s*([a-z_]+)")
+MAX_SERVED = 16  # the contract's bound on nodes named by one settlement
 _STATES = {1: ReservationState.RESERVED, 2: ReservationState.SETTLED, 3: ReservationState.RELEASED}
 Messages = Mapping[str, str | Callable[[], str]]
 
@@ -342,6 +343,10 @@ class EvmLedger:
         if cost > record.amount:
             raise InvalidAmount(f"cost {cost} exceeds the {record.amount} reserved")
         names = sorted(served)
+        if len(names) > MAX_SERVED:
+            raise LedgerError(
+                f"one settlement can credit at most {MAX_SERVED} nodes, got {len(names)}"
+            )
         self._transact(
             "settle",
             chain_id_of(request_id),

@@ -110,6 +110,9 @@ def migrate(engines: Engines, revision: str = "head") -> None:
     # Alembic logs every start at INFO; the ledger's users need only its warnings.
     logging.getLogger("alembic").setLevel(logging.WARNING)
     with engines.write.begin() as connection:
+        if engines.dialect == "postgresql":
+            # Two processes starting on an empty database migrate one after the other.
+            connection.exec_driver_sql("SELECT pg_advisory_xact_lock(7406541)")
         config.attributes["connection"] = connection
         command.upgrade(config, revision)
 

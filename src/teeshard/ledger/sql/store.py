@@ -76,15 +76,20 @@ class SqlLedger:
         if run_migrations:
             migrate(engines)
         ledger = cls(engines, actor)
-        with ledger._write() as conn:
-            if get_meta(conn, "owner") is None:
-                set_meta(conn, "owner", owner or actor)
-                set_meta(conn, "epoch", "0")
-                conn.execute(
-                    insert(accounts).values(
-                        id=POOL, available=0, reserved=0, earnings=0, created_at=now()
+        try:
+            with ledger._write() as conn:
+                if get_meta(conn, "owner") is None:
+                    set_meta(conn, "owner", owner or actor)
+                    set_meta(conn, "epoch", "0")
+                    conn.execute(
+                        insert(accounts).values(
+                            id=POOL, available=0, reserved=0, earnings=0, created_at=now()
+                        )
                     )
-                )
+        except BackendError as exc:
+            # Another process initialised the same empty database first: theirs stands.
+            if not isinstance(exc.__cause__, IntegrityError):
+                raise
         return ledger
 
     def as_actor(self, actor: str) -> SqlLedger:
