@@ -15,8 +15,7 @@ sending a transaction.
 from __future__ import annotations
 
 import contextlib
-import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from eth_account.signers.local import LocalAccount
@@ -24,20 +23,17 @@ from web3 import Web3
 
 from teeshard.ledger.evm import events
 from teeshard.ledger.evm.chain import RECEIPT_TIMEOUT_S, Chain
+from teeshard.ledger.evm.errors import Messages, revert_error
 from teeshard.ledger.interface import (
     BackendError,
     Balance,
     Consistency,
     Distribution,
-    DuplicateKey,
-    DuplicateNode,
     DuplicateRequest,
     InsufficientBalance,
-    InsufficientEarnings,
     InvalidAmount,
     JournalEntry,
     LedgerError,
-    ManifestMismatch,
     NodeInfo,
     NodeRecord,
     ReservationClosed,
@@ -55,25 +51,8 @@ from teeshard.ledger.interface import (
 )
 from teeshard.ledger.keys import hash_api_key
 
-_ERRORS: dict[str, type[LedgerError]] = {
-    "invalid_amount": InvalidAmount,
-    "unknown_account": UnknownAccount,
-    "unknown_node": UnknownNode,
-    "unknown_request": UnknownRequest,
-    "unauthorized": Unauthorized,
-    "insufficient_balance": InsufficientBalance,
-    "insufficient_earnings": InsufficientEarnings,
-    "duplicate_request": DuplicateRequest,
-    "reservation_closed": ReservationClosed,
-    "duplicate_node": DuplicateNode,
-    "duplicate_key": DuplicateKey,
-    "manifest_mismatch": ManifestMismatch,
-    "too_many_nodes": LedgerError,
-}
-_REASON = re.compile(r"execution reverted:?\s*([a-z_]+)")
 MAX_SERVED = 16  # the contract's bound on nodes named by one settlement
 _STATES = {1: ReservationState.RESERVED, 2: ReservationState.SETTLED, 3: ReservationState.RELEASED}
-Messages = Mapping[str, str | Callable[[], str]]
 
 
 def chain_id_of(text: str) -> bytes:
@@ -135,7 +114,7 @@ class EvmLedger:
             try:
                 gas = fn.estimate_gas({"from": sender, "value": value})
             except Exception as exc:
-                raise self._revert_error(name, exc, messages) from None
+                raise revert_error(name, exc, messages) from None
             try:
                 tx = fn.build_transaction(
                     {
@@ -162,20 +141,9 @@ class EvmLedger:
                 with self._guard():
                     fn.call({"from": sender, "value": value})
             except Exception as exc:
-                raise self._revert_error(name, exc, messages) from None
+                raise revert_error(name, exc, messages) from None
             raise BackendError(f"{name} reverted on chain (transaction {tx_hash.hex()})")
         return receipt
-
-    def _revert_error(self, name: str, exc: Exception, messages: Messages | None) -> LedgerError:
-        match = _REASON.search(str(exc))
-        if match is None:
-            return BackendError(f"{name} failed: {exc}")
-        code = match.group(1)
-        message = (messages or {}).get(code)
-        text = message() if callable(message) else message
-        return _ERRORS.get(code, LedgerError)(
-            text or f"{name} refused by the ledger contract: {code}"
-        )
 
     @staticmethod
     def _address(account: str) -> str:
