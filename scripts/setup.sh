@@ -17,9 +17,9 @@ if [ ! -x "$VENV/bin/python" ]; then
     "$PYTHON" -m venv "$VENV"
 fi
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$FINGERPRINT" ]; then
-    echo "setup: installing $TORCH_SPEC and teeshard[dev] into $VENV"
+    echo "setup: installing $TORCH_SPEC and teeshard[dev,postgres,evm] into $VENV"
     "$VENV/bin/python" -m pip install --quiet --upgrade pip
     "$VENV/bin/python" -m pip install --quiet "$TORCH_SPEC"
-    "$VENV/bin/python" -m pip install --quiet -e ".[dev]"
+    "$VENV/bin/python" -m pip install --quiet -e ".[dev,postgres,evm]"
     echo "$FINGERPRINT" > "$STAMP"
 fi

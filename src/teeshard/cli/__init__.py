@@ -15,6 +15,9 @@ COMMAND_MODULES = (
     "teeshard.cli.chat",
     "teeshard.cli.demo",
     "teeshard.cli.attest",
+    "teeshard.cli.ledger",
+    "teeshard.cli.pool",
+    "teeshard.cli.chain",
 )
 
 

@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Services the ledger tests need beyond Python: a PostgreSQL server (Debian's
+# packages) and anvil, a local EVM dev chain (npm's @foundry-rs/anvil, installed
+# into .tools/, which ignores itself in git). Source it so the exports reach the
+# tests:   source scripts/ci-services.sh
+# Run as root on Debian 12 (CI). Elsewhere it does what it can and says what it
+# skipped; the tests that need a missing service skip with the reason.
+# Exports: TEESHARD_TEST_POSTGRES_URL, TEESHARD_ANVIL.
+
+_teeshard_services() {
+    local root db_user=teeshard db_name=teeshard_test db_password=teeshard
+    root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+
+    # -- PostgreSQL ------------------------------------------------------------------
+    if ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then
+        if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+            echo "ci-services: installing PostgreSQL from Debian packages"
+            apt-get update -qq
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+        else
+            echo "ci-services: PostgreSQL is not installed and this is not root on Debian: skipping it"
+        fi
+    fi
+    local version
+    version="$(ls /usr/lib/postgresql 2>/dev/null | sort -V | tail -n 1 || true)"
+    if [ -n "$version" ] && [ "$(id -u)" = 0 ]; then
+        if ! pg_lsclusters -h 2>/dev/null | awk '{print $1" "$2}' | grep -qx "$version main"; then
+            pg_createcluster "$version" main >/dev/null
+        fi
+        if ! pg_lsclusters -h | awk -v v="$version" '$1==v && $2=="main" {print $4}' | grep -qx online; then
+            pg_ctlcluster "$version" main start
+        fi
+        local port
+        port="$(pg_lsclusters -h | awk -v v="$version" '$1==v && $2=="main" {print $3}')"
+        runuser -u postgres -- psql -q -p "$port" -v ON_ERROR_STOP=1 <<SQL
+DO \$\$ BEGIN
+  IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '$db_user') THEN
+    CREATE ROLE $db_user LOGIN PASSWORD '$db_password' CREATEDB;
+  END IF;
+END \$\$;
+SQL
+        if ! runuser -u postgres -- psql -p "$port" -tAc "SELECT 1 FROM pg_database WHERE datname='$db_name'" | grep -q 1; then
+            runuser -u postgres -- createdb -p "$port" -O "$db_user" "$db_name"
+        fi
+        export TEESHARD_TEST_POSTGRES_URL="postgresql://$db_user:$db_password@127.0.0.1:$port/$db_name"
+        echo "ci-services: PostgreSQL $version on port $port, database $db_name"
+    fi
+
+    # -- anvil -----------------------------------------------------------------------
+    local tools="$root/.tools"
+    mkdir -p "$tools"
+    [ -f "$tools/.gitignore" ] || echo '*' > "$tools/.gitignore"
+    if [ ! -x "$tools/node_modules/.bin/anvil" ]; then
+        if command -v npm >/dev/null; then
+            echo "ci-services: installing anvil from npm into .tools/"
+            npm install --prefix "$tools" --no-audit --no-fund --silent @foundry-rs/anvil@1.7.1
+        else
+            echo "ci-services: npm is not installed: skipping anvil"
+        fi
+    fi
+    local anvil
+    # The platform package carries the binary; the .bin wrapper needs node on PATH.
+    anvil="$(ls "$tools"/node_modules/@foundry-rs/anvil-*/bin/anvil 2>/dev/null | head -n 1 || true)"
+    [ -n "$anvil" ] || anvil="$tools/node_modules/.bin/anvil"
+    if [ -x "$anvil" ] && "$anvil" --version >/dev/null 2>&1; then
+        export TEESHARD_ANVIL="$anvil"
+        echo "ci-services: $("$anvil" --version | head -n 1) at $anvil"
+    else
+        echo "ci-services: anvil is not runnable: the anvil tests will skip"
+    fi
+}
+_teeshard_services
+unset -f _teeshard_services

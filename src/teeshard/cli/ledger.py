@@ -1,0 +1,195 @@
+"""``teeshard ledger``: accounts and balances (deposit, balance, history, keys, entries, audit).
+
+Works against any backend named by ``--ledger URL`` (see ``teeshard.ledger.factory``):
+SQL ledgers act as ``--actor`` (the owner by default), EVM ledgers as the key in
+``$TEESHARD_EVM_KEY``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from rich.console import Console
+from rich.table import Table
+
+from teeshard.ledger.factory import default_url
+from teeshard.ledger.interface import Ledger, LedgerError
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def add_ledger_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--ledger",
+        default=None,
+        help=f"ledger URL: sqlite:///FILE, postgresql://..., evm+http://HOST:PORT?contract=0x... "
+        f"(default $TEESHARD_LEDGER or {default_url()})",
+    )
+    parser.add_argument(
+        "--actor",
+        default=None,
+        help="who acts on an SQL ledger (default $TEESHARD_LEDGER_ACTOR or 'owner'); "
+        "on chain the key in $TEESHARD_EVM_KEY acts",
+    )
+
+
+def open_from_args(args: argparse.Namespace) -> Ledger:
+    from teeshard.ledger.factory import open_ledger
+
+    return open_ledger(args.ledger, actor=args.actor)
+
+
+def ledger_command(fn: Callable[[argparse.Namespace, Ledger], int]) -> Command:
+    """Open the ledger, run, close; a ledger error is one clear line and exit status 1."""
+
+    @functools.wraps(fn)
+    def run(args: argparse.Namespace) -> int:
+        from teeshard.ledger.registration import RegistrationRefused
+
+        try:
+            ledger = open_from_args(args)
+        except LedgerError as exc:
+            print(f"teeshard: error: {exc}", file=sys.stderr)
+            return 1
+        try:
+            return fn(args, ledger)
+        except LedgerError as exc:
+            print(f"teeshard: error: {exc.code}: {exc}", file=sys.stderr)
+            return 1
+        except RegistrationRefused as exc:
+            print(f"teeshard: refused: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            ledger.close()
+
+    return run
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("ledger", help="token accounts: deposit, balance, history")
+    commands = parser.add_subparsers(dest="ledger_command", required=True, metavar="COMMAND")
+
+    def sub(name: str, help: str, func: Command) -> argparse.ArgumentParser:
+        p = commands.add_parser(name, help=help)
+        add_ledger_options(p)
+        p.set_defaults(func=func)
+        return p
+
+    p = sub("deposit", "credit AMOUNT tokens to ACCOUNT (on chain: pay ETH for them)", deposit)
+    p.add_argument("amount", type=int, help="tokens (integer)")
+    p.add_argument("--account", default=None, help="account (default: the actor / your wallet)")
+    p = sub("balance", "show an account's balances", balance)
+    p.add_argument("--account", default=None, help="account (default: the actor / your wallet)")
+    p = sub("history", "show an account's journal, newest first", history)
+    p.add_argument("--account", default=None, help="account (default: the actor / your wallet)")
+    p.add_argument("--limit", type=int, default=50, help="rows (default 50)")
+    p = sub(
+        "open-account", "open an account (SQL: owner only; on chain: your wallet)", open_account
+    )
+    p.add_argument("account", nargs="?", default=None)
+    p = sub("new-key", "make an API key for an account; printed once, stored hashed", new_key)
+    p.add_argument("--account", default=None, help="account (default: the actor / your wallet)")
+    p = sub("authorize-entry", "let an entry node reserve and settle charges (owner)", authorize)
+    p.add_argument("entry", help="entry node name (SQL) or address (EVM)")
+    sub("check", "recompute every balance from the journal and compare", check)
+    p = sub("recover", "release reservations this entry left open (and stale ones)", recover)
+    p.add_argument("--older-than", type=float, default=None, help="also release any older (s)")
+
+
+def _account(args: argparse.Namespace, ledger: Ledger) -> str:
+    return str(args.account or ledger.actor)
+
+
+def _time(at: float) -> str:
+    return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+@ledger_command
+def deposit(args: argparse.Namespace, ledger: Ledger) -> int:
+    entry = ledger.deposit(_account(args, ledger), args.amount)
+    print(f"deposited {entry.available} tokens to {entry.account}")
+    print(f"available: {ledger.balance(entry.account).available}")
+    return 0
+
+
+@ledger_command
+def balance(args: argparse.Namespace, ledger: Ledger) -> int:
+    b = ledger.balance(_account(args, ledger))
+    print(f"account:   {b.account}")
+    print(f"available: {b.available}")
+    print(f"reserved:  {b.reserved}")
+    print(f"earnings:  {b.earnings}")
+    return 0
+
+
+@ledger_command
+def history(args: argparse.Namespace, ledger: Ledger) -> int:
+    account = _account(args, ledger)
+    table = Table(title=f"journal of {account}")
+    for column in ("seq", "time (UTC)", "kind", "available", "reserved", "earnings", "request"):
+        table.add_column(
+            column, justify="right" if column in ("available", "reserved", "earnings") else "left"
+        )
+    for e in ledger.history(account, args.limit):
+        table.add_row(
+            str(e.seq),
+            _time(e.at),
+            e.kind,
+            f"{e.available:+d}",
+            f"{e.reserved:+d}",
+            f"{e.earnings:+d}",
+            e.request_id or e.memo or "",
+        )
+    Console().print(table)
+    return 0
+
+
+@ledger_command
+def open_account(args: argparse.Namespace, ledger: Ledger) -> int:
+    account = args.account or ledger.actor
+    ledger.open_account(account)
+    print(f"account {account} is open")
+    return 0
+
+
+@ledger_command
+def new_key(args: argparse.Namespace, ledger: Ledger) -> int:
+    from teeshard.ledger.keys import new_api_key
+
+    account = _account(args, ledger)
+    key = new_api_key()
+    ledger.add_api_key(account, key)
+    print(f"API key for {account} (shown once; only its hash is stored):", file=sys.stderr)
+    print(key)
+    return 0
+
+
+@ledger_command
+def authorize(args: argparse.Namespace, ledger: Ledger) -> int:
+    ledger.authorize_entry(args.entry)
+    print(f"{args.entry} may now reserve and settle charges")
+    return 0
+
+
+@ledger_command
+def check(args: argparse.Namespace, ledger: Ledger) -> int:
+    result = ledger.check()
+    print(f"accounts checked: {result.accounts_checked}")
+    print(f"deposits {result.total_in}, withdrawals {result.total_out}, held {result.held}")
+    for line in result.mismatches:
+        print(f"MISMATCH {line}")
+    print("consistent" if result.ok else "INCONSISTENT")
+    return 0 if result.ok else 1
+
+
+@ledger_command
+def recover(args: argparse.Namespace, ledger: Ledger) -> int:
+    released = ledger.recover(args.older_than)
+    print(f"released {len(released)} reservations")
+    for request_id in released:
+        print(f"  {request_id}")
+    return 0

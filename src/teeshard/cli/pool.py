@@ -1,0 +1,147 @@
+"""``teeshard pool``: nodes and revenue (list, register, admit, edit, remove, distribute, withdraw)."""
+
+from __future__ import annotations
+
+import argparse
+
+from rich.console import Console
+from rich.table import Table
+
+from teeshard.cli.ledger import Command, add_ledger_options, ledger_command
+from teeshard.ledger.interface import Ledger
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("pool", help="contribution pool: nodes, distribution, payouts")
+    commands = parser.add_subparsers(dest="pool_command", required=True, metavar="COMMAND")
+
+    def sub(name: str, help: str, func: Command) -> argparse.ArgumentParser:
+        p = commands.add_parser(name, help=help)
+        add_ledger_options(p)
+        p.set_defaults(func=func)
+        return p
+
+    sub("list", "registered nodes with the work they served", list_nodes)
+    for name, func, help in (
+        ("register", register_node, "verify a node's attestation and register it (as operator)"),
+        ("admit", admit_node, "verify a registered node's attestation and admit it (entry/owner)"),
+    ):
+        p = sub(name, help, func)
+        p.add_argument("--url", required=True, help="the node's HTTP URL (serves /v1/attestation)")
+        p.add_argument(
+            "--expected",
+            default=None,
+            help="file of the model's expected shard hashes: {model, shards: {'0:11': HASH}}",
+        )
+        p.add_argument(
+            "--expected-hash", action="append", default=[], help="an expected manifest hash"
+        )
+        p.add_argument("--node-id", default=None, help="id the node reports (default host:port)")
+        p.add_argument("--allow-simulated", action="store_true", help="accept simulated evidence")
+        p.add_argument(
+            "--insecure-skip-quote",
+            action="store_true",
+            help="register without verifying the TEE quote (until teeshard.attest is installed)",
+        )
+    p = sub("edit", "change a node's URL or manifest hash (its operator)", edit_node)
+    p.add_argument("node_id")
+    p.add_argument("--url", default=None)
+    p.add_argument("--manifest-hash", default=None, help="a new hash needs admission again")
+    p = sub("remove", "remove a node (its operator); served work is still paid", remove_node)
+    p.add_argument("node_id")
+    sub("distribute", "split the pool by tokens served since the last distribution", distribute)
+    p = sub("withdraw", "pay out the caller's earnings (default: all)", withdraw)
+    p.add_argument("amount", nargs="?", type=int, default=None)
+
+
+@ledger_command
+def list_nodes(args: argparse.Namespace, ledger: Ledger) -> int:
+    table = Table(title=f"pool: {ledger.pool()} tokens to distribute")
+    for column in ("node", "operator", "url", "layers", "manifest", "admitted", "served", "total"):
+        table.add_column(column, justify="right" if column in ("served", "total") else "left")
+    for n in ledger.nodes():
+        table.add_row(
+            n.node_id,
+            n.operator,
+            n.url,
+            n.layers,
+            n.manifest_hash[:12] + "…",
+            "yes" if n.admitted else "no",
+            str(n.served_tokens),
+            str(n.served_total),
+        )
+    Console().print(table)
+    return 0
+
+
+def _expected(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from teeshard.ledger.registration import ExpectedShards
+
+    if args.expected:
+        return ExpectedShards.load(args.expected)
+    if args.expected_hash:
+        return ExpectedShards.of(args.expected_hash)
+    raise ValueError("name the model's expected shard hashes: --expected FILE or --expected-hash")
+
+
+def _verified(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from teeshard.ledger.registration import default_verifier
+
+    return default_verifier(args.allow_simulated, args.insecure_skip_quote)
+
+
+@ledger_command
+def register_node(args: argparse.Namespace, ledger: Ledger) -> int:
+    from teeshard.ledger.registration import register_from_url
+
+    result = register_from_url(
+        ledger, args.url, _expected(args), _verified(args), node_id=args.node_id
+    )
+    for note in result.verified.notes:
+        print(f"checked: {note}")
+    print(f"registered node {result.node.node_id} ({result.node.manifest_hash[:12]}…)")
+    if not result.admitted:
+        print("awaiting admission: an entry node runs 'teeshard pool admit --url ...'")
+    return 0
+
+
+@ledger_command
+def admit_node(args: argparse.Namespace, ledger: Ledger) -> int:
+    from teeshard.ledger.registration import admit_from_url
+
+    record = admit_from_url(
+        ledger, args.url, _expected(args), _verified(args), node_id=args.node_id
+    )
+    print(f"admitted node {record.node_id}")
+    return 0
+
+
+@ledger_command
+def edit_node(args: argparse.Namespace, ledger: Ledger) -> int:
+    record = ledger.edit_node(args.node_id, url=args.url, manifest_hash=args.manifest_hash)
+    state = "admitted" if record.admitted else "not admitted"
+    print(f"node {record.node_id}: {record.url}, manifest {record.manifest_hash[:12]}…, {state}")
+    return 0
+
+
+@ledger_command
+def remove_node(args: argparse.Namespace, ledger: Ledger) -> int:
+    ledger.remove_node(args.node_id)
+    print(f"removed node {args.node_id}")
+    return 0
+
+
+@ledger_command
+def distribute(args: argparse.Namespace, ledger: Ledger) -> int:
+    result = ledger.distribute()
+    print(f"pool {result.pool_before}: distributed {result.distributed}, kept {result.remainder}")
+    for operator, share in sorted(result.shares.items()):
+        print(f"  {operator}: {share}")
+    return 0
+
+
+@ledger_command
+def withdraw(args: argparse.Namespace, ledger: Ledger) -> int:
+    entry = ledger.withdraw(args.amount)
+    print(f"withdrew {-entry.earnings} tokens for {entry.account}")
+    return 0

@@ -1,0 +1,1 @@
+"""Token ledger and contribution pool: SQL (default) and EVM backends behind one protocol."""

@@ -1,0 +1,226 @@
+"""``Billing`` for the entry node over any ``Ledger``: reserve, settle, release.
+
+Plug-in::
+
+    billing = billing_from_url("sqlite:///ledger.db", pricing="pricing.toml", actor="entry-1")
+    Generator(service, codec, wire_dtype, default_max_tokens, billing=billing)
+
+Behaviour:
+- no API key: 401; a key no account has: 401; not enough balance for the most
+  the request can cost: 402 with both numbers;
+- operators of admitted nodes use the model free (cost 0 in the usage);
+- settle charges the priced usage (never above what was reserved), releases
+  the rest, and credits every admitted node of the serving chain with the
+  request's model tokens; nodes not admitted are skipped, and free requests
+  credit no work, so an operator cannot raise its share by using its own node;
+- a failed release is logged (request id only) and left to recovery;
+- at start, ``recover`` releases reservations this entry left behind.
+
+Ledger calls block, so they run on a thread pool; the event loop never waits on
+the database or the chain. Nothing here logs an API key, a prompt or a completion.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+from teeshard.entry.billing import ChargeRequest, Reservation, Settlement
+from teeshard.entry.errors import APIError
+from teeshard.ledger.interface import (
+    BackendError,
+    InsufficientBalance,
+    Ledger,
+    LedgerError,
+    UnknownAccount,
+    UnknownNode,
+    served_map,
+)
+from teeshard.ledger.pricing import Pricing, Usage
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+NODES_TTL_S = 30.0
+
+
+@dataclass(frozen=True)
+class _Pending:
+    model: str
+    account: str
+    free: bool
+
+
+class LedgerBilling:
+    def __init__(
+        self,
+        ledger: Ledger,
+        pricing: Pricing | None = None,
+        *,
+        free_for_operators: bool = True,
+        max_workers: int = 16,
+    ) -> None:
+        self.ledger = ledger
+        self.pricing = pricing or Pricing()
+        per_character = [
+            name
+            for name, price in {"default": self.pricing.default, **self.pricing.models}.items()
+            if price.scheme == "per_character"
+        ]
+        if per_character:
+            # Billing.settle receives token counts only; characters need the entry
+            # node to pass them (see the module docstring of teeshard.ledger.pricing).
+            raise ValueError(
+                f"per-character pricing ({', '.join(per_character)}) needs character counts "
+                "that the entry node does not pass to Billing.settle yet; use per_token"
+            )
+        self.free_for_operators = free_for_operators
+        self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="ledger")
+        self._pending: dict[str, _Pending] = {}
+        self._admitted: frozenset[str] = frozenset()
+        self._admitted_at = 0.0
+
+    async def _run(self, fn: Callable[..., T], *args: object) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    def recover(self, older_than_s: float | None = None) -> list[str]:
+        """Release what an earlier process of this entry left reserved (call at start)."""
+        released = self.ledger.recover(older_than_s)
+        if released:
+            log.warning("released %d reservations left by an earlier run", len(released))
+        return released
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        self.ledger.close()
+
+    # -- Billing ---------------------------------------------------------------------
+
+    async def reserve(self, request: ChargeRequest) -> Reservation:
+        if not request.api_key:
+            raise APIError(
+                401,
+                "this node charges for use: send 'Authorization: Bearer <api key>'",
+                code="missing_api_key",
+            )
+        try:
+            account = await self._run(self.ledger.account_for_key, request.api_key)
+            free = self.free_for_operators and await self._run(self.ledger.is_operator, account)
+        except UnknownAccount:
+            raise APIError(401, "invalid API key", code="invalid_api_key") from None
+        except LedgerError as exc:
+            raise _unavailable(exc) from None
+        if free:
+            self._pending[request.request_id] = _Pending(request.model, account, True)
+            return Reservation(request.request_id, account, 0)
+        amount = self.pricing.max_cost(
+            request.model, request.prompt_tokens, request.max_completion_tokens
+        )
+        if amount == 0:  # a free model: nothing to hold
+            self._pending[request.request_id] = _Pending(request.model, account, True)
+            return Reservation(request.request_id, account, 0)
+        try:
+            await self._run(self.ledger.reserve, request.request_id, account, amount)
+        except InsufficientBalance as exc:
+            raise APIError(
+                402,
+                f"insufficient balance: this request may cost up to {amount} "
+                f"({request.prompt_tokens} prompt tokens and up to {request.max_completion_tokens} "
+                f"completion tokens at {request.model!r} prices) and the account has "
+                f"{exc.available} available; deposit more or lower max_tokens",
+                code="insufficient_balance",
+            ) from None
+        except LedgerError as exc:
+            raise _unavailable(exc) from None
+        self._pending[request.request_id] = _Pending(request.model, account, False)
+        return Reservation(request.request_id, account, amount)
+
+    async def settle(
+        self,
+        reservation: Reservation,
+        prompt_tokens: int,
+        completion_tokens: int,
+        served_by: Sequence[str],
+    ) -> Settlement:
+        pending = self._pending.pop(reservation.request_id, None)
+        if pending is None or pending.free or reservation.account is None:
+            balance = None
+            if reservation.account is not None:
+                balance = await self._balance(reservation.account)
+            return Settlement(reservation.request_id, prompt_tokens, completion_tokens, 0, balance)
+        usage = Usage(prompt_tokens, completion_tokens)
+        cost = min(self.pricing.cost(pending.model, usage), reservation.reserved)
+        tokens = prompt_tokens + completion_tokens
+        admitted = await self._admitted_nodes(refresh=False)
+        served = served_map([n for n in served_by if n in admitted], tokens)
+        try:
+            try:
+                await self._run(self.ledger.settle, reservation.request_id, cost, served)
+            except UnknownNode:
+                # Our list of admitted nodes was stale: refresh it and try once more.
+                admitted = await self._admitted_nodes(refresh=True)
+                served = served_map([n for n in served_by if n in admitted], tokens)
+                await self._run(self.ledger.settle, reservation.request_id, cost, served)
+        except LedgerError as exc:
+            log.error("settling request %s failed: %s", reservation.request_id, exc)
+            raise _unavailable(exc) from None
+        balance = await self._balance(pending.account)
+        return Settlement(reservation.request_id, prompt_tokens, completion_tokens, cost, balance)
+
+    async def release(self, reservation: Reservation) -> None:
+        pending = self._pending.pop(reservation.request_id, None)
+        if pending is None or pending.free:
+            return
+        try:
+            await self._run(self.ledger.release, reservation.request_id)
+        except LedgerError as exc:
+            # Runs in cleanup paths: raising would hide the request's own error.
+            # The reservation stays open until recovery releases it.
+            log.error("releasing request %s failed: %s", reservation.request_id, exc)
+
+    # -- helpers ---------------------------------------------------------------------
+
+    async def _balance(self, account: str) -> int | None:
+        try:
+            return (await self._run(self.ledger.balance, account)).available
+        except LedgerError:
+            return None
+
+    async def _admitted_nodes(self, refresh: bool) -> frozenset[str]:
+        if refresh or time.monotonic() - self._admitted_at > NODES_TTL_S:
+            nodes = await self._run(self.ledger.nodes)
+            self._admitted = frozenset(n.node_id for n in nodes if n.admitted)
+            self._admitted_at = time.monotonic()
+        return self._admitted
+
+
+def _unavailable(exc: LedgerError) -> APIError:
+    if isinstance(exc, BackendError):
+        return APIError(503, "the ledger is unavailable; try again", code="ledger_unavailable")
+    return APIError(500, f"ledger error: {exc.message}", code=exc.code)
+
+
+def billing_from_url(
+    url: str | None = None,
+    pricing: Pricing | str | Path | None = None,
+    *,
+    actor: str | None = None,
+    recover: bool = True,
+    free_for_operators: bool = True,
+) -> LedgerBilling:
+    """Open the ledger at ``url`` (see ``teeshard.ledger.factory``) as entry ``actor``."""
+    from teeshard.ledger.factory import open_ledger
+
+    if isinstance(pricing, str | Path):
+        pricing = Pricing.load(pricing)
+    billing = LedgerBilling(
+        open_ledger(url, actor=actor), pricing, free_for_operators=free_for_operators
+    )
+    if recover:
+        billing.recover()
+    return billing

@@ -1,0 +1,57 @@
+"""Contract reverts as ledger errors: the contract's short reason codes, mapped to the tree.
+
+The contract reverts with a code (``insufficient_balance``); the client knows
+the context and supplies the message a person reads.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+
+from teeshard.ledger.interface import (
+    BackendError,
+    DuplicateKey,
+    DuplicateNode,
+    DuplicateRequest,
+    InsufficientBalance,
+    InsufficientEarnings,
+    InvalidAmount,
+    LedgerError,
+    ManifestMismatch,
+    ReservationClosed,
+    Unauthorized,
+    UnknownAccount,
+    UnknownNode,
+    UnknownRequest,
+)
+
+Messages = Mapping[str, str | Callable[[], str]]
+
+_ERRORS: dict[str, type[LedgerError]] = {
+    "invalid_amount": InvalidAmount,
+    "unknown_account": UnknownAccount,
+    "unknown_node": UnknownNode,
+    "unknown_request": UnknownRequest,
+    "unauthorized": Unauthorized,
+    "insufficient_balance": InsufficientBalance,
+    "insufficient_earnings": InsufficientEarnings,
+    "duplicate_request": DuplicateRequest,
+    "reservation_closed": ReservationClosed,
+    "duplicate_node": DuplicateNode,
+    "duplicate_key": DuplicateKey,
+    "manifest_mismatch": ManifestMismatch,
+    "too_many_nodes": LedgerError,
+}
+_REASON = re.compile(r"execution reverted:?\s*([a-z_]+)")
+
+
+def revert_error(name: str, exc: Exception, messages: Messages | None) -> LedgerError:
+    """The LedgerError for a failed call of contract function ``name``."""
+    match = _REASON.search(str(exc))
+    if match is None:
+        return BackendError(f"{name} failed: {exc}")
+    code = match.group(1)
+    message = (messages or {}).get(code)
+    text = message() if callable(message) else message
+    return _ERRORS.get(code, LedgerError)(text or f"{name} refused by the ledger contract: {code}")

@@ -1,0 +1,103 @@
+"""Fixtures: ``world`` runs a test once per ledger backend (SQLite, PostgreSQL, EVM, anvil).
+
+PostgreSQL needs ``TEESHARD_TEST_POSTGRES_URL`` and anvil needs the binary
+(``scripts/ci-services.sh`` provides both); without them those runs skip and
+say why. CI runs that script, so there they never skip.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from ledger_harness import (
+    World,
+    anvil_path,
+    evm_world,
+    postgres_url,
+    reset_postgres,
+    sql_world,
+)
+
+BACKENDS = ("sqlite", "postgres", "evm", "anvil")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def anvil_rpc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    binary = anvil_path()
+    if binary is None:
+        pytest.skip("anvil is not installed (run scripts/ci-services.sh or set TEESHARD_ANVIL)")
+    from teeshard.ledger import anvil
+
+    state = tmp_path_factory.mktemp("anvil") / "state.json"
+    chain = anvil.start(state, port=_free_port(), anvil=binary)
+    try:
+        yield chain.rpc_url
+    finally:
+        anvil.stop(state)
+
+
+@pytest.fixture(scope="session")
+def anvil_chain(anvil_rpc: str) -> object:
+    from teeshard.ledger.evm import Chain
+
+    return Chain.connect(anvil_rpc)
+
+
+def make_world(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> World:
+    if backend == "sqlite":
+        url = f"sqlite:///{tmp_path / 'ledger.db'}"
+        return sql_world(backend, url)
+    if backend == "postgres":
+        url = postgres_url()
+        if url is None:
+            pytest.skip("no PostgreSQL: set TEESHARD_TEST_POSTGRES_URL (scripts/ci-services.sh)")
+        try:
+            reset_postgres(url)
+        except Exception as exc:  # the server is named but does not answer
+            pytest.skip(f"PostgreSQL at TEESHARD_TEST_POSTGRES_URL does not answer: {exc}")
+        return sql_world(backend, url)
+    if backend == "evm":
+        from teeshard.ledger.evm import Chain
+
+        return evm_world(backend, Chain.tester())
+    if backend == "anvil":
+        chain = request.getfixturevalue("anvil_chain")
+        return evm_world(backend, chain, request.getfixturevalue("anvil_rpc"))
+    raise ValueError(backend)
+
+
+@pytest.fixture(params=BACKENDS)
+def world(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[World]:
+    w = make_world(request.param, request, tmp_path)
+    try:
+        yield w
+    finally:
+        w.owner.close()
+
+
+@pytest.fixture(params=("sqlite", "postgres"))
+def sql(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[World]:
+    w = make_world(request.param, request, tmp_path)
+    try:
+        yield w
+    finally:
+        w.owner.close()
+
+
+@pytest.fixture(params=("sqlite", "evm"))
+def one_sql_one_evm(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[World]:
+    """For tests whose backend-specific part the full suite already covers."""
+    w = make_world(request.param, request, tmp_path)
+    try:
+        yield w
+    finally:
+        w.owner.close()

@@ -1,0 +1,132 @@
+"""LedgerBilling driven as the entry node's generation loop drives it, on every backend."""
+
+from __future__ import annotations
+
+import pytest
+from ledger_harness import World
+
+from teeshard.entry.billing import ChargeRequest
+from teeshard.entry.errors import APIError
+from teeshard.entry.generation import Generation
+from teeshard.entry.serving import _usage
+from teeshard.ledger.billing import LedgerBilling
+from teeshard.ledger.interface import NodeInfo
+from teeshard.ledger.pricing import ModelPrice, Pricing
+
+PRICING = Pricing(models={"tiny": ModelPrice(prompt_per_1k=1000, completion_per_1k=2000)})
+
+
+def customer(world: World, funds: int, key: str) -> str:
+    account, as_account = world.new_account(funds=funds)
+    as_account.add_api_key(account, key)
+    return account
+
+
+def charge(
+    key: str | None, prompt: int = 10, max_tokens: int = 20, rid: str = "g1"
+) -> ChargeRequest:
+    return ChargeRequest(rid, key, "tiny", prompt, max_tokens)
+
+
+async def test_reserve_then_settle_charges_usage_and_credits_the_chain(world: World) -> None:
+    _, as_op = world.new_account()
+    as_op.register_node(NodeInfo("node-1", "http://n1:1", "d" * 64))
+    world.owner.admit_node("node-1", "d" * 64)
+    account = customer(world, 1000, "tsk_customer")
+    billing = LedgerBilling(world.entry, PRICING)
+    reservation = await billing.reserve(charge("tsk_customer"))
+    assert reservation.reserved == 10 + 40  # the most it can cost: 10 prompt + 20 completion
+    assert world.entry.balance(account).reserved == 50
+    # the serving chain: the entry itself (not registered) and node-1
+    settlement = await billing.settle(reservation, 10, 7, ["entry:8000", "node-1"])
+    assert (settlement.cost, settlement.balance) == (10 + 14, 1000 - 24)
+    balance = world.entry.balance(account)
+    assert (balance.available, balance.reserved) == (976, 0)
+    assert {n.node_id: n.served_tokens for n in world.entry.nodes()} == {"node-1": 17}
+    assert world.entry.pool() == 24
+    # usage and cost in the response
+    generation = Generation("g1", 10, 7, "stop", reservation=reservation, settlement=settlement)
+    usage = _usage(generation)
+    assert (usage["total_tokens"], usage["cost"], usage["balance"]) == (17, 24, 976)
+
+
+async def test_failed_generation_is_released_in_full(world: World) -> None:
+    account = customer(world, 100, "tsk_fail")
+    billing = LedgerBilling(world.entry, PRICING)
+    reservation = await billing.reserve(charge("tsk_fail", rid="g-fail"))
+    await billing.release(reservation)
+    await billing.release(reservation)  # cleanup paths may call it twice
+    balance = world.entry.balance(account)
+    assert (balance.available, balance.reserved) == (100, 0)
+    assert world.owner.check().ok
+
+
+async def test_no_balance_is_402_and_bad_keys_401(world: World) -> None:
+    customer(world, 49, "tsk_poor")
+    billing = LedgerBilling(world.entry, PRICING)
+    with pytest.raises(APIError) as caught:
+        await billing.reserve(charge("tsk_poor"))
+    assert caught.value.status == 402 and caught.value.code == "insufficient_balance"
+    assert "up to 50" in caught.value.message and "49 available" in caught.value.message
+    for key, code in ((None, "missing_api_key"), ("tsk_nobody", "invalid_api_key")):
+        with pytest.raises(APIError) as caught:
+            await billing.reserve(charge(key))
+        assert (caught.value.status, caught.value.code) == (401, code)
+
+
+async def test_operators_use_the_model_free(world: World) -> None:
+    op, as_op = world.new_account()  # no funds at all
+    as_op.add_api_key(op, "tsk_operator")
+    as_op.register_node(NodeInfo("node-op", "http://op:1", "e" * 64))
+    billing = LedgerBilling(world.entry, PRICING)
+    with pytest.raises(APIError) as caught:  # registered but not admitted: no privileges
+        await billing.reserve(charge("tsk_operator", rid="g-op0"))
+    assert caught.value.status == 402
+    world.owner.admit_node("node-op", "e" * 64)
+    reservation = await billing.reserve(charge("tsk_operator", rid="g-op"))
+    assert reservation.reserved == 0 and reservation.account == op
+    settlement = await billing.settle(reservation, 10, 20, ["node-op"])
+    assert settlement.cost == 0
+    assert world.entry.pool() == 0
+    # free use credits no work: an operator cannot raise its own share
+    assert world.entry.nodes()[0].served_tokens == 0
+
+
+async def test_recovery_at_start(world: World) -> None:
+    account = customer(world, 100, "tsk_crash")
+    billing = LedgerBilling(world.entry, PRICING)
+    await billing.reserve(charge("tsk_crash", rid="g-crash"))
+    restarted = LedgerBilling(world.restarted_entry(), PRICING)
+    assert restarted.recover() == ["g-crash"]
+    assert world.entry.balance(account).available == 100
+
+
+def test_billing_from_url_opens_the_ledger_with_pricing_and_recovers(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from teeshard.ledger.billing import billing_from_url
+    from teeshard.ledger.sql import SqlLedger
+
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    owner = SqlLedger.open(url, "owner")
+    owner.open_account("alice")
+    owner.deposit("alice", 100)
+    owner.authorize_entry("entry-9")
+    owner.as_actor("entry-9").reserve("left-open", "alice", 70)
+    pricing = tmp_path / "pricing.toml"
+    pricing.write_text('[models."tiny"]\nprompt_per_1k = 3000\ncompletion_per_1k = 5000\n')
+    billing = billing_from_url(url, pricing, actor="entry-9")
+    try:
+        assert billing.pricing.for_model("tiny").completion_per_1k == 5000
+        assert owner.balance("alice").available == 100  # recovered at start
+    finally:
+        billing.close()
+        owner.close()
+
+
+def test_per_character_pricing_is_refused_until_the_entry_passes_characters(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from teeshard.ledger.sql import SqlLedger
+
+    ledger = SqlLedger.open(f"sqlite:///{tmp_path / 'l.db'}", "owner")
+    legacy = Pricing(models={"legacy": ModelPrice(scheme="per_character")})
+    with pytest.raises(ValueError, match="character counts"):
+        LedgerBilling(ledger, legacy)
+    ledger.close()
