@@ -106,7 +106,7 @@ def backend(name: str, threads: int, funds: int) -> Iterator[Setup | str]:
         elif name == "postgres":
             url = os.environ.get("TEESHARD_TEST_POSTGRES_URL")
             if not url:
-                yield "no TEESHARD_TEST_POSTGRES_URL (scripts/ci-services.sh)"
+                yield "no TEESHARD_TEST_POSTGRES_URL (scripts/services.sh)"
                 return
             sys.path.insert(0, str(ROOT / "tests" / "ledger"))
             from ledger_harness import reset_postgres
@@ -123,7 +123,7 @@ def backend(name: str, threads: int, funds: int) -> Iterator[Setup | str]:
 
             binary = anvil.find_anvil(ROOT)
             if binary is None:
-                yield "anvil not installed (scripts/ci-services.sh)"
+                yield "anvil not installed (scripts/services.sh)"
                 return
             state = Path(tmp) / "state.json"
             chain = anvil.start(state, port=_free_port(), anvil=binary)

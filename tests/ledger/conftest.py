@@ -1,7 +1,7 @@
 """Fixtures: ``world`` runs a test once per ledger backend (SQLite, PostgreSQL, EVM, anvil).
 
 PostgreSQL needs ``TEESHARD_TEST_POSTGRES_URL`` and anvil needs the binary
-(``scripts/ci-services.sh`` provides both); without them those runs skip and
+(``scripts/services.sh`` provides both); without them those runs skip and
 say why. CI runs that script, so there they never skip.
 """
 
@@ -34,7 +34,7 @@ def _free_port() -> int:
 def anvil_rpc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     binary = anvil_path()
     if binary is None:
-        pytest.skip("anvil is not installed (run scripts/ci-services.sh or set TEESHARD_ANVIL)")
+        pytest.skip("anvil is not installed (run scripts/services.sh or set TEESHARD_ANVIL)")
     from teeshard.ledger import anvil
 
     state = tmp_path_factory.mktemp("anvil") / "state.json"
@@ -59,7 +59,7 @@ def make_world(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> 
     if backend == "postgres":
         url = postgres_url()
         if url is None:
-            pytest.skip("no PostgreSQL: set TEESHARD_TEST_POSTGRES_URL (scripts/ci-services.sh)")
+            pytest.skip("no PostgreSQL: set TEESHARD_TEST_POSTGRES_URL (scripts/services.sh)")
         try:
             reset_postgres(url)
         except Exception as exc:  # the server is named but does not answer

@@ -99,7 +99,7 @@ def test_evm_ledger_on_a_persistent_anvil_chain(
 ) -> None:
     binary = anvil_path()
     if binary is None:
-        pytest.skip("anvil is not installed (run scripts/ci-services.sh or set TEESHARD_ANVIL)")
+        pytest.skip("anvil is not installed (run scripts/services.sh or set TEESHARD_ANVIL)")
     monkeypatch.setenv("TEESHARD_ANVIL", binary)
     monkeypatch.setenv("TEESHARD_EVM_KEY", DEV_KEY)
     state = str(tmp_path / "chain.json")

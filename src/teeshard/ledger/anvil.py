@@ -28,7 +28,7 @@ DEV_KEY = "0xac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80"
 
 
 def find_anvil(root: Path | None = None) -> str | None:
-    """``$TEESHARD_ANVIL``, then ``.tools/`` (scripts/ci-services.sh), then PATH."""
+    """``$TEESHARD_ANVIL``, then ``.tools/`` (scripts/services.sh), then PATH."""
     configured = os.environ.get(ANVIL_ENV)
     if configured and Path(configured).is_file():
         return configured
@@ -77,7 +77,7 @@ def start(
     binary = anvil or find_anvil()
     if binary is None:
         raise FileNotFoundError(
-            "anvil not found: run scripts/ci-services.sh (npm @foundry-rs/anvil into .tools/) "
+            "anvil not found: run scripts/services.sh (npm @foundry-rs/anvil into .tools/) "
             f"or set {ANVIL_ENV}"
         )
     state = state.resolve()

@@ -2,7 +2,7 @@
 # Services the ledger tests need beyond Python: a PostgreSQL server (Debian's
 # packages) and anvil, a local EVM dev chain (npm's @foundry-rs/anvil, installed
 # into .tools/, which ignores itself in git). Source it so the exports reach the
-# tests:   source scripts/ci-services.sh
+# tests:   source scripts/services.sh
 # Run as root on Debian 12 (CI). Elsewhere it does what it can and says what it
 # skipped; the tests that need a missing service skip with the reason.
 # Exports: TEESHARD_TEST_POSTGRES_URL, TEESHARD_ANVIL.
@@ -14,11 +14,11 @@ _teeshard_services() {
     # -- PostgreSQL ------------------------------------------------------------------
     if ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then
         if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-            echo "ci-services: installing PostgreSQL from Debian packages"
+            echo "services: installing PostgreSQL from Debian packages"
             apt-get update -qq
             DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
         else
-            echo "ci-services: PostgreSQL is not installed and this is not root on Debian: skipping it"
+            echo "services: PostgreSQL is not installed and this is not root on Debian: skipping it"
         fi
     fi
     local version
@@ -43,7 +43,7 @@ SQL
             runuser -u postgres -- createdb -p "$port" -O "$db_user" "$db_name"
         fi
         export TEESHARD_TEST_POSTGRES_URL="postgresql://$db_user:$db_password@127.0.0.1:$port/$db_name"
-        echo "ci-services: PostgreSQL $version on port $port, database $db_name"
+        echo "services: PostgreSQL $version on port $port, database $db_name"
     fi
 
     # -- anvil -----------------------------------------------------------------------
@@ -52,10 +52,10 @@ SQL
     [ -f "$tools/.gitignore" ] || echo '*' > "$tools/.gitignore"
     if [ ! -x "$tools/node_modules/.bin/anvil" ]; then
         if command -v npm >/dev/null; then
-            echo "ci-services: installing anvil from npm into .tools/"
+            echo "services: installing anvil from npm into .tools/"
             npm install --prefix "$tools" --no-audit --no-fund --silent @foundry-rs/anvil@1.7.1
         else
-            echo "ci-services: npm is not installed: skipping anvil"
+            echo "services: npm is not installed: skipping anvil"
         fi
     fi
     local anvil
@@ -64,9 +64,9 @@ SQL
     [ -n "$anvil" ] || anvil="$tools/node_modules/.bin/anvil"
     if [ -x "$anvil" ] && "$anvil" --version >/dev/null 2>&1; then
         export TEESHARD_ANVIL="$anvil"
-        echo "ci-services: $("$anvil" --version | head -n 1) at $anvil"
+        echo "services: $("$anvil" --version | head -n 1) at $anvil"
     else
-        echo "ci-services: anvil is not runnable: the anvil tests will skip"
+        echo "services: anvil is not runnable: the anvil tests will skip"
     fi
 }
 _teeshard_services
