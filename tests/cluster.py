@@ -88,6 +88,8 @@ class LocalCluster:
     model_overrides: dict[int, Path] = field(default_factory=dict)
     # node index -> URL it is told is its next hop (an impostor, say)
     next_overrides: dict[int, str] = field(default_factory=dict)
+    # extra NodeConfig fields for the entry node (a ledger, say)
+    entry_options: dict[str, object] = field(default_factory=dict)
     nodes: list[RunningNode] = field(default_factory=list)
 
     @property
@@ -113,7 +115,7 @@ class LocalCluster:
             tee="simulated",
             policy_path=policy,
         )
-        return [
+        configs = [
             replace(
                 base,
                 layers=r,
@@ -126,6 +128,9 @@ class LocalCluster:
             )
             for i, r in enumerate(ranges)
         ]
+        if self.entry_options:
+            configs[0] = replace(configs[0], **self.entry_options)  # type: ignore[arg-type]
+        return configs
 
     def __enter__(self) -> LocalCluster:
         try:

@@ -122,11 +122,28 @@ def test_billing_from_url_opens_the_ledger_with_pricing_and_recovers(tmp_path) -
         owner.close()
 
 
-def test_per_character_pricing_is_refused_until_the_entry_passes_characters(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from teeshard.ledger.sql import SqlLedger
+async def test_per_character_pricing_charges_the_characters_returned(world: World) -> None:
+    """The original system's pricing, as an option: per character of the completion."""
+    legacy = Pricing(
+        models={"tiny": ModelPrice(scheme="per_character", per_character=2, max_chars_per_token=8)}
+    )
+    account = customer(world, 10_000, "tsk_legacy")
+    billing = LedgerBilling(world.entry, legacy)
+    reservation = await billing.reserve(charge("tsk_legacy", max_tokens=20, rid="g-chars"))
+    assert reservation.reserved == 20 * 8 * 2  # the bound: 8 characters per token at most
+    settlement = await billing.settle(reservation, 10, 20, [], completion_chars=37)
+    assert settlement.cost == 37 * 2
+    assert world.entry.balance(account).available == 10_000 - 74
+    assert world.entry.balance(account).reserved == 0
 
-    ledger = SqlLedger.open(f"sqlite:///{tmp_path / 'l.db'}", "owner")
-    legacy = Pricing(models={"legacy": ModelPrice(scheme="per_character")})
-    with pytest.raises(ValueError, match="character counts"):
-        LedgerBilling(ledger, legacy)
-    ledger.close()
+
+async def test_per_character_pricing_without_characters_charges_nothing(world: World) -> None:
+    legacy = Pricing(models={"tiny": ModelPrice(scheme="per_character")})
+    account = customer(world, 10_000, "tsk_nochars")
+    billing = LedgerBilling(world.entry, legacy)
+    reservation = await billing.reserve(charge("tsk_nochars", rid="g-nochars"))
+    with pytest.raises(APIError) as refused:
+        await billing.settle(reservation, 10, 20, [])
+    assert refused.value.status == 500 and refused.value.code == "pricing_error"
+    assert world.entry.balance(account).available == 10_000  # released, not charged
+    assert world.entry.balance(account).reserved == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from teeshard.attest.providers import TEE_CHOICES
@@ -48,9 +49,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="attestation provider (default: auto-detect dstack, tsm, gramine); "
         "'simulated' is INSECURE, for development without a TEE",
     )
+    parser.add_argument(
+        "--node-id", default=None, help="this node's id in the pool (default: public host:port)"
+    )
     add_trust_options(parser)
+    add_billing_options(parser)
     add_runtime_options(parser)
     parser.set_defaults(func=run)
+
+
+def add_billing_options(parser: argparse.ArgumentParser) -> None:
+    """Entry node: charge requests against a ledger (``teeshard ledger --help``)."""
+    parser.add_argument(
+        "--ledger",
+        default=os.environ.get("TEESHARD_LEDGER"),
+        help="ledger URL: sqlite:///FILE, postgresql://..., evm+http(s)://HOST?contract=0x... "
+        "(default $TEESHARD_LEDGER; none: requests are free)",
+    )
+    parser.add_argument("--pricing", type=Path, help="prices per model (TOML/JSON)")
+    parser.add_argument(
+        "--ledger-actor", help="this entry node's name in a SQL ledger (default: its node id)"
+    )
+    parser.add_argument(
+        "--no-free-operators",
+        action="store_true",
+        help="charge operators of admitted nodes like everyone else",
+    )
 
 
 def add_trust_options(parser: argparse.ArgumentParser) -> None:
@@ -129,6 +153,10 @@ def config_from_args(args: argparse.Namespace, **overrides: object) -> NodeConfi
         collateral_path=args.collateral,
         pccs_url=args.pccs_url,
         manifest_cache=not args.no_manifest_cache,
+        ledger_url=args.ledger,
+        pricing_path=args.pricing,
+        ledger_actor=args.ledger_actor,
+        free_for_operators=not args.no_free_operators,
     )
     fields.update(overrides)
     return NodeConfig(**fields)  # type: ignore[arg-type]
@@ -142,6 +170,7 @@ def run(args: argparse.Namespace) -> int:
         tee=args.tee,
         tls=args.tls,
         public_hosts=tuple(args.public_host),
+        node_id=args.node_id,
         layers=args.layers,
         host=args.host,
         port=args.port,

@@ -19,7 +19,7 @@ import httpx
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from teeshard.cli.node import add_runtime_options
+from teeshard.cli.node import add_billing_options, add_runtime_options
 from teeshard.model.checkpoint import Checkpoint
 from teeshard.model.demo import data_dir
 from teeshard.model.layer_range import LayerRange
@@ -83,6 +83,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--startup-timeout", type=float, default=600.0, help="seconds to wait for nodes"
     )
     add_runtime_options(parser)
+    add_billing_options(parser)
     parser.set_defaults(func=run)
 
 
@@ -114,6 +115,20 @@ def passthrough_options(args: argparse.Namespace) -> list[str]:
         options += ["--threads", str(args.threads)]
     if args.model_name:
         options += ["--model-name", args.model_name]
+    return options
+
+
+def entry_options(args: argparse.Namespace) -> list[str]:
+    """Billing belongs to the entry node alone."""
+    options = []
+    if args.ledger:
+        options += ["--ledger", args.ledger]
+    if args.pricing:
+        options += ["--pricing", str(args.pricing)]
+    if args.ledger_actor:
+        options += ["--ledger-actor", args.ledger_actor]
+    if args.no_free_operators:
+        options.append("--no-free-operators")
     return options
 
 
@@ -150,7 +165,10 @@ def run(args: argparse.Namespace) -> int:
         # Last node first, so each node's next hop is already listening when it starts.
         for spec in reversed(launches):
             # nodes write to our stderr: our stdout carries only the entry URL
-            argv = spec.argv(model, args.host, passthrough_options(args) + trust)
+            extra = passthrough_options(args) + trust
+            if spec.entry:
+                extra += entry_options(args)
+            argv = spec.argv(model, args.host, extra)
             processes.append(
                 subprocess.Popen(argv, stdout=sys.stderr.fileno(), preexec_fn=die_with_parent)
             )

@@ -25,6 +25,7 @@ class ChargeRequest:
     model: str
     prompt_tokens: int
     max_completion_tokens: int
+    prompt_chars: int | None = None  # for per-character pricing
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,8 @@ class Billing(Protocol):
         prompt_tokens: int,
         completion_tokens: int,
         served_by: Sequence[str],
+        *,
+        completion_chars: int | None = None,  # for per-character pricing
     ) -> Settlement: ...
 
     async def release(self, reservation: Reservation) -> None: ...
@@ -69,6 +72,8 @@ class FreeBilling:
         prompt_tokens: int,
         completion_tokens: int,
         served_by: Sequence[str],
+        *,
+        completion_chars: int | None = None,  # for per-character pricing
     ) -> Settlement:
         return Settlement(reservation.request_id, prompt_tokens, completion_tokens, 0)
 

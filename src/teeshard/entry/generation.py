@@ -6,6 +6,8 @@ the completion budget and closed in every outcome (done, error, client gone).
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -19,6 +21,7 @@ from teeshard.node.errors import NodeError
 from teeshard.node.service import NodeService
 from teeshard.transport.messages import SamplingParams
 
+log = logging.getLogger(__name__)
 FinishReason = Literal["stop", "length"]
 
 
@@ -27,6 +30,7 @@ class GenerationParams:
     max_tokens: int
     sampling: SamplingParams
     stop: tuple[str, ...] = ()
+    prompt_chars: int | None = None  # characters of the prompt text, for per-character pricing
 
 
 @dataclass
@@ -36,6 +40,7 @@ class Generation:
     request_id: str
     prompt_tokens: int
     completion_tokens: int = 0
+    completion_chars: int = 0  # characters of text returned to the client
     finish_reason: FinishReason | None = None
     token_ids: list[int] = field(default_factory=list)
     closed: bool = False  # the session is closed on every node
@@ -56,11 +61,18 @@ class Generator:
     ) -> None:
         self.service = service
         self.billing: Billing = billing or FreeBilling()
+        self._releasing: set[asyncio.Future[None]] = set()  # keeps shielded releases alive
         self.codec = codec
         self.wire_dtype = wire_dtype
         self.default_max_tokens = default_max_tokens
         self.context = service.shard.spec.max_position_embeddings
         self.eos_ids = set(service.shard.spec.eos_token_ids) | codec.eos_ids()
+
+    def close(self) -> None:
+        """Release what billing holds (its ledger connection)."""
+        close = getattr(self.billing, "close", None)
+        if close is not None:
+            close()
 
     def resolve_max_tokens(self, prompt_len: int, requested: int | None) -> int:
         """The completion budget, or a 400 explaining why the request cannot fit."""
@@ -108,6 +120,7 @@ class Generator:
             self.service.model_name,
             len(prompt_ids),
             params.max_tokens,
+            params.prompt_chars,
         )
         generation.reservation = await self.billing.reserve(charge)
         try:
@@ -143,6 +156,7 @@ class Generator:
                 generation.completion_tokens += 1
                 delta = stops.feed(decoder.push(token))
                 if delta:
+                    generation.completion_chars += len(delta)
                     yield delta
                 if stops.stopped:
                     generation.finish_reason = "stop"
@@ -153,6 +167,7 @@ class Generator:
                 result = await self.service.step_tokens(session, [token])
             tail = stops.flush()
             if tail:
+                generation.completion_chars += len(tail)
                 yield tail
         except NodeError as exc:
             raise APIError.from_node(exc) from None
@@ -163,11 +178,24 @@ class Generator:
         """Close the session everywhere and settle or release its charge, once.
 
         A generation that finished is charged for what it produced; one that
-        failed or was abandoned is released in full. Safe to call in any outcome.
+        failed or was abandoned is released in full. Safe to call in any outcome,
+        and it completes even when the caller is being cancelled (a client that
+        went away): the work runs in its own task, shielded from that cancellation.
         """
         if generation.closed:
             return
         generation.closed = True
+        task = asyncio.ensure_future(self._release(generation))
+        self._releasing.add(task)
+        task.add_done_callback(self._released)
+        await asyncio.shield(task)
+
+    def _released(self, task: asyncio.Future[None]) -> None:
+        self._releasing.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("releasing a generation failed: %s", task.exception())
+
+    async def _release(self, generation: Generation) -> None:
         finished = generation.finish_reason is not None
         try:
             # a finished session is closed with signed receipts from every stage
@@ -182,6 +210,7 @@ class Generator:
                         generation.prompt_tokens,
                         generation.completion_tokens,
                         generation.served_by,
+                        completion_chars=generation.completion_chars,
                     )
                 else:
                     await self.billing.release(reservation)

@@ -10,12 +10,12 @@ Every finished response carries the receipt chain signed by every stage: a
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi.responses import JSONResponse, StreamingResponse
-from starlette.background import BackgroundTask
+from starlette.types import Receive, Scope, Send
 
 from teeshard.attest.receipts import RECEIPT_DIGEST_HEADER, RECEIPTS_FIELD, chain_digest
 from teeshard.entry.errors import APIError
@@ -126,7 +126,12 @@ class OpenAIServing:
             )
 
     async def _prepare(
-        self, request: _Request, prompt_ids: list[int], max_tokens: int | None, caller: Caller
+        self,
+        request: _Request,
+        prompt_ids: list[int],
+        max_tokens: int | None,
+        caller: Caller,
+        prompt_chars: int,
     ) -> Prepared:
         budget = self.generator.resolve_max_tokens(len(prompt_ids), max_tokens)
         sampling = SamplingParams(
@@ -135,9 +140,7 @@ class OpenAIServing:
             top_k=request.top_k,
             seed=request.seed,
         )
-        params = GenerationParams(
-            max_tokens=budget, sampling=sampling, stop=tuple(request.stop_list)
-        )
+        params = GenerationParams(budget, sampling, tuple(request.stop_list), prompt_chars)
         generation = await self.generator.start(
             prompt_ids, params, caller.api_key, caller.body_digest
         )
@@ -149,7 +152,10 @@ class OpenAIServing:
         self._check_model(request.model)
         messages = [{"role": m.role, "content": m.text()} for m in request.messages]
         prompt_ids = self.codec.chat_prompt(messages)
-        prepared = await self._prepare(request, prompt_ids, request.requested_max_tokens, caller)
+        chars = sum(len(m["content"]) for m in messages)
+        prepared = await self._prepare(
+            request, prompt_ids, request.requested_max_tokens, caller, chars
+        )
         return await self._respond(prepared, CHAT, request.stream, request.include_usage)
 
     async def completions(
@@ -157,7 +163,9 @@ class OpenAIServing:
     ) -> JSONResponse | StreamingResponse:
         self._check_model(request.model)
         prompt_ids = self.codec.completion_prompt(request.prompt_text)
-        prepared = await self._prepare(request, prompt_ids, request.requested_max_tokens, caller)
+        prepared = await self._prepare(
+            request, prompt_ids, request.requested_max_tokens, caller, len(request.prompt_text)
+        )
         prefix = request.prompt_text if request.echo else ""
         return await self._respond(
             prepared, COMPLETION, request.stream, request.include_usage, prefix
@@ -167,9 +175,8 @@ class OpenAIServing:
         """The original demo's endpoint: ``{"prompt"}`` in, ``{"output"}`` out."""
         prompt_ids = self.codec.completion_prompt(request.prompt)
         budget = self.generator.resolve_max_tokens(len(prompt_ids), request.max_tokens)
-        params = GenerationParams(
-            max_tokens=budget, sampling=SamplingParams(temperature=request.temperature)
-        )
+        sampling = SamplingParams(temperature=request.temperature)
+        params = GenerationParams(budget, sampling, prompt_chars=len(request.prompt))
         generation = await self.generator.start(
             prompt_ids, params, caller.api_key, caller.body_digest
         )
@@ -231,21 +238,41 @@ class OpenAIServing:
                     yield f"data: {json.dumps(item, separators=(',', ':'))}\n\n"
             except APIError as exc:
                 yield f"data: {json.dumps(exc.body())}\n\n"
-            finally:
-                await self.generator.release(prepared.generation)
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(
+        return _SessionStream(
             body(),
+            on_close=lambda: self.generator.release(prepared.generation),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-            # runs when the client left before the body started: the session must not linger
-            background=BackgroundTask(self.generator.release, prepared.generation),
         )
 
     async def _collect(self, prepared: Prepared) -> str:
         stream = self.generator.stream(prepared.generation, prepared.prompt_ids, prepared.params)
         return "".join([delta async for delta in stream])
+
+
+class _SessionStream(StreamingResponse):
+    """A stream whose generation is released however the response ends.
+
+    A client that goes away mid-stream surfaces as a failed send or a cancelled
+    task, and the body's generator is then left suspended until garbage
+    collection: its own cleanup cannot be relied on. This runs ``on_close`` in the
+    request's task once the response is over (idempotent: a generation that
+    finished was released already, and settled).
+    """
+
+    def __init__(
+        self, content: AsyncIterator[str], on_close: Callable[[], Awaitable[None]], **kwargs: Any
+    ) -> None:
+        super().__init__(content, **kwargs)
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._on_close()
 
 
 def _receipt_fields(body: Event, generation: Generation) -> Event:

@@ -9,6 +9,7 @@ Behaviour:
 - no API key: 401; a key no account has: 401; not enough balance for the most
   the request can cost: 402 with both numbers;
 - operators of admitted nodes use the model free (cost 0 in the usage);
+- per-token or per-character pricing (the entry passes character counts);
 - settle charges the priced usage (never above what was reserved), releases
   the rest, and credits every admitted node of the serving chain with the
   request's model tokens; nodes not admitted are skipped, and free requests
@@ -42,7 +43,7 @@ from teeshard.ledger.interface import (
     UnknownNode,
     served_map,
 )
-from teeshard.ledger.pricing import Pricing, Usage
+from teeshard.ledger.pricing import Pricing, PricingError, Usage
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -54,6 +55,7 @@ class _Pending:
     model: str
     account: str
     free: bool
+    prompt_chars: int | None = None
 
 
 class LedgerBilling:
@@ -67,18 +69,6 @@ class LedgerBilling:
     ) -> None:
         self.ledger = ledger
         self.pricing = pricing or Pricing()
-        per_character = [
-            name
-            for name, price in {"default": self.pricing.default, **self.pricing.models}.items()
-            if price.scheme == "per_character"
-        ]
-        if per_character:
-            # Billing.settle receives token counts only; characters need the entry
-            # node to pass them (see the module docstring of teeshard.ledger.pricing).
-            raise ValueError(
-                f"per-character pricing ({', '.join(per_character)}) needs character counts "
-                "that the entry node does not pass to Billing.settle yet; use per_token"
-            )
         self.free_for_operators = free_for_operators
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="ledger")
         self._pending: dict[str, _Pending] = {}
@@ -118,8 +108,8 @@ class LedgerBilling:
         if free:
             self._pending[request.request_id] = _Pending(request.model, account, True)
             return Reservation(request.request_id, account, 0)
-        amount = self.pricing.max_cost(
-            request.model, request.prompt_tokens, request.max_completion_tokens
+        amount = self.pricing.for_model(request.model).max_cost(
+            request.prompt_tokens, request.max_completion_tokens, request.prompt_chars
         )
         if amount == 0:  # a free model: nothing to hold
             self._pending[request.request_id] = _Pending(request.model, account, True)
@@ -137,7 +127,9 @@ class LedgerBilling:
             ) from None
         except LedgerError as exc:
             raise _unavailable(exc) from None
-        self._pending[request.request_id] = _Pending(request.model, account, False)
+        self._pending[request.request_id] = _Pending(
+            request.model, account, False, request.prompt_chars
+        )
         return Reservation(request.request_id, account, amount)
 
     async def settle(
@@ -146,6 +138,8 @@ class LedgerBilling:
         prompt_tokens: int,
         completion_tokens: int,
         served_by: Sequence[str],
+        *,
+        completion_chars: int | None = None,
     ) -> Settlement:
         pending = self._pending.pop(reservation.request_id, None)
         if pending is None or pending.free or reservation.account is None:
@@ -153,8 +147,13 @@ class LedgerBilling:
             if reservation.account is not None:
                 balance = await self._balance(reservation.account)
             return Settlement(reservation.request_id, prompt_tokens, completion_tokens, 0, balance)
-        usage = Usage(prompt_tokens, completion_tokens)
-        cost = min(self.pricing.cost(pending.model, usage), reservation.reserved)
+        usage = Usage(prompt_tokens, completion_tokens, pending.prompt_chars, completion_chars)
+        try:
+            cost = min(self.pricing.cost(pending.model, usage), reservation.reserved)
+        except PricingError as exc:  # e.g. per-character pricing without character counts
+            self._pending[reservation.request_id] = pending
+            await self.release(reservation)  # the caller is not charged for our failure
+            raise APIError(500, f"cannot price this request: {exc}", code="pricing_error") from None
         tokens = prompt_tokens + completion_tokens
         admitted = await self._admitted_nodes(refresh=False)
         served = served_map([n for n in served_by if n in admitted], tokens)

@@ -44,6 +44,8 @@ def create_app(
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await service.shutdown()
+            if serving is not None:
+                serving.generator.close()
 
     app = FastAPI(title="teeshard node", lifespan=lifespan, docs_url=None, redoc_url=None)
     install_error_handlers(app)

@@ -34,6 +34,11 @@ class NodeConfig:
     tls: bool | None = None  # serve TLS with the attested certificate; default: all but entry
     public_hosts: tuple[str, ...] = ()  # extra names/IPs for the certificate
     manifest_cache: bool = True  # reuse tensor hashes of unchanged checkpoint files
+    # -- billing (entry node) --
+    ledger_url: str | None = None  # sqlite:///..., postgresql://..., evm+http(s)://...; None: free
+    pricing_path: Path | None = None  # TOML/JSON prices; default 1000 units per 1k tokens
+    ledger_actor: str | None = None  # who this entry is in the ledger; default its node id
+    free_for_operators: bool = True  # operators of admitted nodes use the model free
 
     @property
     def serves_tls(self) -> bool:
@@ -44,12 +49,18 @@ class NodeConfig:
 
     @property
     def resolved_node_id(self) -> str:
-        return self.node_id or f"{self.host}:{self.port}"
+        """``host:port`` as others reach this node; what the pool registers it under."""
+        if self.node_id:
+            return self.node_id
+        host = self.public_hosts[0] if self.public_hosts else self.host
+        return f"{host}:{self.port}"
 
     def validate(self, num_layers: int) -> None:
         self.layers.check_within(num_layers)
         if self.entry and not self.layers.is_first():
             raise ValueError("--entry is only valid on the node whose layer range starts at 0")
+        if self.ledger_url and not self.entry:
+            raise ValueError("--ledger is for the entry node, which charges for requests")
         if self.next_url is None and not self.layers.is_last(num_layers):
             raise ValueError(
                 f"layers {self.layers} do not end the model ({num_layers} layers): give --next"

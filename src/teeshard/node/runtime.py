@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import socket
 from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
 
 import torch
 import uvicorn
@@ -139,10 +140,34 @@ def _entry_serving(config: NodeConfig, service: NodeService, model_name: str):  
     from teeshard.entry.serving import OpenAIServing
     from teeshard.entry.text import TextCodec
 
+    billing = None
+    if config.ledger_url:
+        from teeshard.ledger.billing import billing_from_url
+
+        billing = billing_from_url(
+            config.ledger_url,
+            config.pricing_path,
+            actor=config.ledger_actor or config.resolved_node_id,
+            free_for_operators=config.free_for_operators,
+        )
+        log.info(
+            "billing: ledger %s as %s",
+            _redacted(config.ledger_url),
+            config.ledger_actor or config.resolved_node_id,
+        )
     generator = Generator(
-        service, TextCodec(config.model_dir), config.wire_dtype, config.default_max_tokens
+        service, TextCodec(config.model_dir), config.wire_dtype, config.default_max_tokens, billing
     )
     return OpenAIServing(generator, model_name)
+
+
+def _redacted(url: str) -> str:
+    """A ledger URL for logs: no password."""
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return url
 
 
 def _pipeline_url(url: str) -> str:
