@@ -3,6 +3,9 @@
 PostgreSQL needs ``TEESHARD_TEST_POSTGRES_URL`` and anvil needs the binary
 (``scripts/services.sh`` provides both); without them those runs skip and
 say why. CI runs that script, so there they never skip.
+
+``real_node`` is a real teeshard node (layers 2:4 of the tiny llama, HTTPS with
+its attested self-signed certificate, simulated attestation), once per module.
 """
 
 from __future__ import annotations
@@ -20,6 +23,12 @@ from ledger_harness import (
     reset_postgres,
     sql_world,
 )
+from tests.checkpoints import TinyModel
+from tests.cluster import LocalCluster, RunningNode
+
+from teeshard.attest import compute_manifest
+from teeshard.model.checkpoint import Checkpoint
+from teeshard.model.layer_range import LayerRange
 
 BACKENDS = ("sqlite", "postgres", "evm", "anvil")
 
@@ -101,3 +110,22 @@ def one_sql_one_evm(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[
         yield w
     finally:
         w.owner.close()
+
+
+NODE_LAYERS = LayerRange(2, 4)
+
+
+@pytest.fixture(scope="session")
+def node_manifest(tiny_llama: TinyModel) -> str:
+    """The manifest hash ``real_node`` attests, computed from the checkpoint (hex)."""
+    manifest = compute_manifest(
+        Checkpoint(tiny_llama.path), NODE_LAYERS, "float32", model_name="tiny"
+    )
+    return manifest.combined_hash.hex()
+
+
+@pytest.fixture(scope="module")
+def real_node(tiny_llama: TinyModel) -> Iterator[RunningNode]:
+    """``.http_url`` (https), ``.config.policy_path`` (allows simulated, names its manifest)."""
+    with LocalCluster(tiny_llama.path, 1, ranges=[NODE_LAYERS]) as cluster:
+        yield cluster.entry  # not an entry node: the cluster's first (and only) node

@@ -7,13 +7,11 @@ import socket
 from pathlib import Path
 
 import pytest
-from attestation_server import FakeNode, serve
 from ledger_harness import anvil_path
+from tests.cluster import RunningNode
 
 from teeshard.cli import main
 from teeshard.ledger.anvil import DEV_KEY
-
-GOOD = "3" * 64
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -22,7 +20,12 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     return code, out, err
 
 
-def test_sql_ledger_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_sql_ledger_end_to_end(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    real_node: RunningNode,
+    node_manifest: str,
+) -> None:
     db = ["--ledger", f"sqlite:///{tmp_path / 'l.db'}"]
     assert run(capsys, "ledger", "open-account", "alice", *db)[0] == 0
     assert run(capsys, "ledger", "open-account", "op", *db)[0] == 0
@@ -33,23 +36,27 @@ def test_sql_ledger_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert key.strip() not in (tmp_path / "l.db").read_bytes().decode("latin-1")  # stored hashed
     assert run(capsys, "ledger", "authorize-entry", "entry-1", *db)[0] == 0
 
-    with serve(FakeNode(GOOD, node_id="node-9")) as node:
-        code, out, err = run(
-            capsys, "pool", "register", "--url", node.url, "--expected-hash", GOOD,
-            "--allow-simulated", *db, "--actor", "op",
-        )  # fmt: skip
-        assert code == 0, err
-        assert "registered node node-9" in out and "awaiting admission" in out
-        code, out, err = run(
-            capsys, "pool", "admit", "--url", node.url, "--expected-hash", GOOD,
-            "--allow-simulated", *db, "--actor", "entry-1",
-        )  # fmt: skip
-        assert code == 0 and "admitted node node-9" in out, err
-        code, _, err = run(
-            capsys, "pool", "register", "--url", node.url, "--expected-hash", "4" * 64,
-            "--allow-simulated", *db, "--actor", "op",
-        )  # fmt: skip
-        assert code == 1 and "refused" in err and "not an expected shard" in err
+    url, policy = real_node.http_url, str(real_node.config.policy_path)
+    # the policy written as `teeshard up` does: simulated allowed, every shard's manifest listed
+    code, out, err = run(
+        capsys, "pool", "register", "--url", url, "--policy", policy, "--node-id", "node-9",
+        *db, "--actor", "op",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "registered node node-9" in out and "awaiting admission" in out
+    assert "WARNING: INSECURE: simulated evidence accepted" in out
+    code, out, err = run(
+        capsys, "pool", "admit", "--url", url, "--expected-hash", node_manifest,
+        "--allow-simulated", "--node-id", "node-9", *db, "--actor", "entry-1",
+    )  # fmt: skip
+    assert code == 0 and "admitted node node-9" in out, err
+    refusals = [
+        (("--expected-hash", "4" * 64, "--allow-simulated"), "is not an expected shard"),
+        (("--expected-hash", node_manifest), "simulated evidence (no TEE) is refused"),
+    ]
+    for options, reason in refusals:
+        code, _, err = run(capsys, "pool", "register", "--url", url, *options, *db, "--actor", "op")
+        assert code == 1 and "teeshard: refused: " in err and reason in err, err
 
     from teeshard.ledger.sql import SqlLedger
 
@@ -86,6 +93,15 @@ def test_cli_errors_are_one_clear_line(tmp_path: Path, capsys: pytest.CaptureFix
     for argv, message in cases:
         code, _, err = run(capsys, *argv, *db)
         assert code == 1 and message in err and "Traceback" not in err, (argv, err)
+    usage = [  # refused before any node is contacted; bad input is status 2
+        ((), 2, "name the model's expected shard hashes: --expected FILE, --expected-hash HASH"),
+        (("--policy", str(tmp_path / "none.toml")), 2, "cannot read policy"),
+        (("--expected-hash", "abc"), 1, "ledger_error: manifest hash must be 64 hex digits"),
+    ]
+    for options, status, message in usage:
+        argv = ("pool", "register", "--url", "http://127.0.0.1:9", *options, *db)
+        code, _, err = run(capsys, *argv)
+        assert code == status and message in err and "Traceback" not in err, (argv, err)
 
 
 def _free_port() -> int:

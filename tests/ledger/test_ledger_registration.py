@@ -1,27 +1,37 @@
-"""Registration fetches a real bundle over HTTP, verifies it and checks the manifest hash."""
+"""Registration against real nodes: fetch the bundle, verify it with teeshard.attest, check it.
+
+The nodes are real teeshard nodes on loopback (HTTPS with their attested
+self-signed certificates, simulated attestation); bad bundles come from a relay
+that spoils a real node's answer.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
-from attestation_server import FakeNode, serve
+from attestation_server import relay
 from ledger_harness import World
+from tests.checkpoints import TinyModel, build_tiny_model
+from tests.cluster import LocalCluster, RunningNode
 
+from teeshard.attest import Policy
 from teeshard.ledger.registration import (
+    INSECURE_NOTE,
+    AttestVerifier,
+    BundleVerifier,
     ExpectedShards,
-    InterimVerifier,
     RegistrationRefused,
     VerifiedBundle,
     admit_from_url,
+    default_node_id,
     default_verifier,
     register_from_url,
 )
-
-GOOD = "1" * 64
-EXPECTED = ExpectedShards("tiny", {GOOD: "0:2"})
-SIMULATED_OK = InterimVerifier(allow_simulated=True)
+from teeshard.model.layer_range import LayerRange
 
 
 @pytest.fixture
@@ -30,88 +40,138 @@ def world(one_sql_one_evm: World) -> World:
     return one_sql_one_evm
 
 
-@pytest.fixture
-def node() -> Iterator[FakeNode]:
-    with serve(FakeNode(GOOD, node_id="node-7")) as running:
-        yield running
+@pytest.fixture(scope="module")
+def policy_path(real_node: RunningNode) -> Path:
+    """As ``teeshard up`` writes it: simulated evidence allowed, the tiny model's manifest."""
+    assert real_node.config.policy_path is not None
+    return real_node.config.policy_path
+
+
+@pytest.fixture(scope="module")
+def verifier(policy_path: Path) -> AttestVerifier:
+    return default_verifier(policy_path)
+
+
+@pytest.fixture(scope="module")
+def impostor(
+    tiny_llama: TinyModel, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningNode]:
+    """A real node serving layers 2:4 of other weights (same architecture, another seed)."""
+    other = build_tiny_model("llama", tmp_path_factory.mktemp("other-llama"), seed=1)
+    cluster = LocalCluster(
+        tiny_llama.path, 1, ranges=[LayerRange(2, 4)], model_overrides={0: other.path}
+    )
+    with cluster:
+        yield cluster.entry
 
 
 def test_a_verified_node_with_an_expected_manifest_is_registered_and_admitted(
-    world: World, node: FakeNode
+    world: World, real_node: RunningNode, node_manifest: str, verifier: AttestVerifier
 ) -> None:
+    expected = ExpectedShards.of([node_manifest], model="tiny")
     operator, as_operator = world.new_account()
-    registered = register_from_url(as_operator, node.url, EXPECTED, SIMULATED_OK)
-    assert registered.node.node_id == "node-7" and registered.node.operator == operator
-    assert registered.node.layers == "0:2" and registered.node.manifest_hash == GOOD
+    registered = register_from_url(as_operator, real_node.http_url, expected, verifier)
+    record = registered.node
+    assert real_node.http_url.startswith("https://")  # a self-signed attested certificate
+    assert record.node_id == real_node.config.resolved_node_id  # as the chain reports it
+    assert record.operator == operator and record.url == real_node.http_url
+    assert (record.manifest_hash, record.model, record.layers) == (node_manifest, "tiny", "2:4")
     assert not registered.admitted  # an operator cannot vouch for itself
-    assert "INSECURE: simulated evidence accepted" in registered.verified.notes
-    admitted = admit_from_url(world.entry, node.url, EXPECTED, SIMULATED_OK)
-    assert admitted.admitted and world.entry.is_operator(operator)
+    assert registered.verified.provider == "simulated"
+    assert INSECURE_NOTE in registered.verified.notes
+    admitted = admit_from_url(world.entry, real_node.http_url, expected, verifier)
+    assert admitted.admitted and admitted.node_id == record.node_id
+    assert world.entry.is_operator(operator)
 
 
-@pytest.mark.parametrize(
-    "behaviour, reason",
-    [
-        ("bad-signature", "does not verify"),
-        ("wrong-nonce", "different nonce"),
-        ("no-signature", "freshness unproven"),
-        ("http-404", "HTTP 404"),
-    ],
-)
-def test_bad_bundles_are_refused_with_the_reason(
-    world: World, node: FakeNode, behaviour: str, reason: str
+def test_a_node_serving_other_weights_is_refused(
+    world: World, impostor: RunningNode, node_manifest: str, policy_path: Path
 ) -> None:
+    policy = Policy.from_file(policy_path)
+    expected = ExpectedShards.from_policy(policy)
+    assert expected.shards == {node_manifest: "2:4"} and expected.model == "tiny"
     _, as_operator = world.new_account()
-    node.behaviour = behaviour
-    with pytest.raises(RegistrationRefused, match=reason):
-        register_from_url(as_operator, node.url, EXPECTED, SIMULATED_OK)
+    # Its attestation is genuine (for its own weights); only the manifest is wrong.
+    verifier = AttestVerifier(policy)
+    with pytest.raises(RegistrationRefused, match=r"is not an expected shard of tiny \(expected"):
+        register_from_url(as_operator, impostor.http_url, expected, verifier)
     assert world.entry.nodes() == []
 
 
-def test_unexpected_manifest_is_refused(world: World) -> None:
+def test_simulated_evidence_needs_explicit_consent(
+    world: World, real_node: RunningNode, node_manifest: str, policy_path: Path
+) -> None:
+    expected = ExpectedShards.of([node_manifest])
     _, as_operator = world.new_account()
-    refused = pytest.raises(RegistrationRefused, match="not an expected shard of tiny")
-    with serve(FakeNode("2" * 64)) as other, refused:
-        register_from_url(as_operator, other.url, EXPECTED, SIMULATED_OK)
+    # the cluster's policy, less its allow_simulated: it still names the node's manifest
+    strict = AttestVerifier(replace(Policy.from_file(policy_path), allow_simulated=False))
+    refused = r"^simulated evidence \(no TEE\) is refused; pass --allow-simulated"
+    for verifier in (None, AttestVerifier(), strict):
+        with pytest.raises(RegistrationRefused, match=refused):
+            register_from_url(as_operator, real_node.http_url, expected, verifier)
     assert world.entry.nodes() == []
+    consenting = default_verifier(allow_simulated=True)
+    registered = register_from_url(as_operator, real_node.http_url, expected, consenting)
+    assert INSECURE_NOTE in registered.verified.notes
 
 
-def test_simulated_evidence_needs_explicit_consent(world: World, node: FakeNode) -> None:
+REFUSALS = {  # relay behaviour -> the whole reason given
+    "bad-signature": r"^signature does not verify under the certified key$",
+    "wrong-nonce": r"^the bundle answers a different nonce \(replayed evidence\?\)$",
+    "no-certificate": r"^malformed attestation bundle: bundle: missing field\(s\) certificate$",
+    "http-404": r"^http://127\.0\.0\.1:\d+/v1/attestation answered HTTP 404: no attestation bundle",
+}
+
+
+@pytest.mark.parametrize("behaviour", REFUSALS)
+def test_tampered_bundles_are_refused_with_the_reason(
+    world: World,
+    real_node: RunningNode,
+    node_manifest: str,
+    verifier: AttestVerifier,
+    behaviour: str,
+) -> None:
+    expected = ExpectedShards.of([node_manifest])
     _, as_operator = world.new_account()
-    with pytest.raises(RegistrationRefused, match="simulated"):
-        register_from_url(as_operator, node.url, EXPECTED, InterimVerifier())
+    with relay(real_node.http_url, behaviour) as spoiled:
+        with pytest.raises(RegistrationRefused, match=REFUSALS[behaviour]):
+            register_from_url(as_operator, spoiled.url, expected, verifier)
+        spoiled.behaviour = "good"  # the same relay, passing the bundle through, is accepted
+        registered = register_from_url(as_operator, spoiled.url, expected, verifier)
+    assert registered.node.manifest_hash == node_manifest
 
 
-def test_a_real_quote_needs_the_attestation_verifier(world: World) -> None:
-    _, as_operator = world.new_account()
-    with serve(FakeNode(GOOD, provider="dstack")) as tdx:
-        with pytest.raises(RegistrationRefused, match=r"teeshard\.attest\.make_bundle_verifier"):
-            register_from_url(as_operator, tdx.url, EXPECTED, InterimVerifier())
-        registered = register_from_url(
-            as_operator, tdx.url, EXPECTED, InterimVerifier(insecure_skip_quote=True)
-        )
-    assert "INSECURE: quote not verified" in registered.verified.notes
-
-
-def test_the_hook_takes_any_bundle_verifier(world: World, node: FakeNode) -> None:
-    seen: list[bytes] = []
+def test_the_hook_takes_any_bundle_verifier(world: World, real_node: RunningNode) -> None:
+    seen: list[tuple[Mapping[str, Any], bytes]] = []
 
     class Strict:
         def verify(self, bundle: Mapping[str, Any], nonce: bytes) -> VerifiedBundle:
-            seen.append(nonce)
+            seen.append((bundle, nonce))
             raise RegistrationRefused("policy: measurement not allowed")
 
+    class Lenient:
+        def verify(self, bundle: Mapping[str, Any], nonce: bytes) -> VerifiedBundle:
+            return VerifiedBundle("ab" * 32, "custom", "tiny", "2:4", ("custom check",))
+
+    hooks: list[BundleVerifier] = [Strict(), Lenient()]
     _, as_operator = world.new_account()
     with pytest.raises(RegistrationRefused, match="measurement not allowed"):
-        register_from_url(as_operator, node.url, EXPECTED, Strict())
-    assert len(seen) == 1 and len(seen[0]) == 32  # a fresh 32-byte nonce
+        register_from_url(as_operator, real_node.http_url, ExpectedShards.of(["ab" * 32]), hooks[0])
+    bundle, nonce = seen[0]
+    assert len(nonce) == 32 and bundle["nonce"] == nonce.hex()  # the real node's answer
+    registered = register_from_url(
+        as_operator, real_node.http_url, ExpectedShards.of(["ab" * 32]), hooks[1], node_id="n-1"
+    )
+    assert registered.node.node_id == "n-1" and registered.verified.notes == ("custom check",)
 
 
-def test_default_verifier_is_the_interim_one_until_attest_lands() -> None:
-    verifier = default_verifier()
-    try:
-        import teeshard.attest as attest
-    except ImportError:
-        attest = None
-    if getattr(attest, "make_bundle_verifier", None) is None:
-        assert isinstance(verifier, InterimVerifier)
+@pytest.mark.parametrize(
+    "url, node_id",
+    [
+        ("https://10.0.0.5:8443", "10.0.0.5:8443"),
+        ("http://node.example/", "node.example:80"),
+        ("https://node.example/prefix", "node.example:443"),
+    ],
+)
+def test_the_default_node_id_is_host_and_port(url: str, node_id: str) -> None:
+    assert default_node_id(url) == node_id

@@ -48,7 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     verify.add_argument("url", help="node URL, e.g. https://host:8000 or wss://host:8000")
     verify.add_argument("--expect-manifest", help="expected manifest hash (hex)")
     verify.add_argument("--save-bundle", type=Path, help="write the verified bundle here")
-    _add_policy_options(verify)
+    add_policy_options(verify)
     verify.set_defaults(func=run_verify)
 
     quote = subparsers.add_parser("verify-quote", help="verify a TDX/SGX quote file offline")
@@ -69,11 +69,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--chain-url", help="fetch every stage's bundle from the entry node's attestation chain"
     )
     receipt.add_argument("--request-id", help="the request id the chain must be for")
-    _add_policy_options(receipt)
+    add_policy_options(receipt)
     receipt.set_defaults(func=run_verify_receipt)
 
 
-def _add_policy_options(parser: argparse.ArgumentParser) -> None:
+def add_policy_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policy", type=Path, help="policy file (TOML or JSON)")
     parser.add_argument(
         "--allow-simulated", action="store_true", help="accept INSECURE simulated evidence"

@@ -7,8 +7,17 @@ import argparse
 from rich.console import Console
 from rich.table import Table
 
+from teeshard.attest.verify.policy import Policy
+from teeshard.cli.attest import add_policy_options
 from teeshard.cli.ledger import Command, add_ledger_options, ledger_command
 from teeshard.ledger.interface import Ledger
+from teeshard.ledger.registration import (
+    AttestVerifier,
+    ExpectedShards,
+    admit_from_url,
+    default_verifier,
+    register_from_url,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -27,22 +36,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ("admit", admit_node, "verify a registered node's attestation and admit it (entry/owner)"),
     ):
         p = sub(name, help, func)
-        p.add_argument("--url", required=True, help="the node's HTTP URL (serves /v1/attestation)")
+        p.add_argument(
+            "--url", required=True, help="the node's http(s) URL (serves /v1/attestation)"
+        )
         p.add_argument(
             "--expected",
             default=None,
-            help="file of the model's expected shard hashes: {model, shards: {'0:11': HASH}}",
+            help="file of the model's expected shard hashes: {model, shards: {'0:11': HASH}} "
+            "(default: the --policy file's [[manifests]])",
         )
         p.add_argument(
             "--expected-hash", action="append", default=[], help="an expected manifest hash"
         )
-        p.add_argument("--node-id", default=None, help="id the node reports (default host:port)")
-        p.add_argument("--allow-simulated", action="store_true", help="accept simulated evidence")
-        p.add_argument(
-            "--insecure-skip-quote",
-            action="store_true",
-            help="register without verifying the TEE quote (until teeshard.attest is installed)",
-        )
+        p.add_argument("--node-id", default=None, help="the node's id (default: URL host:port)")
+        add_policy_options(p)
     p = sub("edit", "change a node's URL or manifest hash (its operator)", edit_node)
     p.add_argument("node_id")
     p.add_argument("--url", default=None)
@@ -74,31 +81,33 @@ def list_nodes(args: argparse.Namespace, ledger: Ledger) -> int:
     return 0
 
 
-def _expected(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from teeshard.ledger.registration import ExpectedShards
-
+def _checks(args: argparse.Namespace) -> tuple[ExpectedShards, AttestVerifier]:
+    """The expected shards and the verifier the options name (one policy file read)."""
+    policy = Policy.from_file(args.policy) if args.policy else None
+    verifier = default_verifier(
+        policy,
+        allow_simulated=args.allow_simulated,
+        collateral=args.collateral,
+        pccs_url=args.pccs_url,
+    )
     if args.expected:
-        return ExpectedShards.load(args.expected)
+        return ExpectedShards.load(args.expected), verifier
     if args.expected_hash:
-        return ExpectedShards.of(args.expected_hash)
-    raise ValueError("name the model's expected shard hashes: --expected FILE or --expected-hash")
-
-
-def _verified(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from teeshard.ledger.registration import default_verifier
-
-    return default_verifier(args.allow_simulated, args.insecure_skip_quote)
+        return ExpectedShards.of(args.expected_hash), verifier
+    if policy is not None and policy.manifests:
+        return ExpectedShards.from_policy(policy), verifier
+    raise ValueError(
+        "name the model's expected shard hashes: --expected FILE, --expected-hash HASH, "
+        "or a --policy file listing [[manifests]]"
+    )
 
 
 @ledger_command
 def register_node(args: argparse.Namespace, ledger: Ledger) -> int:
-    from teeshard.ledger.registration import register_from_url
-
-    result = register_from_url(
-        ledger, args.url, _expected(args), _verified(args), node_id=args.node_id
-    )
+    expected, verifier = _checks(args)
+    result = register_from_url(ledger, args.url, expected, verifier, node_id=args.node_id)
     for note in result.verified.notes:
-        print(f"checked: {note}")
+        print(f"{'WARNING' if note.startswith('INSECURE') else 'checked'}: {note}")
     print(f"registered node {result.node.node_id} ({result.node.manifest_hash[:12]}…)")
     if not result.admitted:
         print("awaiting admission: an entry node runs 'teeshard pool admit --url ...'")
@@ -107,11 +116,8 @@ def register_node(args: argparse.Namespace, ledger: Ledger) -> int:
 
 @ledger_command
 def admit_node(args: argparse.Namespace, ledger: Ledger) -> int:
-    from teeshard.ledger.registration import admit_from_url
-
-    record = admit_from_url(
-        ledger, args.url, _expected(args), _verified(args), node_id=args.node_id
-    )
+    expected, verifier = _checks(args)
+    record = admit_from_url(ledger, args.url, expected, verifier, node_id=args.node_id)
     print(f"admitted node {record.node_id}")
     return 0
 

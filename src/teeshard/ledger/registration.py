@@ -2,24 +2,20 @@
 
 Flow (``register_from_url``): a fresh 32-byte nonce; ``GET {url}/v1/attestation?nonce=HEX``;
 the ``BundleVerifier`` checks the bundle and returns the manifest hash it vouches
-for; that hash must be one of the model's expected shard hashes; only then is
-the node registered (and admitted, when the caller may admit). Anything else
-raises ``RegistrationRefused`` with the reason.
+for; that hash must be one of the model's expected shard hashes
+(``ExpectedShards``); only then is the node registered (and admitted, when the
+caller may admit). Anything else raises ``RegistrationRefused`` with the reason.
 
-The hook: ``BundleVerifier`` is what the attestation package provides. If
-``teeshard.attest`` defines ``make_bundle_verifier(allow_simulated: bool) ->
-BundleVerifier``, ``default_verifier`` uses it. Until then ``InterimVerifier``
-checks what it can without a quote verifier — the nonce echo, the signature
-over the nonce by the bundle's certificate key, and the manifest hash — and
-refuses any bundle whose quote would need verifying unless told explicitly to
-skip that (``insecure_skip_quote``), and simulated evidence unless allowed.
+``AttestVerifier`` is the verifier: :func:`teeshard.attest.verify_bundle` against
+a ``Policy`` (quote, TCB, measurements, report_data binding, signature over our
+nonce). It passes the bundle's own manifest hash as the expected one, because
+which shards the pool takes is the registration's question, answered by
+``ExpectedShards`` (which a policy's ``[[manifests]]`` can supply). ``BundleVerifier``
+remains the hook: any object with that ``verify`` method will do.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import importlib
 import json
 import os
 import tomllib
@@ -30,11 +26,12 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import httpx
-from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 
+from teeshard.attest.errors import AttestationError, FormatError
+from teeshard.attest.evidence import Bundle
+from teeshard.attest.verify.bundle import verify_bundle
+from teeshard.attest.verify.policy import Policy
+from teeshard.attest.verify.quote import CollateralFile, CollateralSource, PccsCollateral
 from teeshard.ledger.interface import (
     Ledger,
     LedgerError,
@@ -43,6 +40,8 @@ from teeshard.ledger.interface import (
     Unauthorized,
     check_manifest_hash,
 )
+
+INSECURE_NOTE = "INSECURE: simulated evidence accepted: no TEE backs this node"
 
 
 class RegistrationRefused(Exception):
@@ -53,10 +52,9 @@ class RegistrationRefused(Exception):
 class VerifiedBundle:
     manifest_hash: str  # hex, lower case
     provider: str
-    node_id: str | None = None  # as the node names itself, when the bundle says
     model: str = ""
-    layers: str = ""
-    notes: tuple[str, ...] = ()  # what was and was not checked
+    layers: str = ""  # "START:END"
+    notes: tuple[str, ...] = ()  # what was checked, and any INSECURE caveat
 
 
 class BundleVerifier(Protocol):
@@ -90,135 +88,78 @@ class ExpectedShards:
     def of(cls, hashes: list[str], model: str = "") -> ExpectedShards:
         return cls(model, {check_manifest_hash(h): "" for h in hashes})
 
-
-# -- the interim verifier ------------------------------------------------------------
-
-_QUOTE_PROVIDERS = ("dstack", "tappd", "gramine", "sgx", "tsm", "tdx", "sev-snp", "snp")
-
-
-def _bytes(value: object, what: str) -> bytes:
-    if not isinstance(value, str) or not value:
-        raise RegistrationRefused(f"the bundle's {what} is missing or not a string")
-    text = value.removeprefix("0x")
-    try:
-        return bytes.fromhex(text)
-    except ValueError:
-        pass
-    try:
-        return base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        raise RegistrationRefused(f"the bundle's {what} is neither hex nor base64") from None
-
-
-def manifest_hash_of(bundle: Mapping[str, Any]) -> str:
-    manifest = bundle.get("manifest")
-    candidates = [bundle.get("manifest_hash")]
-    if isinstance(manifest, Mapping):
-        candidates += [manifest.get(k) for k in ("hash", "manifest_hash", "combined_hash")]
-    for value in candidates:
-        if isinstance(value, str) and value:
-            try:
-                return check_manifest_hash(value)
-            except LedgerError as exc:
-                raise RegistrationRefused(
-                    f"the bundle's manifest hash is malformed: {exc}"
-                ) from None
-    raise RegistrationRefused("the bundle carries no manifest hash")
-
-
-def verify_nonce_signature(bundle: Mapping[str, Any], nonce: bytes) -> str:
-    """Check the signature over our nonce with the certificate's key; say what was checked."""
-    signature = bundle.get("nonce_signature") or bundle.get("signature")
-    certificate = bundle.get("certificate") or bundle.get("cert")
-    if not signature or not certificate:
-        raise RegistrationRefused(
-            "the bundle has no signature over the nonce by its attested key: freshness unproven"
+    @classmethod
+    def from_policy(cls, policy: Policy) -> ExpectedShards:
+        """The shards a policy's ``[[manifests]]`` name (``teeshard up`` lists every one)."""
+        if not policy.manifests:
+            raise ValueError("the policy lists no [[manifests]]: no expected shard hashes")
+        models = {m.model for m in policy.manifests}
+        model = models.pop() if len(models) == 1 else None
+        return cls(
+            model or "",
+            {m.manifest_hash.hex(): str(m.layers) for m in policy.manifests},
         )
-    if not isinstance(certificate, str):
-        raise RegistrationRefused("the bundle's certificate is not PEM text")
-    try:
-        key = x509.load_pem_x509_certificate(certificate.encode()).public_key()
-    except ValueError as exc:
-        raise RegistrationRefused(f"the bundle's certificate does not parse: {exc}") from None
-    sig = _bytes(signature, "nonce signature")
-    try:
-        if isinstance(key, ec.EllipticCurvePublicKey):
-            key.verify(sig, nonce, ec.ECDSA(hashes.SHA256()))
-        elif isinstance(key, ed25519.Ed25519PublicKey):
-            key.verify(sig, nonce)
-        elif isinstance(key, rsa.RSAPublicKey):
-            key.verify(sig, nonce, padding.PKCS1v15(), hashes.SHA256())
-        else:
-            raise RegistrationRefused(f"unsupported certificate key type {type(key).__name__}")
-    except InvalidSignature:
-        raise RegistrationRefused(
-            "the nonce signature does not verify with the bundle's certificate key"
-        ) from None
-    return "nonce signed by the certificate key"
 
 
 @dataclass(frozen=True)
-class InterimVerifier:
-    """What can be checked before ``teeshard.attest`` lands; refuses the rest."""
+class AttestVerifier:
+    """A ``BundleVerifier`` on :mod:`teeshard.attest`: every claim of the bundle, per policy."""
 
-    allow_simulated: bool = False
-    insecure_skip_quote: bool = False
+    policy: Policy = field(default_factory=Policy)
+    collateral: CollateralSource | None = None  # needed for TDX/SGX quotes
 
     def verify(self, bundle: Mapping[str, Any], nonce: bytes) -> VerifiedBundle:
-        echoed = bundle.get("nonce")
-        if echoed is not None and _bytes(echoed, "nonce") != nonce:
-            raise RegistrationRefused("the bundle answers a different nonce (replayed bundle?)")
-        provider = str(bundle.get("provider") or "").lower()
-        notes = [verify_nonce_signature(bundle, nonce)]
-        if provider == "simulated":
-            if not self.allow_simulated:
-                raise RegistrationRefused(
-                    "the node's evidence is simulated (no TEE); pass --allow-simulated to accept it"
-                )
-            notes.append("INSECURE: simulated evidence accepted")
-        elif provider in _QUOTE_PROVIDERS or bundle.get("quote"):
-            if not self.insecure_skip_quote:
-                raise RegistrationRefused(
-                    f"the {provider or 'TEE'} quote cannot be verified: no quote verifier is "
-                    "installed (teeshard.attest.make_bundle_verifier); pass "
-                    "--insecure-skip-quote to register on the manifest hash and nonce alone"
-                )
-            notes.append("INSECURE: quote not verified")
-        else:
-            raise RegistrationRefused(f"unknown attestation provider {provider!r}")
-        manifest = bundle.get("manifest")
-        model = layers = ""
-        if isinstance(manifest, Mapping):
-            model = str(manifest.get("model", ""))
-            raw = manifest.get("layers")
-            if isinstance(raw, list | tuple) and len(raw) == 2:
-                layers = f"{raw[0]}:{raw[1]}"
-            elif isinstance(raw, str):
-                layers = raw
-        node_id = bundle.get("node_id")
+        try:
+            parsed = Bundle.from_json(bundle)
+        except FormatError as exc:
+            raise RegistrationRefused(f"malformed attestation bundle: {exc}") from None
+        try:
+            node = verify_bundle(
+                parsed, self.policy, nonce=nonce, collateral=self.collateral,
+                expected_manifest_hash=parsed.manifest.combined_hash,  # ExpectedShards decides
+            )  # fmt: skip
+        except AttestationError as exc:
+            raise RegistrationRefused(str(exc)) from None
+        checked = "simulated quote" if node.insecure else f"{node.tee_type.upper()} quote"
+        notes = [
+            f"{checked} ({node.provider}) binds certificate {node.fingerprint.hex()[:16]}…, "
+            "the manifest and the sealing key; our nonce is signed by the attested key"
+        ]
+        if node.tcb_status is not None:
+            notes.append(f"TCB status {node.tcb_status}")
+        if node.insecure:
+            notes.append(INSECURE_NOTE)
         return VerifiedBundle(
-            manifest_hash_of(bundle),
-            provider,
-            str(node_id) if node_id else None,
-            model,
-            layers,
+            node.manifest_hash.hex(),
+            node.provider,
+            node.manifest.model,
+            str(node.manifest.layers),
             tuple(notes),
         )
 
 
 def default_verifier(
-    allow_simulated: bool = False, insecure_skip_quote: bool = False
-) -> BundleVerifier:
-    """The attestation package's verifier when it is installed, else ``InterimVerifier``."""
-    try:
-        attest = importlib.import_module("teeshard.attest")
-    except ImportError:
-        attest = None
-    factory = getattr(attest, "make_bundle_verifier", None)
-    if factory is not None:
-        verifier: BundleVerifier = factory(allow_simulated=allow_simulated)
-        return verifier
-    return InterimVerifier(allow_simulated, insecure_skip_quote)
+    policy: Policy | str | Path | None = None,
+    *,
+    allow_simulated: bool = False,
+    collateral: str | Path | None = None,
+    pccs_url: str | None = None,
+) -> AttestVerifier:
+    """``AttestVerifier`` from a policy (or its file; default: the strict ``Policy()``).
+
+    ``allow_simulated`` accepts INSECURE simulated evidence whatever the policy says;
+    ``collateral`` (a cached JSON file) or else ``pccs_url`` serves TDX/SGX quotes.
+    """
+    if not isinstance(policy, Policy):
+        policy = Policy.from_file(policy) if policy is not None else Policy()
+    if allow_simulated:
+        policy = policy.allowing_simulated()
+    source: CollateralSource | None = None
+    if collateral is not None:
+        source = CollateralFile(Path(collateral))
+    elif pccs_url:
+        source = PccsCollateral(pccs_url)
+    return AttestVerifier(policy, source)
 
 
 # -- registration --------------------------------------------------------------------
@@ -231,10 +172,30 @@ class Registered:
     admitted: bool
 
 
+def default_node_id(url: str) -> str:
+    """``host:port`` of the URL: how an entry node names the nodes of its chain."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port or {"https": 443, "wss": 443}.get(parts.scheme, 80)
+    except ValueError:
+        raise RegistrationRefused(f"{url}: the port is not a number") from None
+    return f"{parts.hostname}:{port}"
+
+
 def fetch_bundle(url: str, nonce: bytes, timeout_s: float = 15.0) -> Mapping[str, Any]:
+    """The node's bundle for ``nonce``, unverified.
+
+    ``verify=False``: nodes other than the entry serve TLS with a self-signed
+    certificate that only the bundle itself attests. Nothing fetched here is
+    trusted before the verifier has checked it, and the bundle authenticates
+    itself (quote, report_data binding, signature over our fresh nonce), so the
+    transport adds nothing to check.
+    """
     endpoint = url.rstrip("/") + "/v1/attestation"
     try:
-        response = httpx.get(endpoint, params={"nonce": nonce.hex()}, timeout=timeout_s)
+        response = httpx.get(
+            endpoint, params={"nonce": nonce.hex()}, timeout=timeout_s, verify=False
+        )
     except httpx.HTTPError as exc:
         raise RegistrationRefused(
             f"could not fetch the attestation bundle from {endpoint}: {exc}"
@@ -277,7 +238,7 @@ def admit_from_url(
 ) -> NodeRecord:
     """An entry node (or the owner) admits a registered node after verifying it itself."""
     verified = verify_node(url, expected, verifier)
-    name = node_id or verified.node_id or urlsplit(url).netloc
+    name = node_id or default_node_id(url)
     try:
         return ledger.admit_node(name, verified.manifest_hash)
     except LedgerError as exc:
@@ -293,7 +254,7 @@ def register_from_url(
     node_id: str | None = None,
 ) -> Registered:
     verified = verify_node(url, expected, verifier)
-    name = node_id or verified.node_id or urlsplit(url).netloc
+    name = node_id or default_node_id(url)
     info = NodeInfo(
         name,
         url.rstrip("/"),
