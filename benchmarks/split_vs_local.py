@@ -47,6 +47,13 @@ from teeshard.transport.pipeline_client import PipelineClient
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# extra environment for the node processes (experiments: OMP_WAIT_POLICY=PASSIVE, ...)
+NODE_ENV: dict[str, str] = dict(
+    item.split("=", 1)
+    for item in os.environ.get("TEESHARD_BENCH_NODE_ENV", "").split()
+    if "=" in item
+)
+
 TINYLLAMA_SHAPE: dict[str, Any] = {
     "architectures": ["LlamaForCausalLM"],
     "model_type": "llama",
@@ -159,7 +166,8 @@ def start_nodes(
         for spec in reversed(launches):  # one at a time: loads do not fight for memory
             argv = spec.argv(model_dir, "127.0.0.1", options)
             argv.insert(argv.index("node"), "--log-level=WARNING")
-            processes.append(subprocess.Popen(argv, preexec_fn=die_with_parent))
+            env = {**os.environ, **NODE_ENV}
+            processes.append(subprocess.Popen(argv, env=env, preexec_fn=die_with_parent))
             _wait_healthy(spec, processes[-1])
     except BaseException:
         for process in processes:
