@@ -7,6 +7,8 @@ import importlib
 import logging
 import sys
 
+from teeshard.cli.errors import CommandError
+
 # Each module defines register(subparsers) and sets a ``func`` default on its parsers.
 COMMAND_MODULES = (
     "teeshard.cli.plan",
@@ -40,12 +42,14 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise
+    # one line per request or per migration plugin is noise
+    for noisy in ("httpx", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, CommandError) as exc:
         # Bad input on the command line: one clear line, no traceback.
         print(f"teeshard: error: {exc}", file=sys.stderr)
         return 2

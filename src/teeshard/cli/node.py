@@ -62,9 +62,9 @@ def add_billing_options(parser: argparse.ArgumentParser) -> None:
     """Entry node: charge requests against a ledger (``teeshard ledger --help``)."""
     parser.add_argument(
         "--ledger",
-        default=os.environ.get("TEESHARD_LEDGER"),
-        help="ledger URL: sqlite:///FILE, postgresql://..., evm+http(s)://HOST?contract=0x... "
-        "(default $TEESHARD_LEDGER; none: requests are free)",
+        default=None,
+        help="entry node: ledger URL, sqlite:///FILE, postgresql://..., "
+        "evm+http(s)://HOST?contract=0x... (default $TEESHARD_LEDGER; none: requests are free)",
     )
     parser.add_argument("--pricing", type=Path, help="prices per model (TOML/JSON)")
     parser.add_argument(
@@ -153,7 +153,8 @@ def config_from_args(args: argparse.Namespace, **overrides: object) -> NodeConfi
         collateral_path=args.collateral,
         pccs_url=args.pccs_url,
         manifest_cache=not args.no_manifest_cache,
-        ledger_url=args.ledger,
+        # $TEESHARD_LEDGER concerns the entry node only: the others never charge
+        ledger_url=args.ledger or (os.environ.get("TEESHARD_LEDGER") if args.entry else None),
         pricing_path=args.pricing,
         ledger_actor=args.ledger_actor,
         free_for_operators=not args.no_free_operators,

@@ -19,6 +19,7 @@ import httpx
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+from teeshard.cli.errors import CommandError
 from teeshard.cli.node import add_billing_options, add_runtime_options
 from teeshard.model.checkpoint import Checkpoint
 from teeshard.model.demo import data_dir
@@ -202,7 +203,7 @@ def _wait_healthy(
         while pending:
             for process in processes:
                 if process.poll() is not None:
-                    raise RuntimeError(
+                    raise CommandError(
                         f"a node exited during start-up (exit code {process.returncode})"
                     )
             for port in list(pending):
@@ -213,7 +214,7 @@ def _wait_healthy(
                         pending.discard(port)
                         progress.update(tasks[port], description=f"node on port {port} ready")
             if time.monotonic() > deadline:
-                raise RuntimeError(
+                raise CommandError(
                     f"nodes on ports {sorted(pending)} not healthy after {timeout:.0f}s"
                 )
             time.sleep(0.2)

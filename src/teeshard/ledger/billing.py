@@ -47,7 +47,8 @@ from teeshard.ledger.pricing import Pricing, PricingError, Usage
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-NODES_TTL_S = 30.0
+NODES_TTL_S = 30.0  # how long the list of admitted nodes is trusted
+UNKNOWN_NODE_REFRESH_S = 2.0  # a chain naming a node not (yet) admitted looks again this soon
 
 
 @dataclass(frozen=True)
@@ -156,6 +157,11 @@ class LedgerBilling:
             raise APIError(500, f"cannot price this request: {exc}", code="pricing_error") from None
         tokens = prompt_tokens + completion_tokens
         admitted = await self._admitted_nodes(refresh=False)
+        if (
+            not admitted.issuperset(served_by)
+            and time.monotonic() - self._admitted_at > UNKNOWN_NODE_REFRESH_S
+        ):
+            admitted = await self._admitted_nodes(refresh=True)  # perhaps admitted just now
         served = served_map([n for n in served_by if n in admitted], tokens)
         try:
             try:
