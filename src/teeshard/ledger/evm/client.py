@@ -14,18 +14,17 @@ sending a transaction.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from eth_account.signers.local import LocalAccount
 from web3 import Web3
 
 from teeshard.ledger.evm import events
-from teeshard.ledger.evm.chain import RECEIPT_TIMEOUT_S, Chain
-from teeshard.ledger.evm.errors import Messages, revert_error
+from teeshard.ledger.evm.chain import Chain
+from teeshard.ledger.evm.errors import Messages
+from teeshard.ledger.evm.transactions import call, transact
 from teeshard.ledger.interface import (
-    BackendError,
     Balance,
     Consistency,
     Distribution,
@@ -83,67 +82,17 @@ class EvmLedger:
     def close(self) -> None:
         return None
 
-    # -- plumbing --------------------------------------------------------------------
-
-    @contextlib.contextmanager
-    def _guard(self) -> Iterator[None]:
-        if self.chain.in_process:
-            with self.chain.lock:
-                yield
-        else:
-            yield
+    # -- plumbing: see teeshard.ledger.evm.transactions -----------------------------
 
     def _call(self, name: str, *args: Any) -> Any:
-        with self._guard():
-            try:
-                return getattr(self.contract.functions, name)(*args).call()
-            except LedgerError:
-                raise
-            except Exception as exc:
-                raise BackendError(
-                    f"reading {name} from the ledger contract failed: {exc}"
-                ) from exc
+        return call(self.chain, self.contract, name, *args)
 
     def _transact(
         self, name: str, *args: Any, value: int = 0, messages: Messages | None = None
     ) -> Any:
-        """Send one transaction; its receipt, or the revert mapped to a LedgerError."""
-        fn = getattr(self.contract.functions, name)(*args)
-        sender = self.key.address
-        with self.chain.lock:
-            try:
-                gas = fn.estimate_gas({"from": sender, "value": value})
-            except Exception as exc:
-                raise revert_error(name, exc, messages) from None
-            try:
-                tx = fn.build_transaction(
-                    {
-                        "from": sender,
-                        "value": value,
-                        "gas": gas + gas // 5,
-                        "nonce": self.chain.next_nonce(sender),
-                    }
-                )
-                signed = self.key.sign_transaction(tx)
-                tx_hash = self.w3.eth.send_raw_transaction(signed.raw_transaction)
-            except Exception as exc:
-                self.chain.forget_nonce(sender)
-                raise BackendError(f"sending {name} failed: {exc}") from exc
-            if self.chain.in_process:
-                receipt = self.w3.eth.wait_for_transaction_receipt(tx_hash)
-        if not self.chain.in_process:
-            receipt = self.w3.eth.wait_for_transaction_receipt(
-                tx_hash, timeout=RECEIPT_TIMEOUT_S, poll_latency=0.02
-            )
-        if receipt["status"] != 1:
-            # Reverted on chain after a clean estimate: re-run it to learn why.
-            try:
-                with self._guard():
-                    fn.call({"from": sender, "value": value})
-            except Exception as exc:
-                raise revert_error(name, exc, messages) from None
-            raise BackendError(f"{name} reverted on chain (transaction {tx_hash.hex()})")
-        return receipt
+        return transact(
+            self.chain, self.contract, self.key, name, *args, value=value, messages=messages
+        )
 
     @staticmethod
     def _address(account: str) -> str:

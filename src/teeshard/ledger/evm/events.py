@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from eth_utils import keccak
 from web3.logs import DISCARD
 
+from teeshard.ledger.evm.transactions import guard
 from teeshard.ledger.interface import Consistency, Distribution, JournalEntry
 
 if TYPE_CHECKING:
@@ -46,7 +47,7 @@ class _Clock:
         if not self.enabled:
             return 0.0
         if block not in self.cache:
-            with self.ledger._guard():
+            with guard(self.ledger.chain):
                 self.cache[block] = float(self.ledger.w3.eth.get_block(block)["timestamp"])
         return self.cache[block]
 
@@ -99,7 +100,7 @@ def _entry(ledger: EvmLedger, name: str, log: Any, clock: _Clock) -> JournalEntr
 
 def _logs(ledger: EvmLedger, name: str, **filters: Any) -> list[Any]:
     event = getattr(ledger.contract.events, name)
-    with ledger._guard():
+    with guard(ledger.chain):
         return list(event.get_logs(from_block=ledger.from_block, argument_filters=filters or None))
 
 
@@ -197,7 +198,7 @@ def check(ledger: EvmLedger) -> Consistency:
         mismatches.append("total_withdrawn does not match the Withdrawn events")
     if held != total_in - total_out:
         mismatches.append(f"held {held} != deposits {total_in} - withdrawals {total_out}")
-    with ledger._guard():
+    with guard(ledger.chain):
         wei = int(ledger.w3.eth.get_balance(ledger.address))
     if wei != (total_in - total_out) * ledger.wei_per_token():
         mismatches.append(
