@@ -28,6 +28,7 @@ def chat(cluster: LocalCluster, **body: Any) -> httpx.Response:
         "model": "tiny",
         "messages": [{"role": "user", "content": "hi"}],
         "max_tokens": 4,
+        "temperature": 0,  # greedy: a sampled first token could be EOS and end it empty
         **body,
     }
     return httpx.post(cluster.entry.http_url + "/v1/chat/completions", json=payload, timeout=60)
