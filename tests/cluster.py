@@ -171,6 +171,13 @@ class LocalCluster:
             argv, env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=die_with_parent
         )
 
+    def restart(self, index: int) -> None:
+        """Start a killed subprocess node again: a new process, a new identity, same place."""
+        running = self.nodes[index]
+        assert running.process is not None and running.process.poll() is not None
+        self._spawn(running)
+        _wait_healthy(running)
+
     def __exit__(self, *exc: object) -> None:
         for running in self.nodes:
             if running.server is not None:

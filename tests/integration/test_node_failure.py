@@ -54,3 +54,18 @@ def test_killed_downstream_gives_a_prompt_clear_error(tiny_llama: TinyModel) -> 
         )
         assert time.monotonic() - started < 10
         assert httpx.get(entry + "/health", timeout=5).json()["sessions"]["open"] == 0
+
+        # a replacement on the same address (new key, new quote) is attested afresh and used
+        cluster.restart(1)
+        deadline = time.monotonic() + 30
+        while True:
+            back = httpx.post(
+                entry + "/v1/completions",
+                json={**body, "stream": False, "max_tokens": 5},
+                timeout=30,
+            )
+            if back.status_code == 200 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert back.status_code == 200, back.text
+        assert back.json()["usage"]["completion_tokens"] >= 1
