@@ -125,10 +125,6 @@ class Usage(BaseModel):
     total_tokens: int
 
 
-def completion_id(prefix: str, request_id: str) -> str:
-    return f"{prefix}-{request_id}"
-
-
 def now() -> int:
     return int(time.time())
 

@@ -34,12 +34,6 @@ class KVCache:
             torch.empty(shape, dtype=dtype, device=device),
         )
 
-    @staticmethod
-    def bytes_per_token(
-        num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
-    ) -> int:
-        return 2 * num_layers * num_kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
-
     @property
     def max_len(self) -> int:
         return self.keys.shape[3]

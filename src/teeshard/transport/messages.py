@@ -12,7 +12,6 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-PROTOCOL_VERSION = 1
 WIRE_DTYPES = ("float32", "float16", "bfloat16")
 WireDtype = Literal["float32", "float16", "bfloat16"]
 
