@@ -42,7 +42,7 @@ from teeshard.model.loader import load_shard
 from teeshard.model.plan import plan_checkpoint
 from teeshard.model.transformer import Shard
 from teeshard.node.local_chain import write_chain_policy
-from teeshard.procutil import die_with_parent, free_port_block
+from teeshard.procutil import die_with_parent, free_port_block, wait_healthy
 from teeshard.transport.pipeline_client import PipelineClient
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -168,24 +168,12 @@ def start_nodes(
             argv.insert(argv.index("node"), "--log-level=WARNING")
             env = {**os.environ, **NODE_ENV}
             processes.append(subprocess.Popen(argv, env=env, preexec_fn=die_with_parent))
-            _wait_healthy(spec, processes[-1])
+            wait_healthy(spec.health_url("127.0.0.1"), processes[-1])
     except BaseException:
         for process in processes:
             process.kill()
         raise
     return processes, launches
-
-
-def _wait_healthy(spec: LaunchSpec, process: subprocess.Popen[bytes]) -> None:
-    while True:
-        if process.poll() is not None:
-            raise RuntimeError(f"node on port {spec.port} exited with {process.returncode}")
-        try:
-            if httpx.get(spec.health_url("127.0.0.1"), timeout=1, verify=False).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
 
 
 def node_rss_mb(launches: list[LaunchSpec]) -> list[float]:

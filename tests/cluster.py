@@ -17,7 +17,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from teeshard.node.config import NodeConfig
 from teeshard.node.local_chain import write_chain_policy
 from teeshard.node.runtime import Node, build_node, make_server
 from teeshard.node.sessions import SessionLimits
-from teeshard.procutil import die_with_parent, free_port
+from teeshard.procutil import die_with_parent, free_port, wait_healthy
 
 
 @dataclass
@@ -194,17 +193,5 @@ class LocalCluster:
                     running.process.kill()
 
 
-def _wait_healthy(running: RunningNode, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if running.process is not None and running.process.poll() is not None:
-            raise RuntimeError(
-                f"node on port {running.config.port} exited with {running.process.returncode}"
-            )
-        try:
-            if running.get("/health").status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    raise TimeoutError(f"node on port {running.config.port} not healthy after {timeout}s")
+def _wait_healthy(running: RunningNode) -> None:
+    wait_healthy(running.http_url + "/health", running.process, timeout=60, interval=0.05)

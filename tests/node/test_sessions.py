@@ -12,9 +12,10 @@ from teeshard.transport.messages import SamplingParams
 
 
 def open_session(store: SessionStore, sid: str, max_len: int) -> None:
-    store.admit(sid, max_len)
-    cache = KVCache.allocate(1, 1, max_len, 4, torch.float32, torch.device("cpu"))
-    store.new_session(sid, cache, "float32", SamplingParams(), False)
+    def allocate(length: int) -> KVCache:
+        return KVCache.allocate(1, 1, length, 4, torch.float32, torch.device("cpu"))
+
+    store.open(sid, max_len, allocate, "float32", SamplingParams(), False)
 
 
 def test_admission_by_session_count_and_token_budget() -> None:

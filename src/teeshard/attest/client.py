@@ -28,16 +28,48 @@ from teeshard.attest.verify.policy import Policy
 from teeshard.attest.verify.quote import Collateral, CollateralSource
 
 ATTESTATION_PATH = "/v1/attestation"
+CHAIN_PATH = "/v1/attestation/chain"  # a node's bundle, then those of the nodes after it
 NONCE_BYTES = 32
 
 
-def attestation_url(url: str, nonce: bytes) -> str:
-    """``/v1/attestation?nonce=HEX`` on the node behind ``url`` (http(s) or ws(s))."""
+def attestation_url(url: str, nonce: bytes, path: str = ATTESTATION_PATH) -> str:
+    """``path?nonce=HEX`` on the node behind ``url`` (http(s) or ws(s))."""
     parts = urlsplit(url)
     scheme = {"ws": "http", "wss": "https"}.get(parts.scheme, parts.scheme)
     if scheme not in ("http", "https"):
         raise FormatError(f"{url}: expected an http(s):// or ws(s):// URL")
-    return urlunsplit((scheme, parts.netloc, ATTESTATION_PATH, f"nonce={nonce.hex()}", ""))
+    return urlunsplit((scheme, parts.netloc, path, f"nonce={nonce.hex()}", ""))
+
+
+def _parse_chain(response: httpx.Response) -> list[dict[str, Any]]:
+    if response.status_code != 200:
+        raise AttestationError(
+            f"{response.request.url}: attestation endpoint answered HTTP {response.status_code}"
+        )
+    try:
+        bundles = response.json()["bundles"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise FormatError(f"{response.request.url}: not an attestation chain: {exc}") from None
+    if not isinstance(bundles, list) or not bundles:
+        raise FormatError(f"{response.request.url}: the attestation chain is empty")
+    return bundles
+
+
+def fetch_chain(url: str, nonce: bytes, *, timeout: float = 30.0) -> list[dict[str, Any]]:
+    """The JSON bundles of ``url``'s node and every node after it, unverified.
+
+    The first answers ``nonce``; the others answered the nonces of the nodes
+    that attested them. Parse each with :meth:`Bundle.from_json` and verify it.
+    """
+    with httpx.Client(verify=False, timeout=timeout) as client:  # see the module docstring
+        return _parse_chain(client.get(attestation_url(url, nonce, CHAIN_PATH)))
+
+
+async def fetch_chain_async(
+    url: str, nonce: bytes, *, http_timeout_s: float = 30.0
+) -> list[dict[str, Any]]:
+    async with httpx.AsyncClient(verify=False, timeout=http_timeout_s) as client:
+        return _parse_chain(await client.get(attestation_url(url, nonce, CHAIN_PATH)))
 
 
 def _parse_bundle(response: httpx.Response) -> Bundle:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 
+from teeshard.attest.client import NONCE_BYTES, fetch_chain
 from teeshard.attest.errors import AttestationError
 from teeshard.attest.evidence import Bundle, Evidence
 from teeshard.attest.manifest import compute_manifest
@@ -22,9 +23,8 @@ from teeshard.attest.receipts import load_receipts, verify_chain
 from teeshard.attest.verify.bundle import VerifiedNode, check_report, verify_bundle
 from teeshard.attest.verify.policy import Policy
 from teeshard.attest.verify.quote import (
-    CollateralFile,
     CollateralSource,
-    PccsCollateral,
+    collateral_source,
     read_quote_file,
     verify_quote,
 )
@@ -83,14 +83,13 @@ def add_policy_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _policy(args: argparse.Namespace) -> Policy:
-    policy = Policy.from_file(args.policy) if args.policy else Policy()
-    return policy.allowing_simulated() if args.allow_simulated else policy
+    return Policy.load(args.policy, allow_simulated=args.allow_simulated)
 
 
 def _collateral(args: argparse.Namespace) -> CollateralSource:
-    if args.collateral is not None:
-        return CollateralFile(args.collateral)
-    return PccsCollateral(args.pccs_url)
+    source = collateral_source(args.collateral, args.pccs_url)
+    assert source is not None  # --pccs-url has a default
+    return source
 
 
 def _fail(exc: Exception | str) -> int:
@@ -169,14 +168,12 @@ def run_verify_quote(args: argparse.Namespace) -> int:
 def _receipt_bundles(args: argparse.Namespace) -> list[tuple[str, Bundle]]:
     if args.bundle:
         return [(str(path), Bundle.loads(path.read_text())) for path in args.bundle]
-    # The bundles authenticate themselves (quotes, signatures): any transport will do.
-    url = args.chain_url.rstrip("/") + "/v1/attestation/chain"
     try:
-        response = httpx.get(url, params={"nonce": secrets.token_hex(32)}, verify=False, timeout=30)
-        response.raise_for_status()
-        items = response.json()["bundles"]
-    except (httpx.HTTPError, ValueError, KeyError) as exc:
-        raise AttestationError(f"cannot fetch the attestation chain from {url}: {exc}") from None
+        items = fetch_chain(args.chain_url, secrets.token_bytes(NONCE_BYTES))
+    except httpx.HTTPError as exc:
+        raise AttestationError(
+            f"cannot fetch the attestation chain of {args.chain_url}: {exc}"
+        ) from None
     return [(f"{args.chain_url} stage {i}", Bundle.from_json(item)) for i, item in enumerate(items)]
 
 

@@ -7,7 +7,6 @@ Ctrl-C (or any node dying) stops every process this command started.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import signal
 import subprocess
 import sys
@@ -15,7 +14,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -26,7 +24,7 @@ from teeshard.model.demo import data_dir
 from teeshard.model.layer_range import LayerRange
 from teeshard.model.plan import plan_checkpoint
 from teeshard.node.local_chain import write_chain_policy
-from teeshard.procutil import die_with_parent, port_free
+from teeshard.procutil import die_with_parent, is_healthy, port_free
 
 console = Console(stderr=True)
 
@@ -207,12 +205,9 @@ def _wait_healthy(
                         f"a node exited during start-up (exit code {process.returncode})"
                     )
             for port in list(pending):
-                with contextlib.suppress(httpx.HTTPError):
-                    # liveness only: trust comes from attestation, not from this probe
-                    url = by_port[port].health_url(host)
-                    if httpx.get(url, timeout=1.0, verify=False).status_code == 200:
-                        pending.discard(port)
-                        progress.update(tasks[port], description=f"node on port {port} ready")
+                if is_healthy(by_port[port].health_url(host)):
+                    pending.discard(port)
+                    progress.update(tasks[port], description=f"node on port {port} ready")
             if time.monotonic() > deadline:
                 raise CommandError(
                     f"nodes on ports {sorted(pending)} not healthy after {timeout:.0f}s"

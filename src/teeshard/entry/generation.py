@@ -42,7 +42,6 @@ class Generation:
     completion_tokens: int = 0
     completion_chars: int = 0  # characters of text returned to the client
     finish_reason: FinishReason | None = None
-    token_ids: list[int] = field(default_factory=list)
     closed: bool = False  # the session is closed on every node
     served_by: tuple[str, ...] = ()  # node ids of the chain, entry first
     reservation: Reservation | None = None
@@ -152,7 +151,6 @@ class Generator:
                 if token in self.eos_ids:
                     generation.finish_reason = "stop"
                     break
-                generation.token_ids.append(token)
                 generation.completion_tokens += 1
                 delta = stops.feed(decoder.push(token))
                 if delta:

@@ -27,11 +27,12 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from teeshard.attest.client import attestation_url
 from teeshard.attest.errors import AttestationError, FormatError
 from teeshard.attest.evidence import Bundle
 from teeshard.attest.verify.bundle import verify_bundle
 from teeshard.attest.verify.policy import Policy
-from teeshard.attest.verify.quote import CollateralFile, CollateralSource, PccsCollateral
+from teeshard.attest.verify.quote import CollateralSource, collateral_source
 from teeshard.ledger.interface import (
     Ledger,
     LedgerError,
@@ -150,16 +151,11 @@ def default_verifier(
     ``allow_simulated`` accepts INSECURE simulated evidence whatever the policy says;
     ``collateral`` (a cached JSON file) or else ``pccs_url`` serves TDX/SGX quotes.
     """
-    if not isinstance(policy, Policy):
-        policy = Policy.from_file(policy) if policy is not None else Policy()
-    if allow_simulated:
-        policy = policy.allowing_simulated()
-    source: CollateralSource | None = None
-    if collateral is not None:
-        source = CollateralFile(Path(collateral))
-    elif pccs_url:
-        source = PccsCollateral(pccs_url)
-    return AttestVerifier(policy, source)
+    if isinstance(policy, Policy):
+        policy = policy.allowing_simulated() if allow_simulated else policy
+    else:
+        policy = Policy.load(policy, allow_simulated=allow_simulated)
+    return AttestVerifier(policy, collateral_source(collateral, pccs_url))
 
 
 # -- registration --------------------------------------------------------------------
@@ -191,25 +187,27 @@ def fetch_bundle(url: str, nonce: bytes, timeout_s: float = 15.0) -> Mapping[str
     itself (quote, report_data binding, signature over our fresh nonce), so the
     transport adds nothing to check.
     """
-    endpoint = url.rstrip("/") + "/v1/attestation"
     try:
-        response = httpx.get(
-            endpoint, params={"nonce": nonce.hex()}, timeout=timeout_s, verify=False
-        )
+        endpoint = attestation_url(url, nonce)
+    except AttestationError as exc:
+        raise RegistrationRefused(str(exc)) from None
+    shown = endpoint.partition("?")[0]  # messages name the endpoint, not our nonce
+    try:
+        response = httpx.get(endpoint, timeout=timeout_s, verify=False)
     except httpx.HTTPError as exc:
         raise RegistrationRefused(
-            f"could not fetch the attestation bundle from {endpoint}: {exc}"
+            f"could not fetch the attestation bundle from {shown}: {exc}"
         ) from None
     if response.status_code != 200:
         raise RegistrationRefused(
-            f"{endpoint} answered HTTP {response.status_code}: no attestation bundle"
+            f"{shown} answered HTTP {response.status_code}: no attestation bundle"
         )
     try:
         bundle = response.json()
     except ValueError:
-        raise RegistrationRefused(f"{endpoint} did not return JSON") from None
+        raise RegistrationRefused(f"{shown} did not return JSON") from None
     if not isinstance(bundle, Mapping):
-        raise RegistrationRefused(f"{endpoint} returned JSON that is not an object")
+        raise RegistrationRefused(f"{shown} returned JSON that is not an object")
     return bundle
 
 

@@ -10,9 +10,10 @@ from typing import Any
 
 from fastapi import APIRouter, Query
 
+from teeshard.attest.client import CHAIN_PATH
 from teeshard.attest.errors import AttestationError
 from teeshard.entry.errors import APIError
-from teeshard.node.trust import CHAIN_PATH, NodeTrust
+from teeshard.node.trust import NodeTrust
 
 NONCE_QUERY = Query(..., description="fresh random nonce, 16 to 64 bytes as hex")
 

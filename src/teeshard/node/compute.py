@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from teeshard.model import kv_cache
 from teeshard.model.sampling import sample
 from teeshard.model.transformer import Shard
 from teeshard.node.errors import BadRequestError, CacheFullError
@@ -55,11 +56,11 @@ def check_hidden(shard: Shard, session: Session, hidden: torch.Tensor) -> torch.
 
 
 def _check_room(session: Session, steps: int) -> None:
-    if session.cache.length + steps > session.max_len:
-        raise CacheFullError(
-            f"session {session.id} holds {session.cache.length} of {session.max_len} positions; "
-            f"{steps} more do not fit"
-        )
+    """Check before computing, and say so as a node error (400) rather than a model one."""
+    try:
+        session.cache.check_room(steps)
+    except kv_cache.CacheFullError as exc:
+        raise CacheFullError(f"session {session.id}: {exc}") from None
 
 
 @torch.no_grad()

@@ -30,7 +30,7 @@ from teeshard.model.transformer import Shard
 from teeshard.node.app import create_app
 from teeshard.node.config import NodeConfig
 from teeshard.node.service import NodeService
-from teeshard.node.trust import NodeTrust, collateral_source, load_policy
+from teeshard.node.trust import NodeTrust, trust_for
 from teeshard.transport.peer import PeerClient
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ def attest_node(config: NodeConfig, builder: ManifestBuilder) -> NodeTrust:
         hosts.add(socket.gethostname())
     identity = NodeIdentity.generate(hosts=sorted(hosts))
     attestation = NodeAttestation.create(provider, builder.finish(), identity)
-    return NodeTrust(attestation, load_policy(config), collateral_source(config))
+    return trust_for(config, attestation)
 
 
 def build_node(config: NodeConfig, show_progress: bool = False) -> Node:

@@ -104,9 +104,9 @@ class NodeService:
         ``input_digest`` (entry node) is what its receipt says it received: the
         SHA-256 of the client's request body.
         """
-        self.sessions.admit(session_id, max_len)
-        cache = self.shard.new_cache(max_len)
-        session = self.sessions.new_session(session_id, cache, wire_dtype, sampling, return_logits)
+        session = self.sessions.open(
+            session_id, max_len, self.shard.new_cache, wire_dtype, sampling, return_logits
+        )
         session.input_digest = input_digest
         if self.downstream is None:
             return (self.node_id,)

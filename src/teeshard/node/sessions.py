@@ -8,6 +8,7 @@ pass its budget, so memory for every admitted session is known in advance.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -82,22 +83,26 @@ class SessionStore:
                 f"{self.limits.max_cached_tokens} tokens reserved, {max_len} more requested"
             )
 
-    def add(self, session: Session) -> None:
-        self.admit(session.id, session.max_len)
-        self._sessions[session.id] = session
-
-    def new_session(
+    def open(
         self,
         session_id: str,
-        cache: KVCache,
+        max_len: int,
+        allocate: Callable[[int], KVCache],
         wire_dtype: str,
         sampling: SamplingParams,
         return_logits: bool,
     ) -> Session:
+        """Admit, then allocate the cache: a refused session costs no memory."""
+        self.admit(session_id, max_len)
         session = Session(
-            session_id, cache, wire_dtype, sampling, new_generator(sampling), return_logits
+            session_id,
+            allocate(max_len),
+            wire_dtype,
+            sampling,
+            new_generator(sampling),
+            return_logits,
         )
-        self.add(session)
+        self._sessions[session_id] = session
         return session
 
     def get(self, session_id: str) -> Session:

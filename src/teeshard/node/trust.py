@@ -16,36 +16,28 @@ import secrets
 import ssl
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
 from teeshard.attest.attester import NodeAttestation
+from teeshard.attest.client import NONCE_BYTES, fetch_chain_async
 from teeshard.attest.errors import AttestationError
 from teeshard.attest.evidence import Bundle
 from teeshard.attest.verify.bundle import verify_bundle
 from teeshard.attest.verify.policy import Policy
-from teeshard.attest.verify.quote import CollateralFile, CollateralSource, PccsCollateral
+from teeshard.attest.verify.quote import CollateralSource, collateral_source
 from teeshard.node.config import NodeConfig
 from teeshard.node.errors import DownstreamError
 
 log = logging.getLogger(__name__)
 
-CHAIN_PATH = "/v1/attestation/chain"
-NONCE_BYTES = 32
 
-
-def load_policy(config: NodeConfig) -> Policy:
-    policy = Policy.from_file(config.policy_path) if config.policy_path else Policy()
-    return policy.allowing_simulated() if config.allow_simulated else policy
-
-
-def collateral_source(config: NodeConfig) -> CollateralSource | None:
-    if config.collateral_path is not None:
-        return CollateralFile(config.collateral_path)
-    if config.pccs_url is not None:
-        return PccsCollateral(config.pccs_url)
-    return None
+def trust_for(config: NodeConfig, attestation: NodeAttestation) -> NodeTrust:
+    """The node's trust state: its attestation, and what it asks of the next node."""
+    policy = Policy.load(config.policy_path, allow_simulated=config.allow_simulated)
+    return NodeTrust(
+        attestation, policy, collateral_source(config.collateral_path, config.pccs_url)
+    )
 
 
 @dataclass
@@ -65,15 +57,13 @@ class NodeTrust:
         """Verify the node at ``url`` (wss://) and return a context pinned to its certificate."""
         nonce = secrets.token_bytes(NONCE_BYTES)
         try:
-            async with httpx.AsyncClient(verify=False, timeout=30) as client:
-                # verify=False: nothing is trusted until the bundle itself verifies
-                response = await client.get(_chain_url(url), params={"nonce": nonce.hex()})
-            if response.status_code != 200:
-                raise AttestationError(f"attestation endpoint answered HTTP {response.status_code}")
-            bundles = response.json()["bundles"]
-            bundle = Bundle.from_json(bundles[0])
+            bundles = await fetch_chain_async(url, nonce)
             node = await asyncio.to_thread(
-                verify_bundle, bundle, self.policy, nonce=nonce, collateral=self.collateral
+                verify_bundle,
+                Bundle.from_json(bundles[0]),
+                self.policy,
+                nonce=nonce,
+                collateral=self.collateral,
             )
         except AttestationError as exc:
             log.error("next node %s failed attestation: %s", url, exc)
@@ -83,7 +73,7 @@ class NodeTrust:
         except httpx.TransportError as exc:
             # unreachable is not untrusted: the same error as any other lost next hop
             raise DownstreamError(f"next node unavailable: cannot reach {url}: {exc}") from None
-        except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as exc:
+        except httpx.HTTPError as exc:
             raise DownstreamError(
                 f"next node {url} sent no valid attestation: {exc}", code="attestation_failed"
             ) from None
@@ -103,9 +93,3 @@ class NodeTrust:
             "manifest_hash": self.attestation.manifest.combined_hash.hex(),
             "certificate_sha256": self.attestation.identity.fingerprint.hex(),
         }
-
-
-def _chain_url(url: str) -> str:
-    parts = urlsplit(url)
-    scheme = {"ws": "http", "wss": "https"}.get(parts.scheme, parts.scheme)
-    return urlunsplit((scheme, parts.netloc, CHAIN_PATH, "", ""))

@@ -92,6 +92,15 @@ class Policy:
         return replace(self, allow_simulated=True)
 
     @classmethod
+    def load(cls, path: str | Path | None, *, allow_simulated: bool = False) -> Policy:
+        """The policy at ``path`` (without one: the strict default), as a node or CLI takes it.
+
+        ``allow_simulated`` accepts INSECURE simulated evidence whatever the file says.
+        """
+        policy = cls.from_file(path) if path is not None else cls()
+        return policy.allowing_simulated() if allow_simulated else policy
+
+    @classmethod
     def from_file(cls, path: str | Path) -> Policy:
         path = Path(path)
         try:

@@ -104,6 +104,17 @@ class PccsCollateral:
         return collateral
 
 
+def collateral_source(
+    file: str | Path | None, pccs_url: str | None
+) -> CollateralFile | PccsCollateral | None:
+    """A cached collateral file if given, else the PCCS at ``pccs_url``, else none."""
+    if file is not None:
+        return CollateralFile(Path(file))
+    if pccs_url:
+        return PccsCollateral(pccs_url)
+    return None
+
+
 def _run(coroutine: Awaitable[Collateral]) -> Collateral:
     async def wait() -> Collateral:
         return await coroutine
