@@ -23,8 +23,14 @@ from teeshard.node.errors import (
 from teeshard.node.hop import HopStep, NextHop
 from teeshard.node.metrics import Metrics, stage_metrics
 from teeshard.node.pipeline import PIPELINE_PATH, attach_pipeline
-from teeshard.node.service import NodeService, StageCounters, StepResult
-from teeshard.node.sessions import Session, SessionLimits, SessionStore
+from teeshard.node.service import (
+    NodeService,
+    Session,
+    SessionLimits,
+    SessionStore,
+    StageCounters,
+    StepResult,
+)
 
 __all__ = [
     "PIPELINE_PATH",
