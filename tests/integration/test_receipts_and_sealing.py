@@ -185,16 +185,14 @@ def test_tampered_sealed_request_is_rejected(chain3: LocalCluster) -> None:
     assert post(chain3, chat_body()).status_code == 200  # and the node serves on
 
 
-async def test_pipeline_socket_close_can_sign(chain3: LocalCluster) -> None:
+async def test_a_stage_close_can_sign(chain3: LocalCluster) -> None:
     from teeshard.attest.receipts import Receipt
-    from teeshard.transport.pipeline_client import PipelineClient
 
-    client = PipelineClient(chain3.entry.ws_url)
+    client = chain3.entry_stage()
     session = await client.open_session(max_len=16, return_logits=False)
     token, _ = await client.step(session, [5, 6, 7])
     await client.step(session, [token])
     receipts = [Receipt.from_json(r) for r in await client.close_session(session, sign=True)]
-    await client.disconnect()
     report = verify_chain(receipts, chain_bundles(chain3), request_id=session)
     assert report.stages == 3
 

@@ -34,6 +34,7 @@ from teeshard.node import NextHop, NodeService
 from teeshard.paths import data_dir
 from teeshard.server.app import create_app
 from teeshard.server.config import NodeConfig
+from teeshard.server.edge import header_deadline_protocol
 from teeshard.server.trust import NodeTrust, trust_for
 from teeshard.transport.peer import PeerClient
 
@@ -126,6 +127,7 @@ def build_node(config: NodeConfig, show_progress: bool = False) -> Node:
                 _pipeline_url(next_url),
                 max_frame_bytes=frame_limit(config, shard),
                 on_connect=attest_next,
+                introduce=trust.introduce,
             )
         )
     service = NodeService(
@@ -186,7 +188,10 @@ def make_server(node: Node) -> uvicorn.Server:
         port=node.config.port,
         log_level="warning",
         ws_max_size=node.max_frame_bytes,
+        ws_max_queue=2,  # frames buffered while the pipeline handler is busy: back-pressure
         ws_per_message_deflate=False,
+        http=header_deadline_protocol(node.config.header_timeout_s),
+        limit_concurrency=node.config.max_connections,
         timeout_graceful_shutdown=5,
         lifespan="on",
     )
