@@ -47,6 +47,7 @@ class Generation:
     reservation: Reservation | None = None
     settlement: Settlement | None = None
     receipts: list[Receipt] = field(default_factory=list)  # signed by every stage, entry first
+    token_ids: list[int] = field(default_factory=list)  # every token the last stage sent
 
 
 class Generator:
@@ -148,6 +149,7 @@ class Generator:
             result = await self.service.step_tokens(session, prompt_ids)
             while True:
                 token = result.token
+                generation.token_ids.append(token)  # its receipt hashes each one, EOS too
                 if token in self.eos_ids:
                     generation.finish_reason = "stop"
                     break
