@@ -15,7 +15,8 @@ Errors
 """
 
 from teeshard.attest.attester import NodeAttestation
-from teeshard.attest.client import AttestedPeer, SealedClient, attest_peer, fetch_bundle, verify_url
+from teeshard.attest.client import AttestedPeer, attest_peer, fetch_bundle, verify_url
+from teeshard.attest.entry_files import EntryFiles, hash_entry_files
 from teeshard.attest.errors import AttestationError, VerificationError
 from teeshard.attest.evidence import Bundle, Evidence, report_data_for
 from teeshard.attest.identity import NodeIdentity, cert_fingerprint, pinned_client_context
@@ -31,6 +32,10 @@ from teeshard.attest.receipts import (
     sign_receipt,
     verify_chain,
 )
+from teeshard.attest.replay import ReplayCache
+from teeshard.attest.response import ResponseClaims, parse_response, verify_response
+from teeshard.attest.sealed_client import SealedClient
+from teeshard.attest.sealed_stream import ResponseReader, ResponseSealer, SealedResponse
 from teeshard.attest.sealing import (
     SEALED_CONTENT_TYPE,
     SEALED_PATH,
@@ -57,6 +62,7 @@ __all__ = [
     "AttestedPeer",
     "Bundle",
     "CollateralFile",
+    "EntryFiles",
     "Evidence",
     "ManifestBuilder",
     "ManifestCache",
@@ -67,7 +73,12 @@ __all__ = [
     "Policy",
     "Provider",
     "Receipt",
+    "ReplayCache",
+    "ResponseClaims",
+    "ResponseReader",
+    "ResponseSealer",
     "SealedClient",
+    "SealedResponse",
     "ShardManifest",
     "TrafficHash",
     "VerificationError",
@@ -77,7 +88,9 @@ __all__ = [
     "chain_digest",
     "compute_manifest",
     "fetch_bundle",
+    "hash_entry_files",
     "open_request",
+    "parse_response",
     "pinned_client_context",
     "report_data_for",
     "seal_request",
@@ -86,5 +99,6 @@ __all__ = [
     "verify_bundle",
     "verify_chain",
     "verify_quote",
+    "verify_response",
     "verify_url",
 ]

@@ -66,7 +66,7 @@ def create_app(
     app.include_router(build_attestation_router(trust))
     if serving is not None:
         app.include_router(build_router(serving))
-        app.include_router(build_sealed_router(app, trust))
+        app.include_router(build_sealed_router(app, lambda: trust.attestation.identity))
     return app
 
 
