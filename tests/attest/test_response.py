@@ -26,8 +26,8 @@ from teeshard.attest.manifest import compute_manifest
 from teeshard.attest.receipts import receipts_to_json
 from teeshard.attest.response import (
     bare_request_id,
-    extension,
     parse_response,
+    response_extension,
     token_traffic_hash,
     verify_response,
 )
@@ -65,7 +65,7 @@ class Served:
             "usage": {"prompt_tokens": 9, "completion_tokens": len(ids) - 1,
                       "total_tokens": 8 + len(ids)},
             "receipts": receipts_to_json(receipts),
-            "teeshard": extension(rid, ids),
+            "teeshard": response_extension(rid, ids),
             **over,
         }  # fmt: skip
 

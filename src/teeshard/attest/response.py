@@ -93,7 +93,7 @@ def token_traffic_hash(token_ids: Iterable[int]) -> bytes:
     return hasher.digest()
 
 
-def extension(request_id: str, completion_token_ids: Sequence[int]) -> dict[str, Any]:
+def response_extension(request_id: str, completion_token_ids: Sequence[int]) -> dict[str, Any]:
     """The extension field the entry node adds to a finished response."""
     return {"request_id": request_id, "completion_token_ids": list(completion_token_ids)}
 

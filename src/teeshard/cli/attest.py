@@ -11,12 +11,14 @@ import json
 import time
 from pathlib import Path
 
-from teeshard.attest.errors import AttestationError
-from teeshard.attest.evidence import Evidence
-from teeshard.attest.manifest import compute_manifest
-from teeshard.attest.manifest_cache import ManifestCache
+from teeshard.attest import (
+    AttestationError,
+    Evidence,
+    ManifestCache,
+    Policy,
+    compute_manifest,
+)
 from teeshard.attest.verify.bundle import VerifiedNode, check_report
-from teeshard.attest.verify.policy import Policy
 from teeshard.attest.verify.quote import (
     CollateralSource,
     collateral_source,
@@ -115,7 +117,7 @@ def run_manifest(args: argparse.Namespace) -> int:
 def run_verify(args: argparse.Namespace) -> int:
     import httpx
 
-    from teeshard.attest.client import verify_url
+    from teeshard.attest import verify_url
 
     expected = bytes.fromhex(args.expect_manifest) if args.expect_manifest else None
     try:

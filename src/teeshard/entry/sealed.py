@@ -30,33 +30,38 @@ from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.responses import StreamingResponse
 from starlette.types import Message
 
-from teeshard.attest.errors import ReplayCacheFull, ReplayedRequest, SealingError, StaleRequest
-from teeshard.attest.identity import NodeIdentity
-from teeshard.attest.replay import ReplayCache
-from teeshard.attest.sealed_stream import SEALED_STREAM_TYPE
-from teeshard.attest.sealing import (
+from teeshard.attest import (
     IDEMPOTENCY_HEADER,
-    MAX_SEALED_BYTES,
     SEALED_CONTENT_TYPE,
     SEALED_PATH,
-    WINDOW_S,
+    SEALED_STREAM_TYPE,
+    NodeIdentity,
     OpenedRequest,
+    ReplayCache,
+    ReplayCacheFull,
+    ReplayedRequest,
+    SealingError,
+    StaleRequest,
     open_request,
 )
+from teeshard.attest.sealing import MAX_SEALED_BYTES, WINDOW_S
 from teeshard.entry.errors import APIError
 
 SEALABLE_PATHS = ("/v1/chat/completions", "/v1/completions", "/generate")
 _QUEUE_MESSAGES = 16  # inner body chunks buffered before the generation waits for the client
 
 
-def build_sealed_router(
+def attach_sealed_router(
     app: FastAPI,
     identity: NodeIdentity | Callable[[], NodeIdentity],
     *,
     window_s: float = WINDOW_S,
     replay_cache: ReplayCache | None = None,
-) -> APIRouter:
-    """The sealed endpoint; ``identity`` (or a getter, for a node that re-keys) opens requests."""
+) -> None:
+    """Serve ``/v1/sealed`` on ``app``, opening requests with ``identity``'s sealing key.
+
+    ``identity`` may be a getter, for a node that re-keys while it runs.
+    """
     router = APIRouter()
     replays = replay_cache or ReplayCache(window_s)
     current = identity if callable(identity) else (lambda: identity)
@@ -87,7 +92,7 @@ def build_sealed_router(
             )
         return await _forward(app, request, opened)
 
-    return router
+    app.include_router(router)
 
 
 async def _open(request: Request, identity: NodeIdentity) -> OpenedRequest:
