@@ -49,7 +49,7 @@ class Paying:
 
     def client(self, **options: Any) -> SealedClient:
         assert self.cluster.entry.config.policy_path is not None
-        policy = Policy.from_file(self.cluster.entry.config.policy_path)
+        policy = Policy.load(self.cluster.entry.config.policy_path)
         return SealedClient(self.url, policy, **options)
 
     def balance(self) -> int:
