@@ -151,3 +151,22 @@ def test_the_inner_request_carries_the_key_and_the_idempotency_key() -> None:
     assert headers[b"authorization"] == f"Bearer {KEY}".encode()
     assert headers[IDEMPOTENCY_HEADER.lower().encode()] == bytes(range(32)).hex().encode()
     assert scope["path"] == "/v1/completions"
+
+
+def test_an_abandoned_sealed_stream_closes_its_session(paying: Paying) -> None:
+    """A client that stops reading and hangs up: the inner generation is released."""
+    before = paying.owner.balance("erin")
+    raw = json.dumps(chat(stream=True, max_tokens=200)).encode()
+    with paying.client(api_key=KEY).stream("/v1/chat/completions", raw) as answer:
+        first = next(answer.iter_bytes())
+        assert first.startswith(b"data: ")
+    # the back-pressure holds the generation (it cannot finish 200 tokens unread)
+    deadline = time.monotonic() + 30
+    open_sessions = -1
+    while time.monotonic() < deadline:
+        open_sessions = paying.cluster.entry.get("/health").json()["sessions"]["open"]
+        if open_sessions == 0 and not paying.owner.balance("erin").reserved:
+            break
+        time.sleep(0.1)
+    assert open_sessions == 0
+    assert paying.owner.balance("erin").reserved == 0 == before.reserved
