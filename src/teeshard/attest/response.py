@@ -261,6 +261,8 @@ def verify_response(
     files, from the same checkpoint directory): without them the text is not
     checked, which the report says. ``request_id`` may be bare or prefixed.
     """
+    if (decode is None) != (entry_files is None):
+        raise ValueError("decode and entry_files come together, from one checkpoint directory")
     signers = list(signers)
     rid = claims.request_id
     if request_id is not None and bare_request_id(request_id) != rid:
@@ -290,8 +292,6 @@ def verify_response(
         if not hmac.compare_digest(first.received_sha256, hashlib.sha256(request_body).digest()):
             raise ReceiptError("stage 0 received another request body than the one given")
         body_checked = True
-    if (decode is None) != (entry_files is None):
-        raise ValueError("decode and entry_files come together, from one checkpoint directory")
     if decode is not None and entry_files is not None:
         _check_entry_files(first, signers, entry_files)
         facts = parse_request(request_body) if request_body is not None else RequestFacts()
