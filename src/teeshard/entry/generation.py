@@ -50,6 +50,7 @@ class Generation:
     reservation: Reservation | None = None  # None: no ledger, nothing charged
     settlement: Settlement | None = None
     receipts: list[Receipt] = field(default_factory=list)  # signed by every stage, entry first
+    token_ids: list[int] = field(default_factory=list)  # every token the last stage sent
 
 
 class GenerationLoop:
@@ -153,6 +154,7 @@ class GenerationLoop:
             generation.prefilled = True
             while True:
                 token = result.token
+                generation.token_ids.append(token)  # its receipt hashes each one, EOS too
                 if token in self.eos_ids:
                     generation.finish_reason = "stop"
                     break

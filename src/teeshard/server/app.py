@@ -86,7 +86,7 @@ def create_app(
     if serving is not None:
         app.state.serving = serving
         attach_router(app, serving)
-        attach_sealed_router(app, trust.attestation.identity)
+        attach_sealed_router(app, lambda: trust.attestation.identity)  # follows a re-key
     return app
 
 

@@ -111,8 +111,9 @@ def build_node(config: NodeConfig, show_progress: bool = False) -> Node:
     model_name = config.model_name or checkpoint.name
     cache = ManifestCache.for_checkpoint(config.model_dir) if config.manifest_cache else None
     builder = ManifestBuilder(
-        checkpoint, config.layers, config.dtype, model_name=model_name, cache=cache
-    )
+        checkpoint, config.layers, config.dtype, model_name=model_name, cache=cache,
+        entry_files=config.model_dir if config.entry else None,  # tokenizer, templates attested
+    )  # fmt: skip
     shard = load_with_progress(checkpoint, config, show_progress, builder.on_tensor)
     trust = attest_node(config, builder)
     next_hop = None
