@@ -86,7 +86,7 @@ def _read_capped(response: httpx.Response, limit: int) -> bytes:
     _check_status(response)
     _declared_size(response, limit)
     body = bytearray()
-    for chunk in response.iter_raw():
+    for chunk in response.iter_bytes():  # identity-encoded: the raw bytes
         body += chunk
         if len(body) > limit:
             raise _over(response, limit)
@@ -97,7 +97,7 @@ async def _aread_capped(response: httpx.Response, limit: int) -> bytes:
     _check_status(response)
     _declared_size(response, limit)
     body = bytearray()
-    async for chunk in response.aiter_raw():
+    async for chunk in response.aiter_bytes():
         body += chunk
         if len(body) > limit:
             raise _over(response, limit)
