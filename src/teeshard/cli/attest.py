@@ -23,6 +23,7 @@ from teeshard.attest.receipts import load_receipts, verify_chain
 from teeshard.attest.verify.bundle import VerifiedNode, check_report, verify_bundle
 from teeshard.attest.verify.policy import Policy
 from teeshard.attest.verify.quote import (
+    DEFAULT_PCCS_URL,
     CollateralSource,
     collateral_source,
     read_quote_file,
@@ -31,7 +32,7 @@ from teeshard.attest.verify.quote import (
 from teeshard.model.checkpoint import Checkpoint
 from teeshard.model.layer_range import LayerRange
 
-DEFAULT_PCCS = "https://pccs.phala.network"  # any PCCS works: collateral is signed by Intel
+DEFAULT_PCCS = DEFAULT_PCCS_URL  # any PCCS works: collateral is signed by Intel
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
