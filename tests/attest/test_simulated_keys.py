@@ -50,7 +50,7 @@ def test_attack_another_simulated_key_is_refused_by_a_pinned_policy(
     policy_file.write_text(
         f'allow_simulated = true\nsimulated_keys = ["{simulated_public_key(tmp_path / "ours").hex()}"]\n'
     )
-    pinned = Policy.from_file(policy_file)
+    pinned = Policy.load(policy_file)
     assert pinned.warnings() == []
     manifest = manifests["0:2"]
     impostor = NodeAttestation.create(theirs, manifest)

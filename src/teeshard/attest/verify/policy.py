@@ -192,15 +192,14 @@ class Policy:
         ``allow_simulated`` accepts INSECURE simulated evidence whatever the file says.
         Each of :meth:`warnings` is logged.
         """
-        policy = cls.from_file(path) if path is not None else cls()
+        policy = cls._read(Path(path)) if path is not None else cls()
         policy = policy.allowing_simulated() if allow_simulated else policy
         for warning in policy.warnings():
             log.warning("policy %s: %s", path or "(default)", warning)
         return policy
 
     @classmethod
-    def from_file(cls, path: str | Path) -> Policy:
-        path = Path(path)
+    def _read(cls, path: Path) -> Policy:
         try:
             text = path.read_text()
         except OSError as exc:
