@@ -6,8 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from teeshard.attest import TEE_CHOICES
-from teeshard.attest.verify.quote import DEFAULT_PCCS_URL
+from teeshard.attest import DEFAULT_PCCS_URL, TEE_CHOICES
 from teeshard.model.layer_range import LayerRange
 from teeshard.node import SessionLimits
 from teeshard.server.config import NodeConfig
