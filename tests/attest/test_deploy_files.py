@@ -250,3 +250,11 @@ def test_images_install_from_a_lock_with_hashes(dockerfile: str, lock: str) -> N
         assert "download.pytorch.org/whl/cpu" in text
     else:  # the CUDA runtime is a pinned wheel too
         assert "nvidia-cuda-runtime" in entries
+
+
+def test_the_example_policy_loads_once_filled_in() -> None:
+    text = (DEPLOY / "policy.example.toml").read_text()
+    text = re.sub(r"<96 hex chars[^>]*>", "00" * 48, text)
+    text = re.sub(r"<64 hex chars[^>]*>", "00" * 32, text)
+    policy = Policy.from_mapping(tomllib.loads(text), "policy.example.toml")
+    assert policy.constrains_rtmr3 and not policy.allow_simulated and not policy.allow_any_rtmr3
