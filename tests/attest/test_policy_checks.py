@@ -14,7 +14,12 @@ import struct
 import dcap_qvl
 import pytest
 
-from teeshard.attest.errors import MeasurementError, PolicyError, VerificationError
+from teeshard.attest.errors import (
+    MeasurementError,
+    PolicyError,
+    SimulatedRefused,
+    VerificationError,
+)
 from teeshard.attest.evidence import Evidence
 from teeshard.attest.manifest import ShardManifest
 from teeshard.attest.verify.bundle import check_report, verify_bundle
@@ -27,7 +32,7 @@ from teeshard.attest.verify.quote import (
     sgx_isv,
     verify_quote,
 )
-from tests.attest.helpers import DATA, VECTOR_TIME
+from tests.attest.helpers import DATA, VECTOR_TIME, NodeFactory
 from tests.attest.test_bundle import tdx_bundle
 
 
@@ -243,3 +248,21 @@ def test_tdx_advisories_must_be_listed(tdx_report: QuoteReport) -> None:
         check_report(exposed, evidence("tsm"), tdx_policy(tdx_report))
     listed = tdx_policy(tdx_report, allowed_advisory_ids=frozenset({"INTEL-SA-01079"}))
     assert check_report(exposed, evidence("tsm"), listed) is None
+
+
+def test_simulated_bytes_under_a_tdx_label_are_still_simulated(
+    make_node: NodeFactory, manifests: dict[str, ShardManifest]
+) -> None:
+    node = make_node(manifests["0:2"])
+    nonce = bytes(32)
+    bundle = node.bundle(nonce)
+    disguised = dataclasses.replace(
+        bundle, evidence=dataclasses.replace(bundle.evidence, tee_type="tdx", insecure=False)
+    )
+    expected = manifests["0:2"].combined_hash
+    with pytest.raises(SimulatedRefused):
+        verify_bundle(disguised, Policy(), nonce=nonce, expected_manifest_hash=expected)
+    with pytest.raises(VerificationError, match="labelled tdx, the quote is simulated"):
+        verify_bundle(
+            disguised, Policy(allow_simulated=True), nonce=nonce, expected_manifest_hash=expected
+        )
