@@ -58,26 +58,28 @@ def _check_status(response: httpx.Response) -> None:
         )
 
 
+def _shown(response: httpx.Response) -> str:
+    """The endpoint, without our nonce."""
+    return str(response.request.url.copy_with(query=None))
+
+
 def _declared_size(response: httpx.Response, limit: int) -> None:
-    # Raw bytes are counted, so a compressed answer (a small body that inflates to
-    # gigabytes) is refused: we ask for none (IDENTITY).
+    # A compressed answer could inflate to gigabytes inside one chunk, before any
+    # count: we ask for none (IDENTITY) and refuse one.
     encoding = response.headers.get("content-encoding", "identity").strip().lower()
     if encoding != "identity":
-        raise FormatError(
-            f"{response.request.url}: refused a {encoding}-encoded attestation answer"
-        )
+        raise FormatError(f"{_shown(response)}: refused a {encoding}-encoded attestation answer")
     declared = response.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise FormatError(
-            f"{response.request.url}: refused a {declared}-byte attestation answer "
+            f"{_shown(response)}: refused a {declared}-byte attestation answer "
             f"(limit {limit} bytes)"
         )
 
 
 def _over(response: httpx.Response, limit: int) -> FormatError:
     return FormatError(
-        f"{response.request.url}: the attestation answer is larger than {limit} bytes; "
-        "stopped reading"
+        f"{_shown(response)}: the attestation answer is larger than {limit} bytes; stopped reading"
     )
 
 

@@ -189,8 +189,8 @@ def verify_bundle(
     _check_manifest(bundle.manifest, expected_manifest_hash, policy)
     return VerifiedNode(
         provider=evidence.provider,
-        tee_type=evidence.tee_type,
-        insecure=evidence.insecure,
+        tee_type=kind,
+        insecure=kind == "simulated",
         tcb_status=report.tcb_status if report else None,
         advisory_ids=report.advisory_ids if report else (),
         measurements=measurements,
