@@ -12,9 +12,9 @@ same hosts, quotes them, and swaps identity and evidence together (one reference
 so a bundle never mixes the old key with the new quote). Server TLS contexts made
 by :meth:`NodeAttestation.server_ssl_context` present the new certificate from the
 next handshake on; open connections keep theirs, and peers pin the new one when
-they next connect and re-attest. The runtime calls
-:meth:`NodeAttestation.refresh_if_due` on a timer (:meth:`NodeAttestation.keep_fresh`
-is that timer as a coroutine).
+they next connect and re-attest. An async runtime runs
+:meth:`NodeAttestation.keep_fresh` as a task (its timer: quote in a worker thread,
+install on the event loop); blocking code calls :meth:`NodeAttestation.refresh_if_due`.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ class NodeAttestation:
         self.provider = provider
         self._current = Attested(identity, evidence)
         self._previous: Attested | None = None
-        self._lock = threading.Lock()  # one renewal at a time
+        self._lock = threading.Lock()  # one install at a time
         self._contexts: weakref.WeakSet[ssl.SSLContext] = weakref.WeakSet()
 
     def __repr__(self) -> str:
@@ -127,25 +127,12 @@ class NodeAttestation:
         Raises ProviderError if this attestation has no provider or the quote fails;
         the current identity then stays in place.
         """
-        if self.provider is None:
-            raise ProviderError("this attestation was made without a provider: cannot re-quote")
-        with self._lock:
-            old = self._current
-            identity = NodeIdentity.generate(old.identity.hosts, old.identity.validity)
-            evidence = quote_identity(self.provider, identity, self.manifest)
-            self._previous, self._current = old, Attested(identity, evidence)
-            for context in list(self._contexts):
-                identity.load_into(context)
-        log.info(
-            "re-attested: certificate %s replaces %s (valid until %s)",
-            identity.fingerprint.hex()[:16], old.identity.fingerprint.hex()[:16],
-            identity.certificate.not_valid_after_utc.isoformat(),
-        )  # fmt: skip
+        self._install(self._renewed())
 
     def refresh_if_due(self, at: float = RENEW_AT) -> bool:
         """Refresh when the fraction ``at`` of the certificate's life has passed; True if so.
 
-        Blocking (the provider's quote): from async code, run it in a thread.
+        Blocking (the provider's quote): from async code, use :meth:`keep_fresh`.
         """
         if not self.identity.renewal_due(at=at):
             return False
@@ -155,15 +142,38 @@ class NodeAttestation:
     async def keep_fresh(self, check_every_s: float = RENEW_CHECK_S, at: float = RENEW_AT) -> None:
         """Check every ``check_every_s`` seconds, renew when due; runs until cancelled.
 
+        The quote is made in a worker thread; the new identity is installed on the
+        event loop's thread, the one that makes TLS connections from the contexts.
         A failed quote is logged and retried at the next check; the old identity
         serves until then (a verifier refuses it once its certificate expires).
         """
         while True:
             await asyncio.sleep(check_every_s)
+            if not self.identity.renewal_due(at=at):
+                continue
             try:
-                await asyncio.to_thread(self.refresh_if_due, at)
+                self._install(await asyncio.to_thread(self._renewed))
             except AttestationError as exc:
                 log.error("re-attestation failed, retrying in %.0f s: %s", check_every_s, exc)
+
+    def _renewed(self) -> Attested:
+        if self.provider is None:
+            raise ProviderError("this attestation was made without a provider: cannot re-quote")
+        old = self.identity
+        identity = NodeIdentity.generate(old.hosts, old.validity)
+        return Attested(identity, quote_identity(self.provider, identity, self.manifest))
+
+    def _install(self, new: Attested) -> None:
+        with self._lock:
+            old = self._current
+            self._previous, self._current = old, new
+            for context in list(self._contexts):
+                new.identity.load_into(context)
+        log.info(
+            "re-attested: certificate %s replaces %s (valid until %s)",
+            new.identity.fingerprint.hex()[:16], old.identity.fingerprint.hex()[:16],
+            new.identity.certificate.not_valid_after_utc.isoformat(),
+        )  # fmt: skip
 
     # -- serving -------------------------------------------------------------------------
 
