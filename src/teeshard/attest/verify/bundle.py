@@ -100,7 +100,7 @@ class VerifiedNode:
 
     def summary(self) -> list[str]:
         lines = [
-            f"provider: {self.provider} ({self.tee_type})",
+            f"quote: {self.tee_type} (provider {self.provider}, as the node names it)",
             f"manifest: {self.manifest.model} layers {self.manifest.layers} "
             f"{self.manifest.dtype}, {len(self.manifest.tensors)} tensors, "
             f"hash {self.manifest_hash.hex()}",
