@@ -3,7 +3,7 @@
 # to one version with the SHA-256 of every file the registries publish for it, so
 # `pip install --require-hashes` installs exactly these bytes or fails.
 #
-#   deploy/lock.sh                      # needs uv (pip install uv) and the registries
+#   deploy/lock.sh                      # needs uv (in the dev extra) and the registries
 #   TORCH_CPU_SOURCE=/opt/wheels deploy/lock.sh   # a directory holding the CPU wheel
 #
 # The CPU torch build lives on the PyTorch CPU index (TORCH_CPU_SOURCE, default that
