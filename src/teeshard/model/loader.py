@@ -2,7 +2,10 @@
 
 A node's memory after loading is its share of the weights; the rest of the
 checkpoint is never read. Every expected parameter must arrive with the
-expected shape, and nothing unexpected is accepted.
+expected shape, and nothing unexpected is accepted. A number format
+(:mod:`teeshard.model.formats`) is applied as a transformation: on the skeleton
+before loading (int8 layers), per tensor while loading (conversion,
+quantization from the stored precision), and on the loaded shard (oneDNN packing).
 """
 
 from __future__ import annotations
@@ -13,12 +16,18 @@ from collections.abc import Callable
 import torch
 
 from teeshard.model.checkpoint import Checkpoint, CheckpointError
+from teeshard.model.formats import (
+    DTYPES,
+    NumberFormat,
+    finish_loaded,
+    load_tensor,
+    prepare_skeleton,
+)
 from teeshard.model.layer_range import LayerRange
 from teeshard.model.transformer import Shard
 
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 # Called with (checkpoint key, tensor exactly as stored) for every tensor loaded,
 # before any dtype conversion: the manifest hashes what is on disk.
@@ -54,11 +63,16 @@ def load_shard(
     device: str | torch.device = "cpu",
     on_tensor: TensorHook | None = None,
     progress: Callable[[int], None] | None = None,
+    quantize: str | None = None,
 ) -> Shard:
+    """Layers ``layers`` computing in ``dtype``; ``quantize="int8"`` for int8 block linears."""
     spec = checkpoint.spec
+    fmt = NumberFormat(_DTYPE_NAMES[dtype], quantize)
     with torch.device("meta"):
         shard = Shard(spec, layers)
+        prepare_skeleton(shard, fmt)
     expected = {name: tuple(p.shape) for name, p in shard.named_parameters(remove_duplicate=False)}
+    expected.update((name, tuple(b.shape)) for name, b in shard.named_buffers())
     keys = checkpoint.keys_for(layers)
     lm_head_key = checkpoint.lm_head_key()
 
@@ -66,7 +80,7 @@ def load_shard(
     for key, stored in checkpoint.iter_tensors(keys):
         if on_tensor is not None:
             on_tensor(key, stored)
-        tensor = stored.to(device=device, dtype=dtype)
+        tensor = stored.to(device=device)
         for name in shard_param_name(key, layers, lm_head_key, shard.is_last):
             if name not in expected:
                 raise CheckpointError(f"unexpected tensor {key} for layers {layers}")
@@ -74,7 +88,7 @@ def load_shard(
                 raise CheckpointError(
                     f"{key}: shape {tuple(tensor.shape)} in checkpoint, {expected[name]} expected"
                 )
-            state[name] = tensor
+            state.update(load_tensor(name, tensor, fmt))
         if progress is not None:
             progress(checkpoint.tensors[key].nbytes)
 
@@ -86,4 +100,6 @@ def load_shard(
     shard.load_state_dict(state, strict=True, assign=True)
     shard.eval()
     shard.requires_grad_(False)
+    shard.number_format = fmt
+    finish_loaded(shard, fmt)
     return shard

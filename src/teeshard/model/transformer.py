@@ -5,6 +5,11 @@ MLP, block, then the ``Shard`` that strings blocks together. A shard optionally 
 embedding (first shard) and the final norm plus LM head (last shard); nothing
 here knows about networks or other nodes. Numerics follow Hugging Face's
 implementation so that a split model reproduces the unsplit one.
+
+Number formats (:mod:`teeshard.model.formats`) change only the linears, the
+embedding and the KV cache; the residual stream between blocks, the norms, the
+rotary embedding, the LM head and the logits stay float32 in every format, so
+the hidden states a shard takes and returns are float32.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from teeshard.model.formats import NumberFormat
 from teeshard.model.layer_range import LayerRange
 from teeshard.model.spec import ArchSpec, RopeSpec
 
@@ -70,13 +76,19 @@ class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight = nn.Parameter(torch.ones(dim))  # float32 in every number format
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.float()  # normalise in float32 like HF, whatever the model dtype
+        x32 = x.float()  # normalise in float32, whatever the number format
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        return self.weight.float() * x32  # float32; each linear casts to its own dtype
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` that casts its input to its weight's dtype (a no-op in float32)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(self.weight.dtype), self.weight, self.bias)
 
 
 def rope_inv_freq(rope: RopeSpec, head_dim: int) -> torch.Tensor:
@@ -102,7 +114,7 @@ def rope_inv_freq(rope: RopeSpec, head_dim: int) -> torch.Tensor:
 
 
 class RotaryTable:
-    """cos/sin for every position up to a maximum, grown on demand."""
+    """cos/sin for every position up to a maximum, grown on demand (float32 always)."""
 
     def __init__(self, rope: RopeSpec, head_dim: int) -> None:
         self.inv_freq = rope_inv_freq(rope, head_dim)  # (D/2,)
@@ -110,16 +122,16 @@ class RotaryTable:
         self.sin = torch.empty(0)
 
     def get(
-        self, start: int, length: int, dtype: torch.dtype, device: torch.device
+        self, start: int, length: int, device: torch.device
     ) -> tuple[torch.Tensor, torch.Tensor]:
         end = start + length
-        if self.cos.shape[0] < end or self.cos.dtype != dtype or self.cos.device != device:
+        if self.cos.shape[0] < end or self.cos.device != device:
             size = max(end, 2 * self.cos.shape[0], 256)
             positions = torch.arange(size, dtype=torch.float32, device="cpu")
             freqs = torch.outer(positions, self.inv_freq)  # (P, D/2)
             emb = torch.cat((freqs, freqs), dim=-1)  # (P, D)
-            self.cos = emb.cos().to(dtype=dtype, device=device)
-            self.sin = emb.sin().to(dtype=dtype, device=device)
+            self.cos = emb.cos().to(device=device)
+            self.sin = emb.sin().to(device=device)
         return self.cos[start:end], self.sin[start:end]  # (T, D) each
 
 
@@ -140,17 +152,17 @@ class Attention(nn.Module):
         self.head_dim = spec.head_dim
         self.sliding_window = spec.sliding_window
         bias = spec.attention_bias
-        self.q_proj = nn.Linear(spec.hidden_size, spec.num_heads * spec.head_dim, bias=bias)
-        self.k_proj = nn.Linear(spec.hidden_size, spec.kv_dim, bias=bias)
-        self.v_proj = nn.Linear(spec.hidden_size, spec.kv_dim, bias=bias)
-        self.o_proj = nn.Linear(spec.num_heads * spec.head_dim, spec.hidden_size, bias=False)
+        self.q_proj = Linear(spec.hidden_size, spec.num_heads * spec.head_dim, bias=bias)
+        self.k_proj = Linear(spec.hidden_size, spec.kv_dim, bias=bias)
+        self.v_proj = Linear(spec.hidden_size, spec.kv_dim, bias=bias)
+        self.o_proj = Linear(spec.num_heads * spec.head_dim, spec.hidden_size, bias=False)
 
     def forward(
         self,
-        x: torch.Tensor,  # (B, T, C)
-        cos: torch.Tensor,
+        x: torch.Tensor,  # (B, T, C), float32
+        cos: torch.Tensor,  # (T, D), float32
         sin: torch.Tensor,
-        k_cache: torch.Tensor,  # (B, Hkv, S, D), preallocated for the whole session
+        k_cache: torch.Tensor,  # (B, Hkv, S, D) in the compute dtype, for the whole session
         v_cache: torch.Tensor,
         start: int,  # position of x[:, 0] in the sequence
     ) -> torch.Tensor:
@@ -158,7 +170,10 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(batch, steps, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, steps, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, steps, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # (B, H, T, D), (B, Hkv, T, D)
+        dtype = k_cache.dtype  # rotary in float32, then attention in the compute dtype
+        q = apply_rope(q.float(), cos, sin).to(dtype)  # (B, H, T, D)
+        k = apply_rope(k.float(), cos, sin).to(dtype)  # (B, Hkv, T, D)
+        v = v.to(dtype)
         end = start + steps
         k_cache[:, :, start:end] = k
         v_cache[:, :, start:end] = v
@@ -200,9 +215,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, spec: ArchSpec) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=False)
+        self.gate_proj = Linear(spec.hidden_size, spec.intermediate_size, bias=False)
+        self.up_proj = Linear(spec.hidden_size, spec.intermediate_size, bias=False)
+        self.down_proj = Linear(spec.intermediate_size, spec.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -225,6 +240,7 @@ class Block(nn.Module):
         v_cache: torch.Tensor,
         start: int,
     ) -> torch.Tensor:
+        # x: (B, T, C) float32, the residual stream; the sublayers may return the compute dtype
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, start)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -249,13 +265,20 @@ class Shard(nn.Module):
         self.layers = nn.ModuleList(Block(spec) for _ in layers)
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps) if self.is_last else None
         self.lm_head = (
-            nn.Linear(spec.hidden_size, spec.vocab_size, bias=False) if self.is_last else None
+            Linear(spec.hidden_size, spec.vocab_size, bias=False) if self.is_last else None
         )
         self.rotary = RotaryTable(spec.rope, spec.head_dim)
+        self.number_format = NumberFormat()  # set by the loader
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """dtype of the block linears' activations, the embedding and the KV cache."""
+        return self.number_format.torch_dtype
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
+        """dtype of the hidden states this shard takes and returns: the float32 residual stream."""
+        return torch.float32
 
     @property
     def device(self) -> torch.device:
@@ -264,13 +287,18 @@ class Shard(nn.Module):
     def new_cache(self, max_len: int) -> KVCache:
         spec = self.spec
         return KVCache.allocate(
-            len(self.layers), spec.num_kv_heads, max_len, spec.head_dim, self.dtype, self.device
+            len(self.layers),
+            spec.num_kv_heads,
+            max_len,
+            spec.head_dim,
+            self.compute_dtype,
+            self.device,
         )
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         if self.embed_tokens is None:
             raise RuntimeError("this shard does not hold the token embedding")
-        return self.embed_tokens(token_ids)  # (B, T) -> (B, T, C)
+        return self.embed_tokens(token_ids).float()  # (B, T) -> (B, T, C) float32
 
     def forward(self, hidden: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Run this shard's blocks on ``hidden`` (B, T, C), append to ``cache``.
@@ -278,10 +306,11 @@ class Shard(nn.Module):
         Returns the hidden states for the next shard, or, on the last shard,
         float32 logits for the final position only: (B, vocab).
         """
+        hidden = hidden.float()  # the residual stream is float32 in every number format
         steps = hidden.shape[1]
         start = cache.length
         cache.check_room(steps)
-        cos, sin = self.rotary.get(start, steps, hidden.dtype, hidden.device)
+        cos, sin = self.rotary.get(start, steps, hidden.device)
         for index, block in enumerate(self.layers):
             hidden = block(hidden, cos, sin, cache.keys[index], cache.values[index], start)
         cache.advance(steps)

@@ -1,0 +1,168 @@
+"""Number formats: what a shard's weights are stored and computed in, and the fast kernels.
+
+A format is a compute dtype (``float32``, ``float16``, ``bfloat16``) and optionally
+a weight quantization (``int8``, :mod:`teeshard.model.quantize`; it computes with
+bfloat16 activations). Whatever the format, precision-sensitive work stays in
+float32 (see :mod:`teeshard.model.transformer`): the residual stream between
+blocks, RMSNorm (its weights are kept in float32), rotary embedding, the softmax
+inside attention (the CPU attention kernel accumulates in float32), the LM head
+and its logits, and sampling. The block linears, the embedding and the KV cache
+use the compute dtype.
+
+Applied as a transformation (gpt-fast style): :func:`prepare_skeleton` swaps block
+linears for :class:`~teeshard.model.quantize.Int8Linear` before loading, and
+:func:`finish_loaded` repacks bfloat16 linears for oneDNN after it. The model code
+does not know which format it runs.
+
+Why repacking: with torch's default path a one-row bfloat16 ``F.linear`` here runs
+oneDNN's matmul on a plain-layout weight, reordering it on every call, and is
+*slower* than float32. With the weight reordered once into oneDNN's blocked layout
+(``mkldnn._reorder_linear_weight``) and run by ``mkldnn._linear_pointwise``, the
+same product reads the weight once: the fast path (``benchmarks/throughput.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from teeshard.model.quantize import QUANTIZE_RECIPES, Int8Linear, quantize_int8
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+QUANTIZE_CHOICES = tuple(QUANTIZE_RECIPES)
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+_BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class NumberFormat:
+    dtype: str = "float32"  # compute dtype of the block linears, embedding and KV cache
+    quantize: str | None = None  # "int8": block linear weights in int8 (bfloat16 activations)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.quantize is not None and self.quantize not in QUANTIZE_RECIPES:
+            raise ValueError(
+                f"quantization {self.quantize!r} is not one of {', '.join(QUANTIZE_CHOICES)}"
+            )
+        if self.quantize == "int8" and self.dtype != "bfloat16":
+            raise ValueError("--quantize int8 computes with bfloat16 activations: --dtype bfloat16")
+
+    @classmethod
+    def resolve(cls, dtype: str | None, quantize: str | None) -> NumberFormat:
+        """``--dtype`` and ``--quantize`` as given; no dtype means float32, or bfloat16 for int8."""
+        if dtype is None:
+            dtype = "bfloat16" if quantize is not None else "float32"
+        return cls(dtype, quantize)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def recipe(self) -> str | None:
+        """The versioned quantization recipe the manifest names, if any."""
+        return QUANTIZE_RECIPES[self.quantize] if self.quantize is not None else None
+
+    @property
+    def label(self) -> str:
+        return self.quantize or self.dtype
+
+    def param_dtype(self, name: str) -> torch.dtype:
+        """What a shard parameter is stored in (``name`` as in ``Shard.named_parameters``)."""
+        if name.endswith("norm.weight") or name.startswith("lm_head."):
+            return torch.float32  # norms and logits in float32, whatever the format
+        return self.torch_dtype
+
+    def param_bytes(self, name: str, shape: tuple[int, ...]) -> int:
+        """Bytes a node holds for one shard parameter in this format (int8 scales included)."""
+        count = 1
+        for dim in shape:
+            count *= dim
+        if self.quantize == "int8" and is_block_linear_weight(name):
+            return count + shape[0] * 2  # int8 weight plus one bfloat16 scale per channel
+        if self.param_dtype(name) == torch.float32:
+            return count * 4
+        return count * _DTYPE_BYTES[self.dtype]
+
+
+FORMATS = {  # what `teeshard plan` and the benchmark compare
+    "float32": NumberFormat("float32"),
+    "bfloat16": NumberFormat("bfloat16"),
+    "int8": NumberFormat("bfloat16", "int8"),
+}
+
+
+def is_block_linear_weight(name: str) -> bool:
+    """``layers.N.self_attn.q_proj.weight`` and the like: what int8 quantizes."""
+    parts = name.split(".")
+    return len(parts) >= 3 and parts[-1] == "weight" and parts[-2] in _BLOCK_LINEARS
+
+
+class PackedLinear(nn.Module):
+    """A linear whose weight oneDNN reordered once into its blocked layout (bfloat16).
+
+    The packed weight is an opaque oneDNN tensor, kept as a plain attribute (not a
+    parameter or buffer: it has no strides to save or move); inference only.
+    """
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        weight = linear.weight.detach().to(torch.bfloat16).contiguous()
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+        bias = linear.bias
+        self.bias = bias.detach().to(torch.bfloat16) if bias is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(torch.bfloat16)
+        out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(
+            x, self.packed, self.bias, "none", [], ""
+        )
+        return out
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, oneDNN bf16"
+
+
+def onednn_bf16_available() -> bool:
+    return bool(
+        torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    )
+
+
+def _block_linears(shard: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
+    found = []
+    for module in shard.modules():
+        for child_name, child in module.named_children():
+            if child_name in _BLOCK_LINEARS and isinstance(child, nn.Linear):
+                found.append((module, child_name, child))
+    return found
+
+
+def prepare_skeleton(shard: nn.Module, fmt: NumberFormat) -> None:
+    """Before loading (meta device): int8 formats get :class:`Int8Linear` block linears."""
+    if fmt.quantize == "int8":
+        for parent, name, linear in _block_linears(shard):
+            setattr(parent, name, Int8Linear.like(linear))
+
+
+def load_tensor(name: str, stored: torch.Tensor, fmt: NumberFormat) -> dict[str, torch.Tensor]:
+    """The shard tensors one checkpoint tensor becomes: converted, or int8 plus scales."""
+    if fmt.quantize == "int8" and is_block_linear_weight(name):
+        q, scales = quantize_int8(stored)  # from the stored precision, never a rounded copy
+        return {name: q, name.removesuffix("weight") + "scales": scales}
+    return {name: stored.to(fmt.param_dtype(name))}
+
+
+def finish_loaded(shard: nn.Module, fmt: NumberFormat) -> None:
+    """After loading: bfloat16 block linears are repacked for oneDNN where the CPU has it."""
+    if fmt.dtype != "bfloat16" or fmt.quantize is not None or not onednn_bf16_available():
+        return
+    for parent, name, linear in _block_linears(shard):
+        if linear.weight.device.type == "cpu":
+            setattr(parent, name, PackedLinear(linear))
