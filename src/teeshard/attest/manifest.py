@@ -21,6 +21,16 @@ directory; only for layers starting at 0): its tokenizer, chat templates and
 generation config (:class:`~teeshard.attest.entry_files.EntryFiles`). Its hash is
 appended to the canonical bytes as ``lp("entry") || lp(section hash)``, so the
 combined hash covers it; a shard manifest without the section encodes as before.
+
+A quantized node's manifest names its quantization recipe (``quantize=`` e.g.
+:data:`~teeshard.model.quantize.INT8_RECIPE`), appended the same way as
+``lp("quantize") || lp(recipe)``; unquantized manifests encode as before. Why the
+source tensors plus the recipe rather than the int8 tensors themselves: the recipe
+is a versioned, deterministic function of the source bytes (tested bit for bit),
+and its code is part of the measured image, so source hashes plus its name pin
+exactly the int8 weights and scales the node computes with; a verifier gets the
+expected hash from the published checkpoint without running any quantization
+(so without depending on torch's numerics), and the tensor-hash cache still works.
 """
 
 from __future__ import annotations
@@ -50,6 +60,7 @@ from teeshard.attest.errors import FormatError, ManifestError
 from teeshard.attest.manifest_cache import ManifestCache
 from teeshard.model.checkpoint import Checkpoint
 from teeshard.model.layer_range import LayerRange
+from teeshard.model.quantize import QUANTIZE_RECIPES
 
 _DOMAIN = b"teeshard/manifest/v1\0"
 _CHUNK = 1 << 20
@@ -83,6 +94,7 @@ class ShardManifest:
     dtype: str  # the node's compute dtype, e.g. "float32"
     tensors: tuple[TensorDigest, ...]  # sorted by key
     entry: EntryFiles | None = None  # the entry node's tokenizer, templates, generation config
+    quantize: str | None = None  # versioned quantization recipe applied to the tensors, if any
 
     def __post_init__(self) -> None:
         # Normalise to plain JSON values (tuples become lists) so a manifest parsed
@@ -100,6 +112,7 @@ class ShardManifest:
             u32(len(self.tensors)),
             *(t.encode() for t in self.tensors),
             lp(b"entry") + lp(self.entry.hash) if self.entry is not None else b"",
+            lp(b"quantize") + lp(self.quantize.encode()) if self.quantize is not None else b"",
         )
 
     @property
@@ -122,6 +135,7 @@ class ShardManifest:
                 for t in self.tensors
             ],
             **({"entry": self.entry.to_json()} if self.entry is not None else {}),
+            **({"quantize": self.quantize} if self.quantize is not None else {}),
             "combined_hash": self.combined_hash.hex(),
         }
 
@@ -130,7 +144,8 @@ class ShardManifest:
         """Strict parse; the stated ``combined_hash`` must match the recomputed one."""
         what = "manifest"
         fields = check_fields(
-            data, what, ("model", "arch", "layers", "dtype", "tensors", "combined_hash"), ("entry",)
+            data, what, ("model", "arch", "layers", "dtype", "tensors", "combined_hash"),
+            ("entry", "quantize"),
         )
         arch = fields["arch"]
         if not isinstance(arch, dict):
@@ -150,9 +165,10 @@ class ShardManifest:
             raise FormatError(
                 "manifest.entry: only a shard starting at layer 0 has an entry section"
             )
+        quantize = get_str(fields, "quantize", what) if "quantize" in fields else None
         manifest = cls(
             get_str(fields, "model", what), arch, layers, get_str(fields, "dtype", what), tensors,
-            entry,
+            entry, quantize,
         )  # fmt: skip
         stated = from_hex(fields["combined_hash"], "manifest.combined_hash", 32)
         if stated != manifest.combined_hash:
@@ -200,10 +216,17 @@ class ManifestBuilder:
         model_name: str | None = None,
         cache: ManifestCache | None = None,
         entry_files: str | Path | None = None,
+        quantize: str | None = None,
     ) -> None:
-        """``entry_files``: the entry node's checkpoint directory, measured for its section."""
+        """``entry_files``: the entry node's checkpoint directory, measured for its section;
+        ``quantize``: the node's ``--quantize`` choice (``"int8"``), named by its recipe."""
         if entry_files is not None and not layers.is_first():
             raise ManifestError(f"layers {layers}: only the entry node (layer 0) has entry files")
+        if quantize is not None and quantize not in QUANTIZE_RECIPES:
+            raise ManifestError(
+                f"quantization {quantize!r} is not one of {', '.join(QUANTIZE_RECIPES)}"
+            )
+        self.recipe = QUANTIZE_RECIPES[quantize] if quantize is not None else None
         self.checkpoint = checkpoint
         self.layers = layers
         self.dtype = dtype
@@ -238,8 +261,9 @@ class ManifestBuilder:
             self.cache.save()
         entry = hash_entry_files(self.entry_files) if self.entry_files is not None else None
         return _assemble(
-            self.checkpoint, self.layers, self.dtype, self.model_name, self.digests, entry
-        )
+            self.checkpoint, self.layers, self.dtype, self.model_name, self.digests, entry,
+            self.recipe,
+        )  # fmt: skip
 
 
 def compute_manifest(
@@ -250,14 +274,17 @@ def compute_manifest(
     model_name: str | None = None,
     cache: ManifestCache | None = None,
     entry_files: str | Path | None = None,
+    quantize: str | None = None,
 ) -> ShardManifest:
     """The manifest of ``layers``, hashing raw tensor bytes straight from the files.
 
-    ``entry_files`` (the checkpoint directory, for an entry node) adds the entry section.
+    ``entry_files`` (the checkpoint directory, for an entry node) adds the entry section;
+    ``quantize`` (``"int8"``) names the quantization recipe the node applies.
     """
     builder = ManifestBuilder(
-        checkpoint, layers, dtype, model_name=model_name, cache=cache, entry_files=entry_files
-    )
+        checkpoint, layers, dtype, model_name=model_name, cache=cache, entry_files=entry_files,
+        quantize=quantize,
+    )  # fmt: skip
     by_file: dict[Path, list[str]] = {}
     for key in builder.expected:
         by_file.setdefault(checkpoint.tensors[key].file, []).append(key)
@@ -322,9 +349,11 @@ def _assemble(
     model_name: str,
     digests: Mapping[str, bytes],
     entry: EntryFiles | None = None,
+    recipe: str | None = None,
 ) -> ShardManifest:
     tensors = tuple(
         TensorDigest(key, checkpoint.tensors[key].dtype, checkpoint.tensors[key].shape, digest)
         for key, digest in sorted(digests.items())
     )
-    return ShardManifest(model_name, checkpoint.spec.to_dict(), layers, dtype, tensors, entry)
+    spec = checkpoint.spec.to_dict()
+    return ShardManifest(model_name, spec, layers, dtype, tensors, entry, recipe)
