@@ -144,7 +144,9 @@ class ShardManifest:
         """Strict parse; the stated ``combined_hash`` must match the recomputed one."""
         what = "manifest"
         fields = check_fields(
-            data, what, ("model", "arch", "layers", "dtype", "tensors", "combined_hash"),
+            data,
+            what,
+            ("model", "arch", "layers", "dtype", "tensors", "combined_hash"),
             ("entry", "quantize"),
         )
         arch = fields["arch"]

@@ -27,6 +27,7 @@ from teeshard.attest.verify.quote import (
     verify_quote,
 )
 from teeshard.model.checkpoint import Checkpoint
+from teeshard.model.formats import DTYPES, QUANTIZE_CHOICES, NumberFormat
 from teeshard.model.layer_range import LayerRange
 
 DEFAULT_PCCS = DEFAULT_PCCS_URL  # any PCCS works: collateral is signed by Intel
@@ -36,7 +37,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     manifest = subparsers.add_parser("manifest", help="print the shard manifest of layers A:B")
     manifest.add_argument("--model", required=True, type=Path, help="checkpoint directory")
     manifest.add_argument("--layers", required=True, type=LayerRange.parse, help="START:END")
-    manifest.add_argument("--dtype", default="float32", help="compute dtype (default float32)")
+    manifest.add_argument(
+        "--dtype", choices=tuple(DTYPES),
+        help="the node's compute dtype (default float32; bfloat16 with --quantize)",
+    )  # fmt: skip
+    manifest.add_argument(
+        "--quantize", choices=QUANTIZE_CHOICES, help="the node's --quantize (names its recipe)"
+    )
     manifest.add_argument("--model-name", help="model name (default: directory name)")
     manifest.add_argument("--no-cache", action="store_true", help="rehash every tensor")
     manifest.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
@@ -97,10 +104,11 @@ def _print_node(node: VerifiedNode) -> None:
 
 def run_manifest(args: argparse.Namespace) -> int:
     checkpoint = Checkpoint(args.model)
+    number_format = NumberFormat.resolve(args.dtype, args.quantize)
     cache = None if args.no_cache else ManifestCache.for_checkpoint(args.model)
     manifest = compute_manifest(
-        checkpoint, args.layers, args.dtype, model_name=args.model_name, cache=cache,
-        entry_files=args.model if args.entry else None,
+        checkpoint, args.layers, number_format.dtype, model_name=args.model_name, cache=cache,
+        entry_files=args.model if args.entry else None, quantize=number_format.quantize,
     )  # fmt: skip
     if args.json:
         print(json.dumps(manifest.to_json(), indent=2))
@@ -108,6 +116,8 @@ def run_manifest(args: argparse.Namespace) -> int:
     print(f"model:    {manifest.model}")
     print(f"layers:   {manifest.layers} of {manifest.num_layers}")
     print(f"dtype:    {manifest.dtype}")
+    if manifest.quantize is not None:
+        print(f"quantize: {manifest.quantize}")
     print(f"tensors:  {len(manifest.tensors)}")
     if manifest.entry is not None:
         print(f"entry:    {manifest.entry.hash.hex()}  ({len(manifest.entry.files)} files)")

@@ -1,4 +1,4 @@
-"""``teeshard plan``: print how a checkpoint splits over N nodes."""
+"""``teeshard plan``: print how a checkpoint splits over N nodes, and what each format costs."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from rich.console import Console
 from rich.table import Table
 
 from teeshard.model.checkpoint import Checkpoint
-from teeshard.model.plan import plan_checkpoint
+from teeshard.model.formats import FORMATS
+from teeshard.model.plan import format_bytes, kv_bytes_per_token, plan_checkpoint
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -30,8 +31,12 @@ def run(args: argparse.Namespace) -> int:
     table = Table(
         title=f"{checkpoint.name}: {checkpoint.spec.num_layers} layers over {args.nodes} nodes"
     )
-    for column in ("node", "layers", "holds", "param bytes", "MiB"):
-        table.add_column(column, justify="right" if column in ("param bytes", "MiB") else "left")
+    memory_columns = [f"{label} MiB" for label in FORMATS]
+    columns = ("node", "layers", "holds", *memory_columns, "KV KiB/token")
+    for column in columns:
+        table.add_column(
+            column, justify="left" if column in ("node", "layers", "holds") else "right"
+        )
     for index, plan in enumerate(plans):
         holds = []
         if plan.layers.is_first():
@@ -39,12 +44,23 @@ def run(args: argparse.Namespace) -> int:
         holds.append(f"{len(plan.layers)} blocks")
         if plan.layers.is_last(checkpoint.spec.num_layers):
             holds.append("norm + lm_head")
+        memory = [format_bytes(checkpoint, plan.layers, fmt) / 2**20 for fmt in FORMATS.values()]
+        kv = [
+            kv_bytes_per_token(checkpoint, plan.layers, FORMATS[name]) / 2**10
+            for name in ("float32", "bfloat16")
+        ]
         table.add_row(
             str(index),
             f"[{plan.layers.start}, {plan.layers.end})",
             ", ".join(holds),
-            f"{plan.param_bytes:,}",
-            f"{plan.param_bytes / 2**20:,.1f}",
+            *(f"{mib:,.1f}" for mib in memory),
+            f"{kv[0]:,.1f} / {kv[1]:,.1f}",
         )
     Console().print(table)
+    Console().print(
+        "memory: the weights a node holds in each --dtype/--quantize format (int8: int8 block "
+        "linears with bfloat16 scales; the embedding in bfloat16; norms and the LM head stay "
+        "float32 in every format, for the logits' precision); add the KV cache per cached "
+        "token (float32 / bfloat16 and int8)"
+    )
     return 0

@@ -20,6 +20,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from teeshard.cli.errors import CommandError
 from teeshard.cli.node import add_billing_options, add_runtime_options
 from teeshard.model.checkpoint import Checkpoint
+from teeshard.model.formats import NumberFormat
 from teeshard.model.layer_range import LayerRange
 from teeshard.model.plan import plan_checkpoint
 from teeshard.paths import data_dir
@@ -98,7 +99,7 @@ def plan_launch(checkpoint: Checkpoint, nodes: int, port: int) -> list[LaunchSpe
 def passthrough_options(args: argparse.Namespace) -> list[str]:
     options = [
         "--dtype",
-        args.dtype,
+        NumberFormat.resolve(args.dtype, args.quantize).dtype,
         "--wire-dtype",
         args.wire_dtype,
         "--max-sessions",
@@ -116,6 +117,8 @@ def passthrough_options(args: argparse.Namespace) -> list[str]:
     ]
     if args.max_sessions_per_peer is not None:
         options += ["--max-sessions-per-peer", str(args.max_sessions_per_peer)]
+    if args.quantize:
+        options += ["--quantize", args.quantize]
     if args.threads:
         options += ["--threads", str(args.threads)]
     if args.model_name:
@@ -146,6 +149,7 @@ def run(args: argparse.Namespace) -> int:
             model = ensure_demo(lambda step: console.log(step))
         console.log(f"demo model at {model}")
     checkpoint = Checkpoint(model)
+    number_format = NumberFormat.resolve(args.dtype, args.quantize)  # a bad pair fails here
     launches = plan_launch(checkpoint, args.nodes, args.port)
     busy = [s.port for s in launches if not port_free(args.host, s.port)]
     if busy:
@@ -160,7 +164,8 @@ def run(args: argparse.Namespace) -> int:
     with console.status("hashing shards for the route's attestation policy"):
         policy = write_local_policy(
             data_dir() / "runs" / f"port-{args.port}" / "policy.toml",
-            checkpoint, [s.layers for s in launches], args.dtype, model_name,
+            checkpoint, [s.layers for s in launches], number_format.dtype, model_name,
+            number_format.quantize,
         )  # fmt: skip
     console.log(f"attestation: simulated (INSECURE, no TEE here); policy {policy}")
     trust = ["--tee", "simulated", "--policy", str(policy)]

@@ -6,7 +6,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from teeshard.model.checkpoint import Checkpoint
+from teeshard.model.formats import NumberFormat
 from teeshard.model.layer_range import LayerRange
+from teeshard.model.loader import shard_param_name
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,25 @@ def plan_checkpoint(
         layer_bytes = [checkpoint.layer_nbytes(i) for i in range(spec.num_layers)]
         ranges = split_weighted(layer_bytes, weights, first, last)
     return [ShardPlan(r, checkpoint.nbytes(checkpoint.keys_for(r))) for r in ranges]
+
+
+def format_bytes(checkpoint: Checkpoint, layers: LayerRange, fmt: NumberFormat) -> int:
+    """Weight bytes a node serving ``layers`` holds in number format ``fmt`` (KV cache apart)."""
+    is_last = layers.is_last(checkpoint.spec.num_layers)
+    lm_head_key = checkpoint.lm_head_key()
+    total = 0
+    for key in checkpoint.keys_for(layers):
+        shape = checkpoint.tensors[key].shape
+        for name in shard_param_name(key, layers, lm_head_key, is_last):
+            total += fmt.param_bytes(name, shape)
+    return total
+
+
+def kv_bytes_per_token(checkpoint: Checkpoint, layers: LayerRange, fmt: NumberFormat) -> int:
+    """KV cache bytes one cached position costs on that node (keys and values, every layer)."""
+    spec = checkpoint.spec
+    item = 4 if fmt.dtype == "float32" else 2
+    return 2 * len(layers) * spec.kv_dim * item
 
 
 def _check_counts(num_layers: int, num_nodes: int) -> None:

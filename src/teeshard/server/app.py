@@ -103,6 +103,7 @@ def health_report(service: NodeService, config: NodeConfig) -> dict[str, Any]:
         "num_layers": shard.spec.num_layers,
         "entry": config.entry,
         "dtype": config.dtype,
+        "quantize": config.quantize,
         "wire_dtype": config.wire_dtype,
         "sessions": {
             "open": len(service.sessions),

@@ -6,6 +6,7 @@ import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from teeshard.model.formats import NumberFormat
 from teeshard.model.layer_range import LayerRange
 from teeshard.node import PipelineLimits, SessionLimits
 from teeshard.transport.messages import WireDtype
@@ -19,7 +20,8 @@ class NodeConfig:
     port: int = 8000
     next_url: str | None = None  # wss://host:port of the node serving the following layers
     entry: bool = False  # serve the OpenAI-compatible API (needs layers starting at 0)
-    dtype: str = "float32"  # compute dtype of the weights
+    dtype: str = "float32"  # compute dtype of the weights (bfloat16 with quantize)
+    quantize: str | None = None  # "int8": weight-only int8 block linears (model/quantize.py)
     wire_dtype: WireDtype = "float32"  # dtype of hidden states sent to the next node
     limits: SessionLimits = field(default_factory=SessionLimits)
     pipeline: PipelineLimits = field(default_factory=PipelineLimits)
@@ -72,6 +74,7 @@ class NodeConfig:
 
     def validate(self, num_layers: int) -> None:
         self.layers.check_within(num_layers)
+        NumberFormat(self.dtype, self.quantize)  # raises ValueError for a combination not offered
         if (
             self.entry
             and not self.serves_tls

@@ -21,7 +21,11 @@ SIMULATED_NOTE = "# INSECURE: a local development route with simulated attestati
 
 
 def local_policy_toml(
-    checkpoint: Checkpoint, ranges: Sequence[LayerRange], dtype: str, model_name: str
+    checkpoint: Checkpoint,
+    ranges: Sequence[LayerRange],
+    dtype: str,
+    model_name: str,
+    quantize: str | None = None,
 ) -> str:
     cache = ManifestCache.for_checkpoint(checkpoint.dir)
     key = simulated_public_key(simulated_tee_dir()).hex()
@@ -30,6 +34,7 @@ def local_policy_toml(
         manifest = compute_manifest(
             checkpoint, layers, dtype, model_name=model_name, cache=cache,
             entry_files=checkpoint.dir if layers.is_first() else None,  # the entry node's files
+            quantize=quantize,
         )  # fmt: skip
         lines += [
             "[[manifests]]",
@@ -42,8 +47,13 @@ def local_policy_toml(
 
 
 def write_local_policy(
-    path: Path, checkpoint: Checkpoint, ranges: Sequence[LayerRange], dtype: str, model_name: str
+    path: Path,
+    checkpoint: Checkpoint,
+    ranges: Sequence[LayerRange],
+    dtype: str,
+    model_name: str,
+    quantize: str | None = None,
 ) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(local_policy_toml(checkpoint, ranges, dtype, model_name))
+    path.write_text(local_policy_toml(checkpoint, ranges, dtype, model_name, quantize))
     return path

@@ -86,6 +86,7 @@ def load_with_progress(
             parse_dtype(config.dtype),
             on_tensor=on_tensor,
             progress=lambda n: progress.advance(task, n),
+            quantize=config.quantize,
         )
 
 
@@ -113,6 +114,7 @@ def build_node(config: NodeConfig, show_progress: bool = False) -> Node:
     builder = ManifestBuilder(
         checkpoint, config.layers, config.dtype, model_name=model_name, cache=cache,
         entry_files=config.model_dir if config.entry else None,  # tokenizer, templates attested
+        quantize=config.quantize,  # the manifest names the recipe applied to these tensors
     )  # fmt: skip
     shard = load_with_progress(checkpoint, config, show_progress, builder.on_tensor)
     trust = attest_node(config, builder)
@@ -138,7 +140,7 @@ def build_node(config: NodeConfig, show_progress: bool = False) -> Node:
     app = create_app(service, config, trust, serving)
     log.info(
         "node ready: model %s, layers %s of %d, %s%s, manifest %s",
-        model_name, config.layers, checkpoint.spec.num_layers, config.dtype,
+        model_name, config.layers, checkpoint.spec.num_layers, shard.number_format.label,
         ", entry" if config.entry else "", trust.attestation.manifest.combined_hash.hex()[:16],
     )  # fmt: skip
     return Node(config, checkpoint, shard, service, trust, app)
