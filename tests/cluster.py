@@ -37,6 +37,7 @@ from teeshard.attest import (
     select_provider,
 )
 from teeshard.model.checkpoint import Checkpoint
+from teeshard.model.formats import NumberFormat
 from teeshard.model.layer_range import LayerRange
 from teeshard.model.plan import split_even
 from teeshard.model.sampling import SamplingParams
@@ -123,6 +124,10 @@ class LocalCluster:
     next_overrides: dict[int, str] = field(default_factory=dict)
     # extra NodeConfig fields for the entry node (a ledger, say)
     entry_options: dict[str, object] = field(default_factory=dict)
+    # the number format every node computes in, and the one the policy's hashes are for
+    number_format: NumberFormat = field(default_factory=NumberFormat)
+    # a policy file to use instead of the one computed for number_format
+    policy_path: Path | None = None
     nodes: list[RunningNode] = field(default_factory=list)
 
     @property
@@ -144,11 +149,14 @@ class LocalCluster:
         checkpoint = Checkpoint(self.model_dir)
         ranges = self.ranges or split_even(checkpoint.spec.num_layers, self.num_nodes)
         ports = [free_port() for _ in ranges]
-        policy = write_local_policy(
+        fmt = self.number_format
+        policy = self.policy_path or write_local_policy(
             Path(tempfile.mkdtemp(prefix="teeshard-policy-")) / "policy.toml",
-            checkpoint, ranges, "float32", "tiny",
+            checkpoint, ranges, fmt.dtype, "tiny", fmt.quantize,
         )  # fmt: skip
         base = NodeConfig(
+            dtype=fmt.dtype,
+            quantize=fmt.quantize,
             model_dir=self.model_dir,
             layers=ranges[0],
             limits=self.limits,
@@ -206,8 +214,10 @@ class LocalCluster:
             "--layers", str(c.layers), "--port", str(c.port), "--model-name", "tiny",
             "--threads", "1", "--wire-dtype", c.wire_dtype, "--tee", "simulated",
             "--policy", str(c.policy_path), "--max-sessions", str(c.limits.max_sessions),
-            "--max-cached-tokens", str(c.limits.max_cached_tokens),
+            "--max-cached-tokens", str(c.limits.max_cached_tokens), "--dtype", c.dtype,
         ]  # fmt: skip
+        if c.quantize:
+            argv += ["--quantize", c.quantize]
         if c.next_url:
             argv += ["--next", c.next_url]
         if c.entry:
