@@ -36,6 +36,7 @@ from teeshard.model.demo import (
     write_checkpoint,
     write_tokenizer,
 )
+from teeshard.model.formats import NumberFormat
 from teeshard.model.layer_range import LayerRange
 from teeshard.model.loader import load_shard
 from teeshard.model.plan import plan_checkpoint
@@ -149,17 +150,20 @@ def run_local_shard(shard: Shard, prompt: list[int], decode_tokens: int) -> Timi
 
 
 def start_nodes(
-    model_dir: Path, nodes: int, wire_dtype: str
+    model_dir: Path, nodes: int, wire_dtype: str, number_format: NumberFormat | None = None
 ) -> tuple[list[subprocess.Popen[bytes]], list[LaunchSpec]]:
     """Start the chain as ``teeshard up`` would: simulated attestation, RA-TLS, receipts."""
+    fmt = number_format or NumberFormat()
     checkpoint = Checkpoint(model_dir)
     launches = plan_launch(checkpoint, nodes, free_port_block(nodes))
     policy = write_local_policy(
         Path(tempfile.mkdtemp(prefix="teeshard-bench-")) / "policy.toml",
-        checkpoint, [s.layers for s in launches], "float32", "bench",
+        checkpoint, [s.layers for s in launches], fmt.dtype, "bench", fmt.quantize,
     )  # fmt: skip
     options = ["--wire-dtype", wire_dtype, "--tee", "simulated", "--policy", str(policy),
-               "--model-name", "bench"]  # fmt: skip
+               "--model-name", "bench", "--dtype", fmt.dtype]  # fmt: skip
+    if fmt.quantize is not None:
+        options += ["--quantize", fmt.quantize]
     processes: list[subprocess.Popen[bytes]] = []
     try:
         for spec in reversed(launches):  # one at a time: loads do not fight for memory
