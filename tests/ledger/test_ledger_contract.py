@@ -26,7 +26,7 @@ def env():  # type: ignore[no-untyped-def]
         for who in (owner, entry, user, op):
             boa.env.set_balance(who, 10**21)
         with boa.env.prank(owner):
-            ledger = boa.loads(source(), WEI, TIMEOUT)
+            ledger = boa.loads(source(), WEI, TIMEOUT, 0, TIMEOUT)  # no bond: see test_chain_*
             ledger.authorize_entry(entry, True)
         with boa.env.prank(user):
             ledger.open_account()

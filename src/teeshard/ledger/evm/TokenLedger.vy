@@ -7,7 +7,14 @@
         before generating, then settle the real cost (naming the nodes that
         served it) or release it. Settled costs go to the pool; `distribute`
         splits the pool among node operators in proportion to the tokens their
-        nodes served since the last distribution; operators withdraw ETH.
+        nodes served since the last distribution; operators withdraw ETH, and
+        users take unspent deposits back (`refund`).
+        Epoch settlement (the recommended path): users deposit into the escrow,
+        charging happens off chain (the SQL ledger), and a settler posts each
+        epoch a Merkle root of cumulative amounts payable per account; anyone
+        claims an account's amount with its proof (credited to its earnings).
+        Registration takes a bond, returned on removal; an unadmitted node may
+        be evicted by anyone after `admission_timeout` (its bond goes to the pool).
 @dev    Rounding: each node's share is floor(pool * served / total); what is
         left stays in `pool` for the next distribution, so no wei is ever lost
         or stuck. Every external function that changes state is nonreentrant
@@ -44,6 +51,9 @@ struct Node:
     listed: bool  # present in node_ids
     served: uint256  # tokens since the last distribution
     served_total: uint256
+    bond: uint256  # tokens held while registered
+    since: uint256  # registered, or admission lapsed: the eviction clock starts
+    index: uint256  # position in node_ids while listed
 
 event AccountOpened:
     account: indexed(address)
@@ -99,6 +109,9 @@ event NodeRegistered:
     name: String[128]
     url: String[256]
     manifest_hash: bytes32
+    model: String[128]
+    layers: String[32]
+    bond: uint256
 
 event NodeAdmitted:
     node_id: indexed(bytes32)
@@ -115,6 +128,13 @@ event NodeEdited:
 event NodeRemoved:
     node_id: indexed(bytes32)
     operator: indexed(address)
+    bond: uint256  # returned to the operator in ETH
+
+event NodeEvicted:
+    node_id: indexed(bytes32)
+    operator: indexed(address)
+    by: indexed(address)
+    bond: uint256  # forfeited to the pool
 
 event Paid:
     node_id: indexed(bytes32)
@@ -135,7 +155,47 @@ event Withdrawn:
     tokens: uint256
     value: uint256
 
+event Refunded:
+    account: indexed(address)
+    tokens: uint256
+    value: uint256
+
+event OwnershipOffered:
+    owner: indexed(address)
+    pending: indexed(address)
+
+event OwnershipTransferred:
+    previous: indexed(address)
+    owner: indexed(address)
+
+event SettlerAuthorised:
+    settler: indexed(address)
+    authorised: bool
+
+event RegistrationSet:
+    bond: uint256
+    admission_timeout: uint256
+
+event Escrowed:
+    account: indexed(address)
+    payer: indexed(address)
+    tokens: uint256
+    value: uint256
+
+event EpochPosted:
+    epoch: indexed(uint256)
+    root: bytes32
+    total: uint256
+    by: indexed(address)
+
+event Claimed:
+    epoch: indexed(uint256)
+    account: indexed(address)
+    amount: uint256  # cumulative amount in the epoch's tree
+    paid: uint256  # credited now (amount less what was claimed before)
+
 owner: public(address)
+pending_owner: public(address)
 wei_per_token: public(uint256)
 reservation_timeout: public(uint256)  # seconds after which anyone may release a reservation
 entries: public(HashMap[address, bool])
@@ -153,17 +213,69 @@ total_served: public(uint256)  # since the last distribution
 total_deposited: public(uint256)  # tokens
 total_withdrawn: public(uint256)  # tokens
 epoch: public(uint256)
+registration_bond: public(uint256)  # tokens paid in ETH with each registration
+admission_timeout: public(uint256)  # seconds a registered node may wait to be admitted
+bonded: public(uint256)  # bonds held
+settlers: public(HashMap[address, bool])
+escrow: public(uint256)  # tokens deposited for off-chain charging, not yet claimed
+escrow_deposited: public(uint256)  # ever
+roots: public(HashMap[uint256, bytes32])  # settlement epoch -> Merkle root
+epoch_totals: public(HashMap[uint256, uint256])  # settlement epoch -> sum of its amounts
+epochs_posted: public(uint256)
+claimed: public(HashMap[address, uint256])  # cumulative amount claimed per account
 
 
 @deploy
-def __init__(wei_per_token: uint256, reservation_timeout: uint256):
+def __init__(
+    wei_per_token: uint256,
+    reservation_timeout: uint256,
+    registration_bond: uint256,
+    admission_timeout: uint256,
+):
     assert wei_per_token > 0, "invalid_amount"
     self.owner = msg.sender
     self.wei_per_token = wei_per_token
     self.reservation_timeout = reservation_timeout
+    self.registration_bond = registration_bond
+    self.admission_timeout = admission_timeout
 
 
 # -- roles and accounts ----------------------------------------------------------------
+
+
+@external
+@nonreentrant
+def transfer_ownership(new_owner: address):
+    """@notice Step one of two: the new owner must accept (a typo cannot lose the contract)."""
+    assert msg.sender == self.owner, "unauthorized"
+    self.pending_owner = new_owner
+    log OwnershipOffered(owner=msg.sender, pending=new_owner)
+
+
+@external
+@nonreentrant
+def accept_ownership():
+    assert msg.sender == self.pending_owner and msg.sender != empty(address), "unauthorized"
+    log OwnershipTransferred(previous=self.owner, owner=msg.sender)
+    self.owner = msg.sender
+    self.pending_owner = empty(address)
+
+
+@external
+@nonreentrant
+def set_registration(bond: uint256, admission_timeout: uint256):
+    assert msg.sender == self.owner, "unauthorized"
+    self.registration_bond = bond
+    self.admission_timeout = admission_timeout
+    log RegistrationSet(bond=bond, admission_timeout=admission_timeout)
+
+
+@external
+@nonreentrant
+def authorize_settler(settler: address, authorised: bool):
+    assert msg.sender == self.owner, "unauthorized"
+    self.settlers[settler] = authorised
+    log SettlerAuthorised(settler=settler, authorised=authorised)
 
 
 @external
@@ -216,6 +328,19 @@ def deposit(account: address):
     self.available[account] += tokens
     self.total_deposited += tokens
     log Deposited(account=account, payer=msg.sender, tokens=tokens, value=msg.value)
+
+
+@external
+@nonreentrant
+def refund(amount: uint256):
+    """@notice Pay `amount` of the caller's unspent (available) tokens back in ETH."""
+    assert amount > 0, "invalid_amount"
+    assert self.available[msg.sender] >= amount, "insufficient_balance"
+    self.available[msg.sender] -= amount
+    self.total_withdrawn += amount
+    value: uint256 = amount * self.wei_per_token
+    log Refunded(account=msg.sender, tokens=amount, value=value)
+    raw_call(msg.sender, b"", value=value)
 
 
 # -- charges ---------------------------------------------------------------------------
@@ -307,21 +432,39 @@ def release(request_id: bytes32):
 # -- nodes -----------------------------------------------------------------------------
 
 
+@internal
+def _unlist(node_id: bytes32):
+    """Swap-remove from node_ids: the slot is free at once."""
+    index: uint256 = self.nodes[node_id].index
+    last: bytes32 = self.node_ids[len(self.node_ids) - 1]
+    self.node_ids[index] = last
+    self.nodes[last].index = index
+    self.node_ids.pop()
+    self.nodes[node_id].listed = False
+
+
 @external
+@payable
 @nonreentrant
 def register_node(
     name: String[128], url: String[256], manifest_hash: bytes32, model: String[128], layers: String[32]
 ):
     assert self.known[msg.sender], "unknown_account"
+    bond: uint256 = self.registration_bond
+    assert msg.value == bond * self.wei_per_token, "invalid_bond"
     node_id: bytes32 = keccak256(name)
     # Fields one by one: copying the struct would copy its strings for nothing.
     if self.nodes[node_id].operator != empty(address):
         assert self.nodes[node_id].removed, "duplicate_node"
         # Work a removed node served is paid to its old operator first.
         assert self.nodes[node_id].served == 0, "duplicate_node"
+    index: uint256 = self.nodes[node_id].index
     if not self.nodes[node_id].listed:
         assert len(self.node_ids) < MAX_NODES, "too_many_nodes"
+        index = len(self.node_ids)
         self.node_ids.append(node_id)
+    self.bonded += bond
+    self.total_deposited += bond
     self.nodes[node_id] = Node(
         operator=msg.sender,
         name=name,
@@ -334,9 +477,19 @@ def register_node(
         listed=True,
         served=0,
         served_total=self.nodes[node_id].served_total,
+        bond=bond,
+        since=block.timestamp,
+        index=index,
     )
     log NodeRegistered(
-        node_id=node_id, operator=msg.sender, name=name, url=url, manifest_hash=manifest_hash
+        node_id=node_id,
+        operator=msg.sender,
+        name=name,
+        url=url,
+        manifest_hash=manifest_hash,
+        model=model,
+        layers=layers,
+        bond=bond,
     )
 
 
@@ -365,6 +518,7 @@ def edit_node(node_id: bytes32, url: String[256], manifest_hash: bytes32):
         # Different weights: the old admission does not cover them.
         admitted = False
         self.operator_nodes[operator] -= 1
+        self.nodes[node_id].since = block.timestamp
     self.nodes[node_id].url = url
     self.nodes[node_id].manifest_hash = manifest_hash
     self.nodes[node_id].admitted = admitted
@@ -384,7 +538,33 @@ def remove_node(node_id: bytes32):
         self.operator_nodes[operator] -= 1
     self.nodes[node_id].admitted = False
     self.nodes[node_id].removed = True
-    log NodeRemoved(node_id=node_id, operator=msg.sender)
+    if self.nodes[node_id].served == 0:
+        self._unlist(node_id)  # nothing left to pay: free the slot now
+    bond: uint256 = self.nodes[node_id].bond
+    self.nodes[node_id].bond = 0
+    self.bonded -= bond
+    self.total_withdrawn += bond
+    log NodeRemoved(node_id=node_id, operator=msg.sender, bond=bond)
+    if bond > 0:
+        raw_call(operator, b"", value=bond * self.wei_per_token)
+
+
+@external
+@nonreentrant
+def evict_node(node_id: bytes32):
+    """@notice Anyone may evict a node left unadmitted for `admission_timeout`: its bond goes to the pool."""
+    operator: address = self.nodes[node_id].operator
+    assert operator != empty(address) and not self.nodes[node_id].removed, "unknown_node"
+    assert not self.nodes[node_id].admitted, "node_admitted"
+    assert self.nodes[node_id].served == 0, "node_admitted"  # unpaid work: after distribute
+    assert block.timestamp >= self.nodes[node_id].since + self.admission_timeout, "too_early"
+    self.nodes[node_id].removed = True
+    self._unlist(node_id)
+    bond: uint256 = self.nodes[node_id].bond
+    self.nodes[node_id].bond = 0
+    self.bonded -= bond
+    self.pool += bond
+    log NodeEvicted(node_id=node_id, operator=operator, by=msg.sender, bond=bond)
 
 
 @view
@@ -427,6 +607,7 @@ def distribute():
         if self.nodes[node_id].removed:
             self.nodes[node_id].listed = False
         else:
+            self.nodes[node_id].index = len(kept)
             kept.append(node_id)
     self.node_ids = kept
     self.pool = pool_before - distributed
@@ -455,3 +636,72 @@ def withdraw(amount: uint256):
     log Withdrawn(operator=msg.sender, tokens=amount, value=value)
     # interaction, last
     raw_call(msg.sender, b"", value=value)
+
+
+
+# -- epoch settlement ------------------------------------------------------------------
+
+
+@external
+@payable
+@nonreentrant
+def deposit_escrow(account: address):
+    """@notice Buy tokens for `account` to spend off chain; the settler's ledger credits them."""
+    assert msg.value > 0 and msg.value % self.wei_per_token == 0, "invalid_amount"
+    tokens: uint256 = msg.value // self.wei_per_token
+    self.escrow += tokens
+    self.escrow_deposited += tokens
+    self.total_deposited += tokens
+    log Escrowed(account=account, payer=msg.sender, tokens=tokens, value=msg.value)
+
+
+@external
+@nonreentrant
+def post_epoch(root: bytes32, total: uint256) -> uint256:
+    """
+    @notice Post the Merkle root of cumulative amounts payable per account (earnings, refunds).
+    @dev    `total` (the sum of the tree's amounts) must be backed by what was ever put in
+            escrow; claims are paid from the escrow and never past it, whatever the tree says.
+    """
+    assert msg.sender == self.owner or self.settlers[msg.sender], "unauthorized"
+    assert root != empty(bytes32), "invalid_proof"
+    assert total <= self.escrow_deposited, "insufficient_balance"
+    epoch: uint256 = self.epochs_posted
+    self.roots[epoch] = root
+    self.epoch_totals[epoch] = total
+    self.epochs_posted = epoch + 1
+    log EpochPosted(epoch=epoch, root=root, total=total, by=msg.sender)
+    return epoch
+
+
+@pure
+@internal
+def _verify(proof: DynArray[bytes32, 32], root: bytes32, leaf: bytes32) -> bool:
+    node: bytes32 = leaf
+    for sibling: bytes32 in proof:
+        if convert(node, uint256) < convert(sibling, uint256):
+            node = keccak256(concat(node, sibling))
+        else:
+            node = keccak256(concat(sibling, node))
+    return node == root
+
+
+@external
+@nonreentrant
+def claim(epoch: uint256, account: address, amount: uint256, proof: DynArray[bytes32, 32]) -> uint256:
+    """@notice Credit `account` (anyone may send it) what its cumulative `amount` adds; idempotent."""
+    root: bytes32 = self.roots[epoch]
+    assert root != empty(bytes32), "unknown_epoch"
+    # 0x00 || abi(contract, account, amount): 97 bytes, never an inner node's 64.
+    leaf: bytes32 = keccak256(concat(b"\x00", abi_encode(self, account, amount)))
+    assert amount <= self.epoch_totals[epoch] and self._verify(proof, root, leaf), "invalid_proof"
+    already: uint256 = self.claimed[account]
+    if amount <= already:
+        return 0
+    due: uint256 = amount - already
+    assert due <= self.escrow, "insufficient_balance"
+    self.claimed[account] = amount
+    self.escrow -= due
+    self.earnings[account] += due
+    log Claimed(epoch=epoch, account=account, amount=amount, paid=due)
+    return due
