@@ -97,7 +97,7 @@ def test_junk_registrations_cannot_keep_honest_operators_out(world: EvmWorld) ->
 
 
 def test_removing_a_node_returns_its_bond_and_frees_the_slot_at_once(world: EvmWorld) -> None:
-    op, as_op = world.new_account()
+    _op, as_op = world.new_account()
     as_op.register_node(NodeInfo("n-bond", "http://n:1", HASH))
     before = _wei(world, world.address)
     as_op.remove_node("n-bond")
@@ -120,7 +120,7 @@ def test_force_sent_wei_does_not_make_check_fail(world: EvmWorld) -> None:
 
 
 def test_node_state_is_rebuilt_from_events_alone(world: EvmWorld) -> None:
-    op, as_op = world.new_account()
+    _op, as_op = world.new_account()
     user, _ = world.new_account(500)
     for i, layers in enumerate(("0:4", "4:8", "8:12", "12:16")):
         as_op.register_node(NodeInfo(f"n{i}", f"http://n:{i}", HASH, "tiny", layers))
