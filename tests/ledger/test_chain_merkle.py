@@ -6,7 +6,7 @@ import boa
 import pytest
 from eth_utils import keccak, to_checksum_address
 
-from teeshard.ledger.evm.compile import source
+from teeshard.ledger.evm.compile import contract_path
 from teeshard.ledger.evm.merkle import (
     MerkleTree,
     leaf_hash,
@@ -87,7 +87,7 @@ def test_the_contract_accepts_exactly_the_proofs_python_builds() -> None:
         owner = boa.env.generate_address("owner")
         boa.env.set_balance(owner, 10**21)
         with boa.env.prank(owner):
-            ledger = boa.loads(source(), WEI, 3600, 0, 3600)
+            ledger = boa.load(str(contract_path()), WEI, 3600, 0, 3600)
             ledger.deposit_escrow(owner, value=1000 * WEI)
         amounts = {a: 11 * (i + 1) for i, a in enumerate(accounts(7))}
         epoch = build_epoch(ledger.address, amounts)

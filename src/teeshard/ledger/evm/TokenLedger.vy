@@ -8,13 +8,9 @@
         served it) or release it. Settled costs go to the pool; `distribute`
         splits the pool among node operators in proportion to the tokens their
         nodes served since the last distribution; operators withdraw ETH, and
-        users take unspent deposits back (`refund`).
-        Epoch settlement (the recommended path): users deposit into the escrow,
-        charging happens off chain (the SQL ledger), and a settler posts each
-        epoch a Merkle root of cumulative amounts payable per account; anyone
-        claims an account's amount with its proof (credited to its earnings).
-        Registration takes a bond, returned on removal; an unadmitted node may
-        be evicted by anyone after `admission_timeout` (its bond goes to the pool).
+        users take unspent deposits back (`refund`). Epoch settlement, the
+        recommended path, charges off chain: see settlement.vy. Registration
+        takes a bond; unadmitted nodes may be evicted after a timeout.
 @dev    Rounding: each node's share is floor(pool * served / total); what is
         left stays in `pool` for the next distribution, so no wei is ever lost
         or stuck. Every external function that changes state is nonreentrant
@@ -22,6 +18,27 @@
         checks-effects-interactions. Revert reasons are short codes that the
         Python client maps to its exception tree.
 """
+
+import journal
+import ownable
+import settlement
+
+initializes: ownable
+initializes: settlement
+
+exports: (
+    ownable.owner,
+    ownable.pending_owner,
+    ownable.transfer_ownership,
+    ownable.accept_ownership,
+    settlement.settlers,
+    settlement.escrow,
+    settlement.escrow_deposited,
+    settlement.roots,
+    settlement.epoch_totals,
+    settlement.epochs_posted,
+    settlement.claimed,
+)
 
 MAX_NODES: constant(uint256) = 128  # registered (and removed, until the next distribution)
 MAX_SERVED: constant(uint256) = 16  # nodes named by one settlement
@@ -55,147 +72,6 @@ struct Node:
     since: uint256  # registered, or admission lapsed: the eviction clock starts
     index: uint256  # position in node_ids while listed
 
-event AccountOpened:
-    account: indexed(address)
-
-event KeyBound:
-    key_hash: indexed(bytes32)
-    account: indexed(address)
-
-event KeyUnbound:
-    key_hash: indexed(bytes32)
-    account: indexed(address)
-
-event EntryAuthorised:
-    entry: indexed(address)
-    authorised: bool
-
-event Deposited:
-    account: indexed(address)
-    payer: indexed(address)
-    tokens: uint256
-    value: uint256
-
-event Reserved:
-    request_id: indexed(bytes32)
-    account: indexed(address)
-    holder: indexed(address)
-    amount: uint256
-    request: String[128]
-
-event Settled:
-    request_id: indexed(bytes32)
-    account: indexed(address)
-    holder: indexed(address)
-    amount: uint256
-    cost: uint256
-
-event Released:
-    request_id: indexed(bytes32)
-    account: indexed(address)
-    caller: indexed(address)
-    amount: uint256
-    expired: bool
-
-event Served:
-    request_id: indexed(bytes32)
-    node_id: indexed(bytes32)
-    operator: indexed(address)
-    tokens: uint256
-
-event NodeRegistered:
-    node_id: indexed(bytes32)
-    operator: indexed(address)
-    name: String[128]
-    url: String[256]
-    manifest_hash: bytes32
-    model: String[128]
-    layers: String[32]
-    bond: uint256
-
-event NodeAdmitted:
-    node_id: indexed(bytes32)
-    by: indexed(address)
-    manifest_hash: bytes32
-
-event NodeEdited:
-    node_id: indexed(bytes32)
-    operator: indexed(address)
-    url: String[256]
-    manifest_hash: bytes32
-    admitted: bool
-
-event NodeRemoved:
-    node_id: indexed(bytes32)
-    operator: indexed(address)
-    bond: uint256  # returned to the operator in ETH
-
-event NodeEvicted:
-    node_id: indexed(bytes32)
-    operator: indexed(address)
-    by: indexed(address)
-    bond: uint256  # forfeited to the pool
-
-event Paid:
-    node_id: indexed(bytes32)
-    operator: indexed(address)
-    epoch: indexed(uint256)
-    amount: uint256
-    tokens: uint256
-
-event Distributed:
-    epoch: indexed(uint256)
-    pool_before: uint256
-    distributed: uint256
-    remainder: uint256
-    tokens: uint256
-
-event Withdrawn:
-    operator: indexed(address)
-    tokens: uint256
-    value: uint256
-
-event Refunded:
-    account: indexed(address)
-    tokens: uint256
-    value: uint256
-
-event OwnershipOffered:
-    owner: indexed(address)
-    pending: indexed(address)
-
-event OwnershipTransferred:
-    previous: indexed(address)
-    owner: indexed(address)
-
-event SettlerAuthorised:
-    settler: indexed(address)
-    authorised: bool
-
-event RegistrationSet:
-    bond: uint256
-    admission_timeout: uint256
-
-event Escrowed:
-    account: indexed(address)
-    payer: indexed(address)
-    tokens: uint256
-    value: uint256
-
-event EpochPosted:
-    epoch: indexed(uint256)
-    root: bytes32
-    total: uint256
-    by: indexed(address)
-
-event Claimed:
-    epoch: indexed(uint256)
-    account: indexed(address)
-    amount: uint256  # cumulative amount in the epoch's tree
-    paid: uint256  # credited now (amount less what was claimed before)
-
-owner: public(address)
-pending_owner: public(address)
 wei_per_token: public(uint256)
 reservation_timeout: public(uint256)  # seconds after which anyone may release a reservation
 entries: public(HashMap[address, bool])
@@ -216,13 +92,6 @@ epoch: public(uint256)
 registration_bond: public(uint256)  # tokens paid in ETH with each registration
 admission_timeout: public(uint256)  # seconds a registered node may wait to be admitted
 bonded: public(uint256)  # bonds held
-settlers: public(HashMap[address, bool])
-escrow: public(uint256)  # tokens deposited for off-chain charging, not yet claimed
-escrow_deposited: public(uint256)  # ever
-roots: public(HashMap[uint256, bytes32])  # settlement epoch -> Merkle root
-epoch_totals: public(HashMap[uint256, uint256])  # settlement epoch -> sum of its amounts
-epochs_posted: public(uint256)
-claimed: public(HashMap[address, uint256])  # cumulative amount claimed per account
 
 
 @deploy
@@ -233,64 +102,43 @@ def __init__(
     admission_timeout: uint256,
 ):
     assert wei_per_token > 0, "invalid_amount"
-    self.owner = msg.sender
+    ownable.__init__()
     self.wei_per_token = wei_per_token
     self.reservation_timeout = reservation_timeout
     self.registration_bond = registration_bond
     self.admission_timeout = admission_timeout
 
 
-# -- roles and accounts ----------------------------------------------------------------
-
-
-@external
-@nonreentrant
-def transfer_ownership(new_owner: address):
-    """@notice Step one of two: the new owner must accept (a typo cannot lose the contract)."""
-    assert msg.sender == self.owner, "unauthorized"
-    self.pending_owner = new_owner
-    log OwnershipOffered(owner=msg.sender, pending=new_owner)
-
-
-@external
-@nonreentrant
-def accept_ownership():
-    assert msg.sender == self.pending_owner and msg.sender != empty(address), "unauthorized"
-    log OwnershipTransferred(previous=self.owner, owner=msg.sender)
-    self.owner = msg.sender
-    self.pending_owner = empty(address)
-
 
 @external
 @nonreentrant
 def set_registration(bond: uint256, admission_timeout: uint256):
-    assert msg.sender == self.owner, "unauthorized"
+    ownable._check_owner()
     self.registration_bond = bond
     self.admission_timeout = admission_timeout
-    log RegistrationSet(bond=bond, admission_timeout=admission_timeout)
+    log journal.RegistrationSet(bond=bond, admission_timeout=admission_timeout)
 
 
 @external
 @nonreentrant
 def authorize_settler(settler: address, authorised: bool):
-    assert msg.sender == self.owner, "unauthorized"
-    self.settlers[settler] = authorised
-    log SettlerAuthorised(settler=settler, authorised=authorised)
+    ownable._check_owner()
+    settlement._authorise(settler, authorised)
 
 
 @external
 @nonreentrant
 def authorize_entry(entry: address, authorised: bool):
-    assert msg.sender == self.owner, "unauthorized"
+    ownable._check_owner()
     self.entries[entry] = authorised
-    log EntryAuthorised(entry=entry, authorised=authorised)
+    log journal.EntryAuthorised(entry=entry, authorised=authorised)
 
 
 @internal
 def _open(account: address):
     if not self.known[account]:
         self.known[account] = True
-        log AccountOpened(account=account)
+        log journal.AccountOpened(account=account)
 
 
 @external
@@ -306,7 +154,7 @@ def bind_key(key_hash: bytes32):
     assert self.key_owner[key_hash] == empty(address), "duplicate_key"
     self._open(msg.sender)
     self.key_owner[key_hash] = msg.sender
-    log KeyBound(key_hash=key_hash, account=msg.sender)
+    log journal.KeyBound(key_hash=key_hash, account=msg.sender)
 
 
 @external
@@ -314,7 +162,7 @@ def bind_key(key_hash: bytes32):
 def unbind_key(key_hash: bytes32):
     assert self.key_owner[key_hash] == msg.sender, "unauthorized"
     self.key_owner[key_hash] = empty(address)
-    log KeyUnbound(key_hash=key_hash, account=msg.sender)
+    log journal.KeyUnbound(key_hash=key_hash, account=msg.sender)
 
 
 @external
@@ -327,7 +175,7 @@ def deposit(account: address):
     tokens: uint256 = msg.value // self.wei_per_token
     self.available[account] += tokens
     self.total_deposited += tokens
-    log Deposited(account=account, payer=msg.sender, tokens=tokens, value=msg.value)
+    log journal.Deposited(account=account, payer=msg.sender, tokens=tokens, value=msg.value)
 
 
 @external
@@ -339,11 +187,9 @@ def refund(amount: uint256):
     self.available[msg.sender] -= amount
     self.total_withdrawn += amount
     value: uint256 = amount * self.wei_per_token
-    log Refunded(account=msg.sender, tokens=amount, value=value)
+    log journal.Refunded(account=msg.sender, tokens=amount, value=value)
     raw_call(msg.sender, b"", value=value)
 
-
-# -- charges ---------------------------------------------------------------------------
 
 
 @external
@@ -364,7 +210,7 @@ def reserve(request_id: bytes32, account: address, amount: uint256, request: Str
         state=RESERVED,
         cost=0,
     )
-    log Reserved(
+    log journal.Reserved(
         request_id=request_id, account=account, holder=msg.sender, amount=amount, request=request
     )
 
@@ -394,7 +240,7 @@ def settle(
         self.nodes[node_id].served += served
         self.nodes[node_id].served_total += served
         self.total_served += served
-        log Served(
+        log journal.Served(
             request_id=request_id,
             node_id=node_id,
             operator=self.nodes[node_id].operator,
@@ -405,7 +251,7 @@ def settle(
     self.pool += cost
     self.reservations[request_id].state = SETTLED
     self.reservations[request_id].cost = cost
-    log Settled(
+    log journal.Settled(
         request_id=request_id, account=r.account, holder=msg.sender, amount=r.amount, cost=cost
     )
 
@@ -424,12 +270,10 @@ def release(request_id: bytes32):
     self.reserved[r.account] -= r.amount
     self.available[r.account] += r.amount
     self.reservations[request_id].state = RELEASED
-    log Released(
+    log journal.Released(
         request_id=request_id, account=r.account, caller=msg.sender, amount=r.amount, expired=expired
     )
 
-
-# -- nodes -----------------------------------------------------------------------------
 
 
 @internal
@@ -466,30 +310,14 @@ def register_node(
     self.bonded += bond
     self.total_deposited += bond
     self.nodes[node_id] = Node(
-        operator=msg.sender,
-        name=name,
-        url=url,
-        manifest_hash=manifest_hash,
-        model=model,
-        layers=layers,
-        admitted=False,
-        removed=False,
-        listed=True,
-        served=0,
-        served_total=self.nodes[node_id].served_total,
-        bond=bond,
-        since=block.timestamp,
+        operator=msg.sender, name=name, url=url, manifest_hash=manifest_hash, model=model,
+        layers=layers, admitted=False, removed=False, listed=True, served=0,
+        served_total=self.nodes[node_id].served_total, bond=bond, since=block.timestamp,
         index=index,
     )
-    log NodeRegistered(
-        node_id=node_id,
-        operator=msg.sender,
-        name=name,
-        url=url,
-        manifest_hash=manifest_hash,
-        model=model,
-        layers=layers,
-        bond=bond,
+    log journal.NodeRegistered(
+        node_id=node_id, operator=msg.sender, name=name, url=url, manifest_hash=manifest_hash,
+        model=model, layers=layers, bond=bond,
     )
 
 
@@ -497,14 +325,14 @@ def register_node(
 @nonreentrant
 def admit_node(node_id: bytes32, manifest_hash: bytes32):
     """@notice An entry node (or the owner) vouches that it verified the node's attestation."""
-    assert self.entries[msg.sender] or msg.sender == self.owner, "unauthorized"
+    assert self.entries[msg.sender] or msg.sender == ownable.owner, "unauthorized"
     operator: address = self.nodes[node_id].operator
     assert operator != empty(address) and not self.nodes[node_id].removed, "unknown_node"
     assert self.nodes[node_id].manifest_hash == manifest_hash, "manifest_mismatch"
     if not self.nodes[node_id].admitted:
         self.nodes[node_id].admitted = True
         self.operator_nodes[operator] += 1
-    log NodeAdmitted(node_id=node_id, by=msg.sender, manifest_hash=manifest_hash)
+    log journal.NodeAdmitted(node_id=node_id, by=msg.sender, manifest_hash=manifest_hash)
 
 
 @external
@@ -522,7 +350,7 @@ def edit_node(node_id: bytes32, url: String[256], manifest_hash: bytes32):
     self.nodes[node_id].url = url
     self.nodes[node_id].manifest_hash = manifest_hash
     self.nodes[node_id].admitted = admitted
-    log NodeEdited(
+    log journal.NodeEdited(
         node_id=node_id, operator=msg.sender, url=url, manifest_hash=manifest_hash, admitted=admitted
     )
 
@@ -544,7 +372,7 @@ def remove_node(node_id: bytes32):
     self.nodes[node_id].bond = 0
     self.bonded -= bond
     self.total_withdrawn += bond
-    log NodeRemoved(node_id=node_id, operator=msg.sender, bond=bond)
+    log journal.NodeRemoved(node_id=node_id, operator=msg.sender, bond=bond)
     if bond > 0:
         raw_call(operator, b"", value=bond * self.wei_per_token)
 
@@ -564,7 +392,7 @@ def evict_node(node_id: bytes32):
     self.nodes[node_id].bond = 0
     self.bonded -= bond
     self.pool += bond
-    log NodeEvicted(node_id=node_id, operator=operator, by=msg.sender, bond=bond)
+    log journal.NodeEvicted(node_id=node_id, operator=operator, by=msg.sender, bond=bond)
 
 
 @view
@@ -579,8 +407,6 @@ def is_operator(account: address) -> bool:
     return self.operator_nodes[account] > 0
 
 
-# -- pool ------------------------------------------------------------------------------
-
 
 @external
 @nonreentrant
@@ -589,7 +415,7 @@ def distribute():
     total: uint256 = self.total_served
     pool_before: uint256 = self.pool
     if total == 0 or pool_before == 0:
-        log Distributed(
+        log journal.Distributed(
             epoch=self.epoch, pool_before=pool_before, distributed=0, remainder=pool_before, tokens=total
         )
         return
@@ -603,7 +429,7 @@ def distribute():
             self.earnings[operator] += share
             distributed += share
             self.nodes[node_id].served = 0
-            log Paid(node_id=node_id, operator=operator, epoch=self.epoch, amount=share, tokens=served)
+            log journal.Paid(node_id=node_id, operator=operator, epoch=self.epoch, amount=share, tokens=served)
         if self.nodes[node_id].removed:
             self.nodes[node_id].listed = False
         else:
@@ -612,12 +438,9 @@ def distribute():
     self.node_ids = kept
     self.pool = pool_before - distributed
     self.total_served = 0
-    log Distributed(
-        epoch=self.epoch,
-        pool_before=pool_before,
-        distributed=distributed,
-        remainder=pool_before - distributed,
-        tokens=total,
+    log journal.Distributed(
+        epoch=self.epoch, pool_before=pool_before, distributed=distributed,
+        remainder=pool_before - distributed, tokens=total,
     )
     self.epoch += 1
 
@@ -633,13 +456,13 @@ def withdraw(amount: uint256):
     self.earnings[msg.sender] -= amount
     self.total_withdrawn += amount
     value: uint256 = amount * self.wei_per_token
-    log Withdrawn(operator=msg.sender, tokens=amount, value=value)
+    log journal.Withdrawn(operator=msg.sender, tokens=amount, value=value)
     # interaction, last
     raw_call(msg.sender, b"", value=value)
 
 
 
-# -- epoch settlement ------------------------------------------------------------------
+# -- epoch settlement (see settlement.vy) ------------------------------------------------
 
 
 @external
@@ -649,59 +472,22 @@ def deposit_escrow(account: address):
     """@notice Buy tokens for `account` to spend off chain; the settler's ledger credits them."""
     assert msg.value > 0 and msg.value % self.wei_per_token == 0, "invalid_amount"
     tokens: uint256 = msg.value // self.wei_per_token
-    self.escrow += tokens
-    self.escrow_deposited += tokens
     self.total_deposited += tokens
-    log Escrowed(account=account, payer=msg.sender, tokens=tokens, value=msg.value)
+    settlement._deposit(account, tokens, msg.value)
 
 
 @external
 @nonreentrant
 def post_epoch(root: bytes32, total: uint256) -> uint256:
-    """
-    @notice Post the Merkle root of cumulative amounts payable per account (earnings, refunds).
-    @dev    `total` (the sum of the tree's amounts) must be backed by what was ever put in
-            escrow; claims are paid from the escrow and never past it, whatever the tree says.
-    """
-    assert msg.sender == self.owner or self.settlers[msg.sender], "unauthorized"
-    assert root != empty(bytes32), "invalid_proof"
-    assert total <= self.escrow_deposited, "insufficient_balance"
-    epoch: uint256 = self.epochs_posted
-    self.roots[epoch] = root
-    self.epoch_totals[epoch] = total
-    self.epochs_posted = epoch + 1
-    log EpochPosted(epoch=epoch, root=root, total=total, by=msg.sender)
-    return epoch
-
-
-@pure
-@internal
-def _verify(proof: DynArray[bytes32, 32], root: bytes32, leaf: bytes32) -> bool:
-    node: bytes32 = leaf
-    for sibling: bytes32 in proof:
-        if convert(node, uint256) < convert(sibling, uint256):
-            node = keccak256(concat(node, sibling))
-        else:
-            node = keccak256(concat(sibling, node))
-    return node == root
+    """@notice The owner or a settler posts an epoch's root; `total` must be escrow-backed."""
+    assert msg.sender == ownable.owner or settlement.settlers[msg.sender], "unauthorized"
+    return settlement._post(root, total)
 
 
 @external
 @nonreentrant
 def claim(epoch: uint256, account: address, amount: uint256, proof: DynArray[bytes32, 32]) -> uint256:
     """@notice Credit `account` (anyone may send it) what its cumulative `amount` adds; idempotent."""
-    root: bytes32 = self.roots[epoch]
-    assert root != empty(bytes32), "unknown_epoch"
-    # 0x00 || abi(contract, account, amount): 97 bytes, never an inner node's 64.
-    leaf: bytes32 = keccak256(concat(b"\x00", abi_encode(self, account, amount)))
-    assert amount <= self.epoch_totals[epoch] and self._verify(proof, root, leaf), "invalid_proof"
-    already: uint256 = self.claimed[account]
-    if amount <= already:
-        return 0
-    due: uint256 = amount - already
-    assert due <= self.escrow, "insufficient_balance"
-    self.claimed[account] = amount
-    self.escrow -= due
+    due: uint256 = settlement._claim(epoch, account, amount, proof)
     self.earnings[account] += due
-    log Claimed(epoch=epoch, account=account, amount=amount, paid=due)
     return due
