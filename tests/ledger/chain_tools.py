@@ -114,4 +114,6 @@ def deploy_helper(chain: Chain, name: str, *args: Any, value: int = 0) -> Any:
 
 def force_send(chain: Chain, target: str, wei: int) -> None:
     helper = deploy_helper(chain, "ForceSend", value=wei)
-    send(chain, helper.functions.boom(target))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="SELFDESTRUCT opcode")  # py-evm's notice
+        send(chain, helper.functions.boom(target))

@@ -108,7 +108,6 @@ def test_removing_a_node_returns_its_bond_and_frees_the_slot_at_once(world: EvmW
     assert world.owner.check().ok
 
 
-@pytest.mark.filterwarnings("ignore:SELFDESTRUCT opcode present")  # py-evm's note on the helper
 def test_force_sent_wei_does_not_make_check_fail(world: EvmWorld) -> None:
     user, _ = world.new_account(50)
     assert world.owner.check().ok

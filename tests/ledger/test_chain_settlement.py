@@ -24,6 +24,7 @@ from teeshard.ledger.evm.settlement import (
     build_epoch,
     claim,
     deposit_escrow,
+    escrow_deposits,
 )
 from teeshard.ledger.interface import InsufficientBalance, Unauthorized
 
@@ -51,6 +52,8 @@ def test_epochs_pay_cumulative_amounts_once(world: EvmWorld, tmp_path: Path) -> 
     op_a, as_op_a = world.new_account()
     op_b, _ = world.new_account()
     deposit_escrow(_as(as_alice), alice, 1000)  # spent off chain from here on
+    (seen,) = escrow_deposits(_as(world.owner), world.block)  # what the SQL ledger credits
+    assert (seen.account, seen.tokens) == (alice, 1000)
     settler = _settler(world, tmp_path)
     first = settler.settle({op_a: 300, op_b: 200})
     assert (first.number, first.total) == (0, 500)

@@ -28,6 +28,7 @@ from typing import Any
 from eth_utils import is_address, to_checksum_address
 
 from teeshard.ledger.evm.contract import ContractClient
+from teeshard.ledger.evm.events import logs
 from teeshard.ledger.evm.merkle import leaf_hash, tree_of
 from teeshard.ledger.interface import InsufficientBalance, InvalidAmount, UnknownAccount
 
@@ -134,6 +135,37 @@ def deposit_escrow(ledger: ContractClient, account: str, amount: int) -> int:
         "deposit_escrow", ledger._address(account), value=amount * ledger.wei_per_token()
     )
     return amount
+
+
+@dataclass(frozen=True)
+class EscrowDeposit:
+    """Tokens a user put in escrow: what the off-chain ledger credits to ``account``."""
+
+    account: str
+    tokens: int
+    block: int
+    tx_hash: str  # with the log index, a unique id to credit each deposit once
+    log_index: int
+
+
+def escrow_deposits(
+    ledger: ContractClient, first: int, last: int | None = None
+) -> list[EscrowDeposit]:
+    """The ``Escrowed`` events of blocks ``[first, last]`` (paged), oldest first.
+
+    The bridge to the SQL ledger: credit each one to its account, keyed by
+    ``(tx_hash, log_index)`` so a rescan never credits twice.
+    """
+    return [
+        EscrowDeposit(
+            str(log["args"]["account"]),
+            int(log["args"]["tokens"]),
+            int(log["blockNumber"]),
+            "0x" + bytes(log["transactionHash"]).hex(),
+            int(log["logIndex"]),
+        )
+        for log in logs(ledger, "Escrowed", first, last)
+    ]
 
 
 class EpochSettler:
