@@ -131,13 +131,13 @@ class LedgerBilling:
         self.ledger = ledger
         self.pricing = pricing or Pricing()
         self.free_for_operators = free_for_operators
-        self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="ledger")
+        self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="ledger")
         self._pending: dict[str, _Pending] = {}
         self._admitted: frozenset[str] = frozenset()
         self._admitted_at = 0.0
 
     async def _run(self, fn: Callable[..., T], *args: object) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     def recover(self, older_than_s: float | None = None) -> list[str]:
         """Release what an earlier process of this entry left reserved (call at start)."""
@@ -147,7 +147,7 @@ class LedgerBilling:
         return released
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
+        self._executor.shutdown(wait=True)
         self.ledger.close()
 
     # -- Billing ---------------------------------------------------------------------

@@ -12,6 +12,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from teeshard.model.sampling import SamplingParams
+
 WIRE_DTYPES = ("float32", "float16", "bfloat16")
 WireDtype = Literal["float32", "float16", "bfloat16"]
 
@@ -27,17 +29,6 @@ class WireTensor(_Strict):
     dtype: str
     shape: tuple[int, ...]
     data: bytes
-
-
-class SamplingParams(_Strict):
-    temperature: float = Field(default=0.0, ge=0.0, le=100.0)  # 0 means greedy
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=0)  # 0 means no top-k filter
-    seed: int | None = None
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
 
 
 class OpenMsg(_Strict):
@@ -91,7 +82,7 @@ class ResultMsg(_Strict):
     id: RequestId
     token: int | None = None  # sampled token id (step results)
     logits: WireTensor | None = None
-    chain: tuple[str, ...] = ()  # open results: ids of this node and every node after it
+    route: tuple[str, ...] = ()  # open results: node ids of this node and every node after it
     receipts: tuple[ReceiptWire, ...] = ()  # close results: this stage's receipt and later ones
 
 
@@ -104,8 +95,32 @@ class ErrorMsg(_Strict):
     status: int = 500  # the HTTP status the entry node should give a client
 
 
+# -- the handshake: an upstream proves what it is before it may send anything ---------
+
+CHALLENGE_BYTES = 32
+MAX_INTRODUCTION_BYTES = 1 << 20  # an attestation bundle: quote, event log, manifest
+
+
+class ChallengeMsg(_Strict):
+    """Downstream to upstream, first frame of every connection: a fresh nonce."""
+
+    v: Literal[1] = 1
+    type: Literal["challenge"] = "challenge"
+    nonce: Annotated[bytes, Field(min_length=CHALLENGE_BYTES, max_length=CHALLENGE_BYTES)]
+
+
+class IntroduceMsg(_Strict):
+    """Upstream to downstream: its attestation bundle (JSON) for a nonce derived from the
+    challenge and the downstream's certificate, so it proves this very connection."""
+
+    v: Literal[1] = 1
+    type: Literal["introduce"] = "introduce"
+    bundle: Annotated[bytes, Field(max_length=MAX_INTRODUCTION_BYTES)]
+
+
 Request = OpenMsg | StepMsg | CloseMsg
 Reply = ResultMsg | ErrorMsg
 Message = Annotated[
-    OpenMsg | StepMsg | CloseMsg | ResultMsg | ErrorMsg, Field(discriminator="type")
+    OpenMsg | StepMsg | CloseMsg | ResultMsg | ErrorMsg | ChallengeMsg | IntroduceMsg,
+    Field(discriminator="type"),
 ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
@@ -18,19 +19,23 @@ from fastapi import FastAPI
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
-from teeshard.attest.attester import NodeAttestation
-from teeshard.attest.identity import NodeIdentity
-from teeshard.attest.manifest import ManifestBuilder
-from teeshard.attest.manifest_cache import ManifestCache
-from teeshard.attest.providers import select_provider
+from teeshard.attest import (
+    ManifestBuilder,
+    ManifestCache,
+    NodeAttestation,
+    NodeIdentity,
+    select_provider,
+)
+from teeshard.entry import GenerationLoop, OpenAIServing, TextCodec
 from teeshard.model.checkpoint import Checkpoint
-from teeshard.model.demo import data_dir
 from teeshard.model.loader import TensorHook, load_shard, parse_dtype
 from teeshard.model.transformer import Shard
-from teeshard.node.app import create_app
-from teeshard.node.config import NodeConfig
-from teeshard.node.service import NodeService
-from teeshard.node.trust import NodeTrust, trust_for
+from teeshard.node import NextHop, NodeService
+from teeshard.paths import simulated_tee_dir
+from teeshard.server.app import create_app
+from teeshard.server.config import NodeConfig
+from teeshard.server.edge import header_deadline_protocol
+from teeshard.server.trust import NodeTrust, trust_for
 from teeshard.transport.peer import PeerClient
 
 log = logging.getLogger(__name__)
@@ -86,7 +91,7 @@ def load_with_progress(
 
 def attest_node(config: NodeConfig, builder: ManifestBuilder) -> NodeTrust:
     provider = select_provider(
-        config.tee, allow_simulated=config.tee == "simulated", data_dir=data_dir() / "simulated-tee"
+        config.tee, allow_simulated=config.tee == "simulated", data_dir=simulated_tee_dir()
     )
     hosts = {"localhost", "127.0.0.1", *config.public_hosts}
     if config.host not in ("0.0.0.0", "::"):
@@ -106,24 +111,28 @@ def build_node(config: NodeConfig, show_progress: bool = False) -> Node:
     model_name = config.model_name or checkpoint.name
     cache = ManifestCache.for_checkpoint(config.model_dir) if config.manifest_cache else None
     builder = ManifestBuilder(
-        checkpoint, config.layers, config.dtype, model_name=model_name, cache=cache
-    )
+        checkpoint, config.layers, config.dtype, model_name=model_name, cache=cache,
+        entry_files=config.model_dir if config.entry else None,  # tokenizer, templates attested
+    )  # fmt: skip
     shard = load_with_progress(checkpoint, config, show_progress, builder.on_tensor)
     trust = attest_node(config, builder)
-    downstream = None
+    next_hop = None
     if config.next_url is not None:
         next_url = config.next_url
 
-        async def attest_next():  # type: ignore[no-untyped-def]
+        async def attest_next() -> ssl.SSLContext:
             return await trust.attest_next(next_url)
 
-        downstream = PeerClient(
-            _pipeline_url(next_url),
-            max_frame_bytes=frame_limit(config, shard),
-            on_connect=attest_next,
+        next_hop = NextHop(
+            PeerClient(
+                _pipeline_url(next_url),
+                max_frame_bytes=frame_limit(config, shard),
+                on_connect=attest_next,
+                introduce=trust.introduce,
+            )
         )
     service = NodeService(
-        shard, model_name, config.limits, downstream, config.resolved_node_id, trust.attestation
+        shard, model_name, config.limits, next_hop, config.resolved_node_id, trust.attestation
     )
     serving = _entry_serving(config, service, model_name) if config.entry else None
     app = create_app(service, config, trust, serving)
@@ -135,11 +144,7 @@ def build_node(config: NodeConfig, show_progress: bool = False) -> Node:
     return Node(config, checkpoint, shard, service, trust, app)
 
 
-def _entry_serving(config: NodeConfig, service: NodeService, model_name: str):  # type: ignore[no-untyped-def]
-    from teeshard.entry.generation import Generator
-    from teeshard.entry.serving import OpenAIServing
-    from teeshard.entry.text import TextCodec
-
+def _entry_serving(config: NodeConfig, service: NodeService, model_name: str) -> OpenAIServing:
     billing = None
     if config.ledger_url:
         from teeshard.ledger.billing import billing_from_url
@@ -155,10 +160,10 @@ def _entry_serving(config: NodeConfig, service: NodeService, model_name: str):  
             _redacted(config.ledger_url),
             config.ledger_actor or config.resolved_node_id,
         )
-    generator = Generator(
+    generations = GenerationLoop(
         service, TextCodec(config.model_dir), config.wire_dtype, config.default_max_tokens, billing
     )
-    return OpenAIServing(generator, model_name)
+    return OpenAIServing(generations, model_name)
 
 
 def _redacted(url: str) -> str:
@@ -184,14 +189,17 @@ def make_server(node: Node) -> uvicorn.Server:
         port=node.config.port,
         log_level="warning",
         ws_max_size=node.max_frame_bytes,
+        ws_max_queue=2,  # frames buffered while the pipeline handler is busy: back-pressure
         ws_per_message_deflate=False,
+        http=header_deadline_protocol(node.config.header_timeout_s),
+        limit_concurrency=node.config.max_connections,
         timeout_graceful_shutdown=5,
         lifespan="on",
     )
     config.load()
     if node.config.serves_tls:
         # uvicorn builds contexts from key files; the identity builds its own instead
-        config.ssl = node.trust.attestation.identity.server_ssl_context()
+        config.ssl = node.trust.attestation.server_ssl_context()  # renewed on re-key
     return uvicorn.Server(config)
 
 
