@@ -225,11 +225,11 @@ def print_latency(rows: list[LatencyRow]) -> None:
     print()
     print("wait before the first token (the reserve), and after the last (the settle)")
     print(
-        f"{'ledger':34} {'n':>3} {'reserve p50 s':>13} {'reserve max s':>13} {'settle p50 s':>12}"
+        f"{'ledger':46} {'n':>3} {'reserve p50 s':>13} {'reserve max s':>13} {'settle p50 s':>12}"
     )
     for r in rows:
         print(
-            f"{r.ledger:34} {r.samples:3d} {r.reserve_p50_s:13.4f} {r.reserve_max_s:13.4f} "
+            f"{r.ledger:46} {r.samples:3d} {r.reserve_p50_s:13.4f} {r.reserve_max_s:13.4f} "
             f"{r.settle_p50_s:12.4f}"
         )
 
