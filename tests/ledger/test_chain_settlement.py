@@ -61,6 +61,8 @@ def test_epochs_pay_cumulative_amounts_once(world: EvmWorld, tmp_path: Path) -> 
     assert claim(anyone, first.claim(op_a)) == 300  # anyone may send it; op_a is credited
     assert world.owner.balance(op_a).earnings == 300
     assert claim(anyone, first.claim(op_a)) == 0  # replayed: nothing more
+    assert settler.settle({}) == first  # nothing new: nothing posted
+    assert int(world.owner._call("epochs_posted")) == 1  # type: ignore[attr-defined]
     second = settler.settle({op_a: 100, alice: 400})  # alice's unspent 400 refunded
     assert second.amounts == {op_a: 400, op_b: 200, alice: 400}
     assert claim(anyone, second.claim(op_a)) == 100  # only what the new epoch adds
@@ -148,5 +150,8 @@ def test_a_crash_between_posting_and_saving_loses_no_epoch(world: EvmWorld, tmp_
     settler.ledger._transact("post_epoch", epoch.root, epoch.total)
     reopened = EpochSettler(settler.ledger, tmp_path)
     assert reopened.latest() is not None and reopened.latest().number == 0  # type: ignore[union-attr]
+    retried = EpochSettler(settler.ledger)  # no store: the retry finds its root on chain
+    assert retried.settle({op_a: 60}).number == 0
+    assert int(world.owner._call("epochs_posted")) == 1  # type: ignore[attr-defined]
     assert reopened.claim(op_a) == 60
     assert not (tmp_path / "epoch-pending.json").exists()

@@ -191,8 +191,18 @@ class EpochSettler:
         return dict(latest.amounts) if latest else {}
 
     def settle(self, earned: Mapping[str, int]) -> Epoch:
-        """Add ``earned`` (account -> tokens due this epoch) and post the new root."""
+        """Add ``earned`` (account -> tokens due this epoch) and post the new root.
+
+        A failed call changes nothing here, so retrying it with the same ``earned``
+        is safe: when the failed attempt's root did land, it is adopted, not posted twice.
+        """
         epoch = build_epoch(self.ledger.address, accumulate(self.cumulative(), earned))
+        latest = self.latest()
+        if latest is not None and latest.root == epoch.root:
+            return latest  # nothing new came due: nothing to post
+        posted = int(self.ledger._call("epochs_posted"))
+        if posted and bytes(self.ledger._call("roots", posted - 1)) == epoch.root:
+            return self._posted(epoch, posted - 1)  # a retry: the last attempt's root landed
         backed = int(self.ledger._call("escrow_deposited"))
         if epoch.total > backed:
             raise InsufficientBalance(
