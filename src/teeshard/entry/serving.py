@@ -36,7 +36,7 @@ from teeshard.entry.protocol import (
     _Request,
     now,
 )
-from teeshard.model.sampling import SamplingParams
+from teeshard.model.sampling import SamplingParams, session_seed
 
 Event = dict[str, Any]
 
@@ -146,7 +146,9 @@ class OpenAIServing:
             temperature=request.temperature,
             top_p=request.top_p,
             top_k=request.top_k,
-            seed=request.seed,
+            # always a seed: the draws are then a function of it and the position, so a
+            # session rebuilt on other nodes samples what the first one would have
+            seed=session_seed(SamplingParams(seed=request.seed)),
         )
         params = GenerationParams(
             budget, sampling, tuple(request.stop_list), prompt_chars, request.ignore_eos
