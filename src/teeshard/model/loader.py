@@ -100,6 +100,6 @@ def load_shard(
     shard.load_state_dict(state, strict=True, assign=True)
     shard.eval()
     shard.requires_grad_(False)
-    shard.number_format = fmt
+    shard.number_format, shard.compute_dtype = fmt, fmt.torch_dtype
     finish_loaded(shard, fmt)
     return shard

@@ -268,12 +268,9 @@ class Shard(nn.Module):
             Linear(spec.hidden_size, spec.vocab_size, bias=False) if self.is_last else None
         )
         self.rotary = RotaryTable(spec.rope, spec.head_dim)
-        self.number_format = NumberFormat()  # set by the loader
-
-    @property
-    def compute_dtype(self) -> torch.dtype:
-        """dtype of the block linears' activations, the embedding and the KV cache."""
-        return self.number_format.torch_dtype
+        self.number_format = NumberFormat()  # set by the loader, with compute_dtype
+        # dtype of the block linears' activations, the embedding and the KV cache
+        self.compute_dtype = self.number_format.torch_dtype
 
     @property
     def dtype(self) -> torch.dtype:
