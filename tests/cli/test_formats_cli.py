@@ -1,0 +1,46 @@
+"""``--dtype`` / ``--quantize`` on the command line: what node, up and manifest make of them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from teeshard.cli import build_parser, main
+from teeshard.cli.node import config_from_args
+from teeshard.cli.up import passthrough_options
+from tests.checkpoints import TinyModel
+
+
+def test_up_passes_the_format_to_every_node() -> None:
+    args = build_parser().parse_args(["up", "--quantize", "int8"])
+    options = passthrough_options(args)
+    assert options[options.index("--dtype") + 1] == "bfloat16"  # int8 runs bfloat16 activations
+    assert options[options.index("--quantize") + 1] == "int8"
+    plain = passthrough_options(build_parser().parse_args(["up"]))
+    assert plain[plain.index("--dtype") + 1] == "float32" and "--quantize" not in plain
+
+
+def test_node_config_carries_the_format(tiny_llama: TinyModel) -> None:
+    argv = ["node", "--model", str(tiny_llama.path), "--layers", "0:4", "--quantize", "int8"]
+    args = build_parser().parse_args(argv)
+    config = config_from_args(args, layers=args.layers)
+    assert (config.dtype, config.quantize) == ("bfloat16", "int8")
+    config.validate(4)
+    bad = config_from_args(
+        build_parser().parse_args([*argv, "--dtype", "float32"]), layers=args.layers
+    )
+    with pytest.raises(ValueError, match="--dtype bfloat16"):
+        bad.validate(4)
+
+
+def test_manifest_refuses_int8_with_float32(
+    tiny_llama: TinyModel, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = str(Path(tiny_llama.path))
+    argv = ["manifest", "--model", model, "--layers", "0:2", "--quantize", "int8"]
+    assert main([*argv, "--dtype", "float32"]) == 2
+    assert "--dtype bfloat16" in capsys.readouterr().err
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "dtype:    bfloat16" in out and "quantize: int8-weight-only/" in out
