@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -27,11 +28,10 @@ def test_node_config_carries_the_format(tiny_llama: TinyModel) -> None:
     config = config_from_args(args, layers=args.layers)
     assert (config.dtype, config.quantize) == ("bfloat16", "int8")
     config.validate(4)
-    bad = config_from_args(
-        build_parser().parse_args([*argv, "--dtype", "float32"]), layers=args.layers
-    )
     with pytest.raises(ValueError, match="--dtype bfloat16"):
-        bad.validate(4)
+        config_from_args(build_parser().parse_args([*argv, "--dtype", "float32"]))
+    with pytest.raises(ValueError, match="--dtype bfloat16"):
+        replace(config, dtype="float32").validate(4)  # the config checks it too
 
 
 def test_manifest_refuses_int8_with_float32(
