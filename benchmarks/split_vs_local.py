@@ -150,7 +150,11 @@ def run_local_shard(shard: Shard, prompt: list[int], decode_tokens: int) -> Timi
 
 
 def start_nodes(
-    model_dir: Path, nodes: int, wire_dtype: str, number_format: NumberFormat | None = None
+    model_dir: Path,
+    nodes: int,
+    wire_dtype: str,
+    number_format: NumberFormat | None = None,
+    extra_options: list[str] | None = None,
 ) -> tuple[list[subprocess.Popen[bytes]], list[LaunchSpec]]:
     """Start the chain as ``teeshard up`` would: simulated attestation, RA-TLS, receipts."""
     fmt = number_format or NumberFormat()
@@ -164,6 +168,7 @@ def start_nodes(
                "--model-name", "bench", "--dtype", fmt.dtype]  # fmt: skip
     if fmt.quantize is not None:
         options += ["--quantize", fmt.quantize]
+    options += extra_options or []
     processes: list[subprocess.Popen[bytes]] = []
     try:
         for spec in reversed(launches):  # one at a time: loads do not fight for memory

@@ -74,10 +74,16 @@ def run_local(shard: Shard, prompt: list[int], decode_tokens: int) -> Timing:
 
 
 def measure_split(
-    model_dir: Path, nodes: int, fmt: NumberFormat, prompt: list[int], decode_tokens: int
+    model_dir: Path,
+    nodes: int,
+    fmt: NumberFormat,
+    prompt: list[int],
+    decode_tokens: int,
+    threads: int | None,
 ) -> tuple[Timing, list[float], float]:
     started = time.perf_counter()
-    processes, launches = start_nodes(model_dir, nodes, "float32", fmt)
+    options = ["--threads", str(threads)] if threads else []
+    processes, launches = start_nodes(model_dir, nodes, "float32", fmt, options)
     startup = time.perf_counter() - started
     try:
         timing = run_split(f"http://127.0.0.1:{launches[0].port}/v1/completions", prompt,
@@ -209,9 +215,18 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--formats", default=",".join(FORMATS), help="comma-separated")
     parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads, here and in every node (default: torch's choice, all cores); "
+        "on an oversubscribed machine 1 avoids OpenMP barrier stalls",
+    )
+    parser.add_argument(
         "--out", type=Path, default=ROOT / "benchmarks" / "results" / "throughput.json"
     )
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     names = args.formats.split(",")
     unknown = [n for n in names if n not in FORMATS]
     if unknown:
@@ -236,7 +251,7 @@ def main() -> int:
             for where in order:
                 if where == "split":
                     timing, rss, startup = measure_split(
-                        model_dir, args.nodes, fmt, prompt, args.decode_tokens
+                        model_dir, args.nodes, fmt, prompt, args.decode_tokens, args.threads
                     )
                     run["split"].append(timing)
                     run["rss"].append(rss)
