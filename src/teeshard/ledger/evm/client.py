@@ -14,18 +14,21 @@ sending a transaction.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from eth_account.signers.local import LocalAccount
 from web3 import Web3
 
+from teeshard.attest.receipts import Receipt
+from teeshard.ledger.claims import AttestedNode, OperatorClaim, verify_claim
 from teeshard.ledger.evm import events
 from teeshard.ledger.evm.chain import Chain
 from teeshard.ledger.evm.errors import Messages
 from teeshard.ledger.evm.transactions import call, transact
 from teeshard.ledger.interface import (
     Balance,
+    ClaimRefused,
     Consistency,
     Distribution,
     DuplicateRequest,
@@ -35,6 +38,7 @@ from teeshard.ledger.interface import (
     LedgerError,
     NodeInfo,
     NodeRecord,
+    NotSupported,
     ReservationClosed,
     ReservationRecord,
     ReservationState,
@@ -163,7 +167,21 @@ class EvmLedger:
 
     # -- charges ---------------------------------------------------------------------
 
-    def authorize_entry(self, entry: str) -> None:
+    def ledger_id(self) -> str:
+        """Operator claims name the contract."""
+        return str(self.address)
+
+    def heartbeat(self) -> None:
+        """Leases are an SQL ledger's; per-request charging moves off chain (issue 9, item 7)."""
+
+    def open_reservations(self, older_than_s: float = 0.0) -> list[ReservationRecord]:
+        raise NotSupported("listing open reservations on chain: see `teeshard ledger recover`")
+
+    def authorize_entry(
+        self, entry: str, *, spend_limit: int | None = None, period_s: float = 86400.0
+    ) -> None:
+        if spend_limit is not None:
+            raise NotSupported("spend limits are the SQL ledger's (charges move off chain)")
         address = self._address(entry)
         self._transact(
             "authorize_entry",
@@ -194,7 +212,16 @@ class EvmLedger:
             raise UnknownRequest(f"no reservation for request {request_id!r}")
         return record
 
-    def reserve(self, request_id: str, account: str, amount: int) -> ReservationRecord:
+    def reserve(
+        self,
+        request_id: str,
+        account: str,
+        amount: int,
+        *,
+        key_hash: str | None = None,  # on chain the user's voucher authorises (item 7)
+        max_tokens: int | None = None,
+        idempotency_key: str | None = None,
+    ) -> ReservationRecord:
         check_request_id(request_id)
         check_amount(amount, "reservation")
         address = self._address(account)
@@ -237,7 +264,14 @@ class EvmLedger:
         self._mine.add(request_id)
         return self.reservation(request_id)
 
-    def settle(self, request_id: str, cost: int, served: Mapping[str, int]) -> ReservationRecord:
+    def settle(
+        self,
+        request_id: str,
+        cost: int,
+        served: Mapping[str, int],
+        *,
+        receipts: Sequence[Receipt] = (),  # verified by the SQL ledger; on chain: item 7
+    ) -> ReservationRecord:
         if isinstance(cost, bool) or not isinstance(cost, int) or cost < 0:
             raise InvalidAmount(f"cost must be a non-negative integer, got {cost!r}")
         served = check_tokens(served)
@@ -348,8 +382,10 @@ class EvmLedger:
             raise UnknownNode(f"no registered node {node_id!r}")
         return record
 
-    def register_node(self, node: NodeInfo) -> NodeRecord:
+    def register_node(self, node: NodeInfo, *, claim: OperatorClaim | None = None) -> NodeRecord:
         node = check_node_info(node)
+        if claim is not None:  # the contract cannot check P-256 signatures; we do
+            verify_claim(claim, operator=self.actor, node_id=node.node_id, ledger_id=self.address)
         self._transact(
             "register_node",
             node.node_id,
@@ -366,9 +402,20 @@ class EvmLedger:
         )
         return self._require_node(node.node_id)
 
-    def admit_node(self, node_id: str, manifest_hash: str) -> NodeRecord:
+    def admit_node(
+        self, node_id: str, manifest_hash: str, *, attested: AttestedNode | None = None
+    ) -> NodeRecord:
         manifest_hash = check_manifest_hash(manifest_hash)
         registered = self._require_node(node_id)
+        if attested is not None:  # the admitting entry checks the claim (off chain)
+            if attested.url.rstrip("/") != registered.url.rstrip("/"):
+                raise ClaimRefused(
+                    f"the URL verified ({attested.url}) is not the registered {registered.url}"
+                )
+            verify_claim(
+                attested.claim, operator=registered.operator, node_id=node_id,
+                ledger_id=self.address,
+            )  # fmt: skip
         self._transact(
             "admit_node",
             chain_id_of(node_id),
