@@ -14,7 +14,14 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from teeshard.attest.receipts import Receipt
-from teeshard.entry.billing import Billing, ChargeRequest, FreeBilling, Reservation, Settlement
+from teeshard.entry.billing import (
+    Billing,
+    BillingAPI,
+    ChargeRequest,
+    FreeBilling,
+    Reservation,
+    Settlement,
+)
 from teeshard.entry.errors import APIError
 from teeshard.entry.text import IncrementalDecoder, StopMatcher, TextCodec
 from teeshard.node.errors import NodeError
@@ -59,7 +66,7 @@ class Generator:
         billing: Billing | None = None,
     ) -> None:
         self.service = service
-        self.billing: Billing = billing or FreeBilling()
+        self.billing: Billing | BillingAPI = BillingAPI(billing) if billing else FreeBilling()
         self._releasing: set[asyncio.Future[None]] = set()  # keeps shielded releases alive
         self.codec = codec
         self.wire_dtype = wire_dtype
