@@ -12,7 +12,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from teeshard.ledger.interface import Ledger
+from teeshard.ledger.interface import Ledger, ReservationRecord
+from teeshard.ledger.keys import hash_api_key
 
 POSTGRES_ENV = "TEESHARD_TEST_POSTGRES_URL"
 
@@ -27,9 +28,33 @@ class World:
     entry: Ledger
     _counter: Iterator[int] = field(default_factory=itertools.count)
     _env: dict[str, str] = field(default_factory=dict)  # what a subprocess needs (keys)
+    keys: dict[str, str] = field(default_factory=dict)  # account -> its API key
+
+    @property
+    def sql(self) -> bool:
+        return self.name in ("sqlite", "postgres")
 
     def new_account(self, funds: int = 0) -> tuple[str, Ledger]:
+        """An account with funds and an API key (``keys``), and the ledger acting as it."""
+        account, ledger = self._new_account(funds)
+        key = f"tsk_{self.name}_{account}"
+        ledger.add_api_key(account, key)
+        self.keys[account] = key
+        return account, ledger
+
+    def _new_account(self, funds: int) -> tuple[str, Ledger]:
         raise NotImplementedError
+
+    def key_hash(self, account: str) -> str | None:
+        key = self.keys.get(account)
+        return hash_api_key(key) if key else None
+
+    def reserve(
+        self, ledger: Ledger, request_id: str, account: str, amount: int, **options: object
+    ) -> ReservationRecord:
+        """A reservation as an honest entry makes it: with the user's key hash."""
+        options.setdefault("key_hash", self.key_hash(account))
+        return ledger.reserve(request_id, account, amount, **options)  # type: ignore[arg-type]
 
     def stranger(self) -> Ledger:
         """An identity with no role at all."""
@@ -42,13 +67,16 @@ class World:
         """The entry node's identity in a new process incarnation."""
         raise NotImplementedError
 
+    def expire_leases(self) -> None:
+        raise NotImplementedError
+
     def subprocess_env(self) -> dict[str, str]:
         return dict(self._env)
 
 
 @dataclass
 class SqlWorld(World):
-    def new_account(self, funds: int = 0) -> tuple[str, Ledger]:
+    def _new_account(self, funds: int = 0) -> tuple[str, Ledger]:
         name = f"user{next(self._counter)}"
         self.owner.open_account(name)
         if funds:
@@ -65,6 +93,13 @@ class SqlWorld(World):
 
     def restarted_entry(self) -> Ledger:
         return self.owner.as_actor(self.entry.actor)  # type: ignore[attr-defined,no-any-return]
+
+    def expire_leases(self) -> None:
+        """Every entry process so far stops heartbeating and its lease runs out."""
+        import sqlalchemy as sa
+
+        with self.owner.engines.write.begin() as conn:  # type: ignore[attr-defined]
+            conn.execute(sa.text("UPDATE leases SET expires_at = 0"))
 
 
 def sql_world(name: str, url: str) -> SqlWorld:
@@ -107,7 +142,7 @@ class EvmWorld(World):
         self.chain.fund(key.address, 10**18)  # type: ignore[attr-defined]
         return key
 
-    def new_account(self, funds: int = 0) -> tuple[str, Ledger]:
+    def _new_account(self, funds: int = 0) -> tuple[str, Ledger]:
         key = self._key()
         ledger = self.owner.as_key(key)  # type: ignore[attr-defined]
         ledger.open_account(key.address)
@@ -125,6 +160,9 @@ class EvmWorld(World):
 
     def restarted_entry(self) -> Ledger:
         return self.owner.as_key(self.entry.key)  # type: ignore[attr-defined,no-any-return]
+
+    def expire_leases(self) -> None:
+        """On chain, recovery goes by holder and process (leases are the SQL ledger's)."""
 
 
 def evm_world(name: str, chain: object, rpc_url: str = "") -> EvmWorld:

@@ -112,6 +112,7 @@ def reserve(
     if max_tokens is not None:
         check_amount(max_tokens, "max_tokens")
     entry = require_entry(conn, actor, "reserve charges")
+    row = lock_account(conn, account)
     _check_authorisation(conn, account, key_hash)
     if idempotency_key is not None:
         previous = _by_idempotency_key(conn, account, idempotency_key)
@@ -122,7 +123,6 @@ def reserve(
     ).one_or_none()
     if existing is not None:
         return replayed(reservation_record(existing), actor, account, amount)
-    row = lock_account(conn, account)
     if entry.spend_limit is not None:
         spent = _spent(conn, actor, now() - entry.period_s)
         if spent + amount > entry.spend_limit:

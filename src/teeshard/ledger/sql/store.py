@@ -43,7 +43,7 @@ from teeshard.ledger.interface import (
     check_amount,
 )
 from teeshard.ledger.keys import hash_api_key
-from teeshard.ledger.sql import audit, charges
+from teeshard.ledger.sql import actors, audit, charges
 from teeshard.ledger.sql import pool as pool_ops
 from teeshard.ledger.sql.engine import Engines, make_engines, migrate
 from teeshard.ledger.sql.rows import (
@@ -166,6 +166,16 @@ class SqlLedger:
 
     def _ledger_id(self, conn: Connection) -> str:
         return get_meta(conn, "ledger_id") or ""
+
+    def add_actor_key(self, actor: str) -> str:
+        """A new key for ``actor`` at the ledger service (owner); shown once, stored hashed."""
+        with self._write() as conn:
+            self._require_owner(conn, "make actor keys")
+            return actors.add_actor_key(conn, actor)
+
+    def actor_for_key(self, key: str) -> str:
+        with self._read() as conn:
+            return actors.actor_for_key(conn, key)
 
     def ledger_id(self) -> str:
         """What operator claims name: this ledger's random id (made by migration 0002)."""
