@@ -336,8 +336,16 @@ class SqlLedger:
         *,
         receipts: Sequence[Receipt] = (),
     ) -> ReservationRecord:
-        with self._write() as conn:
-            return charges.settle(conn, self._actor, request_id, cost, served, receipts)
+        try:
+            with self._write() as conn:
+                return charges.settle(conn, self._actor, request_id, cost, served, receipts)
+        except BackendError as exc:
+            if isinstance(exc.__cause__, IntegrityError):  # a CHECK on the balances
+                raise InvalidAmount(
+                    f"settling {request_id!r} at {cost} would take the pool past its limit "
+                    f"({LIMIT - 1}); distribute first"
+                ) from None
+            raise
 
     def release(self, request_id: str) -> ReservationRecord:
         with self._write() as conn:
