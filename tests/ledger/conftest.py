@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from ledger_harness import (
+    ServiceWorld,
     World,
     anvil_path,
     evm_world,
@@ -30,7 +31,7 @@ from teeshard.attest import compute_manifest
 from teeshard.model.checkpoint import Checkpoint
 from teeshard.model.layer_range import LayerRange
 
-BACKENDS = ("sqlite", "postgres", "evm", "anvil")
+BACKENDS = ("sqlite", "postgres", "service", "evm", "anvil")
 
 
 def _free_port() -> int:
@@ -84,8 +85,32 @@ def make_world(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> 
     raise ValueError(backend)
 
 
+def service_world(tmp_path: Path) -> Iterator[World]:
+    """The SQLite ledger behind a real ledger service: owner and entry hold actor keys."""
+    from service_server import serving
+
+    from teeshard.ledger.remote import RemoteLedger
+    from teeshard.ledger.sql import SqlLedger
+
+    direct = SqlLedger.open(f"sqlite:///{tmp_path / 'ledger.db'}", "owner")
+    direct.authorize_entry("entry-1")
+    with serving(direct.engines) as base_url:
+        owner = RemoteLedger(base_url, direct.add_actor_key("owner"))
+        entry = RemoteLedger(base_url, direct.add_actor_key("entry-1"))
+        world = ServiceWorld("service", "", owner, entry, direct=direct, base_url=base_url)
+        try:
+            yield world
+        finally:
+            entry.close()
+            owner.close()
+    direct.close()
+
+
 @pytest.fixture(params=BACKENDS)
 def world(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[World]:
+    if request.param == "service":
+        yield from service_world(tmp_path)
+        return
     w = make_world(request.param, request, tmp_path)
     try:
         yield w

@@ -32,7 +32,8 @@ class World:
 
     @property
     def sql(self) -> bool:
-        return self.name in ("sqlite", "postgres")
+        """An SQL ledger behind it (directly, or through the ledger service)."""
+        return self.name in ("sqlite", "postgres", "service")
 
     def new_account(self, funds: int = 0) -> tuple[str, Ledger]:
         """An account with funds and an API key (``keys``), and the ledger acting as it."""
@@ -110,6 +111,44 @@ def sql_world(name: str, url: str) -> SqlWorld:
     world = SqlWorld(name, url, owner, owner.as_actor("entry-1"))
     world._env = {"TEESHARD_LEDGER_ACTOR": "entry-1"}
     return world
+
+
+@dataclass
+class ServiceWorld(World):
+    """The SQL ledger (SQLite) behind ``teeshard ledger serve``: every party holds a key."""
+
+    direct: object = None  # the owner's direct SqlLedger (to make keys, expire leases)
+    base_url: str = ""
+
+    def _remote(self, actor: str) -> Ledger:
+        from teeshard.ledger.remote import RemoteLedger
+
+        key = self.direct.add_actor_key(actor)  # type: ignore[attr-defined]
+        return RemoteLedger(self.base_url, key)
+
+    def _new_account(self, funds: int = 0) -> tuple[str, Ledger]:
+        name = f"user{next(self._counter)}"
+        self.owner.open_account(name)
+        if funds:
+            self.owner.deposit(name, funds)
+        return name, self._remote(name)
+
+    def stranger(self) -> Ledger:
+        return self._remote(f"stranger{next(self._counter)}")
+
+    def another_entry(self) -> Ledger:
+        name = f"entry{next(self._counter)}"
+        self.owner.authorize_entry(name)
+        return self._remote(name)
+
+    def restarted_entry(self) -> Ledger:
+        return self._remote(self.entry.actor)
+
+    def expire_leases(self) -> None:
+        import sqlalchemy as sa
+
+        with self.direct.engines.write.begin() as conn:  # type: ignore[attr-defined]
+            conn.execute(sa.text("UPDATE leases SET expires_at = 0"))
 
 
 def reset_postgres(url: str) -> None:
