@@ -19,6 +19,13 @@ POSTGRES_ENV = "TEESHARD_TEST_POSTGRES_URL"
 
 
 @dataclass
+class ClaimRoute:
+    """Who the real node says operates it (``teeshard node --operator``); tests set it."""
+
+    operator: str | None = None
+
+
+@dataclass
 class World:
     """One fresh ledger and the identities a test needs."""
 

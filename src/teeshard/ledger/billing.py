@@ -158,7 +158,7 @@ class LedgerBilling:
         free_for_operators: bool = True,
         max_workers: int = 16,
         outbox: Outbox | None = None,
-        maintenance_s: float | None = MAINTENANCE_S,
+        maintenance_s: float | None = None,  # billing_from_url: MAINTENANCE_S
     ) -> None:
         self.ledger = ledger
         self.pricing = pricing or Pricing()
@@ -408,7 +408,11 @@ def billing_from_url(
         name = "".join(c if c.isalnum() or c in "-_." else "_" for c in ledger.actor)
         outbox = ledger_home() / f"outbox-{name}.sqlite"
     billing = LedgerBilling(
-        ledger, pricing, free_for_operators=free_for_operators, outbox=Outbox(outbox)
+        ledger,
+        pricing,
+        free_for_operators=free_for_operators,
+        outbox=Outbox(outbox),
+        maintenance_s=MAINTENANCE_S,
     )
     billing.flush()
     if recover:
