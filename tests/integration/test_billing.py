@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from teeshard.ledger.claims import AttestedNode, sign_claim
 from teeshard.ledger.interface import NodeInfo
 from teeshard.ledger.sql import SqlLedger
 from tests.checkpoints import TinyModel
@@ -60,10 +62,14 @@ def market(tiny_llama: TinyModel, tmp_path_factory: pytest.TempPathFactory) -> I
         downstream = cluster.nodes[1]
         node_id = downstream.config.resolved_node_id
         manifest = downstream.get("/health").json()["attestation"]["manifest_hash"]
+        # carol's node signs claims naming carol (``teeshard node --operator carol``)
+        assert downstream.node is not None
+        identity = downstream.node.trust.attestation.identity
+        claim = sign_claim(identity, "carol", node_id, owner.ledger_id(), os.urandom(32))
         owner.as_actor("carol").register_node(
-            NodeInfo(node_id, downstream.http_url, manifest, "tiny", "2:4")
+            NodeInfo(node_id, downstream.http_url, manifest, "tiny", "2:4"), claim=claim
         )
-        owner.admit_node(node_id, manifest)
+        owner.admit_node(node_id, manifest, attested=AttestedNode(downstream.http_url, claim))
         yield Market(cluster, owner, node_id)
     owner.close()
 
@@ -94,6 +100,7 @@ def test_no_balance_is_402_before_anything_runs(market: Market) -> None:
 def test_a_paid_request_is_charged_what_it_used_and_credits_the_chain(market: Market) -> None:
     before = market.owner.balance("alice").available
     served_before = {n.node_id: n.served_tokens for n in market.owner.nodes()}[market.downstream_id]
+    earned_before = {n.node_id: n.earned for n in market.owner.nodes()}[market.downstream_id]
     response = market.chat("tsk_alice")
     assert response.status_code == 200, response.text
     usage = response.json()["usage"]
@@ -103,6 +110,9 @@ def test_a_paid_request_is_charged_what_it_used_and_credits_the_chain(market: Ma
     assert after.reserved == 0  # the rest of the reservation was released
     served = {n.node_id: n.served_tokens for n in market.owner.nodes()}[market.downstream_id]
     assert served - served_before == usage["total_tokens"]
+    # its signed receipt earns it the share of the cost of its layers: 2:4 of 4
+    earned = {n.node_id: n.earned for n in market.owner.nodes()}[market.downstream_id]
+    assert earned - earned_before == usage["cost"] // 2
     assert market.owner.check().ok
 
 

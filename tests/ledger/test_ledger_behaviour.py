@@ -30,7 +30,7 @@ HASH_B = "b" * 64
 
 def admitted_node(world: World, node_id: str = "node-a", manifest: str = HASH_A):  # type: ignore[no-untyped-def]
     """A node serving the whole model (layers 0:2), registered and admitted with its claim."""
-    operator, as_operator, node = admitted(world, node_id, manifest, "0:2")
+    operator, as_operator, _ = admitted(world, node_id, manifest, "0:2")
     return operator, as_operator
 
 

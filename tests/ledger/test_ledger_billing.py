@@ -28,7 +28,11 @@ def customer(world: World, funds: int, key: str) -> str:
 
 
 def charge(
-    key: str | None, prompt: int = 10, max_tokens: int = 20, rid: str = "g1", idem: str | None = None
+    key: str | None,
+    prompt: int = 10,
+    max_tokens: int = 20,
+    rid: str = "g1",
+    idem: str | None = None,
 ) -> ChargeRequest:
     return ChargeRequest(rid, key, "tiny", prompt, max_tokens, idempotency_key=idem)
 

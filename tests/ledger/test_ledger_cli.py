@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 from ledger_harness import ClaimRoute, anvil_path
-from trust_kit import KitNode, chain, entry_stage
 from tests.cluster import RunningNode
+from trust_kit import KitNode, chain, entry_stage
 
 from teeshard.cli import main
 from teeshard.ledger.anvil import DEV_KEY

@@ -174,7 +174,7 @@ def test_a_node_is_credited_once_per_request(world: World) -> None:
     account, _ = world.new_account(funds=1000)
     world.reserve(world.entry, "r3", account, 100)
     second = KitNode("x", HASH, LayerRange(1, 2), identity=node.identity)
-    with pytest.raises(UnverifiedWork, match="twice|differ"):
+    with pytest.raises(UnverifiedWork, match=r"twice|differ"):
         world.entry.settle("r3", 100, {"twice": 5}, receipts=chain("r3", [node, second]))
 
 

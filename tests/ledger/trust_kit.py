@@ -71,10 +71,15 @@ def chain(request_id: str, stages: Sequence[KitNode]) -> list[Receipt]:
         sent = hashlib.sha256(data + bytes([index])).digest()
         receipts.append(
             sign_receipt(
-                stage.identity, request_id=request_id, stage=index, layers=stage.layers,
-                manifest_hash=bytes.fromhex(stage.manifest), received_sha256=data,
-                sent_sha256=sent, previous=receipts[-1] if receipts else None,
-            )  # fmt: skip
+                stage.identity,
+                request_id=request_id,
+                stage=index,
+                layers=stage.layers,
+                manifest_hash=bytes.fromhex(stage.manifest),
+                received_sha256=data,
+                sent_sha256=sent,
+                previous=receipts[-1] if receipts else None,
+            )
         )
         data = sent
     return receipts

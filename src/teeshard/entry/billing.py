@@ -3,8 +3,8 @@
 ``Billing`` is what the generation loop calls; ``teeshard.ledger.billing.LedgerBilling``
 implements it over any ledger and raises ledger errors, and ``BillingAPI`` wraps it
 so that those errors leave as HTTP API errors (401 no or unknown key, 402 no
-balance, 503 ledger unavailable, 500 otherwise). ``FreeBilling`` is the default
-when no ledger is configured: every request is allowed and nothing is recorded.
+balance, 503 ledger unavailable, 500 otherwise). With no ledger configured the
+generation loop has no billing at all: every request is free and nothing is recorded.
 
 Contract for implementations:
 - ``reserve`` returns a ``Reservation`` holding the most the request can cost;
@@ -17,10 +17,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
+from teeshard.attest.receipts import Receipt
 from teeshard.entry.errors import APIError
 from teeshard.ledger.billing import (
     BillingError,
     ChargeRequest,
+    IdempotentReplay,
     InvalidKey,
     LedgerUnavailable,
     MissingKey,
@@ -34,7 +36,6 @@ __all__ = [
     "Billing",
     "BillingAPI",
     "ChargeRequest",
-    "FreeBilling",
     "Reservation",
     "Settlement",
     "api_error_for",
@@ -52,30 +53,10 @@ class Billing(Protocol):
         served_by: Sequence[str],
         *,
         completion_chars: int | None = None,  # for per-character pricing
+        receipts: Sequence[Receipt] = (),  # the stages' signed receipts: what credits work
     ) -> Settlement: ...
 
     async def release(self, reservation: Reservation) -> None: ...
-
-
-class FreeBilling:
-    """No ledger: every request is free and nothing is recorded."""
-
-    async def reserve(self, request: ChargeRequest) -> Reservation:
-        return Reservation(request.request_id, None, 0)
-
-    async def settle(
-        self,
-        reservation: Reservation,
-        prompt_tokens: int,
-        completion_tokens: int,
-        served_by: Sequence[str],
-        *,
-        completion_chars: int | None = None,
-    ) -> Settlement:
-        return Settlement(reservation.request_id, prompt_tokens, completion_tokens, 0)
-
-    async def release(self, reservation: Reservation) -> None:
-        return None
 
 
 _STATUS: tuple[tuple[type[BillingError], int], ...] = (
@@ -83,6 +64,7 @@ _STATUS: tuple[tuple[type[BillingError], int], ...] = (
     (InvalidKey, 401),
     (PaymentRequired, 402),
     (LedgerUnavailable, 503),
+    (IdempotentReplay, 409),
 )
 
 
@@ -116,6 +98,7 @@ class BillingAPI:
         served_by: Sequence[str],
         *,
         completion_chars: int | None = None,
+        receipts: Sequence[Receipt] = (),
     ) -> Settlement:
         try:
             return await self.billing.settle(
@@ -124,6 +107,7 @@ class BillingAPI:
                 completion_tokens,
                 served_by,
                 completion_chars=completion_chars,
+                receipts=receipts,
             )
         except LedgerError as exc:
             raise api_error_for(exc) from None

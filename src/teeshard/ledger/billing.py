@@ -164,7 +164,7 @@ class LedgerBilling:
         self.pricing = pricing or Pricing()
         self.free_for_operators = free_for_operators
         self.outbox = outbox or Outbox()
-        self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="ledger")
+        self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="ledger")
         self._pending: dict[str, _Pending] = {}
         self._admitted: frozenset[str] = frozenset()
         self._admitted_at = 0.0
@@ -177,7 +177,7 @@ class LedgerBilling:
             self._thread.start()
 
     async def _run(self, fn: Callable[..., T], *args: object) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     def recover(self, older_than_s: float | None = None) -> list[str]:
         """Release what processes of this entry whose lease expired left reserved."""
@@ -218,7 +218,7 @@ class LedgerBilling:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        self._pool.shutdown(wait=True)
+        self._executor.shutdown(wait=True)
         self.flush()
         self.outbox.close()
         self.ledger.close()
