@@ -24,6 +24,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 from teeshard.ledger.interface import Ledger
+from teeshard.paths import data_dir
 
 DEFAULT_URL = "sqlite:///.teeshard/ledger.db"
 ACTOR_ENV = "TEESHARD_LEDGER_ACTOR"
@@ -34,12 +35,9 @@ def default_url() -> str:
     return os.environ.get(URL_ENV) or DEFAULT_URL
 
 
-HOME_ENV = "TEESHARD_HOME"
-
-
 def ledger_home() -> Path:
-    """Where the ledger's local files live (entry outboxes): ``$TEESHARD_HOME`` or ~/.teeshard."""
-    return Path(os.environ.get(HOME_ENV) or Path.home() / ".teeshard")
+    """Where the ledger's local files live (entry outboxes): ``teeshard.paths.data_dir()``."""
+    return data_dir()
 
 
 def default_actor() -> str | None:
