@@ -7,6 +7,7 @@ that spoils a real node's answer.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -17,8 +18,10 @@ from attestation_server import relay
 from ledger_harness import ClaimRoute, World
 from tests.checkpoints import TinyModel, build_tiny_model
 from tests.cluster import LocalCluster, RunningNode
+from trust_kit import KitNode
 
 from teeshard.attest import Policy
+from teeshard.ledger.interface import NodeInfo
 from teeshard.ledger.registration import (
     INSECURE_NOTE,
     AttestVerifier,
@@ -30,6 +33,7 @@ from teeshard.ledger.registration import (
     default_node_id,
     default_verifier,
     register_from_url,
+    renew_admissions,
 )
 from teeshard.model.layer_range import LayerRange
 
@@ -220,3 +224,29 @@ def test_the_hook_takes_any_bundle_verifier(
 )
 def test_the_default_node_id_is_host_and_port(url: str, node_id: str) -> None:
     assert default_node_id(url) == node_id
+
+
+def test_admissions_are_renewed_by_attesting_again(
+    world: World,
+    real_node: RunningNode,
+    node_manifest: str,
+    verifier: AttestVerifier,
+    claims: ClaimRoute,
+) -> None:
+    if not world.sql:
+        pytest.skip("admission epochs are the SQL ledger's (on chain: issue 9 item 8)")
+    world.owner.set_admission_epoch(1.0)  # type: ignore[attr-defined]
+    expected = ExpectedShards.of([node_manifest])
+    claims.operator, as_operator = world.new_account()
+    register_from_url(as_operator, real_node.http_url, expected, verifier)
+    gone = world.new_account()[1]  # a node that stops answering is not renewed
+    dead = KitNode("127.0.0.1:9", node_manifest, LayerRange(2, 4))
+    info = NodeInfo(dead.node_id, "http://127.0.0.1:9", node_manifest, "tiny", "2:4")
+    gone.register_node(info, claim=dead.claim(gone.actor, gone))
+    first = renew_admissions(world.entry, expected, verifier)
+    assert first.renewed == (real_node.config.resolved_node_id,)
+    assert list(first.refused) == ["127.0.0.1:9"]
+    time.sleep(1.1)
+    assert not world.entry.is_operator(claims.operator)  # the epoch ran out
+    assert renew_admissions(world.entry, expected, verifier).renewed == first.renewed
+    assert world.entry.is_operator(claims.operator)

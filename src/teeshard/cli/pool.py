@@ -18,6 +18,7 @@ from teeshard.ledger.registration import (
     admit_from_url,
     default_verifier,
     register_from_url,
+    renew_admissions,
 )
 
 
@@ -51,6 +52,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         )
         p.add_argument("--node-id", default=None, help="the node's id (default: URL host:port)")
         add_policy_options(p)
+    p = sub("readmit", "attest every registered node again: admit it for another epoch", readmit)
+    p.add_argument("--expected", default=None, help="as for admit")
+    p.add_argument("--expected-hash", action="append", default=[], help="as for admit")
+    add_policy_options(p)
     p = sub("edit", "change a node's URL or manifest hash (its operator)", edit_node)
     p.add_argument("node_id")
     p.add_argument("--url", default=None)
@@ -130,6 +135,17 @@ def admit_node(args: argparse.Namespace, ledger: Ledger) -> int:
     record = admit_from_url(ledger, args.url, expected, verifier, node_id=args.node_id)
     print(f"admitted node {record.node_id}")
     return 0
+
+
+@ledger_command
+def readmit(args: argparse.Namespace, ledger: Ledger) -> int:
+    expected, verifier = _checks(args)
+    result = renew_admissions(ledger, expected, verifier)
+    for node_id in result.renewed:
+        print(f"admitted node {node_id} for another epoch")
+    for node_id, reason in sorted(result.refused.items()):
+        print(f"not renewed: {node_id}: {reason}")
+    return 0 if not result.refused else 1
 
 
 @ledger_command

@@ -46,6 +46,7 @@ from teeshard.ledger.interface import (
     Ledger,
     LedgerError,
     ReservationState,
+    SpendLimitExceeded,
     UnknownAccount,
     UnknownNode,
     served_map,
@@ -381,6 +382,10 @@ def _unavailable(exc: LedgerError) -> LedgerError:
     """A store or chain failure becomes ``LedgerUnavailable``; other errors stay as they are."""
     if isinstance(exc, BackendError):
         return LedgerUnavailable("the ledger is unavailable; try again")
+    if isinstance(exc, SpendLimitExceeded):  # this entry's limit, not the caller's fault
+        return LedgerUnavailable(
+            "this entry node has reached its spend limit for now; try again later"
+        )
     return exc
 
 

@@ -201,7 +201,7 @@ def fetch_bundle(url: str, nonce: bytes, timeout_s: float = 15.0) -> Mapping[str
     shown = endpoint.partition("?")[0]  # messages name the endpoint, not our nonce
     try:
         response = httpx.get(endpoint, timeout=timeout_s, verify=False)
-    except httpx.HTTPError as exc:
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:
         raise RegistrationRefused(
             f"could not fetch the attestation bundle from {shown}: {exc}"
         ) from None
@@ -244,7 +244,7 @@ def fetch_claim(url: str, nonce: bytes, ledger_id: str, timeout_s: float = 15.0)
             endpoint, params={"nonce": nonce.hex(), "ledger": ledger_id},
             timeout=timeout_s, verify=False,
         )  # fmt: skip
-    except httpx.HTTPError as exc:
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:
         raise RegistrationRefused(
             f"could not fetch the operator claim from {endpoint}: {exc}"
         ) from None
@@ -332,3 +332,30 @@ def register_from_url(
     except Unauthorized:
         return Registered(record, verified, admitted=False)  # an entry node admits it later
     return Registered(record, verified, admitted=True)
+
+
+@dataclass(frozen=True)
+class Renewal:
+    renewed: tuple[str, ...]  # node ids admitted for another epoch
+    refused: Mapping[str, str] = field(default_factory=dict)  # node id -> why not
+
+
+def renew_admissions(
+    ledger: Ledger, expected: ExpectedShards, verifier: BundleVerifier | None = None
+) -> Renewal:
+    """Attest every registered node again and admit it for another epoch (an entry node's job).
+
+    Run it more often than the admission epoch (``teeshard pool readmit`` does it
+    once): a node that is gone, or no longer verifies, is simply not renewed, and
+    its admission, with its operator's free use, lapses at the end of the epoch.
+    """
+    renewed: list[str] = []
+    refused: dict[str, str] = {}
+    for node in ledger.nodes():
+        try:
+            admit_from_url(ledger, node.url, expected, verifier, node_id=node.node_id)
+        except RegistrationRefused as exc:
+            refused[node.node_id] = str(exc)
+        else:
+            renewed.append(node.node_id)
+    return Renewal(tuple(renewed), refused)
