@@ -36,7 +36,7 @@ from teeshard.entry.protocol import (
     _Request,
     now,
 )
-from teeshard.model.sampling import SamplingParams
+from teeshard.model.sampling import SamplingParams, session_seed
 
 Event = dict[str, Any]
 
@@ -146,9 +146,13 @@ class OpenAIServing:
             temperature=request.temperature,
             top_p=request.top_p,
             top_k=request.top_k,
-            seed=request.seed,
+            # always a seed: the draws are then a function of it and the position, so a
+            # session rebuilt on other nodes samples what the first one would have
+            seed=session_seed(SamplingParams(seed=request.seed)),
         )
-        params = GenerationParams(budget, sampling, tuple(request.stop_list), prompt_chars)
+        params = GenerationParams(
+            budget, sampling, tuple(request.stop_list), prompt_chars, request.ignore_eos
+        )
         generation = await self.generations.start(
             prompt_ids, params, caller.api_key, caller.body_digest
         )
@@ -170,11 +174,13 @@ class OpenAIServing:
         self, request: CompletionRequest, caller: Caller
     ) -> JSONResponse | StreamingResponse:
         self._check_model(request.model)
-        prompt_ids = self.codec.completion_prompt(request.prompt_text)
+        token_ids = request.prompt_token_ids
+        text = self.codec.decode(token_ids) if token_ids is not None else request.prompt_text
+        prompt_ids = token_ids or self.codec.completion_prompt(text)
         prepared = await self._prepare(
-            request, prompt_ids, request.requested_max_tokens, caller, len(request.prompt_text)
+            request, prompt_ids, request.requested_max_tokens, caller, len(text)
         )
-        prefix = request.prompt_text if request.echo else ""
+        prefix = text if request.echo else ""
         return await self._respond(
             prepared, COMPLETION, request.stream, request.include_usage, prefix
         )

@@ -43,7 +43,10 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.loop = asyncio.get_running_loop()  # for in-process callers on other threads
-        tasks = [asyncio.create_task(_evict_idle(service))]
+        tasks = [
+            asyncio.create_task(_evict_idle(service)),
+            asyncio.create_task(trust.attestation.keep_fresh()),  # re-key, re-quote before expiry
+        ]
         if service.next_hop is not None:
             tasks.append(asyncio.create_task(service.next_hop.keep_connected()))
         try:
@@ -86,7 +89,7 @@ def create_app(
     if serving is not None:
         app.state.serving = serving
         attach_router(app, serving)
-        attach_sealed_router(app, lambda: trust.attestation.identity)  # follows a re-key
+        attach_sealed_router(app, trust.attestation.identities)  # newest first: follows a re-key
     return app
 
 
