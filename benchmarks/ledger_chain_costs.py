@@ -3,6 +3,7 @@ that compare today's per-request EVM path with epoch settlement (see that script
 
 from __future__ import annotations
 
+import os
 import random
 import socket
 import statistics
@@ -14,11 +15,14 @@ from pathlib import Path
 
 from eth_account.signers.local import LocalAccount
 
+from teeshard.attest.identity import NodeIdentity
+from teeshard.ledger.claims import AttestedNode, sign_claim
 from teeshard.ledger.evm import Chain, EvmLedger
 from teeshard.ledger.evm.chain import new_key
 from teeshard.ledger.evm.contract import chain_id_of
 from teeshard.ledger.evm.settlement import EpochSettler, claim, deposit_escrow
 from teeshard.ledger.interface import Ledger, NodeInfo
+from teeshard.ledger.keys import hash_api_key
 
 COST = 20  # tokens a request costs (settled); 30 reserved
 HASH = "f" * 64
@@ -141,7 +145,11 @@ def _free_port() -> int:
 
 
 def _timed(
-    entry: Ledger, account: str, samples: int, block_time_s: float = 0.0
+    entry: Ledger,
+    account: str,
+    samples: int,
+    block_time_s: float = 0.0,
+    key_hash: str | None = None,  # the user's authorisation (the SQL ledger checks it)
 ) -> tuple[list[float], list[float]]:
     """Reserve and settle ``samples`` requests, each arriving at a random moment of a block."""
     reserve, settle = [], []
@@ -150,7 +158,7 @@ def _timed(
         time.sleep(rng.uniform(0, block_time_s))
         rid = _request_id()
         start = time.perf_counter()
-        entry.reserve(rid, account, 30)
+        entry.reserve(rid, account, 30, key_hash=key_hash)
         reserve.append(time.perf_counter() - start)
         start = time.perf_counter()
         entry.settle(rid, COST, {"node-0": 64})
@@ -188,12 +196,16 @@ def measure_latency(root: Path, samples: int) -> list[LatencyRow]:
         for name in ("customer", "operator"):
             sql.open_account(name)
         sql.deposit("customer", 10**6)
-        sql.as_actor("operator").register_node(NodeInfo("node-0", "http://n:0", HASH))
-        sql.admit_node("node-0", HASH)
+        sql.add_api_key("customer", "tsk_customer")
+        # node-0's attested key claims it for its operator (teeshard.ledger.claims)
+        node_claim = sign_claim(NodeIdentity.generate(), "operator", "node-0", sql.ledger_id(),
+                                os.urandom(32))  # fmt: skip
+        info = NodeInfo("node-0", "http://n:0", HASH)
+        sql.as_actor("operator").register_node(info, claim=node_claim)
+        sql.admit_node("node-0", HASH, attested=AttestedNode(info.url, node_claim))
         sql.authorize_entry("entry")
-        rows.append(
-            _row("sqlite (epoch settlement)", *_timed(sql.as_actor("entry"), "customer", 50))
-        )
+        timed = _timed(sql.as_actor("entry"), "customer", 50, key_hash=hash_api_key("tsk_customer"))
+        rows.append(_row("sqlite (epoch settlement)", *timed))
         sql.close()
         binary = anvil.find_anvil(root)
         if binary is None:

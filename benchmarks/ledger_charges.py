@@ -27,6 +27,7 @@ Prints tables and writes benchmarks/results/ledger_charges.json.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -40,7 +41,12 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from teeshard.attest.identity import NodeIdentity
+from teeshard.attest.receipts import Receipt, sign_receipt
+from teeshard.ledger.claims import AttestedNode, sign_claim
 from teeshard.ledger.interface import Ledger, NodeInfo
+from teeshard.ledger.keys import hash_api_key
+from teeshard.model.layer_range import LayerRange
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ledger_chain_costs import GasReport, LatencyRow, measure_gas, measure_latency
@@ -55,6 +61,30 @@ class Setup:
     entries: list[Ledger]  # authorised entry nodes, one per thread
     account: str
     close: Callable[[], None]
+    key_hash: str | None = None  # the customer's authorisation (SQL checks it)
+    node: NodeIdentity | None = None  # node-1's attested key: its receipts credit its work
+
+
+NODE_LAYERS = LayerRange(0, 2)  # node-1 serves the whole (two-layer) model
+
+
+def _register(owner: Ledger, as_operator: Ledger, operator: str) -> NodeIdentity:
+    """node-1, registered and admitted with the claim its attested key signs."""
+    node = NodeIdentity.generate()
+    info = NodeInfo("node-1", "http://n:1", "f" * 64, "m", str(NODE_LAYERS))
+    claim = sign_claim(node, operator, "node-1", owner.ledger_id(), os.urandom(32))
+    as_operator.register_node(info, claim=claim)
+    owner.admit_node("node-1", "f" * 64, attested=AttestedNode(info.url, claim))
+    return node
+
+
+def _receipts(node: NodeIdentity | None, request_id: str) -> list[Receipt]:
+    if node is None:
+        return []
+    digest = hashlib.sha256(request_id.encode()).digest()
+    return [sign_receipt(node, request_id=request_id, stage=0, layers=NODE_LAYERS,
+                         manifest_hash=b"\xff" * 32, received_sha256=digest,
+                         sent_sha256=digest, previous=None)]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -74,13 +104,13 @@ def _sql(url: str, threads: int, funds: int) -> Setup:
     for name in ("customer", "operator"):
         owner.open_account(name)
     owner.deposit("customer", funds)
-    owner.as_actor("operator").register_node(NodeInfo("node-1", "http://n:1", "f" * 64))
-    owner.admit_node("node-1", "f" * 64)
+    owner.add_api_key("customer", "tsk_customer")
+    node = _register(owner, owner.as_actor("operator"), "operator")
     entries = []
     for i in range(threads):
         owner.authorize_entry(f"entry-{i}")
         entries.append(owner.as_actor(f"entry-{i}"))
-    return Setup(entries, "customer", owner.close)
+    return Setup(entries, "customer", owner.close, hash_api_key("tsk_customer"), node)
 
 
 def _evm(chain: object, threads: int, funds: int) -> Setup:
@@ -97,8 +127,7 @@ def _evm(chain: object, threads: int, funds: int) -> Setup:
     owner.deposit(customer.address, funds)
     as_operator = owner.as_key(operator)
     as_operator.open_account(operator.address)
-    as_operator.register_node(NodeInfo("node-1", "http://n:1", "f" * 64))
-    owner.admit_node("node-1", "f" * 64)
+    _register(owner, as_operator, operator.address)
     entries = []
     for key in entry_keys:
         owner.authorize_entry(key.address)
@@ -160,8 +189,8 @@ def run_charges(setup: Setup, charges: int, threads: int, tag: str) -> float:
     def one(i: int) -> None:
         ledger = setup.entries[i % threads]
         request_id = f"{tag}-{i}"
-        ledger.reserve(request_id, setup.account, 30)
-        ledger.settle(request_id, 20, {"node-1": 64})
+        ledger.reserve(request_id, setup.account, 30, key_hash=setup.key_hash, max_tokens=64)
+        ledger.settle(request_id, 20, {"node-1": 64}, receipts=_receipts(setup.node, request_id))
 
     start = time.perf_counter()
     if threads == 1:

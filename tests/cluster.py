@@ -128,6 +128,8 @@ class LocalCluster:
     number_format: NumberFormat = field(default_factory=NumberFormat)
     # a policy file to use instead of the one computed for number_format
     policy_path: Path | None = None
+    # node index -> extra NodeConfig fields for that node (its operator, say)
+    node_options: dict[int, dict[str, object]] = field(default_factory=dict)
     nodes: list[RunningNode] = field(default_factory=list)
 
     @property
@@ -183,6 +185,8 @@ class LocalCluster:
         ]
         if self.entry_options:
             configs[0] = replace(configs[0], **self.entry_options)  # type: ignore[arg-type]
+        for index, options in self.node_options.items():
+            configs[index] = replace(configs[index], **options)  # type: ignore[arg-type]
         return configs
 
     def __enter__(self) -> LocalCluster:

@@ -43,10 +43,12 @@ Event = dict[str, Any]
 
 @dataclass(frozen=True)
 class Caller:
-    """Who asked, and exactly what: the bearer key and the SHA-256 of the request body."""
+    """Who asked, and exactly what: the bearer key, the SHA-256 of the request body, and
+    the client's ``Idempotency-Key`` (a retry with the same key is not charged twice)."""
 
     api_key: str | None = None
     body_digest: bytes | None = None
+    idempotency_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -154,7 +156,7 @@ class OpenAIServing:
             budget, sampling, tuple(request.stop_list), prompt_chars, request.ignore_eos
         )
         generation = await self.generations.start(
-            prompt_ids, params, caller.api_key, caller.body_digest
+            prompt_ids, params, caller.api_key, caller.body_digest, caller.idempotency_key
         )
         return Prepared(prompt_ids, params, generation)
 
@@ -192,7 +194,7 @@ class OpenAIServing:
         sampling = SamplingParams(temperature=request.temperature)
         params = GenerationParams(budget, sampling, prompt_chars=len(request.prompt))
         generation = await self.generations.start(
-            prompt_ids, params, caller.api_key, caller.body_digest
+            prompt_ids, params, caller.api_key, caller.body_digest, caller.idempotency_key
         )
         text = await self._collect(Prepared(prompt_ids, params, generation))
         return _with_receipts({"output": text, "usage": _usage(generation)}, generation)

@@ -18,10 +18,11 @@ recommended path charges in the SQL ledger and settles on chain once an epoch
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from eth_account.signers.local import LocalAccount
 
+from teeshard.attest.receipts import Receipt
 from teeshard.ledger.evm import events
 from teeshard.ledger.evm.chain import Chain
 from teeshard.ledger.evm.contract import LOG_PAGE_BLOCKS, chain_id_of
@@ -35,6 +36,7 @@ from teeshard.ledger.interface import (
     InvalidAmount,
     JournalEntry,
     LedgerError,
+    NotSupported,
     ReservationClosed,
     ReservationRecord,
     ReservationState,
@@ -175,7 +177,26 @@ class EvmLedger(NodePool, Roles):
             raise UnknownRequest(f"no reservation for request {request_id!r}")
         return record
 
-    def reserve(self, request_id: str, account: str, amount: int) -> ReservationRecord:
+    def ledger_id(self) -> str:
+        """Operator claims name the contract."""
+        return str(self.address)
+
+    def heartbeat(self) -> None:
+        """Leases are the SQL ledger's, where per-request charging belongs (issue 9, item 7)."""
+
+    def open_reservations(self, older_than_s: float = 0.0) -> list[ReservationRecord]:
+        raise NotSupported("listing open reservations on chain: see `teeshard ledger recover`")
+
+    def reserve(
+        self,
+        request_id: str,
+        account: str,
+        amount: int,
+        *,
+        key_hash: str | None = None,  # on chain the user's signature authorises (item 7)
+        max_tokens: int | None = None,
+        idempotency_key: str | None = None,
+    ) -> ReservationRecord:
         check_request_id(request_id)
         check_amount(amount, "reservation")
         address = self._address(account)
@@ -218,7 +239,14 @@ class EvmLedger(NodePool, Roles):
         self._mine.add(request_id)
         return self.reservation(request_id)
 
-    def settle(self, request_id: str, cost: int, served: Mapping[str, int]) -> ReservationRecord:
+    def settle(
+        self,
+        request_id: str,
+        cost: int,
+        served: Mapping[str, int],
+        *,
+        receipts: Sequence[Receipt] = (),  # verified by the SQL ledger, which charges per request
+    ) -> ReservationRecord:
         if isinstance(cost, bool) or not isinstance(cost, int) or cost < 0:
             raise InvalidAmount(f"cost must be a non-negative integer, got {cost!r}")
         served = check_tokens(served)

@@ -9,9 +9,11 @@ holds and loses it after the timeout, and honest operators always find room.
 
 from __future__ import annotations
 
+from teeshard.ledger.claims import AttestedNode, OperatorClaim, verify_claim
 from teeshard.ledger.evm import events
 from teeshard.ledger.evm.contract import ContractClient, chain_id_of
 from teeshard.ledger.interface import (
+    ClaimRefused,
     Distribution,
     InvalidAmount,
     JournalEntry,
@@ -49,8 +51,10 @@ class NodePool(ContractClient):
             raise UnknownNode(f"no registered node {node_id!r}")
         return record
 
-    def register_node(self, node: NodeInfo) -> NodeRecord:
+    def register_node(self, node: NodeInfo, *, claim: OperatorClaim | None = None) -> NodeRecord:
         node = check_node_info(node)
+        if claim is not None:  # the contract cannot check P-256 signatures; this client does
+            verify_claim(claim, operator=self.actor, node_id=node.node_id, ledger_id=self.address)
         bond = int(self._call("registration_bond"))
         self._transact(
             "register_node",
@@ -71,9 +75,20 @@ class NodePool(ContractClient):
         )
         return self._require_node(node.node_id)
 
-    def admit_node(self, node_id: str, manifest_hash: str) -> NodeRecord:
+    def admit_node(
+        self, node_id: str, manifest_hash: str, *, attested: AttestedNode | None = None
+    ) -> NodeRecord:
         manifest_hash = check_manifest_hash(manifest_hash)
         registered = self._require_node(node_id)
+        if attested is not None:  # the admitting entry node checks the claim, off chain
+            if attested.url.rstrip("/") != registered.url.rstrip("/"):
+                raise ClaimRefused(
+                    f"the URL verified ({attested.url}) is not the registered {registered.url}"
+                )
+            verify_claim(
+                attested.claim, operator=registered.operator, node_id=node_id,
+                ledger_id=self.address,
+            )  # fmt: skip
         self._transact(
             "admit_node",
             chain_id_of(node_id),

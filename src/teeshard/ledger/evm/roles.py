@@ -7,6 +7,7 @@ Every change here is the owner's (``unauthorized`` otherwise), except
 from __future__ import annotations
 
 from teeshard.ledger.evm.contract import ContractClient
+from teeshard.ledger.interface import NotSupported
 
 _OWNER_ONLY = {"unauthorized": "only the contract owner may change roles and settings"}
 
@@ -19,7 +20,11 @@ class Roles(ContractClient):
         pending = str(self._call("pending_owner"))
         return None if int(pending, 16) == 0 else pending
 
-    def authorize_entry(self, entry: str) -> None:
+    def authorize_entry(
+        self, entry: str, *, spend_limit: int | None = None, period_s: float = 86400.0
+    ) -> None:
+        if spend_limit is not None:
+            raise NotSupported("spend limits are the SQL ledger's, which charges per request")
         address = self._address(entry)
         self._transact(
             "authorize_entry",
