@@ -98,6 +98,7 @@ def load_shard(
             f"checkpoint {checkpoint.dir} lacks weights for: {', '.join(missing[:5])}"
         )
     shard.load_state_dict(state, strict=True, assign=True)
+    state.clear()  # the shard holds the only reference: repacking frees each weight it replaces
     shard.eval()
     shard.requires_grad_(False)
     shard.number_format, shard.compute_dtype = fmt, fmt.torch_dtype
