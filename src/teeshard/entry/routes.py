@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import hashlib
-from importlib import resources
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from teeshard.entry.errors import APIError
@@ -39,10 +38,6 @@ def build_router(serving: OpenAIServing) -> APIRouter:
     @router.post("/generate", response_model=None)
     async def generate(body: GenerateRequest, request: Request) -> Response:
         return await serving.generate(body, await caller_of(request))
-
-    @router.get("/", response_class=HTMLResponse, include_in_schema=False)
-    async def web_page() -> str:
-        return resources.files("teeshard.entry").joinpath("static/index.html").read_text()
 
     return router
 

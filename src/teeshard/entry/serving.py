@@ -282,6 +282,7 @@ def _receipt_fields(body: Event, generation: Generation) -> Event:
         **body,
         RECEIPTS_FIELD: [r.to_json() for r in generation.receipts],
         "receipt_digest": chain_digest(generation.receipts).hex(),
+        "served_by": list(generation.served_by),  # node ids of the stages, as the entry knows them
     }
 
 

@@ -12,6 +12,7 @@ import psutil
 from fastapi import FastAPI, WebSocket
 from fastapi.responses import PlainTextResponse
 
+from teeshard.entry.console_api import build_console_router
 from teeshard.entry.routes import build_router, install_error_handlers
 from teeshard.entry.sealed import build_sealed_router
 from teeshard.entry.serving import OpenAIServing
@@ -65,6 +66,9 @@ def create_app(
 
     app.include_router(build_attestation_router(trust))
     if serving is not None:
+        app.include_router(
+            build_console_router(serving, trust, lambda: health_report(service, config))
+        )
         app.include_router(build_router(serving))
         app.include_router(build_sealed_router(app, trust))
     return app
