@@ -98,7 +98,7 @@ function Conversations(props: {
                   aria-label={`Delete ${c.title}`}
                   onClick={() => props.onDelete(c.id)}
                 >
-                  🗑
+                  ✕
                 </button>
               </>
             )}

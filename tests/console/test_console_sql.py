@@ -1,0 +1,202 @@
+"""The console in a real browser against a live ``teeshard up`` billing through SQLite.
+
+Chat streams an answer and every stage's receipt verifies in the browser; a
+receipt altered in transit shows as failed; a user with no balance is told so;
+the account page shows balance and usage; the network page lists every node;
+registering a node through the pool page admits it. Screenshots of each page
+at desktop and phone width go under the test run's output.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from teeshard.ledger.sql import SqlLedger
+from tests.checkpoints import TinyModel
+from tests.console.browser import screenshot
+from tests.console.conftest import PageFactory
+from tests.console.stack import Stack, entry_port, teeshard_up
+
+pytestmark = pytest.mark.timeout(600)
+ALICE, BOB, CAROL = "tsk_alice_console", "tsk_bob_console", "tsk_carol_console"
+
+
+@pytest.fixture(scope="module")
+def stack(
+    tiny_llama: TinyModel, tmp_path_factory: pytest.TempPathFactory, chromium: Any
+) -> Iterator[Stack]:
+    folder = tmp_path_factory.mktemp("console")
+    ledger_url = f"sqlite:///{folder / 'ledger.db'}"
+    pricing = folder / "pricing.toml"
+    pricing.write_text("[models.tiny]\nprompt_per_1k = 1000\ncompletion_per_1k = 2000\n")
+    port = entry_port()
+    owner = SqlLedger.open(ledger_url, "owner")
+    owner.authorize_entry(f"127.0.0.1:{port}")
+    for name, key, funds in (("alice", ALICE, 5000), ("bob", BOB, 0), ("carol", CAROL, 0)):
+        owner.open_account(name)
+        if funds:
+            owner.deposit(name, funds)
+        owner.add_api_key(name, key)
+    owner.close()
+    with teeshard_up(tiny_llama.path, port, ledger_url, pricing) as running:
+        yield running
+
+
+def ask(page: Any, text: str) -> Any:
+    page.get_by_label("Message").fill(text)
+    page.get_by_label("Message").press("Enter")
+    answer = page.get_by_test_id("answer").last
+    answer.locator(".usage, .error").first.wait_for(timeout=60_000)
+    return answer
+
+
+def set_greedy(page: Any, max_tokens: int = 12) -> None:
+    page.get_by_text("Sampling").click()
+    page.get_by_label("Temperature").fill("0")
+    page.get_by_label("Max tokens").fill(str(max_tokens))
+
+
+def test_chat_streams_an_answer_and_every_stage_verifies(
+    stack: Stack, open_page: PageFactory
+) -> None:
+    page = open_page(stack.url, ALICE)
+    page.get_by_label("Model").locator("option", has_text="tiny").wait_for(state="attached")
+    set_greedy(page)
+    answer = ask(page, "Hello there")
+    verdict = answer.get_by_test_id("verdict")
+    verdict.wait_for(timeout=30_000)
+    assert verdict.inner_text() == "✓ verified"
+    answer.locator(".verification summary").click()  # open the panel
+    rows = answer.locator("tbody tr")
+    assert rows.count() == 2  # both stages signed, each verified
+    assert all("✓ verified" in rows.nth(i).inner_text() for i in range(2))
+    assert answer.locator(".badge.insecure").count() == 2  # simulated evidence, said loudly
+    assert stack.entry_id in rows.nth(0).inner_text()
+    assert "[0, 2)" in rows.nth(0).inner_text() and "[2, 4)" in rows.nth(1).inner_text()
+    usage = answer.get_by_test_id("usage").inner_text()
+    assert re.search(r"\d+ prompt \+ \d+ completion tokens · cost \d+", usage)
+    assert answer.locator(".markdown").inner_text().strip() != ""
+    assert page.console_errors == []  # no CSP violation, no script error
+    screenshot(page, "chat")
+    # the conversation is kept in the browser, under a title taken from the prompt
+    page.reload()
+    assert page.get_by_role("button", name="Hello there", exact=True).count() == 1
+
+
+def test_a_receipt_altered_in_transit_shows_failed(stack: Stack, open_page: PageFactory) -> None:
+    page = open_page(stack.url, ALICE)
+    altered: list[str] = []
+
+    def tamper(route: Any) -> None:
+        response = route.fetch()
+        events = []
+        for event in response.text().split("\n\n"):
+            if '"receipts"' in event:
+                body = json.loads(event.removeprefix("data: "))
+                receipt = body["receipts"][-1]
+                flipped = "0" if receipt["sent_sha256"][0] != "0" else "1"
+                receipt["sent_sha256"] = flipped + receipt["sent_sha256"][1:]
+                altered.append(receipt["request_id"])
+                event = "data: " + json.dumps(body)
+            events.append(event)
+        route.fulfill(response=response, body="\n\n".join(events))
+
+    page.route("**/v1/chat/completions", tamper)
+    set_greedy(page, 6)
+    answer = ask(page, "Is this answer genuine?")
+    verdict = answer.get_by_test_id("verdict")
+    verdict.wait_for(timeout=30_000)
+    assert altered, "the route saw no receipts to alter"
+    assert verdict.inner_text() == "✗ FAILED"
+    rows = answer.locator("tbody tr")
+    assert "✓ verified" in rows.nth(0).inner_text()  # stage 0 is untouched
+    last = rows.nth(1).inner_text()
+    assert "FAILED" in last and "signature by the stage's attested key" in last
+    screenshot(page, "chat-tampered")
+
+
+def test_a_user_with_no_balance_gets_a_clear_message(
+    stack: Stack, open_page: PageFactory
+) -> None:
+    page = open_page(stack.url, BOB)
+    set_greedy(page, 6)
+    answer = ask(page, "Hello")
+    error = answer.get_by_role("alert").inner_text()
+    assert "insufficient balance" in error and "Buy tokens on the Account page" in error
+
+
+def test_no_key_is_asked_for(stack: Stack, open_page: PageFactory) -> None:
+    page = open_page(stack.url)
+    answer = ask(page, "Hello")
+    assert "Enter your API key on the Account page" in answer.get_by_role("alert").inner_text()
+
+
+def test_account_page_shows_balance_and_usage(stack: Stack, open_page: PageFactory) -> None:
+    page = open_page(stack.url + "/#/account", ALICE)
+    available = page.get_by_test_id("available")
+    available.wait_for()
+    owner = SqlLedger.open(stack.ledger_url, "owner")
+    try:
+        assert int(available.inner_text()) == owner.balance("alice").available
+    finally:
+        owner.close()
+    rows = page.locator("#usage-heading + .table-wrap tbody tr")
+    rows.first.wait_for()
+    assert "settled" in rows.first.inner_text()
+    assert "teeshard ledger deposit" in page.locator("#buy-heading + p + pre").inner_text()
+    screenshot(page, "account")
+
+
+def test_network_page_lists_every_node(stack: Stack, open_page: PageFactory) -> None:
+    page = open_page(stack.url + "/#/network")
+    rows = page.get_by_test_id("stages").locator("tbody tr")
+    rows.first.wait_for()
+    assert rows.count() == 2
+    texts = [rows.nth(i).inner_text() for i in range(2)]
+    assert "[0, 2)" in texts[0] and "[2, 4)" in texts[1]
+    assert all("✓ verified" in t and "INSECURE" in t for t in texts)
+    assert "fresh" in texts[0]
+    assert "every layer attested" in page.locator("#models-heading + ul").inner_text()
+    assert str(stack.port + 1) in page.locator("#models-heading ~ p").inner_text()
+    screenshot(page, "network")
+
+
+def test_registering_a_node_through_the_pool_page_admits_it(
+    stack: Stack, open_page: PageFactory, tmp_path: Path
+) -> None:
+    page = open_page(stack.url + "/#/pool", CAROL)
+    page.get_by_label("Node URL").fill(stack.downstream_url)
+    page.get_by_role("button", name="Check attestation").click()
+    found = page.get_by_test_id("found")
+    found.wait_for(timeout=30_000)
+    assert "[2, 4)" in found.inner_text() and "INSECURE" in found.inner_text()
+    node_id = f"127.0.0.1:{stack.port + 1}"
+    page.get_by_role("button", name=f"Register {node_id}").click()
+    status = page.get_by_test_id("pool-status")
+    status.wait_for(timeout=30_000)
+    assert f"Registered and admitted {node_id}" in status.inner_text()
+    row = page.get_by_test_id("pool-nodes").locator("tbody tr", has_text=node_id)
+    row.wait_for()
+    assert "admitted" in row.inner_text()
+    owner = SqlLedger.open(stack.ledger_url, "owner")
+    try:
+        (record,) = [n for n in owner.nodes() if n.node_id == node_id]
+        assert record.admitted and record.operator == "carol" and record.layers == "2:4"
+    finally:
+        owner.close()
+    screenshot(page, "pool")
+
+
+def test_a_node_outside_the_policy_is_refused(stack: Stack, open_page: PageFactory) -> None:
+    page = open_page(stack.url + "/#/pool", CAROL)
+    page.get_by_label("Node URL").fill("https://127.0.0.1:9")  # nothing listens there
+    page.get_by_role("button", name="Check attestation").click()
+    alert = page.get_by_role("alert")
+    alert.wait_for(timeout=30_000)
+    assert "could not fetch the attestation bundle" in alert.inner_text()
