@@ -142,7 +142,7 @@ def test_only_its_operator_can_have_a_node_admitted(console: Console) -> None:
     )
     attack = console.post("/v1/console/pool/admit", {"url": console.downstream}, "tsk_bob")
     assert attack.status_code == 403, attack.text
-    assert not [n for n in console.owner.nodes() if n.node_id == node_id][0].admitted
+    assert not next(n for n in console.owner.nodes() if n.node_id == node_id).admitted
     own = console.post("/v1/console/pool/admit", {"url": console.downstream}, "tsk_carol")
     assert own.status_code == 200 and own.json()["admitted"] is True
     again = console.post("/v1/console/pool/register", {"url": console.downstream}, "tsk_dave")
