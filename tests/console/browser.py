@@ -20,8 +20,10 @@ SHOTS = Path(os.environ.get("TEESHARD_CONSOLE_SHOTS", "test-results/console"))
 
 
 def chromium_path() -> str:
-    path = os.environ.get("TEESHARD_CHROMIUM") or shutil.which("chromium") or shutil.which(
-        "chromium-browser"
+    path = (
+        os.environ.get("TEESHARD_CHROMIUM")
+        or shutil.which("chromium")
+        or shutil.which("chromium-browser")
     )
     if not path:
         pytest.skip("no Chromium: install Debian's chromium (scripts/services.sh does)")

@@ -42,9 +42,11 @@ def open_page(chromium: Any) -> Iterator[PageFactory]:
         page.on("pageerror", lambda exc: errors.append(str(exc)))
         page.on(
             "console",
-            lambda msg: errors.append(msg.text)
-            if msg.type == "error" and "Content Security Policy" in msg.text
-            else None,
+            lambda msg: (
+                errors.append(msg.text)
+                if msg.type == "error" and "Content Security Policy" in msg.text
+                else None
+            ),
         )
         page.console_errors = errors
         page.goto(url)

@@ -121,9 +121,7 @@ def test_a_receipt_altered_in_transit_shows_failed(stack: Stack, open_page: Page
     screenshot(page, "chat-tampered")
 
 
-def test_a_user_with_no_balance_gets_a_clear_message(
-    stack: Stack, open_page: PageFactory
-) -> None:
+def test_a_user_with_no_balance_gets_a_clear_message(stack: Stack, open_page: PageFactory) -> None:
     page = open_page(stack.url, BOB)
     set_greedy(page, 6)
     answer = ask(page, "Hello")

@@ -7,7 +7,7 @@ import argparse
 from rich.console import Console
 from rich.table import Table
 
-from teeshard.attest.verify.policy import Policy
+from teeshard.attest import Policy
 from teeshard.cli.attest import add_policy_options
 from teeshard.cli.ledger import Command, add_ledger_options, ledger_command
 from teeshard.ledger.interface import Ledger

@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from typing import Any, Protocol, TypeVar
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, FastAPI, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from teeshard.attest.verify.policy import Policy
@@ -73,7 +73,7 @@ class AttestationSource(Protocol):
     @property
     def collateral(self) -> CollateralSource | None: ...
 
-    def chain(self, nonce_hex: str) -> dict[str, Any]: ...
+    def attestation_chain(self, nonce_hex: str) -> dict[str, Any]: ...
 
 
 class NodeUrl(BaseModel):
@@ -95,7 +95,8 @@ def build_console_router(
 ) -> APIRouter:
     router = APIRouter()
     router.include_router(build_static_router())
-    billing = serving.generator.billing
+    # the entry's Billing, when it is a ledger's (LedgerBilling), behind BillingAPI
+    billing = getattr(serving.generations.billing, "billing", None)
     raw: object = getattr(billing, "ledger", None)
     ledger = ConsoleLedger(raw) if isinstance(raw, Ledger) else None
     free_for_operators = bool(getattr(billing, "free_for_operators", False))
@@ -146,7 +147,7 @@ def build_console_router(
     @router.get(f"{PREFIX}/network")
     async def network() -> dict[str, Any]:
         view = await _blocking(lambda: network_view(
-            attestation.chain, attestation.policy, health(), attestation.collateral))  # fmt: skip
+            attestation.attestation_chain, attestation.policy, health(), attestation.collateral))  # fmt: skip
         registered = []
         if ledger is not None:
             _, nodes = await _blocking(need_ledger().pool)
@@ -215,6 +216,16 @@ def build_console_router(
         return tx.to_json()
 
     return router
+
+
+def attach_console(
+    app: FastAPI,
+    serving: OpenAIServing,
+    attestation: AttestationSource,
+    health: Callable[[], Mapping[str, Any]],
+) -> None:
+    """Serve the web console (``/``, ``/console/*``) and its JSON endpoints on ``app``."""
+    app.include_router(build_console_router(serving, attestation, health))
 
 
 def _found(url: str, found: VerifiedBundle) -> dict[str, Any]:

@@ -20,7 +20,8 @@ from teeshard.entry.protocol import (
 from teeshard.entry.serving import Caller, OpenAIServing
 
 
-def build_router(serving: OpenAIServing) -> APIRouter:
+def attach_router(app: FastAPI, serving: OpenAIServing) -> None:
+    """Serve the OpenAI-compatible API of ``serving`` on ``app`` (the console: ``console_api``)."""
     router = APIRouter()
 
     @router.get("/v1/models")
@@ -39,7 +40,7 @@ def build_router(serving: OpenAIServing) -> APIRouter:
     async def generate(body: GenerateRequest, request: Request) -> Response:
         return await serving.generate(body, await caller_of(request))
 
-    return router
+    app.include_router(router)
 
 
 async def caller_of(request: Request) -> Caller:

@@ -13,11 +13,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from teeshard.attest.receipts import TrafficHash
-from teeshard.model.kv_cache import KVCache
-from teeshard.model.sampling import new_generator
+from teeshard.attest import TrafficHash
+from teeshard.model.sampling import SamplingParams, new_generator
+from teeshard.model.transformer import KVCache
 from teeshard.node.errors import BadRequestError, OverloadedError, UnknownSessionError
-from teeshard.transport.messages import SamplingParams
 
 
 @dataclass(frozen=True)
