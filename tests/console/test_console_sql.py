@@ -198,3 +198,64 @@ def test_a_node_outside_the_policy_is_refused(stack: Stack, open_page: PageFacto
     alert = page.get_by_role("alert")
     alert.wait_for(timeout=30_000)
     assert "could not fetch the attestation bundle" in alert.inner_text()
+
+
+def test_answers_render_as_markdown_and_never_as_html(stack: Stack, open_page: PageFactory) -> None:
+    """Attack: an answer carrying markup; and an answer whose receipts are stripped."""
+    page = open_page(stack.url, ALICE)
+    text = "Code:\n```python\nprint('hi')\n```\n<img src=x onerror=\"window.pwned=1\"> **bold**"
+    chunk = {"choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}]}
+    usage = {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 9}}
+    stream = "".join(f"data: {json.dumps(e)}\n\n" for e in (chunk, usage)) + "data: [DONE]\n\n"
+    page.route(
+        "**/v1/chat/completions",
+        lambda route: route.fulfill(status=200, body=stream, content_type="text/event-stream"),
+    )
+    answer = ask(page, "Show me code")
+    answer.get_by_test_id("verdict").wait_for(timeout=30_000)
+    markdown = answer.locator(".markdown")
+    assert markdown.locator("pre.code code").inner_text() == "print('hi')"
+    assert markdown.locator("strong").inner_text() == "bold"
+    assert markdown.locator("img").count() == 0 and "<img src=x" in markdown.inner_text()
+    assert page.evaluate("window.pwned") is None
+    # no receipts: never shown as verified
+    assert answer.get_by_test_id("verdict").inner_text() == "✗ FAILED"
+    assert "the answer carries no receipts" in answer.locator(".verification").inner_text()
+
+
+LABELLED = """() => [...document.querySelectorAll('input, select, textarea')]
+  .filter((el) => !el.labels || el.labels.length === 0)
+  .map((el) => el.outerHTML)"""
+
+
+@pytest.mark.parametrize("route", ["chat", "account", "network", "pool"])
+def test_every_page_is_labelled_and_fits_a_phone(
+    stack: Stack, open_page: PageFactory, route: str
+) -> None:
+    page = open_page(f"{stack.url}/#/{route}", ALICE)
+    page.locator("main h1, main .chat").first.wait_for()
+    page.wait_for_timeout(300)  # let the page's first fetches land
+    assert page.evaluate(LABELLED) == []  # every field has a label
+    page.set_viewport_size({"width": 390, "height": 844})
+    page.wait_for_timeout(150)
+    # nothing wider than the phone but the tables' own scrolling boxes
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    # keyboard: the first Tab reaches the skip link, which moves focus to the content
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.className") == "skip"
+    page.keyboard.press("Enter")
+    assert page.evaluate("document.activeElement.id") == "main"
+    assert page.console_errors == []
+
+
+def test_an_operator_of_an_admitted_node_is_told_it_uses_the_model_free(
+    stack: Stack, open_page: PageFactory
+) -> None:
+    owner = SqlLedger.open(stack.ledger_url, "owner")
+    try:
+        if not any(n.operator == "carol" and n.admitted for n in owner.nodes()):
+            pytest.skip("needs the node admitted by the pool test")
+    finally:
+        owner.close()
+    page = open_page(stack.url + "/#/account", CAROL)
+    page.get_by_text("you use the model free").wait_for(timeout=30_000)
