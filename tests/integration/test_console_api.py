@@ -7,6 +7,7 @@ bad input gets a clear error with a fitting status, and the server keeps serving
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +16,7 @@ import httpx
 import pytest
 
 from teeshard.entry.console_static import CONTENT_SECURITY_POLICY
+from teeshard.ledger.billing import UNKNOWN_NODE_REFRESH_S
 from teeshard.ledger.interface import NodeInfo
 from teeshard.ledger.sql import SqlLedger
 from tests.checkpoints import TinyModel
@@ -152,6 +154,31 @@ def test_only_its_operator_can_have_a_node_admitted(console: Console) -> None:
     assert listed["admitted"] and listed["operator"] == "carol"
     carol = console.get("/v1/console/account", "tsk_carol").json()
     assert carol["operator"] is True and carol["free_use"] is True
+
+
+def test_an_operator_withdraws_exactly_its_share(console: Console) -> None:
+    # billing looks again for a node admitted since its last look after this long
+    time.sleep(UNKNOWN_NODE_REFRESH_S + 0.5)
+    chat = httpx.post(
+        console.url + "/v1/chat/completions",
+        json={"model": "tiny", "messages": [{"role": "user", "content": "Pay the pool"}],
+              "max_tokens": 4, "temperature": 0},
+        headers=_auth("tsk_alice"),
+        timeout=60,
+    )  # fmt: skip
+    assert chat.status_code == 200
+    pool = console.get("/v1/console/pool").json()
+    (node,) = [n for n in pool["nodes"] if n["operator"] == "carol"]
+    assert node["served_tokens"] > 0 and node["pending_payout"] == pool["pool"]  # the only one
+    shares = console.owner.distribute().shares
+    assert shares["carol"] == node["pending_payout"]
+    earned = console.get("/v1/console/account", "tsk_carol").json()["earnings"]
+    assert earned == shares["carol"] > 0
+    done = console.post("/v1/console/pool/withdraw", {}, "tsk_carol")
+    assert done.status_code == 200 and done.json()["withdrawn"] == earned
+    assert console.get("/v1/console/account", "tsk_carol").json()["earnings"] == 0
+    assert console.post("/v1/console/pool/withdraw", {}, "tsk_carol").status_code == 400
+    assert console.owner.check().ok
 
 
 def test_withdraw_without_earnings_is_refused_and_nothing_moves(console: Console) -> None:
