@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -259,3 +260,30 @@ def test_an_operator_of_an_admitted_node_is_told_it_uses_the_model_free(
         owner.close()
     page = open_page(stack.url + "/#/account", CAROL)
     page.get_by_text("you use the model free").wait_for(timeout=30_000)
+
+
+def test_stop_ends_the_stream_and_the_reservation_is_released(
+    stack: Stack, open_page: PageFactory
+) -> None:
+    owner = SqlLedger.open(stack.ledger_url, "owner")
+    try:
+        before = owner.balance("alice").available
+        page = open_page(stack.url, ALICE)
+        set_greedy(page, 200)
+        page.get_by_label("Message").fill("Tell me a long story")
+        page.get_by_label("Message").press("Enter")
+        answer = page.get_by_test_id("answer").last
+        answer.locator(".markdown p").first.wait_for(timeout=60_000)  # streaming has begun
+        page.get_by_role("button", name="Stop").click()
+        answer.get_by_text("Stopped.").wait_for(timeout=10_000)
+        assert answer.get_by_test_id("verdict").count() == 0  # nothing to verify
+        assert page.get_by_role("button", name="Send").is_visible()
+        deadline = time.monotonic() + 15
+        while owner.balance("alice").reserved and time.monotonic() < deadline:
+            time.sleep(0.2)
+        after = owner.balance("alice")
+        assert after.reserved == 0  # the abandoned request holds nothing
+        (latest,) = [e for e in owner.history("alice", 1)]
+        assert latest.kind == "release" and after.available == before  # released in full
+    finally:
+        owner.close()

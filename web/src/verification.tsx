@@ -8,10 +8,10 @@ function StageRow({ stage }: { stage: StageReport }): JSX.Element {
   const failed = stage.checks.filter((c) => !c.ok);
   return (
     <tr class={stage.ok ? "ok" : "bad"} data-stage={stage.stage}>
-      <td>{stage.stage}</td>
-      <td>{stage.nodeId || "—"}</td>
-      <td>[{stage.layers.replace(":", ", ")})</td>
-      <td>
+      <td data-label="stage">{stage.stage}</td>
+      <td data-label="node">{stage.nodeId || "—"}</td>
+      <td data-label="layers">[{stage.layers.replace(":", ", ")})</td>
+      <td data-label="provider">
         {stage.provider}
         {stage.insecure && (
           <span class="badge insecure" title="simulated evidence: no TEE proves anything here">
@@ -19,13 +19,13 @@ function StageRow({ stage }: { stage: StageReport }): JSX.Element {
           </span>
         )}
       </td>
-      <td>
+      <td data-label="manifest">
         <code title={stage.manifestHash}>{short(stage.manifestHash)}</code>
       </td>
-      <td>
+      <td data-label="certificate">
         <code title={stage.fingerprint}>{short(stage.fingerprint)}</code>
       </td>
-      <td class="verdict">
+      <td data-label="receipt" class="verdict">
         {stage.ok ? (
           <span class="badge good">✓ verified</span>
         ) : (
