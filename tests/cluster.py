@@ -27,7 +27,7 @@ from teeshard.attest.identity import pinned_client_context
 from teeshard.model.checkpoint import Checkpoint
 from teeshard.model.layer_range import LayerRange
 from teeshard.model.plan import split_even
-from teeshard.node.sessions import SessionLimits
+from teeshard.node import SessionLimits
 from teeshard.procutil import die_with_parent, free_port, wait_healthy
 from teeshard.server.config import NodeConfig
 from teeshard.server.local_pipeline import write_local_policy

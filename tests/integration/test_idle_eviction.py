@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import asyncio
 
-from teeshard.node.sessions import SessionLimits
+from teeshard.node import SessionLimits
 from teeshard.transport.peer import RemoteError
 from teeshard.transport.pipeline_client import PipelineClient
 from tests.checkpoints import TinyModel

@@ -38,7 +38,7 @@ def chain3(tiny_llama: TinyModel) -> Iterator[LocalCluster]:
 def policy_of(cluster: LocalCluster) -> Policy:
     policy_path = cluster.entry.config.policy_path
     assert policy_path is not None
-    return Policy.from_file(policy_path)
+    return Policy.load(policy_path)
 
 
 def chain_bundles(cluster: LocalCluster) -> list[Bundle]:

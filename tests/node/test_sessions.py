@@ -7,8 +7,8 @@ import torch
 
 from teeshard.model.sampling import SamplingParams
 from teeshard.model.transformer import KVCache
+from teeshard.node import SessionLimits, SessionStore
 from teeshard.node.errors import BadRequestError, OverloadedError, UnknownSessionError
-from teeshard.node.sessions import SessionLimits, SessionStore
 
 
 def open_session(store: SessionStore, sid: str, max_len: int) -> None:

@@ -156,7 +156,7 @@ def run_verify_quote(args: argparse.Namespace) -> int:
             event_log = args.event_log.read_text() if args.event_log else None
             provider = "dstack" if event_log is not None else "quote-file"
             evidence = Evidence(provider, report.tee_type, quote, report.report_data, event_log)
-            check_report(report, evidence, Policy.from_file(args.policy))
+            check_report(report, evidence, Policy.load(args.policy))
     except AttestationError as exc:
         return _fail(exc)
     print(f"PASS: {report.tee_type.upper()} quote, TCB status {report.tcb_status}")

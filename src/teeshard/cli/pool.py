@@ -83,7 +83,7 @@ def list_nodes(args: argparse.Namespace, ledger: Ledger) -> int:
 
 def _checks(args: argparse.Namespace) -> tuple[ExpectedShards, AttestVerifier]:
     """The expected shards and the verifier the options name (one policy file read)."""
-    policy = Policy.from_file(args.policy) if args.policy else None
+    policy = Policy.load(args.policy) if args.policy else None
     verifier = default_verifier(
         policy,
         allow_simulated=args.allow_simulated,

@@ -1,15 +1,9 @@
 """One pipeline stage: sessions, the pure step, the pipeline socket, the next hop.
 
 ``NodeService`` runs a shard's sessions and steps; ``attach_pipeline`` serves its
-socket; ``NextHop`` is its link to the next node of the route. Errors (each with
-a code and the HTTP status the entry node gives a client)::
-
-    NodeError
-    ├── BadRequestError      400  malformed frame, wrong shape or dtype, bad token ids
-    │   └── CacheFullError   400  a step would pass the session's maximum length
-    ├── UnknownSessionError  404  session id never opened, closed, or evicted
-    ├── OverloadedError      503  admission control: session or token budget spent
-    └── DownstreamError      502  the next node failed or is unreachable
+socket; ``NextHop`` is its link to the next node of the route. Every error is a
+``NodeError`` with a code and the HTTP status the entry node gives a client (the
+tree is drawn in ``teeshard.node.errors``).
 """
 
 from teeshard.node.errors import (
@@ -23,8 +17,14 @@ from teeshard.node.errors import (
 from teeshard.node.hop import HopStep, NextHop
 from teeshard.node.metrics import Metrics, stage_metrics
 from teeshard.node.pipeline import PIPELINE_PATH, attach_pipeline
-from teeshard.node.service import NodeService, StageCounters, StepResult
-from teeshard.node.sessions import Session, SessionLimits, SessionStore
+from teeshard.node.service import (
+    NodeService,
+    Session,
+    SessionLimits,
+    SessionStore,
+    StageCounters,
+    StepResult,
+)
 
 __all__ = [
     "PIPELINE_PATH",

@@ -8,6 +8,7 @@ node or, on the last node, a token id.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -15,7 +16,9 @@ from teeshard.model.sampling import sample
 from teeshard.model.transformer import CacheFullError as ModelCacheFullError
 from teeshard.model.transformer import Shard
 from teeshard.node.errors import BadRequestError, CacheFullError
-from teeshard.node.sessions import Session
+
+if TYPE_CHECKING:
+    from teeshard.node.service import Session
 
 
 @dataclass(frozen=True)
