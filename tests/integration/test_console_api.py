@@ -118,7 +118,9 @@ def test_network_reverifies_every_stage(console: Console) -> None:
 
 
 def test_inspect_verifies_a_node_and_names_its_slot(console: Console) -> None:
-    found = console.post("/v1/console/pool/inspect", {"url": console.downstream})
+    anonymous = console.post("/v1/console/pool/inspect", {"url": console.downstream})
+    assert anonymous.status_code == 401  # the entry node fetches URLs only for its users
+    found = console.post("/v1/console/pool/inspect", {"url": console.downstream}, "tsk_bob")
     assert found.status_code == 200, found.text
     body = found.json()
     assert body["layers"] == "2:4" and body["insecure"] is True and body["provider"] == "simulated"
@@ -126,12 +128,15 @@ def test_inspect_verifies_a_node_and_names_its_slot(console: Console) -> None:
 
 
 def test_inspect_refuses_what_it_cannot_verify(console: Console) -> None:
-    nothing = console.post("/v1/console/pool/inspect", {"url": "https://127.0.0.1:9"})
+    def inspect(body: object) -> httpx.Response:
+        return console.post("/v1/console/pool/inspect", body, "tsk_bob")
+
+    nothing = inspect({"url": "https://127.0.0.1:9"})
     assert nothing.status_code == 422
     assert nothing.json()["error"]["code"] == "registration_refused"
-    extra = console.post("/v1/console/pool/inspect", {"url": console.downstream, "admin": True})
-    assert extra.status_code == 400
-    assert console.post("/v1/console/pool/inspect", {"url": 42}).status_code == 400
+    assert inspect({"url": console.downstream, "admin": True}).status_code == 400
+    assert inspect({"url": 42}).status_code == 400
+    assert inspect({"url": "file:///etc/passwd"}).status_code == 422
 
 
 def test_only_its_operator_can_have_a_node_admitted(console: Console) -> None:

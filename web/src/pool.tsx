@@ -85,7 +85,7 @@ export function PoolPage(): JSX.Element {
   const inspect = () =>
     run(async () => {
       setFound(null);
-      setFound(await postJson<Found>("/v1/console/pool/inspect", { url: url.trim() }));
+      setFound(await postJson<Found>("/v1/console/pool/inspect", { url: url.trim() }, true));
     });
 
   const register = () =>
@@ -145,7 +145,7 @@ export function PoolPage(): JSX.Element {
         <h2 id="register-heading">Register a node you host</h2>
         <p class="small">
           The entry node fetches the node's attestation with a fresh nonce, verifies it against its
-          policy and finds the shard slot its manifest fills. Registering needs your API key
+          policy and finds the shard slot its manifest fills. Checking and registering need your API key
           {info?.ledger === "evm" ? " and your wallet's signature." : "."}
         </p>
         <label for="node-url">Node URL</label>

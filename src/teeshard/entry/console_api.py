@@ -10,7 +10,7 @@ flow on a thread (they block), map failures to the OpenAI error shape.
 | ``GET /v1/console/usage`` | key | requests with what was held and charged |
 | ``GET /v1/console/network`` | - | entry health, next hop, every stage re-verified |
 | ``GET /v1/console/pool`` | - | the pool, admitted nodes, work served, pending payouts |
-| ``POST /v1/console/pool/inspect`` | - | fetch and verify a node's attestation, find its slot |
+| ``POST /v1/console/pool/inspect`` | key | fetch and verify a node's attestation, find its slot |
 | ``POST /v1/console/pool/register`` | key | register as the key's account (SQL), then admit |
 | ``POST /v1/console/pool/admit`` | key | the entry verifies and admits the key's own node |
 | ``POST /v1/console/pool/withdraw`` | key | pay out the account's earnings (SQL) |
@@ -160,8 +160,10 @@ def build_console_router(
         return {"pool": total, "nodes": [n.to_json() for n in nodes]}
 
     @router.post(f"{PREFIX}/pool/inspect")
-    async def inspect(body: NodeUrl) -> dict[str, Any]:
-        shards = expected()
+    async def inspect(body: NodeUrl, request: Request) -> dict[str, Any]:
+        # the entry node fetches the URL: only for callers with a key (no anonymous probing)
+        key, console, shards = _key(request), need_ledger(), expected()
+        await _blocking(lambda: console.ledger.account_for_key(key))
         found = await _blocking(lambda: verify_node(body.url, shards, verifier()))
         return _found(body.url, found)
 
