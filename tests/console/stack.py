@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -46,25 +47,29 @@ def teeshard_up(
         "--port", str(port), "--threads", "1", "--model-name", "tiny",
         "--ledger", ledger_url, "--pricing", str(pricing),
     ]  # fmt: skip
-    process = subprocess.Popen(
-        argv,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-        text=True,
-    )
-    try:
-        assert process.stdout is not None
-        url = process.stdout.readline().strip()  # printed once every node is healthy
-        if not url:
-            raise RuntimeError(f"teeshard up exited with code {process.wait()}")
-        wait_healthy(url + "/health", timeout=30)
-        yield Stack(url, port, ledger_url)
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGINT)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+    with tempfile.TemporaryDirectory(prefix="teeshard-up-") as folder:
+        log = Path(folder) / "stderr.log"
+        with log.open("w") as stderr:
+            process = subprocess.Popen(
+                argv,
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+                text=True,
+            )
+        try:
+            assert process.stdout is not None
+            url = process.stdout.readline().strip()  # printed once every node is healthy
+            if not url:
+                tail = log.read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"teeshard up exited with code {process.wait()}:\n{tail}")
+            wait_healthy(url + "/health", timeout=30)
+            yield Stack(url, port, ledger_url)
+        finally:
+            if process.poll() is None:
+                process.send_signal(signal.SIGINT)
+                try:
+                    process.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()

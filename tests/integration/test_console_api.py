@@ -153,7 +153,8 @@ def test_only_its_operator_can_have_a_node_admitted(console: Console) -> None:
     own = console.post("/v1/console/pool/admit", {"url": console.downstream}, "tsk_carol")
     assert own.status_code == 200 and own.json()["admitted"] is True
     again = console.post("/v1/console/pool/register", {"url": console.downstream}, "tsk_dave")
-    assert again.status_code == 409  # already registered, by someone else
+    assert again.status_code == 422  # already registered, by someone else
+    assert "already registered" in again.json()["error"]["message"]
     pool = console.get("/v1/console/pool").json()
     (listed,) = [n for n in pool["nodes"] if n["node_id"] == node_id]
     assert listed["admitted"] and listed["operator"] == "carol"

@@ -46,7 +46,6 @@ from teeshard.ledger.interface import (
     InvalidAmount,
     Ledger,
     LedgerError,
-    NodeInfo,
     Unauthorized,
     UnknownAccount,
     UnknownNode,
@@ -57,6 +56,7 @@ from teeshard.ledger.registration import (
     RegistrationRefused,
     VerifiedBundle,
     default_node_id,
+    register_from_url,
     verify_node,
 )
 
@@ -172,13 +172,14 @@ def build_console_router(
         key, console, shards = _key(request), need_ledger(), expected()
 
         def run() -> dict[str, Any]:
-            found = verify_node(body.url, shards, verifier())
-            node_id = default_node_id(body.url)
-            info = NodeInfo(node_id, body.url.rstrip("/"), found.manifest_hash,
-                            found.model or shards.model, found.layers)  # fmt: skip
-            console.register(key, info)
-            record = console.admit(node_id, found.manifest_hash)
-            return {**_found(body.url, found), "node": asdict(record), "admitted": record.admitted}
+            # the registration flow of teeshard.ledger, as the key's account; then the
+            # entry node, which has just verified the node itself, admits it
+            done = register_from_url(console.acting_as(key), body.url, shards, verifier())
+            record = done.node
+            if not done.admitted:
+                record = console.admit(record.node_id, done.verified.manifest_hash)
+            return {**_found(body.url, done.verified), "node": asdict(record),
+                    "admitted": record.admitted}  # fmt: skip
 
         return await _blocking(run)
 

@@ -3,9 +3,11 @@
 A thin adapter over the existing read methods of :class:`teeshard.ledger.Ledger`
 (``account_for_key``, ``balance``, ``history``, ``is_operator``, ``nodes``,
 ``pool``) and pure functions that shape their records for the web console.
-Nothing here writes, except :meth:`ConsoleLedger.register` and
-:meth:`ConsoleLedger.withdraw`, which act as the signed-in account on a ledger
-that can act as someone else (SQL); on chain the user's wallet signs instead.
+Nothing here writes, except :meth:`ConsoleLedger.admit` (as the entry node,
+after it verified the node itself), and what is done through
+:meth:`ConsoleLedger.acting_as` (registering, withdrawing) as the signed-in
+account, on a ledger that can act as someone else (SQL); on chain the user's
+wallet signs instead.
 
 Every call blocks (a database or a JSON-RPC node); callers run them on a thread.
 """
@@ -16,7 +18,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from teeshard.ledger.interface import JournalEntry, Ledger, NodeInfo, NodeRecord
+from teeshard.ledger.interface import JournalEntry, Ledger, NodeRecord
 
 LedgerKind = Literal["none", "sql", "evm"]
 
@@ -162,9 +164,6 @@ class ConsoleLedger:
             raise NotImplementedError("on an EVM ledger the operator's wallet signs this")
         acting: Ledger = as_actor(account)
         return acting
-
-    def register(self, api_key: str, node: NodeInfo) -> NodeRecord:
-        return self.acting_as(api_key).register_node(node)
 
     def withdraw(self, api_key: str, amount: int | None) -> JournalEntry:
         return self.acting_as(api_key).withdraw(amount)
