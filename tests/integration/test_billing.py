@@ -2,7 +2,7 @@
 
 A customer with a balance pays for what it used; one without gets a 402 before
 anything is generated; an operator of an admitted node uses the model free; an
-abandoned stream is released in full; the admitted node of the chain is credited
+abandoned stream pays for the tokens it produced; the admitted node is credited
 with the request's tokens; the ledger's journal stays consistent throughout.
 """
 
@@ -121,21 +121,43 @@ def test_a_streamed_request_reports_its_cost(market: Market) -> None:
     assert market.owner.balance("alice").available == before - usage["cost"]
 
 
-def test_an_abandoned_stream_is_released_in_full(market: Market) -> None:
+def test_an_abandoned_stream_pays_for_what_it_produced(market: Market) -> None:
+    """The attack: read nearly the whole stream, then hang up, and pay nothing. Now the
+    prompt and every completion token produced are charged; only the rest is released."""
     before = market.owner.balance("alice")
-    body = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 200, "stream": True}
+    prompt = "Once upon a time"
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": 200, "stream": True,
+            "temperature": 0, "stop": []}  # fmt: skip
+    read = 0
     with httpx.stream("POST", market.cluster.entry.http_url + "/v1/completions", json=body,
                       headers={"Authorization": "Bearer tsk_alice"}, timeout=60) as response:  # fmt: skip
         for line in response.iter_lines():
-            if line.startswith("data: {"):
-                break  # the client walks away after the first token
+            if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["text"]:
+                read += 1
+                if read == 12:
+                    break  # the client walks away with twelve pieces of text
     deadline = time.monotonic() + 10
     while market.owner.balance("alice").reserved and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert market.owner.balance("alice") == before  # nothing charged, nothing left reserved
+    after = market.owner.balance("alice")
+    assert after.reserved == 0  # the unused rest went back
+    entry = market.cluster.entry.node
+    assert entry is not None
+    prompt_tokens = len(entry.app.state.serving.codec.completion_prompt(prompt))
+    charged = before.available - after.available
+    at_least = expected_cost({"prompt_tokens": prompt_tokens, "completion_tokens": read})
+    at_most = expected_cost({"prompt_tokens": prompt_tokens, "completion_tokens": 200})
+    assert at_least <= charged < at_most
     assert market.owner.check().ok
     for node in market.cluster.nodes:  # and no node keeps the abandoned session's cache
         assert node.get("/health").json()["sessions"]["open"] == 0
+
+
+def test_a_stream_whose_prompt_never_ran_is_released_in_full(market: Market) -> None:
+    before = market.owner.balance("alice")
+    too_long = market.chat("tsk_alice", max_tokens=10_000)  # refused before a session opens
+    assert too_long.status_code == 400
+    assert market.owner.balance("alice") == before
 
 
 def test_operators_of_admitted_nodes_use_it_free(market: Market) -> None:

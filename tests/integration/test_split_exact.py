@@ -11,7 +11,6 @@ import copy
 import pytest
 import torch
 
-from teeshard.transport.pipeline_client import PipelineClient
 from tests.checkpoints import TinyModel
 from tests.cluster import LocalCluster
 
@@ -45,7 +44,7 @@ def reference_generation(
 async def test_split_pipeline_matches_unsplit_model(tiny_model: TinyModel, num_nodes: int) -> None:
     ref_tokens, ref_logits = reference_generation(tiny_model, PROMPT, DECODE_STEPS)
     with LocalCluster(tiny_model.path, num_nodes) as cluster:
-        client = PipelineClient(cluster.entry.ws_url)
+        client = cluster.entry_stage()
         session = await client.open_session(max_len=len(PROMPT) + DECODE_STEPS)
         tokens, logits = [], []
         token, step_logits = await client.step(session, PROMPT)  # prefill
@@ -56,7 +55,6 @@ async def test_split_pipeline_matches_unsplit_model(tiny_model: TinyModel, num_n
                 break
             token, step_logits = await client.step(session, [token])
         await client.close_session(session)
-        await client.disconnect()
 
     assert tokens == ref_tokens
     assert len(logits) == len(ref_logits) == DECODE_STEPS
@@ -72,10 +70,9 @@ async def test_half_precision_wire_stays_close(tiny_llama: TinyModel) -> None:
     """A float16 wire halves the bytes; logits move a little but stay close."""
     _, ref_logits = reference_generation(tiny_llama, PROMPT, 4)
     with LocalCluster(tiny_llama.path, 2, wire_dtype="float16") as cluster:
-        client = PipelineClient(cluster.entry.ws_url)
+        client = cluster.entry_stage()
         session = await client.open_session(max_len=len(PROMPT) + 4, wire_dtype="float16")
         _, logits = await client.step(session, PROMPT)
-        await client.disconnect()
     assert logits is not None
     err = (logits - ref_logits[0]).abs().max().item()
     assert 0 < err < 1e-2  # not bit-exact (it is really float16), but close

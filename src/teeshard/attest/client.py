@@ -4,13 +4,12 @@ Fetching the bundle itself needs no trusted channel: the bundle authenticates
 itself (quote, report_data binding, signature over our fresh nonce). That is why
 the first request may accept any TLS certificate; everything after it uses the
 attested certificate only (:class:`AttestedPeer.ssl_context`) or the attested
-sealing key (:class:`SealedClient`).
+sealing key (:class:`~teeshard.attest.sealed_client.SealedClient`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import secrets
 import ssl
 from dataclasses import dataclass
@@ -22,7 +21,6 @@ import httpx
 from teeshard.attest.errors import AttestationError, FormatError
 from teeshard.attest.evidence import Bundle
 from teeshard.attest.identity import NodeIdentity
-from teeshard.attest.sealing import SEALED_CONTENT_TYPE, SEALED_PATH, SealedResponse, seal_request
 from teeshard.attest.verify.bundle import VerifiedNode, verify_bundle
 from teeshard.attest.verify.policy import Policy
 from teeshard.attest.verify.quote import Collateral, CollateralSource
@@ -155,71 +153,3 @@ async def attest_peer(
         expected_manifest_hash=expected_manifest_hash, collateral=collateral,
     )  # fmt: skip
     return _peer(url, node, client_identity)
-
-
-class SealedClient:
-    """Verify an entry node's bundle, then send it HPKE-sealed requests.
-
-    ``pin_tls`` also pins the attested TLS certificate for https URLs; leave it off
-    behind a TLS-terminating ingress (the sealing alone keeps the ingress blind).
-    """
-
-    def __init__(
-        self,
-        base_url: str,
-        policy: Policy,
-        *,
-        expected_manifest_hash: bytes | None = None,
-        collateral: Collateral | CollateralSource | None = None,
-        http: httpx.Client | None = None,
-        pin_tls: bool = False,
-        timeout: float = 120.0,
-    ) -> None:
-        self.base_url = base_url.rstrip("/")
-        self.policy = policy
-        self.expected_manifest_hash = expected_manifest_hash
-        self.collateral = collateral
-        self.pin_tls = pin_tls
-        self.timeout = timeout
-        self._http = http
-        self._owns_http = http is None
-        self.node: VerifiedNode | None = None
-
-    def verify(self) -> VerifiedNode:
-        """Fetch and verify the bundle (once); every request is sealed to this node."""
-        if self.node is None:
-            nonce = secrets.token_bytes(NONCE_BYTES)
-            bundle = fetch_bundle(self.base_url, nonce, client=self._http, timeout=self.timeout)
-            self.node = verify_bundle(
-                bundle, self.policy, nonce=nonce, collateral=self.collateral,
-                expected_manifest_hash=self.expected_manifest_hash,
-            )  # fmt: skip
-            if self._http is None:
-                verify: ssl.SSLContext | bool = True
-                if self.pin_tls and self.base_url.startswith("https://"):
-                    verify = self.node.pinned_ssl_context()
-                self._http = httpx.Client(verify=verify, timeout=self.timeout)
-        return self.node
-
-    def request(self, path: str, body: bytes) -> SealedResponse:
-        node = self.verify()
-        assert self._http is not None
-        sealed, opener = seal_request(node.fingerprint, node.sealing_public_key, path, body)
-        response = self._http.post(
-            self.base_url + SEALED_PATH,
-            content=sealed,
-            headers={"content-type": SEALED_CONTENT_TYPE},
-        )
-        if response.status_code != 200:
-            raise AttestationError(f"sealed request refused: HTTP {response.status_code}")
-        return opener.open_response(response.content)
-
-    def post_json(self, path: str, payload: Any) -> tuple[int, Any]:
-        """Seal a JSON request; return the (status, decoded JSON body) of the sealed answer."""
-        answer = self.request(path, json.dumps(payload).encode())
-        return answer.status, json.loads(answer.body) if answer.body else None
-
-    def close(self) -> None:
-        if self._owns_http and self._http is not None:
-            self._http.close()
-            self._http = None

@@ -91,7 +91,7 @@ class Withdrawal(BaseModel):
 def build_console_router(
     serving: OpenAIServing,
     attestation: AttestationSource,
-    health: Callable[[], Mapping[str, Any]],
+    health: Callable[[Request], Mapping[str, Any]],
 ) -> APIRouter:
     router = APIRouter()
     router.include_router(build_static_router())
@@ -145,9 +145,10 @@ def build_console_router(
         return {"object": "list", "data": [r.to_json() for r in rows]}
 
     @router.get(f"{PREFIX}/network")
-    async def network() -> dict[str, Any]:
+    async def network(request: Request) -> dict[str, Any]:
+        seen = health(request)  # load detail only for the admin token or on loopback
         view = await _blocking(lambda: network_view(
-            attestation.attestation_chain, attestation.policy, health(), attestation.collateral))  # fmt: skip
+            attestation.attestation_chain, attestation.policy, seen, attestation.collateral))  # fmt: skip
         registered = []
         if ledger is not None:
             _, nodes = await _blocking(need_ledger().pool)
@@ -225,7 +226,7 @@ def attach_console(
     app: FastAPI,
     serving: OpenAIServing,
     attestation: AttestationSource,
-    health: Callable[[], Mapping[str, Any]],
+    health: Callable[[Request], Mapping[str, Any]],
 ) -> None:
     """Serve the web console (``/``, ``/console/*``) and its JSON endpoints on ``app``."""
     app.include_router(build_console_router(serving, attestation, health))

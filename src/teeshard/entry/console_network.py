@@ -90,13 +90,19 @@ def network_view(
     health: Mapping[str, Any],
     collateral: CollateralSource | None = None,
 ) -> dict[str, Any]:
-    """The entry node's health, its next hop, and every attested stage after it."""
+    """Every attested stage, and the entry node's health as this caller may see it.
+
+    ``health`` is the node's ``/health`` for this caller: load and the next hop's
+    address only for the admin token or on a loopback node, else just its status.
+    """
     nonce = secrets.token_bytes(32)
     bundles = list(chain(nonce.hex()).get("bundles", []))
     stages = stage_views(bundles, policy, nonce, collateral)
+    num_layers = health.get("num_layers", _num_layers(bundles))
     return {
-        "model": health.get("model"),
-        "num_layers": health.get("num_layers"),
+        "model": stages[0].model if stages else None,
+        "num_layers": num_layers,
+        "detail": "sessions" in health,
         "entry": {
             "status": health.get("status"),
             "layers": health.get("layers"),
@@ -105,8 +111,16 @@ def network_view(
         },
         "next": health.get("next"),
         "stages": [s.to_json() for s in stages],
-        "covers_all_layers": _covers(stages, health.get("num_layers")),
+        "covers_all_layers": _covers(stages, num_layers),
     }
+
+
+def _num_layers(bundles: Sequence[Mapping[str, Any]]) -> int | None:
+    """The model's layer count, as the last stage's attested manifest states it."""
+    try:
+        return Bundle.from_json(bundles[-1]).manifest.num_layers if bundles else None
+    except AttestationError:
+        return None
 
 
 def _covers(stages: Sequence[StageView], num_layers: object) -> bool:

@@ -44,11 +44,13 @@ class Generation:
     completion_tokens: int = 0
     completion_chars: int = 0  # characters of text returned to the client
     finish_reason: FinishReason | None = None
+    prefilled: bool = False  # the prompt ran through every node: that work is charged
     closed: bool = False  # the session is closed on every node
     served_by: tuple[str, ...] = ()  # node ids of the route, entry first
     reservation: Reservation | None = None  # None: no ledger, nothing charged
     settlement: Settlement | None = None
     receipts: list[Receipt] = field(default_factory=list)  # signed by every stage, entry first
+    token_ids: list[int] = field(default_factory=list)  # every token the last stage sent
 
 
 class GenerationLoop:
@@ -149,8 +151,10 @@ class GenerationLoop:
         stops = StopMatcher(params.stop)
         try:
             result = await self.service.step_tokens(session, prompt_ids)
+            generation.prefilled = True
             while True:
                 token = result.token
+                generation.token_ids.append(token)  # its receipt hashes each one, EOS too
                 if token in self.eos_ids:
                     generation.finish_reason = "stop"
                     break
@@ -178,8 +182,11 @@ class GenerationLoop:
     async def release(self, generation: Generation) -> None:
         """Close the session everywhere and settle or release its charge, once.
 
-        A generation that finished is charged for what it produced; one that
-        failed or was abandoned is released in full. Safe to call in any outcome,
+        Whatever the outcome (finished, failed mid-way, abandoned by a client that
+        read all but the end), the request is charged for the prompt and the
+        completion tokens it actually produced, and only the unused rest of its
+        reservation is released; one whose prompt never ran is released in full.
+        Safe to call in any outcome,
         and it completes even when the caller is being cancelled (a client that
         went away): the work runs in its own task, shielded from that cancellation.
         """
@@ -205,7 +212,7 @@ class GenerationLoop:
         finally:
             reservation = generation.reservation
             if self.billing is not None and reservation is not None:
-                if finished:
+                if finished or generation.prefilled:
                     generation.settlement = await self.billing.settle(
                         reservation,
                         generation.prompt_tokens,

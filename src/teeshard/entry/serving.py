@@ -4,7 +4,9 @@ Everything that can be refused (unknown model, bad lengths, full caches, no
 balance) is refused before a stream starts, so it gets a proper HTTP status; a
 failure during a stream arrives as an OpenAI error object in the stream itself.
 Every finished response carries the receipt chain signed by every stage: a
-``receipts`` field (in a stream: on the last event) and a digest header.
+``receipts`` field (in a stream: on the last event) and a digest header, and
+beside it the ``teeshard`` extension (request id, completion token ids) that
+``teeshard.attest.response.verify_response`` checks the answer against.
 """
 
 from __future__ import annotations
@@ -17,7 +19,13 @@ from typing import Any
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from teeshard.attest import RECEIPT_DIGEST_HEADER, RECEIPTS_FIELD, chain_digest
+from teeshard.attest import (
+    EXTENSION_FIELD,
+    RECEIPT_DIGEST_HEADER,
+    RECEIPTS_FIELD,
+    chain_digest,
+    response_extension,
+)
 from teeshard.entry.errors import APIError
 from teeshard.entry.generation import Generation, GenerationLoop, GenerationParams
 from teeshard.entry.protocol import (
@@ -282,6 +290,7 @@ def _receipt_fields(body: Event, generation: Generation) -> Event:
         **body,
         RECEIPTS_FIELD: [r.to_json() for r in generation.receipts],
         "receipt_digest": chain_digest(generation.receipts).hex(),
+        EXTENSION_FIELD: response_extension(generation.request_id, generation.token_ids),
         "served_by": list(generation.served_by),  # node ids of the stages, as the entry knows them
     }
 

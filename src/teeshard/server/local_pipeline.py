@@ -23,7 +23,10 @@ def local_policy_toml(
     cache = ManifestCache.for_checkpoint(checkpoint.dir)
     lines = [SIMULATED_NOTE, "allow_simulated = true", ""]
     for layers in ranges:
-        manifest = compute_manifest(checkpoint, layers, dtype, model_name=model_name, cache=cache)
+        manifest = compute_manifest(
+            checkpoint, layers, dtype, model_name=model_name, cache=cache,
+            entry_files=checkpoint.dir if layers.is_first() else None,  # the entry node's files
+        )  # fmt: skip
         lines += [
             "[[manifests]]",
             f'model = "{model_name}"',

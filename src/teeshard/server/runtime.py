@@ -34,6 +34,7 @@ from teeshard.node import NextHop, NodeService
 from teeshard.paths import data_dir
 from teeshard.server.app import create_app
 from teeshard.server.config import NodeConfig
+from teeshard.server.edge import header_deadline_protocol
 from teeshard.server.trust import NodeTrust, trust_for
 from teeshard.transport.peer import PeerClient
 
@@ -110,8 +111,9 @@ def build_node(config: NodeConfig, show_progress: bool = False) -> Node:
     model_name = config.model_name or checkpoint.name
     cache = ManifestCache.for_checkpoint(config.model_dir) if config.manifest_cache else None
     builder = ManifestBuilder(
-        checkpoint, config.layers, config.dtype, model_name=model_name, cache=cache
-    )
+        checkpoint, config.layers, config.dtype, model_name=model_name, cache=cache,
+        entry_files=config.model_dir if config.entry else None,  # tokenizer, templates attested
+    )  # fmt: skip
     shard = load_with_progress(checkpoint, config, show_progress, builder.on_tensor)
     trust = attest_node(config, builder)
     next_hop = None
@@ -126,6 +128,7 @@ def build_node(config: NodeConfig, show_progress: bool = False) -> Node:
                 _pipeline_url(next_url),
                 max_frame_bytes=frame_limit(config, shard),
                 on_connect=attest_next,
+                introduce=trust.introduce,
             )
         )
     service = NodeService(
@@ -186,7 +189,10 @@ def make_server(node: Node) -> uvicorn.Server:
         port=node.config.port,
         log_level="warning",
         ws_max_size=node.max_frame_bytes,
+        ws_max_queue=2,  # frames buffered while the pipeline handler is busy: back-pressure
         ws_per_message_deflate=False,
+        http=header_deadline_protocol(node.config.header_timeout_s),
+        limit_concurrency=node.config.max_connections,
         timeout_graceful_shutdown=5,
         lifespan="on",
     )
