@@ -3,10 +3,11 @@
 
 import type { JSX } from "preact";
 import { useEffect, useRef, useState } from "preact/hooks";
-import { authHeaders, errorOf, errorText, getJson } from "./api";
-import { randomBytes, toHex, utf8 } from "./bytes";
+import { ApiError, authHeaders, errorOf, errorText, getApiKey, getJson } from "./api";
+import { type Bytes, concat, fromHex, randomBytes, toHex, utf8 } from "./bytes";
 import { Markdown } from "./markdown";
-import { sseEvents } from "./sse";
+import { SEALED_CONTENT_TYPE, SEALED_PATH, openedBody, sealRequest } from "./sealed";
+import { responseChunks, sseFromChunks } from "./sse";
 import {
   type Conversation,
   type Message,
@@ -16,7 +17,13 @@ import {
   saveConversations,
 } from "./store";
 import { VerificationPanel } from "./verification";
-import { type BundleJson, type ReceiptJson, verifyChain } from "./verify";
+import {
+  type AnswerClaims,
+  type BundleJson,
+  type ReceiptJson,
+  checkBundle,
+  verifyChain,
+} from "./verify";
 
 interface Settings {
   temperature: number;
@@ -26,11 +33,63 @@ interface Settings {
 }
 
 interface StreamEvent {
+  id?: string;
   choices?: { delta?: { content?: string } }[];
   usage?: Usage;
   receipts?: ReceiptJson[];
   served_by?: string[];
-  error?: { message: string };
+  teeshard?: { request_id: string; completion_token_ids: number[] };
+  error?: { message: string; code?: string };
+}
+
+const SEALED_SETTING = "teeshard.sealed";
+
+/** Send `body` sealed to the entry node in `bundles[0]`, after checking its bundle here. */
+async function sendSealed(
+  bundles: BundleJson[],
+  nonce: Bytes,
+  body: Bytes,
+  signal: AbortSignal,
+): Promise<AsyncIterable<Uint8Array>> {
+  const entry = bundles[0];
+  if (entry === undefined) throw new Error("the entry node sent no attestation bundle");
+  const signer = await checkBundle(entry, nonce);
+  const failed = signer.checks.filter((c) => !c.ok);
+  if (failed.length) {
+    throw new Error(`not sealing: the entry node's attestation fails (${failed[0].name})`);
+  }
+  const { sealed, reader } = await sealRequest(
+    fromHex(signer.fingerprint),
+    fromHex(entry.sealing_public_key),
+    "/v1/chat/completions",
+    body,
+    getApiKey(),
+  );
+  const response = await fetch(SEALED_PATH, {
+    method: "POST",
+    headers: { "Content-Type": SEALED_CONTENT_TYPE },
+    body: sealed,
+    signal,
+  });
+  if (!response.ok) throw await errorOf(response);
+  const opened = openedBody(response, reader);
+  const first = await opened.next(); // the head has been opened by now
+  if (reader.status !== 200) {
+    const parts = first.done ? [] : [first.value];
+    for await (const part of opened) parts.push(part);
+    const text = new TextDecoder().decode(concat(...parts));
+    let error: { message?: string; code?: string } = {};
+    try {
+      error = (JSON.parse(text) as { error?: typeof error }).error ?? {};
+    } catch {
+      /* not JSON: the status says enough */
+    }
+    throw new ApiError(reader.status ?? 500, error.message ?? `HTTP ${reader.status}`, error.code);
+  }
+  return (async function* () {
+    if (!first.done) yield first.value;
+    yield* opened;
+  })();
 }
 
 async function fetchBundles(nonce: Uint8Array): Promise<BundleJson[]> {
@@ -155,6 +214,7 @@ export function ChatPage(): JSX.Element {
     max_tokens: 128,
     seed: "",
   });
+  const [sealedMode, setSealedMode] = useState(localStorage.getItem(SEALED_SETTING) === "1");
   const [input, setInput] = useState("");
   const [busy, setBusy] = useState(false);
   const [loadError, setLoadError] = useState("");
@@ -216,18 +276,29 @@ export function ChatPage(): JSX.Element {
     setBusy(true);
     let reply = "";
     let receipts: ReceiptJson[] = [];
-    let servedBy: string[] = [];
+    const claims: AnswerClaims = {};
+    const sealed = sealedMode;
     try {
-      const response = await fetch("/v1/chat/completions", {
-        method: "POST",
-        headers: { "Content-Type": "application/json", ...authHeaders() },
-        body,
-        signal: controller.signal,
-      });
-      if (!response.ok) throw await errorOf(response);
-      for await (const raw of sseEvents(response)) {
+      const nonce = randomBytes(32);
+      let bundles: BundleJson[] | null = null;
+      let chunks: AsyncIterable<Uint8Array>;
+      if (sealed) {
+        bundles = await fetchBundles(nonce); // the entry node's key to seal to, checked first
+        chunks = await sendSealed(bundles, nonce, body, controller.signal);
+      } else {
+        const response = await fetch("/v1/chat/completions", {
+          method: "POST",
+          headers: { "Content-Type": "application/json", ...authHeaders() },
+          body,
+          signal: controller.signal,
+        });
+        if (!response.ok) throw await errorOf(response);
+        chunks = responseChunks(response);
+      }
+      for await (const raw of sseFromChunks(chunks)) {
         const item = raw as StreamEvent;
-        if (item.error) throw new Error(item.error.message);
+        if (item.error) throw new ApiError(0, item.error.message, item.error.code ?? null);
+        if (item.id) claims.responseId = item.id;
         for (const choice of item.choices ?? []) {
           if (choice.delta?.content) {
             reply += choice.delta.content;
@@ -241,12 +312,14 @@ export function ChatPage(): JSX.Element {
         }
         if (item.receipts) {
           receipts = item.receipts;
-          servedBy = item.served_by ?? [];
+          claims.servedBy = item.served_by ?? [];
+          claims.requestId = item.teeshard?.request_id;
+          claims.tokenIds = item.teeshard?.completion_token_ids;
         }
       }
-      const nonce = randomBytes(32);
-      const report = await verifyChain(receipts, await fetchBundles(nonce), body, nonce, servedBy);
-      setLast(id, (m) => ({ ...m, report }));
+      const report = await verifyChain(receipts, bundles ?? (await fetchBundles(nonce)), body,
+                                       nonce, claims);
+      setLast(id, (m) => ({ ...m, report: { ...report, sealed } }));
     } catch (error) {
       if (controller.signal.aborted) setLast(id, (m) => ({ ...m, stopped: true }));
       else setLast(id, (m) => ({ ...m, error: errorText(error) }));
@@ -315,8 +388,17 @@ export function ChatPage(): JSX.Element {
               {field("seed", "Seed", { min: 0, step: 1, placeholder: "random" })}
             </div>
           </details>
-          <label class="switch" title="Sealed requests (HPKE) await the new sealed protocol">
-            <input type="checkbox" disabled /> Sealed mode (coming)
+          <label class="switch" title="HPKE-seal each request to the entry node's attested key">
+            <input
+              type="checkbox"
+              checked={sealedMode}
+              onChange={(e) => {
+                const on = (e.currentTarget as HTMLInputElement).checked;
+                localStorage.setItem(SEALED_SETTING, on ? "1" : "0");
+                setSealedMode(on);
+              }}
+            />{" "}
+            Sealed mode
           </label>
         </div>
         {loadError && (

@@ -1,13 +1,9 @@
-// Server-sent events from a fetch Response: yields each `data:` payload, parsed.
+// Server-sent events from a stream of bytes: yields each `data:` payload, parsed.
 
-export async function* sseEvents(response: Response): AsyncGenerator<unknown> {
-  if (response.body === null) return;
-  const reader = response.body.getReader();
+export async function* sseFromChunks(chunks: AsyncIterable<Uint8Array>): AsyncGenerator<unknown> {
   const decoder = new TextDecoder();
   let buffer = "";
-  for (;;) {
-    const { value, done } = await reader.read();
-    if (done) break;
+  for await (const value of chunks) {
     buffer += decoder.decode(value, { stream: true });
     const events = buffer.split("\n\n");
     buffer = events.pop() ?? "";
@@ -21,4 +17,18 @@ export async function* sseEvents(response: Response): AsyncGenerator<unknown> {
       yield JSON.parse(data);
     }
   }
+}
+
+export async function* responseChunks(response: Response): AsyncGenerator<Uint8Array> {
+  if (response.body === null) return;
+  const reader = response.body.getReader();
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    yield value;
+  }
+}
+
+export function sseEvents(response: Response): AsyncGenerator<unknown> {
+  return sseFromChunks(responseChunks(response));
 }

@@ -88,11 +88,17 @@ export function VerificationPanel({ report }: { report: ChainReport }): JSX.Elem
           </tbody>
         </table>
       </div>
+      {report.sealed && (
+        <p class="small" data-testid="sealed-note">
+          Sent sealed: HPKE to stage 0's attested sealing key (checked against its bundle first);
+          the answer came back in sealed records only this page could open.
+        </p>
+      )}
       <p class="small">
         Checked with WebCrypto: each receipt's ECDSA P-256 signature by its stage's attested key
         (from <code>/v1/attestation/chain</code> with a fresh nonce), the links between receipts,
-        the attested manifest and layers, and that stage 0 received the SHA-256 of the exact body
-        this browser sent. Receipt chain digest <code>{short(report.digest, 16)}</code>.
+        the attested manifest and layers, that stage 0 received the SHA-256 of the exact body
+        this browser sent, and that the last stage sent exactly this answer's token ids. Receipt chain digest <code>{short(report.digest, 16)}</code>.
       </p>
     </details>
   );

@@ -74,6 +74,15 @@ export interface ChainReport {
   stages: StageReport[];
   problems: string[]; // what failed outside any one stage
   digest: string;
+  sealed?: boolean; // the request went HPKE-sealed to stage 0's attested key
+}
+
+/** What the response says about itself (its id, and the `teeshard` extension field). */
+export interface AnswerClaims {
+  servedBy?: string[];
+  responseId?: string;
+  requestId?: string; // teeshard.request_id
+  tokenIds?: number[]; // teeshard.completion_token_ids
 }
 
 interface Signer {
@@ -87,6 +96,7 @@ const RECEIPT_DOMAIN = utf8("teeshard/receipt/v1\0");
 const NONCE_DOMAIN = utf8("teeshard/nonce-signature/v1\0");
 const REPORT_DATA_DOMAIN = utf8("teeshard/report-data/v1\0");
 const CHAIN_DOMAIN = utf8("teeshard/receipt-chain/v1\0");
+const TRAFFIC_DOMAIN = utf8("teeshard/traffic/v1\0");
 const ZERO_HASH = new Uint8Array(32);
 
 function parseLayers(text: string): [number, number] {
@@ -165,8 +175,9 @@ export async function verifyChain(
   bundles: BundleJson[],
   body: Bytes,
   nonce: Bytes,
-  servedBy: string[] = [],
+  claims: AnswerClaims = {},
 ): Promise<ChainReport> {
+  const servedBy = claims.servedBy ?? [];
   const problems: string[] = [];
   const signers = new Map<string, Signer>();
   for (const [index, bundle] of bundles.entries()) {
@@ -238,6 +249,15 @@ export async function verifyChain(
         ok: receipt.received_sha256 === previous.sent_sha256,
       });
     }
+    if (index === receipts.length - 1) {
+      checks.push({
+        name: "sent exactly this answer's token ids",
+        ok:
+          claims.tokenIds !== undefined &&
+          safeEqualHex(receipt.sent_sha256, await tokenTrafficHash(claims.tokenIds)),
+        detail: claims.tokenIds === undefined ? "the response carries no token ids" : undefined,
+      });
+    }
     const ok = checks.every((c) => c.ok);
     const bundle = signer?.bundle;
     stages.push({
@@ -261,6 +281,14 @@ export async function verifyChain(
   if (previous !== null && position !== numLayers) {
     problems.push(`the chain ends at layer ${position} of ${numLayers}: a stage is missing`);
   }
+  if (claims.requestId !== undefined && claims.requestId !== requestId) {
+    problems.push(`the response names request ${claims.requestId}, the receipts ${requestId}`);
+  }
+  if (claims.responseId !== undefined && requestId !== undefined) {
+    if (!["chatcmpl-", "cmpl-"].some((p) => claims.responseId === p + requestId)) {
+      problems.push(`response id ${claims.responseId} is not request ${requestId}`);
+    }
+  }
   const digest = await chainDigest(receipts);
   return { ok: problems.length === 0 && stages.every((s) => s.ok), stages, problems, digest };
 }
@@ -271,6 +299,16 @@ function safeEqualHex(hex: string, bytes: Uint8Array): boolean {
   } catch {
     return false;
   }
+}
+
+/** The last stage's "sent" hash of a completion: one length-prefixed frame per token id. */
+export async function tokenTrafficHash(tokenIds: number[]): Promise<Bytes> {
+  const frames = tokenIds.map((id) => {
+    const frame = new Uint8Array(4);
+    new DataView(frame.buffer).setUint32(0, id, true); // struct.pack("<I", id)
+    return concat(u64(4), frame);
+  });
+  return sha256(concat(TRAFFIC_DOMAIN, ...frames));
 }
 
 export async function chainDigest(receipts: ReceiptJson[]): Promise<string> {
