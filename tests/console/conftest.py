@@ -1,4 +1,8 @@
-"""Browser fixtures: one Chromium per session, a fresh context (empty storage) per test."""
+"""Browser fixtures: one Chromium per test module, a fresh context (empty storage) per test.
+
+Module scope, not session: Playwright's sync API keeps an event loop running in
+this thread while it is open, which the asyncio tests of later modules cannot share.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ from tests.console.browser import DESKTOP, chromium_path, playwright_api
 PageFactory = Callable[..., Any]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def chromium() -> Iterator[Any]:
     executable = chromium_path()
     with playwright_api()() as playwright:
