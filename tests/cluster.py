@@ -41,6 +41,7 @@ from teeshard.model.layer_range import LayerRange
 from teeshard.model.plan import split_even
 from teeshard.model.sampling import SamplingParams
 from teeshard.node import PipelineLimits, SessionLimits
+from teeshard.paths import simulated_tee_dir
 from teeshard.procutil import die_with_parent, free_port, wait_healthy
 from teeshard.server.config import NodeConfig
 from teeshard.server.local_pipeline import write_local_policy
@@ -246,8 +247,11 @@ def attested_stand_in(
     model_dir: Path, layers: LayerRange, policy_path: Path | None, entry: bool = False
 ) -> NodeTrust:
     """A node's trust as ``layers`` of ``model_dir`` would have it (simulated provider)."""
-    manifest = compute_manifest(Checkpoint(model_dir), layers, "float32", model_name="tiny")
-    provider = select_provider("simulated", allow_simulated=True)
+    manifest = compute_manifest(
+        Checkpoint(model_dir), layers, "float32", model_name="tiny",
+        entry_files=model_dir if entry else None,
+    )  # fmt: skip
+    provider = select_provider("simulated", allow_simulated=True, data_dir=simulated_tee_dir())
     attestation = NodeAttestation.create(provider, manifest, NodeIdentity.generate())
     return NodeTrust(attestation, Policy.load(policy_path))
 

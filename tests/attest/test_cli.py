@@ -43,7 +43,7 @@ def test_verify_quote_command(capsys: pytest.CaptureFixture[str], tmp_path: Path
     )
     assert code == 1 and out.startswith("FAIL: quote rejected")
     policy = tmp_path / "policy.toml"
-    policy.write_text('[tdx]\nmrtd = ["' + "00" * 48 + '"]\n')
+    policy.write_text('[tdx]\nallow_any_rtmr3 = true\nmrtd = ["' + "00" * 48 + '"]\n')
     code, out = run(capsys, "verify-quote", quote, "--collateral", collateral,
                     "--now", str(VECTOR_TIME), "--policy", str(policy))  # fmt: skip
     assert code == 1 and "FAIL: MRTD 91eb2b" in out

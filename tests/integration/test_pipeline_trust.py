@@ -107,7 +107,7 @@ async def test_an_upstream_for_other_layers_is_refused(cluster: LocalCluster) ->
     """A genuine node of this very model, but not the one right before: no skipping layers."""
     first = cluster.nodes[0].config.layers
     genuine_elsewhere = attested_stand_in(
-        cluster.model_dir, first, cluster.nodes[2].config.policy_path
+        cluster.model_dir, first, cluster.nodes[2].config.policy_path, entry=True
     )
     with pytest.raises(PeerRefusedError, match="cannot feed"):
         await _introduce(cluster, 2, genuine_elsewhere)  # layers 0:k feeding node 2's layers

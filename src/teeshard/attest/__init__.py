@@ -60,6 +60,7 @@ from teeshard.attest.identity import NodeIdentity, cert_fingerprint, pinned_clie
 from teeshard.attest.manifest import ManifestBuilder, ShardManifest, compute_manifest
 from teeshard.attest.manifest_cache import ManifestCache
 from teeshard.attest.providers import TEE_CHOICES, Provider, select_provider
+from teeshard.attest.providers.simulated import simulated_public_key
 from teeshard.attest.receipts import (
     RECEIPT_DIGEST_HEADER,
     RECEIPTS_FIELD,
@@ -105,11 +106,12 @@ from teeshard.attest.verify import (
     verify_quote,
 )
 from teeshard.attest.verify.policy import ManifestExpectation
-from teeshard.attest.verify.quote import CollateralSource, collateral_source
+from teeshard.attest.verify.quote import DEFAULT_PCCS_URL, CollateralSource, collateral_source
 
 __all__ = [
     "ATTESTATION_PATH",
     "CHAIN_PATH",
+    "DEFAULT_PCCS_URL",
     "EXTENSION_FIELD",
     "IDEMPOTENCY_HEADER",
     "NONCE_BYTES",
@@ -189,6 +191,7 @@ __all__ = [
     "seal_request",
     "select_provider",
     "sign_receipt",
+    "simulated_public_key",
     "token_traffic_hash",
     "verify_bundle",
     "verify_chain",

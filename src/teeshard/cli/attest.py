@@ -20,6 +20,7 @@ from teeshard.attest import (
 )
 from teeshard.attest.verify.bundle import VerifiedNode, check_report
 from teeshard.attest.verify.quote import (
+    DEFAULT_PCCS_URL,
     CollateralSource,
     collateral_source,
     read_quote_file,
@@ -28,7 +29,7 @@ from teeshard.attest.verify.quote import (
 from teeshard.model.checkpoint import Checkpoint
 from teeshard.model.layer_range import LayerRange
 
-DEFAULT_PCCS = "https://pccs.phala.network"  # any PCCS works: collateral is signed by Intel
+DEFAULT_PCCS = DEFAULT_PCCS_URL  # any PCCS works: collateral is signed by Intel
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

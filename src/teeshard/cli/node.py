@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from teeshard.attest import TEE_CHOICES
+from teeshard.attest import DEFAULT_PCCS_URL, TEE_CHOICES
 from teeshard.model.layer_range import LayerRange
 from teeshard.node import SessionLimits
 from teeshard.server.config import NodeConfig
@@ -101,7 +101,12 @@ def add_trust_options(parser: argparse.ArgumentParser) -> None:
         help="accept the next node's INSECURE simulated attestation (development only)",
     )
     parser.add_argument("--collateral", type=Path, help="cached DCAP collateral JSON file")
-    parser.add_argument("--pccs-url", help="PCCS to fetch DCAP collateral from")
+    parser.add_argument(
+        "--pccs-url",
+        default=DEFAULT_PCCS_URL,
+        help=f"PCCS to fetch DCAP collateral from (default {DEFAULT_PCCS_URL}, as the CLI's; "
+        "--collateral takes precedence)",
+    )
     parser.add_argument(
         "--no-manifest-cache",
         action="store_true",

@@ -33,6 +33,7 @@ class GenerationParams:
     sampling: SamplingParams
     stop: tuple[str, ...] = ()
     prompt_chars: int | None = None  # characters of the prompt text, for per-character pricing
+    ignore_eos: bool = False  # decode max_tokens even past an end-of-sequence token
 
 
 @dataclass
@@ -155,7 +156,7 @@ class GenerationLoop:
             while True:
                 token = result.token
                 generation.token_ids.append(token)  # its receipt hashes each one, EOS too
-                if token in self.eos_ids:
+                if token in self.eos_ids and not params.ignore_eos:
                     generation.finish_reason = "stop"
                     break
                 generation.completion_tokens += 1

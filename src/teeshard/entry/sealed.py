@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request, Response
@@ -53,18 +53,19 @@ _QUEUE_MESSAGES = 16  # inner body chunks buffered before the generation waits f
 
 def attach_sealed_router(
     app: FastAPI,
-    identity: NodeIdentity | Callable[[], NodeIdentity],
+    identity: NodeIdentity | Callable[[], Sequence[NodeIdentity]],
     *,
     window_s: float = WINDOW_S,
     replay_cache: ReplayCache | None = None,
 ) -> None:
     """Serve ``/v1/sealed`` on ``app``, opening requests with ``identity``'s sealing key.
 
-    ``identity`` may be a getter, for a node that re-keys while it runs.
+    ``identity`` may be a getter of the identities to try, newest first, for a node
+    that re-keys while it runs (a request sealed just before a re-key still opens).
     """
     router = APIRouter()
     replays = replay_cache or ReplayCache(window_s)
-    current = identity if callable(identity) else (lambda: identity)
+    current = identity if callable(identity) else (lambda: (identity,))
 
     @router.post(SEALED_PATH)
     async def sealed(request: Request) -> Response:
@@ -95,7 +96,7 @@ def attach_sealed_router(
     app.include_router(router)
 
 
-async def _open(request: Request, identity: NodeIdentity) -> OpenedRequest:
+async def _open(request: Request, identities: Sequence[NodeIdentity]) -> OpenedRequest:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > MAX_SEALED_BYTES:
         raise APIError(413, f"sealed requests are at most {MAX_SEALED_BYTES} bytes")
@@ -104,12 +105,15 @@ async def _open(request: Request, identity: NodeIdentity) -> OpenedRequest:
         body += chunk
         if len(body) > MAX_SEALED_BYTES:
             raise APIError(413, f"sealed requests are at most {MAX_SEALED_BYTES} bytes")
-    try:
-        return open_request(identity, bytes(body))
-    except SealingError as exc:
-        raise APIError(
-            400, f"sealed request rejected: {exc}", code="sealed_request_invalid"
-        ) from None
+    failure: SealingError | None = None
+    for identity in identities:
+        try:
+            return open_request(identity, bytes(body))
+        except SealingError as exc:
+            failure = failure or exc  # the newest key's reason is the one to report
+    raise APIError(
+        400, f"sealed request rejected: {failure}", code="sealed_request_invalid"
+    ) from None
 
 
 def _inner_scope(request: Request, opened: OpenedRequest) -> dict[str, Any]:

@@ -148,7 +148,9 @@ class OpenAIServing:
             top_k=request.top_k,
             seed=request.seed,
         )
-        params = GenerationParams(budget, sampling, tuple(request.stop_list), prompt_chars)
+        params = GenerationParams(
+            budget, sampling, tuple(request.stop_list), prompt_chars, request.ignore_eos
+        )
         generation = await self.generations.start(
             prompt_ids, params, caller.api_key, caller.body_digest
         )
@@ -170,11 +172,13 @@ class OpenAIServing:
         self, request: CompletionRequest, caller: Caller
     ) -> JSONResponse | StreamingResponse:
         self._check_model(request.model)
-        prompt_ids = self.codec.completion_prompt(request.prompt_text)
+        token_ids = request.prompt_token_ids
+        text = self.codec.decode(token_ids) if token_ids is not None else request.prompt_text
+        prompt_ids = token_ids or self.codec.completion_prompt(text)
         prepared = await self._prepare(
-            request, prompt_ids, request.requested_max_tokens, caller, len(request.prompt_text)
+            request, prompt_ids, request.requested_max_tokens, caller, len(text)
         )
-        prefix = request.prompt_text if request.echo else ""
+        prefix = text if request.echo else ""
         return await self._respond(
             prepared, COMPLETION, request.stream, request.include_usage, prefix
         )

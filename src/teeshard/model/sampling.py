@@ -8,9 +8,22 @@ that rejects unknown fields.
 from __future__ import annotations
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-__all__ = ["SamplingParams", "new_generator", "sample"]
+__all__ = ["MAX_SEED", "MAX_TOP_K", "MIN_TEMPERATURE", "SamplingParams", "new_generator", "sample"]
+
+# Bounds that keep every accepted request computable: a temperature below this
+# overflows the scaled logits; torch seeds take 64 bits (kept signed-safe); a
+# top-k beyond any vocabulary means nothing.
+MIN_TEMPERATURE = 1e-3
+MAX_SEED = 2**63 - 1
+MAX_TOP_K = 1 << 20
+
+
+def check_temperature(value: float) -> float:
+    if 0.0 < value < MIN_TEMPERATURE:
+        raise ValueError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}")
+    return value
 
 
 class SamplingParams(BaseModel):
@@ -18,8 +31,10 @@ class SamplingParams(BaseModel):
 
     temperature: float = Field(default=0.0, ge=0.0, le=100.0)  # 0 means greedy
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=0)  # 0 means no top-k filter
-    seed: int | None = None
+    top_k: int = Field(default=0, ge=0, le=MAX_TOP_K)  # 0 means no top-k filter
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+
+    _temperature = field_validator("temperature")(check_temperature)
 
     @property
     def greedy(self) -> bool:

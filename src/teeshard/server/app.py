@@ -44,7 +44,10 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.loop = asyncio.get_running_loop()  # for in-process callers on other threads
-        tasks = [asyncio.create_task(_evict_idle(service))]
+        tasks = [
+            asyncio.create_task(_evict_idle(service)),
+            asyncio.create_task(trust.attestation.keep_fresh()),  # re-key, re-quote before expiry
+        ]
         if service.next_hop is not None:
             tasks.append(asyncio.create_task(service.next_hop.keep_connected()))
         try:
@@ -90,7 +93,7 @@ def create_app(
         attach_console(app, serving, trust, lambda request: (
             health_report(service, config) if may_see_detail(request, config)
             else public_health(trust.attestation.evidence.insecure)))  # fmt: skip
-        attach_sealed_router(app, lambda: trust.attestation.identity)  # follows a re-key
+        attach_sealed_router(app, trust.attestation.identities)  # newest first: follows a re-key
     return app
 
 

@@ -30,12 +30,14 @@ from teeshard.entry.protocol import error_body
 from teeshard.server.config import NodeConfig, is_loopback
 
 
-class _BodyTooLarge(Exception):
-    pass
-
-
 class BodyLimit:
-    """ASGI middleware: no request body above ``max_bytes`` is read."""
+    """ASGI middleware: no request body above ``max_bytes`` is read.
+
+    The body is read here first, counting as it comes (so a chunked body is cut off
+    the moment it passes the limit, before the rest is received), and then handed
+    to the app as it arrived; the app's later ``receive`` calls (disconnects) pass
+    through.
+    """
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
@@ -49,28 +51,24 @@ class BodyLimit:
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
             await self._refuse(send)
             return
+        buffered: list[Message] = []
         seen = 0
-        started = False
-
-        async def counting_receive() -> Message:
-            nonlocal seen
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise _BodyTooLarge
-            return message
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, counting_receive, tracking_send)
-        except _BodyTooLarge:
-            if not started:
+            buffered.append(message)
+            if message["type"] != "http.request":
+                break  # the client went away: let the app see it
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
                 await self._refuse(send)
+                return
+            if not message.get("more_body", False):
+                break
+
+        async def replay() -> Message:
+            return buffered.pop(0) if buffered else await receive()
+
+        await self.app(scope, replay, send)
 
     async def _refuse(self, send: Send) -> None:
         body = json.dumps(

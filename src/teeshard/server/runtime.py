@@ -31,7 +31,7 @@ from teeshard.model.checkpoint import Checkpoint
 from teeshard.model.loader import TensorHook, load_shard, parse_dtype
 from teeshard.model.transformer import Shard
 from teeshard.node import NextHop, NodeService
-from teeshard.paths import data_dir
+from teeshard.paths import simulated_tee_dir
 from teeshard.server.app import create_app
 from teeshard.server.config import NodeConfig
 from teeshard.server.edge import header_deadline_protocol
@@ -91,7 +91,7 @@ def load_with_progress(
 
 def attest_node(config: NodeConfig, builder: ManifestBuilder) -> NodeTrust:
     provider = select_provider(
-        config.tee, allow_simulated=config.tee == "simulated", data_dir=data_dir() / "simulated-tee"
+        config.tee, allow_simulated=config.tee == "simulated", data_dir=simulated_tee_dir()
     )
     hosts = {"localhost", "127.0.0.1", *config.public_hosts}
     if config.host not in ("0.0.0.0", "::"):
@@ -199,7 +199,7 @@ def make_server(node: Node) -> uvicorn.Server:
     config.load()
     if node.config.serves_tls:
         # uvicorn builds contexts from key files; the identity builds its own instead
-        config.ssl = node.trust.attestation.identity.server_ssl_context()
+        config.ssl = node.trust.attestation.server_ssl_context()  # renewed on re-key
     return uvicorn.Server(config)
 
 
