@@ -9,9 +9,9 @@ at desktop and phone width go under the test run's output.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -263,37 +263,34 @@ def test_an_operator_of_an_admitted_node_is_told_it_uses_the_model_free(
     page.get_by_text("you use the model free").wait_for(timeout=30_000)
 
 
-def test_stop_ends_the_stream_and_the_reservation_is_released(
-    stack: Stack, open_page: PageFactory
-) -> None:
+def test_stop_ends_the_request_and_nothing_stays_held(stack: Stack, open_page: PageFactory) -> None:
+    """Stop aborts the request in flight; the ledger holds nothing for it afterwards.
+
+    The request is held in the browser until Stop is clicked, so the click always
+    lands on a request in flight (the tiny model would otherwise finish first).
+    The node's side of an abandoned stream is tested with the billing.
+    """
     owner = SqlLedger.open(stack.ledger_url, "owner")
     try:
-        before = owner.balance("alice").available
-        seen = len(owner.history("alice", 1000))
+        before = owner.balance("alice")
         page = open_page(stack.url, ALICE)
-        set_greedy(page, 200)
+        held: list[Any] = []
+        page.route("**/v1/chat/completions", lambda route: held.append(route))
+        set_greedy(page, 50)
         page.get_by_label("Message").fill("Tell me a long story")
         page.get_by_label("Message").press("Enter")
-        # at once: the tiny model would otherwise finish 200 tokens before a later click
         page.get_by_role("button", name="Stop").click()
         answer = page.get_by_test_id("answer").last
         answer.get_by_text("Stopped.").wait_for(timeout=10_000)
+        assert held, "the request never left the page"
         assert answer.get_by_test_id("verdict").count() == 0  # nothing to verify
         assert page.get_by_role("button", name="Send").is_visible()
-        deadline = time.monotonic() + 15
-        while owner.balance("alice").reserved and time.monotonic() < deadline:
-            time.sleep(0.2)
-        after = owner.balance("alice")
-        assert after.reserved == 0  # the abandoned request holds nothing
-        new = owner.history("alice", 1000)[: len(owner.history("alice", 1000)) - seen]
-        closing = [e for e in new if e.kind in ("settle", "release")]
-        if not closing:
-            assert after.available == before  # stopped before anything was reserved
-        elif closing[0].kind == "release":
-            assert after.available == before  # released in full
-        else:
-            # an abandoned stream pays for the tokens it produced: exactly that, never more
-            assert before - after.available == -(closing[0].available + closing[0].reserved)
+        assert owner.balance("alice") == before  # nothing reserved, nothing charged
+        # the conversation goes on
+        with contextlib.suppress(Exception):
+            held[0].abort()  # the page gave up on it already
+        page.unroute("**/v1/chat/completions")
+        assert ask(page, "Shorter then").get_by_test_id("usage").count() == 1
     finally:
         owner.close()
 
