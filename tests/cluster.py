@@ -123,6 +123,8 @@ class LocalCluster:
     next_overrides: dict[int, str] = field(default_factory=dict)
     # extra NodeConfig fields for the entry node (a ledger, say)
     entry_options: dict[str, object] = field(default_factory=dict)
+    # node index -> extra NodeConfig fields for that node (its operator, say)
+    node_options: dict[int, dict[str, object]] = field(default_factory=dict)
     nodes: list[RunningNode] = field(default_factory=list)
 
     @property
@@ -175,6 +177,8 @@ class LocalCluster:
         ]
         if self.entry_options:
             configs[0] = replace(configs[0], **self.entry_options)  # type: ignore[arg-type]
+        for index, options in self.node_options.items():
+            configs[index] = replace(configs[index], **options)  # type: ignore[arg-type]
         return configs
 
     def __enter__(self) -> LocalCluster:

@@ -39,6 +39,11 @@ VALUES = {  # what a deployer fills in, well-formed
     "NODE2_RTMR2": "44" * 48,
     "NODE2_COMPOSE_HASH": "55" * 32,
     "NODE2_MANIFEST_HASH": "66" * 32,
+    "NODE1_MRTD": "77" * 48,
+    "NODE1_RTMR0": "88" * 48,
+    "NODE1_RTMR1": "99" * 48,
+    "NODE1_RTMR2": "aa" * 48,
+    "NODE1_MANIFEST_HASH": "bb" * 32,
     "MODEL_REVISION": "fe8a4ea1ffedaf415f4da2f062534de366a451e6",
 }
 _VAR = re.compile(r"\$\{([^}]*)\}")
@@ -109,7 +114,7 @@ def test_every_placeholder_fails_loudly_until_filled(path: Path) -> None:
             render(raw, {k: v for k, v in VALUES.items() if k != name})
     rendered = render(raw, VALUES)
     # No bare placeholder text (the old NODE2_MRTD style) survives the rendering.
-    leftovers = [s for s in strings(rendered) if re.search(r"\bNODE2_[A-Z_]+\b|\bOWNER\b", s)]
+    leftovers = [s for s in strings(rendered) if re.search(r"\bNODE[12]_[A-Z_]+\b|\bOWNER\b", s)]
     assert leftovers == []
 
 
@@ -159,10 +164,12 @@ def test_inline_policies_load_and_constrain_rtmr3(path: Path) -> None:
     content = render(compose(path), VALUES)["configs"]["policy"]["content"]
     policy = Policy.from_mapping(tomllib.loads(content), path.name)
     assert policy.allowed_tcb_statuses == {"UpToDate"} and not policy.allow_simulated
-    if policy.lists_tdx:
-        assert policy.compose_hashes and policy.manifests
-    if path.name.endswith("node1.yml"):
+    assert policy.lists_tdx and policy.manifests
+    if path.name.endswith("node1.yml"):  # the downstream direction pins node 2's app
         assert policy.compose_hashes == {bytes.fromhex(VALUES["NODE2_COMPOSE_HASH"])}
+    else:  # node 2 admits node 1 by platform and entry manifest (docs/deploy.md says why)
+        assert policy.allow_any_rtmr3 and not policy.compose_hashes
+        assert policy.manifests[0].manifest_hash == bytes.fromhex(VALUES["NODE1_MANIFEST_HASH"])
 
 
 def test_gramine_template() -> None:

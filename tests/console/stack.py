@@ -73,3 +73,38 @@ def teeshard_up(
                 except subprocess.TimeoutExpired:
                     process.kill()
                     process.wait()
+
+
+@contextmanager
+def operator_node(model: Path, stack: Stack, operator: str) -> Iterator[str]:
+    """One more node for the last layers, outside the chain, claiming ``operator``.
+
+    What an operator registers in the pool: a node started with ``--operator``,
+    whose attested key signs the claim the registration checks. It takes the
+    policy ``teeshard up`` wrote, so it serves the same shard (the same manifest).
+    """
+    from teeshard.paths import data_dir
+    from teeshard.procutil import free_port
+
+    port = free_port()
+    policy = data_dir() / "runs" / f"port-{stack.port}" / "policy.toml"
+    argv = [
+        sys.executable, "-m", "teeshard.cli", "node", "--model", str(model), "--layers", "2:4",
+        "--port", str(port), "--model-name", "tiny", "--threads", "1", "--tee", "simulated",
+        "--policy", str(policy), "--operator", operator,
+    ]  # fmt: skip
+    process = subprocess.Popen(
+        argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    try:
+        url = f"https://127.0.0.1:{port}"
+        wait_healthy(url + "/health", process, timeout=120)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

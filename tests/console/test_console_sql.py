@@ -13,7 +13,6 @@ import contextlib
 import json
 import re
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -23,7 +22,7 @@ from teeshard.ledger.sql import SqlLedger
 from tests.checkpoints import TinyModel
 from tests.console.browser import screenshot
 from tests.console.conftest import PageFactory
-from tests.console.stack import Stack, entry_port, teeshard_up
+from tests.console.stack import Stack, entry_port, operator_node, teeshard_up
 
 pytestmark = pytest.mark.timeout(600)
 ALICE, BOB, CAROL = "tsk_alice_console", "tsk_bob_console", "tsk_carol_console"
@@ -168,29 +167,39 @@ def test_network_page_lists_every_node(stack: Stack, open_page: PageFactory) -> 
 
 
 def test_registering_a_node_through_the_pool_page_admits_it(
-    stack: Stack, open_page: PageFactory, tmp_path: Path
+    stack: Stack, open_page: PageFactory, tiny_llama: TinyModel
 ) -> None:
-    page = open_page(stack.url + "/#/pool", CAROL)
-    page.get_by_label("Node URL").fill(stack.downstream_url)
-    page.get_by_role("button", name="Check attestation").click()
-    found = page.get_by_test_id("found")
-    found.wait_for(timeout=30_000)
-    assert "[2, 4)" in found.inner_text() and "INSECURE" in found.inner_text()
-    node_id = f"127.0.0.1:{stack.port + 1}"
-    page.get_by_role("button", name=f"Register {node_id}").click()
-    status = page.get_by_test_id("pool-status")
-    status.wait_for(timeout=30_000)
-    assert f"Registered and admitted {node_id}" in status.inner_text()
-    row = page.get_by_test_id("pool-nodes").locator("tbody tr", has_text=node_id)
-    row.wait_for()
-    assert "admitted" in row.inner_text()
-    owner = SqlLedger.open(stack.ledger_url, "owner")
-    try:
-        (record,) = [n for n in owner.nodes() if n.node_id == node_id]
-        assert record.admitted and record.operator == "carol" and record.layers == "2:4"
-    finally:
-        owner.close()
-    screenshot(page, "pool")
+    with operator_node(tiny_llama.path, stack, "carol") as url:
+        page = open_page(stack.url + "/#/pool", CAROL)
+        page.get_by_label("Node URL").fill(url)
+        page.get_by_role("button", name="Check attestation").click()
+        found = page.get_by_test_id("found")
+        found.wait_for(timeout=30_000)
+        assert "[2, 4)" in found.inner_text() and "INSECURE" in found.inner_text()
+        node_id = url.removeprefix("https://")
+        page.get_by_role("button", name=f"Register {node_id}").click()
+        status = page.get_by_test_id("pool-status")
+        status.wait_for(timeout=30_000)
+        assert f"Registered and admitted {node_id}" in status.inner_text()
+        row = page.get_by_test_id("pool-nodes").locator("tbody tr", has_text=node_id)
+        row.wait_for()
+        assert "admitted" in row.inner_text()
+        owner = SqlLedger.open(stack.ledger_url, "owner")
+        try:
+            (record,) = [n for n in owner.nodes() if n.node_id == node_id]
+            assert record.admitted and record.operator == "carol" and record.layers == "2:4"
+        finally:
+            owner.close()
+        screenshot(page, "pool")
+        # the claim names carol: alice cannot register carol's node as hers
+        other = open_page(stack.url + "/#/pool", ALICE)
+        other.get_by_label("Node URL").fill(url)
+        other.get_by_role("button", name="Check attestation").click()
+        other.get_by_test_id("found").wait_for(timeout=30_000)
+        other.get_by_role("button", name=f"Register {node_id}").click()
+        alert = other.get_by_role("alert")
+        alert.wait_for(timeout=30_000)
+        assert "claim names operator 'carol'" in alert.inner_text()
 
 
 def test_a_node_outside_the_policy_is_refused(stack: Stack, open_page: PageFactory) -> None:

@@ -20,7 +20,7 @@ from teeshard.procutil import free_port
 from tests.checkpoints import TinyModel
 from tests.console.browser import screenshot
 from tests.console.conftest import PageFactory
-from tests.console.stack import Stack, entry_port, teeshard_up
+from tests.console.stack import Stack, entry_port, operator_node, teeshard_up
 from tests.ledger.ledger_harness import anvil_path
 
 pytestmark = pytest.mark.timeout(600)
@@ -127,25 +127,26 @@ def test_buying_tokens_through_the_wallet_raises_the_balance(
 
 
 def test_registering_a_node_through_the_wallet_admits_it(
-    evm: Evm, stack: Stack, open_page: PageFactory
+    evm: Evm, stack: Stack, open_page: PageFactory, tiny_llama: TinyModel
 ) -> None:
-    """The wallet signs register_node; the entry node verifies the node and admits it."""
+    """The wallet signs register_node (with its bond); the entry verifies and admits it."""
     if evm.owner.balance(evm.user).available == 0:
         pytest.skip("needs the account the wallet test opened")
-    page = open_page("about:blank", USER_KEY, init_script=PROVIDER)
-    page.context.expose_function("__anvil", evm.forward)
-    page.goto(stack.url + "/#/pool")
-    page.get_by_label("Node URL").fill(stack.downstream_url)
-    page.get_by_role("button", name="Check attestation").click()
-    page.get_by_test_id("found").wait_for(timeout=30_000)
-    node_id = f"127.0.0.1:{stack.port + 1}"
-    page.get_by_role("button", name=f"Register {node_id}").click()
-    status = page.get_by_test_id("pool-status").get_by_text(f"Registered and admitted {node_id}.")
-    status.wait_for(timeout=60_000)
-    (record,) = [n for n in evm.owner.nodes() if n.node_id == node_id]
-    assert record.admitted and record.operator.lower() == evm.user.lower()
-    assert record.layers == "2:4"
-    screenshot(page, "pool-wallet")
+    with operator_node(tiny_llama.path, stack, evm.user) as url:
+        page = open_page("about:blank", USER_KEY, init_script=PROVIDER)
+        page.context.expose_function("__anvil", evm.forward)
+        page.goto(stack.url + "/#/pool")
+        page.get_by_label("Node URL").fill(url)
+        page.get_by_role("button", name="Check attestation").click()
+        page.get_by_test_id("found").wait_for(timeout=30_000)
+        node_id = url.removeprefix("https://")
+        page.get_by_role("button", name=f"Register {node_id}").click()
+        status = page.get_by_test_id("pool-status")
+        status.get_by_text(f"Registered and admitted {node_id}.").wait_for(timeout=60_000)
+        (record,) = [n for n in evm.owner.nodes() if n.node_id == node_id]
+        assert record.admitted and record.operator.lower() == evm.user.lower()
+        assert record.layers == "2:4"
+        screenshot(page, "pool-wallet")
 
 
 def test_a_deposit_of_nothing_is_refused_before_the_wallet_sees_it(evm: Evm, stack: Stack) -> None:

@@ -53,6 +53,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--node-id", default=None, help="this node's id in the pool (default: public host:port)"
     )
     parser.add_argument(
+        "--operator",
+        default=None,
+        help="the ledger account that operates this node: its attested key signs this in the "
+        "claim the pool's registration requires (GET /v1/operator-claim)",
+    )
+    parser.add_argument(
         "--behind-ingress",
         action="store_true",
         help="entry node: serve plain HTTP on a non-loopback address because a TLS-terminating "
@@ -224,6 +230,7 @@ def run(args: argparse.Namespace) -> int:
         next_url=args.next_url,
         entry=args.entry,
         behind_ingress=args.behind_ingress,
+        operator=args.operator,
     )
     serve(config)
     return 0

@@ -55,6 +55,7 @@ from teeshard.ledger.registration import (
     ExpectedShards,
     RegistrationRefused,
     VerifiedBundle,
+    admit_from_url,
     default_node_id,
     register_from_url,
     verify_node,
@@ -178,7 +179,8 @@ def build_console_router(
             done = register_from_url(console.acting_as(key), body.url, shards, verifier())
             record = done.node
             if not done.admitted:
-                record = console.admit(record.node_id, done.verified.manifest_hash)
+                record = admit_from_url(console.ledger, body.url, shards, verifier(),
+                                        node_id=record.node_id)  # fmt: skip
             return {**_found(body.url, done.verified), "node": asdict(record),
                     "admitted": record.admitted}  # fmt: skip
 
@@ -196,8 +198,8 @@ def build_console_router(
                 raise UnknownNode(f"no node {node_id!r} is registered: register it first")
             if mine[0].operator.lower() != account.lower():
                 raise Unauthorized(f"node {node_id!r} belongs to another operator")
-            found = verify_node(body.url, shards, verifier())
-            record = console.admit(node_id, found.manifest_hash)
+            record = admit_from_url(console.ledger, body.url, shards, verifier(), node_id=node_id)
+            found = VerifiedBundle(record.manifest_hash, "", record.model, record.layers)
             return {**_found(body.url, found), "node": asdict(record), "admitted": record.admitted}
 
         return await _blocking(run)

@@ -3,11 +3,9 @@
 A thin adapter over the existing read methods of :class:`teeshard.ledger.Ledger`
 (``account_for_key``, ``balance``, ``history``, ``is_operator``, ``nodes``,
 ``pool``) and pure functions that shape their records for the web console.
-Nothing here writes, except :meth:`ConsoleLedger.admit` (as the entry node,
-after it verified the node itself), and what is done through
-:meth:`ConsoleLedger.acting_as` (registering, withdrawing) as the signed-in
-account, on a ledger that can act as someone else (SQL); on chain the user's
-wallet signs instead.
+Nothing here writes, except through :meth:`ConsoleLedger.acting_as`
+(registering, withdrawing) as the signed-in account, on a ledger that can act
+as someone else (SQL); on chain the user's wallet signs instead.
 
 Every call blocks (a database or a JSON-RPC node); callers run them on a thread.
 """
@@ -103,8 +101,10 @@ def pending_payouts(nodes: Sequence[NodeRecord], pool: int) -> dict[str, int]:
     return {n.node_id: pool * work.get(n.node_id, 0) // total for n in nodes}
 
 
-def pool_nodes(nodes: Sequence[NodeRecord], pool: int) -> list[PoolNode]:
-    payouts = pending_payouts(nodes, pool)
+def pool_nodes(nodes: Sequence[NodeRecord], pool: int, by_earned: bool) -> list[PoolNode]:
+    """``by_earned``: the ledger credits each node what its requests paid (SQL's ``earned``),
+    which is what ``distribute`` pays; else the pool split by work, as an estimate."""
+    payouts = {n.node_id: n.earned for n in nodes} if by_earned else pending_payouts(nodes, pool)
     return [
         PoolNode(
             n.node_id,
@@ -154,7 +154,7 @@ class ConsoleLedger:
 
     def pool(self) -> tuple[int, list[PoolNode]]:
         pool = self.ledger.pool()
-        return pool, pool_nodes(self.ledger.nodes(), pool)
+        return pool, pool_nodes(self.ledger.nodes(), pool, by_earned=self.kind == "sql")
 
     def acting_as(self, api_key: str) -> Ledger:
         """The same ledger acting as the key's account: SQL only (on chain, the wallet signs)."""
@@ -167,7 +167,3 @@ class ConsoleLedger:
 
     def withdraw(self, api_key: str, amount: int | None) -> JournalEntry:
         return self.acting_as(api_key).withdraw(amount)
-
-    def admit(self, node_id: str, manifest_hash: str) -> NodeRecord:
-        """As the entry node, after it verified the node's attestation itself."""
-        return self.ledger.admit_node(node_id, manifest_hash)

@@ -1,7 +1,7 @@
 """Unsigned contract transactions for the user's own wallet (EIP-1193), on an EVM ledger.
 
 The entry node never holds a user's key. For the actions a user signs on chain
-(open an account, bind an API key, deposit, register a node, withdraw) the
+(open an account, bind an API key, deposit, register a node with its bond, withdraw) the
 console asks the entry node for the transaction's ``to``, ``data`` and
 ``value``: the ABI encoding of the ledger contract's call, which the page hands
 to ``window.ethereum`` (``eth_sendTransaction``), where the wallet shows and
@@ -81,6 +81,7 @@ def prepare(ledger: Any, request: WalletTxRequest) -> WalletTx:
             manifest = _manifest(request.manifest_hash)
             args = [_need(request.node_id, "node_id"), _need(request.url, "url"),
                     bytes.fromhex(manifest), request.model or "", request.layers or ""]  # fmt: skip
+            value = int(ledger.registration_bond()) * ledger.wei_per_token()  # the bond
         case "withdraw":
             args = [_check(request.amount, "withdrawal")]
     data = contract.encode_abi(request.action, args=args)

@@ -111,6 +111,7 @@ class GenerationLoop:
         params: GenerationParams,
         api_key: str | None = None,
         input_digest: bytes | None = None,
+        idempotency_key: str | None = None,
     ) -> Generation:
         """Reserve the most the request can cost, then open the session on every node.
 
@@ -125,6 +126,7 @@ class GenerationLoop:
                 len(prompt_ids),
                 params.max_tokens,
                 params.prompt_chars,
+                idempotency_key,
             )
             generation.reservation = await self.billing.reserve(charge)
         try:
@@ -220,6 +222,7 @@ class GenerationLoop:
                         generation.completion_tokens,
                         generation.served_by,
                         completion_chars=generation.completion_chars,
+                        receipts=generation.receipts,
                     )
                 else:
                     await self.billing.release(reservation)

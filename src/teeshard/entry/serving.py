@@ -36,17 +36,19 @@ from teeshard.entry.protocol import (
     _Request,
     now,
 )
-from teeshard.model.sampling import SamplingParams
+from teeshard.model.sampling import SamplingParams, session_seed
 
 Event = dict[str, Any]
 
 
 @dataclass(frozen=True)
 class Caller:
-    """Who asked, and exactly what: the bearer key and the SHA-256 of the request body."""
+    """Who asked, and exactly what: the bearer key, the SHA-256 of the request body, and
+    the client's ``Idempotency-Key`` (a retry with the same key is not charged twice)."""
 
     api_key: str | None = None
     body_digest: bytes | None = None
+    idempotency_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -146,13 +148,15 @@ class OpenAIServing:
             temperature=request.temperature,
             top_p=request.top_p,
             top_k=request.top_k,
-            seed=request.seed,
+            # always a seed: the draws are then a function of it and the position, so a
+            # session rebuilt on other nodes samples what the first one would have
+            seed=session_seed(SamplingParams(seed=request.seed)),
         )
         params = GenerationParams(
             budget, sampling, tuple(request.stop_list), prompt_chars, request.ignore_eos
         )
         generation = await self.generations.start(
-            prompt_ids, params, caller.api_key, caller.body_digest
+            prompt_ids, params, caller.api_key, caller.body_digest, caller.idempotency_key
         )
         return Prepared(prompt_ids, params, generation)
 
@@ -190,7 +194,7 @@ class OpenAIServing:
         sampling = SamplingParams(temperature=request.temperature)
         params = GenerationParams(budget, sampling, prompt_chars=len(request.prompt))
         generation = await self.generations.start(
-            prompt_ids, params, caller.api_key, caller.body_digest
+            prompt_ids, params, caller.api_key, caller.body_digest, caller.idempotency_key
         )
         text = await self._collect(Prepared(prompt_ids, params, generation))
         return _with_receipts({"output": text, "usage": _usage(generation)}, generation)

@@ -30,7 +30,7 @@ from typing import TypeVar
 import torch
 
 from teeshard.attest import NodeAttestation, Receipt, TrafficHash
-from teeshard.model.sampling import SamplingParams, new_generator
+from teeshard.model.sampling import SamplingParams, session_seed
 from teeshard.model.transformer import KVCache, Shard
 from teeshard.node.compute import StepOutput, check_hidden, check_tokens, run_step
 from teeshard.node.errors import BadRequestError, OverloadedError, UnknownSessionError
@@ -73,7 +73,7 @@ class Session:
     cache: KVCache
     wire_dtype: str
     sampling: SamplingParams
-    generator: torch.Generator
+    seed: int  # sampling draws are a pure function of (seed, position)
     return_logits: bool
     owner: Owner | None = None
     last_used: float = field(default_factory=time.monotonic)
@@ -150,7 +150,7 @@ class SessionStore:
             allocate(max_len),
             wire_dtype,
             sampling,
-            new_generator(sampling),
+            session_seed(sampling),
             return_logits,
             owner,
         )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -28,11 +29,15 @@ from teeshard.entry import (
     attach_sealed_router,
     install_error_handlers,
 )
+from teeshard.ledger import Ledger, LedgerBilling, LedgerError
+from teeshard.ledger.registration import AttestVerifier, ExpectedShards, renew_admissions
 from teeshard.node import NodeService, attach_pipeline, stage_metrics
 from teeshard.server.attestation_routes import attach_attestation_routes
 from teeshard.server.config import NodeConfig
 from teeshard.server.edge import BodyLimit, may_see_detail, public_health
 from teeshard.server.trust import NodeTrust
+
+log = logging.getLogger(__name__)
 
 
 def create_app(
@@ -50,6 +55,9 @@ def create_app(
         ]
         if service.next_hop is not None:
             tasks.append(asyncio.create_task(service.next_hop.keep_connected()))
+        ledger = _ledger_of(serving)
+        if ledger is not None and trust.policy.manifests:
+            tasks.append(asyncio.create_task(_readmit(ledger, trust, config.readmit_every_s)))
         try:
             yield
         finally:
@@ -67,7 +75,7 @@ def create_app(
     install_error_handlers(app)
     if not service.shard.is_first:
         attach_pipeline(app, service, trust, config.pipeline)
-    attach_attestation_routes(app, trust)
+    attach_attestation_routes(app, trust, config.operator, config.resolved_node_id)
     metrics = stage_metrics(service)
 
     @app.get("/health")
@@ -118,6 +126,27 @@ def health_report(service: NodeService, config: NodeConfig) -> dict[str, Any]:
         "memory": {"rss_bytes": psutil.Process().memory_info().rss},
         "next": service.next_hop.stats() if service.next_hop is not None else None,
     }
+
+
+def _ledger_of(serving: OpenAIServing | None) -> Ledger | None:
+    billing = serving.generations.billing if serving is not None else None
+    inner = billing.billing if billing is not None else None
+    return inner.ledger if isinstance(inner, LedgerBilling) else None
+
+
+async def _readmit(ledger: Ledger, trust: NodeTrust, every_s: float) -> None:
+    """The entry's duty to the pool: attest every registered node again, each period, so
+    admissions (and operators' free use) last only while nodes are live and genuine."""
+    expected = ExpectedShards.from_policy(trust.policy)
+    verifier = AttestVerifier(trust.policy, trust.collateral)
+    while True:
+        try:
+            renewal = await asyncio.to_thread(renew_admissions, ledger, expected, verifier)
+            if renewal.refused:
+                log.warning("%d registered nodes not re-admitted", len(renewal.refused))
+        except LedgerError as exc:
+            log.warning("re-admitting the pool's nodes failed: %s", exc.code)
+        await asyncio.sleep(every_s)
 
 
 async def _evict_idle(service: NodeService) -> None:

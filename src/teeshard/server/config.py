@@ -28,6 +28,7 @@ class NodeConfig:
     model_name: str | None = None  # name served on /v1/models; default: directory name
     default_max_tokens: int = 512  # completion budget when a request names none
     node_id: str | None = None  # how the ledger names this node; default host:port
+    operator: str | None = None  # the ledger account of this node's operator, in its claims
     # -- trust --
     tee: str = "auto"  # attestation provider: auto, dstack, tsm, gramine, simulated
     policy_path: Path | None = None  # what the next node's attestation must show
@@ -50,6 +51,7 @@ class NodeConfig:
     pricing_path: Path | None = None  # TOML/JSON prices; default 1000 units per 1k tokens
     ledger_actor: str | None = None  # who this entry is in the ledger; default its node id
     free_for_operators: bool = True  # operators of admitted nodes use the model free
+    readmit_every_s: float = 600.0  # how often the entry attests the pool's nodes again
 
     @property
     def serves_tls(self) -> bool:
