@@ -5,7 +5,9 @@
 # tests:   source scripts/services.sh
 # Run as root on Debian 12 (CI). Elsewhere it does what it can and says what it
 # skipped; the tests that need a missing service skip with the reason.
-# Exports: TEESHARD_TEST_POSTGRES_URL, TEESHARD_ANVIL.
+# Chromium (Debian's package) for the console's browser tests, which Playwright
+# drives through executable_path: it cannot download its own browsers here.
+# Exports: TEESHARD_TEST_POSTGRES_URL, TEESHARD_ANVIL, TEESHARD_CHROMIUM.
 
 _teeshard_services() {
     local root db_user=teeshard db_name=teeshard_test db_password=teeshard
@@ -44,6 +46,21 @@ SQL
         fi
         export TEESHARD_TEST_POSTGRES_URL="postgresql://$db_user:$db_password@127.0.0.1:$port/$db_name"
         echo "services: PostgreSQL $version on port $port, database $db_name"
+    fi
+
+    # -- Chromium (the console's browser tests) ----------------------------------------
+    if ! command -v chromium >/dev/null; then
+        if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+            echo "services: installing chromium from Debian packages"
+            apt-get update -qq
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-dejavu-core >/dev/null
+        else
+            echo "services: chromium is not installed and this is not root on Debian: browser tests skip"
+        fi
+    fi
+    if command -v chromium >/dev/null; then
+        export TEESHARD_CHROMIUM="$(command -v chromium)"
+        echo "services: $("$TEESHARD_CHROMIUM" --version 2>/dev/null | head -n 1) at $TEESHARD_CHROMIUM"
     fi
 
     # -- anvil -----------------------------------------------------------------------

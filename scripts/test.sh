@@ -5,4 +5,5 @@ cd "$(dirname "$0")/.."
 export PATH="$PWD/.venv/bin:$PATH"
 echo "== ruff"; ruff check src tests benchmarks; ruff format --check src tests benchmarks
 echo "== mypy"; mypy
+if [ -x web/node_modules/.bin/tsc ]; then echo "== tsc (web console)"; web/node_modules/.bin/tsc --noEmit -p web; fi
 echo "== pytest"; pytest "$@"

@@ -144,7 +144,9 @@ def test_generate_endpoint_of_the_original_demo(cluster: LocalCluster) -> None:
 def test_web_page_is_served(cluster: LocalCluster) -> None:
     response = httpx.get(cluster.entry.http_url + "/")
     assert response.status_code == 200
-    assert "/v1/chat/completions" in response.text
+    assert '<script type="module" src="/console/console.js">' in response.text  # the console
+    bundle = httpx.get(cluster.entry.http_url + "/console/console.js")
+    assert bundle.status_code == 200 and "/v1/chat/completions" in bundle.text
 
 
 def test_health_and_metrics(cluster: LocalCluster) -> None:

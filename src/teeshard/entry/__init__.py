@@ -8,6 +8,7 @@ fits (node errors keep theirs; ledger errors map through ``api_error_for``).
 """
 
 from teeshard.entry.billing import Billing, BillingAPI, api_error_for
+from teeshard.entry.console_api import attach_console
 from teeshard.entry.errors import APIError
 from teeshard.entry.generation import Generation, GenerationLoop, GenerationParams
 from teeshard.entry.routes import attach_router, install_error_handlers
@@ -26,6 +27,7 @@ __all__ = [
     "OpenAIServing",
     "TextCodec",
     "api_error_for",
+    "attach_console",
     "attach_router",
     "attach_sealed_router",
     "install_error_handlers",

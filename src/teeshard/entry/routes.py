@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import hashlib
-from importlib import resources
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from teeshard.entry.errors import APIError
@@ -22,7 +21,7 @@ from teeshard.entry.serving import Caller, OpenAIServing
 
 
 def attach_router(app: FastAPI, serving: OpenAIServing) -> None:
-    """Serve the OpenAI-compatible API and the web page of ``serving`` on ``app``."""
+    """Serve the OpenAI-compatible API of ``serving`` on ``app`` (the console: ``console_api``)."""
     router = APIRouter()
 
     @router.get("/v1/models")
@@ -40,10 +39,6 @@ def attach_router(app: FastAPI, serving: OpenAIServing) -> None:
     @router.post("/generate", response_model=None)
     async def generate(body: GenerateRequest, request: Request) -> Response:
         return await serving.generate(body, await caller_of(request))
-
-    @router.get("/", response_class=HTMLResponse, include_in_schema=False)
-    async def web_page() -> str:
-        return resources.files("teeshard.entry").joinpath("static/index.html").read_text()
 
     app.include_router(router)
 

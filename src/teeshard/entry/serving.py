@@ -299,6 +299,7 @@ def _receipt_fields(body: Event, generation: Generation) -> Event:
         RECEIPTS_FIELD: [r.to_json() for r in generation.receipts],
         "receipt_digest": chain_digest(generation.receipts).hex(),
         EXTENSION_FIELD: response_extension(generation.request_id, generation.token_ids),
+        "served_by": list(generation.served_by),  # node ids of the stages, as the entry knows them
     }
 
 

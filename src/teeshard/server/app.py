@@ -24,6 +24,7 @@ from fastapi.responses import PlainTextResponse
 from teeshard.entry import (
     APIError,
     OpenAIServing,
+    attach_console,
     attach_router,
     attach_sealed_router,
     install_error_handlers,
@@ -97,6 +98,9 @@ def create_app(
     if serving is not None:
         app.state.serving = serving
         attach_router(app, serving)
+        attach_console(app, serving, trust, lambda request: (
+            health_report(service, config) if may_see_detail(request, config)
+            else public_health(trust.attestation.evidence.insecure)))  # fmt: skip
         attach_sealed_router(app, trust.attestation.identities)  # newest first: follows a re-key
     return app
 
