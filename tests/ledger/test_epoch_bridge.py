@@ -18,8 +18,7 @@ from pathlib import Path
 
 import pytest
 from chain_tools import chain_world
-from conftest import make_world
-from ledger_harness import EvmWorld, SqlWorld
+from ledger_harness import EvmWorld, SqlWorld, postgres_url, reset_postgres, sql_world
 from trust_kit import KitNode, chain, entry_stage
 
 from teeshard.ledger.billing import ChargeRequest, LedgerBilling
@@ -53,7 +52,7 @@ class Both:
         assert isinstance(self.sql.owner, SqlLedger)
         return self.sql.owner
 
-    def bridge(self, store: Path | None | bool = True) -> EpochBridge:
+    def bridge(self, store: Path | bool | None = True) -> EpochBridge:
         return EpochBridge(self.owner, self.settler, self.store if store is True else store or None)
 
     def wallet(self) -> tuple[str, EvmLedger]:
@@ -78,7 +77,13 @@ class Both:
 @pytest.fixture(params=COMBOS, ids=["-".join(c) for c in COMBOS])
 def both(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Both]:
     sql_name, evm_name = request.param
-    sql = make_world(sql_name, request, tmp_path)
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    if sql_name == "postgres":
+        url = postgres_url() or ""
+        if not url:
+            pytest.skip("no PostgreSQL: set TEESHARD_TEST_POSTGRES_URL (scripts/services.sh)")
+        reset_postgres(url)
+    sql = sql_world(sql_name, url)
     request.param = evm_name  # chain_world reads the backend from it
     evm = chain_world(request)
     settler = evm.stranger()

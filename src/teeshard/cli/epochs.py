@@ -11,11 +11,12 @@ for claim).
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from teeshard.cli.ledger import ledger_command
-from teeshard.ledger.interface import Ledger, NotSupported
+from teeshard.ledger.interface import Ledger, LedgerError, NotSupported
 
 if TYPE_CHECKING:
     from teeshard.ledger.epochs import EpochBridge
@@ -100,12 +101,27 @@ def settle_epoch(args: argparse.Namespace, ledger: Ledger) -> int:
     return 0
 
 
+def claim(args: argparse.Namespace) -> int:
+    """Claim from the settler's published epochs (``--epochs``), else from the SQL ledger."""
+    if args.epochs is None:
+        return _claim_from_ledger(args)
+    try:
+        return _claim(args, None)
+    except LedgerError as exc:
+        print(f"teeshard: error: {exc.code}: {exc}", file=sys.stderr)
+        return 1
+
+
 @ledger_command
-def claim(args: argparse.Namespace, ledger: Ledger) -> int:
+def _claim_from_ledger(args: argparse.Namespace, ledger: Ledger) -> int:
+    return _claim(args, ledger)
+
+
+def _claim(args: argparse.Namespace, ledger: Ledger | None) -> int:
     from teeshard.ledger.evm.settlement import EpochSettler
 
     chain = _chain(args.chain)
-    if args.epochs is not None:  # the settler's published epochs: no ledger access needed
+    if ledger is None:  # the settler's published epochs: no ledger access needed
         paid = EpochSettler(chain, args.epochs).claim(args.account, args.number)
     else:
         paid = _bridge(args, ledger).claim(args.account, args.number)
