@@ -289,3 +289,27 @@ def _other(both: Both) -> EvmLedger:
     chain.fund(key.address, 10**19)  # type: ignore[attr-defined]
     address, block = chain.deploy(key)  # type: ignore[attr-defined]
     return EvmLedger(chain, address, key, from_block=block)  # type: ignore[arg-type]
+
+
+def test_users_ask_for_refunds_through_the_ledger_service(tmp_path: Path) -> None:
+    from service_server import serving
+
+    from teeshard.ledger.remote import RemoteLedger
+
+    direct = SqlLedger.open(f"sqlite:///{tmp_path / 'ledger.db'}", "owner")
+    alice, mallory = "0x" + "a1" * 20, "0x" + "b2" * 20
+    for account in (alice, mallory):
+        direct.credit_escrow(account, 100, f"escrow:{account}:0")
+    with serving(direct.engines) as base_url:
+        as_alice = RemoteLedger(base_url, direct.add_actor_key(alice))
+        as_mallory = RemoteLedger(base_url, direct.add_actor_key(mallory))
+        with pytest.raises(Unauthorized):
+            as_mallory.request_refund(alice)  # only alice (or the owner) asks for hers
+        as_alice.request_refund(alice)
+        as_alice.close()
+        as_mallory.close()
+    batch = direct.pay_out_epoch(0, "0x" + "cc" * 20)
+    assert dict(batch.refunds) == {alice: 100} and not batch.earnings
+    assert direct.balance(alice).available == 0 and direct.balance(mallory).available == 100
+    assert direct.check().ok
+    direct.close()

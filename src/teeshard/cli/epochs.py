@@ -71,10 +71,13 @@ def sync_escrow(args: argparse.Namespace, ledger: Ledger) -> int:
 
 @ledger_command
 def request_refund(args: argparse.Namespace, ledger: Ledger) -> int:
-    from teeshard.cli.ledger import _sql
+    from teeshard.ledger.remote import RemoteLedger
+    from teeshard.ledger.sql import SqlLedger
 
     account = args.account or ledger.actor
-    _sql(ledger, "request-refund").request_refund(account)
+    if not isinstance(ledger, SqlLedger | RemoteLedger):
+        raise NotSupported("on chain, refund unspent tokens with EvmLedger.refund")
+    ledger.request_refund(account)
     print(f"{account}'s unspent tokens are paid back on chain at the next settlement epoch")
     return 0
 
