@@ -182,5 +182,9 @@ def real_node(tiny_llama: TinyModel, claims: ClaimRoute) -> Iterator[RunningNode
                 return JSONResponse({"error": {"message": exc.message}}, status_code=400)
             return JSONResponse(body)
 
-        running.node.app.add_api_route(CLAIM_PATH, operator_claim, methods=["GET"])
+        app = running.node.app
+        # The node assembly mounts its own route for the operator it was started with
+        # (none here); the tests' operator changes per test, so this route goes first.
+        app.add_api_route(CLAIM_PATH, operator_claim, methods=["GET"])
+        app.router.routes.insert(0, app.router.routes.pop())
         yield running
