@@ -281,6 +281,21 @@ async def test_tokens_never_escrowed_are_not_paid_on_chain(both: Both) -> None:
     assert both.owner.check().ok
 
 
+def test_a_refund_pays_back_only_what_the_account_escrowed(both: Both) -> None:
+    bob, as_bob = both.wallet()
+    deposit_escrow(as_bob, bob, 30)
+    both.bridge().sync_escrow()
+    both.owner.deposit(bob, 10_000)  # off chain: spendable in SQL, not refundable on chain
+    both.owner.request_refund(bob)
+    epoch = both.bridge().settle_epoch()
+    assert epoch.batch is not None and dict(epoch.batch.refunds) == {bob: 30}
+    assert both.owner.balance(bob).available == 10_000
+    both.owner.request_refund(bob)  # asked again: its escrow is refunded already
+    assert both.bridge().settle_epoch().batch is None
+    assert both.bridge().claim(bob) == 30 and as_bob.withdraw().earnings == -30
+    assert both.owner.check().ok and both.evm.owner.check().ok
+
+
 def _other(both: Both) -> EvmLedger:
     from teeshard.ledger.evm.chain import new_key
 

@@ -181,7 +181,12 @@ def pay_out_epoch(
     asked = [a for (a,) in conn.execute(select(refund_requests.c.account_id))]
     locked = lock_accounts(conn, [*earnings, *asked])
     earnings = {a: int(locked[a].earnings) for a in earnings if locked[a].earnings > 0}
-    refunds = {a: int(locked[a].available) for a in asked if locked[a].available > 0}
+    refundable = _refundable(conn, earlier, asked)
+    refunds = {
+        a: min(int(locked[a].available), refundable[a])
+        for a in asked
+        if min(int(locked[a].available), refundable[a]) > 0
+    }
     batch = PayoutBatch(epoch, contract, earnings, refunds)
     if batch.total == 0:
         return batch  # nothing came due: no epoch is recorded
@@ -219,6 +224,26 @@ def pay_out_epoch(
     if asked:
         conn.execute(delete(refund_requests).where(refund_requests.c.account_id.in_(asked)))
     return batch
+
+
+def _refundable(conn: Connection, earlier: list[PayoutBatch], asked: list[str]) -> dict[str, int]:
+    """Per account, what it escrowed on chain less what was refunded: the most a refund pays.
+
+    Tokens the owner deposited off chain are not in the escrow, so they are never
+    paid out of it to their holder (they stay spendable in SQL).
+    """
+    out = dict.fromkeys(asked, 0)
+    for account, tokens in conn.execute(
+        select(escrow_credits.c.account_id, escrow_credits.c.tokens).where(
+            escrow_credits.c.account_id.in_(asked)
+        )
+    ):
+        out[account] += int(tokens)
+    for batch in earlier:
+        for account, tokens in batch.refunds.items():
+            if account in out:
+                out[account] -= tokens
+    return out
 
 
 def mark_posted(conn: Connection, epoch: int, number: int, root: str) -> None:
