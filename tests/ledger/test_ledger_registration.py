@@ -131,8 +131,11 @@ def test_simulated_evidence_needs_explicit_consent(
 REFUSALS = {  # relay behaviour -> the whole reason given
     "bad-signature": r"^signature does not verify under the certified key$",
     "wrong-nonce": r"^the bundle answers a different nonce \(replayed evidence\?\)$",
-    "no-certificate": r"^malformed attestation bundle: bundle: missing field\(s\) certificate$",
-    "http-404": r"^http://127\.0\.0\.1:\d+/v1/attestation answered HTTP 404: no attestation bundle",
+    # fetched under the attestation caps (a358378): the reason follows the bundle's URL
+    "no-certificate": r"^no usable attestation bundle from http://127\.0\.0\.1:\d+/v1/attestation: "
+    r"bundle: missing field\(s\) certificate$",
+    "http-404": r"^no usable attestation bundle from http://127\.0\.0\.1:\d+/v1/attestation: "
+    r".*attestation endpoint answered HTTP 404$",
 }
 
 
