@@ -237,7 +237,7 @@ def test_admissions_are_renewed_by_attesting_again(
     claims: ClaimRoute,
 ) -> None:
     if not world.sql:
-        pytest.skip("admission epochs are the SQL ledger's (on chain: issue 9 item 8)")
+        pytest.skip("admission epochs are the SQL ledger's; on chain: the bond and eviction")
     world.owner.set_admission_epoch(1.0)  # type: ignore[attr-defined]
     expected = ExpectedShards.of([node_manifest])
     claims.operator, as_operator = world.new_account()
