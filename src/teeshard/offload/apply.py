@@ -17,8 +17,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-import torch
-
 from teeshard.model.transformer import Shard
 from teeshard.offload.client import AcceleratorClient
 from teeshard.offload.errors import OffloadConfigError
@@ -167,9 +165,7 @@ def tee_weight_bytes(shard: Shard) -> int:
 def pool_bytes(pool: PadPool | None) -> int:
     if pool is None:
         return 0
-    return sum(
-        w.q.numel() * w.q.element_size() for w in pool.weights.values()
-    )
+    return sum(w.q.numel() * w.q.element_size() for w in pool.weights.values())
 
 
 __all__ = ["OffloadHandle", "OffloadOptions", "offload_shard"]

@@ -173,7 +173,9 @@ class AcceleratorClient:
             self._next_id += 1
             return request_id
 
-    def _call(self, request: wire.InfoRequest | wire.EmbedRequest) -> wire.InfoReply | wire.ResultReply | wire.ErrorReply:
+    def _call(
+        self, request: wire.InfoRequest | wire.EmbedRequest
+    ) -> wire.InfoReply | wire.ResultReply | wire.ErrorReply:
         self._send(request)
         return self._receive(request.id)
 

@@ -144,6 +144,8 @@ def random_small(shape: tuple[int, ...], bits: int) -> torch.Tensor:
 def _keystream_words(count: int) -> torch.Tensor:
     cipher = Cipher(algorithms.ChaCha20(os.urandom(32), os.urandom(16)), mode=None)
     stream = cipher.encryptor().update(bytes(8 * count))
-    return torch.frombuffer(bytearray(stream), dtype=torch.int64).clone() if count else (
-        torch.empty(0, dtype=torch.int64)
+    return (
+        torch.frombuffer(bytearray(stream), dtype=torch.int64).clone()
+        if count
+        else (torch.empty(0, dtype=torch.int64))
     )

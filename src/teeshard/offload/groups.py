@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from teeshard.model.transformer import Shard
+from teeshard.model.transformer import MLP, Attention, Block, Shard
+from teeshard.offload.errors import OffloadConfigError
 
 EMBED = "embed"
 LM_HEAD = "lm_head"
@@ -53,21 +54,30 @@ def shard_groups(shard: Shard) -> Iterator[Group]:
     """Every offloadable linear group of ``shard``, in forward order."""
     for index, block in enumerate(shard.layers):
         layer = shard.layer_range.start + index
+        assert isinstance(block, Block)
         attn, mlp = block.self_attn, block.mlp
-        yield Group(
-            f"{layer}.attn_in",
-            tuple(Member(attn, a, getattr(attn, a)) for a in ("q_proj", "k_proj", "v_proj")),
-        )
-        yield Group(f"{layer}.attn_out", (Member(attn, "o_proj", attn.o_proj),))
-        yield Group(
-            f"{layer}.mlp_in", tuple(Member(mlp, a, getattr(mlp, a)) for a in ("gate_proj", "up_proj"))
-        )
-        yield Group(f"{layer}.mlp_out", (Member(mlp, "down_proj", mlp.down_proj),))
+        assert isinstance(attn, Attention) and isinstance(mlp, MLP)
+        yield _group(f"{layer}.attn_in", attn, ("q_proj", "k_proj", "v_proj"))
+        yield _group(f"{layer}.attn_out", attn, ("o_proj",))
+        yield _group(f"{layer}.mlp_in", mlp, ("gate_proj", "up_proj"))
+        yield _group(f"{layer}.mlp_out", mlp, ("down_proj",))
     if shard.lm_head is not None:
-        yield Group(LM_HEAD, (Member(shard, "lm_head", shard.lm_head),))
+        yield _group(LM_HEAD, shard, ("lm_head",))
 
 
-def release_weight(linear: nn.Module) -> None:
+def _group(name: str, owner: nn.Module, attrs: tuple[str, ...]) -> Group:
+    members = []
+    for attr in attrs:
+        linear = getattr(owner, attr)
+        if not isinstance(linear, nn.Linear):
+            raise OffloadConfigError(f"{name}: {attr} is not a plain Linear (offloaded already?)")
+        members.append(Member(owner, attr, linear))
+    return Group(name, tuple(members))
+
+
+def release_weight(linear: nn.Linear | nn.Embedding) -> None:
     """Drop a module's weight from memory once it lives elsewhere (keeps the bias)."""
     old = linear.weight
-    linear.weight = nn.Parameter(torch.empty(0, dtype=old.dtype, device=old.device), requires_grad=False)
+    linear.weight = nn.Parameter(
+        torch.empty(0, dtype=old.dtype, device=old.device), requires_grad=False
+    )

@@ -62,7 +62,7 @@ class GroupRunner:
         if not same_input or index in self._taken:
             flat = x.reshape(-1, x.shape[-1])  # (B*T, K)
             product = self.product(flat).to(x.dtype)  # (B*T, N)
-            self._parts = list(torch.split(product, self.widths, dim=1))
+            self._parts = list(torch.split(product, list(self.widths), dim=1))
             self._cached_x, self._cached_version, self._taken = x, x._version, set()
         self._taken.add(index)
         out = self._parts[index]

@@ -9,7 +9,7 @@ the accelerator answers ``info``, ``result`` or ``error`` with the same id.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeVar
 
 import msgpack
 import torch
@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 TENSOR_DTYPES = {"float32": torch.float32, "int64": torch.int64}
 Arith = Literal["float", "field"]  # float: plain products; field: exact products mod p
 RequestId = Annotated[int, Field(ge=0)]
-MAX_DIMS = 4
+_T = TypeVar("_T")
 
 
 class _Strict(BaseModel):
@@ -105,9 +105,10 @@ def _unpack(frame: bytes) -> dict[str, object]:
     return raw
 
 
-def _validate(adapter: TypeAdapter, frame: bytes):  # type: ignore[no-untyped-def, type-arg]
+def _validate(adapter: TypeAdapter[_T], frame: bytes) -> _T:
     raw = _unpack(frame)
-    request_id = raw.get("id") if isinstance(raw.get("id"), int) else None
+    found = raw.get("id")
+    request_id = found if isinstance(found, int) else None
     if raw.get("v") != 1:
         raise WireError(f"unsupported protocol version {raw.get('v')!r} (speaks 1)", request_id)
     try:
@@ -115,23 +116,31 @@ def _validate(adapter: TypeAdapter, frame: bytes):  # type: ignore[no-untyped-de
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        raise WireError(f"invalid {raw.get('type', 'message')!s}: {where}: {first['msg']}", request_id) from None
+        raise WireError(
+            f"invalid {raw.get('type', 'message')!s}: {where}: {first['msg']}", request_id
+        ) from None
 
 
 def decode_request(frame: bytes) -> InfoRequest | MatmulRequest | EmbedRequest:
-    return _validate(_REQUEST, frame)  # type: ignore[no-any-return]
+    return _validate(_REQUEST, frame)
 
 
 def decode_reply(frame: bytes) -> InfoReply | ResultReply | ErrorReply:
-    return _validate(_REPLY, frame)  # type: ignore[no-any-return]
+    return _validate(_REPLY, frame)
 
 
 def to_wire(tensor: torch.Tensor) -> Tensor:
     data = tensor.detach().to("cpu").contiguous()
-    name = {torch.float32: "float32", torch.int64: "int64"}.get(data.dtype)
-    if name is None:
+    name: Literal["float32", "int64"]
+    if data.dtype == torch.float32:
+        name = "float32"
+    elif data.dtype == torch.int64:
+        name = "int64"
+    else:
         raise WireError(f"tensor dtype {data.dtype} cannot travel to the accelerator")
-    return Tensor(dtype=name, shape=tuple(data.shape), data=data.view(torch.uint8).numpy().tobytes())  # type: ignore[arg-type]
+    return Tensor(
+        dtype=name, shape=tuple(data.shape), data=data.view(torch.uint8).numpy().tobytes()
+    )
 
 
 def from_wire(wire: Tensor, dims: int) -> torch.Tensor:

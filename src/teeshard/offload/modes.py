@@ -23,13 +23,13 @@ cache, norms, SiLU and sampling stay there always.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 from teeshard.offload.errors import OffloadConfigError, OffloadPolicyError
 
 
-class OffloadMode(str, Enum):
+class OffloadMode(StrEnum):
     PLAIN = "plain"
     BLINDED = "blinded"
     VERIFIED = "verified"
@@ -81,11 +81,20 @@ class OffloadAttestation:
 
     @classmethod
     def from_json(cls, data: object) -> OffloadAttestation:
-        if not isinstance(data, dict) or set(data) != {"mode", "accelerator_keys", "pads", "insecure"}:
-            raise OffloadPolicyError("offload statement: expected mode, accelerator_keys, pads, insecure")
+        if not isinstance(data, dict) or set(data) != {
+            "mode",
+            "accelerator_keys",
+            "pads",
+            "insecure",
+        }:
+            raise OffloadPolicyError(
+                "offload statement: expected mode, accelerator_keys, pads, insecure"
+            )
         keys = data["accelerator_keys"]
         if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
-            raise OffloadPolicyError("offload statement: accelerator_keys must be a list of strings")
+            raise OffloadPolicyError(
+                "offload statement: accelerator_keys must be a list of strings"
+            )
         pads = data["pads"]
         if pads is not None and pads not in PAD_SOURCES:
             raise OffloadPolicyError(f"offload statement: unknown pad source {pads!r}")
@@ -116,7 +125,9 @@ def check_offload_policy(
     ``allowed_keys``, when given, lists the accelerator fingerprints accepted.
     """
     if required not in POLICY_VALUES:
-        raise OffloadConfigError(f"policy offload = {required!r}: not one of {', '.join(POLICY_VALUES)}")
+        raise OffloadConfigError(
+            f"policy offload = {required!r}: not one of {', '.join(POLICY_VALUES)}"
+        )
     if statement is None:
         return
     mode = statement.mode

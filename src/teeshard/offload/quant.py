@@ -109,8 +109,4 @@ def error_bound(x: torch.Tensor, weight: torch.Tensor, quant: QuantWeight) -> to
     l1_x = x64.abs().sum(dim=1)  # (T,)
     l1_w = w64.abs().sum(dim=1)  # (N,)
     k = x64.shape[1]
-    return (
-        l1_x[:, None] * dw[None, :]
-        + dx[:, None] * l1_w[None, :]
-        + k * dx[:, None] * dw[None, :]
-    )
+    return l1_x[:, None] * dw[None, :] + dx[:, None] * l1_w[None, :] + k * dx[:, None] * dw[None, :]

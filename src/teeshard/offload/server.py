@@ -142,11 +142,11 @@ class Accelerator:
 
 
 def bind_socket(
-    context: zmq.Context,  # type: ignore[type-arg]
+    context: zmq.Context,
     endpoint: str,
     keys: KeyPair,
     max_message_bytes: int = 1 << 30,
-) -> zmq.Socket:  # type: ignore[type-arg]
+) -> zmq.Socket:
     sock = context.socket(zmq.ROUTER)
     sock.curve_server = True
     sock.curve_publickey = keys.public
