@@ -22,6 +22,7 @@ StartAccel = Callable[..., AcceleratorProcess]
 def start_accel() -> Iterator[StartAccel]:
     """Start ``teeshard accel`` (or a test module) processes; all stopped at module end."""
     started: list[AcceleratorProcess] = []
+    shared: dict[tuple[object, ...], AcceleratorProcess] = {}
 
     def start(
         model_dir: Path,
@@ -30,10 +31,17 @@ def start_accel() -> Iterator[StartAccel]:
         module: str = "teeshard.cli",
         extra: tuple[str, ...] = (),
         device: str = "cpu",
+        reuse: bool = True,
     ) -> AcceleratorProcess:
+        """A process per distinct set of arguments; ``reuse=False`` always starts another."""
+        key = (model_dir, layers, arith, module, extra, device)
+        if reuse and key in shared and shared[key].process.poll() is None:
+            return shared[key]
         command = accel_command(model_dir, layers, arith, device=device, threads=1, module=module)
         process = start_accelerator([*command, *extra], timeout=120)
         started.append(process)
+        if reuse:
+            shared[key] = process
         return process
 
     yield start

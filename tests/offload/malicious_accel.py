@@ -26,7 +26,7 @@ from teeshard.offload.server import Accelerator, serve
 
 class MaliciousAccelerator(Accelerator):
     tamper: str = "none"
-    previous: torch.Tensor | None = None
+    previous: dict[tuple[str, int], torch.Tensor] | None = None
 
     def compute(self, request: wire.MatmulRequest) -> torch.Tensor:
         x = wire.from_wire(request.x, 2)
@@ -39,12 +39,13 @@ class MaliciousAccelerator(Accelerator):
             else:
                 out[row, col] += 1.0
             return out
-        if self.tamper == "stale":
-            stale = self.previous
-            self.previous = honest
-            if stale is not None and stale.shape == honest.shape:
-                return stale
-            return honest
+        if self.tamper == "stale":  # the previous answer for this group and row count
+            if self.previous is None:
+                self.previous = {}
+            key = (request.group, int(x.shape[0]))
+            stale = self.previous.get(key)
+            self.previous[key] = honest
+            return honest if stale is None else stale
         if self.tamper == "swap":
             shape = self.weights[request.group].shape
             for name, weight in self.weights.items():
@@ -65,7 +66,12 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     honest = Accelerator.load(args.model, args.layers, args.arith, args.device)
-    accel = MaliciousAccelerator(**{f: getattr(honest, f) for f in ("model", "layers", "arith", "device", "weights", "embedding")})
+    accel = MaliciousAccelerator(
+        **{
+            f: getattr(honest, f)
+            for f in ("model", "layers", "arith", "device", "weights", "embedding")
+        }
+    )
     accel.tamper = args.tamper
     keys = load_key_pair(args.key) if args.key else KeyPair.generate()
 

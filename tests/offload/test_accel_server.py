@@ -78,7 +78,16 @@ def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(
         cases = [
             ({"v": 2, "type": "info", "id": 5}, "version"),
             ({"v": 1, "type": "matmul", "id": 6, "group": "9.attn_in", "x": x}, "no group"),
-            ({"v": 1, "type": "matmul", "id": 7, "group": "0.attn_in", "x": {**x, "shape": [2, 64]}}, "bytes"),
+            (
+                {
+                    "v": 1,
+                    "type": "matmul",
+                    "id": 7,
+                    "group": "0.attn_in",
+                    "x": {**x, "shape": [2, 64]},
+                },
+                "bytes",
+            ),
             ({"v": 1, "type": "embed", "id": 8, "tokens": [1, 2]}, "no embedding"),
             ({"v": 1, "type": "info", "id": 9, "extra": 1}, "extra"),
         ]

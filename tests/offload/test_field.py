@@ -13,7 +13,9 @@ from teeshard.offload import quant
 
 def python_matmul(a: torch.Tensor, w: torch.Tensor) -> list[list[int]]:
     rows, cols = a.tolist(), w.t().tolist()
-    return [[sum(int(x) * int(y) for x, y in zip(r, c, strict=True)) % gf.P for c in cols] for r in rows]
+    return [
+        [sum(int(x) * int(y) for x, y in zip(r, c, strict=True)) % gf.P for c in cols] for r in rows
+    ]
 
 
 def test_matmul_is_exact_across_chunks() -> None:
@@ -65,7 +67,9 @@ def test_worst_case_activation_does_not_wrap() -> None:
     widest = int(qw.q.abs().sum(dim=1).argmax())
     x = torch.sign(qw.q[widest]).to(torch.float64)[None, :]  # (1, K)
     act = quant.quantize_activation(x, qw.act_bound)
-    exact = sum(int(a) * int(w) for a, w in zip(act.q[0].tolist(), qw.q[widest].tolist(), strict=True))
+    exact = sum(
+        int(a) * int(w) for a, w in zip(act.q[0].tolist(), qw.q[widest].tolist(), strict=True)
+    )
     assert abs(exact) <= gf.HALF
     assert int(quant.integer_product(act, qw)[0, widest]) == exact
     # twice the bound would wrap: the lift then returns a different integer

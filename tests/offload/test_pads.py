@@ -42,9 +42,12 @@ def test_factors_unblind_exactly(weights: dict) -> None:
 
 def test_pool_never_hands_out_a_row_twice(weights: dict) -> None:
     seen: list[bytes] = []
-    pool = PadPool(weights, capacity_rows=8, chunk_rows=3, observer=lambda g, r: seen.extend(
-        row.numpy().tobytes() for row in r
-    ))
+    pool = PadPool(
+        weights,
+        capacity_rows=8,
+        chunk_rows=3,
+        observer=lambda g, r: seen.extend(row.numpy().tobytes() for row in r),
+    )
     pool.fill()
     for rows in (1, 2, 5, 7, 8, 3, 1, 16):  # splits chunks, drains, goes on demand
         pool.take("a", rows).open()
