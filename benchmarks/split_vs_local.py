@@ -41,8 +41,8 @@ from teeshard.model.layer_range import LayerRange
 from teeshard.model.loader import load_shard
 from teeshard.model.plan import plan_checkpoint
 from teeshard.model.transformer import Shard
-from teeshard.node.local_chain import write_chain_policy
 from teeshard.procutil import die_with_parent, free_port_block, wait_healthy
+from teeshard.server.local_pipeline import write_local_policy
 from teeshard.transport.pipeline_client import PipelineClient
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -156,7 +156,7 @@ def start_nodes(
     """Start the chain as ``teeshard up`` would: simulated attestation, RA-TLS, receipts."""
     checkpoint = Checkpoint(model_dir)
     launches = plan_launch(checkpoint, nodes, free_port_block(nodes))
-    policy = write_chain_policy(
+    policy = write_local_policy(
         Path(tempfile.mkdtemp(prefix="teeshard-bench-")) / "policy.toml",
         checkpoint, [s.layers for s in launches], "float32", checkpoint.name,
     )  # fmt: skip
@@ -184,10 +184,10 @@ def node_rss_mb(launches: list[LaunchSpec]) -> list[float]:
 
 async def run_split(ws_url: str, prompt: list[int], decode_tokens: int) -> Timing:
     client = PipelineClient(ws_url)
-    session = await client.open(max_len=len(prompt) + decode_tokens, return_logits=False)
+    session = await client.open_session(max_len=len(prompt) + decode_tokens, return_logits=False)
     await client.step(session, [prompt[0]])  # connect and warm the path outside the timing
-    await client.close(session, sign=True)
-    session = await client.open(max_len=len(prompt) + decode_tokens, return_logits=False)
+    await client.close_session(session, sign=True)
+    session = await client.open_session(max_len=len(prompt) + decode_tokens, return_logits=False)
     started = time.perf_counter()
     token, _ = await client.step(session, prompt)
     prefill = time.perf_counter() - started
@@ -198,10 +198,10 @@ async def run_split(ws_url: str, prompt: list[int], decode_tokens: int) -> Timin
         tokens.append(token)
     decode = time.perf_counter() - started
     started = time.perf_counter()
-    receipts = await client.close(session, sign=True)
+    receipts = await client.close_session(session, sign=True)
     close = time.perf_counter() - started
     assert len(receipts) >= 2, "every stage signs a receipt"
-    await client.aclose()
+    await client.disconnect()
     return Timing(prefill, decode, tokens, close)
 
 

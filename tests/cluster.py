@@ -27,11 +27,11 @@ from teeshard.attest.identity import pinned_client_context
 from teeshard.model.checkpoint import Checkpoint
 from teeshard.model.layer_range import LayerRange
 from teeshard.model.plan import split_even
-from teeshard.node.config import NodeConfig
-from teeshard.node.local_chain import write_chain_policy
-from teeshard.node.runtime import Node, build_node, make_server
-from teeshard.node.sessions import SessionLimits
+from teeshard.node import SessionLimits
 from teeshard.procutil import die_with_parent, free_port, wait_healthy
+from teeshard.server.config import NodeConfig
+from teeshard.server.local_pipeline import write_local_policy
+from teeshard.server.runtime import Node, build_node, make_server
 
 
 @dataclass
@@ -99,7 +99,7 @@ class LocalCluster:
         checkpoint = Checkpoint(self.model_dir)
         ranges = self.ranges or split_even(checkpoint.spec.num_layers, self.num_nodes)
         ports = [free_port() for _ in ranges]
-        policy = write_chain_policy(
+        policy = write_local_policy(
             Path(tempfile.mkdtemp(prefix="teeshard-policy-")) / "policy.toml",
             checkpoint, ranges, "float32", "tiny",
         )  # fmt: skip

@@ -125,7 +125,7 @@ def test_policy_file_toml_and_json(tmp_path: Path) -> None:
     text = POLICY_TOML.format(h48="ab" * 48, h32="cd" * 32, other="ef" * 32)
     path = tmp_path / "policy.toml"
     path.write_text(text)
-    policy = Policy.from_file(path)
+    policy = Policy.load(path)
     assert policy.allowed_tcb_statuses == {"UpToDate", "SWHardeningNeeded"}
     assert policy.allow_simulated and not policy.allow_debug
     assert policy.max_evidence_age_s == 60
@@ -135,7 +135,7 @@ def test_policy_file_toml_and_json(tmp_path: Path) -> None:
     assert policy.expected_manifest("any", LayerRange(2, 3)) == bytes.fromhex("ef" * 32)
     as_json = tmp_path / "policy.json"
     as_json.write_text(json.dumps({"allow_simulated": True, "sgx": {"mrsigner": ["00" * 32]}}))
-    assert Policy.from_file(as_json).mrsigner == {bytes(32)}
+    assert Policy.load(as_json).mrsigner == {bytes(32)}
 
 
 @pytest.mark.parametrize(
@@ -161,4 +161,4 @@ def test_unparseable_policy_file(tmp_path: Path) -> None:
     path = tmp_path / "p.toml"
     path.write_text("allow_simulated = = true")
     with pytest.raises(PolicyError, match="does not parse"):
-        Policy.from_file(path)
+        Policy.load(path)

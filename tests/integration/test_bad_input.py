@@ -14,7 +14,7 @@ import torch
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from teeshard.node.sessions import SessionLimits
+from teeshard.node import SessionLimits
 from teeshard.transport.codec import encode, tensor_to_wire
 from teeshard.transport.messages import OpenMsg, StepMsg, WireTensor
 from tests.checkpoints import TinyModel

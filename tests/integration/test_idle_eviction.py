@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import asyncio
 
-from teeshard.node.sessions import SessionLimits
+from teeshard.node import SessionLimits
 from teeshard.transport.peer import RemoteError
 from teeshard.transport.pipeline_client import PipelineClient
 from tests.checkpoints import TinyModel
@@ -13,7 +13,7 @@ async def test_idle_sessions_are_evicted_on_every_node(tiny_llama: TinyModel) ->
     limits = SessionLimits(idle_timeout_s=0.4)
     with LocalCluster(tiny_llama.path, 2, limits=limits) as cluster:
         client = PipelineClient(cluster.entry.ws_url)
-        session = await client.open(max_len=16)
+        session = await client.open_session(max_len=16)
         await client.step(session, [5, 6, 7])
         await asyncio.sleep(1.5)
         for node in cluster.nodes:
@@ -24,4 +24,4 @@ async def test_idle_sessions_are_evicted_on_every_node(tiny_llama: TinyModel) ->
             raise AssertionError("an evicted session must not step")
         except RemoteError as exc:
             assert exc.status == 404 and exc.code == "unknown_session"
-        await client.aclose()
+        await client.disconnect()

@@ -38,7 +38,7 @@ def chain3(tiny_llama: TinyModel) -> Iterator[LocalCluster]:
 def policy_of(cluster: LocalCluster) -> Policy:
     policy_path = cluster.entry.config.policy_path
     assert policy_path is not None
-    return Policy.from_file(policy_path)
+    return Policy.load(policy_path)
 
 
 def chain_bundles(cluster: LocalCluster) -> list[Bundle]:
@@ -190,11 +190,11 @@ async def test_pipeline_socket_close_can_sign(chain3: LocalCluster) -> None:
     from teeshard.transport.pipeline_client import PipelineClient
 
     client = PipelineClient(chain3.entry.ws_url)
-    session = await client.open(max_len=16, return_logits=False)
+    session = await client.open_session(max_len=16, return_logits=False)
     token, _ = await client.step(session, [5, 6, 7])
     await client.step(session, [token])
-    receipts = [Receipt.from_json(r) for r in await client.close(session, sign=True)]
-    await client.aclose()
+    receipts = [Receipt.from_json(r) for r in await client.close_session(session, sign=True)]
+    await client.disconnect()
     report = verify_chain(receipts, chain_bundles(chain3), request_id=session)
     assert report.stages == 3
 

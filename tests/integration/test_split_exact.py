@@ -46,7 +46,7 @@ async def test_split_pipeline_matches_unsplit_model(tiny_model: TinyModel, num_n
     ref_tokens, ref_logits = reference_generation(tiny_model, PROMPT, DECODE_STEPS)
     with LocalCluster(tiny_model.path, num_nodes) as cluster:
         client = PipelineClient(cluster.entry.ws_url)
-        session = await client.open(max_len=len(PROMPT) + DECODE_STEPS)
+        session = await client.open_session(max_len=len(PROMPT) + DECODE_STEPS)
         tokens, logits = [], []
         token, step_logits = await client.step(session, PROMPT)  # prefill
         for _ in range(DECODE_STEPS):
@@ -55,8 +55,8 @@ async def test_split_pipeline_matches_unsplit_model(tiny_model: TinyModel, num_n
             if len(tokens) == DECODE_STEPS:
                 break
             token, step_logits = await client.step(session, [token])
-        await client.close(session)
-        await client.aclose()
+        await client.close_session(session)
+        await client.disconnect()
 
     assert tokens == ref_tokens
     assert len(logits) == len(ref_logits) == DECODE_STEPS
@@ -73,9 +73,9 @@ async def test_half_precision_wire_stays_close(tiny_llama: TinyModel) -> None:
     _, ref_logits = reference_generation(tiny_llama, PROMPT, 4)
     with LocalCluster(tiny_llama.path, 2, wire_dtype="float16") as cluster:
         client = PipelineClient(cluster.entry.ws_url)
-        session = await client.open(max_len=len(PROMPT) + 4, wire_dtype="float16")
+        session = await client.open_session(max_len=len(PROMPT) + 4, wire_dtype="float16")
         _, logits = await client.step(session, PROMPT)
-        await client.aclose()
+        await client.disconnect()
     assert logits is not None
     err = (logits - ref_logits[0]).abs().max().item()
     assert 0 < err < 1e-2  # not bit-exact (it is really float16), but close

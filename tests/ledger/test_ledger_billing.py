@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 from ledger_harness import World
 
-from teeshard.entry.billing import ChargeRequest
+from teeshard.entry.billing import BillingAPI
 from teeshard.entry.errors import APIError
 from teeshard.entry.generation import Generation
 from teeshard.entry.serving import _usage
-from teeshard.ledger.billing import LedgerBilling
+from teeshard.ledger.billing import ChargeRequest, LedgerBilling
 from teeshard.ledger.interface import NodeInfo
 from teeshard.ledger.pricing import ModelPrice, Pricing
 
@@ -63,7 +63,7 @@ async def test_failed_generation_is_released_in_full(world: World) -> None:
 
 async def test_no_balance_is_402_and_bad_keys_401(world: World) -> None:
     customer(world, 49, "tsk_poor")
-    billing = LedgerBilling(world.entry, PRICING)
+    billing = BillingAPI(LedgerBilling(world.entry, PRICING))
     with pytest.raises(APIError) as caught:
         await billing.reserve(charge("tsk_poor"))
     assert caught.value.status == 402 and caught.value.code == "insufficient_balance"
@@ -78,7 +78,7 @@ async def test_operators_use_the_model_free(world: World) -> None:
     op, as_op = world.new_account()  # no funds at all
     as_op.add_api_key(op, "tsk_operator")
     as_op.register_node(NodeInfo("node-op", "http://op:1", "e" * 64))
-    billing = LedgerBilling(world.entry, PRICING)
+    billing = BillingAPI(LedgerBilling(world.entry, PRICING))
     with pytest.raises(APIError) as caught:  # registered but not admitted: no privileges
         await billing.reserve(charge("tsk_operator", rid="g-op0"))
     assert caught.value.status == 402
@@ -140,7 +140,7 @@ async def test_per_character_pricing_charges_the_characters_returned(world: Worl
 async def test_per_character_pricing_without_characters_charges_nothing(world: World) -> None:
     legacy = Pricing(models={"tiny": ModelPrice(scheme="per_character")})
     account = customer(world, 10_000, "tsk_nochars")
-    billing = LedgerBilling(world.entry, legacy)
+    billing = BillingAPI(LedgerBilling(world.entry, legacy))
     reservation = await billing.reserve(charge("tsk_nochars", rid="g-nochars"))
     with pytest.raises(APIError) as refused:
         await billing.settle(reservation, 10, 20, [])

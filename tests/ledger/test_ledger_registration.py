@@ -87,7 +87,7 @@ def test_a_verified_node_with_an_expected_manifest_is_registered_and_admitted(
 def test_a_node_serving_other_weights_is_refused(
     world: World, impostor: RunningNode, node_manifest: str, policy_path: Path
 ) -> None:
-    policy = Policy.from_file(policy_path)
+    policy = Policy.load(policy_path)
     expected = ExpectedShards.from_policy(policy)
     assert expected.shards == {node_manifest: "2:4"} and expected.model == "tiny"
     _, as_operator = world.new_account()
@@ -104,7 +104,7 @@ def test_simulated_evidence_needs_explicit_consent(
     expected = ExpectedShards.of([node_manifest])
     _, as_operator = world.new_account()
     # the cluster's policy, less its allow_simulated: it still names the node's manifest
-    strict = AttestVerifier(replace(Policy.from_file(policy_path), allow_simulated=False))
+    strict = AttestVerifier(replace(Policy.load(policy_path), allow_simulated=False))
     refused = r"^simulated evidence \(no TEE\) is refused; pass --allow-simulated"
     for verifier in (None, AttestVerifier(), strict):
         with pytest.raises(RegistrationRefused, match=refused):

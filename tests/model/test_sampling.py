@@ -2,8 +2,7 @@ from __future__ import annotations
 
 import torch
 
-from teeshard.model.sampling import new_generator, sample
-from teeshard.transport.messages import SamplingParams
+from teeshard.model.sampling import SamplingParams, new_generator, sample
 
 LOGITS = torch.tensor([0.1, 2.0, 1.9, -1.0, 0.5])
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from teeshard.model.checkpoint import Checkpoint
-from teeshard.model.kv_cache import CacheFullError
 from teeshard.model.layer_range import LayerRange
 from teeshard.model.loader import load_shard
+from teeshard.model.transformer import CacheFullError
 from tests.checkpoints import build_tiny_model
 
 IDS = torch.tensor(

@@ -5,10 +5,10 @@ import time
 import pytest
 import torch
 
-from teeshard.model.kv_cache import KVCache
+from teeshard.model.sampling import SamplingParams
+from teeshard.model.transformer import KVCache
+from teeshard.node import SessionLimits, SessionStore
 from teeshard.node.errors import BadRequestError, OverloadedError, UnknownSessionError
-from teeshard.node.sessions import SessionLimits, SessionStore
-from teeshard.transport.messages import SamplingParams
 
 
 def open_session(store: SessionStore, sid: str, max_len: int) -> None:

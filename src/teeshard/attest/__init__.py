@@ -11,12 +11,45 @@ Verifier side
     TLS context), :func:`attest_peer`, :func:`verify_chain`, :class:`SealedClient`,
     :func:`verify_quote`, :class:`CollateralFile`, :class:`PccsCollateral`.
 Errors
-    :mod:`teeshard.attest.errors` (tree in its docstring).
+    the whole tree of :mod:`teeshard.attest.errors` (drawn in its docstring),
+    rooted at :class:`AttestationError`.
 """
 
 from teeshard.attest.attester import NodeAttestation
-from teeshard.attest.client import AttestedPeer, SealedClient, attest_peer, fetch_bundle, verify_url
-from teeshard.attest.errors import AttestationError, VerificationError
+from teeshard.attest.client import (
+    ATTESTATION_PATH,
+    CHAIN_PATH,
+    NONCE_BYTES,
+    AttestedPeer,
+    SealedClient,
+    attest_peer,
+    attestation_url,
+    fetch_bundle,
+    fetch_chain,
+    fetch_chain_async,
+    verify_url,
+)
+from teeshard.attest.errors import (
+    AttestationError,
+    BindingError,
+    CollateralError,
+    EventLogError,
+    FormatError,
+    FreshnessError,
+    ManifestError,
+    ManifestMismatch,
+    MeasurementError,
+    PolicyError,
+    ProviderError,
+    ProviderUnavailable,
+    QuoteError,
+    ReceiptError,
+    SealingError,
+    SignatureError,
+    SimulatedRefused,
+    TcbStatusError,
+    VerificationError,
+)
 from teeshard.attest.evidence import Bundle, Evidence, report_data_for
 from teeshard.attest.identity import NodeIdentity, cert_fingerprint, pinned_client_context
 from teeshard.attest.manifest import ManifestBuilder, ShardManifest, compute_manifest
@@ -28,6 +61,8 @@ from teeshard.attest.receipts import (
     Receipt,
     TrafficHash,
     chain_digest,
+    load_receipts,
+    receipts_to_json,
     sign_receipt,
     verify_chain,
 )
@@ -46,8 +81,13 @@ from teeshard.attest.verify import (
     verify_bundle,
     verify_quote,
 )
+from teeshard.attest.verify.policy import ManifestExpectation
+from teeshard.attest.verify.quote import CollateralSource, collateral_source
 
 __all__ = [
+    "ATTESTATION_PATH",
+    "CHAIN_PATH",
+    "NONCE_BYTES",
     "RECEIPTS_FIELD",
     "RECEIPT_DIGEST_HEADER",
     "SEALED_CONTENT_TYPE",
@@ -55,30 +95,55 @@ __all__ = [
     "TEE_CHOICES",
     "AttestationError",
     "AttestedPeer",
+    "BindingError",
     "Bundle",
+    "CollateralError",
     "CollateralFile",
+    "CollateralSource",
+    "EventLogError",
     "Evidence",
+    "FormatError",
+    "FreshnessError",
     "ManifestBuilder",
     "ManifestCache",
+    "ManifestError",
+    "ManifestExpectation",
+    "ManifestMismatch",
+    "MeasurementError",
     "NodeAttestation",
     "NodeIdentity",
     "OpenedRequest",
     "PccsCollateral",
     "Policy",
+    "PolicyError",
     "Provider",
+    "ProviderError",
+    "ProviderUnavailable",
+    "QuoteError",
     "Receipt",
+    "ReceiptError",
     "SealedClient",
+    "SealingError",
     "ShardManifest",
+    "SignatureError",
+    "SimulatedRefused",
+    "TcbStatusError",
     "TrafficHash",
     "VerificationError",
     "VerifiedNode",
     "attest_peer",
+    "attestation_url",
     "cert_fingerprint",
     "chain_digest",
+    "collateral_source",
     "compute_manifest",
     "fetch_bundle",
+    "fetch_chain",
+    "fetch_chain_async",
+    "load_receipts",
     "open_request",
     "pinned_client_context",
+    "receipts_to_json",
     "report_data_for",
     "seal_request",
     "select_provider",

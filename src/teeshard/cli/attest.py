@@ -14,14 +14,19 @@ from pathlib import Path
 
 import httpx
 
-from teeshard.attest.client import NONCE_BYTES, fetch_chain
-from teeshard.attest.errors import AttestationError
-from teeshard.attest.evidence import Bundle, Evidence
-from teeshard.attest.manifest import compute_manifest
-from teeshard.attest.manifest_cache import ManifestCache
-from teeshard.attest.receipts import load_receipts, verify_chain
+from teeshard.attest import (
+    NONCE_BYTES,
+    AttestationError,
+    Bundle,
+    Evidence,
+    ManifestCache,
+    Policy,
+    compute_manifest,
+    fetch_chain,
+    load_receipts,
+    verify_chain,
+)
 from teeshard.attest.verify.bundle import VerifiedNode, check_report, verify_bundle
-from teeshard.attest.verify.policy import Policy
 from teeshard.attest.verify.quote import (
     CollateralSource,
     collateral_source,
@@ -124,7 +129,7 @@ def run_manifest(args: argparse.Namespace) -> int:
 def run_verify(args: argparse.Namespace) -> int:
     import httpx
 
-    from teeshard.attest.client import verify_url
+    from teeshard.attest import verify_url
 
     expected = bytes.fromhex(args.expect_manifest) if args.expect_manifest else None
     try:
@@ -151,7 +156,7 @@ def run_verify_quote(args: argparse.Namespace) -> int:
             event_log = args.event_log.read_text() if args.event_log else None
             provider = "dstack" if event_log is not None else "quote-file"
             evidence = Evidence(provider, report.tee_type, quote, report.report_data, event_log)
-            check_report(report, evidence, Policy.from_file(args.policy))
+            check_report(report, evidence, Policy.load(args.policy))
     except AttestationError as exc:
         return _fail(exc)
     print(f"PASS: {report.tee_type.upper()} quote, TCB status {report.tcb_status}")

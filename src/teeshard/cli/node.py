@@ -6,10 +6,10 @@ import argparse
 import os
 from pathlib import Path
 
-from teeshard.attest.providers import TEE_CHOICES
+from teeshard.attest import TEE_CHOICES
 from teeshard.model.layer_range import LayerRange
-from teeshard.node.config import NodeConfig
-from teeshard.node.sessions import SessionLimits
+from teeshard.node import SessionLimits
+from teeshard.server.config import NodeConfig
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -164,7 +164,7 @@ def config_from_args(args: argparse.Namespace, **overrides: object) -> NodeConfi
 
 
 def run(args: argparse.Namespace) -> int:
-    from teeshard.node.runtime import serve
+    from teeshard.server.runtime import serve
 
     config = config_from_args(
         args,

@@ -7,7 +7,7 @@ import argparse
 from rich.console import Console
 from rich.table import Table
 
-from teeshard.attest.verify.policy import Policy
+from teeshard.attest import Policy
 from teeshard.cli.attest import add_policy_options
 from teeshard.cli.ledger import Command, add_ledger_options, ledger_command
 from teeshard.ledger.interface import Ledger
@@ -83,7 +83,7 @@ def list_nodes(args: argparse.Namespace, ledger: Ledger) -> int:
 
 def _checks(args: argparse.Namespace) -> tuple[ExpectedShards, AttestVerifier]:
     """The expected shards and the verifier the options name (one policy file read)."""
-    policy = Policy.from_file(args.policy) if args.policy else None
+    policy = Policy.load(args.policy) if args.policy else None
     verifier = default_verifier(
         policy,
         allow_simulated=args.allow_simulated,

@@ -20,11 +20,11 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from teeshard.cli.errors import CommandError
 from teeshard.cli.node import add_billing_options, add_runtime_options
 from teeshard.model.checkpoint import Checkpoint
-from teeshard.model.demo import data_dir
 from teeshard.model.layer_range import LayerRange
 from teeshard.model.plan import plan_checkpoint
-from teeshard.node.local_chain import write_chain_policy
+from teeshard.paths import data_dir
 from teeshard.procutil import die_with_parent, is_healthy, port_free
+from teeshard.server.local_pipeline import write_local_policy
 
 console = Console(stderr=True)
 
@@ -152,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
 
     model_name = args.model_name or checkpoint.name
     with console.status("hashing shards for the chain's attestation policy"):
-        policy = write_chain_policy(
+        policy = write_local_policy(
             data_dir() / "runs" / f"port-{args.port}" / "policy.toml",
             checkpoint, [s.layers for s in launches], args.dtype, model_name,
         )  # fmt: skip

@@ -1,0 +1,32 @@
+"""The entry node's user-facing API on top of a stage: OpenAI-compatible HTTP and SSE.
+
+``OpenAIServing`` turns requests into generations; ``GenerationLoop`` runs
+prefill and decode through the stage (``teeshard.node``) and charges through
+``Billing``; ``attach_router`` and ``attach_sealed_router`` serve it. Every
+error leaves as ``APIError`` in the OpenAI error shape, with the status that
+fits (node errors keep theirs; ledger errors map through ``api_error_for``).
+"""
+
+from teeshard.entry.billing import Billing, BillingAPI, api_error_for
+from teeshard.entry.errors import APIError
+from teeshard.entry.generation import Generation, GenerationLoop, GenerationParams
+from teeshard.entry.routes import attach_router, install_error_handlers
+from teeshard.entry.sealed import attach_sealed_router
+from teeshard.entry.serving import Caller, OpenAIServing
+from teeshard.entry.text import TextCodec
+
+__all__ = [
+    "APIError",
+    "Billing",
+    "BillingAPI",
+    "Caller",
+    "Generation",
+    "GenerationLoop",
+    "GenerationParams",
+    "OpenAIServing",
+    "TextCodec",
+    "api_error_for",
+    "attach_router",
+    "attach_sealed_router",
+    "install_error_handlers",
+]

@@ -1,47 +1,43 @@
 """The entry node's view of billing: reserve before generating, settle after.
 
-``Billing`` is what the generation loop calls; a ledger backend implements it
-(see ``teeshard.ledger``). ``FreeBilling`` is the default when no ledger is
-configured: every request is allowed and nothing is recorded.
+``Billing`` is what the generation loop calls; ``teeshard.ledger.billing.LedgerBilling``
+implements it over any ledger and raises ledger errors, and ``BillingAPI`` wraps it
+so that those errors leave as HTTP API errors (401 no or unknown key, 402 no
+balance, 503 ledger unavailable, 500 otherwise). With no ledger configured the
+generation loop has no billing at all: every request is free and nothing is recorded.
 
 Contract for implementations:
-- ``reserve`` raises ``APIError`` (401 unknown key, 402 no balance) or returns a
-  ``Reservation`` holding the most the request can cost;
+- ``reserve`` returns a ``Reservation`` holding the most the request can cost;
 - exactly one of ``settle`` or ``release`` follows each reservation;
-- both are idempotent by request id.
+- both are idempotent by request id; ``release`` never raises.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Protocol
 
+from teeshard.entry.errors import APIError
+from teeshard.ledger.billing import (
+    BillingError,
+    ChargeRequest,
+    InvalidKey,
+    LedgerUnavailable,
+    MissingKey,
+    PaymentRequired,
+    Reservation,
+    Settlement,
+)
+from teeshard.ledger.interface import LedgerError
 
-@dataclass(frozen=True)
-class ChargeRequest:
-    request_id: str
-    api_key: str | None  # the caller's bearer token; None when the request had none
-    model: str
-    prompt_tokens: int
-    max_completion_tokens: int
-    prompt_chars: int | None = None  # for per-character pricing
-
-
-@dataclass(frozen=True)
-class Reservation:
-    request_id: str
-    account: str | None  # None: free use (no ledger, or an operator of a registered node)
-    reserved: int  # most the request can cost, in the ledger's smallest unit
-
-
-@dataclass(frozen=True)
-class Settlement:
-    request_id: str
-    prompt_tokens: int
-    completion_tokens: int
-    cost: int  # charged, in the ledger's smallest unit
-    balance: int | None = None  # the account's balance after the charge, when known
+__all__ = [
+    "Billing",
+    "BillingAPI",
+    "ChargeRequest",
+    "Reservation",
+    "Settlement",
+    "api_error_for",
+]
 
 
 class Billing(Protocol):
@@ -60,11 +56,35 @@ class Billing(Protocol):
     async def release(self, reservation: Reservation) -> None: ...
 
 
-class FreeBilling:
-    """No ledger: every request is free and nothing is recorded."""
+_STATUS: tuple[tuple[type[BillingError], int], ...] = (
+    (MissingKey, 401),
+    (InvalidKey, 401),
+    (PaymentRequired, 402),
+    (LedgerUnavailable, 503),
+)
+
+
+def api_error_for(exc: LedgerError) -> APIError:
+    """The HTTP face of a ledger error: its message and code, the status that fits."""
+    for kind, status in _STATUS:
+        if isinstance(exc, kind):
+            return APIError(status, exc.message, code=exc.code)
+    if isinstance(exc, BillingError):
+        return APIError(500, exc.message, code=exc.code)
+    return APIError(500, f"ledger error: {exc.message}", code=exc.code)
+
+
+class BillingAPI:
+    """Any ``Billing`` whose ledger errors leave as ``APIError``s."""
+
+    def __init__(self, billing: Billing) -> None:
+        self.billing = billing
 
     async def reserve(self, request: ChargeRequest) -> Reservation:
-        return Reservation(request.request_id, None, 0)
+        try:
+            return await self.billing.reserve(request)
+        except LedgerError as exc:
+            raise api_error_for(exc) from None
 
     async def settle(
         self,
@@ -73,9 +93,23 @@ class FreeBilling:
         completion_tokens: int,
         served_by: Sequence[str],
         *,
-        completion_chars: int | None = None,  # for per-character pricing
+        completion_chars: int | None = None,
     ) -> Settlement:
-        return Settlement(reservation.request_id, prompt_tokens, completion_tokens, 0)
+        try:
+            return await self.billing.settle(
+                reservation,
+                prompt_tokens,
+                completion_tokens,
+                served_by,
+                completion_chars=completion_chars,
+            )
+        except LedgerError as exc:
+            raise api_error_for(exc) from None
 
     async def release(self, reservation: Reservation) -> None:
-        return None
+        await self.billing.release(reservation)
+
+    def close(self) -> None:
+        close = getattr(self.billing, "close", None)
+        if close is not None:
+            close()

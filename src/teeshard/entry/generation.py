@@ -2,6 +2,8 @@
 
 One session per request, opened on every node with room for the prompt plus
 the completion budget and closed in every outcome (done, error, client gone).
+With a ledger, the most a request can cost is reserved before the session opens
+and settled (or released) once it closes; without one nothing is charged.
 """
 
 from __future__ import annotations
@@ -13,13 +15,13 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Literal
 
-from teeshard.attest.receipts import Receipt
-from teeshard.entry.billing import Billing, ChargeRequest, FreeBilling, Reservation, Settlement
+from teeshard.attest import Receipt
+from teeshard.entry.billing import Billing, BillingAPI, ChargeRequest, Reservation, Settlement
 from teeshard.entry.errors import APIError
 from teeshard.entry.text import IncrementalDecoder, StopMatcher, TextCodec
-from teeshard.node.errors import NodeError
-from teeshard.node.service import NodeService
-from teeshard.transport.messages import SamplingParams
+from teeshard.model.sampling import SamplingParams
+from teeshard.node import NodeError, NodeService
+from teeshard.transport.messages import WireDtype
 
 log = logging.getLogger(__name__)
 FinishReason = Literal["stop", "length"]
@@ -43,23 +45,23 @@ class Generation:
     completion_chars: int = 0  # characters of text returned to the client
     finish_reason: FinishReason | None = None
     closed: bool = False  # the session is closed on every node
-    served_by: tuple[str, ...] = ()  # node ids of the chain, entry first
-    reservation: Reservation | None = None
+    served_by: tuple[str, ...] = ()  # node ids of the route, entry first
+    reservation: Reservation | None = None  # None: no ledger, nothing charged
     settlement: Settlement | None = None
     receipts: list[Receipt] = field(default_factory=list)  # signed by every stage, entry first
 
 
-class Generator:
+class GenerationLoop:
     def __init__(
         self,
         service: NodeService,
         codec: TextCodec,
-        wire_dtype: str,
+        wire_dtype: WireDtype,
         default_max_tokens: int,
         billing: Billing | None = None,
     ) -> None:
         self.service = service
-        self.billing: Billing = billing or FreeBilling()
+        self.billing = BillingAPI(billing) if billing is not None else None
         self._releasing: set[asyncio.Future[None]] = set()  # keeps shielded releases alive
         self.codec = codec
         self.wire_dtype = wire_dtype
@@ -67,11 +69,10 @@ class Generator:
         self.context = service.shard.spec.max_position_embeddings
         self.eos_ids = set(service.shard.spec.eos_token_ids) | codec.eos_ids()
 
-    def close(self) -> None:
+    def shutdown(self) -> None:
         """Release what billing holds (its ledger connection)."""
-        close = getattr(self.billing, "close", None)
-        if close is not None:
-            close()
+        if self.billing is not None:
+            self.billing.close()
 
     def resolve_max_tokens(self, prompt_len: int, requested: int | None) -> int:
         """The completion budget, or a 400 explaining why the request cannot fit."""
@@ -113,17 +114,18 @@ class Generator:
         Errors here (402 no balance, 503 full caches...) happen before any output.
         """
         generation = Generation(request_id=uuid.uuid4().hex, prompt_tokens=len(prompt_ids))
-        charge = ChargeRequest(
-            generation.request_id,
-            api_key,
-            self.service.model_name,
-            len(prompt_ids),
-            params.max_tokens,
-            params.prompt_chars,
-        )
-        generation.reservation = await self.billing.reserve(charge)
+        if self.billing is not None:
+            charge = ChargeRequest(
+                generation.request_id,
+                api_key,
+                self.service.model_name,
+                len(prompt_ids),
+                params.max_tokens,
+                params.prompt_chars,
+            )
+            generation.reservation = await self.billing.reserve(charge)
         try:
-            generation.served_by = await self.service.open(
+            generation.served_by = await self.service.open_session(
                 generation.request_id,
                 len(prompt_ids) + params.max_tokens,
                 params.sampling,
@@ -131,7 +133,8 @@ class Generator:
                 input_digest=input_digest,
             )
         except BaseException as exc:
-            await self.billing.release(generation.reservation)
+            if self.billing is not None and generation.reservation is not None:
+                await self.billing.release(generation.reservation)
             if isinstance(exc, NodeError):
                 raise APIError.from_node(exc) from None
             raise
@@ -197,11 +200,11 @@ class Generator:
         finished = generation.finish_reason is not None
         try:
             # a finished session is closed with signed receipts from every stage
-            receipts = await self.service.close(generation.request_id, sign=finished)
+            receipts = await self.service.close_session(generation.request_id, sign=finished)
             generation.receipts = receipts or []
         finally:
             reservation = generation.reservation
-            if reservation is not None:
+            if self.billing is not None and reservation is not None:
                 if finished:
                     generation.settlement = await self.billing.settle(
                         reservation,

@@ -21,7 +21,8 @@ from teeshard.entry.protocol import (
 from teeshard.entry.serving import Caller, OpenAIServing
 
 
-def build_router(serving: OpenAIServing) -> APIRouter:
+def attach_router(app: FastAPI, serving: OpenAIServing) -> None:
+    """Serve the OpenAI-compatible API and the web page of ``serving`` on ``app``."""
     router = APIRouter()
 
     @router.get("/v1/models")
@@ -44,7 +45,7 @@ def build_router(serving: OpenAIServing) -> APIRouter:
     async def web_page() -> str:
         return resources.files("teeshard.entry").joinpath("static/index.html").read_text()
 
-    return router
+    app.include_router(router)
 
 
 async def caller_of(request: Request) -> Caller:

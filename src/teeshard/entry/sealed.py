@@ -12,15 +12,20 @@ from __future__ import annotations
 import httpx
 from fastapi import APIRouter, FastAPI, Request, Response
 
-from teeshard.attest.errors import AttestationError
-from teeshard.attest.sealing import SEALED_CONTENT_TYPE, SEALED_PATH, open_request
+from teeshard.attest import (
+    SEALED_CONTENT_TYPE,
+    SEALED_PATH,
+    AttestationError,
+    NodeIdentity,
+    open_request,
+)
 from teeshard.entry.errors import APIError
-from teeshard.node.trust import NodeTrust
 
 SEALABLE_PATHS = ("/v1/chat/completions", "/v1/completions", "/generate")
 
 
-def build_sealed_router(app: FastAPI, trust: NodeTrust) -> APIRouter:
+def attach_sealed_router(app: FastAPI, identity: NodeIdentity) -> None:
+    """Serve ``/v1/sealed`` on ``app``: requests opened with ``identity``'s sealing key."""
     router = APIRouter()
 
     @router.post(SEALED_PATH)
@@ -28,7 +33,7 @@ def build_sealed_router(app: FastAPI, trust: NodeTrust) -> APIRouter:
         if request.headers.get("content-type", "").split(";")[0].strip() != SEALED_CONTENT_TYPE:
             raise APIError(415, f"sealed requests must be sent as {SEALED_CONTENT_TYPE}")
         try:
-            opened = open_request(trust.attestation.identity, await request.body())
+            opened = open_request(identity, await request.body())
         except AttestationError as exc:
             raise APIError(
                 400, f"sealed request rejected: {exc}", code="sealed_request_invalid"
@@ -50,4 +55,4 @@ def build_sealed_router(app: FastAPI, trust: NodeTrust) -> APIRouter:
             opened.seal_response(inner.status_code, inner.content), media_type=SEALED_CONTENT_TYPE
         )
 
-    return router
+    app.include_router(router)

@@ -17,9 +17,9 @@ from typing import Any
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from teeshard.attest.receipts import RECEIPT_DIGEST_HEADER, RECEIPTS_FIELD, chain_digest
+from teeshard.attest import RECEIPT_DIGEST_HEADER, RECEIPTS_FIELD, chain_digest
 from teeshard.entry.errors import APIError
-from teeshard.entry.generation import Generation, GenerationParams, Generator
+from teeshard.entry.generation import Generation, GenerationLoop, GenerationParams
 from teeshard.entry.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -28,7 +28,7 @@ from teeshard.entry.protocol import (
     _Request,
     now,
 )
-from teeshard.transport.messages import SamplingParams
+from teeshard.model.sampling import SamplingParams
 
 Event = dict[str, Any]
 
@@ -103,10 +103,10 @@ COMPLETION = _Shape(
 
 
 class OpenAIServing:
-    def __init__(self, generator: Generator, model_name: str) -> None:
-        self.generator = generator
+    def __init__(self, generations: GenerationLoop, model_name: str) -> None:
+        self.generations = generations
         self.model_name = model_name
-        self.codec = generator.codec
+        self.codec = generations.codec
 
     def models(self) -> dict[str, Any]:
         return {
@@ -133,7 +133,7 @@ class OpenAIServing:
         caller: Caller,
         prompt_chars: int,
     ) -> Prepared:
-        budget = self.generator.resolve_max_tokens(len(prompt_ids), max_tokens)
+        budget = self.generations.resolve_max_tokens(len(prompt_ids), max_tokens)
         sampling = SamplingParams(
             temperature=request.temperature,
             top_p=request.top_p,
@@ -141,7 +141,7 @@ class OpenAIServing:
             seed=request.seed,
         )
         params = GenerationParams(budget, sampling, tuple(request.stop_list), prompt_chars)
-        generation = await self.generator.start(
+        generation = await self.generations.start(
             prompt_ids, params, caller.api_key, caller.body_digest
         )
         return Prepared(prompt_ids, params, generation)
@@ -174,10 +174,10 @@ class OpenAIServing:
     async def generate(self, request: GenerateRequest, caller: Caller) -> JSONResponse:
         """The original demo's endpoint: ``{"prompt"}`` in, ``{"output"}`` out."""
         prompt_ids = self.codec.completion_prompt(request.prompt)
-        budget = self.generator.resolve_max_tokens(len(prompt_ids), request.max_tokens)
+        budget = self.generations.resolve_max_tokens(len(prompt_ids), request.max_tokens)
         sampling = SamplingParams(temperature=request.temperature)
         params = GenerationParams(budget, sampling, prompt_chars=len(request.prompt))
-        generation = await self.generator.start(
+        generation = await self.generations.start(
             prompt_ids, params, caller.api_key, caller.body_digest
         )
         text = await self._collect(Prepared(prompt_ids, params, generation))
@@ -222,7 +222,7 @@ class OpenAIServing:
         if prefix:
             yield event([shape.stream_choice(prefix, None)])
         gen = prepared.generation
-        async for delta in self.generator.stream(gen, prepared.prompt_ids, prepared.params):
+        async for delta in self.generations.stream(gen, prepared.prompt_ids, prepared.params):
             yield event([shape.stream_choice(delta, None)])
         # The stream has ended, so the session is closed and its receipts are signed.
         last = event([shape.stream_choice(None, gen.finish_reason)])
@@ -242,13 +242,13 @@ class OpenAIServing:
 
         return _SessionStream(
             body(),
-            on_close=lambda: self.generator.release(prepared.generation),
+            on_close=lambda: self.generations.release(prepared.generation),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
     async def _collect(self, prepared: Prepared) -> str:
-        stream = self.generator.stream(prepared.generation, prepared.prompt_ids, prepared.params)
+        stream = self.generations.stream(prepared.generation, prepared.prompt_ids, prepared.params)
         return "".join([delta async for delta in stream])
 
 

@@ -1,13 +1,13 @@
-"""``Billing`` for the entry node over any ``Ledger``: reserve, settle, release.
+"""Charging requests through any ``Ledger``: reserve, settle, release.
 
-Plug-in::
+Plug-in (the entry node wraps it in ``teeshard.entry.billing.BillingAPI``, which
+turns the errors below into HTTP statuses)::
 
     billing = billing_from_url("sqlite:///ledger.db", pricing="pricing.toml", actor="entry-1")
-    Generator(service, codec, wire_dtype, default_max_tokens, billing=billing)
 
 Behaviour:
-- no API key: 401; a key no account has: 401; not enough balance for the most
-  the request can cost: 402 with both numbers;
+- no API key: ``MissingKey``; a key no account has: ``InvalidKey``; not enough
+  balance for the most the request can cost: ``PaymentRequired`` with both numbers;
 - operators of admitted nodes use the model free (cost 0 in the usage);
 - per-token or per-character pricing (the entry passes character counts);
 - settle charges the priced usage (never above what was reserved), releases
@@ -32,8 +32,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from teeshard.entry.billing import ChargeRequest, Reservation, Settlement
-from teeshard.entry.errors import APIError
 from teeshard.ledger.interface import (
     BackendError,
     InsufficientBalance,
@@ -47,6 +45,68 @@ from teeshard.ledger.pricing import Pricing, PricingError, Usage
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ChargeRequest:
+    request_id: str
+    api_key: str | None  # the caller's bearer token; None when the request had none
+    model: str
+    prompt_tokens: int
+    max_completion_tokens: int
+    prompt_chars: int | None = None  # for per-character pricing
+
+
+@dataclass(frozen=True)
+class Reservation:
+    request_id: str
+    account: str | None  # None: free use (no ledger, or an operator of a registered node)
+    reserved: int  # most the request can cost, in the ledger's smallest unit
+
+
+@dataclass(frozen=True)
+class Settlement:
+    request_id: str
+    prompt_tokens: int
+    completion_tokens: int
+    cost: int  # charged, in the ledger's smallest unit
+    balance: int | None = None  # the account's balance after the charge, when known
+
+
+class BillingError(LedgerError):
+    """A request cannot be charged. Subclasses say why; the entry maps each to a status.
+
+    BillingError
+    ├── MissingKey         the request carried no API key
+    ├── InvalidKey         no account holds that key
+    ├── PaymentRequired    the balance cannot cover the most the request can cost
+    ├── LedgerUnavailable  the store or chain failed: try again
+    └── PricingFailed      the request cannot be priced (a configuration error)
+    """
+
+    code = "billing_error"
+
+
+class MissingKey(BillingError):
+    code = "missing_api_key"
+
+
+class InvalidKey(BillingError):
+    code = "invalid_api_key"
+
+
+class PaymentRequired(BillingError):
+    code = "insufficient_balance"
+
+
+class LedgerUnavailable(BillingError):
+    code = "ledger_unavailable"
+
+
+class PricingFailed(BillingError):
+    code = "pricing_error"
+
+
 NODES_TTL_S = 30.0  # how long the list of admitted nodes is trusted
 UNKNOWN_NODE_REFRESH_S = 2.0  # a chain naming a node not (yet) admitted looks again this soon
 
@@ -71,13 +131,13 @@ class LedgerBilling:
         self.ledger = ledger
         self.pricing = pricing or Pricing()
         self.free_for_operators = free_for_operators
-        self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="ledger")
+        self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="ledger")
         self._pending: dict[str, _Pending] = {}
         self._admitted: frozenset[str] = frozenset()
         self._admitted_at = 0.0
 
     async def _run(self, fn: Callable[..., T], *args: object) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     def recover(self, older_than_s: float | None = None) -> list[str]:
         """Release what an earlier process of this entry left reserved (call at start)."""
@@ -87,23 +147,19 @@ class LedgerBilling:
         return released
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
+        self._executor.shutdown(wait=True)
         self.ledger.close()
 
     # -- Billing ---------------------------------------------------------------------
 
     async def reserve(self, request: ChargeRequest) -> Reservation:
         if not request.api_key:
-            raise APIError(
-                401,
-                "this node charges for use: send 'Authorization: Bearer <api key>'",
-                code="missing_api_key",
-            )
+            raise MissingKey("this node charges for use: send 'Authorization: Bearer <api key>'")
         try:
             account = await self._run(self.ledger.account_for_key, request.api_key)
             free = self.free_for_operators and await self._run(self.ledger.is_operator, account)
         except UnknownAccount:
-            raise APIError(401, "invalid API key", code="invalid_api_key") from None
+            raise InvalidKey("invalid API key") from None
         except LedgerError as exc:
             raise _unavailable(exc) from None
         if free:
@@ -118,13 +174,11 @@ class LedgerBilling:
         try:
             await self._run(self.ledger.reserve, request.request_id, account, amount)
         except InsufficientBalance as exc:
-            raise APIError(
-                402,
+            raise PaymentRequired(
                 f"insufficient balance: this request may cost up to {amount} "
                 f"({request.prompt_tokens} prompt tokens and up to {request.max_completion_tokens} "
                 f"completion tokens at {request.model!r} prices) and the account has "
-                f"{exc.available} available; deposit more or lower max_tokens",
-                code="insufficient_balance",
+                f"{exc.available} available; deposit more or lower max_tokens"
             ) from None
         except LedgerError as exc:
             raise _unavailable(exc) from None
@@ -154,7 +208,7 @@ class LedgerBilling:
         except PricingError as exc:  # e.g. per-character pricing without character counts
             self._pending[reservation.request_id] = pending
             await self.release(reservation)  # the caller is not charged for our failure
-            raise APIError(500, f"cannot price this request: {exc}", code="pricing_error") from None
+            raise PricingFailed(f"cannot price this request: {exc}") from None
         tokens = prompt_tokens + completion_tokens
         admitted = await self._admitted_nodes(refresh=False)
         if (
@@ -204,10 +258,11 @@ class LedgerBilling:
         return self._admitted
 
 
-def _unavailable(exc: LedgerError) -> APIError:
+def _unavailable(exc: LedgerError) -> LedgerError:
+    """A store or chain failure becomes ``LedgerUnavailable``; other errors stay as they are."""
     if isinstance(exc, BackendError):
-        return APIError(503, "the ledger is unavailable; try again", code="ledger_unavailable")
-    return APIError(500, f"ledger error: {exc.message}", code=exc.code)
+        return LedgerUnavailable("the ledger is unavailable; try again")
+    return exc
 
 
 def billing_from_url(

@@ -9,7 +9,6 @@ text is meaningless. Same version, same bytes, on every machine.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -19,6 +18,8 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
+
+from teeshard.paths import data_dir
 
 DEMO_VERSION = 1
 DEMO_NAME = "teeshard-demo-llama"
@@ -55,15 +56,6 @@ DEMO_CONFIG: dict[str, Any] = {
     "bos_token_id": 0,
     "eos_token_id": 1,
 }
-
-
-def data_dir() -> Path:
-    """Where teeshard keeps built artefacts: $TEESHARD_HOME, else ~/.cache/teeshard."""
-    home = os.environ.get("TEESHARD_HOME")
-    if home:
-        return Path(home)
-    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(cache) / "teeshard"
 
 
 def demo_dir() -> Path:

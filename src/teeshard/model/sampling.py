@@ -1,10 +1,29 @@
-"""Next-token sampling from float32 logits. Pure; the generator carries the seed."""
+"""Next-token sampling from float32 logits. Pure; the generator carries the seed.
+
+``SamplingParams`` is a model concept (how to pick the next token); the wire's
+``open`` message carries it to the last node, so it is a strict, frozen model
+that rejects unknown fields.
+"""
 
 from __future__ import annotations
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
-from teeshard.transport.messages import SamplingParams
+__all__ = ["SamplingParams", "new_generator", "sample"]
+
+
+class SamplingParams(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+    temperature: float = Field(default=0.0, ge=0.0, le=100.0)  # 0 means greedy
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=0)  # 0 means no top-k filter
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
 
 
 def new_generator(params: SamplingParams) -> torch.Generator:

@@ -1,7 +1,7 @@
 """The transformer blocks of a Llama-family decoder, as one shard of layers.
 
-Read top to bottom: norm, rotary embedding, attention, MLP, block, then the
-``Shard`` that strings blocks together. A shard optionally owns the token
+Read top to bottom: the per-session KV cache, norm, rotary embedding, attention,
+MLP, block, then the ``Shard`` that strings blocks together. A shard optionally owns the token
 embedding (first shard) and the final norm plus LM head (last shard); nothing
 here knows about networks or other nodes. Numerics follow Hugging Face's
 implementation so that a split model reproduces the unsplit one.
@@ -10,14 +10,60 @@ implementation so that a split model reproduces the unsplit one.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from teeshard.model.kv_cache import KVCache
 from teeshard.model.layer_range import LayerRange
 from teeshard.model.spec import ArchSpec, RopeSpec
+
+# -- the per-session KV cache, preallocated --------------------------------------------
+
+
+class CacheFullError(ValueError):
+    """A step would write past the session's maximum length."""
+
+
+@dataclass
+class KVCache:
+    keys: torch.Tensor  # (L, B, Hkv, S, D): one slab so a session is one allocation
+    values: torch.Tensor
+    length: int = 0  # positions filled so far
+
+    @classmethod
+    def allocate(
+        cls,
+        num_layers: int,
+        num_kv_heads: int,
+        max_len: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> KVCache:
+        shape = (num_layers, 1, num_kv_heads, max_len, head_dim)
+        # torch.empty touches no pages: memory grows with the tokens actually cached.
+        return cls(
+            torch.empty(shape, dtype=dtype, device=device),
+            torch.empty(shape, dtype=dtype, device=device),
+        )
+
+    @property
+    def max_len(self) -> int:
+        return self.keys.shape[3]
+
+    def check_room(self, steps: int) -> None:
+        if self.length + steps > self.max_len:
+            raise CacheFullError(
+                f"session holds {self.length} of {self.max_len} positions; {steps} more do not fit"
+            )
+
+    def advance(self, steps: int) -> None:
+        self.length += steps
+
+
+# -- blocks -------------------------------------------------------------------------
 
 
 class RMSNorm(nn.Module):

@@ -8,14 +8,17 @@ node or, on the last node, a token id.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from teeshard.model import kv_cache
 from teeshard.model.sampling import sample
+from teeshard.model.transformer import CacheFullError as ModelCacheFullError
 from teeshard.model.transformer import Shard
 from teeshard.node.errors import BadRequestError, CacheFullError
-from teeshard.node.sessions import Session
+
+if TYPE_CHECKING:
+    from teeshard.node.service import Session
 
 
 @dataclass(frozen=True)
@@ -59,7 +62,7 @@ def _check_room(session: Session, steps: int) -> None:
     """Check before computing, and say so as a node error (400) rather than a model one."""
     try:
         session.cache.check_room(steps)
-    except kv_cache.CacheFullError as exc:
+    except ModelCacheFullError as exc:
         raise CacheFullError(f"session {session.id}: {exc}") from None
 
 

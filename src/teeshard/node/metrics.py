@@ -1,9 +1,19 @@
-"""A few Prometheus counters and gauges, rendered in the text exposition format."""
+"""A stage's Prometheus metrics, rendered in the text exposition format.
+
+The stage keeps plain counters (``NodeService.counters``); this module only reads
+them at scrape time, so the step path never calls into metrics code.
+"""
 
 from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from teeshard.node.service import NodeService
+
+__all__ = ["Metrics", "stage_metrics"]
 
 
 class Metrics:
@@ -12,6 +22,7 @@ class Metrics:
         self._counters: dict[tuple[str, tuple[tuple[str, str], ...]], float] = defaultdict(float)
         self._help: dict[str, tuple[str, str]] = {}
         self._gauges: dict[str, Callable[[], float]] = {}
+        self._hooks: list[Callable[[], None]] = []
 
     def counter(self, name: str, help_text: str) -> None:
         self._help[name] = ("counter", help_text)
@@ -23,10 +34,19 @@ class Metrics:
     def inc(self, name: str, amount: float = 1.0, **labels: str) -> None:
         self._counters[(name, tuple(sorted(labels.items())))] += amount
 
+    def set(self, name: str, value: float, **labels: str) -> None:
+        """Set a counter read from elsewhere (see ``before_render``)."""
+        self._counters[(name, tuple(sorted(labels.items())))] = float(value)
+
+    def before_render(self, hook: Callable[[], None]) -> None:
+        self._hooks.append(hook)
+
     def value(self, name: str, **labels: str) -> float:
         return self._counters.get((name, tuple(sorted(labels.items()))), 0.0)
 
     def render(self) -> str:
+        for hook in self._hooks:
+            hook()
         lines: list[str] = []
         for name, (kind, help_text) in sorted(self._help.items()):
             lines.append(f"# HELP {name} {help_text}")
@@ -47,3 +67,29 @@ class Metrics:
 
 def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def stage_metrics(service: NodeService) -> Metrics:
+    """The metrics of one stage, read from its counters and sessions when rendered."""
+    shard, counters, sessions = service.shard, service.counters, service.sessions
+    metrics = Metrics({"model": service.model_name, "layers": str(shard.layer_range)})
+    metrics.counter("teeshard_steps_total", "Pipeline steps run on this node")
+    metrics.counter("teeshard_tokens_processed_total", "Token positions run through this shard")
+    metrics.counter("teeshard_step_seconds_total", "Time spent in local compute")
+    metrics.counter("teeshard_errors_total", "Failed requests by error code")
+    metrics.counter("teeshard_pipeline_connections_total", "Pipeline sockets accepted")
+    metrics.gauge("teeshard_sessions_open", "Open sessions", lambda: len(sessions))
+    metrics.gauge(
+        "teeshard_cache_reserved_tokens", "KV positions reserved", lambda: sessions.reserved_tokens
+    )
+
+    def read() -> None:
+        metrics.set("teeshard_steps_total", counters.steps)
+        metrics.set("teeshard_tokens_processed_total", counters.tokens_processed)
+        metrics.set("teeshard_step_seconds_total", counters.step_seconds)
+        metrics.set("teeshard_pipeline_connections_total", counters.pipeline_connections)
+        for code, count in counters.errors.items():
+            metrics.set("teeshard_errors_total", count, code=code)
+
+    metrics.before_render(read)
+    return metrics

@@ -16,10 +16,10 @@ import asyncio
 import contextlib
 import logging
 
+from fastapi import FastAPI
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from teeshard.attest.errors import AttestationError
-from teeshard.attest.receipts import Receipt
+from teeshard.attest import AttestationError, Receipt
 from teeshard.node.errors import NodeError
 from teeshard.node.service import NodeService
 from teeshard.transport.codec import ProtocolError, decode, encode, tensor_to_wire
@@ -36,9 +36,20 @@ from teeshard.transport.messages import (
 log = logging.getLogger(__name__)
 
 
+PIPELINE_PATH = "/pipeline"
+
+
+def attach_pipeline(app: FastAPI, service: NodeService) -> None:
+    """Serve ``service``'s pipeline socket on ``app``."""
+
+    @app.websocket(PIPELINE_PATH)
+    async def pipeline(websocket: WebSocket) -> None:
+        await serve_pipeline(websocket, service)
+
+
 async def serve_pipeline(websocket: WebSocket, service: NodeService) -> None:
     await websocket.accept()
-    service.metrics.inc("teeshard_pipeline_connections_total")
+    service.counters.pipeline_connections += 1
     send_lock = asyncio.Lock()
     tasks: set[asyncio.Task[None]] = set()
     owned: set[str] = set()  # sessions opened over this connection and not yet closed
@@ -104,7 +115,7 @@ async def serve_pipeline(websocket: WebSocket, service: NodeService) -> None:
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
         for session_id in owned:
-            await service.close(session_id)
+            await service.close_session(session_id)
         if owned:
             log.info("upstream left; closed its %d open sessions", len(owned))
 
@@ -121,14 +132,14 @@ def _receipt(wire: ReceiptWire) -> Receipt:
 async def dispatch(service: NodeService, message: Message, frame: bytes) -> ResultMsg:
     """Run one request; ``frame`` is its raw bytes (a step's receipt hashes them)."""
     if isinstance(message, OpenMsg):
-        chain = await service.open(
+        route = await service.open_session(
             message.session,
             message.max_len,
             message.sampling,
             message.wire_dtype,
             message.return_logits,
         )
-        return ResultMsg(id=message.id, chain=chain)
+        return ResultMsg(id=message.id, route=route)
     if isinstance(message, StepMsg):
         if (message.tokens is None) == (message.hidden is None):
             raise NodeError(
@@ -139,7 +150,7 @@ async def dispatch(service: NodeService, message: Message, frame: bytes) -> Resu
         return ResultMsg(id=message.id, token=result.token, logits=logits)
     if isinstance(message, CloseMsg):
         previous = _receipt(message.receipt) if message.receipt is not None else None
-        receipts = await service.close(
+        receipts = await service.close_session(
             message.session, sign=message.sign or previous is not None, previous=previous
         )
         if receipts is None:

@@ -1,8 +1,14 @@
-"""A shard node's sessions and steps: local compute, then the next hop.
+"""One pipeline stage: its sessions and steps, local compute, then the next hop.
 
-The pipeline socket and the entry node's generation loop both drive a node
-through this class. Compute runs on one worker thread (torch uses all cores
-inside each op), so the event loop stays free for I/O while a step runs.
+Sessions: each reserves ``max_len`` cache positions when it opens; the stage
+refuses new sessions once either the session count or the reserved token total
+would pass its budget, so memory for every admitted session is known in
+advance; idle sessions are evicted.
+
+Steps: the pipeline socket and the entry node's generation loop both drive a
+stage through ``NodeService``. Compute runs on one worker thread (torch uses all cores
+inside each op), so the event loop stays free for I/O while a step runs; the
+next node is reached through ``NextHop``.
 
 Error handling: a step that fails downstream rolls the local cache back, so the
 session is exactly as before the step; a failed ``open`` downstream closes the
@@ -15,33 +21,141 @@ import asyncio
 import logging
 import struct
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import torch
 
-from teeshard.attest.attester import NodeAttestation
-from teeshard.attest.receipts import Receipt
-from teeshard.model.transformer import Shard
+from teeshard.attest import NodeAttestation, Receipt, TrafficHash
+from teeshard.model.sampling import SamplingParams, new_generator
+from teeshard.model.transformer import KVCache, Shard
 from teeshard.node.compute import StepOutput, check_hidden, check_tokens, run_step
-from teeshard.node.errors import DownstreamError, NodeError
-from teeshard.node.metrics import Metrics
-from teeshard.node.sessions import Session, SessionLimits, SessionStore
+from teeshard.node.errors import BadRequestError, OverloadedError, UnknownSessionError
+from teeshard.node.hop import NextHop
 from teeshard.transport.codec import ProtocolError, tensor_from_wire, tensor_to_wire
-from teeshard.transport.messages import (
-    CloseMsg,
-    OpenMsg,
-    ReceiptWire,
-    ResultMsg,
-    SamplingParams,
-    StepMsg,
-)
-from teeshard.transport.peer import PeerCertificateError, PeerClient, PeerError, RemoteError
+from teeshard.transport.messages import StepMsg, WireDtype
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+# -- sessions and admission -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SessionLimits:
+    max_sessions: int = 16
+    max_cached_tokens: int = 65536  # sum of max_len over open sessions
+    idle_timeout_s: float = 300.0
+
+
+@dataclass
+class Session:
+    id: str
+    cache: KVCache
+    wire_dtype: str
+    sampling: SamplingParams
+    generator: torch.Generator
+    return_logits: bool
+    last_used: float = field(default_factory=time.monotonic)
+    # What this stage received and sent for the session, for its signed receipt:
+    # frames from upstream / to downstream; the last stage's "sent" is its tokens.
+    received: TrafficHash = field(default_factory=TrafficHash)
+    sent: TrafficHash = field(default_factory=TrafficHash)
+    input_digest: bytes | None = None  # entry node: SHA-256 of the client's request body
+
+    @property
+    def max_len(self) -> int:
+        return self.cache.max_len
+
+    def touch(self) -> None:
+        self.last_used = time.monotonic()
+
+
+class SessionStore:
+    def __init__(self, limits: SessionLimits, max_len_cap: int) -> None:
+        self.limits = limits
+        self.max_len_cap = max_len_cap  # the model's context length
+        self._sessions: dict[str, Session] = {}
+        self.evicted_total = 0
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    @property
+    def reserved_tokens(self) -> int:
+        return sum(s.max_len for s in self._sessions.values())
+
+    def admit(self, session_id: str, max_len: int) -> None:
+        """Raise unless a session of ``max_len`` positions may open now."""
+        if session_id in self._sessions:
+            raise BadRequestError(f"session {session_id} is already open", code="session_exists")
+        if max_len > self.max_len_cap:
+            raise BadRequestError(
+                f"max_len {max_len} exceeds the model's context of {self.max_len_cap} tokens",
+                code="context_length_exceeded",
+            )
+        if len(self._sessions) >= self.limits.max_sessions:
+            raise OverloadedError(
+                f"node is at its limit of {self.limits.max_sessions} open sessions; retry later"
+            )
+        if self.reserved_tokens + max_len > self.limits.max_cached_tokens:
+            raise OverloadedError(
+                f"KV cache budget exhausted: {self.reserved_tokens} of "
+                f"{self.limits.max_cached_tokens} tokens reserved, {max_len} more requested"
+            )
+
+    def open(
+        self,
+        session_id: str,
+        max_len: int,
+        allocate: Callable[[int], KVCache],
+        wire_dtype: str,
+        sampling: SamplingParams,
+        return_logits: bool,
+    ) -> Session:
+        """Admit, then allocate the cache: a refused session costs no memory."""
+        self.admit(session_id, max_len)
+        session = Session(
+            session_id,
+            allocate(max_len),
+            wire_dtype,
+            sampling,
+            new_generator(sampling),
+            return_logits,
+        )
+        self._sessions[session_id] = session
+        return session
+
+    def get(self, session_id: str) -> Session:
+        try:
+            session = self._sessions[session_id]
+        except KeyError:
+            raise UnknownSessionError(
+                f"unknown session {session_id} (never opened, closed or evicted)"
+            ) from None
+        session.touch()
+        return session
+
+    def close(self, session_id: str) -> Session | None:
+        return self._sessions.pop(session_id, None)
+
+    def evict_idle(self, now: float | None = None) -> list[str]:
+        now = time.monotonic() if now is None else now
+        stale = [
+            sid
+            for sid, s in self._sessions.items()
+            if now - s.last_used > self.limits.idle_timeout_s
+        ]
+        for sid in stale:
+            del self._sessions[sid]
+        self.evicted_total += len(stale)
+        return stale
+
+
+# -- the stage ------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -50,17 +164,28 @@ class StepResult:
     logits: torch.Tensor | None = None  # (vocab,) float32 when the session asked for them
 
 
+@dataclass
+class StageCounters:
+    """What this stage has done, for ``/metrics`` (rendered by ``teeshard.node.metrics``)."""
+
+    steps: int = 0
+    tokens_processed: int = 0  # token positions run through this shard
+    step_seconds: float = 0.0  # time spent in local compute
+    pipeline_connections: int = 0
+    errors: Counter[str] = field(default_factory=Counter)  # failed requests by error code
+
+
 class NodeService:
     def __init__(
         self,
         shard: Shard,
         model_name: str,
         limits: SessionLimits,
-        downstream: PeerClient | None = None,
+        next_hop: NextHop | None = None,
         node_id: str = "node",
         attestation: NodeAttestation | None = None,
     ) -> None:
-        if not shard.is_last and downstream is None:
+        if not shard.is_last and next_hop is None:
             raise ValueError(
                 f"layers {shard.layer_range} do not end the model ({shard.spec.num_layers} layers): "
                 "a next node (--next) is required"
@@ -69,37 +194,24 @@ class NodeService:
         self.model_name = model_name
         self.node_id = node_id
         self.attestation = attestation  # signs this stage's receipts; None: no receipts
-        self.downstream = downstream if not shard.is_last else None
+        self.next_hop = next_hop if not shard.is_last else None
         self.sessions = SessionStore(limits, shard.spec.max_position_embeddings)
+        self.counters = StageCounters()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
         self._locks: dict[str, asyncio.Lock] = {}
-        self.metrics = Metrics({"model": model_name, "layers": str(shard.layer_range)})
-        self.metrics.counter("teeshard_steps_total", "Pipeline steps run on this node")
-        self.metrics.counter(
-            "teeshard_tokens_processed_total", "Token positions run through this shard"
-        )
-        self.metrics.counter("teeshard_step_seconds_total", "Time spent in local compute")
-        self.metrics.counter("teeshard_errors_total", "Failed requests by error code")
-        self.metrics.counter("teeshard_pipeline_connections_total", "Pipeline sockets accepted")
-        self.metrics.gauge("teeshard_sessions_open", "Open sessions", lambda: len(self.sessions))
-        self.metrics.gauge(
-            "teeshard_cache_reserved_tokens",
-            "KV positions reserved",
-            lambda: self.sessions.reserved_tokens,
-        )
 
     # -- sessions --------------------------------------------------------------------
 
-    async def open(
+    async def open_session(
         self,
         session_id: str,
         max_len: int,
         sampling: SamplingParams,
-        wire_dtype: str = "float32",
+        wire_dtype: WireDtype = "float32",
         return_logits: bool = False,
         input_digest: bytes | None = None,
     ) -> tuple[str, ...]:
-        """Open a session here and on every later node; return the ids of the chain.
+        """Open a session here and on every later node; return the route's node ids.
 
         ``input_digest`` (entry node) is what its receipt says it received: the
         SHA-256 of the client's request body.
@@ -108,54 +220,38 @@ class NodeService:
             session_id, max_len, self.shard.new_cache, wire_dtype, sampling, return_logits
         )
         session.input_digest = input_digest
-        if self.downstream is None:
+        if self.next_hop is None:
             return (self.node_id,)
         try:
-            reply = await self._downstream(
-                lambda rid: OpenMsg(
-                    id=rid,
-                    session=session_id,
-                    max_len=max_len,
-                    wire_dtype=wire_dtype,  # type: ignore[arg-type]
-                    sampling=sampling,
-                    return_logits=return_logits,
-                )
+            later = await self.next_hop.open_session(
+                session_id, max_len, sampling, wire_dtype, return_logits
             )
         except BaseException:
             self.sessions.close(session_id)
             raise
-        return (self.node_id, *reply.chain)
+        return (self.node_id, *later)
 
-    async def close(
+    async def close_session(
         self, session_id: str, *, sign: bool = False, previous: Receipt | None = None
     ) -> list[Receipt] | None:
-        """Close here and downstream; with ``sign``, return the receipt chain from here on.
+        """Close here and downstream; with ``sign``, return the receipts from here on.
 
         ``sign`` is for a session that finished normally: this node signs its receipt
         (linked to ``previous``, the upstream stage's) and passes it on, and every
         later node does the same. Returns None when the session was not open here.
-        Downstream failures are logged, not raised: the session is gone either way.
         """
         session = self.sessions.close(session_id)
         self._locks.pop(session_id, None)
         own = self._sign(session, previous) if sign and session is not None else None
         later: list[Receipt] = []
-        if self.downstream is not None:
-            wire = ReceiptWire(**own.to_json()) if own is not None else None
-            try:
-                reply = await self._downstream(
-                    lambda rid: CloseMsg(
-                        id=rid, session=session_id, sign=wire is not None, receipt=wire
-                    )
-                )
-                later = [Receipt.from_json(r.model_dump()) for r in reply.receipts]
-            except NodeError as exc:
-                log.info("close of session %s downstream failed: %s", session_id, exc.code)
+        if self.next_hop is not None:
+            later = await self.next_hop.close_session(session_id, own)
         if session is None:
             return None
         return [own, *later] if own is not None else []
 
     def _sign(self, session: Session, previous: Receipt | None) -> Receipt | None:
+        """This stage's receipt: what it received (the request body on stage 0) and sent."""
         if self.attestation is None:
             return None
         received = session.input_digest or session.received.digest()
@@ -171,7 +267,8 @@ class NodeService:
         evicted = self.sessions.evict_idle()
         for session_id in evicted:
             self._locks.pop(session_id, None)
-            log.info("evicted idle session %s", session_id)
+        if evicted:
+            log.info("evicted %d idle sessions", len(evicted))
         return evicted
 
     # -- steps -----------------------------------------------------------------------
@@ -191,7 +288,7 @@ class NodeService:
         try:
             hidden = tensor_from_wire(message.hidden, expected_dtype=session.wire_dtype)
         except ProtocolError as exc:
-            raise NodeError(str(exc), code="bad_request", status=400) from None
+            raise BadRequestError(str(exc)) from None
         hidden = check_hidden(self.shard, session, hidden)
         return await self._step(session, tokens=None, hidden=hidden, frame=frame)
 
@@ -210,11 +307,9 @@ class NodeService:
             out: StepOutput = await self._compute(
                 lambda: run_step(self.shard, session, tokens=tokens, hidden=hidden)
             )
-            self.metrics.inc("teeshard_steps_total")
-            self.metrics.inc(
-                "teeshard_tokens_processed_total", session.cache.length - length_before
-            )
-            self.metrics.inc("teeshard_step_seconds_total", time.perf_counter() - started)
+            self.counters.steps += 1
+            self.counters.tokens_processed += session.cache.length - length_before
+            self.counters.step_seconds += time.perf_counter() - started
             if out.hidden is None:  # the last stage: its output is the token
                 assert out.token is not None
                 result = StepResult(out.token, out.logits)
@@ -228,43 +323,22 @@ class NodeService:
     async def _forward(
         self, session: Session, hidden: torch.Tensor, length_before: int
     ) -> StepResult:
+        assert self.next_hop is not None
         wire = tensor_to_wire(hidden, session.wire_dtype)
         try:
-            reply = await self._downstream(
-                lambda rid: StepMsg(id=rid, session=session.id, hidden=wire),
-                on_frame=session.sent.update,
-            )
+            reply = await self.next_hop.step(session.id, wire, on_frame=session.sent.update)
         except BaseException:
             session.cache.length = length_before  # keep the session consistent for a retry
             raise
-        if reply.token is None:
-            raise DownstreamError("next node returned a step result without a token")
-        logits = tensor_from_wire(reply.logits) if reply.logits is not None else None
-        return StepResult(reply.token, logits)
+        return StepResult(reply.token, reply.logits)
 
     async def _compute(self, fn: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
-    async def _downstream(
-        self,
-        build: Callable[[int], OpenMsg | StepMsg | CloseMsg],
-        on_frame: Callable[[bytes], None] | None = None,
-    ) -> ResultMsg:
-        assert self.downstream is not None
-        try:
-            return await self.downstream.request(build, on_frame)
-        except RemoteError as exc:
-            # the next node refused: keep its reason and status (e.g. 503 when it is full)
-            raise NodeError(f"next node: {exc}", code=exc.code, status=exc.status) from None
-        except PeerCertificateError as exc:
-            raise DownstreamError(f"next node refused: {exc}", code="attestation_failed") from None
-        except PeerError as exc:
-            raise DownstreamError(f"next node unavailable: {exc}") from None
-
     def count_error(self, code: str) -> None:
-        self.metrics.inc("teeshard_errors_total", code=code)
+        self.counters.errors[code] += 1
 
     async def shutdown(self) -> None:
-        if self.downstream is not None:
-            await self.downstream.close()
+        if self.next_hop is not None:
+            await self.next_hop.disconnect()
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -12,6 +12,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from teeshard.model.sampling import SamplingParams
+
 WIRE_DTYPES = ("float32", "float16", "bfloat16")
 WireDtype = Literal["float32", "float16", "bfloat16"]
 
@@ -27,17 +29,6 @@ class WireTensor(_Strict):
     dtype: str
     shape: tuple[int, ...]
     data: bytes
-
-
-class SamplingParams(_Strict):
-    temperature: float = Field(default=0.0, ge=0.0, le=100.0)  # 0 means greedy
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=0)  # 0 means no top-k filter
-    seed: int | None = None
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
 
 
 class OpenMsg(_Strict):
@@ -91,7 +82,7 @@ class ResultMsg(_Strict):
     id: RequestId
     token: int | None = None  # sampled token id (step results)
     logits: WireTensor | None = None
-    chain: tuple[str, ...] = ()  # open results: ids of this node and every node after it
+    route: tuple[str, ...] = ()  # open results: node ids of this node and every node after it
     receipts: tuple[ReceiptWire, ...] = ()  # close results: this stage's receipt and later ones
 
 

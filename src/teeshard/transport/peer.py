@@ -177,7 +177,7 @@ class PeerClient:
             if not waiter.done():
                 waiter.set_exception(PeerError(f"{self.url}: {reason}"))
 
-    async def close(self) -> None:
+    async def disconnect(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
             await conn.close()

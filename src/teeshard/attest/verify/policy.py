@@ -97,12 +97,11 @@ class Policy:
 
         ``allow_simulated`` accepts INSECURE simulated evidence whatever the file says.
         """
-        policy = cls.from_file(path) if path is not None else cls()
+        policy = cls._read(Path(path)) if path is not None else cls()
         return policy.allowing_simulated() if allow_simulated else policy
 
     @classmethod
-    def from_file(cls, path: str | Path) -> Policy:
-        path = Path(path)
+    def _read(cls, path: Path) -> Policy:
         try:
             text = path.read_text()
         except OSError as exc:

@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from teeshard.model.layer_range import LayerRange
-from teeshard.node.sessions import SessionLimits
+from teeshard.node import SessionLimits
+from teeshard.transport.messages import WireDtype
 
 
 @dataclass(frozen=True)
@@ -18,7 +19,7 @@ class NodeConfig:
     next_url: str | None = None  # wss://host:port of the node serving the following layers
     entry: bool = False  # serve the OpenAI-compatible API (needs layers starting at 0)
     dtype: str = "float32"  # compute dtype of the weights
-    wire_dtype: str = "float32"  # dtype of hidden states sent to the next node
+    wire_dtype: WireDtype = "float32"  # dtype of hidden states sent to the next node
     limits: SessionLimits = field(default_factory=SessionLimits)
     max_frame_bytes: int | None = None  # default: one full-context prefill plus headroom
     threads: int | None = None  # torch intra-op threads; default: torch's choice

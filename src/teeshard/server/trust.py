@@ -19,15 +19,19 @@ from typing import Any
 
 import httpx
 
-from teeshard.attest.attester import NodeAttestation
-from teeshard.attest.client import NONCE_BYTES, fetch_chain_async
-from teeshard.attest.errors import AttestationError
-from teeshard.attest.evidence import Bundle
-from teeshard.attest.verify.bundle import verify_bundle
-from teeshard.attest.verify.policy import Policy
-from teeshard.attest.verify.quote import CollateralSource, collateral_source
-from teeshard.node.config import NodeConfig
-from teeshard.node.errors import DownstreamError
+from teeshard.attest import (
+    NONCE_BYTES,
+    AttestationError,
+    Bundle,
+    CollateralSource,
+    NodeAttestation,
+    Policy,
+    collateral_source,
+    fetch_chain_async,
+    verify_bundle,
+)
+from teeshard.node import DownstreamError
+from teeshard.server.config import NodeConfig
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +49,13 @@ class NodeTrust:
     attestation: NodeAttestation
     policy: Policy
     collateral: CollateralSource | None = None
-    # The attested chain after this node, as its first node presented it at our
-    # last connection (JSON bundles): served on /v1/attestation/chain.
-    downstream_chain: list[dict[str, Any]] = field(default_factory=list)
+    # The attestation bundles of the nodes after this one, as the next node presented
+    # them at our last connection (JSON): served on /v1/attestation/chain.
+    downstream_bundles: list[dict[str, Any]] = field(default_factory=list)
 
-    def chain(self, nonce_hex: str) -> dict[str, Any]:
-        """This node's bundle for ``nonce`` followed by the chain after it."""
-        return {"bundles": [self.attestation.bundle_json(nonce_hex), *self.downstream_chain]}
+    def attestation_chain(self, nonce_hex: str) -> dict[str, Any]:
+        """This node's bundle for ``nonce`` followed by the bundles of the nodes after it."""
+        return {"bundles": [self.attestation.bundle_json(nonce_hex), *self.downstream_bundles]}
 
     async def attest_next(self, url: str) -> ssl.SSLContext:
         """Verify the node at ``url`` (wss://) and return a context pinned to its certificate."""
@@ -77,7 +81,7 @@ class NodeTrust:
             raise DownstreamError(
                 f"next node {url} sent no valid attestation: {exc}", code="attestation_failed"
             ) from None
-        self.downstream_chain = list(bundles)
+        self.downstream_bundles = list(bundles)
         log.info(
             "next node %s attested: %s%s, layers %s, manifest %s, certificate %s",
             url, node.provider, " (INSECURE simulated)" if node.insecure else "",

@@ -8,17 +8,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, FastAPI, Query
 
-from teeshard.attest.client import CHAIN_PATH
-from teeshard.attest.errors import AttestationError
-from teeshard.entry.errors import APIError
-from teeshard.node.trust import NodeTrust
+from teeshard.attest import CHAIN_PATH, AttestationError
+from teeshard.entry import APIError
+from teeshard.server.trust import NodeTrust
 
 NONCE_QUERY = Query(..., description="fresh random nonce, 16 to 64 bytes as hex")
 
 
-def build_attestation_router(trust: NodeTrust) -> APIRouter:
+def attach_attestation_routes(app: FastAPI, trust: NodeTrust) -> None:
     router = APIRouter()
 
     @router.get("/v1/attestation")
@@ -32,8 +31,8 @@ def build_attestation_router(trust: NodeTrust) -> APIRouter:
     async def attestation_chain(nonce: str = NONCE_QUERY) -> dict[str, Any]:
         """This node's bundle, then those of the nodes after it as they last attested."""
         try:
-            return trust.chain(nonce)
+            return trust.attestation_chain(nonce)
         except AttestationError as exc:
             raise APIError(400, str(exc), param="nonce") from None
 
-    return router
+    app.include_router(router)

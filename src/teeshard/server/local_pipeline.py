@@ -1,6 +1,6 @@
-"""A whole chain on one host (``teeshard up``, tests, benchmarks): its trust policy.
+"""A whole route of nodes on one host (``teeshard up``, tests, benchmarks): its policy.
 
-Every node of a local chain attests with the simulated provider (there is no
+Every node of a local route attests with the simulated provider (there is no
 TEE here), so the policy allows simulated evidence, and names the exact
 manifest hash expected for each layer range, computed from the checkpoint.
 Verification is therefore real: a node serving other weights is refused.
@@ -11,15 +11,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from teeshard.attest.manifest import compute_manifest
-from teeshard.attest.manifest_cache import ManifestCache
-from teeshard.model.checkpoint import Checkpoint
-from teeshard.model.layer_range import LayerRange
+from teeshard.attest import ManifestCache, compute_manifest
+from teeshard.model import Checkpoint, LayerRange
 
-SIMULATED_NOTE = "# INSECURE: a local development chain with simulated attestation, no TEE."
+SIMULATED_NOTE = "# INSECURE: a local development route with simulated attestation, no TEE."
 
 
-def chain_policy_toml(
+def local_policy_toml(
     checkpoint: Checkpoint, ranges: Sequence[LayerRange], dtype: str, model_name: str
 ) -> str:
     cache = ManifestCache.for_checkpoint(checkpoint.dir)
@@ -36,9 +34,9 @@ def chain_policy_toml(
     return "\n".join(lines)
 
 
-def write_chain_policy(
+def write_local_policy(
     path: Path, checkpoint: Checkpoint, ranges: Sequence[LayerRange], dtype: str, model_name: str
 ) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(chain_policy_toml(checkpoint, ranges, dtype, model_name))
+    path.write_text(local_policy_toml(checkpoint, ranges, dtype, model_name))
     return path

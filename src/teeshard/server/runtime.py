@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
@@ -18,19 +19,22 @@ from fastapi import FastAPI
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
-from teeshard.attest.attester import NodeAttestation
-from teeshard.attest.identity import NodeIdentity
-from teeshard.attest.manifest import ManifestBuilder
-from teeshard.attest.manifest_cache import ManifestCache
-from teeshard.attest.providers import select_provider
+from teeshard.attest import (
+    ManifestBuilder,
+    ManifestCache,
+    NodeAttestation,
+    NodeIdentity,
+    select_provider,
+)
+from teeshard.entry import GenerationLoop, OpenAIServing, TextCodec
 from teeshard.model.checkpoint import Checkpoint
-from teeshard.model.demo import data_dir
 from teeshard.model.loader import TensorHook, load_shard, parse_dtype
 from teeshard.model.transformer import Shard
-from teeshard.node.app import create_app
-from teeshard.node.config import NodeConfig
-from teeshard.node.service import NodeService
-from teeshard.node.trust import NodeTrust, trust_for
+from teeshard.node import NextHop, NodeService
+from teeshard.paths import data_dir
+from teeshard.server.app import create_app
+from teeshard.server.config import NodeConfig
+from teeshard.server.trust import NodeTrust, trust_for
 from teeshard.transport.peer import PeerClient
 
 log = logging.getLogger(__name__)
@@ -110,20 +114,22 @@ def build_node(config: NodeConfig, show_progress: bool = False) -> Node:
     )
     shard = load_with_progress(checkpoint, config, show_progress, builder.on_tensor)
     trust = attest_node(config, builder)
-    downstream = None
+    next_hop = None
     if config.next_url is not None:
         next_url = config.next_url
 
-        async def attest_next():  # type: ignore[no-untyped-def]
+        async def attest_next() -> ssl.SSLContext:
             return await trust.attest_next(next_url)
 
-        downstream = PeerClient(
-            _pipeline_url(next_url),
-            max_frame_bytes=frame_limit(config, shard),
-            on_connect=attest_next,
+        next_hop = NextHop(
+            PeerClient(
+                _pipeline_url(next_url),
+                max_frame_bytes=frame_limit(config, shard),
+                on_connect=attest_next,
+            )
         )
     service = NodeService(
-        shard, model_name, config.limits, downstream, config.resolved_node_id, trust.attestation
+        shard, model_name, config.limits, next_hop, config.resolved_node_id, trust.attestation
     )
     serving = _entry_serving(config, service, model_name) if config.entry else None
     app = create_app(service, config, trust, serving)
@@ -135,11 +141,7 @@ def build_node(config: NodeConfig, show_progress: bool = False) -> Node:
     return Node(config, checkpoint, shard, service, trust, app)
 
 
-def _entry_serving(config: NodeConfig, service: NodeService, model_name: str):  # type: ignore[no-untyped-def]
-    from teeshard.entry.generation import Generator
-    from teeshard.entry.serving import OpenAIServing
-    from teeshard.entry.text import TextCodec
-
+def _entry_serving(config: NodeConfig, service: NodeService, model_name: str) -> OpenAIServing:
     billing = None
     if config.ledger_url:
         from teeshard.ledger.billing import billing_from_url
@@ -155,10 +157,10 @@ def _entry_serving(config: NodeConfig, service: NodeService, model_name: str):  
             _redacted(config.ledger_url),
             config.ledger_actor or config.resolved_node_id,
         )
-    generator = Generator(
+    generations = GenerationLoop(
         service, TextCodec(config.model_dir), config.wire_dtype, config.default_max_tokens, billing
     )
-    return OpenAIServing(generator, model_name)
+    return OpenAIServing(generations, model_name)
 
 
 def _redacted(url: str) -> str:

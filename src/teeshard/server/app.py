@@ -1,29 +1,32 @@
-"""The node's ASGI app: the pipeline socket, health, metrics and, on the entry node, the API."""
+"""The node process's ASGI app: each part attaches its own routes.
+
+The factory knows which parts a node has, not their endpoints: the pipeline
+socket (``teeshard.node``), the attestation routes (here), and on the entry
+node the OpenAI-compatible API and sealed requests (``teeshard.entry``). Parts
+find what they serve through ``app.state``.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
 import psutil
-from fastapi import FastAPI, WebSocket
+from fastapi import FastAPI
 from fastapi.responses import PlainTextResponse
 
-from teeshard.entry.routes import build_router, install_error_handlers
-from teeshard.entry.sealed import build_sealed_router
-from teeshard.entry.serving import OpenAIServing
-from teeshard.node.attestation_routes import build_attestation_router
-from teeshard.node.config import NodeConfig
-from teeshard.node.errors import NodeError
-from teeshard.node.pipeline import serve_pipeline
-from teeshard.node.service import NodeService
-from teeshard.node.trust import NodeTrust
-from teeshard.transport.peer import PeerClient, PeerError
-
-log = logging.getLogger(__name__)
+from teeshard.entry import (
+    OpenAIServing,
+    attach_router,
+    attach_sealed_router,
+    install_error_handlers,
+)
+from teeshard.node import NodeService, attach_pipeline, stage_metrics
+from teeshard.server.attestation_routes import attach_attestation_routes
+from teeshard.server.config import NodeConfig
+from teeshard.server.trust import NodeTrust
 
 
 def create_app(
@@ -35,8 +38,8 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         tasks = [asyncio.create_task(_evict_idle(service))]
-        if service.downstream is not None:
-            tasks.append(asyncio.create_task(_connect_downstream(service.downstream)))
+        if service.next_hop is not None:
+            tasks.append(asyncio.create_task(service.next_hop.keep_connected()))
         try:
             yield
         finally:
@@ -45,28 +48,28 @@ def create_app(
             await asyncio.gather(*tasks, return_exceptions=True)
             await service.shutdown()
             if serving is not None:
-                serving.generator.close()
+                serving.generations.shutdown()
 
     app = FastAPI(title="teeshard node", lifespan=lifespan, docs_url=None, redoc_url=None)
-    install_error_handlers(app)
     app.state.service = service
-
-    @app.websocket("/pipeline")
-    async def pipeline(websocket: WebSocket) -> None:
-        await serve_pipeline(websocket, service)
+    app.state.trust = trust
+    install_error_handlers(app)
+    attach_pipeline(app, service)
+    attach_attestation_routes(app, trust)
+    metrics = stage_metrics(service)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {**health_report(service, config), "attestation": trust.summary()}
 
     @app.get("/metrics", response_class=PlainTextResponse)
-    async def metrics() -> str:
-        return service.metrics.render()
+    async def metrics_text() -> str:
+        return metrics.render()
 
-    app.include_router(build_attestation_router(trust))
     if serving is not None:
-        app.include_router(build_router(serving))
-        app.include_router(build_sealed_router(app, trust))
+        app.state.serving = serving
+        attach_router(app, serving)
+        attach_sealed_router(app, trust.attestation.identity)
     return app
 
 
@@ -89,23 +92,8 @@ def health_report(service: NodeService, config: NodeConfig) -> dict[str, Any]:
             "evicted_total": service.sessions.evicted_total,
         },
         "memory": {"rss_bytes": psutil.Process().memory_info().rss},
-        "next": service.downstream.stats() if service.downstream is not None else None,
+        "next": service.next_hop.stats() if service.next_hop is not None else None,
     }
-
-
-async def _connect_downstream(peer: PeerClient) -> None:
-    """Attest and connect to the next node at start, so problems show at once.
-
-    Failures are logged and retried with backoff; requests also (re)connect lazily.
-    """
-    delay = 0.5
-    while not peer.connected:
-        try:
-            await peer.connect()
-        except (PeerError, NodeError) as exc:
-            log.warning("next node not ready (%s); retrying in %.0fs", exc, delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 30.0)
 
 
 async def _evict_idle(service: NodeService) -> None:
