@@ -38,7 +38,7 @@ def test_unverified_blinding_is_fooled_by_a_flip(
     start_accel: StartAccel, tiny_llama: TinyModel
 ) -> None:
     """The attack works where nothing checks: the reason verified modes exist."""
-    reference, reference_logits = greedy(load(tiny_llama.path), PROMPT, 4)
+    _reference, reference_logits = greedy(load(tiny_llama.path), PROMPT, 4)
     shard = load(tiny_llama.path)
     handle = offload_shard(
         shard, OffloadMode.BLINDED, connect(tampering(start_accel, tiny_llama, "flip"))

@@ -22,7 +22,7 @@ def weights() -> dict[str, object]:
 def test_a_pad_opens_once(weights: dict) -> None:
     pool = PadPool(weights, capacity_rows=4)
     pad = pool.take("a", 2)
-    r, factor = pad.open()
+    r, _factor = pad.open()
     assert r.shape == (2, 40)
     with pytest.raises(PadReuseError):
         pad.open()
