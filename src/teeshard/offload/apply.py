@@ -15,6 +15,7 @@ weights the node serves; the accelerator must serve the same layers.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from teeshard.model.transformer import Shard
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class OffloadOptions:
-    pool_rows: int = 16  # pads kept ready per group (rows = tokens)
+    pool_rows: int | Mapping[str, int] = 16  # pads kept ready per group (rows = tokens)
     chunk_rows: int = 8  # rows the background worker makes at a time
     background: bool = True  # refill the pool in a background thread
     pad_observer: PadObserver | None = None  # tests: every pad handed out

@@ -20,7 +20,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -78,14 +78,18 @@ class PadPool:
         self,
         weights: dict[str, QuantWeight],
         *,
-        capacity_rows: int = 16,
+        capacity_rows: int | Mapping[str, int] = 16,
         chunk_rows: int = 8,
         observer: PadObserver | None = None,
     ) -> None:
-        if capacity_rows < 0 or chunk_rows < 1:
+        capacities = (
+            dict(capacity_rows) if isinstance(capacity_rows, Mapping)
+            else dict.fromkeys(weights, capacity_rows)
+        )  # fmt: skip
+        if any(c < 0 for c in capacities.values()) or chunk_rows < 1:
             raise ValueError("pad pool capacity must be >= 0 and chunks >= 1 row")
         self.weights = weights
-        self.capacity_rows = capacity_rows
+        self._capacity = {name: capacities.get(name, 0) for name in weights}
         self.chunk_rows = chunk_rows
         self.observer = observer
         self.stats = PadStats()
@@ -146,8 +150,11 @@ class PadPool:
             self._refill(group)
         return time.perf_counter() - start
 
+    def capacity(self, group: str) -> int:
+        return self._capacity[group]
+
     def start(self) -> None:
-        if self._worker is None and self.capacity_rows:
+        if self._worker is None and any(self._capacity.values()):
             self._worker = threading.Thread(target=self._run, name="pad-pool", daemon=True)
             self._worker.start()
 
@@ -169,14 +176,13 @@ class PadPool:
     # -- internals --
 
     def _neediest(self) -> str | None:
+        """The group with the smallest share of its capacity ready, or None when all are full."""
         with self._cond:
-            group = min(self._rows, key=self._rows.__getitem__, default=None)
-            if group is None or self._rows[group] >= self.capacity_rows:
-                return None
-            return group
+            short = {g: n / self._capacity[g] for g, n in self._rows.items() if n < self._capacity[g]}
+            return min(short, key=short.__getitem__, default=None)
 
     def _refill(self, group: str) -> None:
-        rows = min(self.chunk_rows, self.capacity_rows - self.available_rows(group))
+        rows = min(self.chunk_rows, self._capacity[group] - self.available_rows(group))
         if rows <= 0:
             return
         start = time.perf_counter()
