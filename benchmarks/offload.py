@@ -39,7 +39,7 @@ from teeshard.offload.launch import accel_command, start_accelerator
 from teeshard.offload.modes import OffloadMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from split_vs_local import ensure_tinyllama_shaped, prompt_ids  # noqa: E402
+from split_vs_local import ensure_tinyllama_shaped, prompt_ids
 
 ROOT = Path(__file__).resolve().parent.parent
 MODES = ("tee", "plain", "blinded", "verified", "blinded+verified")
@@ -74,23 +74,39 @@ def generate(shard: Shard, prompt: list[int], decode_tokens: int, traffic: Any =
         seen.append(logits[0])
         tokens.append(int(logits[0].argmax()))
     decode = time.perf_counter() - started
-    return Run(prefill, decode, tokens, torch.stack(seen), prefill_bytes, moved() - start_bytes - prefill_bytes)
+    return Run(
+        prefill,
+        decode,
+        tokens,
+        torch.stack(seen),
+        prefill_bytes,
+        moved() - start_bytes - prefill_bytes,
+    )
 
 
 def run_mode(
-    mode_name: str, model_dir: Path, prompt: list[int], args: argparse.Namespace, reference: Run | None
+    mode_name: str,
+    model_dir: Path,
+    prompt: list[int],
+    args: argparse.Namespace,
+    reference: Run | None,
 ) -> tuple[dict[str, Any], Run]:
     checkpoint = Checkpoint(model_dir)
     layers = LayerRange(0, checkpoint.spec.num_layers)
     shard = load_shard(checkpoint, layers)
-    row: dict[str, Any] = {"mode": mode_name, "device": "cpu (TEE-only)" if mode_name == "tee" else args.device}
+    row: dict[str, Any] = {
+        "mode": mode_name,
+        "device": "cpu (TEE-only)" if mode_name == "tee" else args.device,
+    }
     if mode_name == "tee":
         run = generate(shard, prompt, args.decode_tokens)
         row["tee_weight_mb"] = tee_weight_bytes(shard) / 2**20
         return finish(row, run, prompt, args, reference, None), run
     mode = OffloadMode.parse(mode_name)
     accel = start_accelerator(
-        accel_command(model_dir, layers, mode.arith, device=args.device, threads=args.accel_threads),
+        accel_command(
+            model_dir, layers, mode.arith, device=args.device, threads=args.accel_threads
+        ),
         timeout=1800,
     )
     try:
@@ -128,9 +144,13 @@ def handle_groups(shard: Shard) -> list[str]:
 
 def pad_pool_mb(pool: Any, rows: int) -> float:
     del rows
-    return sum(
-        (w.in_features + w.out_features) * 8 * pool.capacity(name) for name, w in pool.weights.items()
-    ) / 2**20
+    return (
+        sum(
+            (w.in_features + w.out_features) * 8 * pool.capacity(name)
+            for name, w in pool.weights.items()
+        )
+        / 2**20
+    )
 
 
 def finish(
@@ -175,7 +195,9 @@ def main() -> int:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--accel-threads", type=int, default=None)
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "offload.json")
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / "benchmarks" / "results" / "offload.json"
+    )
     args = parser.parse_args()
 
     model_dir = args.model or ensure_tinyllama_shaped()
@@ -199,7 +221,11 @@ def main() -> int:
         gc.collect()
     if not any(k.endswith("@cuda") or "cuda:" in k for k in rows):
         for mode_name in MODES[1:]:
-            rows[f"{mode_name}@cuda"] = {"mode": mode_name, "device": "cuda", "status": "pending: no GPU on this host"}
+            rows[f"{mode_name}@cuda"] = {
+                "mode": mode_name,
+                "device": "cuda",
+                "status": "pending: no GPU on this host",
+            }
     result = {
         "model": model_dir.name,
         "prompt_tokens": args.prompt_tokens,
@@ -214,7 +240,9 @@ def main() -> int:
     for name, row in rows.items():
         if tee and "prefill_s" in row and name != "tee@cpu":
             row["prefill_speedup_vs_tee"] = tee["prefill_s"] / row["prefill_s"]
-            row["decode_latency_speedup_vs_tee"] = tee["decode_ms_per_token"] / row["decode_ms_per_token"]
+            row["decode_latency_speedup_vs_tee"] = (
+                tee["decode_ms_per_token"] / row["decode_ms_per_token"]
+            )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print_table(rows)

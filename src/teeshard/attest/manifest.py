@@ -23,7 +23,7 @@ import hashlib
 import json
 import struct
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -45,6 +45,7 @@ from teeshard.model.checkpoint import Checkpoint
 from teeshard.model.layer_range import LayerRange
 
 _DOMAIN = b"teeshard/manifest/v1\0"
+_OFFLOAD_DOMAIN = b"teeshard/manifest-offload/v1\0"
 _CHUNK = 1 << 20
 
 
@@ -75,11 +76,16 @@ class ShardManifest:
     layers: LayerRange
     dtype: str  # the node's compute dtype, e.g. "float32"
     tensors: tuple[TensorDigest, ...]  # sorted by key
+    # TSQP offload statement (mode, accelerator key fingerprints; see teeshard.offload),
+    # None for a node that computes everything itself. Covered by combined_hash.
+    offload: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         # Normalise to plain JSON values (tuples become lists) so a manifest parsed
         # back from JSON compares equal to the one it was written from.
         object.__setattr__(self, "arch", json.loads(canonical_json(dict(self.arch))))
+        if self.offload is not None:
+            object.__setattr__(self, "offload", json.loads(canonical_json(dict(self.offload))))
 
     def canonical_bytes(self) -> bytes:
         return encode(
@@ -94,8 +100,17 @@ class ShardManifest:
         )
 
     @property
-    def combined_hash(self) -> bytes:
+    def weights_hash(self) -> bytes:
+        """The hash of the weights part alone: what policies and registries expect."""
         return hashlib.sha256(self.canonical_bytes()).digest()
+
+    @property
+    def combined_hash(self) -> bytes:
+        """What report_data and receipts bind: the weights hash, plus the offload statement."""
+        if self.offload is None:
+            return self.weights_hash
+        statement = lp(canonical_json(dict(self.offload)))
+        return hashlib.sha256(encode(_OFFLOAD_DOMAIN, lp(self.weights_hash), statement)).digest()
 
     @property
     def num_layers(self) -> int | None:
@@ -113,6 +128,7 @@ class ShardManifest:
                 for t in self.tensors
             ],
             "combined_hash": self.combined_hash.hex(),
+            **({"offload": dict(self.offload)} if self.offload is not None else {}),
         }
 
     @classmethod
@@ -120,7 +136,10 @@ class ShardManifest:
         """Strict parse; the stated ``combined_hash`` must match the recomputed one."""
         what = "manifest"
         fields = check_fields(
-            data, what, ("model", "arch", "layers", "dtype", "tensors", "combined_hash")
+            data,
+            what,
+            ("model", "arch", "layers", "dtype", "tensors", "combined_hash"),
+            ("offload",),
         )
         arch = fields["arch"]
         if not isinstance(arch, dict):
@@ -135,9 +154,13 @@ class ShardManifest:
         tensors = tuple(_tensor_from_json(item, i) for i, item in enumerate(raw_tensors))
         if [t.key for t in tensors] != sorted({t.key for t in tensors}):
             raise FormatError("manifest.tensors: keys must be unique and sorted")
+        offload = fields.get("offload")
+        if offload is not None and not isinstance(offload, dict):
+            raise FormatError("manifest.offload: expected a JSON object")
         manifest = cls(
-            get_str(fields, "model", what), arch, layers, get_str(fields, "dtype", what), tensors
-        )
+            get_str(fields, "model", what), arch, layers, get_str(fields, "dtype", what), tensors,
+            offload,
+        )  # fmt: skip
         stated = from_hex(fields["combined_hash"], "manifest.combined_hash", 32)
         if stated != manifest.combined_hash:
             raise FormatError("manifest.combined_hash does not match the manifest's contents")
@@ -209,13 +232,17 @@ class ManifestBuilder:
                 self.cache.store(info.file, key, cached)
         self.digests[key] = cached
 
-    def finish(self) -> ShardManifest:
+    def finish(self, offload: Mapping[str, Any] | None = None) -> ShardManifest:
+        """The manifest; ``offload`` is the node's TSQP statement, if it offloads."""
         missing = [k for k in self.expected if k not in self.digests]
         if missing:
             raise ManifestError(f"tensors never loaded: {', '.join(missing[:5])}")
         if self.cache is not None:
             self.cache.save()
-        return _assemble(self.checkpoint, self.layers, self.dtype, self.model_name, self.digests)
+        manifest = _assemble(
+            self.checkpoint, self.layers, self.dtype, self.model_name, self.digests
+        )
+        return manifest if offload is None else replace(manifest, offload=offload)
 
 
 def compute_manifest(

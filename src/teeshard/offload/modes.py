@@ -22,6 +22,7 @@ cache, norms, SiLU and sampling stay there always.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -144,3 +145,17 @@ def check_offload_policy(
     unknown = [k for k in statement.accelerator_keys if allowed_keys and k not in allowed_keys]
     if unknown:
         raise OffloadPolicyError(f"accelerator key {unknown[0][:16]} is not allowed by the policy")
+
+
+def check_node_offload(
+    required: str, manifest_offload: Mapping[str, Any] | None, allowed_keys: tuple[str, ...] = ()
+) -> OffloadAttestation | None:
+    """The policy check on a verified manifest's ``offload`` field (None: no offload).
+
+    For the verifier: call it after the bundle verified, with ``manifest.offload``.
+    """
+    statement = (
+        None if manifest_offload is None else OffloadAttestation.from_json(dict(manifest_offload))
+    )
+    check_offload_policy(required, statement, allowed_keys)
+    return statement

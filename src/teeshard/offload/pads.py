@@ -178,7 +178,9 @@ class PadPool:
     def _neediest(self) -> str | None:
         """The group with the smallest share of its capacity ready, or None when all are full."""
         with self._cond:
-            short = {g: n / self._capacity[g] for g, n in self._rows.items() if n < self._capacity[g]}
+            short = {
+                g: n / self._capacity[g] for g, n in self._rows.items() if n < self._capacity[g]
+            }
             return min(short, key=short.__getitem__, default=None)
 
     def _refill(self, group: str) -> None:
