@@ -125,3 +125,41 @@ def test_client_allow_list(start_accel: StartAccel, tiny_llama: TinyModel, tmp_p
             stranger.connect(timeout_s=2)
     finally:
         stranger.close()
+
+
+def test_keygen_and_a_key_file(start_accel: StartAccel, tiny_llama: TinyModel, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "teeshard.cli", "accel", "--keygen", str(tmp_path)],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    keys = json.loads(out.stdout)
+    assert oct((tmp_path / "accel.key_secret").stat().st_mode & 0o777) == "0o600"
+    server = start_accel(
+        tiny_llama.path, LayerRange(0, 4), "field",
+        extra=("--key", str(tmp_path / "accel.key_secret")),
+    )  # fmt: skip
+    assert server.fingerprint == keys["fingerprint"]
+    from teeshard.offload.keys import parse_public_key
+
+    pinned = parse_public_key(str(tmp_path / "accel.key"))  # the node may pin the file
+    assert pinned == keys["public_key"].encode()
+    client = AcceleratorClient(server.endpoint, pinned)
+    client.connect()
+    client.close()
+
+
+def test_a_dead_accelerator_is_a_clear_transport_error(
+    start_accel: StartAccel, tiny_llama: TinyModel
+) -> None:
+    server = start_accel(tiny_llama.path, LayerRange(0, 4), "field", reuse=False)
+    client = AcceleratorClient(server.endpoint, server.public_key, timeout_s=2)
+    client.connect()
+    server.stop()
+    with pytest.raises(AcceleratorUnavailable, match="no answer within 2 s"):
+        client.matmul("0.attn_out", torch.ones(1, 64, dtype=torch.int64))
+    assert client.distrusted is None  # unavailable is not misbehaving: it may come back
+    client.close()
