@@ -100,3 +100,24 @@ def test_node_command_line_and_config_checks(tiny_llama: TinyModel) -> None:
     assert config_from_args(default, layers=default.layers).offload_mode == "blinded+verified"
     with pytest.raises(ValueError, match="--offload needs --accel-key"):
         replace(config, accel_key=None).validate(4)
+
+
+async def test_a_lying_accelerator_fails_the_step_clearly(
+    start_accel: StartAccel, tiny_llama: TinyModel
+) -> None:
+    from teeshard.model.layer_range import LayerRange
+
+    liar = start_accel(
+        tiny_llama.path, LayerRange(0, 4), "field",
+        module="tests.offload.malicious_accel", extra=("--tamper", "flip"),
+    )  # fmt: skip
+    with OffloadCluster(
+        tiny_llama.path, 1, ranges=[LayerRange(0, 4)], accels=[liar], modes=("verified",)
+    ) as cluster:
+        client = PipelineClient(cluster.entry.ws_url)
+        for _ in range(2):  # and again: that accelerator is not used any more
+            session = await client.open_session(max_len=len(PROMPT) + 2)
+            with pytest.raises(Exception, match="accelerator") as caught:
+                await client.step(session, PROMPT)
+            assert "Freivalds" in str(caught.value) or "refusing" in str(caught.value)
+        await client.disconnect()
