@@ -163,10 +163,4 @@ def tee_weight_bytes(shard: Shard) -> int:
     )
 
 
-def pool_bytes(pool: PadPool | None) -> int:
-    if pool is None:
-        return 0
-    return sum(w.q.numel() * w.q.element_size() for w in pool.weights.values())
-
-
 __all__ = ["OffloadHandle", "OffloadOptions", "offload_shard"]
