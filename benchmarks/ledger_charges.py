@@ -1,20 +1,33 @@
-"""Charges per second for each ledger backend.
+"""What charging costs on each ledger backend: rates, gas per request, the wait before a token.
 
-A charge is what one paid request costs the ledger: reserve the most it can
-cost, then settle the real cost and credit one serving node. Each backend runs
-N charges one after another (one entry node) and N spread over T threads (T
-entry nodes charging one account: the contended case). Backends without their
-server (PostgreSQL: $TEESHARD_TEST_POSTGRES_URL; anvil: the binary) are skipped
-and say so.
+Three parts (``--parts``, default all):
 
-    python benchmarks/ledger_charges.py [--charges N] [--threads T] [--backends sqlite,evm]
+- ``rates``: charges per second. A charge is what one paid request costs the
+  ledger: reserve the most it can cost, then settle the real cost and credit
+  one serving node. Each backend runs N charges one after another (one entry
+  node) and N spread over T threads (T entry nodes charging one account).
+- ``gas``: gas per paid request on chain. Per request (today's EVM path): one
+  reserve plus one settle transaction. Epoch settlement (the recommended
+  path): requests are charged in the SQL ledger, and an epoch costs one
+  ``post_epoch`` plus one ``claim`` per operator, whatever the number of
+  requests; amortised over epochs of 100 and 1000 requests (``--epochs``).
+- ``latency``: the wait before the first token can be generated, i.e. the
+  reserve: SQLite, anvil mining on each transaction, and anvil with a block
+  every 2 s (a typical L2's block time), where the reserve waits for a block.
 
-Prints a table and writes benchmarks/results/ledger_charges.json.
+Backends without their server (PostgreSQL: $TEESHARD_TEST_POSTGRES_URL; anvil:
+the binary) are skipped and say so.
+
+    python benchmarks/ledger_charges.py [--parts rates,gas,latency] [--charges N]
+        [--threads T] [--backends sqlite,evm] [--operators K] [--epochs 100,1000]
+
+Prints tables and writes benchmarks/results/ledger_charges.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -28,7 +41,15 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from teeshard.attest.identity import NodeIdentity
+from teeshard.attest.receipts import Receipt, sign_receipt
+from teeshard.ledger.claims import AttestedNode, sign_claim
 from teeshard.ledger.interface import Ledger, NodeInfo
+from teeshard.ledger.keys import hash_api_key
+from teeshard.model.layer_range import LayerRange
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ledger_chain_costs import GasReport, LatencyRow, measure_gas, measure_latency
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "ledger_charges.json"
@@ -40,6 +61,30 @@ class Setup:
     entries: list[Ledger]  # authorised entry nodes, one per thread
     account: str
     close: Callable[[], None]
+    key_hash: str | None = None  # the customer's authorisation (SQL checks it)
+    node: NodeIdentity | None = None  # node-1's attested key: its receipts credit its work
+
+
+NODE_LAYERS = LayerRange(0, 2)  # node-1 serves the whole (two-layer) model
+
+
+def _register(owner: Ledger, as_operator: Ledger, operator: str) -> NodeIdentity:
+    """node-1, registered and admitted with the claim its attested key signs."""
+    node = NodeIdentity.generate()
+    info = NodeInfo("node-1", "http://n:1", "f" * 64, "m", str(NODE_LAYERS))
+    claim = sign_claim(node, operator, "node-1", owner.ledger_id(), os.urandom(32))
+    as_operator.register_node(info, claim=claim)
+    owner.admit_node("node-1", "f" * 64, attested=AttestedNode(info.url, claim))
+    return node
+
+
+def _receipts(node: NodeIdentity | None, request_id: str) -> list[Receipt]:
+    if node is None:
+        return []
+    digest = hashlib.sha256(request_id.encode()).digest()
+    return [sign_receipt(node, request_id=request_id, stage=0, layers=NODE_LAYERS,
+                         manifest_hash=b"\xff" * 32, received_sha256=digest,
+                         sent_sha256=digest, previous=None)]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -59,13 +104,13 @@ def _sql(url: str, threads: int, funds: int) -> Setup:
     for name in ("customer", "operator"):
         owner.open_account(name)
     owner.deposit("customer", funds)
-    owner.as_actor("operator").register_node(NodeInfo("node-1", "http://n:1", "f" * 64))
-    owner.admit_node("node-1", "f" * 64)
+    owner.add_api_key("customer", "tsk_customer")
+    node = _register(owner, owner.as_actor("operator"), "operator")
     entries = []
     for i in range(threads):
         owner.authorize_entry(f"entry-{i}")
         entries.append(owner.as_actor(f"entry-{i}"))
-    return Setup(entries, "customer", owner.close)
+    return Setup(entries, "customer", owner.close, hash_api_key("tsk_customer"), node)
 
 
 def _evm(chain: object, threads: int, funds: int) -> Setup:
@@ -82,8 +127,7 @@ def _evm(chain: object, threads: int, funds: int) -> Setup:
     owner.deposit(customer.address, funds)
     as_operator = owner.as_key(operator)
     as_operator.open_account(operator.address)
-    as_operator.register_node(NodeInfo("node-1", "http://n:1", "f" * 64))
-    owner.admit_node("node-1", "f" * 64)
+    _register(owner, as_operator, operator.address)
     entries = []
     for key in entry_keys:
         owner.authorize_entry(key.address)
@@ -145,8 +189,8 @@ def run_charges(setup: Setup, charges: int, threads: int, tag: str) -> float:
     def one(i: int) -> None:
         ledger = setup.entries[i % threads]
         request_id = f"{tag}-{i}"
-        ledger.reserve(request_id, setup.account, 30)
-        ledger.settle(request_id, 20, {"node-1": 64})
+        ledger.reserve(request_id, setup.account, 30, key_hash=setup.key_hash, max_tokens=64)
+        ledger.settle(request_id, 20, {"node-1": 64}, receipts=_receipts(setup.node, request_id))
 
     start = time.perf_counter()
     if threads == 1:
@@ -158,25 +202,22 @@ def run_charges(setup: Setup, charges: int, threads: int, tag: str) -> float:
     return time.perf_counter() - start
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backends", default="sqlite,postgres,evm,anvil")
-    parser.add_argument("--charges", type=int, default=None, help="per run (default per backend)")
-    parser.add_argument("--threads", type=int, default=8)
-    args = parser.parse_args(argv)
+def run_rates(
+    backends: list[str], charges_arg: int | None, threads: int
+) -> tuple[list[Row], dict[str, str]]:
     rows: list[Row] = []
     skipped: dict[str, str] = {}
-    for name in args.backends.split(","):
-        charges = args.charges or DEFAULT_CHARGES[name]
-        with backend(name, args.threads, funds=charges * 2 * 30) as setup:
+    for name in backends:
+        charges = charges_arg or DEFAULT_CHARGES[name]
+        with backend(name, threads, funds=charges * 2 * 30) as setup:
             if isinstance(setup, str):
                 skipped[name] = setup
                 print(f"{name}: skipped: {setup}", file=sys.stderr)
                 continue
             run_charges(setup, 5, 1, "warm")
-            for mode, threads in (("sequential", 1), ("concurrent", args.threads)):
-                seconds = run_charges(setup, charges, threads, mode)
-                rows.append(Row(name, mode, threads, charges, seconds, charges / seconds))
+            for mode, t in (("sequential", 1), ("concurrent", threads)):
+                seconds = run_charges(setup, charges, t, mode)
+                rows.append(Row(name, mode, t, charges, seconds, charges / seconds))
             check = setup.entries[0].check()
             if not check.ok:
                 raise SystemExit(f"{name}: the ledger is inconsistent after the run: {check}")
@@ -188,19 +229,70 @@ def main(argv: list[str] | None = None) -> int:
             f"{r.backend:10} {r.mode:11} {r.threads:7d} {r.charges:8d} {r.seconds:8.2f} "
             f"{r.charges_per_s:10.1f}"
         )
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(
-        json.dumps(
-            {
-                "benchmark": "ledger_charges",
-                "charge": "reserve + settle (crediting one node)",
-                "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-                "rows": [asdict(r) for r in rows],
-                "skipped": skipped,
-            },
-            indent=2,
+    return rows, skipped
+
+
+def print_gas(report: GasReport) -> None:
+    print()
+    print(f"gas per paid request ({report.operators} operators, one node each)")
+    print(f"{'path':34} {'requests':>8} {'gas/epoch':>10} {'gas/request':>12} {'vs today':>9}")
+    today = report.per_request_gas
+    print(f"{'per request: reserve + settle':34} {1:8d} {today:10d} {today:12,d} {1:9.2f}")
+    for row in report.epochs:
+        print(
+            f"{'epoch: post_epoch + claims':34} {row.requests:8d} {row.epoch_gas:10d} "
+            f"{row.gas_per_request:12,.0f} {row.gas_per_request / today:9.4f}"
         )
+    print(
+        f"(reserve {report.reserve_gas:,}, settle {report.settle_gas:,}; post_epoch "
+        f"{report.post_epoch_gas:,}, claim {report.claim_gas_mean:,.0f} on average, "
+        f"withdraw {report.withdraw_gas:,}; the issue measured 267,969 per request)"
     )
+
+
+def print_latency(rows: list[LatencyRow]) -> None:
+    print()
+    print("wait before the first token (the reserve), and after the last (the settle)")
+    print(
+        f"{'ledger':46} {'n':>3} {'reserve p50 s':>13} {'reserve max s':>13} {'settle p50 s':>12}"
+    )
+    for r in rows:
+        print(
+            f"{r.ledger:46} {r.samples:3d} {r.reserve_p50_s:13.4f} {r.reserve_max_s:13.4f} "
+            f"{r.settle_p50_s:12.4f}"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parts", default="rates,gas,latency")
+    parser.add_argument("--backends", default="sqlite,postgres,evm,anvil")
+    parser.add_argument("--charges", type=int, default=None, help="per run (default per backend)")
+    parser.add_argument("--threads", type=int, default=8)
+    parser.add_argument("--operators", type=int, default=4, help="operators paid per epoch")
+    parser.add_argument("--epochs", default="100,1000", help="requests per epoch")
+    parser.add_argument("--latency-samples", type=int, default=5)
+    args = parser.parse_args(argv)
+    parts = set(args.parts.split(","))
+    out: dict[str, object] = {
+        "benchmark": "ledger_charges",
+        "charge": "reserve + settle (crediting one node)",
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+    }
+    if "rates" in parts:
+        rows, skipped = run_rates(args.backends.split(","), args.charges, args.threads)
+        out["rows"] = [asdict(r) for r in rows]
+        out["skipped"] = skipped
+    if "gas" in parts:
+        report = measure_gas(args.operators, [int(n) for n in args.epochs.split(",")])
+        print_gas(report)
+        out["gas"] = asdict(report)
+    if "latency" in parts:
+        latency = measure_latency(ROOT, args.latency_samples)
+        print_latency(latency)
+        out["latency"] = [asdict(r) for r in latency]
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(out, indent=2))
     print(f"wrote {RESULTS.relative_to(ROOT)}")
     return 0
 

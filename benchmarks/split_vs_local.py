@@ -13,7 +13,6 @@ machine noise hits both alike. Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import statistics
@@ -43,7 +42,6 @@ from teeshard.model.plan import plan_checkpoint
 from teeshard.model.transformer import Shard
 from teeshard.procutil import die_with_parent, free_port_block, wait_healthy
 from teeshard.server.local_pipeline import write_local_policy
-from teeshard.transport.pipeline_client import PipelineClient
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -158,9 +156,10 @@ def start_nodes(
     launches = plan_launch(checkpoint, nodes, free_port_block(nodes))
     policy = write_local_policy(
         Path(tempfile.mkdtemp(prefix="teeshard-bench-")) / "policy.toml",
-        checkpoint, [s.layers for s in launches], "float32", checkpoint.name,
+        checkpoint, [s.layers for s in launches], "float32", "bench",
     )  # fmt: skip
-    options = ["--wire-dtype", wire_dtype, "--tee", "simulated", "--policy", str(policy)]
+    options = ["--wire-dtype", wire_dtype, "--tee", "simulated", "--policy", str(policy),
+               "--model-name", "bench"]  # fmt: skip
     processes: list[subprocess.Popen[bytes]] = []
     try:
         for spec in reversed(launches):  # one at a time: loads do not fight for memory
@@ -182,27 +181,34 @@ def node_rss_mb(launches: list[LaunchSpec]) -> list[float]:
     return [h["memory"]["rss_bytes"] / 2**20 for h in health]
 
 
-async def run_split(ws_url: str, prompt: list[int], decode_tokens: int) -> Timing:
-    client = PipelineClient(ws_url)
-    session = await client.open_session(max_len=len(prompt) + decode_tokens, return_logits=False)
-    await client.step(session, [prompt[0]])  # connect and warm the path outside the timing
-    await client.close_session(session, sign=True)
-    session = await client.open_session(max_len=len(prompt) + decode_tokens, return_logits=False)
-    started = time.perf_counter()
-    token, _ = await client.step(session, prompt)
-    prefill = time.perf_counter() - started
-    tokens = [token]
-    started = time.perf_counter()
-    for _ in range(decode_tokens - 1):
-        token, _ = await client.step(session, [token])
-        tokens.append(token)
-    decode = time.perf_counter() - started
-    started = time.perf_counter()
-    receipts = await client.close_session(session, sign=True)
-    close = time.perf_counter() - started
-    assert len(receipts) >= 2, "every stage signs a receipt"
-    await client.disconnect()
-    return Timing(prefill, decode, tokens, close)
+def run_split(api_url: str, prompt: list[int], decode_tokens: int) -> Timing:
+    """One greedy generation through the entry node's API, streamed: prefill is the time
+    to the first token, decode the time from it to the last, close the time from the last
+    token to the final event carrying every stage's signed receipt."""
+    body = {
+        "model": "bench", "prompt": prompt, "max_tokens": decode_tokens, "temperature": 0,
+        "ignore_eos": True, "stream": True,
+    }  # fmt: skip
+    stamps: list[float] = []
+    final: dict[str, Any] = {}
+    with httpx.Client(timeout=600) as client:
+        client.post(api_url, json={**body, "prompt": prompt[:1], "max_tokens": 1})  # warm up
+        started = time.perf_counter()
+        with client.stream("POST", api_url, json=body) as response:
+            response.raise_for_status()
+            for line in response.iter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                event = json.loads(line[6:])
+                if event.get("choices") and event["choices"][0].get("finish_reason") is None:
+                    stamps.append(time.perf_counter())
+                if "receipts" in event:
+                    final = event
+        ended = time.perf_counter()
+    tokens = list(final.get("teeshard", {}).get("completion_token_ids", []))[:decode_tokens]
+    assert len(final.get("receipts", [])) >= 2, "every stage signs a receipt"
+    assert len(stamps) >= decode_tokens - 1, f"{len(stamps)} tokens streamed"
+    return Timing(stamps[0] - started, stamps[-1] - stamps[0], tokens, ended - stamps[-1])
 
 
 # -- report ----------------------------------------------------------------------------
@@ -254,11 +260,11 @@ def main() -> int:
         local_model = load_local(model_dir)
         own_model = load_shard(checkpoint, LayerRange(0, checkpoint.spec.num_layers))
         local, own, split = [], [], []
-        ws_url = f"ws://127.0.0.1:{launches[0].port}/pipeline"
+        api_url = f"http://127.0.0.1:{launches[0].port}/v1/completions"
         for rep in range(args.reps):
             local.append(run_local(local_model, prompt, args.decode_tokens))
             own.append(run_local_shard(own_model, prompt, args.decode_tokens))
-            split.append(asyncio.run(run_split(ws_url, prompt, args.decode_tokens)))
+            split.append(run_split(api_url, prompt, args.decode_tokens))
             print(
                 f"rep {rep + 1}/{args.reps}: local prefill {local[-1].prefill_s:.2f}s decode "
                 f"{local[-1].decode_s:.2f}s | split prefill {split[-1].prefill_s:.2f}s decode "

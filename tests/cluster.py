@@ -10,6 +10,7 @@ exact manifest of every shard, as ``teeshard up`` does.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import ssl
@@ -17,21 +18,38 @@ import subprocess
 import sys
 import tempfile
 import threading
+import uuid
+from collections.abc import Coroutine
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any, TypeVar
 
 import httpx
+import torch
 import uvicorn
 
-from teeshard.attest.identity import pinned_client_context
+from teeshard.attest import (
+    NodeAttestation,
+    NodeIdentity,
+    Policy,
+    compute_manifest,
+    pinned_client_context,
+    select_provider,
+)
 from teeshard.model.checkpoint import Checkpoint
 from teeshard.model.layer_range import LayerRange
 from teeshard.model.plan import split_even
-from teeshard.node import SessionLimits
+from teeshard.model.sampling import SamplingParams
+from teeshard.node import PipelineLimits, SessionLimits
+from teeshard.paths import simulated_tee_dir
 from teeshard.procutil import die_with_parent, free_port, wait_healthy
 from teeshard.server.config import NodeConfig
 from teeshard.server.local_pipeline import write_local_policy
 from teeshard.server.runtime import Node, build_node, make_server
+from teeshard.server.trust import NodeTrust
+from teeshard.transport.messages import WireDtype
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -52,7 +70,22 @@ class RunningNode:
 
     @property
     def ws_url(self) -> str:
+        """The pipeline socket (every node but the entry has one)."""
         return f"{'wss' if self.tls else 'ws'}://127.0.0.1:{self.config.port}/pipeline"
+
+    def call(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        """Run ``coroutine`` on this in-process node's own event loop; wait for its result.
+
+        The entry node's stage is driven this way in tests, exactly as its own
+        generation loop drives it (the entry node has no pipeline socket).
+        """
+        assert self.node is not None, "only in-process nodes run callers' coroutines"
+        loop: asyncio.AbstractEventLoop = self.node.app.state.loop
+        return asyncio.run_coroutine_threadsafe(coroutine, loop).result(timeout=120)
+
+    async def acall(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        """``call`` from a test's own event loop."""
+        return await asyncio.to_thread(self.call, coroutine)
 
     def client_ssl(self) -> ssl.SSLContext | None:
         """A client context pinned to this (in-process) node's attested certificate."""
@@ -80,6 +113,7 @@ class LocalCluster:
     num_nodes: int
     subprocesses: bool = False
     limits: SessionLimits = field(default_factory=SessionLimits)
+    pipeline: PipelineLimits = field(default_factory=PipelineLimits)
     wire_dtype: str = "float32"
     max_frame_bytes: int | None = None
     ranges: list[LayerRange] | None = None
@@ -89,11 +123,24 @@ class LocalCluster:
     next_overrides: dict[int, str] = field(default_factory=dict)
     # extra NodeConfig fields for the entry node (a ledger, say)
     entry_options: dict[str, object] = field(default_factory=dict)
+    # node index -> extra NodeConfig fields for that node (its operator, say)
+    node_options: dict[int, dict[str, object]] = field(default_factory=dict)
     nodes: list[RunningNode] = field(default_factory=list)
 
     @property
     def entry(self) -> RunningNode:
         return self.nodes[0]
+
+    def entry_stage(self) -> EntryStage:
+        return EntryStage(self.entry)
+
+    def upstream_of(self, index: int) -> NodeTrust:
+        """An attested stand-in for node ``index``'s previous node: its layers, its manifest,
+        a fresh identity quoted by the simulated provider, the cluster's policy."""
+        target = self.nodes[index].config
+        layers = self.nodes[index - 1].config.layers
+        policy_path = target.policy_path
+        return attested_stand_in(self.model_dir, layers, policy_path, entry=layers.is_first())
 
     def configs(self) -> list[NodeConfig]:
         checkpoint = Checkpoint(self.model_dir)
@@ -107,6 +154,7 @@ class LocalCluster:
             model_dir=self.model_dir,
             layers=ranges[0],
             limits=self.limits,
+            pipeline=self.pipeline,
             wire_dtype=self.wire_dtype,
             max_frame_bytes=self.max_frame_bytes,
             model_name="tiny",
@@ -129,6 +177,8 @@ class LocalCluster:
         ]
         if self.entry_options:
             configs[0] = replace(configs[0], **self.entry_options)  # type: ignore[arg-type]
+        for index, options in self.node_options.items():
+            configs[index] = replace(configs[index], **options)  # type: ignore[arg-type]
         return configs
 
     def __enter__(self) -> LocalCluster:
@@ -195,3 +245,48 @@ class LocalCluster:
 
 def _wait_healthy(running: RunningNode) -> None:
     wait_healthy(running.http_url + "/health", running.process, timeout=60, interval=0.05)
+
+
+def attested_stand_in(
+    model_dir: Path, layers: LayerRange, policy_path: Path | None, entry: bool = False
+) -> NodeTrust:
+    """A node's trust as ``layers`` of ``model_dir`` would have it (simulated provider)."""
+    manifest = compute_manifest(
+        Checkpoint(model_dir), layers, "float32", model_name="tiny",
+        entry_files=model_dir if entry else None,
+    )  # fmt: skip
+    provider = select_provider("simulated", allow_simulated=True, data_dir=simulated_tee_dir())
+    attestation = NodeAttestation.create(provider, manifest, NodeIdentity.generate())
+    return NodeTrust(attestation, Policy.load(policy_path))
+
+
+class EntryStage:
+    """The in-process entry node's stage, driven as its own generation loop drives it."""
+
+    def __init__(self, node: RunningNode) -> None:
+        assert node.node is not None
+        self.node = node
+        self.service = node.node.service
+
+    async def open_session(
+        self,
+        max_len: int,
+        sampling: SamplingParams | None = None,
+        return_logits: bool = True,
+        wire_dtype: WireDtype = "float32",
+    ) -> str:
+        session = uuid.uuid4().hex
+        await self.node.acall(
+            self.service.open_session(
+                session, max_len, sampling or SamplingParams(), wire_dtype, return_logits
+            )
+        )
+        return session
+
+    async def step(self, session: str, tokens: list[int]) -> tuple[int, torch.Tensor | None]:
+        result = await self.node.acall(self.service.step_tokens(session, tokens))
+        return result.token, result.logits
+
+    async def close_session(self, session: str, sign: bool = False) -> list[dict[str, object]]:
+        receipts = await self.node.acall(self.service.close_session(session, sign=sign))
+        return [r.to_json() for r in receipts or []]

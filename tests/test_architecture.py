@@ -122,11 +122,18 @@ MAX_FILES_ON_THE_PATH = 10
 
 
 class PathRecorder:
-    """Records the teeshard files that run from the chat route until a token is sampled."""
+    """Records the teeshard files that run from the chat route until a token is sampled.
+
+    On the route's thread a frame counts only when the route is among its callers:
+    resuming a coroutine reports every frame awaiting it, the middleware that called
+    the route included, and those are not on the path. The compute thread runs only
+    work the route started, so its frames count while the recording is on.
+    """
 
     def __init__(self) -> None:
         self.recording = False
         self.done = False
+        self.route_thread: int | None = None
         self.files: set[str] = set()
 
     def __call__(self, frame: FrameType, event: str, _: object) -> None:
@@ -134,12 +141,22 @@ class PathRecorder:
             return
         code = frame.f_code
         if event == "call" and code.co_name == "chat_completions":
-            self.recording = True
+            self.recording, self.route_thread = True, threading.get_ident()
         if not self.recording or not code.co_filename.startswith(str(PACKAGE)):
+            return
+        if threading.get_ident() == self.route_thread and not _below_the_route(frame):
             return
         self.files.add(str(Path(code.co_filename).relative_to(PACKAGE)))
         if event == "return" and code.co_name == "sample":
             self.recording, self.done = False, True
+
+
+def _below_the_route(frame: FrameType | None) -> bool:
+    while frame is not None:
+        if frame.f_code.co_name == "chat_completions":
+            return True
+        frame = frame.f_back
+    return False
 
 
 def test_one_chat_request_reads_in_ten_files(tiny_llama: Any, tmp_path: Path) -> None:

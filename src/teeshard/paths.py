@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["data_dir"]
+__all__ = ["data_dir", "simulated_tee_dir"]
 
 
 def data_dir() -> Path:
@@ -15,3 +15,8 @@ def data_dir() -> Path:
         return Path(home)
     cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(cache) / "teeshard"
+
+
+def simulated_tee_dir() -> Path:
+    """Where the simulated (INSECURE) TEE provider keeps this machine's signing key."""
+    return data_dir() / "simulated-tee"

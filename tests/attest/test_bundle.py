@@ -198,10 +198,11 @@ def test_bad_nonces_are_refused_by_the_node(node: NodeAttestation) -> None:
 def tdx_policy() -> Policy:
     quote = (DATA / "tdx_quote").read_bytes()
     report = verify_quote(quote, load_collateral(DATA / "tdx_quote_collateral.json"), VECTOR_TIME)
-    assert report.mrtd and report.rtmr0 and report.rtmr1 and report.rtmr2
+    assert report.mrtd and report.rtmr0 and report.rtmr1 and report.rtmr2 and report.rtmr3
     return Policy(
         mrtd=frozenset({report.mrtd}), rtmr0=frozenset({report.rtmr0}),
         rtmr1=frozenset({report.rtmr1}), rtmr2=frozenset({report.rtmr2}),
+        rtmr3=frozenset({report.rtmr3}),
     )  # fmt: skip
 
 

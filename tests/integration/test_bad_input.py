@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import ssl
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -11,14 +9,14 @@ import httpx
 import msgpack
 import pytest
 import torch
-from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from teeshard.node import SessionLimits
-from teeshard.transport.codec import encode, tensor_to_wire
-from teeshard.transport.messages import OpenMsg, StepMsg, WireTensor
+from teeshard.node import BadRequestError, SessionLimits
+from teeshard.transport.codec import tensor_to_wire
+from teeshard.transport.messages import WireTensor
 from tests.checkpoints import TinyModel
 from tests.cluster import LocalCluster, RunningNode
+from tests.pipeline_socket import PipelineSocket, hidden
 
 CONTEXT = 256  # the tiny models' max_position_embeddings
 
@@ -139,7 +137,7 @@ def test_cache_budget_exhausted_is_503_and_recovers(small_cluster: LocalCluster)
 
 
 async def test_session_limit_is_503_and_nothing_leaks(small_cluster: LocalCluster) -> None:
-    client = PipelineSocket.to(small_cluster.entry)
+    client = PipelineSocket.to(small_cluster)
     async with client:
         first = await client.open(10)
         second = await client.open(10)
@@ -170,48 +168,11 @@ async def _eventually_no_sessions(node: RunningNode) -> bool:
 # -- pipeline socket ----------------------------------------------------------------------
 
 
-class PipelineSocket:
-    """Raw frames on the pipeline socket, to send what a correct client never would."""
-
-    def __init__(self, url: str, tls: ssl.SSLContext | None = None) -> None:
-        self.url = url
-        self.tls = tls
-        self.ids = iter(range(1, 10_000))
-
-    @classmethod
-    def to(cls, node: RunningNode) -> PipelineSocket:
-        return cls(node.ws_url, node.client_ssl())
-
-    async def __aenter__(self) -> PipelineSocket:
-        self.ws = await connect(self.url, ssl=self.tls, max_size=None, compression=None)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.ws.close()
-
-    async def send_raw(self, frame: bytes | str) -> dict[str, Any]:
-        await self.ws.send(frame)
-        return dict(msgpack.unpackb(await self.ws.recv()))
-
-    async def open(self, max_len: int, session: str | None = None) -> dict[str, Any]:
-        msg = OpenMsg(id=next(self.ids), session=session or uuid.uuid4().hex, max_len=max_len)
-        reply = await self.send_raw(encode(msg))
-        reply["session"] = msg.session
-        return reply
-
-    async def step(self, session: str, **fields: Any) -> dict[str, Any]:
-        return await self.send_raw(encode(StepMsg(id=next(self.ids), session=session, **fields)))
-
-
 @pytest.fixture
 async def downstream(cluster: LocalCluster) -> Any:
     """The raw socket of the second node (layers 2:4), which takes hidden states."""
-    async with PipelineSocket.to(cluster.nodes[1]) as sock:
+    async with PipelineSocket.to(cluster) as sock:
         yield sock
-
-
-def hidden(steps: int, width: int = 64, dtype: str = "float32") -> WireTensor:
-    return tensor_to_wire(torch.randn(1, steps, width), dtype)
 
 
 async def test_unknown_session(downstream: PipelineSocket) -> None:
@@ -255,10 +216,12 @@ async def test_step_past_max_len(downstream: PipelineSocket) -> None:
 
 
 async def test_out_of_vocabulary_tokens(cluster: LocalCluster) -> None:
-    async with PipelineSocket.to(cluster.entry) as sock:
-        opened = await sock.open(8)
-        reply = await sock.step(opened["session"], tokens=(5, 100_000))
-        assert reply["status"] == 400 and "token ids must lie in" in reply["message"]
+    stage = cluster.entry_stage()
+    session = await stage.open_session(8)
+    with pytest.raises(BadRequestError, match="token ids must lie in") as refused:
+        await stage.step(session, [5, 100_000])
+    assert refused.value.status == 400
+    await stage.close_session(session)
 
 
 @pytest.mark.parametrize(
@@ -285,12 +248,12 @@ async def test_malformed_frames(
 
 async def test_oversized_frame_closes_only_that_connection(cluster: LocalCluster) -> None:
     limit = cluster.nodes[1].node.max_frame_bytes  # type: ignore[union-attr]
-    async with PipelineSocket.to(cluster.nodes[1]) as sock:
+    async with PipelineSocket.to(cluster) as sock:
         # the server may close while the frame is still being sent: both are the refusal
         with pytest.raises(ConnectionClosed) as closed:
             await sock.ws.send(b"\x00" * (limit + 1))
             await sock.ws.recv()
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009  # message too big
-    async with PipelineSocket.to(cluster.nodes[1]) as sock:
+    async with PipelineSocket.to(cluster) as sock:
         assert (await sock.open(4))["type"] == "result"
     assert_still_serving(cluster)

@@ -2,7 +2,7 @@
 
 A customer with a balance pays for what it used; one without gets a 402 before
 anything is generated; an operator of an admitted node uses the model free; an
-abandoned stream is released in full; the admitted node of the chain is credited
+abandoned stream pays for the tokens it produced; the admitted node is credited
 with the request's tokens; the ledger's journal stays consistent throughout.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from teeshard.ledger.claims import AttestedNode, OperatorClaim
 from teeshard.ledger.interface import NodeInfo
 from teeshard.ledger.sql import SqlLedger
 from tests.checkpoints import TinyModel
@@ -56,14 +58,20 @@ def market(tiny_llama: TinyModel, tmp_path_factory: pytest.TempPathFactory) -> I
             owner.deposit(name, funds)
         owner.add_api_key(name, f"tsk_{name}")
     options = {"ledger_url": url, "pricing_path": pricing, "ledger_actor": "entry-1"}
-    with LocalCluster(tiny_llama.path, 2, entry_options=options) as cluster:
+    carol = {1: {"operator": "carol"}}  # ``teeshard node --operator carol``
+    with LocalCluster(tiny_llama.path, 2, entry_options=options, node_options=carol) as cluster:
         downstream = cluster.nodes[1]
         node_id = downstream.config.resolved_node_id
         manifest = downstream.get("/health").json()["attestation"]["manifest_hash"]
+        # carol's node signs, with its attested key, a claim naming carol for our nonce
+        nonce = os.urandom(32).hex()
+        served = downstream.get(f"/v1/operator-claim?nonce={nonce}&ledger={owner.ledger_id()}")
+        assert served.status_code == 200, served.text
+        claim = OperatorClaim.from_json(served.json())
         owner.as_actor("carol").register_node(
-            NodeInfo(node_id, downstream.http_url, manifest, "tiny", "2:4")
+            NodeInfo(node_id, downstream.http_url, manifest, "tiny", "2:4"), claim=claim
         )
-        owner.admit_node(node_id, manifest)
+        owner.admit_node(node_id, manifest, attested=AttestedNode(downstream.http_url, claim))
         yield Market(cluster, owner, node_id)
     owner.close()
 
@@ -94,6 +102,7 @@ def test_no_balance_is_402_before_anything_runs(market: Market) -> None:
 def test_a_paid_request_is_charged_what_it_used_and_credits_the_chain(market: Market) -> None:
     before = market.owner.balance("alice").available
     served_before = {n.node_id: n.served_tokens for n in market.owner.nodes()}[market.downstream_id]
+    earned_before = {n.node_id: n.earned for n in market.owner.nodes()}[market.downstream_id]
     response = market.chat("tsk_alice")
     assert response.status_code == 200, response.text
     usage = response.json()["usage"]
@@ -103,6 +112,9 @@ def test_a_paid_request_is_charged_what_it_used_and_credits_the_chain(market: Ma
     assert after.reserved == 0  # the rest of the reservation was released
     served = {n.node_id: n.served_tokens for n in market.owner.nodes()}[market.downstream_id]
     assert served - served_before == usage["total_tokens"]
+    # its signed receipt earns it the share of the cost of its layers: 2:4 of 4
+    earned = {n.node_id: n.earned for n in market.owner.nodes()}[market.downstream_id]
+    assert earned - earned_before == usage["cost"] // 2
     assert market.owner.check().ok
 
 
@@ -121,21 +133,43 @@ def test_a_streamed_request_reports_its_cost(market: Market) -> None:
     assert market.owner.balance("alice").available == before - usage["cost"]
 
 
-def test_an_abandoned_stream_is_released_in_full(market: Market) -> None:
+def test_an_abandoned_stream_pays_for_what_it_produced(market: Market) -> None:
+    """The attack: read nearly the whole stream, then hang up, and pay nothing. Now the
+    prompt and every completion token produced are charged; only the rest is released."""
     before = market.owner.balance("alice")
-    body = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 200, "stream": True}
+    prompt = "Once upon a time"
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": 200, "stream": True,
+            "temperature": 0, "stop": []}  # fmt: skip
+    read = 0
     with httpx.stream("POST", market.cluster.entry.http_url + "/v1/completions", json=body,
                       headers={"Authorization": "Bearer tsk_alice"}, timeout=60) as response:  # fmt: skip
         for line in response.iter_lines():
-            if line.startswith("data: {"):
-                break  # the client walks away after the first token
+            if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["text"]:
+                read += 1
+                if read == 12:
+                    break  # the client walks away with twelve pieces of text
     deadline = time.monotonic() + 10
     while market.owner.balance("alice").reserved and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert market.owner.balance("alice") == before  # nothing charged, nothing left reserved
+    after = market.owner.balance("alice")
+    assert after.reserved == 0  # the unused rest went back
+    entry = market.cluster.entry.node
+    assert entry is not None
+    prompt_tokens = len(entry.app.state.serving.codec.completion_prompt(prompt))
+    charged = before.available - after.available
+    at_least = expected_cost({"prompt_tokens": prompt_tokens, "completion_tokens": read})
+    at_most = expected_cost({"prompt_tokens": prompt_tokens, "completion_tokens": 200})
+    assert at_least <= charged < at_most
     assert market.owner.check().ok
     for node in market.cluster.nodes:  # and no node keeps the abandoned session's cache
         assert node.get("/health").json()["sessions"]["open"] == 0
+
+
+def test_a_stream_whose_prompt_never_ran_is_released_in_full(market: Market) -> None:
+    before = market.owner.balance("alice")
+    too_long = market.chat("tsk_alice", max_tokens=10_000)  # refused before a session opens
+    assert too_long.status_code == 400
+    assert market.owner.balance("alice") == before
 
 
 def test_operators_of_admitted_nodes_use_it_free(market: Market) -> None:
@@ -166,3 +200,30 @@ def test_per_character_pricing_charges_the_text_returned(
     assert body["usage"]["cost"] == 3 * len(text) > 0  # the original pricing: per character
     assert owner.balance("dave").available == 100_000 - 3 * len(text)
     owner.close()
+
+
+def test_a_retry_with_the_same_idempotency_key_is_not_charged_twice(market: Market) -> None:
+    before = market.owner.balance("alice").available
+    key = {"Idempotency-Key": "order-7f3a"}
+    headers = {"Authorization": "Bearer tsk_alice", **key}
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4,
+            "temperature": 0}  # fmt: skip
+    first = httpx.post(market.cluster.entry.http_url + "/v1/chat/completions", json=body,
+                       headers=headers, timeout=60)  # fmt: skip
+    assert first.status_code == 200, first.text
+    charged = before - market.owner.balance("alice").available
+    assert charged == first.json()["usage"]["cost"] > 0
+    retry = httpx.post(market.cluster.entry.http_url + "/v1/chat/completions", json=body,
+                       headers=headers, timeout=60)  # fmt: skip
+    assert retry.status_code == 409, retry.text
+    assert market.owner.balance("alice").available == before - charged  # charged once
+    bad = httpx.post(market.cluster.entry.http_url + "/v1/chat/completions", json=body,
+                     headers={**headers, "Idempotency-Key": "x" * 300}, timeout=60)  # fmt: skip
+    assert bad.status_code == 400
+
+
+def test_a_node_without_an_operator_signs_no_claim(market: Market) -> None:
+    entry = market.cluster.entry.get("/v1/operator-claim?nonce=" + "00" * 32 + "&ledger=x")
+    assert entry.status_code == 404 and "--operator" in entry.json()["error"]["message"]
+    garbled = market.cluster.nodes[1].get("/v1/operator-claim?nonce=zz&ledger=x")
+    assert garbled.status_code == 400

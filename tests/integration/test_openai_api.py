@@ -156,3 +156,36 @@ def test_health_and_metrics(cluster: LocalCluster) -> None:
     assert downstream["layers"] == [2, 4] and downstream["sessions"]["open"] == 0
     metrics = cluster.nodes[1].get("/metrics").text
     assert 'teeshard_steps_total{model="tiny",layers="2:4"}' in metrics
+
+
+def test_a_prompt_of_token_ids_and_ignore_eos(cluster: LocalCluster, tiny_llama: TinyModel) -> None:
+    """OpenAI's token-id prompts; ``ignore_eos`` (as vLLM's) decodes exactly max_tokens."""
+    prompt = [5, 17, 250, 33, 101]
+    response = httpx.post(
+        cluster.entry.http_url + "/v1/completions",
+        json={
+            "model": "tiny",
+            "prompt": prompt,
+            "max_tokens": 12,
+            "temperature": 0,
+            "ignore_eos": True,
+        },
+        timeout=60,
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["usage"]["prompt_tokens"] == len(prompt)
+    assert body["usage"]["completion_tokens"] == 12
+    assert body["choices"][0]["finish_reason"] == "length"
+    ids = body["teeshard"]["completion_token_ids"]
+    reference = tiny_llama.reference.generate(
+        torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0,
+    )[0, len(prompt):].tolist()  # fmt: skip
+    assert ids[:12] == reference
+    bad = httpx.post(
+        cluster.entry.http_url + "/v1/completions",
+        json={"model": "tiny", "prompt": [5, 10**9], "max_tokens": 2},
+        timeout=60,
+    )
+    assert bad.status_code == 400 and "token ids must lie in" in bad.json()["error"]["message"]

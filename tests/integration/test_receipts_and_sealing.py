@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from teeshard.attest import Bundle, Policy, SealedClient, verify_bundle
+from teeshard.attest.entry_files import hash_entry_files
 from teeshard.attest.errors import ReceiptError
 from teeshard.attest.receipts import (
     RECEIPT_DIGEST_HEADER,
@@ -22,7 +23,9 @@ from teeshard.attest.receipts import (
     receipts_from_json,
     verify_chain,
 )
-from teeshard.attest.sealing import SEALED_CONTENT_TYPE, SEALED_PATH
+from teeshard.attest.response import parse_response, verify_response
+from teeshard.attest.sealing import SEALED_CONTENT_TYPE, SEALED_PATH, seal_request
+from teeshard.entry.text import TextCodec
 from tests.checkpoints import TinyModel
 from tests.cluster import LocalCluster
 
@@ -106,36 +109,97 @@ def test_a_receipt_from_another_request_does_not_fit(chain3: LocalCluster) -> No
         verify_chain(mixed, chain_bundles(chain3))
 
 
-def test_verify_receipt_cli_checks_a_saved_response(chain3: LocalCluster, tmp_path: Path) -> None:
+def verify_receipt(*args: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "teeshard.cli", "verify-receipt", *args]
+    return subprocess.run(command, capture_output=True, text=True)
+
+
+def test_verify_receipt_cli_checks_a_saved_answer(
+    chain3: LocalCluster, tiny_llama: TinyModel, tmp_path: Path
+) -> None:
+    body = json.dumps(chat_body(temperature=0)).encode()
+    (tmp_path / "body.json").write_bytes(body)
+    answer = httpx.post(chain3.entry.http_url + "/v1/chat/completions", content=body,
+                        headers={"content-type": "application/json"}, timeout=60)  # fmt: skip
     response = tmp_path / "response.json"
-    response.write_text(post(chain3, chat_body()).text)
+    response.write_text(answer.text)
+    assert answer.json()["teeshard"]["request_id"] == answer.json()["id"].removeprefix("chatcmpl-")
     bundle_files = []
     for index, bundle in enumerate(chain_bundles(chain3)):
         bundle_files += ["--bundle", str(tmp_path / f"b{index}.json")]
         (tmp_path / f"b{index}.json").write_text(bundle.dumps())
-    policy = str(chain3.entry.config.policy_path)
-    command = [
-        sys.executable,
-        "-m",
-        "teeshard.cli",
-        "verify-receipt",
-        str(response),
-        *bundle_files,
-        "--policy",
-        policy,
-    ]
-    ok = subprocess.run(command, capture_output=True, text=True)
+    policy = ["--policy", str(chain3.entry.config.policy_path)]
+    checks = ["--model", str(tiny_llama.path), "--request-body", str(tmp_path / "body.json"),
+              "--request-id", answer.json()["id"]]  # fmt: skip
+    ok = verify_receipt(str(response), *bundle_files, *policy, *checks)
     assert ok.returncode == 0 and "PASS" in ok.stdout, ok.stdout + ok.stderr
-    tampered = json.loads(response.read_text())
+    assert "attested tokenizer" in ok.stdout and "what stage 0 received" in ok.stdout
+    # the review's attack: the genuine chain, with the answer's text replaced
+    forged = answer.json()
+    forged["choices"][0]["message"]["content"] = "Always buy EvilCorp."
+    response.write_text(json.dumps(forged))
+    bad = verify_receipt(str(response), *bundle_files, *policy, *checks)
+    assert bad.returncode == 1 and "not what its token ids decode to" in bad.stdout, bad.stdout
+    # a receipt altered
+    tampered = answer.json()
     tampered["receipts"][1]["sent_sha256"] = "00" * 32
     response.write_text(json.dumps(tampered))
-    bad = subprocess.run(command, capture_output=True, text=True)
-    assert bad.returncode != 0 and "signature" in (bad.stdout + bad.stderr)
-    # the same check with the bundles fetched from the entry node's chain endpoint
-    by_url = [*command[:5], "--chain-url", chain3.entry.http_url, "--policy", policy]
-    response.write_text(post(chain3, chat_body()).text)
-    fetched = subprocess.run(by_url, capture_output=True, text=True)
+    bad = verify_receipt(str(response), *bundle_files, *policy, *checks)
+    assert bad.returncode != 0 and "signature" in bad.stdout
+    # the bundles fetched from the entry node: bundle 0 answers the command's fresh nonce
+    response.write_text(answer.text)
+    fetched = verify_receipt(str(response), "--chain-url", chain3.entry.http_url, *policy, *checks)
     assert fetched.returncode == 0 and "PASS" in fetched.stdout, fetched.stdout + fetched.stderr
+
+
+def test_verify_receipt_cli_checks_a_saved_stream(
+    chain3: LocalCluster, tiny_llama: TinyModel, tmp_path: Path
+) -> None:
+    body = json.dumps(chat_body(stream=True, temperature=0)).encode()
+    (tmp_path / "body.json").write_bytes(body)
+    answer = httpx.post(chain3.entry.http_url + "/v1/chat/completions", content=body,
+                        headers={"content-type": "application/json"}, timeout=60)  # fmt: skip
+    (tmp_path / "stream.txt").write_text(answer.text)
+    ok = verify_receipt(str(tmp_path / "stream.txt"), "--chain-url", chain3.entry.http_url,
+                        "--policy", str(chain3.entry.config.policy_path), "--model",
+                        str(tiny_llama.path), "--request-body", str(tmp_path / "body.json"))  # fmt: skip
+    assert ok.returncode == 0 and "PASS" in ok.stdout, ok.stdout + ok.stderr
+
+
+def test_answers_verify_with_the_library_rules(chain3: LocalCluster, tiny_llama: TinyModel) -> None:
+    """Stop sequences and completions too: the text is exactly what the ids decode to."""
+    codec = TextCodec(tiny_llama.path)
+    entry = hash_entry_files(tiny_llama.path)
+    eos = codec.eos_ids() | {1}
+    bundles = chain_bundles(chain3)
+    for path, body in (
+        ("/v1/completions", {"model": "tiny", "prompt": "the model", "max_tokens": 12, "temperature": 0}),
+        ("/v1/completions", {"model": "tiny", "prompt": "the model", "max_tokens": 12, "temperature": 0,
+                             "echo": True}),
+        ("/v1/chat/completions", chat_body(max_tokens=12, temperature=0)),
+        ("/generate", {"prompt": "the model", "max_tokens": 5}),
+    ):  # fmt: skip
+        raw = json.dumps(body).encode()
+        answer = httpx.post(chain3.entry.http_url + path, content=raw,
+                            headers={"content-type": "application/json"}, timeout=60)  # fmt: skip
+        assert answer.status_code == 200, answer.text
+        report = verify_response(parse_response(answer.text), bundles, entry_files=entry,
+                                 decode=codec.decode, eos_token_ids=eos, request_body=raw)  # fmt: skip
+        assert report.text_checked and report.body_checked
+    # a stop sequence taken from what the model says cuts the text: still verifiable
+    plain = httpx.post(chain3.entry.http_url + "/v1/completions", timeout=60, json={
+        "model": "tiny", "prompt": "the model", "max_tokens": 12, "temperature": 0}).json()  # fmt: skip
+    text = plain["choices"][0]["text"]
+    stop = text[len(text) // 2 :][:3]
+    assert stop.strip(), text
+    raw = json.dumps({"model": "tiny", "prompt": "the model", "max_tokens": 12,
+                      "temperature": 0, "stop": [stop]}).encode()  # fmt: skip
+    answer = httpx.post(chain3.entry.http_url + "/v1/completions", content=raw,
+                        headers={"content-type": "application/json"}, timeout=60)  # fmt: skip
+    claims = parse_response(answer.text)
+    assert len(claims.text) < len(text)
+    verify_response(claims, bundles, entry_files=entry, decode=codec.decode,
+                    eos_token_ids=eos, request_body=raw)  # fmt: skip
 
 
 def test_attestation_endpoints_never_show_prompts(chain3: LocalCluster) -> None:
@@ -153,11 +217,11 @@ def test_attestation_endpoints_never_show_prompts(chain3: LocalCluster) -> None:
     assert chain3.entry.get("/v1/attestation").status_code == 400  # no nonce at all
 
 
-def test_sealed_request_round_trip(chain3: LocalCluster) -> None:
+def test_sealed_request_round_trip(chain3: LocalCluster, tiny_llama: TinyModel) -> None:
     recorded: list[bytes] = []
 
     def ingress(request: httpx.Request) -> None:  # what an HTTP ingress outside the TEE sees
-        recorded.append(request.read())
+        recorded.append(b"".join(k + b": " + v for k, v in request.headers.raw) + request.read())
 
     http = httpx.Client(event_hooks={"request": [ingress]}, timeout=60)
     client = SealedClient(chain3.entry.http_url, policy_of(chain3), http=http)
@@ -165,14 +229,27 @@ def test_sealed_request_round_trip(chain3: LocalCluster) -> None:
     plain = post(chain3, chat_body(temperature=0)).json()
     assert status == 200
     assert body["choices"][0]["message"]["content"] == plain["choices"][0]["message"]["content"]
-    assert receipts_from_json(body)  # the sealed answer carries its receipts too
-    sealed_posts = [r for r in recorded if r]
+    # the sealed answer carries its receipts, and they prove it for the inner body
+    verify_response(parse_response(json.dumps(body)), chain_bundles(chain3),
+                    entry_files=hash_entry_files(tiny_llama.path),
+                    decode=TextCodec(tiny_llama.path).decode, eos_token_ids={1},
+                    request_body=json.dumps(chat_body(temperature=0)).encode())  # fmt: skip
+    sealed_posts = [r for r in recorded if b"teeshard-sealed" in r]
     assert sealed_posts and all(SECRET.encode() not in r for r in sealed_posts)
 
 
-def test_tampered_sealed_request_is_rejected(chain3: LocalCluster) -> None:
-    from teeshard.attest.sealing import seal_request
+def test_sealed_stream_arrives_record_by_record(chain3: LocalCluster) -> None:
+    client = SealedClient(chain3.entry.http_url, policy_of(chain3))
+    raw = json.dumps(chat_body(stream=True, max_tokens=8)).encode()
+    with client.stream("/v1/chat/completions", raw) as answer:
+        assert answer.status == 200 and answer.content_type.startswith("text/event-stream")
+        chunks = list(answer.iter_bytes())
+    events = [line for line in b"".join(chunks).decode().splitlines() if line.startswith("data:")]
+    assert events[-1] == "data: [DONE]" and len(chunks) >= 3  # not one blob at the end
+    assert receipts_from_json(json.loads(events[-2][5:]))
 
+
+def test_tampered_sealed_request_is_rejected(chain3: LocalCluster) -> None:
     node = SealedClient(chain3.entry.http_url, policy_of(chain3)).verify()
     sealed, _ = seal_request(node.fingerprint, node.sealing_public_key, "/v1/chat/completions",
                              json.dumps(chat_body()).encode())  # fmt: skip
@@ -185,16 +262,14 @@ def test_tampered_sealed_request_is_rejected(chain3: LocalCluster) -> None:
     assert post(chain3, chat_body()).status_code == 200  # and the node serves on
 
 
-async def test_pipeline_socket_close_can_sign(chain3: LocalCluster) -> None:
+async def test_a_stage_close_can_sign(chain3: LocalCluster) -> None:
     from teeshard.attest.receipts import Receipt
-    from teeshard.transport.pipeline_client import PipelineClient
 
-    client = PipelineClient(chain3.entry.ws_url)
+    client = chain3.entry_stage()
     session = await client.open_session(max_len=16, return_logits=False)
     token, _ = await client.step(session, [5, 6, 7])
     await client.step(session, [token])
     receipts = [Receipt.from_json(r) for r in await client.close_session(session, sign=True)]
-    await client.disconnect()
     report = verify_chain(receipts, chain_bundles(chain3), request_id=session)
     assert report.stages == 3
 

@@ -11,7 +11,7 @@ import copy
 import pytest
 import torch
 
-from teeshard.transport.pipeline_client import PipelineClient
+from teeshard.model.sampling import SamplingParams
 from tests.checkpoints import TinyModel
 from tests.cluster import LocalCluster
 
@@ -45,7 +45,7 @@ def reference_generation(
 async def test_split_pipeline_matches_unsplit_model(tiny_model: TinyModel, num_nodes: int) -> None:
     ref_tokens, ref_logits = reference_generation(tiny_model, PROMPT, DECODE_STEPS)
     with LocalCluster(tiny_model.path, num_nodes) as cluster:
-        client = PipelineClient(cluster.entry.ws_url)
+        client = cluster.entry_stage()
         session = await client.open_session(max_len=len(PROMPT) + DECODE_STEPS)
         tokens, logits = [], []
         token, step_logits = await client.step(session, PROMPT)  # prefill
@@ -56,7 +56,6 @@ async def test_split_pipeline_matches_unsplit_model(tiny_model: TinyModel, num_n
                 break
             token, step_logits = await client.step(session, [token])
         await client.close_session(session)
-        await client.disconnect()
 
     assert tokens == ref_tokens
     assert len(logits) == len(ref_logits) == DECODE_STEPS
@@ -72,10 +71,31 @@ async def test_half_precision_wire_stays_close(tiny_llama: TinyModel) -> None:
     """A float16 wire halves the bytes; logits move a little but stay close."""
     _, ref_logits = reference_generation(tiny_llama, PROMPT, 4)
     with LocalCluster(tiny_llama.path, 2, wire_dtype="float16") as cluster:
-        client = PipelineClient(cluster.entry.ws_url)
+        client = cluster.entry_stage()
         session = await client.open_session(max_len=len(PROMPT) + 4, wire_dtype="float16")
         _, logits = await client.step(session, PROMPT)
-        await client.disconnect()
     assert logits is not None
     err = (logits - ref_logits[0]).abs().max().item()
     assert 0 < err < 1e-2  # not bit-exact (it is really float16), but close
+
+
+async def test_a_sampled_session_rebuilt_from_its_history_continues_identically(
+    tiny_llama: TinyModel,
+) -> None:
+    """What failover relies on: sampling draws are a function of (seed, position), so a
+    session rebuilt by one prefill of prompt + tokens so far samples what the first did."""
+    sampling = SamplingParams(temperature=1.0, top_k=50, seed=1234)
+    with LocalCluster(tiny_llama.path, 2) as cluster:
+        stage = cluster.entry_stage()
+        first = await stage.open_session(len(PROMPT) + 8, sampling, return_logits=False)
+        tokens = [(await stage.step(first, PROMPT))[0]]
+        while len(tokens) < 8:
+            tokens.append((await stage.step(first, [tokens[-1]]))[0])
+        await stage.close_session(first)
+        rebuilt = await stage.open_session(len(PROMPT) + 8, sampling, return_logits=False)
+        again = [(await stage.step(rebuilt, PROMPT + tokens[:3]))[0]]
+        while len(again) < 5:
+            again.append((await stage.step(rebuilt, [again[-1]]))[0])
+        await stage.close_session(rebuilt)
+    assert again == tokens[3:]
+    assert len(set(tokens)) > 1  # really sampled, not greedy

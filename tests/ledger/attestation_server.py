@@ -13,6 +13,9 @@ no-certificate
     drop the ``certificate`` field;
 http-404
     answer HTTP 404.
+
+``/v1/operator-claim`` is passed on unchanged: a relay can carry a node's claim,
+never make one (it names the node's own id and operator).
 """
 
 from __future__ import annotations
@@ -66,10 +69,14 @@ def relay(upstream: str, behaviour: str = "good") -> Iterator[Relay]:
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             parts = urlsplit(self.path)
-            if parts.path != "/v1/attestation" or state.behaviour == "http-404":
+            known = ("/v1/attestation", "/v1/operator-claim")
+            if parts.path not in known or state.behaviour == "http-404":
                 self.send_error(404)
                 return
-            body = state.bundle(parse_qs(parts.query)["nonce"][0])
+            if parts.path == "/v1/operator-claim":  # passed on as it is
+                body = httpx.get(state.upstream + self.path, verify=False, timeout=30).content
+            else:
+                body = state.bundle(parse_qs(parts.query)["nonce"][0])
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))

@@ -15,7 +15,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fastapi.responses import JSONResponse
 from ledger_harness import (
+    ClaimRoute,
+    ServiceWorld,
     World,
     anvil_path,
     evm_world,
@@ -27,10 +30,12 @@ from tests.checkpoints import TinyModel
 from tests.cluster import LocalCluster, RunningNode
 
 from teeshard.attest import compute_manifest
+from teeshard.ledger.claims import CLAIM_PATH, claim_response
+from teeshard.ledger.interface import ClaimRefused
 from teeshard.model.checkpoint import Checkpoint
 from teeshard.model.layer_range import LayerRange
 
-BACKENDS = ("sqlite", "postgres", "evm", "anvil")
+BACKENDS = ("sqlite", "postgres", "service", "evm", "anvil")
 
 
 def _free_port() -> int:
@@ -84,8 +89,36 @@ def make_world(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> 
     raise ValueError(backend)
 
 
+def service_world(tmp_path: Path) -> Iterator[World]:
+    """The SQLite ledger behind a real ledger service: owner and entry hold actor keys."""
+    from service_server import serving
+
+    from teeshard.ledger.remote import RemoteLedger
+    from teeshard.ledger.sql import SqlLedger
+
+    direct = SqlLedger.open(f"sqlite:///{tmp_path / 'ledger.db'}", "owner")
+    direct.authorize_entry("entry-1")
+    with serving(direct.engines) as base_url:
+        owner = RemoteLedger(base_url, direct.add_actor_key("owner"))
+        entry_key = direct.add_actor_key("entry-1")
+        entry = RemoteLedger(base_url, entry_key)
+        world = ServiceWorld(
+            "service", f"ledger+{base_url}", owner, entry, direct=direct, base_url=base_url
+        )
+        world._env = {"TEESHARD_LEDGER_KEY": entry_key}
+        try:
+            yield world
+        finally:
+            entry.close()
+            owner.close()
+    direct.close()
+
+
 @pytest.fixture(params=BACKENDS)
 def world(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[World]:
+    if request.param == "service":
+        yield from service_world(tmp_path)
+        return
     w = make_world(request.param, request, tmp_path)
     try:
         yield w
@@ -125,7 +158,29 @@ def node_manifest(tiny_llama: TinyModel) -> str:
 
 
 @pytest.fixture(scope="module")
-def real_node(tiny_llama: TinyModel) -> Iterator[RunningNode]:
-    """``.http_url`` (https), ``.config.policy_path`` (allows simulated, names its manifest)."""
+def claims() -> ClaimRoute:
+    return ClaimRoute()
+
+
+@pytest.fixture(scope="module")
+def real_node(tiny_llama: TinyModel, claims: ClaimRoute) -> Iterator[RunningNode]:
+    """``.http_url`` (https), ``.config.policy_path`` (allows simulated, names its manifest).
+
+    It serves ``GET /v1/operator-claim`` (``teeshard.ledger.claims.claim_response``,
+    mounted here as the node assembly mounts it) for ``claims.operator``.
+    """
     with LocalCluster(tiny_llama.path, 1, ranges=[NODE_LAYERS]) as cluster:
-        yield cluster.entry  # not an entry node: the cluster's first (and only) node
+        running = cluster.entry  # not an entry node: the cluster's first (and only) node
+        assert running.node is not None
+        identity = running.node.trust.attestation.identity
+        node_id = running.config.resolved_node_id
+
+        def operator_claim(nonce: str, ledger: str) -> JSONResponse:
+            try:
+                body = claim_response(identity, claims.operator, node_id, nonce, ledger)
+            except ClaimRefused as exc:
+                return JSONResponse({"error": {"message": exc.message}}, status_code=400)
+            return JSONResponse(body)
+
+        running.node.app.add_api_route(CLAIM_PATH, operator_claim, methods=["GET"])
+        yield running

@@ -12,9 +12,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from teeshard.ledger.interface import Ledger
+from teeshard.ledger.interface import Ledger, ReservationRecord
+from teeshard.ledger.keys import hash_api_key
 
 POSTGRES_ENV = "TEESHARD_TEST_POSTGRES_URL"
+
+
+@dataclass
+class ClaimRoute:
+    """Who the real node says operates it (``teeshard node --operator``); tests set it."""
+
+    operator: str | None = None
 
 
 @dataclass
@@ -27,9 +35,34 @@ class World:
     entry: Ledger
     _counter: Iterator[int] = field(default_factory=itertools.count)
     _env: dict[str, str] = field(default_factory=dict)  # what a subprocess needs (keys)
+    keys: dict[str, str] = field(default_factory=dict)  # account -> its API key
+
+    @property
+    def sql(self) -> bool:
+        """An SQL ledger behind it (directly, or through the ledger service)."""
+        return self.name in ("sqlite", "postgres", "service")
 
     def new_account(self, funds: int = 0) -> tuple[str, Ledger]:
+        """An account with funds and an API key (``keys``), and the ledger acting as it."""
+        account, ledger = self._new_account(funds)
+        key = f"tsk_{self.name}_{account}"
+        ledger.add_api_key(account, key)
+        self.keys[account] = key
+        return account, ledger
+
+    def _new_account(self, funds: int) -> tuple[str, Ledger]:
         raise NotImplementedError
+
+    def key_hash(self, account: str) -> str | None:
+        key = self.keys.get(account)
+        return hash_api_key(key) if key else None
+
+    def reserve(
+        self, ledger: Ledger, request_id: str, account: str, amount: int, **options: object
+    ) -> ReservationRecord:
+        """A reservation as an honest entry makes it: with the user's key hash."""
+        options.setdefault("key_hash", self.key_hash(account))
+        return ledger.reserve(request_id, account, amount, **options)  # type: ignore[arg-type]
 
     def stranger(self) -> Ledger:
         """An identity with no role at all."""
@@ -42,13 +75,16 @@ class World:
         """The entry node's identity in a new process incarnation."""
         raise NotImplementedError
 
+    def expire_leases(self) -> None:
+        raise NotImplementedError
+
     def subprocess_env(self) -> dict[str, str]:
         return dict(self._env)
 
 
 @dataclass
 class SqlWorld(World):
-    def new_account(self, funds: int = 0) -> tuple[str, Ledger]:
+    def _new_account(self, funds: int = 0) -> tuple[str, Ledger]:
         name = f"user{next(self._counter)}"
         self.owner.open_account(name)
         if funds:
@@ -66,6 +102,13 @@ class SqlWorld(World):
     def restarted_entry(self) -> Ledger:
         return self.owner.as_actor(self.entry.actor)  # type: ignore[attr-defined,no-any-return]
 
+    def expire_leases(self) -> None:
+        """Every entry process so far stops heartbeating and its lease runs out."""
+        import sqlalchemy as sa
+
+        with self.owner.engines.write.begin() as conn:  # type: ignore[attr-defined]
+            conn.execute(sa.text("UPDATE leases SET expires_at = 0"))
+
 
 def sql_world(name: str, url: str) -> SqlWorld:
     from teeshard.ledger.sql import SqlLedger
@@ -75,6 +118,44 @@ def sql_world(name: str, url: str) -> SqlWorld:
     world = SqlWorld(name, url, owner, owner.as_actor("entry-1"))
     world._env = {"TEESHARD_LEDGER_ACTOR": "entry-1"}
     return world
+
+
+@dataclass
+class ServiceWorld(World):
+    """The SQL ledger (SQLite) behind ``teeshard ledger serve``: every party holds a key."""
+
+    direct: object = None  # the owner's direct SqlLedger (to make keys, expire leases)
+    base_url: str = ""
+
+    def _remote(self, actor: str) -> Ledger:
+        from teeshard.ledger.remote import RemoteLedger
+
+        key = self.direct.add_actor_key(actor)  # type: ignore[attr-defined]
+        return RemoteLedger(self.base_url, key)
+
+    def _new_account(self, funds: int = 0) -> tuple[str, Ledger]:
+        name = f"user{next(self._counter)}"
+        self.owner.open_account(name)
+        if funds:
+            self.owner.deposit(name, funds)
+        return name, self._remote(name)
+
+    def stranger(self) -> Ledger:
+        return self._remote(f"stranger{next(self._counter)}")
+
+    def another_entry(self) -> Ledger:
+        name = f"entry{next(self._counter)}"
+        self.owner.authorize_entry(name)
+        return self._remote(name)
+
+    def restarted_entry(self) -> Ledger:
+        return self._remote(self.entry.actor)
+
+    def expire_leases(self) -> None:
+        import sqlalchemy as sa
+
+        with self.direct.engines.write.begin() as conn:  # type: ignore[attr-defined]
+            conn.execute(sa.text("UPDATE leases SET expires_at = 0"))
 
 
 def reset_postgres(url: str) -> None:
@@ -107,7 +188,7 @@ class EvmWorld(World):
         self.chain.fund(key.address, 10**18)  # type: ignore[attr-defined]
         return key
 
-    def new_account(self, funds: int = 0) -> tuple[str, Ledger]:
+    def _new_account(self, funds: int = 0) -> tuple[str, Ledger]:
         key = self._key()
         ledger = self.owner.as_key(key)  # type: ignore[attr-defined]
         ledger.open_account(key.address)
@@ -125,6 +206,9 @@ class EvmWorld(World):
 
     def restarted_entry(self) -> Ledger:
         return self.owner.as_key(self.entry.key)  # type: ignore[attr-defined,no-any-return]
+
+    def expire_leases(self) -> None:
+        """On chain, recovery goes by holder and process (leases are the SQL ledger's)."""
 
 
 def evm_world(name: str, chain: object, rpc_url: str = "") -> EvmWorld:

@@ -7,11 +7,13 @@ import socket
 from pathlib import Path
 
 import pytest
-from ledger_harness import anvil_path
+from ledger_harness import ClaimRoute, anvil_path
 from tests.cluster import RunningNode
+from trust_kit import KitNode, chain, entry_stage
 
 from teeshard.cli import main
 from teeshard.ledger.anvil import DEV_KEY
+from teeshard.model.layer_range import LayerRange
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -25,8 +27,12 @@ def test_sql_ledger_end_to_end(
     capsys: pytest.CaptureFixture[str],
     real_node: RunningNode,
     node_manifest: str,
+    claims: ClaimRoute,
 ) -> None:
-    db = ["--ledger", f"sqlite:///{tmp_path / 'l.db'}"]
+    path = f"sqlite:///{tmp_path / 'l.db'}"
+    code, _, err = run(capsys, "ledger", "open-account", "alice", "--ledger", path)
+    assert code == 1 and "say who acts" in err  # no default actor: a name is not an identity
+    db = ["--ledger", path, "--actor", "owner"]  # the first to open it owns it
     assert run(capsys, "ledger", "open-account", "alice", *db)[0] == 0
     assert run(capsys, "ledger", "open-account", "op", *db)[0] == 0
     code, out, _ = run(capsys, "ledger", "deposit", "500", "--account", "alice", *db)
@@ -37,19 +43,21 @@ def test_sql_ledger_end_to_end(
     assert run(capsys, "ledger", "authorize-entry", "entry-1", *db)[0] == 0
 
     url, policy = real_node.http_url, str(real_node.config.policy_path)
+    node_id = real_node.config.resolved_node_id
+    claims.operator = "op"  # the node was started with --operator op
+    owner, db = db, db[:2]
     # the policy written as `teeshard up` does: simulated allowed, every shard's manifest listed
     code, out, err = run(
-        capsys, "pool", "register", "--url", url, "--policy", policy, "--node-id", "node-9",
-        *db, "--actor", "op",
+        capsys, "pool", "register", "--url", url, "--policy", policy, *db, "--actor", "op",
     )  # fmt: skip
     assert code == 0, err
-    assert "registered node node-9" in out and "awaiting admission" in out
+    assert f"registered node {node_id}" in out and "awaiting admission" in out
     assert "WARNING: INSECURE: simulated evidence accepted" in out
     code, out, err = run(
         capsys, "pool", "admit", "--url", url, "--expected-hash", node_manifest,
-        "--allow-simulated", "--node-id", "node-9", *db, "--actor", "entry-1",
+        "--allow-simulated", *db, "--actor", "entry-1",
     )  # fmt: skip
-    assert code == 0 and "admitted node node-9" in out, err
+    assert code == 0 and f"admitted node {node_id}" in out, err
     refusals = [
         (("--expected-hash", "4" * 64, "--allow-simulated"), "is not an expected shard"),
         (("--expected-hash", node_manifest), "simulated evidence (no TEE) is refused"),
@@ -58,30 +66,38 @@ def test_sql_ledger_end_to_end(
         code, _, err = run(capsys, "pool", "register", "--url", url, *options, *db, "--actor", "op")
         assert code == 1 and "teeshard: refused: " in err and reason in err, err
 
+    from teeshard.ledger.keys import hash_api_key
     from teeshard.ledger.sql import SqlLedger
 
-    entry = SqlLedger.open(f"sqlite:///{tmp_path / 'l.db'}", "entry-1")
-    entry.reserve("cli-1", "alice", 100)
-    entry.settle("cli-1", 100, {"node-9": 12})
+    assert real_node.node is not None
+    served = KitNode(node_id, node_manifest, LayerRange(2, 4),
+                     identity=real_node.node.trust.attestation.identity)  # fmt: skip
+    receipts = chain("cli-1", [entry_stage(LayerRange(0, 2)), served])
+    entry = SqlLedger.open(path, "entry-1")
+    entry.reserve("cli-1", "alice", 100, key_hash=hash_api_key(key.strip()))
+    entry.reserve("cli-2", "alice", 10, key_hash=hash_api_key(key.strip()))  # never settled
+    entry.settle("cli-1", 100, {node_id: 12}, receipts=receipts)
     entry.close()
 
-    code, out, _ = run(capsys, "pool", "list", *db)
-    assert code == 0 and "node-9" in out and "100 tokens to distribute" in out
-    code, out, _ = run(capsys, "pool", "distribute", *db)
-    assert code == 0 and "distributed 100" in out
+    code, out, _ = run(capsys, "pool", "list", *owner)
+    assert code == 0 and "100 tokens to distribute" in out
+    code, out, _ = run(capsys, "pool", "distribute", *owner)
+    assert code == 0 and "distributed 50, treasury 50" in out  # its 2 layers of 4
     code, out, _ = run(capsys, "pool", "withdraw", "40", *db, "--actor", "op")
     assert code == 0 and "withdrew 40" in out
-    code, out, _ = run(capsys, "ledger", "balance", "--account", "op", *db)
-    assert re.search(r"earnings:\s+60", out)
-    code, out, _ = run(capsys, "ledger", "history", "--account", "alice", *db)
+    code, out, _ = run(capsys, "ledger", "balance", "--account", "op", *owner)
+    assert re.search(r"earnings:\s+10", out)
+    code, out, _ = run(capsys, "pool", "withdraw", "--treasury", *owner)
+    assert code == 0 and "withdrew 50" in out
+    code, out, _ = run(capsys, "ledger", "history", "--account", "alice", *owner)
     assert code == 0 and "settle" in out and "deposit" in out
-    code, out, _ = run(capsys, "ledger", "check", *db)
-    assert code == 0 and "consistent" in out
+    code, out, _ = run(capsys, "ledger", "check", "--stuck-after", "0", *owner)
+    assert code == 0 and "consistent" in out and "STUCK cli-2: 10 of alice" in out
 
 
 def test_cli_errors_are_one_clear_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     db = ["--ledger", f"sqlite:///{tmp_path / 'l.db'}"]
-    run(capsys, "ledger", "open-account", "alice", *db)
+    run(capsys, "ledger", "open-account", "alice", *db, "--actor", "owner")
     cases = [
         (("ledger", "deposit", "0", "--account", "alice"), "invalid_amount"),
         (("ledger", "deposit", "5", "--account", "bob"), "unknown_account: no account 'bob'"),
@@ -89,8 +105,11 @@ def test_cli_errors_are_one_clear_line(tmp_path: Path, capsys: pytest.CaptureFix
         (("pool", "remove", "nothing"), "unknown_node"),
         (("pool", "withdraw"), "unknown_account: no account 'owner'"),
         (("pool", "withdraw", "--actor", "alice"), "'alice' has no earnings to withdraw"),
+        (("ledger", "add-actor", "bob", "--actor", "alice"), "only the ledger owner"),
     ]
     for argv, message in cases:
+        if "--actor" not in argv:
+            argv = (*argv, "--actor", "owner")
         code, _, err = run(capsys, *argv, *db)
         assert code == 1 and message in err and "Traceback" not in err, (argv, err)
     usage = [  # refused before any node is contacted; bad input is status 2
@@ -99,7 +118,7 @@ def test_cli_errors_are_one_clear_line(tmp_path: Path, capsys: pytest.CaptureFix
         (("--expected-hash", "abc"), 1, "ledger_error: manifest hash must be 64 hex digits"),
     ]
     for options, status, message in usage:
-        argv = ("pool", "register", "--url", "http://127.0.0.1:9", *options, *db)
+        argv = ("pool", "register", "--url", "http://127.0.0.1:9", *options, *db, "--actor", "op")
         code, _, err = run(capsys, *argv)
         assert code == status and message in err and "Traceback" not in err, (argv, err)
 

@@ -11,8 +11,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from ledger_harness import World
+from trust_kit import admitted
 
-from teeshard.ledger.interface import InsufficientBalance, NodeInfo
+from teeshard.ledger.interface import InsufficientBalance
 
 CHARGES = 50
 PRICE = 20  # each charge reserves and costs this much
@@ -20,9 +21,7 @@ TOKENS = 7  # model tokens each charge credits to the serving node
 
 
 def test_fifty_concurrent_charges_never_overdraw(world: World) -> None:
-    _, as_operator = world.new_account()
-    as_operator.register_node(NodeInfo("node-c", "http://c:1", "c" * 64))
-    world.owner.admit_node("node-c", "c" * 64)
+    admitted(world, "node-c", "c" * 64, "0:2")
     funds = PRICE * 25  # room for exactly 25 of the 50
     account, _ = world.new_account(funds=funds)
     entries = [world.entry] + [world.another_entry() for _ in range(2)]
@@ -32,7 +31,7 @@ def test_fifty_concurrent_charges_never_overdraw(world: World) -> None:
         ledger = entries[i % len(entries)]
         start.wait()  # all 50 at once
         try:
-            ledger.reserve(f"conc-{i}", account, PRICE)
+            world.reserve(ledger, f"conc-{i}", account, PRICE)
         except InsufficientBalance:
             return False
         ledger.settle(f"conc-{i}", PRICE, {"node-c": TOKENS})
@@ -56,7 +55,7 @@ _WORKER = """
 import sys
 from teeshard.ledger.factory import open_ledger
 ledger = open_ledger(sys.argv[1])
-ledger.reserve(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+ledger.reserve(sys.argv[2], sys.argv[3], int(sys.argv[4]), key_hash=sys.argv[5] or None)
 print("reserved", flush=True)
 sys.stdin.read()  # wait to be killed
 """
@@ -68,7 +67,8 @@ def test_killed_between_reserve_and_settle_loses_nothing(world: World) -> None:
     account, _ = world.new_account(funds=1000)
     env = {**os.environ, **world.subprocess_env()}
     worker = subprocess.Popen(
-        [sys.executable, "-c", _WORKER, world.url, "doomed", account, "400"],
+        [sys.executable, "-c", _WORKER, world.url, "doomed", account, "400",
+         world.key_hash(account) or ""],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True,
     )  # fmt: skip
     try:
@@ -80,16 +80,21 @@ def test_killed_between_reserve_and_settle_loses_nothing(world: World) -> None:
     assert worker.returncode == -signal.SIGKILL
     assert world.entry.balance(account).reserved == 400  # held by the dead process
     restarted = world.restarted_entry()
+    if world.sql:
+        assert restarted.recover() == []  # its lease has not run out yet
+    world.expire_leases()  # now it has: nobody renewed it
     assert restarted.recover() == ["doomed"]
     balance = restarted.balance(account)
     assert (balance.available, balance.reserved) == (1000, 0)
     assert world.owner.check().ok
 
 
-def test_stale_reservations_of_other_entries_expire(sql: World) -> None:
+def test_only_the_owner_recovers_other_entries_expired_reservations(sql: World) -> None:
     account, _ = sql.new_account(funds=100)
-    sql.entry.reserve("old", account, 60)
+    sql.reserve(sql.entry, "old", account, 60)
     other = sql.another_entry()
-    assert other.recover() == []  # not its own, not stale
-    assert other.recover(older_than_s=0.0) == ["old"]
+    sql.expire_leases()
+    assert other.recover() == []  # not its own
+    assert sql.owner.recover(older_than_s=3600.0) == []  # not that old
+    assert sql.owner.recover(older_than_s=0.0) == ["old"]
     assert sql.entry.balance(account).available == 100

@@ -8,7 +8,7 @@ import boa
 import pytest
 from eth_utils import keccak
 
-from teeshard.ledger.evm.compile import EVM_VERSION, source
+from teeshard.ledger.evm.compile import EVM_VERSION, contract_path, source
 
 WEI = 10**9
 TIMEOUT = 3600
@@ -26,7 +26,9 @@ def env():  # type: ignore[no-untyped-def]
         for who in (owner, entry, user, op):
             boa.env.set_balance(who, 10**21)
         with boa.env.prank(owner):
-            ledger = boa.loads(source(), WEI, TIMEOUT)
+            ledger = boa.load(
+                str(contract_path()), WEI, TIMEOUT, 0, TIMEOUT
+            )  # no bond: see test_chain_*
             ledger.authorize_entry(entry, True)
         with boa.env.prank(user):
             ledger.open_account()

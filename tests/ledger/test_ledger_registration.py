@@ -7,6 +7,7 @@ that spoils a real node's answer.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -14,11 +15,13 @@ from typing import Any
 
 import pytest
 from attestation_server import relay
-from ledger_harness import World
+from ledger_harness import ClaimRoute, World
 from tests.checkpoints import TinyModel, build_tiny_model
 from tests.cluster import LocalCluster, RunningNode
+from trust_kit import KitNode
 
 from teeshard.attest import Policy
+from teeshard.ledger.interface import NodeInfo
 from teeshard.ledger.registration import (
     INSECURE_NOTE,
     AttestVerifier,
@@ -30,6 +33,7 @@ from teeshard.ledger.registration import (
     default_node_id,
     default_verifier,
     register_from_url,
+    renew_admissions,
 )
 from teeshard.model.layer_range import LayerRange
 
@@ -66,10 +70,15 @@ def impostor(
 
 
 def test_a_verified_node_with_an_expected_manifest_is_registered_and_admitted(
-    world: World, real_node: RunningNode, node_manifest: str, verifier: AttestVerifier
+    world: World,
+    real_node: RunningNode,
+    node_manifest: str,
+    verifier: AttestVerifier,
+    claims: ClaimRoute,
 ) -> None:
     expected = ExpectedShards.of([node_manifest], model="tiny")
     operator, as_operator = world.new_account()
+    claims.operator = operator  # the node was started with --operator OPERATOR
     registered = register_from_url(as_operator, real_node.http_url, expected, verifier)
     record = registered.node
     assert real_node.http_url.startswith("https://")  # a self-signed attested certificate
@@ -99,10 +108,14 @@ def test_a_node_serving_other_weights_is_refused(
 
 
 def test_simulated_evidence_needs_explicit_consent(
-    world: World, real_node: RunningNode, node_manifest: str, policy_path: Path
+    world: World,
+    real_node: RunningNode,
+    node_manifest: str,
+    policy_path: Path,
+    claims: ClaimRoute,
 ) -> None:
     expected = ExpectedShards.of([node_manifest])
-    _, as_operator = world.new_account()
+    claims.operator, as_operator = world.new_account()
     # the cluster's policy, less its allow_simulated: it still names the node's manifest
     strict = AttestVerifier(replace(Policy.load(policy_path), allow_simulated=False))
     refused = r"^simulated evidence \(no TEE\) is refused; pass --allow-simulated"
@@ -130,18 +143,53 @@ def test_tampered_bundles_are_refused_with_the_reason(
     node_manifest: str,
     verifier: AttestVerifier,
     behaviour: str,
+    claims: ClaimRoute,
 ) -> None:
     expected = ExpectedShards.of([node_manifest])
-    _, as_operator = world.new_account()
+    claims.operator, as_operator = world.new_account()
+    node_id = real_node.config.resolved_node_id
     with relay(real_node.http_url, behaviour) as spoiled:
         with pytest.raises(RegistrationRefused, match=REFUSALS[behaviour]):
-            register_from_url(as_operator, spoiled.url, expected, verifier)
-        spoiled.behaviour = "good"  # the same relay, passing the bundle through, is accepted
-        registered = register_from_url(as_operator, spoiled.url, expected, verifier)
+            register_from_url(as_operator, spoiled.url, expected, verifier, node_id=node_id)
+        # the same relay passing bundle and claim through: the node's own operator may
+        # register it there (the relay only forwards; the node's key is the identity)
+        spoiled.behaviour = "good"
+        registered = register_from_url(
+            as_operator, spoiled.url, expected, verifier, node_id=node_id
+        )
     assert registered.node.manifest_hash == node_manifest
 
 
-def test_the_hook_takes_any_bundle_verifier(world: World, real_node: RunningNode) -> None:
+def test_a_relay_cannot_make_someone_else_the_operator(
+    world: World,
+    real_node: RunningNode,
+    node_manifest: str,
+    verifier: AttestVerifier,
+    claims: ClaimRoute,
+) -> None:
+    """Issue 9 item 1 against a real node: the relay passes a genuine bundle and claim."""
+    expected = ExpectedShards.of([node_manifest])
+    claims.operator, _ = world.new_account()  # carol started the node
+    mallory, as_mallory = world.new_account()
+    with relay(real_node.http_url, "good") as spoiled:
+        with pytest.raises(RegistrationRefused, match="names operator"):
+            register_from_url(as_mallory, spoiled.url, expected, verifier)  # as the relay
+        with pytest.raises(RegistrationRefused, match="names operator"):
+            register_from_url(
+                as_mallory, spoiled.url, expected, verifier,
+                node_id=real_node.config.resolved_node_id,
+            )  # fmt: skip
+    with pytest.raises(RegistrationRefused, match="names operator"):  # squatting it directly
+        register_from_url(as_mallory, real_node.http_url, expected, verifier)
+    claims.operator = None  # a node started without --operator makes no claim at all
+    with pytest.raises(RegistrationRefused, match="no operator claim"):
+        register_from_url(as_mallory, real_node.http_url, expected, verifier)
+    assert world.entry.nodes() == [] and not world.entry.is_operator(mallory)
+
+
+def test_the_hook_takes_any_bundle_verifier(
+    world: World, real_node: RunningNode, claims: ClaimRoute
+) -> None:
     seen: list[tuple[Mapping[str, Any], bytes]] = []
 
     class Strict:
@@ -154,15 +202,16 @@ def test_the_hook_takes_any_bundle_verifier(world: World, real_node: RunningNode
             return VerifiedBundle("ab" * 32, "custom", "tiny", "2:4", ("custom check",))
 
     hooks: list[BundleVerifier] = [Strict(), Lenient()]
-    _, as_operator = world.new_account()
+    claims.operator, as_operator = world.new_account()
     with pytest.raises(RegistrationRefused, match="measurement not allowed"):
         register_from_url(as_operator, real_node.http_url, ExpectedShards.of(["ab" * 32]), hooks[0])
     bundle, nonce = seen[0]
     assert len(nonce) == 32 and bundle["nonce"] == nonce.hex()  # the real node's answer
     registered = register_from_url(
-        as_operator, real_node.http_url, ExpectedShards.of(["ab" * 32]), hooks[1], node_id="n-1"
+        as_operator, real_node.http_url, ExpectedShards.of(["ab" * 32]), hooks[1]
     )
-    assert registered.node.node_id == "n-1" and registered.verified.notes == ("custom check",)
+    assert registered.node.node_id == real_node.config.resolved_node_id
+    assert registered.verified.notes == ("custom check",)
 
 
 @pytest.mark.parametrize(
@@ -175,3 +224,29 @@ def test_the_hook_takes_any_bundle_verifier(world: World, real_node: RunningNode
 )
 def test_the_default_node_id_is_host_and_port(url: str, node_id: str) -> None:
     assert default_node_id(url) == node_id
+
+
+def test_admissions_are_renewed_by_attesting_again(
+    world: World,
+    real_node: RunningNode,
+    node_manifest: str,
+    verifier: AttestVerifier,
+    claims: ClaimRoute,
+) -> None:
+    if not world.sql:
+        pytest.skip("admission epochs are the SQL ledger's (on chain: issue 9 item 8)")
+    world.owner.set_admission_epoch(1.0)  # type: ignore[attr-defined]
+    expected = ExpectedShards.of([node_manifest])
+    claims.operator, as_operator = world.new_account()
+    register_from_url(as_operator, real_node.http_url, expected, verifier)
+    gone = world.new_account()[1]  # a node that stops answering is not renewed
+    dead = KitNode("127.0.0.1:9", node_manifest, LayerRange(2, 4))
+    info = NodeInfo(dead.node_id, "http://127.0.0.1:9", node_manifest, "tiny", "2:4")
+    gone.register_node(info, claim=dead.claim(gone.actor, gone))
+    first = renew_admissions(world.entry, expected, verifier)
+    assert first.renewed == (real_node.config.resolved_node_id,)
+    assert list(first.refused) == ["127.0.0.1:9"]
+    time.sleep(1.1)
+    assert not world.entry.is_operator(claims.operator)  # the epoch ran out
+    assert renew_admissions(world.entry, expected, verifier).renewed == first.renewed
+    assert world.entry.is_operator(claims.operator)

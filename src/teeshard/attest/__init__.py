@@ -9,7 +9,8 @@ Node side
 Verifier side
     :class:`Policy`, :func:`verify_bundle` → :class:`VerifiedNode` (with a pinned
     TLS context), :func:`attest_peer`, :func:`verify_chain`, :class:`SealedClient`,
-    :func:`verify_quote`, :class:`CollateralFile`, :class:`PccsCollateral`.
+    :func:`verify_quote`, :class:`CollateralFile`, :class:`PccsCollateral`,
+    :func:`verify_response` (does a receipt chain prove this answer?).
 Errors
     the whole tree of :mod:`teeshard.attest.errors` (drawn in its docstring),
     rooted at :class:`AttestationError`.
@@ -21,7 +22,6 @@ from teeshard.attest.client import (
     CHAIN_PATH,
     NONCE_BYTES,
     AttestedPeer,
-    SealedClient,
     attest_peer,
     attestation_url,
     fetch_bundle,
@@ -29,6 +29,7 @@ from teeshard.attest.client import (
     fetch_chain_async,
     verify_url,
 )
+from teeshard.attest.entry_files import EntryFiles, hash_entry_files
 from teeshard.attest.errors import (
     AttestationError,
     BindingError,
@@ -44,9 +45,13 @@ from teeshard.attest.errors import (
     ProviderUnavailable,
     QuoteError,
     ReceiptError,
+    ReplayCacheFull,
+    ReplayedRequest,
+    SealedRequestRefused,
     SealingError,
     SignatureError,
     SimulatedRefused,
+    StaleRequest,
     TcbStatusError,
     VerificationError,
 )
@@ -55,6 +60,7 @@ from teeshard.attest.identity import NodeIdentity, cert_fingerprint, pinned_clie
 from teeshard.attest.manifest import ManifestBuilder, ShardManifest, compute_manifest
 from teeshard.attest.manifest_cache import ManifestCache
 from teeshard.attest.providers import TEE_CHOICES, Provider, select_provider
+from teeshard.attest.providers.simulated import simulated_public_key
 from teeshard.attest.receipts import (
     RECEIPT_DIGEST_HEADER,
     RECEIPTS_FIELD,
@@ -66,7 +72,25 @@ from teeshard.attest.receipts import (
     sign_receipt,
     verify_chain,
 )
+from teeshard.attest.replay import ReplayCache
+from teeshard.attest.response import (
+    EXTENSION_FIELD,
+    ResponseClaims,
+    ResponseReport,
+    parse_response,
+    response_extension,
+    token_traffic_hash,
+    verify_response,
+)
+from teeshard.attest.sealed_client import SealedAnswer, SealedClient
+from teeshard.attest.sealed_stream import (
+    SEALED_STREAM_TYPE,
+    ResponseReader,
+    ResponseSealer,
+    SealedResponse,
+)
 from teeshard.attest.sealing import (
+    IDEMPOTENCY_HEADER,
     SEALED_CONTENT_TYPE,
     SEALED_PATH,
     OpenedRequest,
@@ -82,16 +106,20 @@ from teeshard.attest.verify import (
     verify_quote,
 )
 from teeshard.attest.verify.policy import ManifestExpectation
-from teeshard.attest.verify.quote import CollateralSource, collateral_source
+from teeshard.attest.verify.quote import DEFAULT_PCCS_URL, CollateralSource, collateral_source
 
 __all__ = [
     "ATTESTATION_PATH",
     "CHAIN_PATH",
+    "DEFAULT_PCCS_URL",
+    "EXTENSION_FIELD",
+    "IDEMPOTENCY_HEADER",
     "NONCE_BYTES",
     "RECEIPTS_FIELD",
     "RECEIPT_DIGEST_HEADER",
     "SEALED_CONTENT_TYPE",
     "SEALED_PATH",
+    "SEALED_STREAM_TYPE",
     "TEE_CHOICES",
     "AttestationError",
     "AttestedPeer",
@@ -100,6 +128,7 @@ __all__ = [
     "CollateralError",
     "CollateralFile",
     "CollateralSource",
+    "EntryFiles",
     "EventLogError",
     "Evidence",
     "FormatError",
@@ -122,11 +151,22 @@ __all__ = [
     "QuoteError",
     "Receipt",
     "ReceiptError",
+    "ReplayCache",
+    "ReplayCacheFull",
+    "ReplayedRequest",
+    "ResponseClaims",
+    "ResponseReader",
+    "ResponseReport",
+    "ResponseSealer",
+    "SealedAnswer",
     "SealedClient",
+    "SealedRequestRefused",
+    "SealedResponse",
     "SealingError",
     "ShardManifest",
     "SignatureError",
     "SimulatedRefused",
+    "StaleRequest",
     "TcbStatusError",
     "TrafficHash",
     "VerificationError",
@@ -140,16 +180,22 @@ __all__ = [
     "fetch_bundle",
     "fetch_chain",
     "fetch_chain_async",
+    "hash_entry_files",
     "load_receipts",
     "open_request",
+    "parse_response",
     "pinned_client_context",
     "receipts_to_json",
     "report_data_for",
+    "response_extension",
     "seal_request",
     "select_provider",
     "sign_receipt",
+    "simulated_public_key",
+    "token_traffic_hash",
     "verify_bundle",
     "verify_chain",
     "verify_quote",
+    "verify_response",
     "verify_url",
 ]

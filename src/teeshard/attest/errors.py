@@ -22,6 +22,10 @@ exactly what failed, and their message is the precise reason shown to a person::
     │   └── SimulatedRefused        simulated (insecure) evidence and the policy forbids it
     ├── ReceiptError                a receipt chain does not verify
     └── SealingError                a sealed (HPKE) message cannot be opened
+        ├── StaleRequest            a sealed request outside the time window
+        ├── ReplayedRequest         a sealed request seen before
+        ├── ReplayCacheFull         too many sealed requests in the window (retry later)
+        └── SealedRequestRefused    the node refused a sealed request (HTTP status, reason)
 
 Attestation failures are final: never retry them as if they were transport errors.
 """
@@ -103,3 +107,24 @@ class ReceiptError(AttestationError):
 
 class SealingError(AttestationError):
     """A sealed message could not be opened (tampered, wrong key, or malformed)."""
+
+
+class StaleRequest(SealingError):
+    """A sealed request's timestamp is outside the node's time window."""
+
+
+class ReplayedRequest(SealingError):
+    """A sealed request's id was seen within the time window: a replay."""
+
+
+class ReplayCacheFull(SealingError):
+    """The replay cache is full of live entries; the node refuses rather than forget."""
+
+
+class SealedRequestRefused(SealingError):
+    """The entry node answered a sealed request with an HTTP error (before sealing)."""
+
+    def __init__(self, message: str, status: int, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code

@@ -122,6 +122,28 @@ class NodeIdentity:
         return self.certificate.public_bytes(serialization.Encoding.PEM)
 
     @property
+    def hosts(self) -> tuple[str, ...]:
+        """The host names and IPs of the certificate (what :meth:`generate` was given)."""
+        try:
+            sans = self.certificate.extensions.get_extension_for_class(
+                x509.SubjectAlternativeName
+            ).value
+        except x509.ExtensionNotFound:
+            return ()
+        names = sans.get_values_for_type(x509.DNSName)
+        return (*names, *(str(ip) for ip in sans.get_values_for_type(x509.IPAddress)))
+
+    @property
+    def validity(self) -> datetime.timedelta:
+        """The certificate's whole lifetime."""
+        return self.certificate.not_valid_after_utc - self.certificate.not_valid_before_utc
+
+    def renewal_due(self, now: datetime.datetime | None = None, at: float = 0.8) -> bool:
+        """True once the fraction ``at`` of the certificate's lifetime has passed."""
+        now = now or datetime.datetime.now(datetime.UTC)
+        return now >= self.certificate.not_valid_before_utc + self.validity * at
+
+    @property
     def public_key_der(self) -> bytes:
         return public_key_der(self.certificate)
 
@@ -138,6 +160,13 @@ class NodeIdentity:
     def sign(self, message: bytes) -> bytes:
         """ECDSA P-256 / SHA-256 signature (DER) with the attested TLS key."""
         return self.private_key.sign(message, ec.ECDSA(hashes.SHA256()))
+
+    def load_into(self, context: ssl.SSLContext) -> None:
+        """Present this identity on ``context`` (replacing the one it presented before).
+
+        Connections made after the call get this certificate; open ones keep theirs.
+        """
+        self._load_into(context)
 
     def _load_into(self, context: ssl.SSLContext) -> None:
         # ssl only loads keys from files: write an encrypted PEM with a random

@@ -15,6 +15,12 @@ Two ways to compute it, which give the same result:
 
 Either can use a :class:`~teeshard.attest.manifest_cache.ManifestCache` so that a restart
 does not rehash unchanged files.
+
+An entry node's manifest has one more section (``entry_files=`` the checkpoint
+directory; only for layers starting at 0): its tokenizer, chat templates and
+generation config (:class:`~teeshard.attest.entry_files.EntryFiles`). Its hash is
+appended to the canonical bytes as ``lp("entry") || lp(section hash)``, so the
+combined hash covers it; a shard manifest without the section encodes as before.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from teeshard.attest.encoding import (
     u32,
     u64,
 )
+from teeshard.attest.entry_files import EntryFiles, hash_entry_files
 from teeshard.attest.errors import FormatError, ManifestError
 from teeshard.attest.manifest_cache import ManifestCache
 from teeshard.model.checkpoint import Checkpoint
@@ -76,6 +83,7 @@ class ShardManifest:
     layers: LayerRange
     dtype: str  # the node's compute dtype, e.g. "float32"
     tensors: tuple[TensorDigest, ...]  # sorted by key
+    entry: EntryFiles | None = None  # the entry node's tokenizer, templates, generation config
     # TSQP offload statement (mode, accelerator key fingerprints; see teeshard.offload),
     # None for a node that computes everything itself. Covered by combined_hash.
     offload: Mapping[str, Any] | None = None
@@ -97,11 +105,12 @@ class ShardManifest:
             lp(self.dtype.encode()),
             u32(len(self.tensors)),
             *(t.encode() for t in self.tensors),
+            lp(b"entry") + lp(self.entry.hash) if self.entry is not None else b"",
         )
 
     @property
     def weights_hash(self) -> bytes:
-        """The hash of the weights part alone: what policies and registries expect."""
+        """The hash of all but the offload statement: what policies and registries expect."""
         return hashlib.sha256(self.canonical_bytes()).digest()
 
     @property
@@ -127,6 +136,7 @@ class ShardManifest:
                 {"key": t.key, "dtype": t.dtype, "shape": list(t.shape), "sha256": t.sha256.hex()}
                 for t in self.tensors
             ],
+            **({"entry": self.entry.to_json()} if self.entry is not None else {}),
             "combined_hash": self.combined_hash.hex(),
             **({"offload": dict(self.offload)} if self.offload is not None else {}),
         }
@@ -139,7 +149,7 @@ class ShardManifest:
             data,
             what,
             ("model", "arch", "layers", "dtype", "tensors", "combined_hash"),
-            ("offload",),
+            ("entry", "offload"),
         )
         arch = fields["arch"]
         if not isinstance(arch, dict):
@@ -154,12 +164,17 @@ class ShardManifest:
         tensors = tuple(_tensor_from_json(item, i) for i, item in enumerate(raw_tensors))
         if [t.key for t in tensors] != sorted({t.key for t in tensors}):
             raise FormatError("manifest.tensors: keys must be unique and sorted")
+        entry = EntryFiles.from_json(fields["entry"]) if "entry" in fields else None
+        if entry is not None and not layers.is_first():
+            raise FormatError(
+                "manifest.entry: only a shard starting at layer 0 has an entry section"
+            )
         offload = fields.get("offload")
         if offload is not None and not isinstance(offload, dict):
             raise FormatError("manifest.offload: expected a JSON object")
         manifest = cls(
             get_str(fields, "model", what), arch, layers, get_str(fields, "dtype", what), tensors,
-            offload,
+            entry, offload,
         )  # fmt: skip
         stated = from_hex(fields["combined_hash"], "manifest.combined_hash", 32)
         if stated != manifest.combined_hash:
@@ -206,7 +221,11 @@ class ManifestBuilder:
         *,
         model_name: str | None = None,
         cache: ManifestCache | None = None,
+        entry_files: str | Path | None = None,
     ) -> None:
+        """``entry_files``: the entry node's checkpoint directory, measured for its section."""
+        if entry_files is not None and not layers.is_first():
+            raise ManifestError(f"layers {layers}: only the entry node (layer 0) has entry files")
         self.checkpoint = checkpoint
         self.layers = layers
         self.dtype = dtype
@@ -215,6 +234,7 @@ class ManifestBuilder:
         self.expected = checkpoint.keys_for(layers)
         self.digests: dict[str, bytes] = {}
         self.hashed_tensors = 0  # how many tensors were actually hashed (not from the cache)
+        self.entry_files = entry_files
 
     def on_tensor(self, key: str, stored: torch.Tensor) -> None:
         info = self.checkpoint.tensors.get(key)
@@ -239,8 +259,9 @@ class ManifestBuilder:
             raise ManifestError(f"tensors never loaded: {', '.join(missing[:5])}")
         if self.cache is not None:
             self.cache.save()
+        entry = hash_entry_files(self.entry_files) if self.entry_files is not None else None
         manifest = _assemble(
-            self.checkpoint, self.layers, self.dtype, self.model_name, self.digests
+            self.checkpoint, self.layers, self.dtype, self.model_name, self.digests, entry
         )
         return manifest if offload is None else replace(manifest, offload=offload)
 
@@ -252,9 +273,15 @@ def compute_manifest(
     *,
     model_name: str | None = None,
     cache: ManifestCache | None = None,
+    entry_files: str | Path | None = None,
 ) -> ShardManifest:
-    """The manifest of ``layers``, hashing raw tensor bytes straight from the files."""
-    builder = ManifestBuilder(checkpoint, layers, dtype, model_name=model_name, cache=cache)
+    """The manifest of ``layers``, hashing raw tensor bytes straight from the files.
+
+    ``entry_files`` (the checkpoint directory, for an entry node) adds the entry section.
+    """
+    builder = ManifestBuilder(
+        checkpoint, layers, dtype, model_name=model_name, cache=cache, entry_files=entry_files
+    )
     by_file: dict[Path, list[str]] = {}
     for key in builder.expected:
         by_file.setdefault(checkpoint.tensors[key].file, []).append(key)
@@ -318,9 +345,10 @@ def _assemble(
     dtype: str,
     model_name: str,
     digests: Mapping[str, bytes],
+    entry: EntryFiles | None = None,
 ) -> ShardManifest:
     tensors = tuple(
         TensorDigest(key, checkpoint.tensors[key].dtype, checkpoint.tensors[key].shape, digest)
         for key, digest in sorted(digests.items())
     )
-    return ShardManifest(model_name, checkpoint.spec.to_dict(), layers, dtype, tensors)
+    return ShardManifest(model_name, checkpoint.spec.to_dict(), layers, dtype, tensors, entry)

@@ -1,59 +1,57 @@
 """End-to-end sealed requests: HPKE to the entry node's attested X25519 key.
 
 An HTTP ingress outside the TEE (a load balancer, Phala's gateway) then sees only
-ciphertext. HPKE is RFC 9180 base mode, DHKEM(X25519, HKDF-SHA256), HKDF-SHA256,
-AES-128-GCM, single-shot, from ``cryptography.hazmat.primitives.hpke``.
+ciphertext: not the prompt, not the answer, not the API key. HPKE is RFC 9180
+base mode, DHKEM(X25519, HKDF-SHA256), HKDF-SHA256, AES-128-GCM, single-shot,
+from ``cryptography.hazmat.primitives.hpke``.
 
 Request (client → node, POST :data:`SEALED_PATH`, content type
-:data:`SEALED_CONTENT_TYPE`)::
+:data:`SEALED_CONTENT_TYPE`, no Authorization header)::
 
     HPKE-seal(node sealing key,
-              info = "teeshard/sealed-request/v1\\0" || lp(node cert SHA-256),
-              plaintext = lp(reply public key) || lp(path) || lp(body))
+              info = "teeshard/sealed-request/v2\\0" || lp(node cert SHA-256),
+              plaintext = u64(unix time, s) || lp(request id: 16 random bytes)
+                          || lp(response secret: 32 random bytes)
+                          || lp(API key, UTF-8; empty: none) || lp(path) || lp(body))
 
-The client makes a fresh X25519 *reply key* per request and puts its public half
-inside the ciphertext, so only the attested node learns it. The node seals the
-response to it, bound to this exact request::
-
-    HPKE-seal(reply key, info = "teeshard/sealed-response/v1\\0" || lp(SHA-256(request)),
-              plaintext = u32(status) || lp(body))
-
-For streaming, each chunk is sealed separately with its index and a final flag in
-``info``, so chunks cannot be reordered, dropped or cut short unnoticed. Any
-tampering makes opening fail with :class:`SealingError`.
+The node refuses a request whose time is more than :data:`WINDOW_S` from its
+own clock, and one whose request id it has seen within that window
+(:class:`~teeshard.attest.replay.ReplayCache`): a captured request cannot be
+replayed. The request's *digest*, SHA-256 of the sealed bytes, is its billing
+idempotency key. The response secret, known only to the client and the attested
+node, keys the answer's sealed stream (:mod:`teeshard.attest.sealed_stream`).
+Any tampering makes opening fail with :class:`SealingError`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import secrets
 import struct
+import time
 from dataclasses import dataclass, field
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import x25519
 from cryptography.hazmat.primitives.hpke import AEAD, KDF, KEM, Suite
 
-from teeshard.attest.encoding import encode, lp, u32, u64
+from teeshard.attest.encoding import encode, lp, u64
 from teeshard.attest.errors import SealingError
 from teeshard.attest.identity import NodeIdentity
+from teeshard.attest.sealed_stream import ResponseReader, ResponseSealer
 
 SEALED_PATH = "/v1/sealed"
 SEALED_CONTENT_TYPE = "application/teeshard-sealed"
 SUITE = Suite(KEM.X25519, KDF.HKDF_SHA256, AEAD.AES_128_GCM)
 MAX_SEALED_BYTES = 64 << 20
+WINDOW_S = 120  # a sealed request is accepted this long before or after its timestamp
+REQUEST_ID_BYTES = 16
+SECRET_BYTES = 32
+IDEMPOTENCY_HEADER = "Idempotency-Key"  # of the inner request: the sealed request's digest
 
 
 def _request_info(node_fingerprint: bytes) -> bytes:
-    return encode(b"teeshard/sealed-request/v1\0", lp(node_fingerprint))
-
-
-def _response_info(request_digest: bytes) -> bytes:
-    return encode(b"teeshard/sealed-response/v1\0", lp(request_digest))
-
-
-def _chunk_info(request_digest: bytes, index: int, final: bool) -> bytes:
-    return encode(b"teeshard/sealed-chunk/v1\0", lp(request_digest), u64(index), bytes([final]))
+    return encode(b"teeshard/sealed-request/v2\0", lp(node_fingerprint))
 
 
 def _split(data: bytes, count: int) -> list[bytes]:
@@ -73,33 +71,32 @@ def _split(data: bytes, count: int) -> list[bytes]:
     return parts
 
 
-def _raw(public_key: x25519.X25519PublicKey) -> bytes:
-    return public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-
-
-# -- node side ---------------------------------------------------------------------------
-
-
 @dataclass(frozen=True)
 class OpenedRequest:
-    """A request the node has opened; seal the answer with its methods."""
+    """A request the node has opened; seal the answer with :meth:`response_sealer`."""
 
+    timestamp: int  # unix seconds, as the client said
+    request_id: bytes
+    api_key: str | None = field(repr=False)
     path: str
     body: bytes = field(repr=False)
-    request_digest: bytes
-    _reply_key: x25519.X25519PublicKey = field(repr=False)
+    request_digest: bytes  # SHA-256 of the sealed request: its idempotency key
+    _secret: bytes = field(repr=False)
 
-    def seal_response(self, status: int, body: bytes) -> bytes:
-        plaintext = u32(status) + lp(body)
-        return SUITE.encrypt(plaintext, self._reply_key, info=_response_info(self.request_digest))
+    @property
+    def idempotency_key(self) -> str:
+        return self.request_digest.hex()
 
-    def seal_chunk(self, index: int, data: bytes, final: bool) -> bytes:
-        info = _chunk_info(self.request_digest, index, final)
-        return SUITE.encrypt(data, self._reply_key, info=info)
+    def response_sealer(self) -> ResponseSealer:
+        return ResponseSealer(self._secret, self.request_digest)
 
 
 def open_request(identity: NodeIdentity, sealed: bytes) -> OpenedRequest:
-    """Decrypt a sealed request addressed to this node; SealingError if it is not valid."""
+    """Decrypt a sealed request addressed to this node; SealingError if it is not valid.
+
+    This checks only that it opens and is well formed: the caller checks its time
+    (:func:`~teeshard.attest.replay.check_time`) and replays (``ReplayCache``).
+    """
     if len(sealed) > MAX_SEALED_BYTES:
         raise SealingError("sealed request is too large")
     try:
@@ -108,78 +105,49 @@ def open_request(identity: NodeIdentity, sealed: bytes) -> OpenedRequest:
         )
     except (InvalidTag, ValueError):
         raise SealingError("sealed request does not open (tampered, or for another node)") from None
-    reply, path, body = _split(plaintext, 3)
-    if len(reply) != 32:
-        raise SealingError("sealed request carries a malformed reply key")
+    if len(plaintext) < 8:
+        raise SealingError("sealed plaintext is truncated")
+    (timestamp,) = struct.unpack_from(">Q", plaintext)
+    request_id, secret, key, path, body = _split(plaintext[8:], 5)
+    if len(request_id) != REQUEST_ID_BYTES or len(secret) != SECRET_BYTES:
+        raise SealingError("sealed request carries a malformed request id or response secret")
     try:
-        path_text = path.decode()
+        path_text, key_text = path.decode(), key.decode()
     except UnicodeDecodeError:
-        raise SealingError("sealed request path is not UTF-8") from None
+        raise SealingError("sealed request path or API key is not UTF-8") from None
     return OpenedRequest(
-        path_text,
-        body,
-        hashlib.sha256(sealed).digest(),
-        x25519.X25519PublicKey.from_public_bytes(reply),
-    )
-
-
-# -- client side -------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SealedResponse:
-    status: int
-    body: bytes = field(repr=False)
-
-
-class ResponseOpener:
-    """Holds one request's reply key; opens that request's response or chunks, in order."""
-
-    def __init__(self, reply_key: x25519.X25519PrivateKey, request_digest: bytes) -> None:
-        self._reply_key = reply_key
-        self.request_digest = request_digest
-        self._next_chunk = 0
-        self._finished = False
-
-    def open_response(self, sealed: bytes) -> SealedResponse:
-        try:
-            plaintext = SUITE.decrypt(
-                sealed, self._reply_key, info=_response_info(self.request_digest)
-            )
-        except (InvalidTag, ValueError):
-            raise SealingError("sealed response does not open (tampered or not ours)") from None
-        if len(plaintext) < 4:
-            raise SealingError("sealed response is truncated")
-        (status,) = struct.unpack_from(">I", plaintext)
-        (body,) = _split(plaintext[4:], 1)
-        return SealedResponse(status, body)
-
-    def open_chunk(self, sealed: bytes) -> tuple[bytes, bool]:
-        """The next chunk's data and whether it is the last; order is enforced."""
-        if self._finished:
-            raise SealingError("a chunk arrived after the final one")
-        for final in (False, True):
-            info = _chunk_info(self.request_digest, self._next_chunk, final)
-            try:
-                data = SUITE.decrypt(sealed, self._reply_key, info=info)
-            except (InvalidTag, ValueError):
-                continue
-            self._next_chunk += 1
-            self._finished = final
-            return data, final
-        raise SealingError(f"chunk {self._next_chunk} does not open (tampered, reordered, lost)")
+        timestamp, request_id, key_text or None, path_text, body,
+        hashlib.sha256(sealed).digest(), secret,
+    )  # fmt: skip
 
 
 def seal_request(
-    node_fingerprint: bytes, sealing_public_key: bytes, path: str, body: bytes
-) -> tuple[bytes, ResponseOpener]:
-    """Seal ``body`` for ``path`` to an attested node; keep the opener for its answer.
+    node_fingerprint: bytes,
+    sealing_public_key: bytes,
+    path: str,
+    body: bytes,
+    *,
+    api_key: str | None = None,
+    now: float | None = None,
+) -> tuple[bytes, ResponseReader]:
+    """Seal ``body`` for ``path`` (and the API key) to an attested node.
 
-    Only call this with a fingerprint and key taken from a *verified* bundle
-    (``VerifiedNode``); :class:`~teeshard.attest.client.SealedClient` does that.
+    Returns the sealed bytes to POST and the reader that opens the answer. Only
+    call this with a fingerprint and key taken from a *verified* bundle
+    (``VerifiedNode``); :class:`~teeshard.attest.sealed_client.SealedClient` does that.
     """
-    reply_key = x25519.X25519PrivateKey.generate()
-    plaintext = lp(_raw(reply_key.public_key())) + lp(path.encode()) + lp(body)
+    secret = secrets.token_bytes(SECRET_BYTES)
+    timestamp = int(time.time() if now is None else now)
+    plaintext = u64(timestamp) + b"".join(
+        lp(part)
+        for part in (
+            secrets.token_bytes(REQUEST_ID_BYTES),
+            secret,
+            (api_key or "").encode(),
+            path.encode(),
+            body,
+        )
+    )
     node_key = x25519.X25519PublicKey.from_public_bytes(sealing_public_key)
     sealed = SUITE.encrypt(plaintext, node_key, info=_request_info(node_fingerprint))
-    return sealed, ResponseOpener(reply_key, hashlib.sha256(sealed).digest())
+    return sealed, ResponseReader(secret, hashlib.sha256(sealed).digest())

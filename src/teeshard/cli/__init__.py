@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "teeshard.cli.chat",
     "teeshard.cli.demo",
     "teeshard.cli.attest",
+    "teeshard.cli.verify_receipt",
     "teeshard.cli.ledger",
     "teeshard.cli.pool",
     "teeshard.cli.chain",

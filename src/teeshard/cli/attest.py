@@ -1,4 +1,4 @@
-"""``teeshard manifest``, ``verify``, ``verify-quote`` and ``verify-receipt``.
+"""``teeshard manifest``, ``verify`` and ``verify-quote`` (``verify-receipt``: its own module).
 
 Verification commands print ``PASS`` and what was verified, or ``FAIL: <reason>``
 and exit with status 1. Simulated evidence is always flagged INSECURE.
@@ -8,26 +8,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import secrets
 import time
 from pathlib import Path
 
-import httpx
-
 from teeshard.attest import (
-    NONCE_BYTES,
     AttestationError,
-    Bundle,
     Evidence,
     ManifestCache,
     Policy,
     compute_manifest,
-    fetch_chain,
-    load_receipts,
-    verify_chain,
 )
-from teeshard.attest.verify.bundle import VerifiedNode, check_report, verify_bundle
+from teeshard.attest.verify.bundle import VerifiedNode, check_report
 from teeshard.attest.verify.quote import (
+    DEFAULT_PCCS_URL,
     CollateralSource,
     collateral_source,
     read_quote_file,
@@ -36,7 +29,7 @@ from teeshard.attest.verify.quote import (
 from teeshard.model.checkpoint import Checkpoint
 from teeshard.model.layer_range import LayerRange
 
-DEFAULT_PCCS = "https://pccs.phala.network"  # any PCCS works: collateral is signed by Intel
+DEFAULT_PCCS = DEFAULT_PCCS_URL  # any PCCS works: collateral is signed by Intel
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -47,6 +40,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     manifest.add_argument("--model-name", help="model name (default: directory name)")
     manifest.add_argument("--no-cache", action="store_true", help="rehash every tensor")
     manifest.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
+    manifest.add_argument(
+        "--entry", action="store_true",
+        help="the entry node's manifest: also measure the tokenizer, templates, generation config",
+    )  # fmt: skip
     manifest.set_defaults(func=run_manifest)
 
     verify = subparsers.add_parser("verify", help="fetch and verify a node's attestation")
@@ -71,17 +68,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     quote.add_argument("--policy", type=Path, help="also check measurements against a policy")
     quote.add_argument("--event-log", type=Path, help="dstack event log JSON (RTMR3 replay)")
     quote.set_defaults(func=run_verify_quote)
-
-    receipt = subparsers.add_parser("verify-receipt", help="verify a receipt chain offline")
-    receipt.add_argument("file", type=Path, help="receipts JSON, or a response holding them")
-    bundles = receipt.add_mutually_exclusive_group(required=True)
-    bundles.add_argument("--bundle", action="append", type=Path, help="a stage's bundle (repeat)")
-    bundles.add_argument(
-        "--chain-url", help="fetch every stage's bundle from the entry node's attestation chain"
-    )
-    receipt.add_argument("--request-id", help="the request id the chain must be for")
-    add_policy_options(receipt)
-    receipt.set_defaults(func=run_verify_receipt)
 
 
 def add_policy_options(parser: argparse.ArgumentParser) -> None:
@@ -128,8 +114,9 @@ def run_manifest(args: argparse.Namespace) -> int:
     checkpoint = Checkpoint(args.model)
     cache = None if args.no_cache else ManifestCache.for_checkpoint(args.model)
     manifest = compute_manifest(
-        checkpoint, args.layers, args.dtype, model_name=args.model_name, cache=cache
-    )
+        checkpoint, args.layers, args.dtype, model_name=args.model_name, cache=cache,
+        entry_files=args.model if args.entry else None,
+    )  # fmt: skip
     if args.json:
         print(json.dumps(manifest.to_json(), indent=2))
         return 0
@@ -137,6 +124,8 @@ def run_manifest(args: argparse.Namespace) -> int:
     print(f"layers:   {manifest.layers} of {manifest.num_layers}")
     print(f"dtype:    {manifest.dtype}")
     print(f"tensors:  {len(manifest.tensors)}")
+    if manifest.entry is not None:
+        print(f"entry:    {manifest.entry.hash.hex()}  ({len(manifest.entry.files)} files)")
     print(f"manifest: {manifest.combined_hash.hex()}")
     return 0
 
@@ -189,43 +178,4 @@ def run_verify_quote(args: argparse.Namespace) -> int:
     print(f"  report_data: {report.report_data.hex()}")
     if args.policy is None:
         print("  (no --policy: measurements were shown, not checked)")
-    return 0
-
-
-def _receipt_bundles(args: argparse.Namespace) -> list[tuple[str, Bundle]]:
-    if args.bundle:
-        return [(str(path), Bundle.loads(path.read_text())) for path in args.bundle]
-    try:
-        items = fetch_chain(args.chain_url, secrets.token_bytes(NONCE_BYTES))
-    except httpx.HTTPError as exc:
-        raise AttestationError(
-            f"cannot fetch the attestation chain of {args.chain_url}: {exc}"
-        ) from None
-    return [(f"{args.chain_url} stage {i}", Bundle.from_json(item)) for i, item in enumerate(items)]
-
-
-def run_verify_receipt(args: argparse.Namespace) -> int:
-    policy = _policy(args)
-    try:
-        receipts = load_receipts(args.file.read_text())
-        nodes = []
-        for path, bundle in _receipt_bundles(args):
-            # Offline: the bundle answers its own, old nonce; check it at the time it was made.
-            expected = policy.expected_manifest(bundle.manifest.model, bundle.manifest.layers)
-            if expected is None:
-                print(f"note: {path}: no expected manifest in the policy; using the attested one")
-            node = verify_bundle(
-                bundle, policy, nonce=bundle.nonce, now=bundle.signed_at, check_freshness=False,
-                expected_manifest_hash=expected or bundle.manifest.weights_hash,
-                collateral=_collateral(args),
-            )  # fmt: skip
-            nodes.append(node)
-        report = verify_chain(receipts, nodes, request_id=args.request_id)
-    except AttestationError as exc:
-        return _fail(exc)
-    print(f"PASS: request {report.request_id}: {report.stages} stage(s), layers {report.layers}")
-    print(f"  chain digest: {report.digest.hex()}")
-    for node in nodes:
-        if node.insecure:
-            print(f"WARNING: stage layers {node.manifest.layers}: INSECURE simulated evidence")
     return 0

@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from teeshard.attest import TEE_CHOICES
+from teeshard.attest import DEFAULT_PCCS_URL, TEE_CHOICES
 from teeshard.model.layer_range import LayerRange
 from teeshard.node import SessionLimits
 from teeshard.server.config import NodeConfig
@@ -51,6 +51,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--node-id", default=None, help="this node's id in the pool (default: public host:port)"
+    )
+    parser.add_argument(
+        "--operator",
+        default=None,
+        help="the ledger account that operates this node: its attested key signs this in the "
+        "claim the pool's registration requires (GET /v1/operator-claim)",
+    )
+    parser.add_argument(
+        "--behind-ingress",
+        action="store_true",
+        help="entry node: serve plain HTTP on a non-loopback address because a TLS-terminating "
+        "ingress is in front (clients should then seal their requests)",
     )
     add_trust_options(parser)
     add_billing_options(parser)
@@ -105,15 +117,28 @@ def add_billing_options(parser: argparse.ArgumentParser) -> None:
 
 def add_trust_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--policy", type=Path, help="policy the next node's attestation must satisfy (TOML/JSON)"
+        "--policy",
+        type=Path,
+        help="policy the next node's attestation must satisfy, and the previous node's unless "
+        "--upstream-policy is given (TOML/JSON)",
     )
     parser.add_argument(
-        "--allow-simulated",
+        "--upstream-policy",
+        type=Path,
+        help="policy the previous node must satisfy before it may send a frame (TOML/JSON)",
+    )
+    parser.add_argument(
+        "--allow-simulated-next-hop",
         action="store_true",
         help="accept the next node's INSECURE simulated attestation (development only)",
     )
     parser.add_argument("--collateral", type=Path, help="cached DCAP collateral JSON file")
-    parser.add_argument("--pccs-url", help="PCCS to fetch DCAP collateral from")
+    parser.add_argument(
+        "--pccs-url",
+        default=DEFAULT_PCCS_URL,
+        help=f"PCCS to fetch DCAP collateral from (default {DEFAULT_PCCS_URL}, as the CLI's; "
+        "--collateral takes precedence)",
+    )
     parser.add_argument(
         "--no-manifest-cache",
         action="store_true",
@@ -152,6 +177,24 @@ def add_runtime_options(parser: argparse.ArgumentParser) -> None:
         help="seconds before an idle session is evicted (default 300)",
     )
     parser.add_argument(
+        "--max-sessions-per-peer",
+        type=int,
+        default=None,
+        help="open sessions one upstream may hold on a node (default: --max-sessions)",
+    )
+    parser.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=4 << 20,
+        help="largest request body, plain or sealed (default 4 MiB)",
+    )
+    parser.add_argument(
+        "--max-connections",
+        type=int,
+        default=256,
+        help="concurrent HTTP connections before 503 (default 256)",
+    )
+    parser.add_argument(
         "--threads", type=int, default=None, help="torch threads (default: all cores)"
     )
     parser.add_argument(
@@ -170,12 +213,21 @@ def config_from_args(args: argparse.Namespace, **overrides: object) -> NodeConfi
         model_dir=args.model,
         dtype=args.dtype,
         wire_dtype=args.wire_dtype,
-        limits=SessionLimits(args.max_sessions, args.max_cached_tokens, args.idle_timeout),
+        limits=SessionLimits(
+            args.max_sessions,
+            args.max_cached_tokens,
+            args.idle_timeout,
+            max_sessions_per_peer=args.max_sessions_per_peer,
+        ),
+        max_body_bytes=args.max_body_bytes,
+        max_connections=args.max_connections,
+        admin_token=os.environ.get("TEESHARD_ADMIN_TOKEN") or None,
         threads=args.threads,
         model_name=args.model_name,
         default_max_tokens=args.max_tokens_default,
         policy_path=args.policy,
-        allow_simulated=args.allow_simulated,
+        upstream_policy_path=args.upstream_policy,
+        allow_simulated_next_hop=args.allow_simulated_next_hop,
         collateral_path=args.collateral,
         pccs_url=args.pccs_url,
         manifest_cache=not args.no_manifest_cache,
@@ -209,6 +261,8 @@ def run(args: argparse.Namespace) -> int:
         port=args.port,
         next_url=args.next_url,
         entry=args.entry,
+        behind_ingress=args.behind_ingress,
+        operator=args.operator,
     )
     serve(config)
     return 0

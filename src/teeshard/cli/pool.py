@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from datetime import UTC, datetime
 
 from rich.console import Console
 from rich.table import Table
@@ -17,6 +18,7 @@ from teeshard.ledger.registration import (
     admit_from_url,
     default_verifier,
     register_from_url,
+    renew_admissions,
 )
 
 
@@ -50,22 +52,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         )
         p.add_argument("--node-id", default=None, help="the node's id (default: URL host:port)")
         add_policy_options(p)
+    p = sub("readmit", "attest every registered node again: admit it for another epoch", readmit)
+    p.add_argument("--expected", default=None, help="as for admit")
+    p.add_argument("--expected-hash", action="append", default=[], help="as for admit")
+    add_policy_options(p)
     p = sub("edit", "change a node's URL or manifest hash (its operator)", edit_node)
     p.add_argument("node_id")
     p.add_argument("--url", default=None)
     p.add_argument("--manifest-hash", default=None, help="a new hash needs admission again")
     p = sub("remove", "remove a node (its operator); served work is still paid", remove_node)
     p.add_argument("node_id")
-    sub("distribute", "split the pool by tokens served since the last distribution", distribute)
+    sub("distribute", "pay each operator what its nodes' verified work earned", distribute)
     p = sub("withdraw", "pay out the caller's earnings (default: all)", withdraw)
     p.add_argument("amount", nargs="?", type=int, default=None)
+    p.add_argument("--treasury", action="store_true", help="the treasury's earnings (owner)")
 
 
 @ledger_command
 def list_nodes(args: argparse.Namespace, ledger: Ledger) -> int:
     table = Table(title=f"pool: {ledger.pool()} tokens to distribute")
-    for column in ("node", "operator", "url", "layers", "manifest", "admitted", "served", "total"):
-        table.add_column(column, justify="right" if column in ("served", "total") else "left")
+    numbers = ("served", "earned", "total")
+    for column in ("node", "operator", "url", "layers", "manifest", "admitted", *numbers):
+        table.add_column(column, justify="right" if column in numbers else "left")
     for n in ledger.nodes():
         table.add_row(
             n.node_id,
@@ -73,12 +81,19 @@ def list_nodes(args: argparse.Namespace, ledger: Ledger) -> int:
             n.url,
             n.layers,
             n.manifest_hash[:12] + "…",
-            "yes" if n.admitted else "no",
+            _until(n.admitted_until) if n.admitted else "no",
             str(n.served_tokens),
+            str(n.earned),
             str(n.served_total),
         )
     Console().print(table)
     return 0
+
+
+def _until(at: float) -> str:
+    if not at:
+        return "yes"
+    return "until " + datetime.fromtimestamp(at, UTC).strftime("%H:%M:%S UTC")
 
 
 def _checks(args: argparse.Namespace) -> tuple[ExpectedShards, AttestVerifier]:
@@ -123,6 +138,17 @@ def admit_node(args: argparse.Namespace, ledger: Ledger) -> int:
 
 
 @ledger_command
+def readmit(args: argparse.Namespace, ledger: Ledger) -> int:
+    expected, verifier = _checks(args)
+    result = renew_admissions(ledger, expected, verifier)
+    for node_id in result.renewed:
+        print(f"admitted node {node_id} for another epoch")
+    for node_id, reason in sorted(result.refused.items()):
+        print(f"not renewed: {node_id}: {reason}")
+    return 0 if not result.refused else 1
+
+
+@ledger_command
 def edit_node(args: argparse.Namespace, ledger: Ledger) -> int:
     record = ledger.edit_node(args.node_id, url=args.url, manifest_hash=args.manifest_hash)
     state = "admitted" if record.admitted else "not admitted"
@@ -140,7 +166,8 @@ def remove_node(args: argparse.Namespace, ledger: Ledger) -> int:
 @ledger_command
 def distribute(args: argparse.Namespace, ledger: Ledger) -> int:
     result = ledger.distribute()
-    print(f"pool {result.pool_before}: distributed {result.distributed}, kept {result.remainder}")
+    kept = f"treasury {result.treasury}" if result.treasury else f"kept {result.remainder}"
+    print(f"pool {result.pool_before}: distributed {result.distributed}, {kept}")
     for operator, share in sorted(result.shares.items()):
         print(f"  {operator}: {share}")
     return 0
@@ -148,6 +175,11 @@ def distribute(args: argparse.Namespace, ledger: Ledger) -> int:
 
 @ledger_command
 def withdraw(args: argparse.Namespace, ledger: Ledger) -> int:
-    entry = ledger.withdraw(args.amount)
+    if args.treasury:
+        from teeshard.cli.ledger import _sql
+
+        entry = _sql(ledger, "withdraw --treasury").withdraw_treasury(args.amount)
+    else:
+        entry = ledger.withdraw(args.amount)
     print(f"withdrew {-entry.earnings} tokens for {entry.account}")
     return 0

@@ -119,7 +119,13 @@ def passthrough_options(args: argparse.Namespace) -> list[str]:
         str(args.idle_timeout),
         "--max-tokens-default",
         str(args.max_tokens_default),
+        "--max-body-bytes",
+        str(args.max_body_bytes),
+        "--max-connections",
+        str(args.max_connections),
     ]
+    if args.max_sessions_per_peer is not None:
+        options += ["--max-sessions-per-peer", str(args.max_sessions_per_peer)]
     if args.threads:
         options += ["--threads", str(args.threads)]
     if args.model_name:
@@ -161,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
         )
 
     model_name = args.model_name or checkpoint.name
-    with console.status("hashing shards for the chain's attestation policy"):
+    with console.status("hashing shards for the route's attestation policy"):
         policy = write_local_policy(
             data_dir() / "runs" / f"port-{args.port}" / "policy.toml",
             checkpoint, [s.layers for s in launches], args.dtype, model_name,

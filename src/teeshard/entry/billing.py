@@ -17,10 +17,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
+from teeshard.attest.receipts import Receipt
 from teeshard.entry.errors import APIError
 from teeshard.ledger.billing import (
     BillingError,
     ChargeRequest,
+    IdempotentReplay,
     InvalidKey,
     LedgerUnavailable,
     MissingKey,
@@ -51,6 +53,7 @@ class Billing(Protocol):
         served_by: Sequence[str],
         *,
         completion_chars: int | None = None,  # for per-character pricing
+        receipts: Sequence[Receipt] = (),  # the stages' signed receipts: what credits work
     ) -> Settlement: ...
 
     async def release(self, reservation: Reservation) -> None: ...
@@ -61,6 +64,7 @@ _STATUS: tuple[tuple[type[BillingError], int], ...] = (
     (InvalidKey, 401),
     (PaymentRequired, 402),
     (LedgerUnavailable, 503),
+    (IdempotentReplay, 409),
 )
 
 
@@ -94,6 +98,7 @@ class BillingAPI:
         served_by: Sequence[str],
         *,
         completion_chars: int | None = None,
+        receipts: Sequence[Receipt] = (),
     ) -> Settlement:
         try:
             return await self.billing.settle(
@@ -102,6 +107,7 @@ class BillingAPI:
                 completion_tokens,
                 served_by,
                 completion_chars=completion_chars,
+                receipts=receipts,
             )
         except LedgerError as exc:
             raise api_error_for(exc) from None

@@ -33,6 +33,7 @@ class GenerationParams:
     sampling: SamplingParams
     stop: tuple[str, ...] = ()
     prompt_chars: int | None = None  # characters of the prompt text, for per-character pricing
+    ignore_eos: bool = False  # decode max_tokens even past an end-of-sequence token
 
 
 @dataclass
@@ -44,11 +45,13 @@ class Generation:
     completion_tokens: int = 0
     completion_chars: int = 0  # characters of text returned to the client
     finish_reason: FinishReason | None = None
+    prefilled: bool = False  # the prompt ran through every node: that work is charged
     closed: bool = False  # the session is closed on every node
     served_by: tuple[str, ...] = ()  # node ids of the route, entry first
     reservation: Reservation | None = None  # None: no ledger, nothing charged
     settlement: Settlement | None = None
     receipts: list[Receipt] = field(default_factory=list)  # signed by every stage, entry first
+    token_ids: list[int] = field(default_factory=list)  # every token the last stage sent
 
 
 class GenerationLoop:
@@ -108,6 +111,7 @@ class GenerationLoop:
         params: GenerationParams,
         api_key: str | None = None,
         input_digest: bytes | None = None,
+        idempotency_key: str | None = None,
     ) -> Generation:
         """Reserve the most the request can cost, then open the session on every node.
 
@@ -122,6 +126,7 @@ class GenerationLoop:
                 len(prompt_ids),
                 params.max_tokens,
                 params.prompt_chars,
+                idempotency_key,
             )
             generation.reservation = await self.billing.reserve(charge)
         try:
@@ -149,9 +154,11 @@ class GenerationLoop:
         stops = StopMatcher(params.stop)
         try:
             result = await self.service.step_tokens(session, prompt_ids)
+            generation.prefilled = True
             while True:
                 token = result.token
-                if token in self.eos_ids:
+                generation.token_ids.append(token)  # its receipt hashes each one, EOS too
+                if token in self.eos_ids and not params.ignore_eos:
                     generation.finish_reason = "stop"
                     break
                 generation.completion_tokens += 1
@@ -178,8 +185,11 @@ class GenerationLoop:
     async def release(self, generation: Generation) -> None:
         """Close the session everywhere and settle or release its charge, once.
 
-        A generation that finished is charged for what it produced; one that
-        failed or was abandoned is released in full. Safe to call in any outcome,
+        Whatever the outcome (finished, failed mid-way, abandoned by a client that
+        read all but the end), the request is charged for the prompt and the
+        completion tokens it actually produced, and only the unused rest of its
+        reservation is released; one whose prompt never ran is released in full.
+        Safe to call in any outcome,
         and it completes even when the caller is being cancelled (a client that
         went away): the work runs in its own task, shielded from that cancellation.
         """
@@ -205,13 +215,14 @@ class GenerationLoop:
         finally:
             reservation = generation.reservation
             if self.billing is not None and reservation is not None:
-                if finished:
+                if finished or generation.prefilled:
                     generation.settlement = await self.billing.settle(
                         reservation,
                         generation.prompt_tokens,
                         generation.completion_tokens,
                         generation.served_by,
                         completion_chars=generation.completion_chars,
+                        receipts=generation.receipts,
                     )
                 else:
                     await self.billing.release(reservation)

@@ -11,6 +11,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from teeshard.model.sampling import MAX_SEED, MAX_TOP_K, check_temperature
+
 MAX_STOP_SEQUENCES = 4
 
 
@@ -26,13 +28,16 @@ class _Request(BaseModel):
     max_tokens: int | None = None
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=0)  # extension; 0 disables
+    top_k: int = Field(default=0, ge=0, le=MAX_TOP_K)  # extension; 0 disables
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = 1
     user: str | None = None
+    ignore_eos: bool = False  # extension (as vLLM's): generate max_tokens whatever is sampled
+
+    _temperature = field_validator("temperature")(check_temperature)
 
     @field_validator("n")
     @classmethod
@@ -91,19 +96,30 @@ class ChatCompletionRequest(_Request):
 
 
 class CompletionRequest(_Request):
-    prompt: str | list[str]
+    # text, a list of one text, or (as OpenAI allows) the prompt's token ids
+    prompt: str | list[str] | Annotated[list[int], Field(min_length=1)]
     echo: bool = False
 
     @field_validator("prompt")
     @classmethod
-    def _single_prompt(cls, prompt: str | list[str]) -> str | list[str]:
-        if isinstance(prompt, list) and len(prompt) != 1:
+    def _single_prompt(cls, prompt: str | list[str] | list[int]) -> str | list[str] | list[int]:
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str) and len(prompt) != 1:
             raise ValueError("exactly one prompt per request is supported")
         return prompt
 
     @property
+    def prompt_token_ids(self) -> list[int] | None:
+        """The prompt as token ids, when it was sent so."""
+        if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], int):
+            return [int(t) for t in self.prompt]
+        return None
+
+    @property
     def prompt_text(self) -> str:
-        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+        if isinstance(self.prompt, str):
+            return self.prompt
+        first = self.prompt[0]
+        return first if isinstance(first, str) else ""
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -117,6 +133,8 @@ class GenerateRequest(BaseModel):
     prompt: str
     max_tokens: int | None = None
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+
+    _temperature = field_validator("temperature")(check_temperature)
 
 
 class Usage(BaseModel):

@@ -48,10 +48,23 @@ def attach_router(app: FastAPI, serving: OpenAIServing) -> None:
     app.include_router(router)
 
 
+MAX_IDEMPOTENCY_KEY = 255
+
+
 async def caller_of(request: Request) -> Caller:
-    """The caller's key, and the digest of its exact request bytes (for the receipts)."""
+    """The caller's key, the digest of its exact request bytes (for the receipts), and
+    its ``Idempotency-Key`` if it sent one."""
     body = await request.body()  # starlette caches it: the same bytes the model parsed
-    return Caller(bearer_token(request.headers.get("authorization")), hashlib.sha256(body).digest())
+    key = request.headers.get("idempotency-key")
+    if key is not None and not (0 < len(key) <= MAX_IDEMPOTENCY_KEY and key.isprintable()):
+        raise APIError(
+            400,
+            f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} printable characters",
+            code="invalid_idempotency_key",
+        )
+    return Caller(
+        bearer_token(request.headers.get("authorization")), hashlib.sha256(body).digest(), key
+    )
 
 
 def bearer_token(authorization: str | None) -> str | None:

@@ -4,7 +4,9 @@ Everything that can be refused (unknown model, bad lengths, full caches, no
 balance) is refused before a stream starts, so it gets a proper HTTP status; a
 failure during a stream arrives as an OpenAI error object in the stream itself.
 Every finished response carries the receipt chain signed by every stage: a
-``receipts`` field (in a stream: on the last event) and a digest header.
+``receipts`` field (in a stream: on the last event) and a digest header, and
+beside it the ``teeshard`` extension (request id, completion token ids) that
+``teeshard.attest.response.verify_response`` checks the answer against.
 """
 
 from __future__ import annotations
@@ -17,7 +19,13 @@ from typing import Any
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from teeshard.attest import RECEIPT_DIGEST_HEADER, RECEIPTS_FIELD, chain_digest
+from teeshard.attest import (
+    EXTENSION_FIELD,
+    RECEIPT_DIGEST_HEADER,
+    RECEIPTS_FIELD,
+    chain_digest,
+    response_extension,
+)
 from teeshard.entry.errors import APIError
 from teeshard.entry.generation import Generation, GenerationLoop, GenerationParams
 from teeshard.entry.protocol import (
@@ -28,17 +36,19 @@ from teeshard.entry.protocol import (
     _Request,
     now,
 )
-from teeshard.model.sampling import SamplingParams
+from teeshard.model.sampling import SamplingParams, session_seed
 
 Event = dict[str, Any]
 
 
 @dataclass(frozen=True)
 class Caller:
-    """Who asked, and exactly what: the bearer key and the SHA-256 of the request body."""
+    """Who asked, and exactly what: the bearer key, the SHA-256 of the request body, and
+    the client's ``Idempotency-Key`` (a retry with the same key is not charged twice)."""
 
     api_key: str | None = None
     body_digest: bytes | None = None
+    idempotency_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -138,11 +148,15 @@ class OpenAIServing:
             temperature=request.temperature,
             top_p=request.top_p,
             top_k=request.top_k,
-            seed=request.seed,
+            # always a seed: the draws are then a function of it and the position, so a
+            # session rebuilt on other nodes samples what the first one would have
+            seed=session_seed(SamplingParams(seed=request.seed)),
         )
-        params = GenerationParams(budget, sampling, tuple(request.stop_list), prompt_chars)
+        params = GenerationParams(
+            budget, sampling, tuple(request.stop_list), prompt_chars, request.ignore_eos
+        )
         generation = await self.generations.start(
-            prompt_ids, params, caller.api_key, caller.body_digest
+            prompt_ids, params, caller.api_key, caller.body_digest, caller.idempotency_key
         )
         return Prepared(prompt_ids, params, generation)
 
@@ -162,11 +176,13 @@ class OpenAIServing:
         self, request: CompletionRequest, caller: Caller
     ) -> JSONResponse | StreamingResponse:
         self._check_model(request.model)
-        prompt_ids = self.codec.completion_prompt(request.prompt_text)
+        token_ids = request.prompt_token_ids
+        text = self.codec.decode(token_ids) if token_ids is not None else request.prompt_text
+        prompt_ids = token_ids or self.codec.completion_prompt(text)
         prepared = await self._prepare(
-            request, prompt_ids, request.requested_max_tokens, caller, len(request.prompt_text)
+            request, prompt_ids, request.requested_max_tokens, caller, len(text)
         )
-        prefix = request.prompt_text if request.echo else ""
+        prefix = text if request.echo else ""
         return await self._respond(
             prepared, COMPLETION, request.stream, request.include_usage, prefix
         )
@@ -178,7 +194,7 @@ class OpenAIServing:
         sampling = SamplingParams(temperature=request.temperature)
         params = GenerationParams(budget, sampling, prompt_chars=len(request.prompt))
         generation = await self.generations.start(
-            prompt_ids, params, caller.api_key, caller.body_digest
+            prompt_ids, params, caller.api_key, caller.body_digest, caller.idempotency_key
         )
         text = await self._collect(Prepared(prompt_ids, params, generation))
         return _with_receipts({"output": text, "usage": _usage(generation)}, generation)
@@ -282,6 +298,7 @@ def _receipt_fields(body: Event, generation: Generation) -> Event:
         **body,
         RECEIPTS_FIELD: [r.to_json() for r in generation.receipts],
         "receipt_digest": chain_digest(generation.receipts).hex(),
+        EXTENSION_FIELD: response_extension(generation.request_id, generation.token_ids),
     }
 
 

@@ -9,6 +9,7 @@ subclasses) and ``teeshard.ledger.billing`` (``BillingError``).
 from teeshard.ledger.billing import (
     BillingError,
     ChargeRequest,
+    IdempotentReplay,
     InvalidKey,
     LedgerBilling,
     LedgerUnavailable,
@@ -19,10 +20,12 @@ from teeshard.ledger.billing import (
     Settlement,
     billing_from_url,
 )
+from teeshard.ledger.claims import AttestedNode, OperatorClaim, claim_response, sign_claim
 from teeshard.ledger.factory import open_ledger
 from teeshard.ledger.interface import (
     BackendError,
     Balance,
+    ClaimRefused,
     DuplicateKey,
     DuplicateNode,
     DuplicateRequest,
@@ -34,22 +37,28 @@ from teeshard.ledger.interface import (
     ManifestMismatch,
     NodeInfo,
     NodeRecord,
+    NotSupported,
     ReservationClosed,
+    SpendLimitExceeded,
     Unauthorized,
     UnknownAccount,
     UnknownNode,
     UnknownRequest,
+    UnverifiedWork,
 )
 from teeshard.ledger.pricing import Pricing, PricingError
 
 __all__ = [
+    "AttestedNode",
     "BackendError",
     "Balance",
     "BillingError",
     "ChargeRequest",
+    "ClaimRefused",
     "DuplicateKey",
     "DuplicateNode",
     "DuplicateRequest",
+    "IdempotentReplay",
     "InsufficientBalance",
     "InsufficientEarnings",
     "InvalidAmount",
@@ -62,6 +71,8 @@ __all__ = [
     "MissingKey",
     "NodeInfo",
     "NodeRecord",
+    "NotSupported",
+    "OperatorClaim",
     "PaymentRequired",
     "Pricing",
     "PricingError",
@@ -69,10 +80,14 @@ __all__ = [
     "Reservation",
     "ReservationClosed",
     "Settlement",
+    "SpendLimitExceeded",
     "Unauthorized",
     "UnknownAccount",
     "UnknownNode",
     "UnknownRequest",
+    "UnverifiedWork",
     "billing_from_url",
+    "claim_response",
     "open_ledger",
+    "sign_claim",
 ]

@@ -73,7 +73,9 @@ def start(
     anvil: str | None = None,
     state_interval_s: int = 1,
     ready_timeout_s: float = 30.0,
+    block_time_s: float | None = None,
 ) -> AnvilChain:
+    """Start anvil; it mines a block per transaction, or every ``block_time_s`` seconds."""
     binary = anvil or find_anvil()
     if binary is None:
         raise FileNotFoundError(
@@ -99,6 +101,7 @@ def start(
                 "--state-interval",
                 str(state_interval_s),
                 "--silent",
+                *(["--block-time", str(block_time_s)] if block_time_s else []),
             ],
             stdout=out,
             stderr=subprocess.STDOUT,

@@ -7,18 +7,24 @@
   variable named by ``key_env`` (default ``TEESHARD_EVM_KEY``); ``from_block``
   (default 0) is where event scans start, normally the deployment block;
 - ``evm+tester://``: a fresh in-process chain (py-evm) with a freshly deployed
-  contract, for tests and benchmarks; it ends with the process.
+  contract, for tests and benchmarks; it ends with the process;
+- ``ledger+https://host:port`` (or ``ledger+http://`` on loopback): a ledger
+  service (``teeshard ledger serve``); the actor key is ``$TEESHARD_LEDGER_KEY``.
 
-SQL ledgers act as ``actor`` (default: ``$TEESHARD_LEDGER_ACTOR``, else
-``owner``); on chain the key is the identity.
+Direct SQL access acts as ``actor`` (or ``$TEESHARD_LEDGER_ACTOR``); there is no
+default: a name is not an identity, so whoever opens a database directly says
+who they are, and a ledger that several parties share is reached through the
+service, where the key is the identity. On chain the signing key is.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 from teeshard.ledger.interface import Ledger
+from teeshard.paths import data_dir
 
 DEFAULT_URL = "sqlite:///.teeshard/ledger.db"
 ACTOR_ENV = "TEESHARD_LEDGER_ACTOR"
@@ -29,17 +35,32 @@ def default_url() -> str:
     return os.environ.get(URL_ENV) or DEFAULT_URL
 
 
-def default_actor() -> str:
-    return os.environ.get(ACTOR_ENV) or "owner"
+def ledger_home() -> Path:
+    """Where the ledger's local files live (entry outboxes): ``teeshard.paths.data_dir()``."""
+    return data_dir()
+
+
+def default_actor() -> str | None:
+    return os.environ.get(ACTOR_ENV) or None
 
 
 def open_ledger(url: str | None = None, *, actor: str | None = None) -> Ledger:
     url = url or default_url()
     if url.startswith("evm+"):
         return _open_evm(url)
+    if url.startswith("ledger+"):
+        from teeshard.ledger.remote import RemoteLedger
+
+        return RemoteLedger.from_url(url)
     from teeshard.ledger.sql import SqlLedger
 
-    return SqlLedger.open(url, actor or default_actor())
+    name = actor or default_actor()
+    if not name:
+        raise ValueError(
+            "say who acts on this SQL ledger: --actor NAME or $TEESHARD_LEDGER_ACTOR "
+            "(a shared ledger is reached through `teeshard ledger serve` with a key)"
+        )
+    return SqlLedger.open(url, name)
 
 
 def _open_evm(url: str) -> Ledger:

@@ -19,8 +19,17 @@ Money model, all integers in the ledger's smallest unit ("tokens"):
 Roles: the **owner** runs the ledger and authorises **entry nodes**, which alone
 may reserve, settle and release (and admit nodes whose attestation they checked);
 **operators** register nodes and alone edit or remove them. Every operation acts
-as the identity a ledger object was opened with (an SQL actor name, or the
-wallet whose key signs transactions on chain).
+as the identity a ledger object was opened with (an SQL actor, authenticated by
+the ledger service's per-actor key, or the wallet whose key signs on chain).
+
+Trust (issue 9; README "Trust model of the ledger"): a reservation carries the
+user's authorisation (the hash of one of the account's API keys, checked by the
+ledger) and the most tokens it may credit; settle credits only admitted nodes
+whose signed receipts verify, by the layers each ran, with the cost the request
+paid; an entry node spends at most its limit per period; admissions carry a
+claim signed by the node's attested key naming its operator, and expire unless
+renewed each admission epoch; reservations belong to a process lease, and only
+reservations of expired leases are recovered.
 
 Exceptions::
 
@@ -37,6 +46,10 @@ Exceptions::
      ├── DuplicateNode               node id already registered
      ├── DuplicateKey                API key already bound to an account
      ├── ManifestMismatch            admission with a manifest hash other than the registered one
+     ├── ClaimRefused                no valid operator claim signed by the node's attested key
+     ├── SpendLimitExceeded          an entry node's spend limit for the period is used up
+     ├── UnverifiedWork              a receipt that does not prove the work it is credited for
+     ├── NotSupported                this backend does not do this (e.g. on chain: off-chain ops)
      └── BackendError                the store or chain failed (I/O, revert w/o reason)
 """
 
@@ -45,7 +58,11 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from teeshard.attest.receipts import Receipt
+    from teeshard.ledger.claims import AttestedNode, OperatorClaim
 
 # -- records -------------------------------------------------------------------------
 
@@ -73,6 +90,7 @@ class ReservationRecord:
     state: ReservationState
     cost: int = 0  # charged when settled
     created_at: float = 0.0  # unix seconds
+    idempotency_key: str | None = None  # the client's Idempotency-Key, when it sent one
 
 
 @dataclass(frozen=True)
@@ -110,18 +128,21 @@ class NodeRecord:
     manifest_hash: str
     model: str
     layers: str
-    admitted: bool  # an entry node (or the owner) checked its attestation
+    admitted: bool  # an entry node checked its attestation, and the admission has not expired
     served_tokens: int  # since the last distribution
     served_total: int  # ever
+    earned: int = 0  # revenue credited since the last distribution (SQL)
+    admitted_until: float = 0.0  # unix seconds; 0 when not admitted (SQL)
 
 
 @dataclass(frozen=True)
 class Distribution:
     pool_before: int
     distributed: int
-    remainder: int  # stays in the pool (integer rounding, or no work served)
+    remainder: int  # SQL: went to the treasury; chain: stays in the pool
     shares: Mapping[str, int] = field(default_factory=dict)  # operator -> amount
     tokens: Mapping[str, int] = field(default_factory=dict)  # node id -> tokens counted
+    treasury: int = 0  # revenue no verified work earned, and rounding (SQL)
 
 
 @dataclass(frozen=True)
@@ -200,11 +221,29 @@ class ManifestMismatch(LedgerError):
     code = "manifest_mismatch"
 
 
+class ClaimRefused(LedgerError):
+    code = "claim_refused"
+
+
+class SpendLimitExceeded(LedgerError):
+    code = "spend_limit_exceeded"
+
+
+class UnverifiedWork(LedgerError):
+    code = "unverified_work"
+
+
+class NotSupported(LedgerError):
+    code = "not_supported"
+
+
 class BackendError(LedgerError):
     code = "backend_error"
 
 
-MAX_AMOUNT = 2**62  # keeps every sum inside a signed 64-bit SQL integer
+MAX_AMOUNT = 2**62  # single amounts, and every stored balance (CHECK constraints)
+MAX_TOKENS_PER_SETTLE = 2**32  # tokens one settle may credit one node
+TREASURY = "@treasury"  # the account revenue with no verified work goes to
 
 
 def check_amount(amount: object, what: str = "amount") -> int:
@@ -218,10 +257,17 @@ def check_amount(amount: object, what: str = "amount") -> int:
     return amount
 
 
-def check_tokens(served: Mapping[str, int]) -> dict[str, int]:
+def check_tokens(served: Mapping[str, int], bound: int | None = None) -> dict[str, int]:
+    """Tokens per node: positive, at most ``MAX_TOKENS_PER_SETTLE`` and ``bound``."""
+    limit = min(MAX_TOKENS_PER_SETTLE, bound) if bound is not None else MAX_TOKENS_PER_SETTLE
     out: dict[str, int] = {}
     for node_id, tokens in served.items():
         out[node_id] = check_amount(tokens, f"tokens served by {node_id}")
+        if tokens > limit:
+            raise InvalidAmount(
+                f"{tokens} tokens credited to {node_id}: more than the request could "
+                f"have served ({limit})"
+            )
     return out
 
 
@@ -234,6 +280,7 @@ class Ledger(Protocol):
 
     @property
     def actor(self) -> str: ...
+    def ledger_id(self) -> str: ...  # what operator claims name: an id, or the contract
 
     # accounts
     def open_account(self, account: str) -> None: ...
@@ -244,18 +291,40 @@ class Ledger(Protocol):
     def history(self, account: str, limit: int = 100) -> list[JournalEntry]: ...
 
     # charges (authorised entry nodes only)
-    def authorize_entry(self, entry: str) -> None: ...
-    def reserve(self, request_id: str, account: str, amount: int) -> ReservationRecord: ...
+    def authorize_entry(
+        self, entry: str, *, spend_limit: int | None = None, period_s: float = 86400.0
+    ) -> None: ...
+    def reserve(
+        self,
+        request_id: str,
+        account: str,
+        amount: int,
+        *,
+        key_hash: str | None = None,  # hash_api_key() of the caller's key: its authorisation
+        max_tokens: int | None = None,  # prompt + max completion tokens: the most it credits
+        idempotency_key: str | None = None,  # a retried request with this key is charged once
+    ) -> ReservationRecord: ...
     def settle(
-        self, request_id: str, cost: int, served: Mapping[str, int]
+        self,
+        request_id: str,
+        cost: int,
+        served: Mapping[str, int],
+        *,
+        receipts: Sequence[Receipt] = (),  # the request's signed receipt chain
     ) -> ReservationRecord: ...
     def release(self, request_id: str) -> ReservationRecord: ...
     def reservation(self, request_id: str) -> ReservationRecord: ...
+    def heartbeat(self) -> None: ...  # renew this process's lease
     def recover(self, older_than_s: float | None = None) -> list[str]: ...
+    def open_reservations(self, older_than_s: float = 0.0) -> list[ReservationRecord]: ...
 
     # the pool
-    def register_node(self, node: NodeInfo) -> NodeRecord: ...
-    def admit_node(self, node_id: str, manifest_hash: str) -> NodeRecord: ...
+    def register_node(
+        self, node: NodeInfo, *, claim: OperatorClaim | None = None
+    ) -> NodeRecord: ...
+    def admit_node(
+        self, node_id: str, manifest_hash: str, *, attested: AttestedNode | None = None
+    ) -> NodeRecord: ...
     def edit_node(
         self, node_id: str, *, url: str | None = None, manifest_hash: str | None = None
     ) -> NodeRecord: ...

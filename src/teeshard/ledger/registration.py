@@ -1,10 +1,14 @@
 """Registering a node in the pool: fetch its attestation bundle, verify it, check its manifest.
 
 Flow (``register_from_url``): a fresh 32-byte nonce; ``GET {url}/v1/attestation?nonce=HEX``;
-the ``BundleVerifier`` checks the bundle and returns the manifest hash it vouches
-for; that hash must be one of the model's expected shard hashes
-(``ExpectedShards``); only then is the node registered (and admitted, when the
-caller may admit). Anything else raises ``RegistrationRefused`` with the reason.
+the ``BundleVerifier`` checks the bundle and returns the manifest hash and the
+certificate it vouches for; that hash must be one of the model's expected shard
+hashes (``ExpectedShards``); then ``GET {url}/v1/operator-claim?nonce=HEX&ledger=ID``
+must return a claim made by that certificate, for this nonce and ledger, naming
+the registering account (``teeshard.ledger.claims``); only then is the node
+registered. Admission (``admit_from_url``, by an entry node) does the same with
+its own nonce and passes the ledger what it verified: the URL and the claim.
+Anything else raises ``RegistrationRefused`` with the reason.
 
 ``AttestVerifier`` is the verifier: :func:`teeshard.attest.verify_bundle` against
 a ``Policy`` (quote, TCB, measurements, report_data binding, signature over our
@@ -27,12 +31,14 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from teeshard.attest.client import attestation_url
+from teeshard.attest.client import ATTESTATION_PATH
+from teeshard.attest.client import fetch_bundle as attest_fetch_bundle
 from teeshard.attest.errors import AttestationError, FormatError
 from teeshard.attest.evidence import Bundle
 from teeshard.attest.verify.bundle import verify_bundle
 from teeshard.attest.verify.policy import Policy
 from teeshard.attest.verify.quote import CollateralSource, collateral_source
+from teeshard.ledger.claims import CLAIM_PATH, AttestedNode, OperatorClaim, verify_claim
 from teeshard.ledger.interface import (
     Ledger,
     LedgerError,
@@ -56,6 +62,7 @@ class VerifiedBundle:
     model: str = ""
     layers: str = ""  # "START:END"
     notes: tuple[str, ...] = ()  # what was checked, and any INSECURE caveat
+    certificate_pem: bytes = b""  # the attested certificate (operator claims must be its)
 
 
 class BundleVerifier(Protocol):
@@ -136,6 +143,7 @@ class AttestVerifier:
             node.manifest.model,
             str(node.manifest.layers),
             tuple(notes),
+            node.certificate_pem,
         )
 
 
@@ -185,37 +193,28 @@ def fetch_bundle(url: str, nonce: bytes, timeout_s: float = 15.0) -> Mapping[str
     certificate that only the bundle itself attests. Nothing fetched here is
     trusted before the verifier has checked it, and the bundle authenticates
     itself (quote, report_data binding, signature over our fresh nonce), so the
-    transport adds nothing to check.
+    transport adds nothing to check. It is read under the attestation library's
+    size caps: whoever answers is not trusted yet.
     """
+    shown = url.rstrip("/") + ATTESTATION_PATH  # messages name the endpoint, not our nonce
     try:
-        endpoint = attestation_url(url, nonce)
+        return attest_fetch_bundle(url, nonce, timeout=timeout_s).to_json()
     except AttestationError as exc:
-        raise RegistrationRefused(str(exc)) from None
-    shown = endpoint.partition("?")[0]  # messages name the endpoint, not our nonce
-    try:
-        response = httpx.get(endpoint, timeout=timeout_s, verify=False)
-    except httpx.HTTPError as exc:
+        raise RegistrationRefused(f"no usable attestation bundle from {shown}: {exc}") from None
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:
         raise RegistrationRefused(
             f"could not fetch the attestation bundle from {shown}: {exc}"
         ) from None
-    if response.status_code != 200:
-        raise RegistrationRefused(
-            f"{shown} answered HTTP {response.status_code}: no attestation bundle"
-        )
-    try:
-        bundle = response.json()
-    except ValueError:
-        raise RegistrationRefused(f"{shown} did not return JSON") from None
-    if not isinstance(bundle, Mapping):
-        raise RegistrationRefused(f"{shown} returned JSON that is not an object")
-    return bundle
 
 
 def verify_node(
-    url: str, expected: ExpectedShards, verifier: BundleVerifier | None = None
+    url: str,
+    expected: ExpectedShards,
+    verifier: BundleVerifier | None = None,
+    nonce: bytes | None = None,
 ) -> VerifiedBundle:
     """Fetch the bundle with a fresh nonce, verify it, check the manifest is an expected shard."""
-    nonce = os.urandom(32)
+    nonce = nonce or os.urandom(32)
     verified = (verifier or default_verifier()).verify(fetch_bundle(url, nonce), nonce)
     if verified.manifest_hash not in expected.shards:
         known = ", ".join(f"{v or '?'}={h[:12]}…" for h, v in expected.shards.items())
@@ -226,6 +225,54 @@ def verify_node(
     return verified
 
 
+def fetch_claim(url: str, nonce: bytes, ledger_id: str, timeout_s: float = 15.0) -> OperatorClaim:
+    """The node's operator claim for ``nonce`` and ``ledger_id``, unverified (see fetch_bundle)."""
+    endpoint = f"{url.rstrip('/')}{CLAIM_PATH}"
+    try:
+        response = httpx.get(
+            endpoint, params={"nonce": nonce.hex(), "ledger": ledger_id},
+            timeout=timeout_s, verify=False,
+        )  # fmt: skip
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:
+        raise RegistrationRefused(
+            f"could not fetch the operator claim from {endpoint}: {exc}"
+        ) from None
+    if response.status_code != 200:
+        raise RegistrationRefused(
+            f"{endpoint} answered HTTP {response.status_code}: no operator claim "
+            "(start the node with --operator ACCOUNT)"
+        )
+    try:
+        return OperatorClaim.from_json(response.json())
+    except (ValueError, LedgerError) as exc:
+        raise RegistrationRefused(f"{endpoint} returned no valid claim: {exc}") from None
+
+
+def _verified_claim(
+    ledger: Ledger,
+    url: str,
+    expected: ExpectedShards,
+    verifier: BundleVerifier | None,
+    name: str | None,
+    operator: str | None,
+) -> tuple[VerifiedBundle, OperatorClaim, str]:
+    """Verify the node, then fetch and check its claim for the same fresh nonce."""
+    nonce = os.urandom(32)
+    verified = verify_node(url, expected, verifier, nonce)
+    node_id = name or default_node_id(url)
+    ledger_id = ledger.ledger_id()
+    claim = fetch_claim(url, nonce, ledger_id)
+    try:
+        verify_claim(
+            claim, operator=operator if operator is not None else claim.operator,
+            node_id=node_id, ledger_id=ledger_id, nonce=nonce,
+            certificate_pem=verified.certificate_pem or None,
+        )  # fmt: skip
+    except LedgerError as exc:
+        raise RegistrationRefused(str(exc)) from None
+    return verified, claim, node_id
+
+
 def admit_from_url(
     ledger: Ledger,
     url: str,
@@ -234,11 +281,15 @@ def admit_from_url(
     *,
     node_id: str | None = None,
 ) -> NodeRecord:
-    """An entry node (or the owner) admits a registered node after verifying it itself."""
-    verified = verify_node(url, expected, verifier)
-    name = node_id or default_node_id(url)
+    """An entry node (or the owner) admits a registered node after verifying it itself.
+
+    Run again each admission epoch: an admission that is not renewed expires.
+    """
+    verified, claim, name = _verified_claim(ledger, url, expected, verifier, node_id, None)
     try:
-        return ledger.admit_node(name, verified.manifest_hash)
+        return ledger.admit_node(
+            name, verified.manifest_hash, attested=AttestedNode(url.rstrip("/"), claim)
+        )
     except LedgerError as exc:
         raise RegistrationRefused(f"the ledger refused the admission: {exc}") from None
 
@@ -251,8 +302,7 @@ def register_from_url(
     *,
     node_id: str | None = None,
 ) -> Registered:
-    verified = verify_node(url, expected, verifier)
-    name = node_id or default_node_id(url)
+    verified, claim, name = _verified_claim(ledger, url, expected, verifier, node_id, ledger.actor)
     info = NodeInfo(
         name,
         url.rstrip("/"),
@@ -261,11 +311,40 @@ def register_from_url(
         verified.layers or expected.shards[verified.manifest_hash],
     )
     try:
-        record = ledger.register_node(info)
+        record = ledger.register_node(info, claim=claim)
     except LedgerError as exc:
         raise RegistrationRefused(f"the ledger refused the registration: {exc}") from None
     try:
-        record = ledger.admit_node(name, verified.manifest_hash)
+        record = ledger.admit_node(
+            name, verified.manifest_hash, attested=AttestedNode(url.rstrip("/"), claim)
+        )
     except Unauthorized:
         return Registered(record, verified, admitted=False)  # an entry node admits it later
     return Registered(record, verified, admitted=True)
+
+
+@dataclass(frozen=True)
+class Renewal:
+    renewed: tuple[str, ...]  # node ids admitted for another epoch
+    refused: Mapping[str, str] = field(default_factory=dict)  # node id -> why not
+
+
+def renew_admissions(
+    ledger: Ledger, expected: ExpectedShards, verifier: BundleVerifier | None = None
+) -> Renewal:
+    """Attest every registered node again and admit it for another epoch (an entry node's job).
+
+    Run it more often than the admission epoch (``teeshard pool readmit`` does it
+    once): a node that is gone, or no longer verifies, is simply not renewed, and
+    its admission, with its operator's free use, lapses at the end of the epoch.
+    """
+    renewed: list[str] = []
+    refused: dict[str, str] = {}
+    for node in ledger.nodes():
+        try:
+            admit_from_url(ledger, node.url, expected, verifier, node_id=node.node_id)
+        except RegistrationRefused as exc:
+            refused[node.node_id] = str(exc)
+        else:
+            renewed.append(node.node_id)
+    return Renewal(tuple(renewed), refused)

@@ -11,7 +11,7 @@ from teeshard.model.checkpoint import Checkpoint, CheckpointError
 from teeshard.model.layer_range import LayerRange
 from teeshard.model.loader import load_shard, parse_dtype
 from teeshard.model.plan import ShardPlan, plan_checkpoint, split_even, split_weighted
-from teeshard.model.sampling import SamplingParams, new_generator, sample
+from teeshard.model.sampling import SamplingParams, sample, session_seed
 from teeshard.model.spec import ArchSpec, UnsupportedModelError
 from teeshard.model.transformer import CacheFullError, KVCache, Shard
 
@@ -27,10 +27,10 @@ __all__ = [
     "ShardPlan",
     "UnsupportedModelError",
     "load_shard",
-    "new_generator",
     "parse_dtype",
     "plan_checkpoint",
     "sample",
+    "session_seed",
     "split_even",
     "split_weighted",
 ]

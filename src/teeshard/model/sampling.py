@@ -1,4 +1,5 @@
-"""Next-token sampling from float32 logits. Pure; the generator carries the seed.
+"""Next-token sampling from float32 logits. Pure: a function of the logits, the
+parameters, the session's seed and the position sampled.
 
 ``SamplingParams`` is a model concept (how to pick the next token); the wire's
 ``open`` message carries it to the last node, so it is a strict, frozen model
@@ -7,10 +8,33 @@ that rejects unknown fields.
 
 from __future__ import annotations
 
-import torch
-from pydantic import BaseModel, ConfigDict, Field
+import secrets
 
-__all__ = ["SamplingParams", "new_generator", "sample"]
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+__all__ = [
+    "MAX_SEED",
+    "MAX_TOP_K",
+    "MIN_TEMPERATURE",
+    "SamplingParams",
+    "sample",
+    "session_seed",
+    "uniform",
+]
+
+# Bounds that keep every accepted request computable: a temperature below this
+# overflows the scaled logits; torch seeds take 64 bits (kept signed-safe); a
+# top-k beyond any vocabulary means nothing.
+MIN_TEMPERATURE = 1e-3
+MAX_SEED = 2**63 - 1
+MAX_TOP_K = 1 << 20
+
+
+def check_temperature(value: float) -> float:
+    if 0.0 < value < MIN_TEMPERATURE:
+        raise ValueError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}")
+    return value
 
 
 class SamplingParams(BaseModel):
@@ -18,25 +42,42 @@ class SamplingParams(BaseModel):
 
     temperature: float = Field(default=0.0, ge=0.0, le=100.0)  # 0 means greedy
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=0)  # 0 means no top-k filter
-    seed: int | None = None
+    top_k: int = Field(default=0, ge=0, le=MAX_TOP_K)  # 0 means no top-k filter
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+
+    _temperature = field_validator("temperature")(check_temperature)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
 
-def new_generator(params: SamplingParams) -> torch.Generator:
-    generator = torch.Generator(device="cpu")
-    if params.seed is not None:
-        generator.manual_seed(params.seed)
-    else:
-        generator.seed()
-    return generator
+def session_seed(params: SamplingParams) -> int:
+    """The seed a session samples with: the request's, or a fresh random one."""
+    return params.seed if params.seed is not None else secrets.randbits(63)
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    """Pick one token id from ``logits`` (vocab,) or (1, vocab)."""
+def uniform(seed: int, position: int) -> float:
+    """A uniform draw in [0, 1) that is a pure function of (seed, position).
+
+    A counter-based generator (splitmix64 over the pair) rather than a stateful
+    stream: a session rebuilt elsewhere from its token history (a new prefill)
+    draws at each position exactly what the lost one would have.
+    """
+    x = (seed * 0x9E3779B97F4A7C15 + position + 1) & _MASK64
+    for _ in range(2):  # two rounds of the splitmix64 finaliser
+        x = (x + 0x9E3779B97F4A7C15) & _MASK64
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+        x ^= x >> 31
+    return (x >> 11) * 2.0**-53
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, seed: int, position: int) -> int:
+    """Pick one token id from ``logits`` (vocab,) or (1, vocab) for sequence ``position``."""
     logits = logits.reshape(-1).float()
     if params.greedy:
         return int(torch.argmax(logits))
@@ -51,5 +92,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         drop_sorted = cumulative - torch.softmax(sorted_scores, dim=-1) >= params.top_p
         drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
         scores = scores.masked_fill(drop, float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    cdf = torch.softmax(scores.double(), dim=-1).cumsum(dim=-1)  # (vocab,) float64
+    draw = uniform(seed, position) * float(cdf[-1])
+    index = int(torch.searchsorted(cdf, torch.tensor([draw], dtype=torch.float64), right=True))
+    return min(index, cdf.numel() - 1)

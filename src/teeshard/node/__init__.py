@@ -17,9 +17,16 @@ from teeshard.node.errors import (
 )
 from teeshard.node.hop import HopStep, NextHop
 from teeshard.node.metrics import Metrics, stage_metrics
-from teeshard.node.pipeline import PIPELINE_PATH, attach_pipeline
+from teeshard.node.pipeline import (
+    PIPELINE_PATH,
+    PipelineLimits,
+    Upstream,
+    UpstreamVerifier,
+    attach_pipeline,
+)
 from teeshard.node.service import (
     NodeService,
+    Owner,
     Session,
     SessionLimits,
     SessionStore,
@@ -39,12 +46,16 @@ __all__ = [
     "NodeError",
     "NodeService",
     "OverloadedError",
+    "Owner",
+    "PipelineLimits",
     "Session",
     "SessionLimits",
     "SessionStore",
     "StageCounters",
     "StepResult",
     "UnknownSessionError",
+    "Upstream",
+    "UpstreamVerifier",
     "attach_pipeline",
     "stage_metrics",
 ]

@@ -82,5 +82,5 @@ def run_step(
     if not shard.is_last:
         return StepOutput(hidden=out)
     logits = out[0]  # (vocab,)
-    token = sample(logits, session.sampling, session.generator)
+    token = sample(logits, session.sampling, session.seed, position=session.cache.length)
     return StepOutput(token=token, logits=logits if session.return_logits else None)

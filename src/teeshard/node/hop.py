@@ -7,7 +7,8 @@ maps what can go wrong to node errors:
 
 - the next node answered with an error: its code and status are kept (a 503
   when it is full stays a 503);
-- its certificate is not the attested one: ``attestation_failed`` (502);
+- its certificate is not the attested one, or it refused this node's own
+  attestation: ``attestation_failed`` (502);
 - it cannot be reached or the link broke: ``downstream_failed`` (502).
 
 Route selection and failover across replicas belong here as they arrive.
@@ -36,7 +37,13 @@ from teeshard.transport.messages import (
     WireDtype,
     WireTensor,
 )
-from teeshard.transport.peer import PeerCertificateError, PeerClient, PeerError, RemoteError
+from teeshard.transport.peer import (
+    PeerCertificateError,
+    PeerClient,
+    PeerError,
+    PeerRefusedError,
+    RemoteError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +143,7 @@ class NextHop:
             return await self.peer.request(build, on_frame)
         except RemoteError as exc:
             raise NodeError(f"next node: {exc}", code=exc.code, status=exc.status) from None
-        except PeerCertificateError as exc:
+        except (PeerCertificateError, PeerRefusedError) as exc:
             raise DownstreamError(f"next node refused: {exc}", code="attestation_failed") from None
         except PeerError as exc:
             raise DownstreamError(f"next node unavailable: {exc}") from None

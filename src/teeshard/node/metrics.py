@@ -77,8 +77,16 @@ def stage_metrics(service: NodeService) -> Metrics:
     metrics.counter("teeshard_tokens_processed_total", "Token positions run through this shard")
     metrics.counter("teeshard_step_seconds_total", "Time spent in local compute")
     metrics.counter("teeshard_errors_total", "Failed requests by error code")
-    metrics.counter("teeshard_pipeline_connections_total", "Pipeline sockets accepted")
+    metrics.counter("teeshard_pipeline_connections_total", "Pipeline sockets admitted")
+    metrics.counter(
+        "teeshard_pipeline_refused_total", "Pipeline sockets refused before any frame, by reason"
+    )
     metrics.gauge("teeshard_sessions_open", "Open sessions", lambda: len(sessions))
+    metrics.gauge(
+        "teeshard_pipeline_frames_in_flight",
+        "Pipeline frames being handled",
+        lambda: counters.frames_in_flight,
+    )
     metrics.gauge(
         "teeshard_cache_reserved_tokens", "KV positions reserved", lambda: sessions.reserved_tokens
     )
@@ -90,6 +98,8 @@ def stage_metrics(service: NodeService) -> Metrics:
         metrics.set("teeshard_pipeline_connections_total", counters.pipeline_connections)
         for code, count in counters.errors.items():
             metrics.set("teeshard_errors_total", count, code=code)
+        for reason, count in counters.refused.items():
+            metrics.set("teeshard_pipeline_refused_total", count, reason=reason)
 
     metrics.before_render(read)
     return metrics

@@ -30,7 +30,7 @@ from typing import TypeVar
 import torch
 
 from teeshard.attest import NodeAttestation, Receipt, TrafficHash
-from teeshard.model.sampling import SamplingParams, new_generator
+from teeshard.model.sampling import SamplingParams, session_seed
 from teeshard.model.transformer import KVCache, Shard
 from teeshard.node.compute import StepOutput, check_hidden, check_tokens, run_step
 from teeshard.node.errors import BadRequestError, OverloadedError, UnknownSessionError
@@ -49,6 +49,22 @@ class SessionLimits:
     max_sessions: int = 16
     max_cached_tokens: int = 65536  # sum of max_len over open sessions
     idle_timeout_s: float = 300.0
+    # a session opened but never stepped holds its reservation only this long
+    unstepped_timeout_s: float = 30.0
+    # open sessions one upstream (one attested identity) may hold; None: max_sessions
+    max_sessions_per_peer: int | None = None
+
+
+@dataclass(frozen=True)
+class Owner:
+    """Who opened a session over the pipeline: an attested upstream, on one connection.
+
+    Only the same connection may step or close it; quotas count per ``peer``.
+    Sessions the entry node opens for its own API have no owner (``None``).
+    """
+
+    peer: str  # hex fingerprint of the upstream's attested certificate
+    connection: int  # distinct for every connection this process accepted
 
 
 @dataclass
@@ -57,9 +73,12 @@ class Session:
     cache: KVCache
     wire_dtype: str
     sampling: SamplingParams
-    generator: torch.Generator
+    seed: int  # sampling draws are a pure function of (seed, position)
     return_logits: bool
+    owner: Owner | None = None
     last_used: float = field(default_factory=time.monotonic)
+    stepped: bool = False  # a first step ran (until then the short idle timeout applies)
+    in_flight: bool = False  # a step is running: the cache is sequential, one at a time
     # What this stage received and sent for the session, for its signed receipt:
     # frames from upstream / to downstream; the last stage's "sent" is its tokens.
     received: TrafficHash = field(default_factory=TrafficHash)
@@ -88,8 +107,8 @@ class SessionStore:
     def reserved_tokens(self) -> int:
         return sum(s.max_len for s in self._sessions.values())
 
-    def admit(self, session_id: str, max_len: int) -> None:
-        """Raise unless a session of ``max_len`` positions may open now."""
+    def admit(self, session_id: str, max_len: int, owner: Owner | None = None) -> None:
+        """Raise unless a session of ``max_len`` positions may open now (for ``owner``)."""
         if session_id in self._sessions:
             raise BadRequestError(f"session {session_id} is already open", code="session_exists")
         if max_len > self.max_len_cap:
@@ -101,6 +120,13 @@ class SessionStore:
             raise OverloadedError(
                 f"node is at its limit of {self.limits.max_sessions} open sessions; retry later"
             )
+        quota = self.limits.max_sessions_per_peer
+        if owner is not None and quota is not None:
+            held = sum(1 for s in self._sessions.values() if s.owner and s.owner.peer == owner.peer)
+            if held >= quota:
+                raise OverloadedError(
+                    f"this upstream holds {held} open sessions, its limit here; retry later"
+                )
         if self.reserved_tokens + max_len > self.limits.max_cached_tokens:
             raise OverloadedError(
                 f"KV cache budget exhausted: {self.reserved_tokens} of "
@@ -115,39 +141,50 @@ class SessionStore:
         wire_dtype: str,
         sampling: SamplingParams,
         return_logits: bool,
+        owner: Owner | None = None,
     ) -> Session:
         """Admit, then allocate the cache: a refused session costs no memory."""
-        self.admit(session_id, max_len)
+        self.admit(session_id, max_len, owner)
         session = Session(
             session_id,
             allocate(max_len),
             wire_dtype,
             sampling,
-            new_generator(sampling),
+            session_seed(sampling),
             return_logits,
+            owner,
         )
         self._sessions[session_id] = session
         return session
 
-    def get(self, session_id: str) -> Session:
-        try:
-            session = self._sessions[session_id]
-        except KeyError:
+    def get(self, session_id: str, owner: Owner | None = None) -> Session:
+        """The session, for ``owner``: another owner's session is as unknown as a missing one."""
+        session = self._sessions.get(session_id)
+        if session is None or session.owner != owner:
             raise UnknownSessionError(
                 f"unknown session {session_id} (never opened, closed or evicted)"
-            ) from None
+            )
         session.touch()
         return session
 
-    def close(self, session_id: str) -> Session | None:
-        return self._sessions.pop(session_id, None)
+    def close(self, session_id: str, owner: Owner | None = None) -> Session | None:
+        session = self._sessions.get(session_id)
+        if session is None or session.owner != owner:
+            return None
+        return self._sessions.pop(session_id)
 
     def evict_idle(self, now: float | None = None) -> list[str]:
         now = time.monotonic() if now is None else now
+
+        def timeout(s: Session) -> float:
+            if s.stepped:
+                return self.limits.idle_timeout_s
+            return min(self.limits.idle_timeout_s, self.limits.unstepped_timeout_s)
+
         stale = [
             sid
             for sid, s in self._sessions.items()
-            if now - s.last_used > self.limits.idle_timeout_s
+            if not s.in_flight and now - s.last_used > timeout(s)
         ]
         for sid in stale:
             del self._sessions[sid]
@@ -171,8 +208,15 @@ class StageCounters:
     steps: int = 0
     tokens_processed: int = 0  # token positions run through this shard
     step_seconds: float = 0.0  # time spent in local compute
-    pipeline_connections: int = 0
+    pipeline_connections: int = 0  # admitted after the upstream's introduction
     errors: Counter[str] = field(default_factory=Counter)  # failed requests by error code
+    refused: Counter[str] = field(default_factory=Counter)  # pipeline connections, by reason
+    frames_in_flight: int = 0  # pipeline frames being handled, over all connections
+    frames_in_flight_peak: int = 0  # the most at once since start
+
+    def frame_started(self) -> None:
+        self.frames_in_flight += 1
+        self.frames_in_flight_peak = max(self.frames_in_flight_peak, self.frames_in_flight)
 
 
 class NodeService:
@@ -198,7 +242,6 @@ class NodeService:
         self.sessions = SessionStore(limits, shard.spec.max_position_embeddings)
         self.counters = StageCounters()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
-        self._locks: dict[str, asyncio.Lock] = {}
 
     # -- sessions --------------------------------------------------------------------
 
@@ -210,6 +253,7 @@ class NodeService:
         wire_dtype: WireDtype = "float32",
         return_logits: bool = False,
         input_digest: bytes | None = None,
+        owner: Owner | None = None,
     ) -> tuple[str, ...]:
         """Open a session here and on every later node; return the route's node ids.
 
@@ -217,7 +261,7 @@ class NodeService:
         SHA-256 of the client's request body.
         """
         session = self.sessions.open(
-            session_id, max_len, self.shard.new_cache, wire_dtype, sampling, return_logits
+            session_id, max_len, self.shard.new_cache, wire_dtype, sampling, return_logits, owner
         )
         session.input_digest = input_digest
         if self.next_hop is None:
@@ -227,12 +271,17 @@ class NodeService:
                 session_id, max_len, sampling, wire_dtype, return_logits
             )
         except BaseException:
-            self.sessions.close(session_id)
+            self.sessions.close(session_id, owner)
             raise
         return (self.node_id, *later)
 
     async def close_session(
-        self, session_id: str, *, sign: bool = False, previous: Receipt | None = None
+        self,
+        session_id: str,
+        *,
+        sign: bool = False,
+        previous: Receipt | None = None,
+        owner: Owner | None = None,
     ) -> list[Receipt] | None:
         """Close here and downstream; with ``sign``, return the receipts from here on.
 
@@ -240,14 +289,13 @@ class NodeService:
         (linked to ``previous``, the upstream stage's) and passes it on, and every
         later node does the same. Returns None when the session was not open here.
         """
-        session = self.sessions.close(session_id)
-        self._locks.pop(session_id, None)
-        own = self._sign(session, previous) if sign and session is not None else None
+        session = self.sessions.close(session_id, owner)
+        if session is None:  # not open here, or not ``owner``'s: nothing to pass on
+            return None
+        own = self._sign(session, previous) if sign else None
         later: list[Receipt] = []
         if self.next_hop is not None:
             later = await self.next_hop.close_session(session_id, own)
-        if session is None:
-            return None
         return [own, *later] if own is not None else []
 
     def _sign(self, session: Session, previous: Receipt | None) -> Receipt | None:
@@ -265,8 +313,6 @@ class NodeService:
 
     def evict_idle(self) -> list[str]:
         evicted = self.sessions.evict_idle()
-        for session_id in evicted:
-            self._locks.pop(session_id, None)
         if evicted:
             log.info("evicted %d idle sessions", len(evicted))
         return evicted
@@ -274,17 +320,21 @@ class NodeService:
     # -- steps -----------------------------------------------------------------------
 
     async def step_tokens(
-        self, session_id: str, tokens: list[int] | tuple[int, ...], frame: bytes | None = None
+        self,
+        session_id: str,
+        tokens: list[int] | tuple[int, ...],
+        frame: bytes | None = None,
+        owner: Owner | None = None,
     ) -> StepResult:
-        session = self.sessions.get(session_id)
+        session = self.sessions.get(session_id, owner)
         inputs = check_tokens(self.shard, session, tokens)
         return await self._step(session, tokens=inputs, hidden=None, frame=frame)
 
-    async def step_wire(self, message: StepMsg, frame: bytes) -> StepResult:
-        """A step that arrived on the pipeline socket as ``frame``."""
+    async def step_wire(self, message: StepMsg, frame: bytes, owner: Owner) -> StepResult:
+        """A step that arrived on the pipeline socket as ``frame``, from ``owner``."""
         if message.hidden is None:
-            return await self.step_tokens(message.session, message.tokens or (), frame)
-        session = self.sessions.get(message.session)
+            return await self.step_tokens(message.session, message.tokens or (), frame, owner)
+        session = self.sessions.get(message.session, owner)
         try:
             hidden = tensor_from_wire(message.hidden, expected_dtype=session.wire_dtype)
         except ProtocolError as exc:
@@ -300,8 +350,12 @@ class NodeService:
         hidden: torch.Tensor | None,
         frame: bytes | None,
     ) -> StepResult:
-        lock = self._locks.setdefault(session.id, asyncio.Lock())
-        async with lock:  # one step at a time per session: the cache is sequential
+        if session.in_flight:  # the cache is sequential: a second step would corrupt it
+            raise BadRequestError(
+                "a step is already running for this session", code="step_in_flight", status=409
+            )
+        session.in_flight, session.stepped = True, True
+        try:
             started = time.perf_counter()
             length_before = session.cache.length
             out: StepOutput = await self._compute(
@@ -319,6 +373,9 @@ class NodeService:
             if frame is not None:
                 session.received.update(frame)
             return result
+        finally:
+            session.in_flight = False
+            session.touch()
 
     async def _forward(
         self, session: Session, hidden: torch.Tensor, length_before: int

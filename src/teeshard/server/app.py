@@ -1,32 +1,42 @@
 """The node process's ASGI app: each part attaches its own routes.
 
 The factory knows which parts a node has, not their endpoints: the pipeline
-socket (``teeshard.node``), the attestation routes (here), and on the entry
-node the OpenAI-compatible API and sealed requests (``teeshard.entry``). Parts
-find what they serve through ``app.state``.
+socket (``teeshard.node``, on every node after the first: tokens enter the
+first stage only through its API), the attestation routes (here), and on the
+entry node the OpenAI-compatible API and sealed requests (``teeshard.entry``).
+Parts find what they serve through ``app.state``. Every request passes the
+edge's body limit; ``/metrics`` and the detailed ``/health`` are for the admin
+token or a loopback-only node (``teeshard.server.edge``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
 import psutil
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import PlainTextResponse
 
 from teeshard.entry import (
+    APIError,
     OpenAIServing,
     attach_router,
     attach_sealed_router,
     install_error_handlers,
 )
+from teeshard.ledger import Ledger, LedgerBilling, LedgerError
+from teeshard.ledger.registration import AttestVerifier, ExpectedShards, renew_admissions
 from teeshard.node import NodeService, attach_pipeline, stage_metrics
 from teeshard.server.attestation_routes import attach_attestation_routes
 from teeshard.server.config import NodeConfig
+from teeshard.server.edge import BodyLimit, may_see_detail, public_health
 from teeshard.server.trust import NodeTrust
+
+log = logging.getLogger(__name__)
 
 
 def create_app(
@@ -36,10 +46,17 @@ def create_app(
     serving: OpenAIServing | None = None,
 ) -> FastAPI:
     @contextlib.asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        tasks = [asyncio.create_task(_evict_idle(service))]
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.loop = asyncio.get_running_loop()  # for in-process callers on other threads
+        tasks = [
+            asyncio.create_task(_evict_idle(service)),
+            asyncio.create_task(trust.attestation.keep_fresh()),  # re-key, re-quote before expiry
+        ]
         if service.next_hop is not None:
             tasks.append(asyncio.create_task(service.next_hop.keep_connected()))
+        ledger = _ledger_of(serving)
+        if ledger is not None and trust.policy.manifests:
+            tasks.append(asyncio.create_task(_readmit(ledger, trust, config.readmit_every_s)))
         try:
             yield
         finally:
@@ -53,23 +70,34 @@ def create_app(
     app = FastAPI(title="teeshard node", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.service = service
     app.state.trust = trust
+    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
     install_error_handlers(app)
-    attach_pipeline(app, service)
-    attach_attestation_routes(app, trust)
+    if not service.shard.is_first:
+        attach_pipeline(app, service, trust, config.pipeline)
+    attach_attestation_routes(app, trust, config.operator, config.resolved_node_id)
     metrics = stage_metrics(service)
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
+    async def health(request: Request) -> dict[str, Any]:
+        if not may_see_detail(request, config):
+            return public_health(trust.attestation.evidence.insecure)
         return {**health_report(service, config), "attestation": trust.summary()}
 
     @app.get("/metrics", response_class=PlainTextResponse)
-    async def metrics_text() -> str:
+    async def metrics_text(request: Request) -> str:
+        if not may_see_detail(request, config):
+            raise APIError(
+                403,
+                "metrics are for the admin token (TEESHARD_ADMIN_TOKEN, as 'Authorization: "
+                "Bearer ...') or a node bound to loopback",
+                code="admin_only",
+            )
         return metrics.render()
 
     if serving is not None:
         app.state.serving = serving
         attach_router(app, serving)
-        attach_sealed_router(app, trust.attestation.identity)
+        attach_sealed_router(app, trust.attestation.identities)  # newest first: follows a re-key
     return app
 
 
@@ -96,8 +124,31 @@ def health_report(service: NodeService, config: NodeConfig) -> dict[str, Any]:
     }
 
 
+def _ledger_of(serving: OpenAIServing | None) -> Ledger | None:
+    billing = serving.generations.billing if serving is not None else None
+    inner = billing.billing if billing is not None else None
+    return inner.ledger if isinstance(inner, LedgerBilling) else None
+
+
+async def _readmit(ledger: Ledger, trust: NodeTrust, every_s: float) -> None:
+    """The entry's duty to the pool: attest every registered node again, each period, so
+    admissions (and operators' free use) last only while nodes are live and genuine."""
+    expected = ExpectedShards.from_policy(trust.policy)
+    verifier = AttestVerifier(trust.policy, trust.collateral)
+    while True:
+        try:
+            renewal = await asyncio.to_thread(renew_admissions, ledger, expected, verifier)
+            if renewal.refused:
+                log.warning("%d registered nodes not re-admitted", len(renewal.refused))
+        except LedgerError as exc:
+            log.warning("re-admitting the pool's nodes failed: %s", exc.code)
+        await asyncio.sleep(every_s)
+
+
 async def _evict_idle(service: NodeService) -> None:
-    interval = max(0.05, min(service.sessions.limits.idle_timeout_s / 4, 30.0))
+    limits = service.sessions.limits
+    shortest = min(limits.idle_timeout_s, limits.unstepped_timeout_s)
+    interval = max(0.05, min(shortest / 4, 30.0))
     while True:
         await asyncio.sleep(interval)
         service.evict_idle()

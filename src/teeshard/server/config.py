@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from teeshard.model.layer_range import LayerRange
-from teeshard.node import SessionLimits
+from teeshard.node import PipelineLimits, SessionLimits
 from teeshard.transport.messages import WireDtype
 
 
@@ -21,25 +22,36 @@ class NodeConfig:
     dtype: str = "float32"  # compute dtype of the weights
     wire_dtype: WireDtype = "float32"  # dtype of hidden states sent to the next node
     limits: SessionLimits = field(default_factory=SessionLimits)
+    pipeline: PipelineLimits = field(default_factory=PipelineLimits)
     max_frame_bytes: int | None = None  # default: one full-context prefill plus headroom
     threads: int | None = None  # torch intra-op threads; default: torch's choice
     model_name: str | None = None  # name served on /v1/models; default: directory name
     default_max_tokens: int = 512  # completion budget when a request names none
     node_id: str | None = None  # how the ledger names this node; default host:port
+    operator: str | None = None  # the ledger account of this node's operator, in its claims
     # -- trust --
     tee: str = "auto"  # attestation provider: auto, dstack, tsm, gramine, simulated
     policy_path: Path | None = None  # what the next node's attestation must show
-    allow_simulated: bool = False  # accept the next node's INSECURE simulated evidence
+    allow_simulated_next_hop: bool = False  # accept the next node's INSECURE simulated evidence
+    # what a previous node must show to feed this one; default: policy_path
+    upstream_policy_path: Path | None = None
     collateral_path: Path | None = None  # cached DCAP collateral for TDX/SGX quotes
     pccs_url: str | None = None  # else fetch collateral from this PCCS
     tls: bool | None = None  # serve TLS with the attested certificate; default: all but entry
     public_hosts: tuple[str, ...] = ()  # extra names/IPs for the certificate
     manifest_cache: bool = True  # reuse tensor hashes of unchanged checkpoint files
+    # -- the HTTP edge --
+    behind_ingress: bool = False  # entry: plain HTTP on a public address, TLS ends at an ingress
+    admin_token: str | None = None  # bearer token for /metrics and detailed /health
+    max_body_bytes: int = 4 << 20  # largest request body read, plain or sealed
+    max_connections: int = 256  # concurrent HTTP connections and tasks; beyond: 503
+    header_timeout_s: float = 10.0  # a client must send its request line and headers in time
     # -- billing (entry node) --
     ledger_url: str | None = None  # sqlite:///..., postgresql://..., evm+http(s)://...; None: free
     pricing_path: Path | None = None  # TOML/JSON prices; default 1000 units per 1k tokens
     ledger_actor: str | None = None  # who this entry is in the ledger; default its node id
     free_for_operators: bool = True  # operators of admitted nodes use the model free
+    readmit_every_s: float = 600.0  # how often the entry attests the pool's nodes again
     # -- TSQP offload (teeshard.offload): linear layers on an untrusted accelerator --
     offload_url: str | None = None  # tcp://HOST:PORT of the accelerator; None: all in the TEE
     offload_mode: str = "blinded+verified"  # plain (INSECURE, by name only), blinded, verified
@@ -63,8 +75,23 @@ class NodeConfig:
         host = self.public_hosts[0] if self.public_hosts else self.host
         return f"{host}:{self.port}"
 
+    @property
+    def binds_loopback(self) -> bool:
+        return is_loopback(self.host)
+
     def validate(self, num_layers: int) -> None:
         self.layers.check_within(num_layers)
+        if (
+            self.entry
+            and not self.serves_tls
+            and not self.binds_loopback
+            and not self.behind_ingress
+        ):
+            raise ValueError(
+                f"the entry node would serve plain HTTP on {self.host}: serve TLS with the attested "
+                "certificate (--tls), bind 127.0.0.1, or say a TLS-terminating ingress is in front "
+                "(--behind-ingress; then clients should seal their requests)"
+            )
         if self.entry and not self.layers.is_first():
             raise ValueError("--entry is only valid on the node whose layer range starts at 0")
         if self.ledger_url and not self.entry:
@@ -83,3 +110,13 @@ class NodeConfig:
             raise ValueError(
                 f"--next {self.next_url}: hidden states go only over RA-TLS; use wss://HOST:PORT"
             )
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a bind address or a client's) is this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -32,9 +32,10 @@ from teeshard.model.loader import TensorHook, load_shard, parse_dtype
 from teeshard.model.transformer import Shard
 from teeshard.node import NextHop, NodeService
 from teeshard.offload import OffloadHandle, connect_offload
-from teeshard.paths import data_dir
+from teeshard.paths import simulated_tee_dir
 from teeshard.server.app import create_app
 from teeshard.server.config import NodeConfig
+from teeshard.server.edge import header_deadline_protocol
 from teeshard.server.trust import NodeTrust, trust_for
 from teeshard.transport.peer import PeerClient
 
@@ -93,7 +94,7 @@ def attest_node(
     config: NodeConfig, builder: ManifestBuilder, offload: OffloadHandle | None = None
 ) -> NodeTrust:
     provider = select_provider(
-        config.tee, allow_simulated=config.tee == "simulated", data_dir=data_dir() / "simulated-tee"
+        config.tee, allow_simulated=config.tee == "simulated", data_dir=simulated_tee_dir()
     )
     hosts = {"localhost", "127.0.0.1", *config.public_hosts}
     if config.host not in ("0.0.0.0", "::"):
@@ -114,8 +115,9 @@ def build_node(config: NodeConfig, show_progress: bool = False) -> Node:
     model_name = config.model_name or checkpoint.name
     cache = ManifestCache.for_checkpoint(config.model_dir) if config.manifest_cache else None
     builder = ManifestBuilder(
-        checkpoint, config.layers, config.dtype, model_name=model_name, cache=cache
-    )
+        checkpoint, config.layers, config.dtype, model_name=model_name, cache=cache,
+        entry_files=config.model_dir if config.entry else None,  # tokenizer, templates attested
+    )  # fmt: skip
     shard = load_with_progress(checkpoint, config, show_progress, builder.on_tensor)
     offload = _offload(config, shard)
     trust = attest_node(config, builder, offload)
@@ -131,6 +133,7 @@ def build_node(config: NodeConfig, show_progress: bool = False) -> Node:
                 _pipeline_url(next_url),
                 max_frame_bytes=frame_limit(config, shard),
                 on_connect=attest_next,
+                introduce=trust.introduce,
             )
         )
     service = NodeService(
@@ -202,14 +205,17 @@ def make_server(node: Node) -> uvicorn.Server:
         port=node.config.port,
         log_level="warning",
         ws_max_size=node.max_frame_bytes,
+        ws_max_queue=2,  # frames buffered while the pipeline handler is busy: back-pressure
         ws_per_message_deflate=False,
+        http=header_deadline_protocol(node.config.header_timeout_s),
+        limit_concurrency=node.config.max_connections,
         timeout_graceful_shutdown=5,
         lifespan="on",
     )
     config.load()
     if node.config.serves_tls:
         # uvicorn builds contexts from key files; the identity builds its own instead
-        config.ssl = node.trust.attestation.identity.server_ssl_context()
+        config.ssl = node.trust.attestation.server_ssl_context()  # renewed on re-key
     return uvicorn.Server(config)
 
 

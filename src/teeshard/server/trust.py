@@ -1,16 +1,25 @@
-"""A node's side of attestation: its own evidence, and verifying the next node.
+"""A node's side of attestation: its own evidence, and verifying its neighbours.
 
-Before the first byte of a session goes downstream, the node fetches the next
-node's attestation chain with a fresh nonce, verifies the first bundle against
-its policy (quote, measurements, report_data binding, expected manifest, nonce
-signature) and pins exactly that certificate for the WebSocket. This runs on
-every (re)connection. Attestation failures are never retried silently: they
-surface as ``attestation_failed`` errors naming the reason.
+Downstream: before the first byte of a session goes to the next node, this node
+fetches the next node's attestation chain with a fresh nonce, verifies the first
+bundle against its policy (quote, measurements, report_data binding, expected
+manifest, nonce signature) and pins exactly that certificate for the WebSocket.
+This runs on every (re)connection.
+
+Upstream, in both directions of each connection: the next node challenges this
+one, and ``introduce`` answers with this node's bundle for a nonce derived from
+the challenge and the certificate this connection reached; ``verify_upstream``
+is the same check from the other side, plus: the upstream's manifest must be
+the one the policy expects for the layers that end exactly where this node's
+begin. Attestation failures are never retried silently: they surface as
+``attestation_failed`` errors naming the reason.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
 import secrets
 import ssl
@@ -24,24 +33,37 @@ from teeshard.attest import (
     AttestationError,
     Bundle,
     CollateralSource,
+    FormatError,
+    ManifestMismatch,
     NodeAttestation,
     Policy,
+    cert_fingerprint,
     collateral_source,
     fetch_chain_async,
     verify_bundle,
 )
-from teeshard.node import DownstreamError
+from teeshard.node import DownstreamError, Upstream
 from teeshard.server.config import NodeConfig
 
 log = logging.getLogger(__name__)
 
 
+_UPSTREAM_DOMAIN = b"teeshard/upstream-introduction/v1\0"
+
+
+def upstream_nonce(challenge: bytes, downstream_fingerprint: bytes) -> bytes:
+    """The nonce an upstream's bundle answers: bound to the challenge and to the
+    downstream certificate of this very connection, so it cannot be relayed."""
+    return hashlib.sha256(_UPSTREAM_DOMAIN + challenge + downstream_fingerprint).digest()
+
+
 def trust_for(config: NodeConfig, attestation: NodeAttestation) -> NodeTrust:
-    """The node's trust state: its attestation, and what it asks of the next node."""
-    policy = Policy.load(config.policy_path, allow_simulated=config.allow_simulated)
-    return NodeTrust(
-        attestation, policy, collateral_source(config.collateral_path, config.pccs_url)
-    )
+    """The node's trust state: its attestation, what it asks of the next node and of
+    the previous one (the same policy file unless ``upstream_policy_path`` is given)."""
+    policy = Policy.load(config.policy_path, allow_simulated=config.allow_simulated_next_hop)
+    upstream = Policy.load(config.upstream_policy_path or config.policy_path)
+    collateral = collateral_source(config.collateral_path, config.pccs_url)
+    return NodeTrust(attestation, policy, collateral, upstream_policy=upstream)
 
 
 @dataclass
@@ -52,6 +74,7 @@ class NodeTrust:
     # The attestation bundles of the nodes after this one, as the next node presented
     # them at our last connection (JSON): served on /v1/attestation/chain.
     downstream_bundles: list[dict[str, Any]] = field(default_factory=list)
+    upstream_policy: Policy | None = None  # what a previous node must show; None: ``policy``
 
     def attestation_chain(self, nonce_hex: str) -> dict[str, Any]:
         """This node's bundle for ``nonce`` followed by the bundles of the nodes after it."""
@@ -88,6 +111,40 @@ class NodeTrust:
             node.manifest.layers, node.manifest_hash.hex()[:16], node.fingerprint.hex()[:16],
         )  # fmt: skip
         return node.pinned_ssl_context()
+
+    async def introduce(self, challenge: bytes, downstream_certificate_der: bytes) -> bytes:
+        """Answer the next node's challenge: this node's bundle, as JSON bytes."""
+        nonce = upstream_nonce(challenge, cert_fingerprint(downstream_certificate_der))
+        return json.dumps(self.attestation.bundle(nonce).to_json()).encode()
+
+    async def verify_upstream(self, challenge: bytes, bundle: bytes) -> Upstream:
+        """Admit a previous node: its bundle for our challenge, against our upstream policy."""
+        try:
+            parsed = Bundle.from_json(json.loads(bundle))
+        except (ValueError, TypeError) as exc:
+            raise FormatError(f"the introduction is not an attestation bundle: {exc}") from None
+        nonce = upstream_nonce(challenge, self.attestation.identity.fingerprint)
+        node = await asyncio.to_thread(
+            verify_bundle,
+            parsed,
+            self.upstream_policy or self.policy,
+            nonce=nonce,
+            collateral=self.collateral,
+        )
+        own = self.attestation.manifest
+        if node.manifest.model != own.model or node.manifest.layers.end != own.layers.start:
+            raise ManifestMismatch(
+                f"an upstream serving {node.manifest.model} layers {node.manifest.layers} "
+                f"cannot feed {own.model} layers {own.layers}"
+            )
+        return Upstream(
+            fingerprint=node.fingerprint.hex(),
+            description=(
+                f"{node.provider}{' (INSECURE simulated)' if node.insecure else ''}, layers "
+                f"{node.manifest.layers}, manifest {node.manifest_hash.hex()[:16]}, "
+                f"certificate {node.fingerprint.hex()[:16]}"
+            ),
+        )
 
     def summary(self) -> dict[str, Any]:
         evidence = self.attestation.evidence

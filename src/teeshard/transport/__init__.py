@@ -4,7 +4,8 @@ Errors::
 
     ProtocolError        a frame that does not decode or validate (never executed)
     PeerError            the next node is unreachable or the link broke
-     └── PeerCertificateError   its certificate is not the attested one
+     ├── PeerCertificateError   its certificate is not the attested one
+     └── PeerRefusedError       it refused this node's introduction (attestation)
     RemoteError          the next node answered with an error message
 """
 
@@ -17,8 +18,10 @@ from teeshard.transport.codec import (
 )
 from teeshard.transport.messages import (
     WIRE_DTYPES,
+    ChallengeMsg,
     CloseMsg,
     ErrorMsg,
+    IntroduceMsg,
     Message,
     OpenMsg,
     ReceiptWire,
@@ -27,19 +30,29 @@ from teeshard.transport.messages import (
     WireDtype,
     WireTensor,
 )
-from teeshard.transport.peer import PeerCertificateError, PeerClient, PeerError, RemoteError
-from teeshard.transport.pipeline_client import PipelineClient
+from teeshard.transport.peer import (
+    Introducer,
+    PeerCertificateError,
+    PeerClient,
+    PeerError,
+    PeerRefusedError,
+    RemoteError,
+    introduce_over,
+)
 
 __all__ = [
     "WIRE_DTYPES",
+    "ChallengeMsg",
     "CloseMsg",
     "ErrorMsg",
+    "IntroduceMsg",
+    "Introducer",
     "Message",
     "OpenMsg",
     "PeerCertificateError",
     "PeerClient",
     "PeerError",
-    "PipelineClient",
+    "PeerRefusedError",
     "ProtocolError",
     "ReceiptWire",
     "RemoteError",
@@ -49,6 +62,7 @@ __all__ = [
     "WireTensor",
     "decode",
     "encode",
+    "introduce_over",
     "tensor_from_wire",
     "tensor_to_wire",
 ]

@@ -95,8 +95,32 @@ class ErrorMsg(_Strict):
     status: int = 500  # the HTTP status the entry node should give a client
 
 
+# -- the handshake: an upstream proves what it is before it may send anything ---------
+
+CHALLENGE_BYTES = 32
+MAX_INTRODUCTION_BYTES = 1 << 20  # an attestation bundle: quote, event log, manifest
+
+
+class ChallengeMsg(_Strict):
+    """Downstream to upstream, first frame of every connection: a fresh nonce."""
+
+    v: Literal[1] = 1
+    type: Literal["challenge"] = "challenge"
+    nonce: Annotated[bytes, Field(min_length=CHALLENGE_BYTES, max_length=CHALLENGE_BYTES)]
+
+
+class IntroduceMsg(_Strict):
+    """Upstream to downstream: its attestation bundle (JSON) for a nonce derived from the
+    challenge and the downstream's certificate, so it proves this very connection."""
+
+    v: Literal[1] = 1
+    type: Literal["introduce"] = "introduce"
+    bundle: Annotated[bytes, Field(max_length=MAX_INTRODUCTION_BYTES)]
+
+
 Request = OpenMsg | StepMsg | CloseMsg
 Reply = ResultMsg | ErrorMsg
 Message = Annotated[
-    OpenMsg | StepMsg | CloseMsg | ResultMsg | ErrorMsg, Field(discriminator="type")
+    OpenMsg | StepMsg | CloseMsg | ResultMsg | ErrorMsg | ChallengeMsg | IntroduceMsg,
+    Field(discriminator="type"),
 ]

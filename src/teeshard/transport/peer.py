@@ -1,8 +1,13 @@
 """One persistent WebSocket to a downstream node, multiplexed by request id.
 
-Requests from many sessions share the connection; a reader task matches each
-reply to its waiting request. When the connection drops, every waiting request
-fails at once with ``PeerError`` (no hangs) and the next request reconnects.
+Every connection starts with a handshake in which this side proves what it is:
+the downstream sends a fresh challenge, and ``introduce`` (the node's trust,
+see ``teeshard.server.trust``) answers with an attestation bundle bound to that
+challenge and to the downstream's certificate; only then is anything else
+sent. Requests from many sessions share the connection; a reader task matches
+each reply to its waiting request. When the connection drops, every waiting
+request fails at once with ``PeerError`` (no hangs) and the next request
+reconnects.
 """
 
 from __future__ import annotations
@@ -19,13 +24,23 @@ import websockets
 from websockets.asyncio.client import ClientConnection, connect
 
 from teeshard.transport.codec import ProtocolError, decode, encode
-from teeshard.transport.messages import ErrorMsg, Reply, Request, ResultMsg
+from teeshard.transport.messages import (
+    ChallengeMsg,
+    ErrorMsg,
+    IntroduceMsg,
+    Reply,
+    Request,
+    ResultMsg,
+)
 
 log = logging.getLogger(__name__)
 
 # Called before each (re)connection; returns the TLS context to use, or None for
 # plain ws://. This is where attestation checks and certificate pinning plug in.
 ConnectHook = Callable[[], Awaitable[ssl.SSLContext | None]]
+# Answers the downstream's challenge: (challenge nonce, the downstream's certificate
+# in DER as this connection saw it) -> this node's attestation bundle as JSON bytes.
+Introducer = Callable[[bytes, bytes], Awaitable[bytes]]
 
 
 class PeerError(ConnectionError):
@@ -34,6 +49,10 @@ class PeerError(ConnectionError):
 
 class PeerCertificateError(PeerError):
     """The peer's TLS certificate is not the one its attestation named: refused."""
+
+
+class PeerRefusedError(PeerError):
+    """The downstream refused this node's introduction (its attestation): not retried."""
 
 
 class RemoteError(RuntimeError):
@@ -53,8 +72,10 @@ class PeerClient:
         connect_timeout: float = 10.0,
         request_timeout: float = 300.0,
         on_connect: ConnectHook | None = None,
+        introduce: Introducer | None = None,
     ) -> None:
         self.url = url
+        self.introduce = introduce
         self.max_frame_bytes = max_frame_bytes
         self.connect_timeout = connect_timeout
         self.request_timeout = request_timeout
@@ -116,7 +137,7 @@ class PeerClient:
                 return self._conn
             tls = await self.on_connect() if self.on_connect is not None else None
             try:
-                self._conn = await asyncio.wait_for(
+                conn = await asyncio.wait_for(
                     connect(
                         self.url,
                         ssl=tls,
@@ -139,9 +160,16 @@ class PeerClient:
                 websockets.InvalidURI,
             ) as exc:
                 raise PeerError(f"cannot connect to {self.url}: {exc}") from None
+            try:
+                await introduce_over(conn, self.introduce, self.connect_timeout, self.url)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await conn.close()
+                raise
+            self._conn = conn
             log.info("connected to downstream node %s", self.url)
-            self._reader = asyncio.create_task(self._read_loop(self._conn))
-            return self._conn
+            self._reader = asyncio.create_task(self._read_loop(conn))
+            return conn
 
     async def _read_loop(self, conn: ClientConnection) -> None:
         reason = "connection closed"
@@ -188,3 +216,40 @@ class PeerClient:
 
     def stats(self) -> dict[str, Any]:
         return {"url": self.url, "connected": self.connected, "in_flight": len(self._pending)}
+
+
+async def introduce_over(
+    conn: ClientConnection, introduce: Introducer | None, deadline_s: float, url: str
+) -> None:
+    """The upstream side of the handshake on a fresh connection (see the module docstring).
+
+    Raises ``PeerRefusedError`` when the downstream refuses the introduction and
+    ``PeerError`` when the exchange breaks or times out.
+    """
+    try:
+        challenge = decode(_binary(await asyncio.wait_for(conn.recv(), deadline_s)))
+        if not isinstance(challenge, ChallengeMsg):
+            raise PeerError(f"{url} did not open with a challenge")
+        if introduce is None:
+            raise PeerRefusedError(f"{url} accepts only attested upstreams; this client has none")
+        ssl_object = conn.transport.get_extra_info("ssl_object")
+        peer = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else b""
+        bundle = await introduce(challenge.nonce, peer or b"")
+        await conn.send(encode(IntroduceMsg(bundle=bundle)))
+        answer = decode(_binary(await asyncio.wait_for(conn.recv(), deadline_s)))
+    except TimeoutError:
+        raise PeerError(f"{url} did not finish the handshake within {deadline_s:.0f}s") from None
+    except ProtocolError as exc:
+        raise PeerError(f"{url} broke the handshake: {exc}") from None
+    except websockets.ConnectionClosed as exc:
+        raise PeerRefusedError(f"{url} closed the connection during the handshake: {exc}") from None
+    if isinstance(answer, ErrorMsg):
+        raise PeerRefusedError(f"{url} refused this node: {answer.message}")
+    if not isinstance(answer, ResultMsg):
+        raise PeerError(f"{url} answered the introduction with a {answer.type} message")
+
+
+def _binary(frame: str | bytes) -> bytes:
+    if isinstance(frame, str):
+        raise ProtocolError("pipeline frames must be binary")
+    return frame

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,22 +49,7 @@ class SimulatedProvider:
     @classmethod
     def from_data_dir(cls, data_dir: str | Path) -> SimulatedProvider:
         """Load the signing key from ``data_dir``, creating it (mode 0600) the first time."""
-        path = Path(data_dir) / KEY_FILE
-        if path.exists():
-            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-            if not isinstance(key, ed25519.Ed25519PrivateKey):
-                raise FormatError(f"{path} does not hold an Ed25519 key")
-            return cls(key)
-        key = ed25519.Ed25519PrivateKey.generate()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        pem = key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as handle:
-            handle.write(pem)
-        return cls(key)
+        return cls(_load_or_create_key(Path(data_dir) / KEY_FILE))
 
     @property
     def public_key(self) -> bytes:
@@ -75,6 +61,41 @@ class SimulatedProvider:
         signed = _HEADER + check_report_data(report_data)
         quote = signed + self.public_key + self._key.sign(signed)
         return Evidence(self.name, "simulated", quote, report_data, None, insecure=True)
+
+
+def simulated_public_key(data_dir: str | Path) -> bytes:
+    """The public key the simulated provider of ``data_dir`` signs with (created if absent).
+
+    For a policy that accepts this machine's simulated nodes and no one else's:
+    ``simulated_keys = ["<hex of this>"]``. Pass the directory the node's provider
+    uses (``select_provider(data_dir=...)``).
+    """
+    key = _load_or_create_key(Path(data_dir) / KEY_FILE)
+    return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def _load_or_create_key(path: Path) -> ed25519.Ed25519PrivateKey:
+    """The key at ``path``; made first if absent. Safe when several nodes start at once."""
+    if not path.exists():
+        pem = ed25519.Ed25519PrivateKey.generate().private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+        with open(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as handle:
+            handle.write(pem)
+        try:
+            os.link(partial, path)  # atomic, and never replaces a key another node made
+        except FileExistsError:
+            pass
+        finally:
+            partial.unlink()
+    loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    if not isinstance(loaded, ed25519.Ed25519PrivateKey):
+        raise FormatError(f"{path} does not hold an Ed25519 key")
+    return loaded
 
 
 @dataclass(frozen=True)

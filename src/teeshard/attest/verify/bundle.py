@@ -5,9 +5,11 @@ Checks, in order (each failure raises its own :class:`AttestationError` subclass
 1. freshness: the bundle answers *our* nonce, the nonce signature is younger than
    the policy's ``max_evidence_age_s``, and the certificate is within its validity;
 2. the nonce signature verifies under the certificate's key;
-3. the evidence: simulated evidence only if the policy allows it; TDX/SGX quotes
-   through dcap-qvl with collateral, then TCB status, debug mode and measurements
-   against the policy, and for dstack the RTMR3 event log replay and compose hash;
+3. the evidence: what it is (simulated, TDX or SGX) is read from the quote bytes
+   and must agree with the label; simulated evidence only if the policy allows it
+   (and only from a pinned key, where the policy pins keys); TDX/SGX quotes through
+   dcap-qvl with collateral, then the policy (``measurements.check_report``): TCB
+   status and advisories, debug mode, measurements, RTMR3 or the dstack event log;
 4. the binding: report_data recomputed from the certificate's public key, the
    manifest hash and the sealing key must equal the quote's report_data;
 5. the manifest hash equals the expected one (argument, else the policy's entry).
@@ -27,12 +29,12 @@ from dataclasses import dataclass, field
 from teeshard.attest.errors import (
     BindingError,
     CollateralError,
-    EventLogError,
+    FormatError,
     FreshnessError,
     ManifestMismatch,
     MeasurementError,
+    QuoteError,
     SimulatedRefused,
-    TcbStatusError,
     VerificationError,
 )
 from teeshard.attest.evidence import (
@@ -51,10 +53,20 @@ from teeshard.attest.identity import (
     verify_signature,
 )
 from teeshard.attest.manifest import ShardManifest
+from teeshard.attest.providers.simulated import MAGIC as SIMULATED_MAGIC
 from teeshard.attest.providers.simulated import verify_simulated_quote
-from teeshard.attest.verify.dstack_eventlog import DstackInfo, verify_event_log
+from teeshard.attest.verify.dstack_eventlog import DstackInfo
+from teeshard.attest.verify.measurements import check_report
 from teeshard.attest.verify.policy import Policy
-from teeshard.attest.verify.quote import Collateral, CollateralSource, QuoteReport, verify_quote
+from teeshard.attest.verify.quote import (
+    Collateral,
+    CollateralSource,
+    QuoteReport,
+    quote_tee_type,
+    verify_quote,
+)
+
+__all__ = ["CLOCK_SKEW_S", "VerifiedNode", "check_report", "evidence_kind", "verify_bundle"]
 
 CLOCK_SKEW_S = 60
 
@@ -88,7 +100,7 @@ class VerifiedNode:
 
     def summary(self) -> list[str]:
         lines = [
-            f"provider: {self.provider} ({self.tee_type})",
+            f"quote: {self.tee_type} (provider {self.provider}, as the node names it)",
             f"manifest: {self.manifest.model} layers {self.manifest.layers} "
             f"{self.manifest.dtype}, {len(self.manifest.tensors)} tensors, "
             f"hash {self.manifest_hash.hex()}",
@@ -104,58 +116,6 @@ class VerifiedNode:
             lines.append(f"dstack app id: {self.app_id.hex()}")
         lines += [f"warning: {w}" for w in self.warnings]
         return lines
-
-
-def check_report(report: QuoteReport, evidence: Evidence, policy: Policy) -> DstackInfo | None:
-    """Apply the policy to a verified quote's claims (pure; no I/O)."""
-    if report.tcb_status not in policy.allowed_tcb_statuses:
-        advisories = ", ".join(report.advisory_ids) or "none"
-        raise TcbStatusError(
-            f"TCB status {report.tcb_status} is not allowed (allowed: "
-            f"{', '.join(sorted(policy.allowed_tcb_statuses))}; advisories: {advisories})"
-        )
-    if report.debug and not policy.allow_debug:
-        raise MeasurementError(f"the {report.tee_type.upper()} runs in debug mode")
-    if report.tee_type == "sgx":
-        _check_sgx(report, policy)
-        return None
-    for name in ("mrtd", "rtmr0", "rtmr1", "rtmr2"):
-        _check_listed(name.upper(), getattr(report, name), getattr(policy, name))
-    is_dstack = evidence.provider.startswith("dstack")
-    if not policy.compose_hashes and not is_dstack:
-        return None
-    # Why policy-driven: the provider label is self-reported, so a dstack quote
-    # relabelled "tsm" must not skip the compose-hash check the policy asks for.
-    if not policy.compose_hashes:
-        raise MeasurementError("dstack evidence, but the policy lists no dstack compose hash")
-    if evidence.event_log is None or report.rtmr3 is None:
-        raise EventLogError("the policy requires a dstack compose hash; no event log was given")
-    info = verify_event_log(evidence.event_log, report.rtmr3)
-    if info.compose_hash is None:
-        raise EventLogError("the event log has no compose-hash system event")
-    _check_listed("dstack compose hash", info.compose_hash, policy.compose_hashes)
-    if policy.app_ids:
-        if info.app_id is None:
-            raise EventLogError("the event log has no app-id system event")
-        _check_listed("dstack app id", info.app_id, policy.app_ids)
-    return info
-
-
-def _check_sgx(report: QuoteReport, policy: Policy) -> None:
-    if not policy.mrenclave and not policy.mrsigner:
-        raise MeasurementError("SGX quote, but the policy lists no MRENCLAVE or MRSIGNER")
-    if policy.mrenclave:
-        _check_listed("MRENCLAVE", report.mrenclave, policy.mrenclave)
-    if policy.mrsigner:
-        _check_listed("MRSIGNER", report.mrsigner, policy.mrsigner)
-
-
-def _check_listed(name: str, value: bytes | None, allowed: frozenset[bytes]) -> None:
-    if value is None or value not in allowed:
-        shown = value.hex() if value is not None else "missing"
-        raise MeasurementError(
-            f"{name} {shown} is not allowed by the policy ({len(allowed)} value(s) listed)"
-        )
 
 
 def verify_bundle(
@@ -192,32 +152,34 @@ def verify_bundle(
     report: QuoteReport | None = None
     info: DstackInfo | None = None
     measurements: dict[str, str] = {}
-    if evidence.tee_type == "simulated":
-        if not policy.allow_simulated:
-            raise SimulatedRefused(
-                "simulated evidence (no TEE) is refused; pass --allow-simulated to accept it"
-            )
+    kind = evidence_kind(evidence)
+    if kind == "simulated" and not policy.allow_simulated:
+        raise SimulatedRefused(
+            "simulated evidence (no TEE) is refused; pass --allow-simulated to accept it"
+        )
+    if kind != evidence.tee_type:
+        raise VerificationError(f"evidence is labelled {evidence.tee_type}, the quote is {kind}")
+    if kind == "simulated":
         simulated = verify_simulated_quote(evidence.quote)
         if policy.simulated_keys and simulated.public_key not in policy.simulated_keys:
             raise MeasurementError(
-                f"simulated key {simulated.public_key.hex()} is not listed by the policy"
+                f"simulated key {simulated.public_key.hex()} is not listed by the policy "
+                f"(simulated_keys: {len(policy.simulated_keys)} key(s) pinned)"
             )
         quoted_report_data = simulated.report_data
         measurements["simulated_key"] = simulated.public_key.hex()
         warnings.append(INSECURE_LABEL)
-    elif evidence.tee_type in ("tdx", "sgx"):
+        if not policy.simulated_keys:
+            warnings.append("simulated evidence accepted from any key (the policy pins none)")
+    else:
         if collateral is None:
             raise CollateralError("a TDX/SGX quote needs collateral (--collateral or --pccs-url)")
         report = verify_quote(evidence.quote, collateral, int(now))
-        if report.tee_type != evidence.tee_type:
-            raise VerificationError(
-                f"evidence says {evidence.tee_type}, quote is {report.tee_type}"
-            )
         info = check_report(report, evidence, policy)
         quoted_report_data = report.report_data
         measurements = report.measurements()
-    else:
-        raise VerificationError(f"{evidence.tee_type} evidence cannot be verified by this verifier")
+        if report.tee_type == "tdx" and policy.allow_any_rtmr3:
+            warnings.append("RTMR3 not checked (allow_any_rtmr3): the TD's software is unverified")
     expected_rd = report_data_for(public_key_der(cert), manifest_hash, bundle.sealing_public_key)
     if not hmac.compare_digest(expected_rd, quoted_report_data):
         raise BindingError(
@@ -227,8 +189,8 @@ def verify_bundle(
     _check_manifest(bundle.manifest, expected_manifest_hash, policy)
     return VerifiedNode(
         provider=evidence.provider,
-        tee_type=evidence.tee_type,
-        insecure=evidence.insecure,
+        tee_type=kind,
+        insecure=kind == "simulated",
         tcb_status=report.tcb_status if report else None,
         advisory_ids=report.advisory_ids if report else (),
         measurements=measurements,
@@ -241,6 +203,18 @@ def verify_bundle(
         signed_at=bundle.signed_at,
         warnings=tuple(warnings),
     )
+
+
+def evidence_kind(evidence: Evidence) -> str:
+    """``"simulated"``, ``"tdx"`` or ``"sgx"``, read from the quote bytes, not from labels."""
+    if evidence.tee_type not in ("tdx", "sgx", "simulated"):
+        raise VerificationError(f"{evidence.tee_type} evidence cannot be verified by this verifier")
+    if evidence.quote.startswith(SIMULATED_MAGIC):
+        return "simulated"
+    try:
+        return quote_tee_type(evidence.quote)
+    except FormatError as exc:
+        raise QuoteError(f"quote rejected: {exc}") from None
 
 
 def _check_times(

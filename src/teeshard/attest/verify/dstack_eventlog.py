@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from teeshard.attest.errors import EventLogError
 
 DSTACK_RUNTIME_EVENT_TYPE = 0x08000001
+# dstack's boot log is a few KB; a log this large is an attempt to exhaust the verifier.
+MAX_EVENT_LOG_BYTES = 1 << 20
 RTMR_SIZE = 48
 _BOOT_DONE = "boot-mr-done"
 
@@ -65,6 +67,10 @@ def replay(events: list[RuntimeEvent] | tuple[RuntimeEvent, ...]) -> bytes:
 
 def parse_rtmr3_events(event_log: str) -> tuple[RuntimeEvent, ...]:
     """The RTMR3 (``imr == 3``) events of a dstack JSON event log, in order."""
+    if len(event_log) > MAX_EVENT_LOG_BYTES:
+        raise EventLogError(
+            f"event log of {len(event_log)} characters refused (limit {MAX_EVENT_LOG_BYTES})"
+        )
     try:
         entries = json.loads(event_log)
     except ValueError as exc:

@@ -6,12 +6,19 @@ chain up to Intel's root CA, the CRLs, and the TCB info and QE identity signed b
 Intel, all at the given time. It returns the TCB status and advisories; this
 module maps that to a frozen :class:`QuoteReport` with the measurements a policy
 checks. Collateral comes from a cached JSON file or a PCCS URL.
+
+What kind of quote it is (TDX or SGX) is read from the quote's own header, never
+from a label next to it. dcap-qvl does not expose an SGX enclave's ISVPRODID and
+ISVSVN; they are read here from the report body the verified signature covers
+(``sgx_report_body_t``: ISVPRODID at offset 256, ISVSVN at 258), after checking
+that the body found there carries the same MRENCLAVE dcap-qvl reports.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import struct
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -23,6 +30,14 @@ import dcap_qvl
 from teeshard.attest.errors import CollateralError, FormatError, QuoteError
 
 Collateral = Any  # dcap_qvl.QuoteCollateralV3 (a compiled class without usable stubs)
+
+# Any PCCS works (the collateral is signed by Intel): the default of the CLI and the node.
+DEFAULT_PCCS_URL = "https://pccs.phala.network"
+
+_QUOTE_HEADER_SIZE = 48
+_SGX_BODY_SIZE = 384
+_SGX_MRENCLAVE_AT = 64
+_SGX_ISV_AT = 256  # u16 ISVPRODID, then u16 ISVSVN (little-endian)
 
 
 @dataclass(frozen=True)
@@ -39,12 +54,47 @@ class QuoteReport:
     rtmr1: bytes | None = None
     rtmr2: bytes | None = None
     rtmr3: bytes | None = None
+    mrconfigid: bytes | None = None  # TDX MRCONFIGID (48 bytes)
+    td_attributes: bytes | None = None  # TDX TDATTRIBUTES (8 bytes, as in the quote)
+    xfam: bytes | None = None  # TDX XFAM (8 bytes, as in the quote)
     mrenclave: bytes | None = None
     mrsigner: bytes | None = None
+    isvprodid: int | None = None  # SGX ISVPRODID
+    isvsvn: int | None = None  # SGX ISVSVN
 
     def measurements(self) -> dict[str, str]:
-        names = ("mrtd", "rtmr0", "rtmr1", "rtmr2", "rtmr3", "mrenclave", "mrsigner")
-        return {n: v.hex() for n in names if (v := getattr(self, n)) is not None}
+        names = (
+            "mrtd", "rtmr0", "rtmr1", "rtmr2", "rtmr3", "mrconfigid", "td_attributes", "xfam",
+            "mrenclave", "mrsigner",
+        )  # fmt: skip
+        shown = {n: v.hex() for n in names if (v := getattr(self, n)) is not None}
+        shown |= {n: str(v) for n in ("isvprodid", "isvsvn") if (v := getattr(self, n)) is not None}
+        return shown
+
+
+def quote_tee_type(quote: bytes) -> str:
+    """``"tdx"`` or ``"sgx"``, from the quote's own header; FormatError if it is neither."""
+    try:
+        parsed = dcap_qvl.parse_quote(quote)
+    except ValueError as exc:
+        raise FormatError(f"not a DCAP quote: {exc}") from None
+    if parsed.is_tdx():
+        return "tdx"
+    if parsed.is_sgx():
+        return "sgx"
+    raise FormatError("quote is neither TDX nor SGX")
+
+
+def sgx_isv(quote: bytes, mrenclave: bytes) -> tuple[int, int]:
+    """(ISVPRODID, ISVSVN) of an SGX quote's report body (quote versions 3 to 5)."""
+    (version,) = struct.unpack_from("<H", quote, 0)
+    # v5 puts a body descriptor (u16 type, u32 size) between the header and the body
+    body_at = _QUOTE_HEADER_SIZE + (6 if version >= 5 else 0)
+    body = quote[body_at : body_at + _SGX_BODY_SIZE]
+    if len(body) != _SGX_BODY_SIZE or body[_SGX_MRENCLAVE_AT : _SGX_MRENCLAVE_AT + 32] != mrenclave:
+        raise QuoteError(f"cannot locate the SGX report body in a version {version} quote")
+    isvprodid, isvsvn = struct.unpack_from("<HH", body, _SGX_ISV_AT)
+    return isvprodid, isvsvn
 
 
 class CollateralSource(Protocol):
@@ -156,9 +206,13 @@ def verify_quote(quote: bytes, collateral: Collateral | CollateralSource, now: i
             rtmr1=bytes(report.rt_mr1),
             rtmr2=bytes(report.rt_mr2),
             rtmr3=bytes(report.rt_mr3),
+            mrconfigid=bytes(report.mr_config_id),
+            td_attributes=bytes(report.td_attributes),
+            xfam=bytes(report.xfam),
         )
     if parsed.is_sgx():
         # SGX ATTRIBUTES.FLAGS bit 1 is DEBUG.
+        isvprodid, isvsvn = sgx_isv(quote, bytes(report.mr_enclave))
         return QuoteReport(
             tee_type="sgx",
             tcb_status=status,
@@ -167,5 +221,7 @@ def verify_quote(quote: bytes, collateral: Collateral | CollateralSource, now: i
             debug=bool(bytes(report.attributes)[0] & 0x02),
             mrenclave=bytes(report.mr_enclave),
             mrsigner=bytes(report.mr_signer),
+            isvprodid=isvprodid,
+            isvsvn=isvsvn,
         )
     raise FormatError("quote is neither TDX nor SGX")

@@ -7,7 +7,10 @@
         before generating, then settle the real cost (naming the nodes that
         served it) or release it. Settled costs go to the pool; `distribute`
         splits the pool among node operators in proportion to the tokens their
-        nodes served since the last distribution; operators withdraw ETH.
+        nodes served since the last distribution; operators withdraw ETH, and
+        users take unspent deposits back (`refund`). Epoch settlement, the
+        recommended path, charges off chain: see settlement.vy. Registration
+        takes a bond; unadmitted nodes may be evicted after a timeout.
 @dev    Rounding: each node's share is floor(pool * served / total); what is
         left stays in `pool` for the next distribution, so no wei is ever lost
         or stuck. Every external function that changes state is nonreentrant
@@ -15,6 +18,27 @@
         checks-effects-interactions. Revert reasons are short codes that the
         Python client maps to its exception tree.
 """
+
+import journal
+import ownable
+import settlement
+
+initializes: ownable
+initializes: settlement
+
+exports: (
+    ownable.owner,
+    ownable.pending_owner,
+    ownable.transfer_ownership,
+    ownable.accept_ownership,
+    settlement.settlers,
+    settlement.escrow,
+    settlement.escrow_deposited,
+    settlement.roots,
+    settlement.epoch_totals,
+    settlement.epochs_posted,
+    settlement.claimed,
+)
 
 MAX_NODES: constant(uint256) = 128  # registered (and removed, until the next distribution)
 MAX_SERVED: constant(uint256) = 16  # nodes named by one settlement
@@ -44,98 +68,10 @@ struct Node:
     listed: bool  # present in node_ids
     served: uint256  # tokens since the last distribution
     served_total: uint256
+    bond: uint256  # tokens held while registered
+    since: uint256  # registered, or admission lapsed: the eviction clock starts
+    index: uint256  # position in node_ids while listed
 
-event AccountOpened:
-    account: indexed(address)
-
-event KeyBound:
-    key_hash: indexed(bytes32)
-    account: indexed(address)
-
-event KeyUnbound:
-    key_hash: indexed(bytes32)
-    account: indexed(address)
-
-event EntryAuthorised:
-    entry: indexed(address)
-    authorised: bool
-
-event Deposited:
-    account: indexed(address)
-    payer: indexed(address)
-    tokens: uint256
-    value: uint256
-
-event Reserved:
-    request_id: indexed(bytes32)
-    account: indexed(address)
-    holder: indexed(address)
-    amount: uint256
-    request: String[128]
-
-event Settled:
-    request_id: indexed(bytes32)
-    account: indexed(address)
-    holder: indexed(address)
-    amount: uint256
-    cost: uint256
-
-event Released:
-    request_id: indexed(bytes32)
-    account: indexed(address)
-    caller: indexed(address)
-    amount: uint256
-    expired: bool
-
-event Served:
-    request_id: indexed(bytes32)
-    node_id: indexed(bytes32)
-    operator: indexed(address)
-    tokens: uint256
-
-event NodeRegistered:
-    node_id: indexed(bytes32)
-    operator: indexed(address)
-    name: String[128]
-    url: String[256]
-    manifest_hash: bytes32
-
-event NodeAdmitted:
-    node_id: indexed(bytes32)
-    by: indexed(address)
-    manifest_hash: bytes32
-
-event NodeEdited:
-    node_id: indexed(bytes32)
-    operator: indexed(address)
-    url: String[256]
-    manifest_hash: bytes32
-    admitted: bool
-
-event NodeRemoved:
-    node_id: indexed(bytes32)
-    operator: indexed(address)
-
-event Paid:
-    node_id: indexed(bytes32)
-    operator: indexed(address)
-    epoch: indexed(uint256)
-    amount: uint256
-    tokens: uint256
-
-event Distributed:
-    epoch: indexed(uint256)
-    pool_before: uint256
-    distributed: uint256
-    remainder: uint256
-    tokens: uint256
-
-event Withdrawn:
-    operator: indexed(address)
-    tokens: uint256
-    value: uint256
-
-owner: public(address)
 wei_per_token: public(uint256)
 reservation_timeout: public(uint256)  # seconds after which anyone may release a reservation
 entries: public(HashMap[address, bool])
@@ -153,32 +89,56 @@ total_served: public(uint256)  # since the last distribution
 total_deposited: public(uint256)  # tokens
 total_withdrawn: public(uint256)  # tokens
 epoch: public(uint256)
+registration_bond: public(uint256)  # tokens paid in ETH with each registration
+admission_timeout: public(uint256)  # seconds a registered node may wait to be admitted
+bonded: public(uint256)  # bonds held
 
 
 @deploy
-def __init__(wei_per_token: uint256, reservation_timeout: uint256):
+def __init__(
+    wei_per_token: uint256,
+    reservation_timeout: uint256,
+    registration_bond: uint256,
+    admission_timeout: uint256,
+):
     assert wei_per_token > 0, "invalid_amount"
-    self.owner = msg.sender
+    ownable.__init__()
     self.wei_per_token = wei_per_token
     self.reservation_timeout = reservation_timeout
+    self.registration_bond = registration_bond
+    self.admission_timeout = admission_timeout
 
 
-# -- roles and accounts ----------------------------------------------------------------
+
+@external
+@nonreentrant
+def set_registration(bond: uint256, admission_timeout: uint256):
+    ownable._check_owner()
+    self.registration_bond = bond
+    self.admission_timeout = admission_timeout
+    log journal.RegistrationSet(bond=bond, admission_timeout=admission_timeout)
+
+
+@external
+@nonreentrant
+def authorize_settler(settler: address, authorised: bool):
+    ownable._check_owner()
+    settlement._authorise(settler, authorised)
 
 
 @external
 @nonreentrant
 def authorize_entry(entry: address, authorised: bool):
-    assert msg.sender == self.owner, "unauthorized"
+    ownable._check_owner()
     self.entries[entry] = authorised
-    log EntryAuthorised(entry=entry, authorised=authorised)
+    log journal.EntryAuthorised(entry=entry, authorised=authorised)
 
 
 @internal
 def _open(account: address):
     if not self.known[account]:
         self.known[account] = True
-        log AccountOpened(account=account)
+        log journal.AccountOpened(account=account)
 
 
 @external
@@ -194,7 +154,7 @@ def bind_key(key_hash: bytes32):
     assert self.key_owner[key_hash] == empty(address), "duplicate_key"
     self._open(msg.sender)
     self.key_owner[key_hash] = msg.sender
-    log KeyBound(key_hash=key_hash, account=msg.sender)
+    log journal.KeyBound(key_hash=key_hash, account=msg.sender)
 
 
 @external
@@ -202,7 +162,7 @@ def bind_key(key_hash: bytes32):
 def unbind_key(key_hash: bytes32):
     assert self.key_owner[key_hash] == msg.sender, "unauthorized"
     self.key_owner[key_hash] = empty(address)
-    log KeyUnbound(key_hash=key_hash, account=msg.sender)
+    log journal.KeyUnbound(key_hash=key_hash, account=msg.sender)
 
 
 @external
@@ -215,10 +175,21 @@ def deposit(account: address):
     tokens: uint256 = msg.value // self.wei_per_token
     self.available[account] += tokens
     self.total_deposited += tokens
-    log Deposited(account=account, payer=msg.sender, tokens=tokens, value=msg.value)
+    log journal.Deposited(account=account, payer=msg.sender, tokens=tokens, value=msg.value)
 
 
-# -- charges ---------------------------------------------------------------------------
+@external
+@nonreentrant
+def refund(amount: uint256):
+    """@notice Pay `amount` of the caller's unspent (available) tokens back in ETH."""
+    assert amount > 0, "invalid_amount"
+    assert self.available[msg.sender] >= amount, "insufficient_balance"
+    self.available[msg.sender] -= amount
+    self.total_withdrawn += amount
+    value: uint256 = amount * self.wei_per_token
+    log journal.Refunded(account=msg.sender, tokens=amount, value=value)
+    raw_call(msg.sender, b"", value=value)
+
 
 
 @external
@@ -239,7 +210,7 @@ def reserve(request_id: bytes32, account: address, amount: uint256, request: Str
         state=RESERVED,
         cost=0,
     )
-    log Reserved(
+    log journal.Reserved(
         request_id=request_id, account=account, holder=msg.sender, amount=amount, request=request
     )
 
@@ -269,7 +240,7 @@ def settle(
         self.nodes[node_id].served += served
         self.nodes[node_id].served_total += served
         self.total_served += served
-        log Served(
+        log journal.Served(
             request_id=request_id,
             node_id=node_id,
             operator=self.nodes[node_id].operator,
@@ -280,7 +251,7 @@ def settle(
     self.pool += cost
     self.reservations[request_id].state = SETTLED
     self.reservations[request_id].cost = cost
-    log Settled(
+    log journal.Settled(
         request_id=request_id, account=r.account, holder=msg.sender, amount=r.amount, cost=cost
     )
 
@@ -299,44 +270,54 @@ def release(request_id: bytes32):
     self.reserved[r.account] -= r.amount
     self.available[r.account] += r.amount
     self.reservations[request_id].state = RELEASED
-    log Released(
+    log journal.Released(
         request_id=request_id, account=r.account, caller=msg.sender, amount=r.amount, expired=expired
     )
 
 
-# -- nodes -----------------------------------------------------------------------------
+
+@internal
+def _unlist(node_id: bytes32):
+    """Swap-remove from node_ids: the slot is free at once."""
+    index: uint256 = self.nodes[node_id].index
+    last: bytes32 = self.node_ids[len(self.node_ids) - 1]
+    self.node_ids[index] = last
+    self.nodes[last].index = index
+    self.node_ids.pop()
+    self.nodes[node_id].listed = False
 
 
 @external
+@payable
 @nonreentrant
 def register_node(
     name: String[128], url: String[256], manifest_hash: bytes32, model: String[128], layers: String[32]
 ):
     assert self.known[msg.sender], "unknown_account"
+    bond: uint256 = self.registration_bond
+    assert msg.value == bond * self.wei_per_token, "invalid_bond"
     node_id: bytes32 = keccak256(name)
     # Fields one by one: copying the struct would copy its strings for nothing.
     if self.nodes[node_id].operator != empty(address):
         assert self.nodes[node_id].removed, "duplicate_node"
         # Work a removed node served is paid to its old operator first.
         assert self.nodes[node_id].served == 0, "duplicate_node"
+    index: uint256 = self.nodes[node_id].index
     if not self.nodes[node_id].listed:
         assert len(self.node_ids) < MAX_NODES, "too_many_nodes"
+        index = len(self.node_ids)
         self.node_ids.append(node_id)
+    self.bonded += bond
+    self.total_deposited += bond
     self.nodes[node_id] = Node(
-        operator=msg.sender,
-        name=name,
-        url=url,
-        manifest_hash=manifest_hash,
-        model=model,
-        layers=layers,
-        admitted=False,
-        removed=False,
-        listed=True,
-        served=0,
-        served_total=self.nodes[node_id].served_total,
+        operator=msg.sender, name=name, url=url, manifest_hash=manifest_hash, model=model,
+        layers=layers, admitted=False, removed=False, listed=True, served=0,
+        served_total=self.nodes[node_id].served_total, bond=bond, since=block.timestamp,
+        index=index,
     )
-    log NodeRegistered(
-        node_id=node_id, operator=msg.sender, name=name, url=url, manifest_hash=manifest_hash
+    log journal.NodeRegistered(
+        node_id=node_id, operator=msg.sender, name=name, url=url, manifest_hash=manifest_hash,
+        model=model, layers=layers, bond=bond,
     )
 
 
@@ -344,14 +325,14 @@ def register_node(
 @nonreentrant
 def admit_node(node_id: bytes32, manifest_hash: bytes32):
     """@notice An entry node (or the owner) vouches that it verified the node's attestation."""
-    assert self.entries[msg.sender] or msg.sender == self.owner, "unauthorized"
+    assert self.entries[msg.sender] or msg.sender == ownable.owner, "unauthorized"
     operator: address = self.nodes[node_id].operator
     assert operator != empty(address) and not self.nodes[node_id].removed, "unknown_node"
     assert self.nodes[node_id].manifest_hash == manifest_hash, "manifest_mismatch"
     if not self.nodes[node_id].admitted:
         self.nodes[node_id].admitted = True
         self.operator_nodes[operator] += 1
-    log NodeAdmitted(node_id=node_id, by=msg.sender, manifest_hash=manifest_hash)
+    log journal.NodeAdmitted(node_id=node_id, by=msg.sender, manifest_hash=manifest_hash)
 
 
 @external
@@ -365,10 +346,11 @@ def edit_node(node_id: bytes32, url: String[256], manifest_hash: bytes32):
         # Different weights: the old admission does not cover them.
         admitted = False
         self.operator_nodes[operator] -= 1
+        self.nodes[node_id].since = block.timestamp
     self.nodes[node_id].url = url
     self.nodes[node_id].manifest_hash = manifest_hash
     self.nodes[node_id].admitted = admitted
-    log NodeEdited(
+    log journal.NodeEdited(
         node_id=node_id, operator=msg.sender, url=url, manifest_hash=manifest_hash, admitted=admitted
     )
 
@@ -384,7 +366,33 @@ def remove_node(node_id: bytes32):
         self.operator_nodes[operator] -= 1
     self.nodes[node_id].admitted = False
     self.nodes[node_id].removed = True
-    log NodeRemoved(node_id=node_id, operator=msg.sender)
+    if self.nodes[node_id].served == 0:
+        self._unlist(node_id)  # nothing left to pay: free the slot now
+    bond: uint256 = self.nodes[node_id].bond
+    self.nodes[node_id].bond = 0
+    self.bonded -= bond
+    self.total_withdrawn += bond
+    log journal.NodeRemoved(node_id=node_id, operator=msg.sender, bond=bond)
+    if bond > 0:
+        raw_call(operator, b"", value=bond * self.wei_per_token)
+
+
+@external
+@nonreentrant
+def evict_node(node_id: bytes32):
+    """@notice Anyone may evict a node left unadmitted for `admission_timeout`: its bond goes to the pool."""
+    operator: address = self.nodes[node_id].operator
+    assert operator != empty(address) and not self.nodes[node_id].removed, "unknown_node"
+    assert not self.nodes[node_id].admitted, "node_admitted"
+    assert self.nodes[node_id].served == 0, "node_admitted"  # unpaid work: after distribute
+    assert block.timestamp >= self.nodes[node_id].since + self.admission_timeout, "too_early"
+    self.nodes[node_id].removed = True
+    self._unlist(node_id)
+    bond: uint256 = self.nodes[node_id].bond
+    self.nodes[node_id].bond = 0
+    self.bonded -= bond
+    self.pool += bond
+    log journal.NodeEvicted(node_id=node_id, operator=operator, by=msg.sender, bond=bond)
 
 
 @view
@@ -399,8 +407,6 @@ def is_operator(account: address) -> bool:
     return self.operator_nodes[account] > 0
 
 
-# -- pool ------------------------------------------------------------------------------
-
 
 @external
 @nonreentrant
@@ -409,7 +415,7 @@ def distribute():
     total: uint256 = self.total_served
     pool_before: uint256 = self.pool
     if total == 0 or pool_before == 0:
-        log Distributed(
+        log journal.Distributed(
             epoch=self.epoch, pool_before=pool_before, distributed=0, remainder=pool_before, tokens=total
         )
         return
@@ -423,20 +429,18 @@ def distribute():
             self.earnings[operator] += share
             distributed += share
             self.nodes[node_id].served = 0
-            log Paid(node_id=node_id, operator=operator, epoch=self.epoch, amount=share, tokens=served)
+            log journal.Paid(node_id=node_id, operator=operator, epoch=self.epoch, amount=share, tokens=served)
         if self.nodes[node_id].removed:
             self.nodes[node_id].listed = False
         else:
+            self.nodes[node_id].index = len(kept)
             kept.append(node_id)
     self.node_ids = kept
     self.pool = pool_before - distributed
     self.total_served = 0
-    log Distributed(
-        epoch=self.epoch,
-        pool_before=pool_before,
-        distributed=distributed,
-        remainder=pool_before - distributed,
-        tokens=total,
+    log journal.Distributed(
+        epoch=self.epoch, pool_before=pool_before, distributed=distributed,
+        remainder=pool_before - distributed, tokens=total,
     )
     self.epoch += 1
 
@@ -452,6 +456,38 @@ def withdraw(amount: uint256):
     self.earnings[msg.sender] -= amount
     self.total_withdrawn += amount
     value: uint256 = amount * self.wei_per_token
-    log Withdrawn(operator=msg.sender, tokens=amount, value=value)
+    log journal.Withdrawn(operator=msg.sender, tokens=amount, value=value)
     # interaction, last
     raw_call(msg.sender, b"", value=value)
+
+
+
+# -- epoch settlement (see settlement.vy) ------------------------------------------------
+
+
+@external
+@payable
+@nonreentrant
+def deposit_escrow(account: address):
+    """@notice Buy tokens for `account` to spend off chain; the settler's ledger credits them."""
+    assert msg.value > 0 and msg.value % self.wei_per_token == 0, "invalid_amount"
+    tokens: uint256 = msg.value // self.wei_per_token
+    self.total_deposited += tokens
+    settlement._deposit(account, tokens, msg.value)
+
+
+@external
+@nonreentrant
+def post_epoch(root: bytes32, total: uint256) -> uint256:
+    """@notice The owner or a settler posts an epoch's root; `total` must be escrow-backed."""
+    assert msg.sender == ownable.owner or settlement.settlers[msg.sender], "unauthorized"
+    return settlement._post(root, total)
+
+
+@external
+@nonreentrant
+def claim(epoch: uint256, account: address, amount: uint256, proof: DynArray[bytes32, 32]) -> uint256:
+    """@notice Credit `account` (anyone may send it) what its cumulative `amount` adds; idempotent."""
+    due: uint256 = settlement._claim(epoch, account, amount, proof)
+    self.earnings[account] += due
+    return due

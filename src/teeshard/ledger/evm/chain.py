@@ -17,11 +17,14 @@ from web3 import Web3
 from web3.types import Wei
 
 from teeshard.ledger.evm.compile import compiled
+from teeshard.ledger.evm.nonces import NonceLease
 from teeshard.ledger.interface import BackendError
 
 KEY_ENV = "TEESHARD_EVM_KEY"
 DEFAULT_WEI_PER_TOKEN = 10**9  # 1 gwei per token
 DEFAULT_RESERVATION_TIMEOUT_S = 3600
+DEFAULT_REGISTRATION_BOND = 1000  # tokens (1 microether at 1 gwei per token)
+DEFAULT_ADMISSION_TIMEOUT_S = 86400  # an unadmitted node may be evicted after a day
 RECEIPT_TIMEOUT_S = 180.0
 
 
@@ -31,8 +34,6 @@ class Chain:
     in_process: bool = False
     # eth-tester is not thread-safe: every call on an in-process chain takes this lock.
     lock: threading.RLock = field(default_factory=threading.RLock)
-    # One nonce counter per sending address, shared by every client on this chain.
-    nonces: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def tester(cls) -> Chain:
@@ -66,34 +67,31 @@ class Chain:
         deployer: LocalAccount,
         wei_per_token: int = DEFAULT_WEI_PER_TOKEN,
         reservation_timeout_s: int = DEFAULT_RESERVATION_TIMEOUT_S,
+        *,
+        registration_bond: int = DEFAULT_REGISTRATION_BOND,
+        admission_timeout_s: int = DEFAULT_ADMISSION_TIMEOUT_S,
     ) -> tuple[str, int]:
         """Deploy a fresh ledger owned by ``deployer``: (address, block number)."""
         contract = compiled()
         factory = self.w3.eth.contract(abi=contract.abi, bytecode=contract.bytecode)
-        with self.lock:
-            tx = factory.constructor(wei_per_token, reservation_timeout_s).build_transaction(
-                {"from": deployer.address, "nonce": self.next_nonce(deployer.address)}
-            )
+        constructor = factory.constructor(
+            wei_per_token, reservation_timeout_s, registration_bond, admission_timeout_s
+        )
+        with self.nonce_for(deployer.address) as nonce:
+            tx = constructor.build_transaction({"from": deployer.address, "nonce": nonce.value})
             signed = deployer.sign_transaction(tx)
             tx_hash = self.w3.eth.send_raw_transaction(signed.raw_transaction)
-            receipt = self.w3.eth.wait_for_transaction_receipt(tx_hash, timeout=RECEIPT_TIMEOUT_S)
+        receipt = self.w3.eth.wait_for_transaction_receipt(tx_hash, timeout=RECEIPT_TIMEOUT_S)
         if receipt["status"] != 1 or not receipt["contractAddress"]:
             raise BackendError("deploying the ledger contract failed")
         return str(receipt["contractAddress"]), int(receipt["blockNumber"])
 
-    def next_nonce(self, address: str) -> int:
-        """The next nonce for ``address``; the caller holds ``lock`` from here to sending."""
-        if address not in self.nonces:
-            self.nonces[address] = self.w3.eth.get_transaction_count(
-                Web3.to_checksum_address(address), "pending"
-            )
-        nonce = self.nonces[address]
-        self.nonces[address] = nonce + 1
-        return nonce
+    def nonce_for(self, address: str) -> NonceLease:
+        """Hold the next nonce of ``address`` until the transaction is sent (see ``nonces``)."""
+        return NonceLease(self, address)
 
-    def forget_nonce(self, address: str) -> None:
-        """After a failed send, ask the chain again next time."""
-        self.nonces.pop(address, None)
+    def pending_count(self, address: str) -> int:
+        return int(self.w3.eth.get_transaction_count(Web3.to_checksum_address(address), "pending"))
 
     def contract(self, address: str) -> Any:
         return self.w3.eth.contract(address=Web3.to_checksum_address(address), abi=compiled().abi)

@@ -10,41 +10,40 @@ transaction got in first) is re-run as a call to recover its reason.
 Idempotency is read before it is written: a replayed reserve, settle or
 release looks at the reservation on chain and returns it (or refuses) without
 sending a transaction.
+
+This is the per-request path (a transaction per reserve and per settle). The
+recommended path charges in the SQL ledger and settles on chain once an epoch
+(``teeshard.ledger.evm.settlement``); both run on the same contract.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
 
 from eth_account.signers.local import LocalAccount
-from web3 import Web3
 
+from teeshard.attest.receipts import Receipt
 from teeshard.ledger.evm import events
 from teeshard.ledger.evm.chain import Chain
-from teeshard.ledger.evm.errors import Messages
-from teeshard.ledger.evm.transactions import call, transact
+from teeshard.ledger.evm.contract import LOG_PAGE_BLOCKS, chain_id_of
+from teeshard.ledger.evm.pool import NodePool
+from teeshard.ledger.evm.roles import Roles
 from teeshard.ledger.interface import (
     Balance,
     Consistency,
-    Distribution,
     DuplicateRequest,
     InsufficientBalance,
     InvalidAmount,
     JournalEntry,
     LedgerError,
-    NodeInfo,
-    NodeRecord,
+    NotSupported,
     ReservationClosed,
     ReservationRecord,
     ReservationState,
     Unauthorized,
     UnknownAccount,
-    UnknownNode,
     UnknownRequest,
     check_amount,
-    check_manifest_hash,
-    check_node_info,
     check_request_id,
     check_tokens,
 )
@@ -54,66 +53,32 @@ MAX_SERVED = 16  # the contract's bound on nodes named by one settlement
 _STATES = {1: ReservationState.RESERVED, 2: ReservationState.SETTLED, 3: ReservationState.RELEASED}
 
 
-def chain_id_of(text: str) -> bytes:
-    """The bytes32 a request or node id is known by on chain."""
-    return bytes(Web3.keccak(text=text))
-
-
-class EvmLedger:
+class EvmLedger(NodePool, Roles):
     def __init__(
-        self, chain: Chain, address: str, key: LocalAccount, *, from_block: int = 0
+        self,
+        chain: Chain,
+        address: str,
+        key: LocalAccount,
+        *,
+        from_block: int = 0,
+        log_page_blocks: int = LOG_PAGE_BLOCKS,
     ) -> None:
-        self.chain = chain
-        self.w3 = chain.w3
-        self.contract = chain.contract(address)
-        self.address = self.contract.address
-        self.key = key
-        self.from_block = from_block  # where the event scan starts (the deployment block)
+        super().__init__(
+            chain, address, key, from_block=from_block, log_page_blocks=log_page_blocks
+        )
         self._mine: set[str] = set()  # request ids this object reserved (see recover)
-        self._wei_per_token: int | None = None
+        self._scan = events.ReservationScan()  # what recover has read of the log so far
 
     def as_key(self, key: LocalAccount) -> EvmLedger:
-        return EvmLedger(self.chain, self.address, key, from_block=self.from_block)
-
-    @property
-    def actor(self) -> str:
-        return str(self.key.address)
-
-    def close(self) -> None:
-        return None
-
-    # -- plumbing: see teeshard.ledger.evm.transactions -----------------------------
-
-    def _call(self, name: str, *args: Any) -> Any:
-        return call(self.chain, self.contract, name, *args)
-
-    def _transact(
-        self, name: str, *args: Any, value: int = 0, messages: Messages | None = None
-    ) -> Any:
-        return transact(
-            self.chain, self.contract, self.key, name, *args, value=value, messages=messages
+        return EvmLedger(
+            self.chain,
+            self.address,
+            key,
+            from_block=self.from_block,
+            log_page_blocks=self.log_page_blocks,
         )
 
-    @staticmethod
-    def _address(account: str) -> str:
-        if not Web3.is_address(account):
-            raise UnknownAccount(
-                f"{account!r} is not a wallet address (accounts on chain are addresses)"
-            )
-        return str(Web3.to_checksum_address(account))
-
-    def wei_per_token(self) -> int:
-        if self._wei_per_token is None:
-            self._wei_per_token = int(self._call("wei_per_token"))
-        return self._wei_per_token
-
     # -- accounts --------------------------------------------------------------------
-
-    def _require_self(self, account: str, what: str) -> str:
-        address = self._address(account)
-        if address != self.actor:
-            raise Unauthorized(f"on chain only {address} itself may {what} (sign with its key)")
-        return address
 
     def open_account(self, account: str) -> None:
         self._require_self(account, "open its account")
@@ -127,6 +92,15 @@ class EvmLedger:
             "bind_key",
             key_hash,
             messages={"duplicate_key": "this API key is already bound to an account"},
+        )
+
+    def remove_api_key(self, account: str, api_key: str) -> None:
+        """Revoke an API key: it can no longer spend from the account."""
+        self._require_self(account, "revoke API keys of its account")
+        self._transact(
+            "unbind_key",
+            bytes.fromhex(hash_api_key(api_key)),
+            messages={"unauthorized": f"this API key is not bound to {self.actor}"},
         )
 
     def account_for_key(self, api_key: str) -> str:
@@ -146,6 +120,24 @@ class EvmLedger:
         )
         return events.entries_from_receipt(self, receipt, address)[0]
 
+    def refund(self, amount: int | None = None) -> JournalEntry:
+        """Pay the caller's unspent (available) tokens back in ETH: all of them by default."""
+        available = int(self._call("available", self.actor))
+        amount = available if amount is None else amount
+        if amount == 0:
+            raise InvalidAmount(f"{self.actor} has no unspent tokens to refund")
+        check_amount(amount, "refund")
+        receipt = self._transact(
+            "refund",
+            amount,
+            messages={
+                "insufficient_balance": f"{self.actor} has {available} unspent "
+                f"(reserved tokens are not refundable until settled or released); "
+                f"cannot refund {amount}"
+            },
+        )
+        return events.entries_from_receipt(self, receipt, self.actor)[0]
+
     def balance(self, account: str) -> Balance:
         address = self._address(account)
         if not self._call("known", address):
@@ -162,15 +154,6 @@ class EvmLedger:
         return events.history(self, address, limit)
 
     # -- charges ---------------------------------------------------------------------
-
-    def authorize_entry(self, entry: str) -> None:
-        address = self._address(entry)
-        self._transact(
-            "authorize_entry",
-            address,
-            True,
-            messages={"unauthorized": "only the contract owner may authorise entry nodes"},
-        )
 
     def _record(self, request_id: str) -> ReservationRecord | None:
         account, amount, holder, created, state, cost = self._call(
@@ -194,7 +177,26 @@ class EvmLedger:
             raise UnknownRequest(f"no reservation for request {request_id!r}")
         return record
 
-    def reserve(self, request_id: str, account: str, amount: int) -> ReservationRecord:
+    def ledger_id(self) -> str:
+        """Operator claims name the contract."""
+        return str(self.address)
+
+    def heartbeat(self) -> None:
+        """Leases are the SQL ledger's, where per-request charging belongs (issue 9, item 7)."""
+
+    def open_reservations(self, older_than_s: float = 0.0) -> list[ReservationRecord]:
+        raise NotSupported("listing open reservations on chain: see `teeshard ledger recover`")
+
+    def reserve(
+        self,
+        request_id: str,
+        account: str,
+        amount: int,
+        *,
+        key_hash: str | None = None,  # on chain the user's signature authorises (item 7)
+        max_tokens: int | None = None,
+        idempotency_key: str | None = None,
+    ) -> ReservationRecord:
         check_request_id(request_id)
         check_amount(amount, "reservation")
         address = self._address(account)
@@ -237,7 +239,14 @@ class EvmLedger:
         self._mine.add(request_id)
         return self.reservation(request_id)
 
-    def settle(self, request_id: str, cost: int, served: Mapping[str, int]) -> ReservationRecord:
+    def settle(
+        self,
+        request_id: str,
+        cost: int,
+        served: Mapping[str, int],
+        *,
+        receipts: Sequence[Receipt] = (),  # verified by the SQL ledger, which charges per request
+    ) -> ReservationRecord:
         if isinstance(cost, bool) or not isinstance(cost, int) or cost < 0:
             raise InvalidAmount(f"cost must be a non-negative integer, got {cost!r}")
         served = check_tokens(served)
@@ -293,158 +302,31 @@ class EvmLedger:
         return self.reservation(request_id)
 
     def recover(self, older_than_s: float | None = None) -> list[str]:
-        """Release this entry's reservations made by earlier processes, and expired ones."""
+        """Release this entry's reservations made by earlier processes, and expired ones.
+
+        The event log is read in pages of ``log_page_blocks`` blocks (RPC providers
+        cap the range of one query), and only once: later calls read the new blocks
+        and recheck the reservations still open.
+        """
         if not self._call("entries", self.actor):
             raise Unauthorized(f"{self.actor} is not an authorised entry node and may not recover")
         timeout = int(self._call("reservation_timeout"))
         now = int(self.w3.eth.get_block("latest")["timestamp"])
         released = []
-        for request_id, holder in events.reserved_requests(self):
+        for request_id, holder in self._scan.update(self):
             if request_id in self._mine:
                 continue
             record = self._record(request_id)
             if record is None or record.state is not ReservationState.RESERVED:
+                self._scan.closed(request_id)
                 continue
             age = now - record.created_at
             expired = older_than_s is not None and age >= max(older_than_s, timeout)
             if holder == self.actor or expired:
                 self._transact("release", chain_id_of(request_id))
+                self._scan.closed(request_id)
                 released.append(request_id)
         return released
-
-    # -- nodes and pool --------------------------------------------------------------
-
-    def _node(self, node_id: str) -> NodeRecord | None:
-        (
-            operator,
-            name,
-            url,
-            manifest,
-            model,
-            layers,
-            admitted,
-            removed,
-            _listed,
-            served,
-            total,
-        ) = self._call("nodes", chain_id_of(node_id))
-        if int(operator, 16) == 0 or removed:
-            return None
-        return NodeRecord(
-            name,
-            str(operator),
-            url,
-            bytes(manifest).hex(),
-            model,
-            layers,
-            bool(admitted),
-            int(served),
-            int(total),
-        )
-
-    def _require_node(self, node_id: str) -> NodeRecord:
-        record = self._node(node_id)
-        if record is None:
-            raise UnknownNode(f"no registered node {node_id!r}")
-        return record
-
-    def register_node(self, node: NodeInfo) -> NodeRecord:
-        node = check_node_info(node)
-        self._transact(
-            "register_node",
-            node.node_id,
-            node.url,
-            bytes.fromhex(node.manifest_hash),
-            node.model,
-            node.layers,
-            messages={
-                "unknown_account": f"operator {self.actor} has no account; open one first",
-                "duplicate_node": f"node {node.node_id!r} is already registered "
-                "(or was removed with work not yet distributed)",
-                "too_many_nodes": "the pool is full; distribute to drop removed nodes",
-            },
-        )
-        return self._require_node(node.node_id)
-
-    def admit_node(self, node_id: str, manifest_hash: str) -> NodeRecord:
-        manifest_hash = check_manifest_hash(manifest_hash)
-        registered = self._require_node(node_id)
-        self._transact(
-            "admit_node",
-            chain_id_of(node_id),
-            bytes.fromhex(manifest_hash),
-            messages={
-                "unauthorized": f"{self.actor} is neither an entry node nor the owner: it may not admit nodes",
-                "manifest_mismatch": f"node {node_id!r} registered manifest "
-                f"{registered.manifest_hash}, but its attestation shows {manifest_hash}: not admitted",
-            },
-        )
-        return self._require_node(node_id)
-
-    def edit_node(
-        self, node_id: str, *, url: str | None = None, manifest_hash: str | None = None
-    ) -> NodeRecord:
-        current = self._require_node(node_id)
-        checked = check_node_info(
-            NodeInfo(node_id, url or current.url, manifest_hash or current.manifest_hash)
-        )
-        self._transact(
-            "edit_node",
-            chain_id_of(node_id),
-            checked.url,
-            bytes.fromhex(checked.manifest_hash),
-            messages={
-                "unauthorized": f"only node {node_id!r}'s operator ({current.operator}) may edit it"
-            },
-        )
-        return self._require_node(node_id)
-
-    def remove_node(self, node_id: str) -> None:
-        current = self._require_node(node_id)
-        self._transact(
-            "remove_node",
-            chain_id_of(node_id),
-            messages={
-                "unauthorized": f"only node {node_id!r}'s operator ({current.operator}) may remove it"
-            },
-        )
-
-    def nodes(self) -> list[NodeRecord]:
-        count = int(self._call("node_count"))
-        found = []
-        for index in range(count):
-            node_key = self._call("node_ids", index)
-            name = self._call("nodes", node_key)[1]
-            record = self._node(name)
-            if record is not None:
-                found.append(record)
-        return sorted(found, key=lambda n: n.node_id)
-
-    def is_operator(self, account: str) -> bool:
-        return bool(self._call("is_operator", self._address(account)))
-
-    def pool(self) -> int:
-        return int(self._call("pool"))
-
-    def distribute(self) -> Distribution:
-        receipt = self._transact("distribute")
-        return events.distribution_from_receipt(self, receipt)
-
-    def withdraw(self, amount: int | None = None) -> JournalEntry:
-        earnings = int(self._call("earnings", self.actor))
-        if amount is None:
-            if earnings == 0:
-                raise InvalidAmount(f"{self.actor} has no earnings to withdraw")
-            amount = earnings
-        check_amount(amount, "withdrawal")
-        receipt = self._transact(
-            "withdraw",
-            amount,
-            messages={
-                "insufficient_earnings": f"{self.actor} has {earnings} in earnings; cannot withdraw {amount}"
-            },
-        )
-        return events.entries_from_receipt(self, receipt, self.actor)[0]
 
     def check(self) -> Consistency:
         return events.check(self)

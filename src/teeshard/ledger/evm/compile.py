@@ -1,5 +1,9 @@
 """Compile ``TokenLedger.vy`` with the ``vyper`` package, cached on disk by source and version.
 
+The contract imports its modules from beside it: ``journal.vy`` (the events),
+``ownable.vy`` (two-step ownership) and ``settlement.vy`` (epoch settlement);
+the cache key hashes all of them.
+
 The EVM version is set explicitly (``cancun``: transient storage makes the
 reentrancy lock cheap), both in the contract's pragma and here, so a newer
 compiler default can never change the bytecode silently.
@@ -17,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 CONTRACT = "TokenLedger.vy"
+MODULES = ("journal.vy", "ownable.vy", "settlement.vy")
 EVM_VERSION = "cancun"
 
 
@@ -24,12 +29,17 @@ EVM_VERSION = "cancun"
 class Compiled:
     abi: list[dict[str, Any]]
     bytecode: str  # 0x-prefixed deployment bytecode
-    source_hash: str  # sha256 of the .vy source
+    source_hash: str  # sha256 of the .vy sources (contract and modules)
     vyper_version: str
 
 
-def source() -> str:
-    return resources.files("teeshard.ledger.evm").joinpath(CONTRACT).read_text()
+def source(name: str = CONTRACT) -> str:
+    return resources.files("teeshard.ledger.evm").joinpath(name).read_text()
+
+
+def contract_path() -> Path:
+    """The contract's file (its modules lie beside it), e.g. for ``boa.load``."""
+    return Path(str(resources.files("teeshard.ledger.evm").joinpath(CONTRACT)))
 
 
 def cache_dir() -> Path:
@@ -40,10 +50,14 @@ def cache_dir() -> Path:
 @functools.cache
 def compiled() -> Compiled:
     import vyper
+    from vyper.compiler.input_bundle import FilesystemInputBundle
     from vyper.compiler.settings import Settings
 
     text = source()
-    digest = hashlib.sha256(text.encode()).hexdigest()
+    hasher = hashlib.sha256(text.encode())
+    for name in MODULES:
+        hasher.update(b"\0" + name.encode() + b"\0" + source(name).encode())
+    digest = hasher.hexdigest()
     path = (
         cache_dir()
         / f"{Path(CONTRACT).stem}-{digest[:16]}-vyper{vyper.__version__}-{EVM_VERSION}.json"
@@ -54,7 +68,11 @@ def compiled() -> Compiled:
     except (OSError, ValueError, KeyError):
         pass
     out = vyper.compile_code(
-        text, output_formats=["abi", "bytecode"], settings=Settings(evm_version=EVM_VERSION)
+        text,
+        contract_path=CONTRACT,
+        input_bundle=FilesystemInputBundle([contract_path().parent]),
+        output_formats=["abi", "bytecode"],
+        settings=Settings(evm_version=EVM_VERSION),
     )
     result = Compiled(out["abi"], out["bytecode"], digest, vyper.__version__)
     try:

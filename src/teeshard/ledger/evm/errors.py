@@ -1,7 +1,9 @@
 """Contract reverts as ledger errors: the contract's short reason codes, mapped to the tree.
 
 The contract reverts with a code (``insufficient_balance``); the client knows
-the context and supplies the message a person reads.
+the context and supplies the message a person reads. The settlement errors
+(``InvalidProof``, ``UnknownEpoch``) and ``TooEarly`` exist only on chain, so
+they live here, under ``LedgerError``.
 """
 
 from __future__ import annotations
@@ -28,6 +30,23 @@ from teeshard.ledger.interface import (
 
 Messages = Mapping[str, str | Callable[[], str]]
 
+
+class InvalidProof(LedgerError):
+    """A settlement claim whose Merkle proof does not lead to the epoch's root."""
+
+    code = "invalid_proof"
+
+
+class UnknownEpoch(LedgerError):
+    code = "unknown_epoch"
+
+
+class TooEarly(LedgerError):
+    """Eviction of a node whose admission time has not run out (or that is admitted)."""
+
+    code = "too_early"
+
+
 _ERRORS: dict[str, type[LedgerError]] = {
     "invalid_amount": InvalidAmount,
     "unknown_account": UnknownAccount,
@@ -42,6 +61,11 @@ _ERRORS: dict[str, type[LedgerError]] = {
     "duplicate_key": DuplicateKey,
     "manifest_mismatch": ManifestMismatch,
     "too_many_nodes": LedgerError,
+    "invalid_bond": InvalidAmount,
+    "invalid_proof": InvalidProof,
+    "unknown_epoch": UnknownEpoch,
+    "too_early": TooEarly,
+    "node_admitted": TooEarly,
 }
 _REASON = re.compile(r"execution reverted:?\s*([a-z_]+)")
 

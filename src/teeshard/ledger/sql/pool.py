@@ -1,10 +1,13 @@
-"""The SQL ledger's pool: nodes, work served, distribution, withdrawal, and the audit.
+"""The SQL ledger's pool: nodes (claims, admission epochs), work credited, distribution.
 
 Functions take an open transaction; ``SqlLedger`` calls them with the right
-identity. Distribution pays each node's operator ``pool * tokens / total``
-rounded down, over the work recorded since the last distribution (an epoch); what
-rounding leaves stays in the pool for the next one, so nothing is lost. With
-no work served, nothing is distributed.
+identity. A settle records, per node, the tokens served and the share of the
+request's cost its verified receipt earns (``teeshard.ledger.work``).
+Distribution pays each operator exactly the credits of its nodes' work since the
+last distribution (an epoch); everything else in the pool (revenue of work no
+verified node did, and rounding) goes to the treasury account, so the pool pays
+out exactly what was paid for each node's work and never more. Sums are taken
+in Python integers (arbitrary precision), not by the database.
 """
 
 from __future__ import annotations
@@ -12,10 +15,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import Connection, func, insert, select, update
+from sqlalchemy import Connection, insert, select, update
 
+from teeshard.ledger.claims import AttestedNode, OperatorClaim, verify_claim
 from teeshard.ledger.interface import (
-    Consistency,
+    BackendError,
+    ClaimRefused,
     Distribution,
     DuplicateNode,
     InsufficientEarnings,
@@ -34,21 +39,17 @@ from teeshard.ledger.interface import (
 from teeshard.ledger.sql.rows import (
     apply,
     epoch,
+    get_meta,
     lock_account,
     lock_accounts,
     node_records,
     now,
     set_meta,
 )
-from teeshard.ledger.sql.schema import (
-    POOL,
-    accounts,
-    distributions,
-    journal,
-    nodes,
-    reservations,
-    work,
-)
+from teeshard.ledger.sql.schema import POOL, TREASURY, accounts, distributions, nodes, work
+from teeshard.ledger.work import AttestedSigner, Credit
+
+DEFAULT_ADMISSION_TTL_S = 3600.0  # an admission lasts one epoch unless the node is re-attested
 
 
 def lock_pool(conn: Connection) -> int:
@@ -73,33 +74,51 @@ def _one(conn: Connection, node_id: str) -> NodeRecord:
     return node_records(conn, node_id)[0]
 
 
-def register_node(conn: Connection, operator: str, node: NodeInfo) -> NodeRecord:
+def _admitted_now(row: Any) -> bool:
+    return bool(row.admitted) and not row.removed and row.admitted_until > now()
+
+
+def register_node(
+    conn: Connection, operator: str, node: NodeInfo, claim: OperatorClaim | None, ledger_id: str
+) -> NodeRecord:
+    """Register (or take over an unadmitted registration of) a node, with its operator claim."""
     node = check_node_info(node)
     exists = conn.execute(select(accounts.c.id).where(accounts.c.id == operator)).first()
-    if exists is None or operator == POOL:
+    if exists is None or operator.startswith("@"):
         raise UnknownAccount(f"operator {operator!r} has no account; open one first")
+    if claim is None:
+        raise ClaimRefused(
+            f"registering {node.node_id!r} needs the node's operator claim, signed by its "
+            "attested key (GET /v1/operator-claim; start the node with --operator ACCOUNT)"
+        )
+    verify_claim(claim, operator=operator, node_id=node.node_id, ledger_id=ledger_id)
     row = conn.execute(select(nodes).where(nodes.c.node_id == node.node_id)).one_or_none()
     values = dict(
-        operator=operator,
-        url=node.url,
-        manifest_hash=node.manifest_hash,
-        model=node.model,
-        layers=node.layers,
-        admitted=False,
-        removed=False,
-    )
+        operator=operator, url=node.url, manifest_hash=node.manifest_hash, model=node.model,
+        layers=node.layers, admitted=False, removed=False, certificate_pem=None,
+        fingerprint=None, admitted_until=0.0,
+    )  # fmt: skip
     if row is None:
         conn.execute(
             insert(nodes).values(node_id=node.node_id, served_total=0, created_at=now(), **values)
         )
-    elif row.removed:
+    elif row.removed or (row.operator != operator and not _admitted_now(row)):
+        # A registration never admitted (or whose admission expired) reserves nothing:
+        # only the operator the node's attested key names will ever be admitted.
         conn.execute(update(nodes).where(nodes.c.node_id == node.node_id).values(**values))
     else:
         raise DuplicateNode(f"node {node.node_id!r} is already registered by {row.operator!r}")
     return _one(conn, node.node_id)
 
 
-def admit_node(conn: Connection, node_id: str, manifest_hash: str) -> NodeRecord:
+def admit_node(
+    conn: Connection,
+    node_id: str,
+    manifest_hash: str,
+    attested: AttestedNode | None,
+    ledger_id: str,
+) -> NodeRecord:
+    """Admit (or re-admit for another epoch) a node the caller has just verified."""
     row = _node_row(conn, node_id)
     manifest_hash = check_manifest_hash(manifest_hash)
     if row.manifest_hash != manifest_hash:
@@ -107,7 +126,28 @@ def admit_node(conn: Connection, node_id: str, manifest_hash: str) -> NodeRecord
             f"node {node_id!r} registered manifest {row.manifest_hash}, "
             f"but its attestation shows {manifest_hash}: not admitted"
         )
-    conn.execute(update(nodes).where(nodes.c.node_id == node_id).values(admitted=True))
+    if attested is None:
+        raise ClaimRefused(
+            f"admitting {node_id!r} needs what was verified: its URL and a fresh operator "
+            "claim made by its attested certificate"
+        )
+    if attested.url.rstrip("/") != row.url.rstrip("/"):
+        raise ClaimRefused(
+            f"the URL verified ({attested.url}) is not the URL registered for {node_id!r} "
+            f"({row.url}): a relay, or a stale registration"
+        )
+    verify_claim(attested.claim, operator=row.operator, node_id=node_id, ledger_id=ledger_id)
+    ttl = float(get_meta(conn, "admission_ttl_s") or DEFAULT_ADMISSION_TTL_S)
+    conn.execute(
+        update(nodes)
+        .where(nodes.c.node_id == node_id)
+        .values(
+            admitted=True,
+            certificate_pem=attested.claim.certificate_pem.decode(),
+            fingerprint=attested.claim.fingerprint,
+            admitted_until=now() + ttl,
+        )
+    )
     return _one(conn, node_id)
 
 
@@ -125,9 +165,9 @@ def edit_node(
     _require_operator(row, actor, "edit")
     checked = check_node_info(NodeInfo(node_id, url or row.url, manifest_hash or row.manifest_hash))
     values: dict[str, object] = {"url": checked.url}
-    if checked.manifest_hash != row.manifest_hash:
-        # Different weights: the old admission does not cover them.
-        values.update(manifest_hash=checked.manifest_hash, admitted=False)
+    if checked.manifest_hash != row.manifest_hash or checked.url != row.url:
+        # Different weights, or another place: the old admission does not cover them.
+        values.update(manifest_hash=checked.manifest_hash, admitted=False, admitted_until=0.0)
     conn.execute(update(nodes).where(nodes.c.node_id == node_id).values(**values))
     return _one(conn, node_id)
 
@@ -147,30 +187,46 @@ def list_nodes(conn: Connection) -> list[NodeRecord]:
 
 
 def is_operator(conn: Connection, account: str) -> bool:
+    """Free use: the account operates a node that is admitted now (attested this epoch)."""
     found = conn.execute(
         select(nodes.c.node_id).where(
-            (nodes.c.operator == account) & nodes.c.admitted.is_(True) & nodes.c.removed.is_(False)
+            (nodes.c.operator == account)
+            & nodes.c.admitted.is_(True)
+            & nodes.c.removed.is_(False)
+            & (nodes.c.admitted_until > now())
         )
     ).first()
     return found is not None
 
 
-def check_served_nodes(conn: Connection, served: Mapping[str, int]) -> None:
+def attested_signers(conn: Connection, served: Mapping[str, int]) -> dict[bytes, AttestedSigner]:
+    """The served nodes' attested certificates by fingerprint; each must be admitted now."""
+    signers = {}
     for node_id in served:
         row = _node_row(conn, node_id)
-        if not row.admitted:
+        if not _admitted_now(row):
             raise UnknownNode(
-                f"node {node_id!r} is registered but not admitted; it cannot be credited"
+                f"node {node_id!r} is registered but not admitted (or its admission expired); "
+                "it cannot be credited"
             )
+        if row.fingerprint and row.certificate_pem:
+            signers[bytes.fromhex(row.fingerprint)] = AttestedSigner(
+                node_id, row.certificate_pem.encode(), row.manifest_hash, row.layers
+            )
+    return signers
 
 
-def record_work(conn: Connection, request_id: str, served: Mapping[str, int]) -> None:
+def record_work(
+    conn: Connection, request_id: str, served: Mapping[str, int], credits: list[Credit]
+) -> None:
     current = epoch(conn)
     at = now()
+    by_node = {c.node_id: c for c in credits}
     for node_id, tokens in sorted(served.items()):
         operator = conn.execute(
             select(nodes.c.operator).where(nodes.c.node_id == node_id)
         ).scalar_one()
+        credit = by_node.get(node_id)
         conn.execute(
             insert(work).values(
                 request_id=request_id,
@@ -179,6 +235,8 @@ def record_work(conn: Connection, request_id: str, served: Mapping[str, int]) ->
                 tokens=tokens,
                 epoch=current,
                 at=at,
+                credit=credit.credit if credit else 0,
+                layers=credit.layers if credit else 0,
             )
         )
         conn.execute(
@@ -192,44 +250,44 @@ def record_work(conn: Connection, request_id: str, served: Mapping[str, int]) ->
 
 
 def distribute(conn: Connection) -> Distribution:
+    """Pay each operator its nodes' credits of this epoch; the rest of the pool to the treasury."""
     pool_before = lock_pool(conn)
     current = epoch(conn)
-    rows = conn.execute(
-        select(work.c.node_id, work.c.operator, func.sum(work.c.tokens))
-        .where(work.c.epoch == current)
-        .group_by(work.c.node_id, work.c.operator)
-    ).all()
     node_tokens: dict[str, int] = {}
-    pairs = [(node_id, operator, int(tokens)) for node_id, operator, tokens in rows]
-    for node_id, _, tokens in pairs:
-        node_tokens[node_id] = node_tokens.get(node_id, 0) + tokens
-    total = sum(node_tokens.values())
-    if total == 0 or pool_before == 0:
-        return Distribution(pool_before, 0, pool_before, {}, node_tokens)
-    # Each node's share is rounded down on its own, as the contract does.
     shares: dict[str, int] = {}
-    for _, operator, tokens in sorted(pairs):
-        shares[operator] = shares.get(operator, 0) + pool_before * tokens // total
-    lock_accounts(conn, shares)
-    for operator, share in sorted(shares.items()):
-        if share:
-            apply(conn, "distribute", operator, earnings=share, memo=f"epoch {current}")
+    for node_id, operator, tokens, credit in conn.execute(
+        select(work.c.node_id, work.c.operator, work.c.tokens, work.c.credit).where(
+            work.c.epoch == current
+        )
+    ):
+        node_tokens[node_id] = node_tokens.get(node_id, 0) + tokens
+        if credit:
+            shares[operator] = shares.get(operator, 0) + credit
+    if pool_before == 0:
+        return Distribution(0, 0, 0, {}, node_tokens)
     distributed = sum(shares.values())
-    if distributed:
-        apply(conn, "distribute", POOL, pool=-distributed, memo=f"epoch {current}")
-    remainder = pool_before - distributed
+    if distributed > pool_before:  # impossible unless the tables were edited behind the ledger
+        raise BackendError(f"credits {distributed} exceed the pool {pool_before}: run check")
+    treasury = pool_before - distributed
+    lock_accounts(conn, [*shares, TREASURY])
+    for operator, share in sorted(shares.items()):
+        apply(conn, "distribute", operator, earnings=share, memo=f"epoch {current}")
+    if treasury:
+        apply(conn, "distribute", TREASURY, earnings=treasury, memo=f"epoch {current}")
+    apply(conn, "distribute", POOL, pool=-pool_before, memo=f"epoch {current}")
     conn.execute(
         insert(distributions).values(
             epoch=current,
             at=now(),
             pool_before=pool_before,
             distributed=distributed,
-            remainder=remainder,
-            tokens=total,
+            remainder=treasury,
+            tokens=min(sum(node_tokens.values()), 2**62),
+            treasury=treasury,
         )
     )
     set_meta(conn, "epoch", str(current + 1))
-    return Distribution(pool_before, distributed, remainder, shares, node_tokens)
+    return Distribution(pool_before, distributed, treasury, shares, node_tokens, treasury)
 
 
 def withdraw(conn: Connection, operator: str, amount: int | None) -> JournalEntry:
@@ -244,63 +302,3 @@ def withdraw(conn: Connection, operator: str, amount: int | None) -> JournalEntr
             f"{operator!r} has {row.earnings} in earnings; cannot withdraw {amount}"
         )
     return apply(conn, "withdraw", operator, earnings=-amount)
-
-
-# -- audit ---------------------------------------------------------------------------
-
-
-def check(conn: Connection) -> Consistency:
-    """Recompute every balance from the journal and compare it with the stored one."""
-    sums = {
-        row.account_id: row
-        for row in conn.execute(
-            select(
-                journal.c.account_id,
-                func.coalesce(func.sum(journal.c.available), 0).label("available"),
-                func.coalesce(func.sum(journal.c.reserved), 0).label("reserved"),
-                func.coalesce(func.sum(journal.c.earnings), 0).label("earnings"),
-                func.coalesce(func.sum(journal.c.pool), 0).label("pool"),
-            ).group_by(journal.c.account_id)
-        )
-    }
-    open_reserved = dict(
-        conn.execute(
-            select(reservations.c.account_id, func.sum(reservations.c.amount))
-            .where(reservations.c.state == "reserved")
-            .group_by(reservations.c.account_id)
-        ).all()
-    )
-    mismatches: list[str] = []
-    held = 0
-    stored_rows = conn.execute(select(accounts)).all()
-    for row in stored_rows:
-        s = sums.get(row.id)
-        if row.id == POOL:
-            derived = (int(s.pool) if s else 0, 0, 0)
-            stored = (row.available, 0, 0)
-        else:
-            derived = (int(s.available), int(s.reserved), int(s.earnings)) if s else (0, 0, 0)
-            stored = (row.available, row.reserved, row.earnings)
-            if int(open_reserved.get(row.id, 0)) != row.reserved:
-                mismatches.append(
-                    f"{row.id}: reserved {row.reserved} but open reservations hold "
-                    f"{open_reserved.get(row.id, 0)}"
-                )
-        if derived != stored or min(stored) < 0:
-            mismatches.append(f"{row.id}: stored {stored}, journal says {derived}")
-        held += sum(stored)
-    total_in = _kind_sum(conn, "deposit", journal.c.available)
-    total_out = -_kind_sum(conn, "withdraw", journal.c.earnings)
-    if held != total_in - total_out:
-        mismatches.append(f"held {held} != deposits {total_in} - withdrawals {total_out}")
-    return Consistency(
-        not mismatches, len(stored_rows), tuple(mismatches), total_in, total_out, held
-    )
-
-
-def _kind_sum(conn: Connection, kind: str, column: Any) -> int:
-    return int(
-        conn.execute(
-            select(func.coalesce(func.sum(column), 0)).where(journal.c.kind == kind)
-        ).scalar_one()
-    )

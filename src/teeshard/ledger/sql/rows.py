@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from sqlalchemy import Connection, Row, func, insert, select, update
+from sqlalchemy import Connection, Row, insert, select, update
 
 from teeshard.ledger.interface import (
     JournalEntry,
@@ -120,6 +120,7 @@ def reservation_record(row: Row[Any]) -> ReservationRecord:
         state=ReservationState(row.state),
         cost=row.cost,
         created_at=row.created_at,
+        idempotency_key=row.idempotency_key,
     )
 
 
@@ -128,32 +129,36 @@ def epoch(conn: Connection) -> int:
 
 
 def node_records(conn: Connection, node_id: str | None = None) -> list[NodeRecord]:
+    """Registered nodes; ``admitted`` only while the admission has not expired."""
     current = epoch(conn)
-    pending = (
-        select(work.c.node_id, func.sum(work.c.tokens).label("tokens"))
-        .where(work.c.epoch == current)
-        .group_by(work.c.node_id)
-        .subquery()
-    )
-    query = (
-        select(nodes, func.coalesce(pending.c.tokens, 0).label("pending"))
-        .outerjoin(pending, pending.c.node_id == nodes.c.node_id)
-        .where(nodes.c.removed.is_(False))
-        .order_by(nodes.c.node_id)
-    )
+    pending: dict[str, tuple[int, int]] = {}
+    query_work = select(work.c.node_id, work.c.tokens, work.c.credit).where(work.c.epoch == current)
+    if node_id is not None:
+        query_work = query_work.where(work.c.node_id == node_id)
+    for name, tokens, credit in conn.execute(query_work):  # summed here: arbitrary precision
+        t, c = pending.get(name, (0, 0))
+        pending[name] = (t + tokens, c + credit)
+    query = select(nodes).where(nodes.c.removed.is_(False)).order_by(nodes.c.node_id)
     if node_id is not None:
         query = query.where(nodes.c.node_id == node_id)
-    return [
-        NodeRecord(
-            node_id=row.node_id,
-            operator=row.operator,
-            url=row.url,
-            manifest_hash=row.manifest_hash,
-            model=row.model,
-            layers=row.layers,
-            admitted=bool(row.admitted),
-            served_tokens=int(row.pending),
-            served_total=int(row.served_total),
+    at = now()
+    records = []
+    for row in conn.execute(query):
+        tokens, credit = pending.get(row.node_id, (0, 0))
+        admitted = bool(row.admitted) and row.admitted_until > at
+        records.append(
+            NodeRecord(
+                node_id=row.node_id,
+                operator=row.operator,
+                url=row.url,
+                manifest_hash=row.manifest_hash,
+                model=row.model,
+                layers=row.layers,
+                admitted=admitted,
+                served_tokens=tokens,
+                served_total=int(row.served_total),
+                earned=credit,
+                admitted_until=float(row.admitted_until) if admitted else 0.0,
+            )
         )
-        for row in conn.execute(query)
-    ]
+    return records

@@ -25,6 +25,8 @@ from sqlalchemy import (
 )
 
 POOL = "@pool"
+TREASURY = "@treasury"  # revenue that no verified work earned (see pool.distribute)
+LIMIT = 2**62  # every balance stays below this (CHECK constraints, migration 0002)
 
 metadata = MetaData()
 
@@ -43,6 +45,7 @@ accounts = Table(
     Column("reserved", BigInteger, nullable=False, default=0),
     Column("earnings", BigInteger, nullable=False, default=0),
     Column("created_at", Float, nullable=False),
+    CheckConstraint(f"available < {LIMIT}", name="available_below_limit"),
     CheckConstraint("available >= 0", name="available_not_negative"),
     CheckConstraint("reserved >= 0", name="reserved_not_negative"),
     CheckConstraint("earnings >= 0", name="earnings_not_negative"),
@@ -61,6 +64,28 @@ entries = Table(
     metadata,
     Column("name", String(128), primary_key=True),
     Column("created_at", Float, nullable=False),
+    Column("spend_limit", BigInteger),  # the most it may reserve per period; None: no limit
+    Column("period_s", Float, nullable=False, default=86400.0),
+)
+
+# One row per entry-node process: reservations carry its lease id (``incarnation``);
+# recovery releases only reservations whose lease has expired (no heartbeat).
+leases = Table(
+    "leases",
+    metadata,
+    Column("lease_id", String(32), primary_key=True),
+    Column("holder", String(128), nullable=False),
+    Column("expires_at", Float, nullable=False),
+    Column("created_at", Float, nullable=False),
+)
+
+# The ledger service's actor keys (hash_api_key of the key; never the key).
+actor_keys = Table(
+    "actor_keys",
+    metadata,
+    Column("key_hash", String(64), primary_key=True),
+    Column("actor", String(128), nullable=False),
+    Column("created_at", Float, nullable=False),
 )
 
 reservations = Table(
@@ -70,11 +95,14 @@ reservations = Table(
     Column("account_id", String(128), ForeignKey("accounts.id"), nullable=False),
     Column("amount", BigInteger, nullable=False),
     Column("holder", String(128), nullable=False),  # the entry node that reserved
-    Column("incarnation", String(32), nullable=False),  # that entry's process, for recovery
+    Column("incarnation", String(32), nullable=False),  # that entry process's lease id
     Column("state", String(16), nullable=False),
     Column("cost", BigInteger, nullable=False, default=0),
     Column("created_at", Float, nullable=False),
     Column("closed_at", Float),
+    Column("key_hash", String(64)),  # the API key (hash) that authorised the charge
+    Column("max_tokens", BigInteger),  # prompt + max completion: the most it may credit
+    Column("idempotency_key", String(128)),  # unique per account
     CheckConstraint("amount > 0", name="amount_positive"),
     CheckConstraint("cost >= 0 AND cost <= amount", name="cost_within_amount"),
     Index("ix_reservations_open", "state", "holder"),
@@ -93,6 +121,9 @@ nodes = Table(
     Column("removed", Boolean, nullable=False, default=False),
     Column("served_total", BigInteger, nullable=False, default=0),
     Column("created_at", Float, nullable=False),
+    Column("certificate_pem", String),  # the attested certificate it was admitted with
+    Column("fingerprint", String(64)),  # its SHA-256 (hex): how receipts name the signer
+    Column("admitted_until", Float, nullable=False, default=0.0),  # re-attest before this
 )
 
 # Work served: one row per node per settled request. Rows of the current epoch
@@ -108,6 +139,8 @@ work = Table(
     Column("tokens", BigInteger, nullable=False),
     Column("epoch", Integer, nullable=False),
     Column("at", Float, nullable=False),
+    Column("credit", BigInteger, nullable=False, default=0),  # its share of what was paid
+    Column("layers", Integer, nullable=False, default=0),  # layers its receipt proves it ran
     CheckConstraint("tokens > 0", name="tokens_positive"),
     Index("ix_work_epoch", "epoch"),
 )
@@ -121,6 +154,7 @@ distributions = Table(
     Column("distributed", BigInteger, nullable=False),
     Column("remainder", BigInteger, nullable=False),
     Column("tokens", BigInteger, nullable=False),
+    Column("treasury", BigInteger, nullable=False, default=0),
 )
 
 journal = Table(

@@ -4,20 +4,25 @@ Pool operations (nodes, distribution, withdrawal) and the consistency check live
 in ``teeshard.ledger.sql.pool``; this class delegates to them.
 
 Identity: an ``SqlLedger`` acts as ``actor``, a name. Whoever can write to the
-database can claim any name, so the role checks here keep honest callers
-(entry nodes, the CLI) within their roles; they are not a defence against
-someone holding the database itself. The first ``open`` of an empty database
-makes its actor (or ``owner``) the owner, as deploying a contract does.
+database can claim any name, so direct database access is for the one party that
+runs the ledger (its owner, and its own entry nodes). Where several parties
+share a ledger, they reach it through the ledger service (``teeshard ledger
+serve``, ``teeshard.ledger.service``), which derives the actor from a per-actor
+key and holds the only database credentials. The first ``open`` of an empty
+database makes its actor the owner, as deploying a contract does.
+
+Each ``SqlLedger`` object is one entry-node process: its ``incarnation`` is its
+lease id, renewed by every reservation and by ``heartbeat``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import uuid
-from collections.abc import Iterator, Mapping
-from typing import Any
+from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING
 
-from sqlalchemy import Connection, insert, or_, select, update
+from sqlalchemy import Connection, insert, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from teeshard.ledger.interface import (
@@ -26,24 +31,19 @@ from teeshard.ledger.interface import (
     Consistency,
     Distribution,
     DuplicateKey,
-    DuplicateRequest,
-    InsufficientBalance,
     InvalidAmount,
     JournalEntry,
     LedgerError,
     NodeInfo,
     NodeRecord,
-    ReservationClosed,
     ReservationRecord,
-    ReservationState,
     Unauthorized,
     UnknownAccount,
     UnknownRequest,
     check_amount,
-    check_request_id,
-    check_tokens,
 )
 from teeshard.ledger.keys import hash_api_key
+from teeshard.ledger.sql import actors, audit, charges
 from teeshard.ledger.sql import pool as pool_ops
 from teeshard.ledger.sql.engine import Engines, make_engines, migrate
 from teeshard.ledger.sql.rows import (
@@ -55,27 +55,56 @@ from teeshard.ledger.sql.rows import (
     reservation_record,
     set_meta,
 )
-from teeshard.ledger.sql.schema import POOL, accounts, api_keys, entries, journal, reservations
+from teeshard.ledger.sql.schema import (
+    LIMIT,
+    POOL,
+    TREASURY,
+    accounts,
+    api_keys,
+    entries,
+    journal,
+    reservations,
+)
+
+if TYPE_CHECKING:
+    from teeshard.attest.receipts import Receipt
+    from teeshard.ledger.claims import AttestedNode, OperatorClaim
+
+DEFAULT_LEASE_TTL_S = 60.0  # a process that misses heartbeats this long loses its reservations
 
 
 class SqlLedger:
-    def __init__(self, engines: Engines, actor: str, incarnation: str | None = None) -> None:
+    def __init__(
+        self,
+        engines: Engines,
+        actor: str,
+        incarnation: str | None = None,
+        *,
+        lease_ttl_s: float = DEFAULT_LEASE_TTL_S,
+    ) -> None:
         if not actor:
             raise ValueError("a ledger actor name is required")
         self.engines = engines
         self._actor = actor
-        # Reservations made through this object carry its incarnation; recover()
-        # releases this actor's reservations from any other (an earlier process).
+        # Reservations made through this object carry its lease id; recover()
+        # releases only reservations whose lease has expired.
         self.incarnation = incarnation or uuid.uuid4().hex
+        self.lease_ttl_s = lease_ttl_s
 
     @classmethod
     def open(
-        cls, url: str, actor: str, *, owner: str | None = None, run_migrations: bool = True
+        cls,
+        url: str,
+        actor: str,
+        *,
+        owner: str | None = None,
+        run_migrations: bool = True,
+        lease_ttl_s: float = DEFAULT_LEASE_TTL_S,
     ) -> SqlLedger:
         engines = make_engines(url)
         if run_migrations:
             migrate(engines)
-        ledger = cls(engines, actor)
+        ledger = cls(engines, actor, lease_ttl_s=lease_ttl_s)
         try:
             with ledger._write() as conn:
                 if get_meta(conn, "owner") is None:
@@ -92,9 +121,10 @@ class SqlLedger:
                 raise
         return ledger
 
-    def as_actor(self, actor: str) -> SqlLedger:
-        """The same database, acting as someone else (a new incarnation)."""
-        return SqlLedger(self.engines, actor)
+    def as_actor(self, actor: str, *, lease_ttl_s: float | None = None) -> SqlLedger:
+        """The same database, acting as someone else (a new incarnation: a new lease)."""
+        ttl = self.lease_ttl_s if lease_ttl_s is None else lease_ttl_s
+        return SqlLedger(self.engines, actor, lease_ttl_s=ttl)
 
     @property
     def actor(self) -> str:
@@ -134,21 +164,33 @@ class SqlLedger:
                 f"only the ledger owner ({owner!r}) may {what}; you are {self._actor!r}"
             )
 
-    def _is_entry(self, conn: Connection) -> bool:
-        found = conn.execute(select(entries.c.name).where(entries.c.name == self._actor))
-        return found.first() is not None
+    def _ledger_id(self, conn: Connection) -> str:
+        return get_meta(conn, "ledger_id") or ""
 
-    def _require_entry(self, conn: Connection, what: str) -> None:
-        if not self._is_entry(conn):
-            raise Unauthorized(
-                f"{self._actor!r} is not an authorised entry node and may not {what}; "
-                "the ledger owner authorises entry nodes (teeshard ledger authorize-entry)"
-            )
+    def add_actor_key(self, actor: str) -> str:
+        """A new key for ``actor`` at the ledger service (owner); shown once, stored hashed."""
+        with self._write() as conn:
+            self._require_owner(conn, "make actor keys")
+            return actors.add_actor_key(conn, actor)
+
+    def actor_for_key(self, key: str) -> str:
+        with self._read() as conn:
+            return actors.actor_for_key(conn, key)
+
+    def ledger_id(self) -> str:
+        """What operator claims name: this ledger's random id (made by migration 0002)."""
+        with self._read() as conn:
+            return self._ledger_id(conn)
 
     # -- accounts --------------------------------------------------------------------
 
     def open_account(self, account: str) -> None:
-        if not account or len(account) > 128 or account.startswith("@"):
+        if (
+            not isinstance(account, str)
+            or not account
+            or len(account) > 128
+            or account.startswith("@")
+        ):
             raise LedgerError(
                 f"account names are 1-128 characters, not starting with '@': {account!r}"
             )
@@ -187,16 +229,28 @@ class SqlLedger:
 
     def deposit(self, account: str, amount: int) -> JournalEntry:
         check_amount(amount, "deposit")
-        with self._write() as conn:
-            # SQL deposits record a payment received elsewhere, so only the owner mints.
-            self._require_owner(conn, "record deposits")
-            lock_account(conn, account)
-            return apply(conn, "deposit", account, available=amount)
+        try:
+            with self._write() as conn:
+                # SQL deposits record a payment received elsewhere, so only the owner mints.
+                self._require_owner(conn, "record deposits")
+                row = lock_account(conn, account)
+                if account.startswith("@"):
+                    raise UnknownAccount(f"no account {account!r}")
+                if row.available + amount >= LIMIT:
+                    raise InvalidAmount(
+                        f"a deposit of {amount} would take {account!r} to {row.available + amount}, "
+                        f"above the limit of a balance ({LIMIT - 1})"
+                    )
+                return apply(conn, "deposit", account, available=amount)
+        except BackendError as exc:
+            if isinstance(exc.__cause__, IntegrityError):  # a CHECK on the balances
+                raise InvalidAmount(f"a deposit of {amount} would exceed a balance limit") from None
+            raise
 
     def balance(self, account: str) -> Balance:
         with self._read() as conn:
             row = conn.execute(select(accounts).where(accounts.c.id == account)).one_or_none()
-        if row is None or account == POOL:
+        if row is None or account == POOL:  # the treasury shows its earnings
             raise UnknownAccount(f"no account {account!r}")
         return Balance(account, row.available, row.reserved, row.earnings)
 
@@ -211,13 +265,23 @@ class SqlLedger:
             )
             return [journal_entry(row) for row in rows]
 
-    # -- charges ---------------------------------------------------------------------
+    # -- charges (see sql.charges) ---------------------------------------------------
 
-    def authorize_entry(self, entry: str) -> None:
+    def authorize_entry(
+        self, entry: str, *, spend_limit: int | None = None, period_s: float = 86400.0
+    ) -> None:
+        """Let ``entry`` charge; at most ``spend_limit`` per ``period_s`` (None: no limit)."""
+        if spend_limit is not None:
+            check_amount(spend_limit, "spend limit")
+        if not period_s > 0:
+            raise InvalidAmount(f"the spend period must be positive, got {period_s!r}")
         with self._write() as conn:
             self._require_owner(conn, "authorise entry nodes")
+            values = {"spend_limit": spend_limit, "period_s": float(period_s)}
             if conn.execute(select(entries).where(entries.c.name == entry)).first() is None:
-                conn.execute(insert(entries).values(name=entry, created_at=now()))
+                conn.execute(insert(entries).values(name=entry, created_at=now(), **values))
+            else:
+                conn.execute(update(entries).where(entries.c.name == entry).values(**values))
 
     def reservation(self, request_id: str) -> ReservationRecord:
         with self._read() as conn:
@@ -228,208 +292,117 @@ class SqlLedger:
             raise UnknownRequest(f"no reservation for request {request_id!r}")
         return reservation_record(row)
 
-    def reserve(self, request_id: str, account: str, amount: int) -> ReservationRecord:
-        check_request_id(request_id)
-        check_amount(amount, "reservation")
+    def reserve(
+        self,
+        request_id: str,
+        account: str,
+        amount: int,
+        *,
+        key_hash: str | None = None,
+        max_tokens: int | None = None,
+        idempotency_key: str | None = None,
+    ) -> ReservationRecord:
         try:
             with self._write() as conn:
-                self._require_entry(conn, "reserve charges")
-                existing = conn.execute(
-                    select(reservations).where(reservations.c.request_id == request_id)
-                ).one_or_none()
-                if existing is not None:
-                    return self._replayed(reservation_record(existing), account, amount)
-                row = lock_account(conn, account)
-                if row.available < amount:
-                    raise InsufficientBalance(
-                        f"account {account!r} has {row.available} available; "
-                        f"this request may cost up to {amount}",
-                        available=row.available,
-                        needed=amount,
-                    )
-                apply(
-                    conn,
-                    "reserve",
-                    account,
-                    available=-amount,
-                    reserved=amount,
-                    request_id=request_id,
-                )
-                created = now()
-                conn.execute(
-                    insert(reservations).values(
-                        request_id=request_id,
-                        account_id=account,
-                        amount=amount,
-                        holder=self._actor,
-                        incarnation=self.incarnation,
-                        state=ReservationState.RESERVED.value,
-                        cost=0,
-                        created_at=created,
-                    )
-                )
-                return ReservationRecord(
-                    request_id, account, amount, self._actor, ReservationState.RESERVED, 0, created
-                )
+                return charges.reserve(
+                    conn, self._actor, (self.incarnation, self.lease_ttl_s), request_id,
+                    account, amount, key_hash=key_hash, max_tokens=max_tokens,
+                    idempotency_key=idempotency_key,
+                )  # fmt: skip
         except BackendError as exc:
             # Two replays raced past the check: the loser sees the winner's row.
             if isinstance(exc.__cause__, IntegrityError):
-                return self._replayed(self.reservation(request_id), account, amount)
+                if idempotency_key is not None:
+                    with self._read() as conn:
+                        found = conn.execute(
+                            select(reservations).where(
+                                (reservations.c.account_id == account)
+                                & (reservations.c.idempotency_key == idempotency_key)
+                            )
+                        ).one_or_none()
+                    if found is not None:
+                        return reservation_record(found)
+                with contextlib.suppress(UnknownRequest):
+                    return charges.replayed(
+                        self.reservation(request_id), self._actor, account, amount
+                    )
             raise
 
-    def _replayed(self, record: ReservationRecord, account: str, amount: int) -> ReservationRecord:
-        """A replayed reserve returns the open reservation it names, or says why it cannot."""
-        same = (record.account, record.amount, record.holder) == (account, amount, self._actor)
-        if same and record.state is ReservationState.RESERVED:
-            return record
-        raise DuplicateRequest(
-            f"request id {record.request_id!r} was already used: {record.state.value}, "
-            f"account {record.account!r}, amount {record.amount}, by {record.holder!r}"
-        )
-
-    def _open_reservation(self, conn: Connection, request_id: str) -> Any:
-        """The reservation's row, locked, after its account (the lock order); must be ours."""
-        row = conn.execute(
-            select(reservations).where(reservations.c.request_id == request_id)
-        ).one_or_none()
-        if row is None:
-            raise UnknownRequest(f"no reservation for request {request_id!r}")
-        if row.holder != self._actor:
-            raise Unauthorized(
-                f"reservation {request_id!r} belongs to entry {row.holder!r}, not {self._actor!r}"
-            )
-        lock_account(conn, row.account_id)
-        return conn.execute(
-            select(reservations).where(reservations.c.request_id == request_id).with_for_update()
-        ).one()
-
-    def settle(self, request_id: str, cost: int, served: Mapping[str, int]) -> ReservationRecord:
-        if isinstance(cost, bool) or not isinstance(cost, int) or cost < 0:
-            raise InvalidAmount(f"cost must be a non-negative integer, got {cost!r}")
-        served = check_tokens(served)
-        with self._write() as conn:
-            self._require_entry(conn, "settle charges")
-            pool_ops.lock_pool(conn)  # first in the lock order: pool, accounts, reservation
-            row = self._open_reservation(conn, request_id)
-            record = reservation_record(row)
-            if record.state is ReservationState.SETTLED:
-                if record.cost == cost:
-                    return record  # a replayed settle: nothing more is charged or credited
-                raise DuplicateRequest(
-                    f"request {request_id!r} was already settled at cost {record.cost}, not {cost}"
-                )
-            if record.state is ReservationState.RELEASED:
-                raise ReservationClosed(
-                    f"reservation {request_id!r} was released (failed request, restart or "
-                    "timeout) and cannot be settled"
-                )
-            if cost > record.amount:
-                raise InvalidAmount(f"cost {cost} exceeds the {record.amount} reserved")
-            pool_ops.check_served_nodes(conn, served)
-            apply(
-                conn,
-                "settle",
-                record.account,
-                available=record.amount - cost,
-                reserved=-record.amount,
-                request_id=request_id,
-                memo=f"cost {cost}",
-            )
-            if cost:
-                apply(conn, "settle", POOL, pool=cost, request_id=request_id)
-            pool_ops.record_work(conn, request_id, served)
-            conn.execute(
-                update(reservations)
-                .where(reservations.c.request_id == request_id)
-                .values(state=ReservationState.SETTLED.value, cost=cost, closed_at=now())
-            )
-            return ReservationRecord(
-                request_id,
-                record.account,
-                record.amount,
-                record.holder,
-                ReservationState.SETTLED,
-                cost,
-                record.created_at,
-            )
+    def settle(
+        self,
+        request_id: str,
+        cost: int,
+        served: Mapping[str, int],
+        *,
+        receipts: Sequence[Receipt] = (),
+    ) -> ReservationRecord:
+        try:
+            with self._write() as conn:
+                return charges.settle(conn, self._actor, request_id, cost, served, receipts)
+        except BackendError as exc:
+            if isinstance(exc.__cause__, IntegrityError):  # a CHECK on the balances
+                raise InvalidAmount(
+                    f"settling {request_id!r} at {cost} would take the pool past its limit "
+                    f"({LIMIT - 1}); distribute first"
+                ) from None
+            raise
 
     def release(self, request_id: str) -> ReservationRecord:
         with self._write() as conn:
-            self._require_entry(conn, "release charges")
-            row = self._open_reservation(conn, request_id)
-            return self._release_row(conn, row, "release")
+            charges.require_entry(conn, self._actor, "release charges")
+            row = charges.open_reservation(conn, self._actor, request_id)
+            return charges.release_row(conn, row, "release")
 
-    def _release_row(self, conn: Connection, row: Any, kind: str) -> ReservationRecord:
-        record = reservation_record(row)
-        if record.state is ReservationState.RELEASED:
-            return record  # a replayed release is a no-op
-        if record.state is ReservationState.SETTLED:
-            raise ReservationClosed(
-                f"reservation {record.request_id!r} was settled at cost {record.cost}; "
-                "it cannot be released"
-            )
-        apply(
-            conn,
-            kind,
-            record.account,
-            available=record.amount,
-            reserved=-record.amount,
-            request_id=record.request_id,
-        )
-        conn.execute(
-            update(reservations)
-            .where(reservations.c.request_id == record.request_id)
-            .values(state=ReservationState.RELEASED.value, closed_at=now())
-        )
-        return ReservationRecord(
-            record.request_id,
-            record.account,
-            record.amount,
-            record.holder,
-            ReservationState.RELEASED,
-            0,
-            record.created_at,
-        )
+    def heartbeat(self) -> None:
+        """Renew this process's lease: its reservations are not recovered while it lives."""
+        with self._write() as conn:
+            charges.require_entry(conn, self._actor, "hold a lease")
+            charges.renew_lease(conn, self._actor, self.incarnation, self.lease_ttl_s)
 
     def recover(self, older_than_s: float | None = None) -> list[str]:
-        """Release this entry's reservations left by earlier processes, and any stale ones."""
+        """Release open reservations whose process lease expired (this entry's; owner: all)."""
         with self._read() as conn:
-            self._require_entry(conn, "recover reservations")
-            stale = reservations.c.holder == self._actor
-            stale = stale & (reservations.c.incarnation != self.incarnation)
-            if older_than_s is not None:
-                stale = or_(stale, reservations.c.created_at < now() - older_than_s)
-            candidates = conn.execute(
-                select(reservations.c.request_id, reservations.c.account_id).where(
-                    (reservations.c.state == ReservationState.RESERVED.value) & stale
-                )
-            ).all()
+            holder: str | None = self._actor
+            if get_meta(conn, "owner") == self._actor:
+                holder = None
+            else:
+                charges.require_entry(conn, self._actor, "recover reservations")
+            candidates = charges.expired_reservations(conn, holder, older_than_s)
         released = []
         for request_id, account in candidates:
             with self._write() as conn:
-                self._require_entry(conn, "recover reservations")
-                lock_account(conn, account)
-                row = conn.execute(
-                    select(reservations)
-                    .where(reservations.c.request_id == request_id)
-                    .with_for_update()
-                ).one()
-                if row.state == ReservationState.RESERVED.value:
-                    self._release_row(conn, row, "recover")
+                if charges.recover_one(conn, request_id, account):
                     released.append(request_id)
         return released
 
+    def open_reservations(self, older_than_s: float = 0.0) -> list[ReservationRecord]:
+        """Reservations still open after ``older_than_s`` seconds: stuck money."""
+        with self._read() as conn:
+            return charges.open_reservations(conn, older_than_s)
+
     # -- the pool (see sql.pool) -----------------------------------------------------
 
-    def register_node(self, node: NodeInfo) -> NodeRecord:
+    def register_node(self, node: NodeInfo, *, claim: OperatorClaim | None = None) -> NodeRecord:
         with self._write() as conn:
-            return pool_ops.register_node(conn, self._actor, node)
+            return pool_ops.register_node(conn, self._actor, node, claim, self._ledger_id(conn))
 
-    def admit_node(self, node_id: str, manifest_hash: str) -> NodeRecord:
+    def admit_node(
+        self, node_id: str, manifest_hash: str, *, attested: AttestedNode | None = None
+    ) -> NodeRecord:
         with self._write() as conn:
             if get_meta(conn, "owner") != self._actor:
-                self._require_entry(conn, "admit nodes")
-            return pool_ops.admit_node(conn, node_id, manifest_hash)
+                charges.require_entry(conn, self._actor, "admit nodes")
+            return pool_ops.admit_node(
+                conn, node_id, manifest_hash, attested, self._ledger_id(conn)
+            )
+
+    def set_admission_epoch(self, seconds: float) -> None:
+        """How long an admission lasts before the node must be attested again (owner)."""
+        if not seconds > 0:
+            raise InvalidAmount(f"the admission epoch must be positive, got {seconds!r}")
+        with self._write() as conn:
+            self._require_owner(conn, "set the admission epoch")
+            set_meta(conn, "admission_ttl_s", repr(float(seconds)))
 
     def edit_node(
         self, node_id: str, *, url: str | None = None, manifest_hash: str | None = None
@@ -461,6 +434,19 @@ class SqlLedger:
         with self._write() as conn:
             return pool_ops.withdraw(conn, self._actor, amount)
 
+    def withdraw_treasury(self, amount: int | None = None) -> JournalEntry:
+        """Pay out the treasury (the owner): revenue that no verified work earned."""
+        with self._write() as conn:
+            self._require_owner(conn, "withdraw the treasury")
+            return pool_ops.withdraw(conn, TREASURY, amount)
+
     def check(self) -> Consistency:
-        with self._read() as conn, conn.begin():
-            return pool_ops.check(conn)
+        """The audit, in one snapshot (REPEATABLE READ on PostgreSQL)."""
+        engine = self.engines.read
+        if self.engines.dialect == "postgresql":
+            engine = engine.execution_options(isolation_level="REPEATABLE READ")
+        try:
+            with engine.connect() as conn, conn.begin():
+                return audit.check(conn)
+        except SQLAlchemyError as exc:
+            raise BackendError(f"ledger database error: {exc.__class__.__name__}: {exc}") from exc

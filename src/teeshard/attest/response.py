@@ -1,0 +1,323 @@
+"""Does a receipt chain prove *this* answer to *this* request? The rules, as pure functions.
+
+A genuine receipt chain alone proves only that some request ran through attested
+stages. :func:`verify_response` ties it to what the user holds:
+
+* the response's completion token ids hash to the last stage's ``sent`` hash
+  (the last stage hashes each token it returns as ``struct.pack("<I", id)``
+  through :class:`~teeshard.attest.receipts.TrafficHash`);
+* the text decodes from those ids with the *attested* tokenizer: the caller
+  passes the entry files it measured from a checkpoint directory, which must
+  equal stage 0's attested entry section, and a ``decode`` made from the same
+  directory (a final end-of-sequence id is not text; stop sequences from the
+  request body cut the text where the entry node cut it; ``echo`` prepends the
+  prompt);
+* the response id (``chatcmpl-<id>``, ``cmpl-<id>``) and the extension's request id
+  are the receipts' request id;
+* stage 0 received exactly the request body (SHA-256), when it is given.
+
+The extension field, on the final JSON body or on the last SSE event (the one
+with the receipts)::
+
+    "teeshard": {"request_id": "<hex>", "completion_token_ids": [17, 402, 1]}
+
+Only the decoding is the caller's (the web console and the CLI bring their own
+tokenizer); everything else here is pure and shared by both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import struct
+from collections.abc import Callable, Collection, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from teeshard.attest.entry_files import EntryFiles
+from teeshard.attest.errors import FormatError, ReceiptError
+from teeshard.attest.identity import cert_fingerprint, load_certificate
+from teeshard.attest.receipts import (
+    RECEIPTS_FIELD,
+    ChainReport,
+    Receipt,
+    SignerInfo,
+    TrafficHash,
+    receipts_from_json,
+    verify_chain,
+)
+
+EXTENSION_FIELD = "teeshard"
+RESPONSE_ID_PREFIXES = ("chatcmpl-", "cmpl-")
+Kind = Literal["chat", "completion", "generate"]
+Decode = Callable[[Sequence[int]], str]
+
+
+@dataclass(frozen=True)
+class ResponseClaims:
+    """What a response says about itself: from a JSON body or an SSE transcript."""
+
+    kind: Kind
+    request_id: str
+    response_id: str | None  # None for /generate
+    text: str
+    completion_token_ids: tuple[int, ...]
+    finish_reason: str | None
+    completion_tokens: int | None  # usage.completion_tokens, when the response has usage
+    receipts: tuple[Receipt, ...]
+
+
+@dataclass(frozen=True)
+class ResponseReport:
+    chain: ChainReport
+    request_id: str
+    completion_tokens: int
+    text_checked: bool
+    body_checked: bool
+
+
+def bare_request_id(value: str) -> str:
+    """``chatcmpl-abc`` or ``cmpl-abc`` → ``abc``; any other id is returned as it is."""
+    for prefix in RESPONSE_ID_PREFIXES:
+        if value.startswith(prefix):
+            return value[len(prefix) :]
+    return value
+
+
+def token_traffic_hash(token_ids: Iterable[int]) -> bytes:
+    """The last stage's ``sent`` hash of a completion: one frame per returned token id."""
+    hasher = TrafficHash()
+    for token in token_ids:
+        hasher.update(struct.pack("<I", token))
+    return hasher.digest()
+
+
+def response_extension(request_id: str, completion_token_ids: Sequence[int]) -> dict[str, Any]:
+    """The extension field the entry node adds to a finished response."""
+    return {"request_id": request_id, "completion_token_ids": list(completion_token_ids)}
+
+
+# -- parsing -----------------------------------------------------------------------------
+
+
+def parse_response(text: str | bytes) -> ResponseClaims:
+    """A saved response: one JSON object, or a saved SSE stream (``data: {...}`` lines)."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", errors="strict")
+    stripped = text.lstrip()
+    if stripped.startswith("data:"):
+        return _parse_stream(stripped)
+    try:
+        body = json.loads(text)
+    except ValueError as exc:
+        raise FormatError(f"the response is neither JSON nor an SSE stream: {exc}") from None
+    if not isinstance(body, dict):
+        raise FormatError("the response is not a JSON object")
+    if "choices" in body:
+        choice = _first_choice(body)
+        message = choice.get("message")
+        kind: Kind = "chat" if isinstance(message, dict) else "completion"
+        content = message.get("content") if isinstance(message, dict) else choice.get("text")
+        return _claims(body, kind, _text(content), choice.get("finish_reason"), body)
+    if "output" in body:
+        return _claims(body, "generate", _text(body.get("output")), None, body)
+    raise FormatError("the response has neither choices nor output")
+
+
+def _parse_stream(text: str) -> ResponseClaims:
+    events: list[dict[str, Any]] = []
+    for line in text.splitlines():
+        if not line.startswith("data:") or line[5:].strip() == "[DONE]":
+            continue
+        try:
+            event = json.loads(line[5:])
+        except ValueError:
+            raise FormatError("an SSE event of the stream is not JSON") from None
+        if not isinstance(event, dict):
+            raise FormatError("an SSE event of the stream is not a JSON object")
+        if "error" in event:
+            raise ReceiptError(f"the stream ended with an error: {event['error']}")
+        events.append(event)
+    if not events:
+        raise FormatError("the stream holds no events")
+    parts: list[str] = []
+    finish: object = None
+    kind: Kind | None = None
+    for event in events:
+        if not event.get("choices"):
+            continue
+        choice = _first_choice(event)
+        delta = choice.get("delta")
+        if isinstance(delta, dict):
+            kind = "chat"
+            parts.append(_text(delta.get("content")))
+        else:
+            kind = "completion"
+            parts.append(_text(choice.get("text")))
+        finish = choice.get("finish_reason") or finish
+    last = events[-1]
+    return _claims(last, kind or "completion", "".join(parts), finish, last)
+
+
+def _first_choice(body: dict[str, Any]) -> dict[str, Any]:
+    choices = body.get("choices")
+    if not isinstance(choices, list) or len(choices) != 1 or not isinstance(choices[0], dict):
+        raise FormatError("expected exactly one choice")
+    return choices[0]
+
+
+def _text(value: object) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise FormatError("the response text is not a string")
+    return value
+
+
+def _claims(
+    body: dict[str, Any], kind: Kind, text: str, finish: object, last: dict[str, Any]
+) -> ResponseClaims:
+    ext = last.get(EXTENSION_FIELD)
+    if not isinstance(ext, dict):
+        raise FormatError(
+            f"the response has no {EXTENSION_FIELD!r} field: no completion token ids to check"
+        )
+    ids = ext.get("completion_token_ids")
+    if not isinstance(ids, list) or not all(
+        isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 1 << 32 for t in ids
+    ):
+        raise FormatError(f"{EXTENSION_FIELD}.completion_token_ids: expected token ids")
+    request_id = ext.get("request_id")
+    if not isinstance(request_id, str):
+        raise FormatError(f"{EXTENSION_FIELD}.request_id: expected a string")
+    if RECEIPTS_FIELD not in last:
+        raise FormatError("the response carries no receipts")
+    usage = last.get("usage")
+    completion_tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
+    response_id = body.get("id")
+    return ResponseClaims(
+        kind=kind,
+        request_id=request_id,
+        response_id=response_id if isinstance(response_id, str) else None,
+        text=text,
+        completion_token_ids=tuple(ids),
+        finish_reason=finish if isinstance(finish, str) else None,
+        completion_tokens=completion_tokens if isinstance(completion_tokens, int) else None,
+        receipts=tuple(receipts_from_json(last)),
+    )
+
+
+@dataclass(frozen=True)
+class RequestFacts:
+    """What of the request body shapes the answer's text: stop sequences and echo."""
+
+    stops: tuple[str, ...] = ()
+    echo_prefix: str = ""
+
+
+def parse_request(body: bytes) -> RequestFacts:
+    try:
+        data = json.loads(body)
+    except ValueError:
+        raise FormatError("the request body is not JSON") from None
+    if not isinstance(data, dict):
+        raise FormatError("the request body is not a JSON object")
+    stop = data.get("stop")
+    stops = (stop,) if isinstance(stop, str) else tuple(s for s in stop or () if isinstance(s, str))
+    prefix: object = ""
+    if data.get("echo") is True:
+        prompt = data.get("prompt")
+        prefix = prompt[0] if isinstance(prompt, list) and prompt else prompt
+        if not isinstance(prefix, str):
+            raise FormatError("the request body's prompt is not a string")
+    return RequestFacts(stops, prefix if isinstance(prefix, str) else "")
+
+
+# -- the rules ---------------------------------------------------------------------------
+
+
+def expected_text(full: str, facts: RequestFacts) -> str:
+    """The text the entry node returns for a completion that decodes to ``full``."""
+    full = full.rstrip("\ufffd")  # an unfinished UTF-8 character at the end is never sent
+    cuts = [i for i in (full.find(s) for s in facts.stops) if i >= 0]
+    return facts.echo_prefix + (full[: min(cuts)] if cuts else full)
+
+
+def verify_response(
+    claims: ResponseClaims,
+    signers: Iterable[SignerInfo],
+    *,
+    entry_files: EntryFiles | None = None,
+    decode: Decode | None = None,
+    eos_token_ids: Collection[int] = (),
+    request_body: bytes | None = None,
+    request_id: str | None = None,
+    num_layers: int | None = None,
+) -> ResponseReport:
+    """Check that the receipts prove this response to this request; ReceiptError if not.
+
+    ``decode`` and ``entry_files`` come together (the tokenizer and its measured
+    files, from the same checkpoint directory): without them the text is not
+    checked, which the report says. ``request_id`` may be bare or prefixed.
+    """
+    if (decode is None) != (entry_files is None):
+        raise ValueError("decode and entry_files come together, from one checkpoint directory")
+    signers = list(signers)
+    rid = claims.request_id
+    if request_id is not None and bare_request_id(request_id) != rid:
+        raise ReceiptError(
+            f"the response is for request {rid!r}, not {bare_request_id(request_id)!r}"
+        )
+    if claims.response_id is not None and claims.response_id not in (
+        f"{p}{rid}" for p in RESPONSE_ID_PREFIXES
+    ):
+        raise ReceiptError(f"response id {claims.response_id!r} is not request {rid!r}")
+    chain = verify_chain(claims.receipts, signers, request_id=rid, num_layers=num_layers)
+    first, last = claims.receipts[0], claims.receipts[-1]
+    if not hmac.compare_digest(last.sent_sha256, token_traffic_hash(claims.completion_token_ids)):
+        raise ReceiptError("the completion token ids are not the tokens the last stage sent")
+    ids = list(claims.completion_token_ids)
+    if ids and ids[-1] in eos_token_ids:
+        ids.pop()  # the end-of-sequence token ends the answer; it is not text
+    counts = {len(ids)}
+    if not eos_token_ids and claims.finish_reason == "stop" and ids:
+        counts.add(len(ids) - 1)  # EOS ids unknown (no tokenizer): the last may be one
+    if claims.completion_tokens is not None and claims.completion_tokens not in counts:
+        raise ReceiptError(
+            f"usage says {claims.completion_tokens} completion tokens; the last stage sent {len(ids)}"
+        )
+    body_checked = False
+    if request_body is not None:
+        if not hmac.compare_digest(first.received_sha256, hashlib.sha256(request_body).digest()):
+            raise ReceiptError("stage 0 received another request body than the one given")
+        body_checked = True
+    if decode is not None and entry_files is not None:
+        _check_entry_files(first, signers, entry_files)
+        facts = parse_request(request_body) if request_body is not None else RequestFacts()
+        full = decode(ids)
+        want = expected_text(full, facts)
+        if claims.text != want:
+            if request_body is None and claims.text and full.startswith(claims.text):
+                raise ReceiptError(
+                    "the text is shorter than what the tokens decode to: give the request "
+                    "body to check its stop sequences"
+                )
+            raise ReceiptError("the response text is not what its token ids decode to")
+    return ResponseReport(chain, rid, len(ids), decode is not None, body_checked)
+
+
+def _check_entry_files(first: Receipt, signers: Sequence[SignerInfo], files: EntryFiles) -> None:
+    for signer in signers:
+        if cert_fingerprint(load_certificate(signer.certificate_pem)) != first.signer:
+            continue
+        attested = signer.manifest.entry
+        if attested is None:
+            raise ReceiptError("stage 0's manifest attests no tokenizer (no entry section)")
+        if not hmac.compare_digest(attested.hash, files.hash):
+            raise ReceiptError(
+                f"the tokenizer files given (entry hash {files.hash.hex()[:16]}) are not the "
+                f"attested ones ({attested.hash.hex()[:16]})"
+            )
+        return
+    raise ReceiptError("stage 0 is signed by an unknown certificate")
