@@ -8,15 +8,14 @@ the offload statement; a policy can forbid offload or require blinded+verified.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import pytest
 
 from teeshard.attest.receipts import Receipt
+from teeshard.model.layer_range import LayerRange
 from teeshard.offload import OffloadPolicyError, check_node_offload
 from teeshard.offload.launch import AcceleratorProcess
-from teeshard.server.config import NodeConfig
-from teeshard.transport.pipeline_client import PipelineClient
 from tests.checkpoints import TinyModel
 from tests.cluster import LocalCluster
 from tests.integration.test_split_exact import reference_generation
@@ -26,30 +25,28 @@ PROMPT = [0, 17, 250, 33, 101, 7, 402, 99]
 STEPS = 12
 
 
-@dataclass
-class OffloadCluster(LocalCluster):
-    accels: list[AcceleratorProcess] | None = None
-    modes: tuple[str, ...] = ()
-
-    def configs(self) -> list[NodeConfig]:
-        assert self.accels is not None
-        return [
-            replace(c, offload_url=a.endpoint, accel_key=a.public_key.decode(), offload_mode=m)
-            for c, a, m in zip(super().configs(), self.accels, self.modes, strict=True)
-        ]
+def offload_cluster(
+    model: TinyModel,
+    ranges: list[LayerRange],
+    accels: list[AcceleratorProcess],
+    modes: tuple[str, ...],
+) -> LocalCluster:
+    options: dict[int, dict[str, object]] = {
+        i: {"offload_url": a.endpoint, "accel_key": a.public_key.decode(), "offload_mode": m}
+        for i, (a, m) in enumerate(zip(accels, modes, strict=True))
+    }
+    return LocalCluster(model.path, len(ranges), ranges=ranges, node_options=options)
 
 
 async def test_split_with_offload_matches_and_attests(
     start_accel: StartAccel, tiny_llama: TinyModel
 ) -> None:
-    from teeshard.model.layer_range import LayerRange
-
     ranges = [LayerRange(0, 2), LayerRange(2, 4)]
     accels = [start_accel(tiny_llama.path, r, "field") for r in ranges]
     modes = ("blinded+verified", "verified")
     ref_tokens, _ = reference_generation(tiny_llama, PROMPT, STEPS)
-    with OffloadCluster(tiny_llama.path, 2, ranges=ranges, accels=accels, modes=modes) as cluster:
-        client = PipelineClient(cluster.entry.ws_url)
+    with offload_cluster(tiny_llama, ranges, accels, modes) as cluster:
+        client = cluster.entry_stage()
         session = await client.open_session(max_len=len(PROMPT) + STEPS)
         token, _ = await client.step(session, PROMPT)
         tokens = [token]
@@ -57,7 +54,6 @@ async def test_split_with_offload_matches_and_attests(
             token, _ = await client.step(session, [token])
             tokens.append(token)
         receipts = [Receipt.from_json(r) for r in await client.close_session(session, sign=True)]
-        await client.disconnect()
         manifests = [n.node.trust.attestation.manifest for n in cluster.nodes if n.node]
     assert tokens == ref_tokens
     for manifest, accel, mode in zip(manifests, accels, modes, strict=True):
@@ -105,19 +101,14 @@ def test_node_command_line_and_config_checks(tiny_llama: TinyModel) -> None:
 async def test_a_lying_accelerator_fails_the_step_clearly(
     start_accel: StartAccel, tiny_llama: TinyModel
 ) -> None:
-    from teeshard.model.layer_range import LayerRange
-
     liar = start_accel(
         tiny_llama.path, LayerRange(0, 4), "field",
         module="tests.offload.malicious_accel", extra=("--tamper", "flip"),
     )  # fmt: skip
-    with OffloadCluster(
-        tiny_llama.path, 1, ranges=[LayerRange(0, 4)], accels=[liar], modes=("verified",)
-    ) as cluster:
-        client = PipelineClient(cluster.entry.ws_url)
+    with offload_cluster(tiny_llama, [LayerRange(0, 4)], [liar], ("verified",)) as cluster:
+        client = cluster.entry_stage()
         for _ in range(2):  # and again: that accelerator is not used any more
             session = await client.open_session(max_len=len(PROMPT) + 2)
             with pytest.raises(Exception, match="accelerator") as caught:
                 await client.step(session, PROMPT)
             assert "Freivalds" in str(caught.value) or "refusing" in str(caught.value)
-        await client.disconnect()
