@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+import pytest
 
 TEMPLATE = (
     Path(__file__).resolve().parents[2] / "deploy" / "gramine" / "teeshard-node.manifest.template"
@@ -24,16 +25,32 @@ def render(**extra: Any) -> dict[str, Any]:
     return tomllib.loads(env.from_string(TEMPLATE.read_text()).render(**BASE, **extra))
 
 
-def test_without_offload_the_command_line_is_unchanged() -> None:
-    argv = render()["loader"]["argv"]
-    assert "--offload" not in argv and argv[-2:] == ["--policy", "/etc/teeshard/policy.toml"]
+def node_config(manifest: dict[str, Any], monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    """The config ``teeshard node`` builds from the manifest's argv and environment."""
+    from teeshard.cli import build_parser
+    from teeshard.cli.node import config_from_args
+
+    for name, value in manifest["loader"]["env"].items():
+        monkeypatch.setenv(name, value)
+    args = build_parser().parse_args(manifest["loader"]["argv"][3:])
+    return config_from_args(args, layers=args.layers)
 
 
-def test_offload_pins_the_accelerator_in_the_measured_command_line() -> None:
+def test_without_offload_the_node_offloads_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    manifest = render()
+    assert manifest["loader"]["env"]["TEESHARD_OFFLOAD"] == ""
+    assert node_config(manifest, monkeypatch).offload_url is None
+
+
+def test_offload_pins_the_accelerator_in_the_measured_manifest(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     key = "rq:rM>}U?@Lns47E1%kR.o@n%FcmmsL/@{H8]yf7"
-    argv = render(offload_url="tcp://10.0.0.5:7100", accel_key=key)["loader"]["argv"]
-    tail = argv[argv.index("--offload") :]
-    assert tail == ["--offload", "tcp://10.0.0.5:7100", "--accel-key", key,
-                    "--offload-mode", "blinded+verified", "--offload-pool", "16"]  # fmt: skip
-    argv = render(offload_url="tcp://h:1", accel_key=key, offload_mode="verified")["loader"]["argv"]
-    assert argv[argv.index("--offload-mode") + 1] == "verified"
+    manifest = render(offload_url="tcp://10.0.0.5:7100", accel_key=key, offload_mode="verified")
+    config = node_config(manifest, monkeypatch)
+    assert (config.offload_url, config.accel_key, config.offload_mode) == (
+        "tcp://10.0.0.5:7100", key, "verified",
+    )  # fmt: skip
+    monkeypatch.setenv("TEESHARD_OFFLOAD_MODE", "")
+    manifest = render(offload_url="tcp://10.0.0.5:7100", accel_key=key)
+    assert node_config(manifest, monkeypatch).offload_mode == "blinded+verified"

@@ -74,17 +74,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def add_offload_options(parser: argparse.ArgumentParser) -> None:
     """TSQP mode: linear layers on an untrusted accelerator (``teeshard accel``)."""
     parser.add_argument(
-        "--offload", dest="offload_url", help="tcp://HOST:PORT of the accelerator (TSQP mode)"
+        "--offload",
+        dest="offload_url",
+        default=os.environ.get("TEESHARD_OFFLOAD") or None,
+        help="tcp://HOST:PORT of the accelerator (TSQP mode; default $TEESHARD_OFFLOAD)",
     )
     parser.add_argument(
         "--offload-mode",
-        default="blinded+verified",
+        default=os.environ.get("TEESHARD_OFFLOAD_MODE") or "blinded+verified",
         choices=("plain", "blinded", "verified", "blinded+verified"),
         help="what the accelerator may see and do (default blinded+verified); "
         "plain sends activations in the clear: INSECURE, for comparison only",
     )
     parser.add_argument(
-        "--accel-key", help="the accelerator's CURVE public key, Z85 or its .key file (pinned)"
+        "--accel-key",
+        default=os.environ.get("TEESHARD_ACCEL_KEY") or None,
+        help="the accelerator's CURVE public key, Z85 or its .key file (pinned; "
+        "default $TEESHARD_ACCEL_KEY)",
     )
     parser.add_argument(
         "--offload-second",
