@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "teeshard.cli.ledger",
     "teeshard.cli.pool",
     "teeshard.cli.chain",
+    "teeshard.cli.accel",
 )
 
 

@@ -67,7 +67,39 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_trust_options(parser)
     add_billing_options(parser)
     add_runtime_options(parser)
+    add_offload_options(parser)
     parser.set_defaults(func=run)
+
+
+def add_offload_options(parser: argparse.ArgumentParser) -> None:
+    """TSQP mode: linear layers on an untrusted accelerator (``teeshard accel``)."""
+    parser.add_argument(
+        "--offload",
+        dest="offload_url",
+        default=os.environ.get("TEESHARD_OFFLOAD") or None,
+        help="tcp://HOST:PORT of the accelerator (TSQP mode; default $TEESHARD_OFFLOAD)",
+    )
+    parser.add_argument(
+        "--offload-mode",
+        default=os.environ.get("TEESHARD_OFFLOAD_MODE") or "blinded+verified",
+        choices=("plain", "blinded", "verified", "blinded+verified"),
+        help="what the accelerator may see and do (default blinded+verified); "
+        "plain sends activations in the clear: INSECURE, for comparison only",
+    )
+    parser.add_argument(
+        "--accel-key",
+        default=os.environ.get("TEESHARD_ACCEL_KEY") or None,
+        help="the accelerator's CURVE public key, Z85 or its .key file (pinned; "
+        "default $TEESHARD_ACCEL_KEY)",
+    )
+    parser.add_argument(
+        "--offload-second",
+        help="two-server blinding: tcp://HOST:PORT of an independent accelerator",
+    )
+    parser.add_argument("--offload-second-key", help="its CURVE public key (pinned)")
+    parser.add_argument(
+        "--offload-pool", type=int, default=16, help="precomputed pads per matrix (default 16)"
+    )
 
 
 def add_billing_options(parser: argparse.ArgumentParser) -> None:
@@ -211,6 +243,12 @@ def config_from_args(args: argparse.Namespace, **overrides: object) -> NodeConfi
         ledger_actor=args.ledger_actor,
         free_for_operators=not args.no_free_operators,
     )
+    if getattr(args, "offload_url", None):
+        fields.update(
+            offload_url=args.offload_url, offload_mode=args.offload_mode,
+            accel_key=args.accel_key, offload_second_url=args.offload_second,
+            offload_second_key=args.offload_second_key, offload_pool_rows=args.offload_pool,
+        )  # fmt: skip
     fields.update(overrides)
     return NodeConfig(**fields)  # type: ignore[arg-type]
 

@@ -83,6 +83,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_runtime_options(parser)
     add_billing_options(parser)
+    parser.add_argument(
+        "--offload-mode",
+        choices=("plain", "blinded", "verified", "blinded+verified"),
+        default=None,
+        help="TSQP: start a local accelerator per node and offload its linear layers there "
+        "(plain is INSECURE, for comparison only)",
+    )
+    parser.add_argument(
+        "--accel-device", default="cpu", help="torch device of the accelerators (default cpu)"
+    )
     parser.set_defaults(func=run)
 
 
@@ -167,10 +177,11 @@ def run(args: argparse.Namespace) -> int:
 
     processes: list[subprocess.Popen[bytes]] = []
     try:
+        offload = _start_accelerators(args, model, launches, processes)
         # Last node first, so each node's next hop is already listening when it starts.
         for spec in reversed(launches):
             # nodes write to our stderr: our stdout carries only the entry URL
-            extra = passthrough_options(args) + trust
+            extra = passthrough_options(args) + trust + offload.get(spec.port, [])
             if spec.entry:
                 extra += entry_options(args)
             argv = spec.argv(model, args.host, extra)
@@ -190,6 +201,35 @@ def run(args: argparse.Namespace) -> int:
         return _supervise(processes)
     finally:
         _stop(processes)
+
+
+def _start_accelerators(
+    args: argparse.Namespace,
+    model: Path,
+    launches: list[LaunchSpec],
+    processes: list[subprocess.Popen[bytes]],
+) -> dict[int, list[str]]:
+    """``--offload-mode``: one ``teeshard accel`` per node; returns each node's extra options."""
+    if args.offload_mode is None:
+        return {}
+    from teeshard.offload.launch import accel_command, start_accelerator
+
+    arith = "float" if args.offload_mode == "plain" else "field"
+    options: dict[int, list[str]] = {}
+    for spec in launches:
+        command = accel_command(model, spec.layers, arith, device=args.accel_device)
+        with console.status(f"starting the accelerator for layers {spec.layers}"):
+            accel = start_accelerator(command, timeout=args.startup_timeout)
+        processes.append(accel.process)
+        console.log(
+            f"accelerator for layers {spec.layers}: {accel.endpoint}, key {accel.fingerprint[:16]}"
+            f", mode {args.offload_mode}" + (" (INSECURE)" if arith == "float" else "")
+        )
+        options[spec.port] = [
+            "--offload", accel.endpoint, "--offload-mode", args.offload_mode,
+            "--accel-key", accel.public_key.decode(),
+        ]  # fmt: skip
+    return options
 
 
 def _wait_healthy(

@@ -91,13 +91,13 @@ def verify_stages(args: argparse.Namespace, policy: Policy) -> list[VerifiedNode
             # fetched just now: the entry node's bundle must answer our nonce, fresh
             node = verify_bundle(
                 bundle, policy, nonce=nonce, collateral=_collateral(args),
-                expected_manifest_hash=expected or bundle.manifest.combined_hash,
+                expected_manifest_hash=expected or bundle.manifest.weights_hash,
             )  # fmt: skip
         else:
             # a stored bundle answers its own, old nonce; check it as of when it was made
             node = verify_bundle(
                 bundle, policy, nonce=bundle.nonce, now=bundle.signed_at, check_freshness=False,
-                expected_manifest_hash=expected or bundle.manifest.combined_hash,
+                expected_manifest_hash=expected or bundle.manifest.weights_hash,
                 collateral=_collateral(args),
             )  # fmt: skip
         nodes.append(node)

@@ -5,7 +5,8 @@ NodeError
 │   └── CacheFullError   400  a step would pass the session's maximum length
 ├── UnknownSessionError  404  session id never opened, closed, or evicted
 ├── OverloadedError      503  admission control: session or token budget spent
-└── DownstreamError      502  the next node failed or is unreachable
+├── DownstreamError      502  the next node failed or is unreachable
+└── AcceleratorFailedError 502  TSQP: the accelerator failed a check or did not answer
 """
 
 from __future__ import annotations
@@ -45,4 +46,9 @@ class OverloadedError(NodeError):
 
 class DownstreamError(NodeError):
     code = "downstream_failed"
+    status = 502
+
+
+class AcceleratorFailedError(NodeError):
+    code = "accelerator_failed"
     status = 502

@@ -52,6 +52,13 @@ class NodeConfig:
     ledger_actor: str | None = None  # who this entry is in the ledger; default its node id
     free_for_operators: bool = True  # operators of admitted nodes use the model free
     readmit_every_s: float = 600.0  # how often the entry attests the pool's nodes again
+    # -- TSQP offload (teeshard.offload): linear layers on an untrusted accelerator --
+    offload_url: str | None = None  # tcp://HOST:PORT of the accelerator; None: all in the TEE
+    offload_mode: str = "blinded+verified"  # plain (INSECURE, by name only), blinded, verified
+    accel_key: str | None = None  # the accelerator's CURVE public key (Z85 or key file), pinned
+    offload_second_url: str | None = None  # two-server blinding: the accelerator that sees r
+    offload_second_key: str | None = None
+    offload_pool_rows: int = 16  # precomputed pads per matrix group (tokens)
 
     @property
     def serves_tls(self) -> bool:
@@ -95,6 +102,10 @@ class NodeConfig:
             )
         if self.next_url is not None and self.layers.is_last(num_layers):
             raise ValueError(f"layers {self.layers} end the model: --next makes no sense here")
+        if self.offload_url is not None and self.accel_key is None:
+            raise ValueError("--offload needs --accel-key: the accelerator's key is pinned")
+        if self.offload_url is None and self.offload_second_url is not None:
+            raise ValueError("--offload-second needs --offload")
         if self.next_url is not None and not self.next_url.startswith("wss://"):
             raise ValueError(
                 f"--next {self.next_url}: hidden states go only over RA-TLS; use wss://HOST:PORT"

@@ -31,6 +31,7 @@ from teeshard.model.checkpoint import Checkpoint
 from teeshard.model.loader import TensorHook, load_shard, parse_dtype
 from teeshard.model.transformer import Shard
 from teeshard.node import NextHop, NodeService
+from teeshard.offload import OffloadHandle, connect_offload
 from teeshard.paths import simulated_tee_dir
 from teeshard.server.app import create_app
 from teeshard.server.config import NodeConfig
@@ -89,7 +90,9 @@ def load_with_progress(
         )
 
 
-def attest_node(config: NodeConfig, builder: ManifestBuilder) -> NodeTrust:
+def attest_node(
+    config: NodeConfig, builder: ManifestBuilder, offload: OffloadHandle | None = None
+) -> NodeTrust:
     provider = select_provider(
         config.tee, allow_simulated=config.tee == "simulated", data_dir=simulated_tee_dir()
     )
@@ -99,7 +102,8 @@ def attest_node(config: NodeConfig, builder: ManifestBuilder) -> NodeTrust:
     else:
         hosts.add(socket.gethostname())
     identity = NodeIdentity.generate(hosts=sorted(hosts))
-    attestation = NodeAttestation.create(provider, builder.finish(), identity)
+    statement = offload.statement.to_json() if offload is not None else None
+    attestation = NodeAttestation.create(provider, builder.finish(statement), identity)
     return trust_for(config, attestation)
 
 
@@ -115,7 +119,8 @@ def build_node(config: NodeConfig, show_progress: bool = False) -> Node:
         entry_files=config.model_dir if config.entry else None,  # tokenizer, templates attested
     )  # fmt: skip
     shard = load_with_progress(checkpoint, config, show_progress, builder.on_tensor)
-    trust = attest_node(config, builder)
+    offload = _offload(config, shard)
+    trust = attest_node(config, builder, offload)
     next_hop = None
     if config.next_url is not None:
         next_url = config.next_url
@@ -142,6 +147,17 @@ def build_node(config: NodeConfig, show_progress: bool = False) -> Node:
         ", entry" if config.entry else "", trust.attestation.manifest.combined_hash.hex()[:16],
     )  # fmt: skip
     return Node(config, checkpoint, shard, service, trust, app)
+
+
+def _offload(config: NodeConfig, shard: Shard) -> OffloadHandle | None:
+    """TSQP mode: the shard's linear layers go to the pinned accelerator (after hashing)."""
+    if config.offload_url is None or config.accel_key is None:
+        return None
+    return connect_offload(
+        shard, config.offload_mode, config.offload_url, config.accel_key,
+        second_endpoint=config.offload_second_url, second_key=config.offload_second_key,
+        pool_rows=config.offload_pool_rows,
+    )  # fmt: skip
 
 
 def _entry_serving(config: NodeConfig, service: NodeService, model_name: str) -> OpenAIServing:
