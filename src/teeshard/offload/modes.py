@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from teeshard.attest.verify.policy import OFFLOAD_REQUIREMENTS
 from teeshard.offload.errors import OffloadConfigError, OffloadPolicyError
 
 
@@ -112,7 +113,7 @@ class OffloadAttestation:
 
 
 # Policy values, weakest to strongest demand; "forbid" allows TEE-only nodes only.
-POLICY_VALUES = ("any", "protected", "blinded", "verified", "blinded+verified", "forbid")
+POLICY_VALUES = OFFLOAD_REQUIREMENTS  # the policy file's words, defined with the policy
 
 
 def check_offload_policy(

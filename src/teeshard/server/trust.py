@@ -37,12 +37,15 @@ from teeshard.attest import (
     ManifestMismatch,
     NodeAttestation,
     Policy,
+    VerificationError,
+    VerifiedNode,
     cert_fingerprint,
     collateral_source,
     fetch_chain_async,
     verify_bundle,
 )
 from teeshard.node import DownstreamError, Upstream
+from teeshard.offload import OffloadError, check_node_offload
 from teeshard.server.config import NodeConfig
 
 log = logging.getLogger(__name__)
@@ -55,6 +58,15 @@ def upstream_nonce(challenge: bytes, downstream_fingerprint: bytes) -> bytes:
     """The nonce an upstream's bundle answers: bound to the challenge and to the
     downstream certificate of this very connection, so it cannot be relayed."""
     return hashlib.sha256(_UPSTREAM_DOMAIN + challenge + downstream_fingerprint).digest()
+
+
+def check_offload(policy: Policy, node: VerifiedNode) -> None:
+    """The policy's word on the node's TSQP offload (mode, accelerator keys), as an
+    attestation failure: a node that offloads against the policy is refused like any."""
+    try:
+        check_node_offload(policy.offload, node.manifest.offload, policy.accelerator_keys)
+    except OffloadError as exc:
+        raise VerificationError(f"offload: {exc}") from None
 
 
 def trust_for(config: NodeConfig, attestation: NodeAttestation) -> NodeTrust:
@@ -92,6 +104,7 @@ class NodeTrust:
                 nonce=nonce,
                 collateral=self.collateral,
             )
+            check_offload(self.policy, node)
         except AttestationError as exc:
             log.error("next node %s failed attestation: %s", url, exc)
             raise DownstreamError(
@@ -124,13 +137,11 @@ class NodeTrust:
         except (ValueError, TypeError) as exc:
             raise FormatError(f"the introduction is not an attestation bundle: {exc}") from None
         nonce = upstream_nonce(challenge, self.attestation.identity.fingerprint)
+        policy = self.upstream_policy or self.policy
         node = await asyncio.to_thread(
-            verify_bundle,
-            parsed,
-            self.upstream_policy or self.policy,
-            nonce=nonce,
-            collateral=self.collateral,
+            verify_bundle, parsed, policy, nonce=nonce, collateral=self.collateral
         )
+        check_offload(policy, node)
         own = self.attestation.manifest
         if node.manifest.model != own.model or node.manifest.layers.end != own.layers.start:
             raise ManifestMismatch(
