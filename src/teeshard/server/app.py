@@ -23,10 +23,12 @@ from fastapi.responses import PlainTextResponse
 from teeshard.entry import (
     APIError,
     OpenAIServing,
+    attach_network_routes,
     attach_router,
     attach_sealed_router,
     install_error_handlers,
 )
+from teeshard.entry.network_routes import network_metrics
 from teeshard.node import NodeService, attach_pipeline, stage_metrics
 from teeshard.server.attestation_routes import attach_attestation_routes
 from teeshard.server.config import NodeConfig
@@ -49,6 +51,10 @@ def create_app(
         ]
         if service.next_hop is not None:
             tasks.append(asyncio.create_task(service.next_hop.keep_connected()))
+        registry = serving.generations.registry if serving is not None else None
+        if registry is not None:
+            await registry.probe_all()  # attest the network once before the first route
+            tasks.append(asyncio.create_task(registry.probe_forever()))
         try:
             yield
         finally:
@@ -88,6 +94,10 @@ def create_app(
 
     if serving is not None:
         app.state.serving = serving
+        registry = serving.generations.registry
+        if registry is not None:
+            network_metrics(metrics, registry)
+        attach_network_routes(app, registry, lambda request: may_see_detail(request, config))
         attach_router(app, serving)
         attach_sealed_router(app, trust.attestation.identities)  # newest first: follows a re-key
     return app
