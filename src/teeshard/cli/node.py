@@ -58,10 +58,40 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="entry node: serve plain HTTP on a non-loopback address because a TLS-terminating "
         "ingress is in front (clients should then seal their requests)",
     )
+    add_network_options(parser)
     add_trust_options(parser)
     add_billing_options(parser)
     add_runtime_options(parser)
     parser.set_defaults(func=run)
+
+
+def add_network_options(parser: argparse.ArgumentParser) -> None:
+    """Entry node: routes per session from a network of replicas, and failover."""
+    parser.add_argument(
+        "--network",
+        type=Path,
+        default=None,
+        help="entry node: TOML listing the nodes per layer range ([[nodes]] url, layers); "
+        "each session gets a route of healthy, attested nodes and fails over between them",
+    )
+    parser.add_argument(
+        "--ban-seconds",
+        type=float,
+        default=30.0,
+        help="entry node: how long a node that failed is left out of routes (default 30)",
+    )
+    parser.add_argument(
+        "--probe-interval",
+        type=float,
+        default=5.0,
+        help="entry node: seconds between attestation probes of the network (default 5)",
+    )
+    parser.add_argument(
+        "--failover-attempts",
+        type=int,
+        default=4,
+        help="entry node: new routes per request after transport faults (default 4)",
+    )
 
 
 def add_billing_options(parser: argparse.ArgumentParser) -> None:
@@ -224,6 +254,10 @@ def run(args: argparse.Namespace) -> int:
         next_url=args.next_url,
         entry=args.entry,
         behind_ingress=args.behind_ingress,
+        network_path=args.network,
+        ban_s=args.ban_seconds,
+        probe_interval_s=args.probe_interval,
+        failover_attempts=args.failover_attempts,
     )
     serve(config)
     return 0

@@ -61,7 +61,7 @@ class _NodeEntry(BaseModel):
 class _NetworkFile(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
-    nodes: tuple[_NodeEntry, ...] = Field(min_length=1)
+    nodes: list[_NodeEntry] = Field(min_length=1)
 
 
 @dataclass(frozen=True)

@@ -390,13 +390,18 @@ class NodeService:
     ) -> StepResult:
         assert self.next_hop is not None and session.next_url is not None
         wire = tensor_to_wire(hidden, session.wire_dtype)
+        frames: list[bytes] = []
         try:
             reply = await self.next_hop.step(
-                session.next_url, session.id, wire, on_frame=session.sent.update
+                session.next_url, session.id, wire, on_frame=frames.append
             )
         except BaseException:
             session.cache.length = length_before  # keep the session consistent for a retry
             raise
+        # Only a step that succeeded counts as sent, as the next node counts what it
+        # received: the receipts of a route that lost a node still link.
+        for frame in frames:
+            session.sent.update(frame)
         return StepResult(reply.token, reply.logits)
 
     async def _compute(self, fn: Callable[[], T]) -> T:
