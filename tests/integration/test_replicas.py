@@ -58,3 +58,28 @@ async def test_concurrent_sessions_spread_over_replicas(cluster: LocalCluster) -
     gained = [steps(n) - b for n, b in zip(good, before, strict=True)]
     assert all(g > 0 for g in gained), gained
     assert cluster.network_state()["routes"] == []  # every session's route was let go
+
+
+def test_the_network_command_and_the_entry_metrics(
+    cluster: LocalCluster, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from teeshard.cli import main
+
+    assert main(["network", "--url", cluster.entry.http_url]) == 0
+    table = capsys.readouterr().out
+    for node in cluster.nodes[1:]:
+        assert str(node.config.port) in table
+    assert "verified" in table and "failed" in table and "failovers" in table
+    metrics = cluster.entry.get("/metrics").text
+    assert "teeshard_failovers_total" in metrics and "teeshard_bans_total" in metrics
+    assert "teeshard_network_usable_nodes{" in metrics and " 2.0" in metrics
+
+
+def test_the_public_network_view_counts_usable_nodes_only() -> None:
+    from teeshard.cli.network import network_tables
+
+    public = {"routing": "registry", "detail": False, "start": 2, "num_layers": 4,
+              "ranges": [{"layers": "2:4", "usable_nodes": 2}]}  # fmt: skip
+    [table] = network_tables(public)
+    assert [c.header for c in table.columns] == ["layers", "usable nodes"]
+    assert [list(c.cells) for c in table.columns] == [["2:4"], ["2"]]
