@@ -296,7 +296,8 @@ class LocalCluster:
         if c.network_path is not None:
             argv += ["--network", str(c.network_path), "--ban-seconds", str(c.ban_s),
                      "--probe-interval", str(c.probe_interval_s),
-                     "--failover-attempts", str(c.failover_attempts)]  # fmt: skip
+                     "--failover-attempts", str(c.failover_attempts),
+                     "--failover-deadline", str(c.failover_deadline_s)]  # fmt: skip
         running.process = subprocess.Popen(
             argv, env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=die_with_parent
         )

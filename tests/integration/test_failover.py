@@ -108,7 +108,8 @@ def network(tiny_llama: TinyModel, tmp_path_factory: pytest.TempPathFactory) -> 
     owner.open_account("alice")
     owner.deposit("alice", 10_000_000)
     owner.add_api_key("alice", "tsk_alice")
-    options = {"ledger_url": url, "ledger_actor": "entry-1"}
+    # a stream with no route left waits this long for a node to come back
+    options = {"ledger_url": url, "ledger_actor": "entry-1", "failover_deadline_s": 3.0}
     with LocalCluster(
         tiny_llama.path, 3, subprocesses=True, replicas=2, entry_options=options, ban_s=300
     ) as cluster:
@@ -199,7 +200,8 @@ def test_with_no_route_left_the_stream_ends_with_a_clear_error(network: Network)
     result = stream(cluster, GREEDY, 5, kill_route)
     error = result.error
     assert error is not None, result.events[-2:]
-    assert error["code"] == "no_route" and "no usable node serves layers from 3" in error["message"]
+    assert error["code"] == "no_route" and "before the failover deadline" in error["message"]
+    assert "no usable node serves layers from 3" in error["message"]
     assert cluster.network_state()["detail"] is True
     # the entry keeps serving: an open that cannot be routed is a clear 503 before any output
     again = httpx.post(

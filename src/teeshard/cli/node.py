@@ -92,6 +92,13 @@ def add_network_options(parser: argparse.ArgumentParser) -> None:
         default=4,
         help="entry node: new routes per request after transport faults (default 4)",
     )
+    parser.add_argument(
+        "--failover-deadline",
+        type=float,
+        default=60.0,
+        help="entry node: seconds after a request's first fault during which it may wait "
+        "for and try new routes (default 60)",
+    )
 
 
 def add_billing_options(parser: argparse.ArgumentParser) -> None:
@@ -258,6 +265,7 @@ def run(args: argparse.Namespace) -> int:
         ban_s=args.ban_seconds,
         probe_interval_s=args.probe_interval,
         failover_attempts=args.failover_attempts,
+        failover_deadline_s=args.failover_deadline,
     )
     serve(config)
     return 0

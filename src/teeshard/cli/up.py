@@ -102,6 +102,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--startup-timeout", type=float, default=600.0, help="seconds to wait for nodes"
     )
+    parser.add_argument(
+        "--ban-seconds",
+        type=float,
+        default=30.0,
+        help="with replicas: how long a node that failed is left out of routes (default 30)",
+    )
+    parser.add_argument(
+        "--probe-interval",
+        type=float,
+        default=5.0,
+        help="with replicas: seconds between the entry's attestation probes (default 5)",
+    )
     add_runtime_options(parser)
     add_billing_options(parser)
     parser.set_defaults(func=run)
@@ -168,8 +180,11 @@ def passthrough_options(args: argparse.Namespace) -> list[str]:
 
 
 def entry_options(args: argparse.Namespace) -> list[str]:
-    """Billing belongs to the entry node alone."""
+    """Billing and routing belong to the entry node alone."""
     options = []
+    if args.replicas > 1:
+        options += ["--ban-seconds", str(args.ban_seconds)]
+        options += ["--probe-interval", str(args.probe_interval)]
     if args.ledger:
         options += ["--ledger", args.ledger]
     if args.pricing:

@@ -14,8 +14,9 @@ rebuilt by one prefill of the prompt plus every token so far, and generation
 goes on: greedy output is identical by construction, sampled output because the
 draws are a function of (seed, position). Attestation failures and bad input
 are never retried. After ``FailoverPolicy.max_attempts`` new routes, or past its
-deadline (counted from the request's first fault), the request fails with the
-OpenAI error object. Billing is untouched: one reservation, settled once.
+deadline (counted from the request's first fault; until then a session with no
+route waits for a node to come back), the request fails with the OpenAI error
+object. Billing is untouched: one reservation, settled once.
 """
 
 from __future__ import annotations
@@ -234,7 +235,7 @@ class GenerationLoop:
         choosing another route after each transport fault, within the policy."""
         while True:
             try:
-                generation.route = self._choose()
+                generation.route = await self._choose(generation)
                 opened = await self.service.open_session(
                     generation.request_id,
                     generation.max_len,
@@ -251,13 +252,26 @@ class GenerationLoop:
             generation.served_by = tuple(dict.fromkeys((*generation.served_by, *opened)))
             return
 
-    def _choose(self) -> Route:
+    async def _choose(self, generation: Generation) -> Route:
+        """A route now; mid-stream (after a fault) wait for one until the deadline, so
+        that a node coming back (restarted, re-attested) can take the session over."""
         if self.registry is None:
             return ()
-        try:
-            return self.registry.choose()
-        except NoRouteError as exc:
-            raise APIError(503, exc.message, code="no_route") from None
+        delay = 0.1
+        while True:
+            try:
+                return self.registry.choose()
+            except NoRouteError as exc:
+                if generation.first_fault is None:  # before any output: a plain 503
+                    raise APIError(503, exc.message, code="no_route") from None
+                left = generation.first_fault + self.failover.deadline_s - time.monotonic()
+                if left <= 0:
+                    raise APIError(
+                        503, f"no route before the failover deadline: {exc.message}",
+                        code="no_route",
+                    ) from None  # fmt: skip
+                await asyncio.sleep(min(delay, left))
+                delay = min(delay * 2, 1.0)
 
     def _fault(self, generation: Generation, exc: DownstreamError) -> None:
         """Ban the failed node and count an attempt, or raise when none is left."""
