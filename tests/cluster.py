@@ -131,6 +131,8 @@ class LocalCluster:
     ban_s: float = 30.0
     probe_interval_s: float = 0.5
     expect_usable: int | None = None  # nodes the entry must attest before use; None: all
+    # node index -> the policy it checks its neighbours with instead of the cluster's
+    policy_overrides: dict[int, Path] = field(default_factory=dict)
     nodes: list[RunningNode] = field(default_factory=list)
 
     @property
@@ -240,6 +242,7 @@ class LocalCluster:
                     replace(
                         base, layers=layers, port=free_port(),
                         model_dir=self.model_overrides.get(index, self.model_dir),
+                        policy_path=self.policy_overrides.get(index, base.policy_path),
                     )
                 )  # fmt: skip
         network = Path(tempfile.mkdtemp(prefix="teeshard-network-")) / "network.toml"
