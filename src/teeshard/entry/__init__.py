@@ -9,13 +9,8 @@ fits (node errors keep theirs; ledger errors map through ``api_error_for``).
 
 from teeshard.entry.billing import Billing, BillingAPI, api_error_for
 from teeshard.entry.errors import APIError
-from teeshard.entry.generation import (
-    FailoverPolicy,
-    Generation,
-    GenerationLoop,
-    GenerationParams,
-    ReceiptSegment,
-)
+from teeshard.entry.failover import FailoverPolicy, ReceiptSegment
+from teeshard.entry.generation import Generation, GenerationLoop, GenerationParams
 from teeshard.entry.network_routes import attach_network_routes
 from teeshard.entry.registry import NetworkFileError, Registry, load_network
 from teeshard.entry.routes import attach_router, install_error_handlers

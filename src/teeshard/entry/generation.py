@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -32,8 +31,9 @@ from typing import Literal
 from teeshard.attest import Receipt
 from teeshard.entry.billing import Billing, BillingAPI, ChargeRequest, Reservation, Settlement
 from teeshard.entry.errors import APIError
+from teeshard.entry.failover import FailoverPolicy, FaultLog, ReceiptSegment, Rerouter
 from teeshard.entry.registry import Registry
-from teeshard.entry.routing import NoRouteError, Route
+from teeshard.entry.routing import Route
 from teeshard.entry.text import IncrementalDecoder, StopMatcher, TextCodec
 from teeshard.model.sampling import SamplingParams
 from teeshard.node import DownstreamError, NodeError, NodeService, StepResult
@@ -72,34 +72,11 @@ class Generation:
     route: Route = ()  # node URLs after the entry for the current segment (): its --next
     segments: list[ReceiptSegment] = field(default_factory=list)  # closed segments, in order
     segment_start: int = 0  # index in token_ids of the current segment's first token
-    attempts: int = 0  # new routes tried after transport faults
-    first_fault: float | None = None  # monotonic time of the first fault
+    faults: FaultLog = field(default_factory=FaultLog)  # transport faults so far
     # what opening the session again takes (set by ``start``)
     max_len: int = 0
     sampling: SamplingParams = field(default_factory=SamplingParams)
     input_digest: bytes | None = None
-
-
-@dataclass(frozen=True)
-class ReceiptSegment:
-    """The part of an answer one route produced: tokens ``[token_start, token_end)`` of
-    the completion, and the receipts its stages signed (the nodes alive at its end)."""
-
-    token_start: int
-    token_end: int
-    receipts: tuple[Receipt, ...]
-
-    def to_json(self) -> dict[str, object]:
-        return {
-            "tokens": [self.token_start, self.token_end],
-            "receipts": [r.to_json() for r in self.receipts],
-        }
-
-
-@dataclass(frozen=True)
-class FailoverPolicy:
-    max_attempts: int = 4  # new routes per request after transport faults
-    deadline_s: float = 60.0  # no new attempt this long after the request's first fault
 
 
 class GenerationLoop:
@@ -115,7 +92,7 @@ class GenerationLoop:
     ) -> None:
         self.service = service
         self.registry = registry  # None: every session takes the static --next
-        self.failover = failover or FailoverPolicy()
+        self.reroute = Rerouter(registry, failover or FailoverPolicy())
         self.billing = BillingAPI(billing) if billing is not None else None
         self._releasing: set[asyncio.Future[None]] = set()  # keeps shielded releases alive
         self.codec = codec
@@ -235,7 +212,7 @@ class GenerationLoop:
         choosing another route after each transport fault, within the policy."""
         while True:
             try:
-                generation.route = await self._choose(generation)
+                generation.route = await self.reroute.choose(generation.faults)
                 opened = await self.service.open_session(
                     generation.request_id,
                     generation.max_len,
@@ -245,57 +222,12 @@ class GenerationLoop:
                     route=generation.route,
                 )
             except DownstreamError as exc:
-                self._fault(generation, exc)  # raises unless another route may be tried
+                self.reroute.fault(generation.faults, exc, generation.request_id)  # or raises
                 continue
             if self.registry is not None:
                 self.registry.hold(generation.request_id, generation.route)
             generation.served_by = tuple(dict.fromkeys((*generation.served_by, *opened)))
             return
-
-    async def _choose(self, generation: Generation) -> Route:
-        """A route now; mid-stream (after a fault) wait for one until the deadline, so
-        that a node coming back (restarted, re-attested) can take the session over."""
-        if self.registry is None:
-            return ()
-        delay = 0.1
-        while True:
-            try:
-                return self.registry.choose()
-            except NoRouteError as exc:
-                if generation.first_fault is None:  # before any output: a plain 503
-                    raise APIError(503, exc.message, code="no_route") from None
-                left = generation.first_fault + self.failover.deadline_s - time.monotonic()
-                if left <= 0:
-                    raise APIError(
-                        503, f"no route before the failover deadline: {exc.message}",
-                        code="no_route",
-                    ) from None  # fmt: skip
-                await asyncio.sleep(min(delay, left))
-                delay = min(delay * 2, 1.0)
-
-    def _fault(self, generation: Generation, exc: DownstreamError) -> None:
-        """Ban the failed node and count an attempt, or raise when none is left."""
-        if self.registry is None or not exc.transport_fault:
-            raise exc
-        assert exc.node is not None
-        self.registry.ban(exc.node, exc.message)
-        now = time.monotonic()
-        if generation.first_fault is None:
-            generation.first_fault = now
-        late = now - generation.first_fault > self.failover.deadline_s
-        if generation.attempts >= self.failover.max_attempts or late:
-            why = "the failover deadline passed" if late else f"{generation.attempts} new routes"
-            raise APIError(
-                502,
-                f"the network could not serve this request ({why}); last fault: {exc.message}",
-                code="downstream_failed",
-            ) from None
-        generation.attempts += 1
-        self.registry.counters.retries += 1
-        log.warning(
-            "request %s: %s failed (%s); trying another route (attempt %d)",
-            generation.request_id, exc.node, exc.code, generation.attempts,
-        )  # fmt: skip
 
     async def _step(
         self, generation: Generation, prompt_ids: list[int], tokens: list[int]
@@ -305,8 +237,8 @@ class GenerationLoop:
             try:
                 return await self.service.step_tokens(generation.request_id, tokens)
             except DownstreamError as exc:
-                self._fault(generation, exc)
-            assert self.registry is not None  # _fault raised otherwise
+                self.reroute.fault(generation.faults, exc, generation.request_id)  # or raises
+            assert self.registry is not None  # fault() raised otherwise
             self.registry.counters.failovers += 1
             await self._close_segment(generation)
             await self._open(generation)

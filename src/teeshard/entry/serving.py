@@ -190,7 +190,10 @@ class OpenAIServing:
         """The original demo's endpoint: ``{"prompt"}`` in, ``{"output"}`` out."""
         prompt_ids = self.codec.completion_prompt(request.prompt)
         budget = self.generations.resolve_max_tokens(len(prompt_ids), request.max_tokens)
-        sampling = SamplingParams(temperature=request.temperature)
+        # a seed always, as in _prepare: a session rebuilt after a failover samples alike
+        sampling = SamplingParams(
+            temperature=request.temperature, seed=session_seed(SamplingParams())
+        )
         params = GenerationParams(budget, sampling, prompt_chars=len(request.prompt))
         generation = await self.generations.start(
             prompt_ids, params, caller.api_key, caller.body_digest
