@@ -212,7 +212,8 @@ class GenerationLoop:
         choosing another route after each transport fault, within the policy."""
         while True:
             try:
-                generation.route = await self.reroute.choose(generation.faults)
+                if self.registry is not None:  # else the static --next: route ()
+                    generation.route = await self.reroute.choose(generation.faults)
                 opened = await self.service.open_session(
                     generation.request_id,
                     generation.max_len,
