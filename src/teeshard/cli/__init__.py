@@ -14,6 +14,7 @@ COMMAND_MODULES = (
     "teeshard.cli.plan",
     "teeshard.cli.node",
     "teeshard.cli.up",
+    "teeshard.cli.network",
     "teeshard.cli.chat",
     "teeshard.cli.demo",
     "teeshard.cli.attest",

@@ -64,6 +64,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="entry node: serve plain HTTP on a non-loopback address because a TLS-terminating "
         "ingress is in front (clients should then seal their requests)",
     )
+    add_network_options(parser)
     add_trust_options(parser)
     add_billing_options(parser)
     add_runtime_options(parser)
@@ -99,6 +100,42 @@ def add_offload_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--offload-second-key", help="its CURVE public key (pinned)")
     parser.add_argument(
         "--offload-pool", type=int, default=16, help="precomputed pads per matrix (default 16)"
+    )
+
+
+def add_network_options(parser: argparse.ArgumentParser) -> None:
+    """Entry node: routes per session from a network of replicas, and failover."""
+    parser.add_argument(
+        "--network",
+        type=Path,
+        default=None,
+        help="entry node: TOML listing the nodes per layer range ([[nodes]] url, layers); "
+        "each session gets a route of healthy, attested nodes and fails over between them",
+    )
+    parser.add_argument(
+        "--ban-seconds",
+        type=float,
+        default=30.0,
+        help="entry node: how long a node that failed is left out of routes (default 30)",
+    )
+    parser.add_argument(
+        "--probe-interval",
+        type=float,
+        default=5.0,
+        help="entry node: seconds between attestation probes of the network (default 5)",
+    )
+    parser.add_argument(
+        "--failover-attempts",
+        type=int,
+        default=4,
+        help="entry node: new routes per request after transport faults (default 4)",
+    )
+    parser.add_argument(
+        "--failover-deadline",
+        type=float,
+        default=60.0,
+        help="entry node: seconds after a request's first fault during which it may wait "
+        "for and try new routes (default 60)",
     )
 
 
@@ -269,6 +306,11 @@ def run(args: argparse.Namespace) -> int:
         entry=args.entry,
         behind_ingress=args.behind_ingress,
         operator=args.operator,
+        network_path=args.network,
+        ban_s=args.ban_seconds,
+        probe_interval_s=args.probe_interval,
+        failover_attempts=args.failover_attempts,
+        failover_deadline_s=args.failover_deadline,
     )
     serve(config)
     return 0

@@ -145,6 +145,11 @@ def run_verify_receipt(args: argparse.Namespace) -> int:
     print(f"PASS: request {result.request_id}: {chain.stages} stage(s), layers {chain.layers}")
     print(f"  chain digest: {chain.digest.hex()}")
     print(f"  completion: {result.completion_tokens} token(s), the last stage's sent hash")
+    if result.segments > 1:
+        print(
+            f"  route segments: {result.segments} (failed over); {result.partial_segments} "
+            "stopped at a lost node and prove no tokens"
+        )
     if result.text_checked:
         assert entry_files is not None
         print(

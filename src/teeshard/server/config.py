@@ -18,6 +18,11 @@ class NodeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     next_url: str | None = None  # wss://host:port of the node serving the following layers
+    network_path: Path | None = None  # entry: TOML of the nodes per range; routes per session
+    ban_s: float = 30.0  # entry: a node that failed mid-session is left out of routes this long
+    probe_interval_s: float = 5.0  # entry: how often every node of the network is re-attested
+    failover_attempts: int = 4  # entry: new routes per request after transport faults
+    failover_deadline_s: float = 60.0  # entry: no new route this long after a request's first fault
     entry: bool = False  # serve the OpenAI-compatible API (needs layers starting at 0)
     dtype: str = "float32"  # compute dtype of the weights
     wire_dtype: WireDtype = "float32"  # dtype of hidden states sent to the next node
@@ -96,9 +101,17 @@ class NodeConfig:
             raise ValueError("--entry is only valid on the node whose layer range starts at 0")
         if self.ledger_url and not self.entry:
             raise ValueError("--ledger is for the entry node, which charges for requests")
-        if self.next_url is None and not self.layers.is_last(num_layers):
+        if self.network_path is not None and not self.entry:
+            raise ValueError("--network is for the entry node, which chooses each session's route")
+        if (
+            self.entry
+            and self.next_url is None
+            and self.network_path is None
+            and not self.layers.is_last(num_layers)
+        ):
             raise ValueError(
-                f"layers {self.layers} do not end the model ({num_layers} layers): give --next"
+                f"layers {self.layers} do not end the model ({num_layers} layers): give --next "
+                "or --network"
             )
         if self.next_url is not None and self.layers.is_last(num_layers):
             raise ValueError(f"layers {self.layers} end the model: --next makes no sense here")

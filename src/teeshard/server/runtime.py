@@ -26,7 +26,8 @@ from teeshard.attest import (
     NodeIdentity,
     select_provider,
 )
-from teeshard.entry import GenerationLoop, OpenAIServing, TextCodec
+from teeshard.entry import FailoverPolicy, GenerationLoop, OpenAIServing, Registry, TextCodec
+from teeshard.entry.registry import load_network
 from teeshard.model.checkpoint import Checkpoint
 from teeshard.model.loader import TensorHook, load_shard, parse_dtype
 from teeshard.model.transformer import Shard
@@ -122,24 +123,25 @@ def build_node(config: NodeConfig, show_progress: bool = False) -> Node:
     offload = _offload(config, shard)
     trust = attest_node(config, builder, offload)
     next_hop = None
-    if config.next_url is not None:
-        next_url = config.next_url
+    if not shard.is_last:
+        max_frame = frame_limit(config, shard)
 
-        async def attest_next() -> ssl.SSLContext:
-            return await trust.attest_next(next_url)
+        def connect(url: str) -> PeerClient:
+            async def attest_next() -> ssl.SSLContext:
+                return await trust.attest_next(url)
 
-        next_hop = NextHop(
-            PeerClient(
-                _pipeline_url(next_url),
-                max_frame_bytes=frame_limit(config, shard),
+            return PeerClient(
+                _pipeline_url(url),
+                max_frame_bytes=max_frame,
                 on_connect=attest_next,
                 introduce=trust.introduce,
             )
-        )
+
+        next_hop = NextHop(connect, config.next_url)
     service = NodeService(
         shard, model_name, config.limits, next_hop, config.resolved_node_id, trust.attestation
     )
-    serving = _entry_serving(config, service, model_name) if config.entry else None
+    serving = _entry_serving(config, service, model_name, trust) if config.entry else None
     app = create_app(service, config, trust, serving)
     log.info(
         "node ready: model %s, layers %s of %d, %s%s, manifest %s",
@@ -160,7 +162,20 @@ def _offload(config: NodeConfig, shard: Shard) -> OffloadHandle | None:
     )  # fmt: skip
 
 
-def _entry_serving(config: NodeConfig, service: NodeService, model_name: str) -> OpenAIServing:
+def _entry_serving(
+    config: NodeConfig, service: NodeService, model_name: str, trust: NodeTrust
+) -> OpenAIServing:
+    registry = None
+    if config.network_path is not None:
+        registry = Registry(
+            load_network(config.network_path),
+            start=service.shard.layer_range.end,
+            num_layers=service.shard.spec.num_layers,
+            prober=trust.probe,
+            ban_s=config.ban_s,
+            probe_interval_s=config.probe_interval_s,
+        )
+        log.info("network: %d nodes from %s", len(registry.records), config.network_path)
     billing = None
     if config.ledger_url:
         from teeshard.ledger.billing import billing_from_url
@@ -177,7 +192,13 @@ def _entry_serving(config: NodeConfig, service: NodeService, model_name: str) ->
             config.ledger_actor or config.resolved_node_id,
         )
     generations = GenerationLoop(
-        service, TextCodec(config.model_dir), config.wire_dtype, config.default_max_tokens, billing
+        service,
+        TextCodec(config.model_dir),
+        config.wire_dtype,
+        config.default_max_tokens,
+        billing,
+        registry,
+        FailoverPolicy(config.failover_attempts, config.failover_deadline_s),
     )
     return OpenAIServing(generations, model_name)
 

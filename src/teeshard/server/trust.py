@@ -44,6 +44,7 @@ from teeshard.attest import (
     fetch_chain_async,
     verify_bundle,
 )
+from teeshard.entry.registry import ProbeAttestationError, ProbeResult
 from teeshard.node import DownstreamError, Upstream
 from teeshard.offload import OffloadError, check_node_offload
 from teeshard.server.config import NodeConfig
@@ -117,6 +118,16 @@ class NodeTrust:
             raise DownstreamError(
                 f"next node {url} sent no valid attestation: {exc}", code="attestation_failed"
             ) from None
+        own = self.attestation.manifest
+        if node.manifest.model != own.model or node.manifest.layers.start != own.layers.end:
+            # a route may name any node: it must serve exactly the layers after this one's
+            log.error("next node %s serves layers %s, not those after %s", url,
+                      node.manifest.layers, own.layers)  # fmt: skip
+            raise DownstreamError(
+                f"next node {url} serves {node.manifest.model} layers {node.manifest.layers}, "
+                f"which do not follow {own.model} layers {own.layers}",
+                code="attestation_failed",
+            )
         self.downstream_bundles = list(bundles)
         log.info(
             "next node %s attested: %s%s, layers %s, manifest %s, certificate %s",
@@ -156,6 +167,30 @@ class NodeTrust:
                 f"certificate {node.fingerprint.hex()[:16]}"
             ),
         )
+
+    async def probe(self, url: str) -> ProbeResult:
+        """The registry's check of a node (``wss://host:port``): attested with this node's
+        policy, for this model. ``ProbeAttestationError`` when refused, ``OSError`` when
+        unreachable. The hop's own check still runs before any frame goes to it."""
+        nonce = secrets.token_bytes(NONCE_BYTES)
+        try:
+            bundles = await fetch_chain_async(url, nonce, http_timeout_s=5.0)
+            node = await asyncio.to_thread(
+                verify_bundle,
+                Bundle.from_json(bundles[0]),
+                self.policy,
+                nonce=nonce,
+                collateral=self.collateral,
+            )
+        except AttestationError as exc:
+            raise ProbeAttestationError(str(exc)) from None
+        except httpx.TransportError as exc:
+            raise OSError(f"cannot reach {url}: {exc}") from None
+        except httpx.HTTPError as exc:
+            raise ProbeAttestationError(f"no valid attestation: {exc}") from None
+        if node.manifest.model != self.attestation.manifest.model:
+            raise ProbeAttestationError(f"serves model {node.manifest.model}")
+        return ProbeResult(node.fingerprint.hex(), node.manifest.layers)
 
     def summary(self) -> dict[str, Any]:
         evidence = self.attestation.evidence
