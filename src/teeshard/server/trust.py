@@ -182,6 +182,7 @@ class NodeTrust:
                 nonce=nonce,
                 collateral=self.collateral,
             )
+            check_offload(self.policy, node)
         except AttestationError as exc:
             raise ProbeAttestationError(str(exc)) from None
         except httpx.TransportError as exc:
