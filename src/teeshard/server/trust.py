@@ -95,17 +95,8 @@ class NodeTrust:
 
     async def attest_next(self, url: str) -> ssl.SSLContext:
         """Verify the node at ``url`` (wss://) and return a context pinned to its certificate."""
-        nonce = secrets.token_bytes(NONCE_BYTES)
         try:
-            bundles = await fetch_chain_async(url, nonce)
-            node = await asyncio.to_thread(
-                verify_bundle,
-                Bundle.from_json(bundles[0]),
-                self.policy,
-                nonce=nonce,
-                collateral=self.collateral,
-            )
-            check_offload(self.policy, node)
+            node, bundles = await self._verify_downstream(url)
         except AttestationError as exc:
             log.error("next node %s failed attestation: %s", url, exc)
             raise DownstreamError(
@@ -172,17 +163,8 @@ class NodeTrust:
         """The registry's check of a node (``wss://host:port``): attested with this node's
         policy, for this model. ``ProbeAttestationError`` when refused, ``OSError`` when
         unreachable. The hop's own check still runs before any frame goes to it."""
-        nonce = secrets.token_bytes(NONCE_BYTES)
         try:
-            bundles = await fetch_chain_async(url, nonce, http_timeout_s=5.0)
-            node = await asyncio.to_thread(
-                verify_bundle,
-                Bundle.from_json(bundles[0]),
-                self.policy,
-                nonce=nonce,
-                collateral=self.collateral,
-            )
-            check_offload(self.policy, node)
+            node, _ = await self._verify_downstream(url, http_timeout_s=5.0)
         except AttestationError as exc:
             raise ProbeAttestationError(str(exc)) from None
         except httpx.TransportError as exc:
@@ -192,6 +174,23 @@ class NodeTrust:
         if node.manifest.model != self.attestation.manifest.model:
             raise ProbeAttestationError(f"serves model {node.manifest.model}")
         return ProbeResult(node.fingerprint.hex(), node.manifest.layers)
+
+    async def _verify_downstream(
+        self, url: str, http_timeout_s: float = 30.0
+    ) -> tuple[VerifiedNode, list[dict[str, Any]]]:
+        """Fetch the chain at ``url`` for a fresh nonce; verify its first bundle (the node
+        itself) against the policy, offload included. Raises attestation and HTTP errors."""
+        nonce = secrets.token_bytes(NONCE_BYTES)
+        bundles = await fetch_chain_async(url, nonce, http_timeout_s=http_timeout_s)
+        node = await asyncio.to_thread(
+            verify_bundle,
+            Bundle.from_json(bundles[0]),
+            self.policy,
+            nonce=nonce,
+            collateral=self.collateral,
+        )
+        check_offload(self.policy, node)
+        return node, bundles
 
     def summary(self) -> dict[str, Any]:
         evidence = self.attestation.evidence
