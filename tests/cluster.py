@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import uuid
 from collections.abc import Coroutine
 from dataclasses import dataclass, field, replace
@@ -130,6 +131,15 @@ class LocalCluster:
     policy_path: Path | None = None
     # node index -> extra NodeConfig fields for that node (its operator, say)
     node_options: dict[int, dict[str, object]] = field(default_factory=dict)
+    # nodes per range after the entry's; above 1 (or with ``network``) the entry gets a
+    # network file of every other node and routes each session, the others no --next
+    replicas: int = 1
+    network: bool = False
+    ban_s: float = 30.0
+    probe_interval_s: float = 0.5
+    expect_usable: int | None = None  # nodes the entry must attest before use; None: all
+    # node index -> the policy it checks its neighbours with instead of the cluster's
+    policy_overrides: dict[int, Path] = field(default_factory=dict)
     nodes: list[RunningNode] = field(default_factory=list)
 
     @property
@@ -147,29 +157,43 @@ class LocalCluster:
         policy_path = target.policy_path
         return attested_stand_in(self.model_dir, layers, policy_path, entry=layers.is_first())
 
+    @property
+    def routed(self) -> bool:
+        return self.network or self.replicas > 1
+
+    def replicas_of(self, range_index: int) -> list[RunningNode]:
+        """The nodes serving the ``range_index``-th range (0: the entry)."""
+        layers = sorted({n.config.layers for n in self.nodes})[range_index]
+        return [n for n in self.nodes if n.config.layers == layers]
+
+    def by_url(self, url: str) -> RunningNode:
+        """The node a route names (``wss://127.0.0.1:PORT``)."""
+        port = int(url.rstrip("/").removesuffix("/pipeline").rsplit(":", 1)[1])
+        return next(n for n in self.nodes if n.config.port == port)
+
+    def network_state(self) -> dict[str, Any]:
+        """The entry's ``/v1/network`` (detail: the tests' client is on loopback)."""
+        return dict(self.entry.get("/v1/network").json())
+
+    def wait_routable(self, usable: int | None = None, timeout: float = 30.0) -> None:
+        """Until the entry's registry has attested ``usable`` nodes (default: all)."""
+        want = len(self.nodes) - 1 if usable is None else usable
+        deadline = time.monotonic() + timeout
+        while True:
+            nodes = self.network_state()["nodes"]
+            if sum(1 for n in nodes if n["usable"]) >= want:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the entry's network never had {want} usable nodes: {nodes}")
+            time.sleep(0.1)
+
     def configs(self) -> list[NodeConfig]:
         checkpoint = Checkpoint(self.model_dir)
         ranges = self.ranges or split_even(checkpoint.spec.num_layers, self.num_nodes)
+        if self.routed:
+            return self._routed_configs(checkpoint, ranges)
         ports = [free_port() for _ in ranges]
-        fmt = self.number_format
-        policy = self.policy_path or write_local_policy(
-            Path(tempfile.mkdtemp(prefix="teeshard-policy-")) / "policy.toml",
-            checkpoint, ranges, fmt.dtype, "tiny", fmt.quantize,
-        )  # fmt: skip
-        base = NodeConfig(
-            dtype=fmt.dtype,
-            quantize=fmt.quantize,
-            model_dir=self.model_dir,
-            layers=ranges[0],
-            limits=self.limits,
-            pipeline=self.pipeline,
-            wire_dtype=self.wire_dtype,
-            max_frame_bytes=self.max_frame_bytes,
-            model_name="tiny",
-            threads=1,
-            tee="simulated",
-            policy_path=policy,
-        )
+        base = self._base(checkpoint, ranges)
         configs = [
             replace(
                 base,
@@ -185,9 +209,48 @@ class LocalCluster:
         ]
         if self.entry_options:
             configs[0] = replace(configs[0], **self.entry_options)  # type: ignore[arg-type]
+        return self._with_node_options(configs)
+
+    def _with_node_options(self, configs: list[NodeConfig]) -> list[NodeConfig]:
         for index, options in self.node_options.items():
             configs[index] = replace(configs[index], **options)  # type: ignore[arg-type]
         return configs
+
+    def _base(self, checkpoint: Checkpoint, ranges: list[LayerRange]) -> NodeConfig:
+        fmt = self.number_format
+        policy = self.policy_path or write_local_policy(
+            Path(tempfile.mkdtemp(prefix="teeshard-policy-")) / "policy.toml",
+            checkpoint, ranges, fmt.dtype, "tiny", fmt.quantize,
+        )  # fmt: skip
+        return NodeConfig(
+            dtype=fmt.dtype, quantize=fmt.quantize,
+            model_dir=self.model_dir, layers=ranges[0], limits=self.limits,
+            pipeline=self.pipeline, wire_dtype=self.wire_dtype,
+            max_frame_bytes=self.max_frame_bytes, model_name="tiny", threads=1,
+            tee="simulated", policy_path=policy,
+        )  # fmt: skip
+
+    def _routed_configs(self, checkpoint: Checkpoint, ranges: list[LayerRange]) -> list[NodeConfig]:
+        """The entry, then ``replicas`` nodes per later range, none with a --next."""
+        base = self._base(checkpoint, ranges)
+        configs = [replace(base, layers=ranges[0], port=free_port(), entry=True)]
+        for layers in ranges[1:]:
+            for _ in range(self.replicas):
+                index = len(configs)
+                configs.append(
+                    replace(
+                        base, layers=layers, port=free_port(),
+                        model_dir=self.model_overrides.get(index, self.model_dir),
+                        policy_path=self.policy_overrides.get(index, base.policy_path),
+                    )
+                )  # fmt: skip
+        network = Path(tempfile.mkdtemp(prefix="teeshard-network-")) / "network.toml"
+        network.write_text(network_toml(configs[1:]))
+        configs[0] = replace(
+            configs[0], network_path=network, ban_s=self.ban_s,
+            probe_interval_s=self.probe_interval_s, **self.entry_options,  # type: ignore[arg-type]
+        )  # fmt: skip
+        return self._with_node_options(configs)
 
     def __enter__(self) -> LocalCluster:
         try:
@@ -200,6 +263,8 @@ class LocalCluster:
                     self._start_thread(running)
             for running in self.nodes:
                 _wait_healthy(running)
+            if self.routed:
+                self.wait_routable(self.expect_usable)
         except BaseException:
             self.__exit__(None, None, None)
             raise
@@ -226,6 +291,17 @@ class LocalCluster:
             argv += ["--next", c.next_url]
         if c.entry:
             argv.append("--entry")
+        if c.ledger_url:
+            argv += ["--ledger", c.ledger_url]
+        if c.ledger_actor:
+            argv += ["--ledger-actor", c.ledger_actor]
+        if c.pricing_path is not None:
+            argv += ["--pricing", str(c.pricing_path)]
+        if c.network_path is not None:
+            argv += ["--network", str(c.network_path), "--ban-seconds", str(c.ban_s),
+                     "--probe-interval", str(c.probe_interval_s),
+                     "--failover-attempts", str(c.failover_attempts),
+                     "--failover-deadline", str(c.failover_deadline_s)]  # fmt: skip
         running.process = subprocess.Popen(
             argv, env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=die_with_parent
         )
@@ -251,6 +327,13 @@ class LocalCluster:
                     running.process.wait(timeout=10)
                 except subprocess.TimeoutExpired:
                     running.process.kill()
+
+
+def network_toml(configs: list[NodeConfig]) -> str:
+    """A network file listing ``configs`` (``teeshard node --network``)."""
+    return "".join(
+        f'[[nodes]]\nurl = "wss://127.0.0.1:{c.port}"\nlayers = "{c.layers}"\n\n' for c in configs
+    )
 
 
 def _wait_healthy(running: RunningNode) -> None:

@@ -305,3 +305,64 @@ def test_command_bare_receipts_check_the_chain_only(
     (folder / "r.json").write_text(json.dumps(tampered))
     code, out = run(capsys, "verify-receipt", str(folder / "r.json"), *args, "--no-text-check")
     assert code == 1 and "signature does not verify" in out
+
+
+# -- after a failover: the answer in route segments ---------------------------------------
+
+
+def segmented(served: Served, split: int, complete_first: bool = False) -> dict[str, Any]:
+    """An answer whose first ``split`` tokens came from a route that then lost its last
+    node (only the entry could sign, unless ``complete_first``), the rest from another."""
+    ids = served.token_ids
+    first = served.sign(RID, ids[:split], BODY)
+    if not complete_first:
+        first = first[:1]
+    second = served.sign(RID, ids[split:], BODY)
+    response = served.response()
+    response["receipts"] = receipts_to_json(second)
+    response["receipt_segments"] = [
+        {"tokens": [0, split], "receipts": receipts_to_json(first)},
+        {"tokens": [split, len(ids)], "receipts": receipts_to_json(second)},
+    ]
+    return response
+
+
+def test_a_failed_over_answer_verifies_segment_by_segment(served: Served) -> None:
+    report = served.check(segmented(served, 3), request_body=BODY)
+    assert (report.segments, report.partial_segments) == (2, 1)
+    assert report.text_checked and report.body_checked
+    complete = served.check(segmented(served, 3, complete_first=True), request_body=BODY)
+    assert (complete.segments, complete.partial_segments) == (2, 0)
+
+
+def test_attack_segments_that_skip_or_shift_tokens_fail(served: Served) -> None:
+    response = segmented(served, 3, complete_first=True)
+    stripped = {k: v for k, v in response.items() if k != "receipt_segments"}
+    with pytest.raises(ReceiptError, match="not the tokens the last stage sent"):
+        served.check(stripped)  # the last route's chain alone does not prove every token
+    gap = segmented(served, 3)
+    gap["receipt_segments"] = gap["receipt_segments"][1:]
+    with pytest.raises(ReceiptError, match="out of order or with a gap"):
+        served.check(gap)
+    shifted = segmented(served, 3, complete_first=True)
+    shifted["receipt_segments"][0]["tokens"] = [0, 2]
+    shifted["receipt_segments"][1]["tokens"] = [2, len(served.token_ids)]
+    with pytest.raises(ReceiptError, match="segment 0: the completion token ids are not"):
+        served.check(shifted)
+
+
+def test_attack_a_last_segment_without_its_later_stages_fails(served: Served) -> None:
+    response = segmented(served, 3)
+    truncated = response["receipt_segments"][1]["receipts"][:1]
+    response["receipt_segments"][1]["receipts"] = truncated
+    response["receipts"] = truncated
+    with pytest.raises(ReceiptError, match="stage missing"):
+        served.check(response)
+
+
+def test_attack_a_segment_for_another_request_body_fails(served: Served) -> None:
+    response = segmented(served, 3)
+    other = served.sign(RID, served.token_ids[:3], b'{"other": "body"}')[:1]
+    response["receipt_segments"][0]["receipts"] = receipts_to_json(other)
+    with pytest.raises(ReceiptError, match="another request body"):
+        served.check(response, request_body=BODY)

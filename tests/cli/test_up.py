@@ -68,3 +68,54 @@ def test_up_serves_the_demo_and_ctrl_c_stops_everything(tmp_path: object) -> Non
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def test_up_with_replicas_restarts_a_killed_node_and_keeps_serving() -> None:
+    port = free_port_block(3)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "teeshard.cli", "up", "--nodes", "2", "--replicas", "2",
+         "--port", str(port), "--threads", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"}, text=True,
+    )  # fmt: skip
+    try:
+        assert process.stdout is not None
+        entry = process.stdout.readline().strip()
+        assert entry == f"http://127.0.0.1:{port}"
+        children = {c.pid: c for c in psutil.Process(process.pid).children()}
+        assert len(children) == 3  # the entry and two replicas of the second range
+        model = httpx.get(entry + "/v1/models").json()["data"][0]["id"]
+        body = {"model": model, "prompt": "Hi", "max_tokens": 3, "temperature": 0}
+
+        def usable() -> int:
+            nodes = httpx.get(entry + "/v1/network", timeout=10).json()["nodes"]
+            return sum(1 for n in nodes if n["usable"])
+
+        deadline = time.monotonic() + 30
+        while usable() < 2:
+            assert time.monotonic() < deadline, "the entry never attested both replicas"
+            time.sleep(0.2)
+        replica = next(
+            c
+            for c in children.values()
+            if f"{port + 1}" in c.cmdline() and "--entry" not in c.cmdline()
+        )
+        replica.kill()
+        # the other replica serves meanwhile
+        reply = httpx.post(entry + "/v1/completions", json=body, timeout=60)
+        assert reply.status_code == 200, reply.text
+        # and the killed one comes back: a new process on its port, attested again
+        deadline = time.monotonic() + 60
+        while True:
+            now = {c.pid for c in psutil.Process(process.pid).children()}
+            if len(now) == 3 and replica.pid not in now and usable() == 2:
+                break
+            assert time.monotonic() < deadline, "the killed replica was not restarted"
+            time.sleep(0.3)
+        assert process.poll() is None
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()

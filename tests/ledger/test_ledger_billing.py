@@ -171,7 +171,7 @@ async def test_an_idempotency_key_is_charged_once(world: World) -> None:
     billing = LedgerBilling(world.entry, PRICING)
     first = await billing.reserve(charge("tsk_idem", rid="i-1", idem="key-1"))
     if not world.sql:
-        pytest.skip("on chain the voucher of issue 9 item 7 carries the user's intent")
+        pytest.skip("per-request charging is the SQL ledger's; on chain: epoch settlement")
     with pytest.raises(IdempotentReplay) as running:  # the retry while the first runs
         await billing.reserve(charge("tsk_idem", rid="i-2", idem="key-1"))
     assert (running.value.request_id, running.value.state) == ("i-1", "reserved")

@@ -11,7 +11,7 @@ from teeshard.ledger.sql.engine import current_revision, downgrade, migrate
 
 def test_migrations_up_down_up(sql: World) -> None:
     engines = sql.owner.engines  # type: ignore[attr-defined]
-    assert current_revision(engines) == "0002"
+    assert current_revision(engines) == "0003"
     downgrade(engines, "base")
     assert "journal" not in sa.inspect(engines.read).get_table_names()
     migrate(engines)

@@ -131,8 +131,11 @@ def test_simulated_evidence_needs_explicit_consent(
 REFUSALS = {  # relay behaviour -> the whole reason given
     "bad-signature": r"^signature does not verify under the certified key$",
     "wrong-nonce": r"^the bundle answers a different nonce \(replayed evidence\?\)$",
-    "no-certificate": r"^malformed attestation bundle: bundle: missing field\(s\) certificate$",
-    "http-404": r"^http://127\.0\.0\.1:\d+/v1/attestation answered HTTP 404: no attestation bundle",
+    # fetched under the attestation caps (a358378): the reason follows the bundle's URL
+    "no-certificate": r"^no usable attestation bundle from http://127\.0\.0\.1:\d+/v1/attestation: "
+    r"bundle: missing field\(s\) certificate$",
+    "http-404": r"^no usable attestation bundle from http://127\.0\.0\.1:\d+/v1/attestation: "
+    r".*attestation endpoint answered HTTP 404$",
 }
 
 
@@ -234,7 +237,7 @@ def test_admissions_are_renewed_by_attesting_again(
     claims: ClaimRoute,
 ) -> None:
     if not world.sql:
-        pytest.skip("admission epochs are the SQL ledger's (on chain: issue 9 item 8)")
+        pytest.skip("admission epochs are the SQL ledger's; on chain: the bond and eviction")
     world.owner.set_admission_epoch(1.0)  # type: ignore[attr-defined]
     expected = ExpectedShards.of([node_manifest])
     claims.operator, as_operator = world.new_account()

@@ -9,7 +9,7 @@ floor(22,830 * 60,020 / 80,020) = 17,123 of the pool: a net gain of 14,103 paid
 by alice. Split by what each request paid, by layers, mallory's node earns at
 most what its requests paid.
 
-SQL only: on chain the split moves to the epoch settlement (issue 9 item 7).
+SQL only: on chain the split is the epoch settlement's.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@
 5. recovery by lease, idempotency keys; 6. bounds.
 
 Runs on every backend where the item applies; where it does not (per-request
-charging moves off chain: issue 9 item 7, the chain branch), the skip says so.
+charging moves off chain: epoch settlement), the skip says so.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from teeshard.ledger.interface import (
 from teeshard.model.layer_range import LayerRange
 
 HASH = "c" * 64
-OFF_CHAIN = "per-request charging moves off chain (issue 9 item 7); the SQL ledger checks this"
+OFF_CHAIN = "per-request charging is off chain (epoch settlement); the SQL ledger checks this"
 
 
 def sql_only(world: World) -> None:

@@ -75,6 +75,7 @@ from teeshard.attest.receipts import (
 from teeshard.attest.replay import ReplayCache
 from teeshard.attest.response import (
     EXTENSION_FIELD,
+    SEGMENTS_FIELD,
     ResponseClaims,
     ResponseReport,
     parse_response,
@@ -120,6 +121,7 @@ __all__ = [
     "SEALED_CONTENT_TYPE",
     "SEALED_PATH",
     "SEALED_STREAM_TYPE",
+    "SEGMENTS_FIELD",
     "TEE_CHOICES",
     "AttestationError",
     "AttestedPeer",

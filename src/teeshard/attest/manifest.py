@@ -39,7 +39,7 @@ import hashlib
 import json
 import struct
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -63,6 +63,7 @@ from teeshard.model.layer_range import LayerRange
 from teeshard.model.quantize import QUANTIZE_RECIPES
 
 _DOMAIN = b"teeshard/manifest/v1\0"
+_OFFLOAD_DOMAIN = b"teeshard/manifest-offload/v1\0"
 _CHUNK = 1 << 20
 
 
@@ -94,12 +95,17 @@ class ShardManifest:
     dtype: str  # the node's compute dtype, e.g. "float32"
     tensors: tuple[TensorDigest, ...]  # sorted by key
     entry: EntryFiles | None = None  # the entry node's tokenizer, templates, generation config
+    # TSQP offload statement (mode, accelerator key fingerprints; see teeshard.offload),
+    # None for a node that computes everything itself. Covered by combined_hash.
+    offload: Mapping[str, Any] | None = None
     quantize: str | None = None  # versioned quantization recipe applied to the tensors, if any
 
     def __post_init__(self) -> None:
         # Normalise to plain JSON values (tuples become lists) so a manifest parsed
         # back from JSON compares equal to the one it was written from.
         object.__setattr__(self, "arch", json.loads(canonical_json(dict(self.arch))))
+        if self.offload is not None:
+            object.__setattr__(self, "offload", json.loads(canonical_json(dict(self.offload))))
 
     def canonical_bytes(self) -> bytes:
         return encode(
@@ -116,8 +122,17 @@ class ShardManifest:
         )
 
     @property
-    def combined_hash(self) -> bytes:
+    def weights_hash(self) -> bytes:
+        """The hash of all but the offload statement: what policies and registries expect."""
         return hashlib.sha256(self.canonical_bytes()).digest()
+
+    @property
+    def combined_hash(self) -> bytes:
+        """What report_data and receipts bind: the weights hash, plus the offload statement."""
+        if self.offload is None:
+            return self.weights_hash
+        statement = lp(canonical_json(dict(self.offload)))
+        return hashlib.sha256(encode(_OFFLOAD_DOMAIN, lp(self.weights_hash), statement)).digest()
 
     @property
     def num_layers(self) -> int | None:
@@ -137,6 +152,7 @@ class ShardManifest:
             **({"entry": self.entry.to_json()} if self.entry is not None else {}),
             **({"quantize": self.quantize} if self.quantize is not None else {}),
             "combined_hash": self.combined_hash.hex(),
+            **({"offload": dict(self.offload)} if self.offload is not None else {}),
         }
 
     @classmethod
@@ -147,7 +163,7 @@ class ShardManifest:
             data,
             what,
             ("model", "arch", "layers", "dtype", "tensors", "combined_hash"),
-            ("entry", "quantize"),
+            ("entry", "offload", "quantize"),
         )
         arch = fields["arch"]
         if not isinstance(arch, dict):
@@ -167,10 +183,13 @@ class ShardManifest:
             raise FormatError(
                 "manifest.entry: only a shard starting at layer 0 has an entry section"
             )
+        offload = fields.get("offload")
+        if offload is not None and not isinstance(offload, dict):
+            raise FormatError("manifest.offload: expected a JSON object")
         quantize = get_str(fields, "quantize", what) if "quantize" in fields else None
         manifest = cls(
             get_str(fields, "model", what), arch, layers, get_str(fields, "dtype", what), tensors,
-            entry, quantize,
+            entry, offload, quantize,
         )  # fmt: skip
         stated = from_hex(fields["combined_hash"], "manifest.combined_hash", 32)
         if stated != manifest.combined_hash:
@@ -255,17 +274,19 @@ class ManifestBuilder:
                 self.cache.store(info.file, key, cached)
         self.digests[key] = cached
 
-    def finish(self) -> ShardManifest:
+    def finish(self, offload: Mapping[str, Any] | None = None) -> ShardManifest:
+        """The manifest; ``offload`` is the node's TSQP statement, if it offloads."""
         missing = [k for k in self.expected if k not in self.digests]
         if missing:
             raise ManifestError(f"tensors never loaded: {', '.join(missing[:5])}")
         if self.cache is not None:
             self.cache.save()
         entry = hash_entry_files(self.entry_files) if self.entry_files is not None else None
-        return _assemble(
+        manifest = _assemble(
             self.checkpoint, self.layers, self.dtype, self.model_name, self.digests, entry,
             self.recipe,
         )  # fmt: skip
+        return manifest if offload is None else replace(manifest, offload=offload)
 
 
 def compute_manifest(
@@ -358,4 +379,4 @@ def _assemble(
         for key, digest in sorted(digests.items())
     )
     spec = checkpoint.spec.to_dict()
-    return ShardManifest(model_name, spec, layers, dtype, tensors, entry, recipe)
+    return ShardManifest(model_name, spec, layers, dtype, tensors, entry, quantize=recipe)

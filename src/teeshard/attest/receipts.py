@@ -181,6 +181,7 @@ def verify_chain(
     request_id: str | None = None,
     num_layers: int | None = None,
     check_data_links: bool = True,
+    complete: bool = True,
 ) -> ChainReport:
     """Check a whole chain; any altered field, reordering, gap or foreign key fails.
 
@@ -189,7 +190,9 @@ def verify_chain(
     layer range. The layers must run contiguously from 0 to ``num_layers`` (default:
     the model's layer count from the last signer's manifest), so a dropped stage at
     either end is caught too. ``check_data_links`` requires each stage to have
-    received exactly what the stage before it sent.
+    received exactly what the stage before it sent. ``complete=False`` accepts a
+    chain that stops early (a route segment that lost a node: the stages after it
+    could not sign); it must still start at layer 0, link and verify throughout.
     """
     if not receipts:
         raise ReceiptError("the receipt chain is empty")
@@ -232,7 +235,7 @@ def verify_chain(
         previous = receipt
     assert previous is not None
     total = num_layers if num_layers is not None else by_fingerprint[previous.signer][1].num_layers
-    if total is None or previous.layers.end != total:
+    if complete and (total is None or previous.layers.end != total):
         raise ReceiptError(
             f"the chain ends at layer {previous.layers.end} of {total}: stage missing"
         )

@@ -21,6 +21,19 @@ with the receipts)::
 
     "teeshard": {"request_id": "<hex>", "completion_token_ids": [17, 402, 1]}
 
+After a failover (the entry node rebuilt the session on another route), the
+answer was produced by several route segments, and ``receipt_segments`` lists
+them in order, each with the completion tokens ``[start, end)`` it produced::
+
+    "receipt_segments": [{"tokens": [0, 5], "receipts": [...]},
+                         {"tokens": [5, 12], "receipts": [...]}]
+
+Each segment's chain must verify and start at layer 0; a segment that ended in
+a fault may stop early (the lost node and those after it could not sign), and
+then proves no tokens; every complete segment's last stage must have sent
+exactly its slice of the token ids; the last segment is the ``receipts`` chain
+and must be complete; every segment's stage 0 received the same request body.
+
 Only the decoding is the caller's (the web console and the CLI bring their own
 tokenizer); everything else here is pure and shared by both.
 """
@@ -49,9 +62,19 @@ from teeshard.attest.receipts import (
 )
 
 EXTENSION_FIELD = "teeshard"
+SEGMENTS_FIELD = "receipt_segments"
 RESPONSE_ID_PREFIXES = ("chatcmpl-", "cmpl-")
 Kind = Literal["chat", "completion", "generate"]
 Decode = Callable[[Sequence[int]], str]
+
+
+@dataclass(frozen=True)
+class ClaimedSegment:
+    """One route segment of an answer: completion tokens ``[token_start, token_end)``."""
+
+    token_start: int
+    token_end: int
+    receipts: tuple[Receipt, ...]
 
 
 @dataclass(frozen=True)
@@ -66,15 +89,18 @@ class ResponseClaims:
     finish_reason: str | None
     completion_tokens: int | None  # usage.completion_tokens, when the response has usage
     receipts: tuple[Receipt, ...]
+    segments: tuple[ClaimedSegment, ...] = ()  # after a failover; () for one route
 
 
 @dataclass(frozen=True)
 class ResponseReport:
-    chain: ChainReport
+    chain: ChainReport  # of the route that finished the answer
     request_id: str
     completion_tokens: int
     text_checked: bool
     body_checked: bool
+    segments: int = 1  # routes that produced parts of the answer
+    partial_segments: int = 0  # of them, those whose chain stops at a lost node
 
 
 def bare_request_id(value: str) -> str:
@@ -205,7 +231,27 @@ def _claims(
         finish_reason=finish if isinstance(finish, str) else None,
         completion_tokens=completion_tokens if isinstance(completion_tokens, int) else None,
         receipts=tuple(receipts_from_json(last)),
+        segments=_segments(last.get(SEGMENTS_FIELD)),
     )
+
+
+def _segments(value: object) -> tuple[ClaimedSegment, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not value:
+        raise FormatError(f"{SEGMENTS_FIELD}: expected a list of segments")
+    out = []
+    for item in value:
+        tokens = item.get("tokens") if isinstance(item, dict) else None
+        if (
+            not isinstance(tokens, list)
+            or len(tokens) != 2
+            or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in tokens)
+        ):
+            raise FormatError(f"{SEGMENTS_FIELD}: each segment needs tokens [start, end]")
+        assert isinstance(item, dict)
+        out.append(ClaimedSegment(tokens[0], tokens[1], tuple(receipts_from_json(item))))
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -274,9 +320,10 @@ def verify_response(
     ):
         raise ReceiptError(f"response id {claims.response_id!r} is not request {rid!r}")
     chain = verify_chain(claims.receipts, signers, request_id=rid, num_layers=num_layers)
-    first, last = claims.receipts[0], claims.receipts[-1]
-    if not hmac.compare_digest(last.sent_sha256, token_traffic_hash(claims.completion_token_ids)):
-        raise ReceiptError("the completion token ids are not the tokens the last stage sent")
+    segments = claims.segments or (
+        ClaimedSegment(0, len(claims.completion_token_ids), claims.receipts),
+    )
+    partial = _check_segments(claims, segments, signers, rid, num_layers)
     ids = list(claims.completion_token_ids)
     if ids and ids[-1] in eos_token_ids:
         ids.pop()  # the end-of-sequence token ends the answer; it is not text
@@ -288,12 +335,15 @@ def verify_response(
             f"usage says {claims.completion_tokens} completion tokens; the last stage sent {len(ids)}"
         )
     body_checked = False
+    firsts = [s.receipts[0] for s in segments]
     if request_body is not None:
-        if not hmac.compare_digest(first.received_sha256, hashlib.sha256(request_body).digest()):
+        body = hashlib.sha256(request_body).digest()
+        if not all(hmac.compare_digest(f.received_sha256, body) for f in firsts):
             raise ReceiptError("stage 0 received another request body than the one given")
         body_checked = True
     if decode is not None and entry_files is not None:
-        _check_entry_files(first, signers, entry_files)
+        for first in firsts:
+            _check_entry_files(first, signers, entry_files)
         facts = parse_request(request_body) if request_body is not None else RequestFacts()
         full = decode(ids)
         want = expected_text(full, facts)
@@ -304,7 +354,56 @@ def verify_response(
                     "body to check its stop sequences"
                 )
             raise ReceiptError("the response text is not what its token ids decode to")
-    return ResponseReport(chain, rid, len(ids), decode is not None, body_checked)
+    return ResponseReport(
+        chain, rid, len(ids), decode is not None, body_checked, len(segments), partial
+    )
+
+
+def _check_segments(
+    claims: ResponseClaims,
+    segments: Sequence[ClaimedSegment],
+    signers: Sequence[SignerInfo],
+    rid: str,
+    num_layers: int | None,
+) -> int:
+    """Each segment's chain and token slice (see the module docstring); the partial count."""
+    ids = claims.completion_token_ids
+    if segments[-1].receipts != claims.receipts:
+        raise ReceiptError(f"the last of {SEGMENTS_FIELD} is not the response's receipt chain")
+    position, partial = 0, 0
+    for index, segment in enumerate(segments):
+        where = f"segment {index}"
+        if segment.token_start != position or segment.token_end < segment.token_start:
+            raise ReceiptError(f"{where} covers tokens out of order or with a gap")
+        position = segment.token_end
+        if not segment.receipts:
+            raise ReceiptError(f"{where} carries no receipts")
+        last = index == len(segments) - 1
+        report = verify_chain(
+            segment.receipts, signers, request_id=rid, num_layers=num_layers, complete=last
+        )
+        total = num_layers
+        if total is None:
+            total = _num_layers(segment.receipts[-1], signers)
+        if report.layers.end != total:
+            partial += 1  # stops at a lost node: it proves no tokens
+            continue
+        sent = token_traffic_hash(ids[segment.token_start : segment.token_end])
+        if not hmac.compare_digest(segment.receipts[-1].sent_sha256, sent):
+            said = f"{where}: " if len(segments) > 1 else ""
+            raise ReceiptError(
+                f"{said}the completion token ids are not the tokens the last stage sent"
+            )
+    if position != len(ids):
+        raise ReceiptError(f"the segments cover {position} of {len(ids)} completion tokens")
+    return partial
+
+
+def _num_layers(receipt: Receipt, signers: Sequence[SignerInfo]) -> int | None:
+    for signer in signers:
+        if cert_fingerprint(load_certificate(signer.certificate_pem)) == receipt.signer:
+            return signer.manifest.num_layers
+    return None
 
 
 def _check_entry_files(first: Receipt, signers: Sequence[SignerInfo], files: EntryFiles) -> None:

@@ -14,6 +14,7 @@ COMMAND_MODULES = (
     "teeshard.cli.plan",
     "teeshard.cli.node",
     "teeshard.cli.up",
+    "teeshard.cli.network",
     "teeshard.cli.chat",
     "teeshard.cli.demo",
     "teeshard.cli.attest",
@@ -21,6 +22,7 @@ COMMAND_MODULES = (
     "teeshard.cli.ledger",
     "teeshard.cli.pool",
     "teeshard.cli.chain",
+    "teeshard.cli.accel",
 )
 
 

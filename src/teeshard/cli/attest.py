@@ -57,6 +57,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     verify.add_argument("url", help="node URL, e.g. https://host:8000 or wss://host:8000")
     verify.add_argument("--expect-manifest", help="expected manifest hash (hex)")
     verify.add_argument("--save-bundle", type=Path, help="write the verified bundle here")
+    verify.add_argument(
+        "--offload",
+        dest="offload_policy",
+        choices=("any", "protected", "blinded", "verified", "blinded+verified", "forbid"),
+        help="require this TSQP offload mode of the node (forbid: TEE-only nodes only)",
+    )
     add_policy_options(verify)
     verify.set_defaults(func=run_verify)
 
@@ -100,6 +106,15 @@ def _print_node(node: VerifiedNode) -> None:
         print("WARNING: INSECURE simulated evidence: no TEE backs this node")
     for line in node.summary():
         print(f"  {line}")
+    if node.manifest.offload is not None:
+        from teeshard.offload.modes import OffloadAttestation
+
+        statement = OffloadAttestation.from_json(dict(node.manifest.offload))
+        if statement.mode.insecure:
+            print("WARNING: INSECURE offload: activations leave the TEE in the clear")
+        print(f"  {statement.describe()}")
+    else:
+        print("  offload: none (every product computed in the TEE)")
 
 
 def run_manifest(args: argparse.Namespace) -> int:
@@ -139,6 +154,13 @@ def run_verify(args: argparse.Namespace) -> int:
         return _fail(exc)
     except httpx.HTTPError as exc:
         return _fail(f"cannot fetch the attestation bundle: {exc}")
+    if args.offload_policy is not None:
+        from teeshard.offload import OffloadError, check_node_offload
+
+        try:
+            check_node_offload(args.offload_policy, peer.node.manifest.offload)
+        except OffloadError as exc:
+            return _fail(f"offload policy: {exc}")
     print(f"PASS: {args.url}")
     _print_node(peer.node)
     if args.save_bundle is not None:

@@ -120,6 +120,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8600)
     p.add_argument("--tls-cert", default=None, help="PEM certificate (serve HTTPS)")
     p.add_argument("--tls-key", default=None, help="its PEM private key")
+    from teeshard.cli import epochs as bridge
+
+    p = sub(
+        "sync-escrow",
+        "credit the contract's escrow deposits, each once (owner)",
+        bridge.sync_escrow,
+    )
+    bridge.add_chain_options(p, store=False)
+    p.add_argument("--confirmations", type=int, default=0, help="blocks to wait (default 0)")
+    p = sub("request-refund", "pay an account's unspent tokens back at the next epoch",
+            bridge.request_refund)  # fmt: skip
+    p.add_argument("--account", default=None, help="its wallet address (default: the actor)")
 
 
 def _account(args: argparse.Namespace, ledger: Ledger) -> str:

@@ -65,10 +65,79 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="entry node: serve plain HTTP on a non-loopback address because a TLS-terminating "
         "ingress is in front (clients should then seal their requests)",
     )
+    add_network_options(parser)
     add_trust_options(parser)
     add_billing_options(parser)
     add_runtime_options(parser)
+    add_offload_options(parser)
     parser.set_defaults(func=run)
+
+
+def add_offload_options(parser: argparse.ArgumentParser) -> None:
+    """TSQP mode: linear layers on an untrusted accelerator (``teeshard accel``)."""
+    parser.add_argument(
+        "--offload",
+        dest="offload_url",
+        default=os.environ.get("TEESHARD_OFFLOAD") or None,
+        help="tcp://HOST:PORT of the accelerator (TSQP mode; default $TEESHARD_OFFLOAD)",
+    )
+    parser.add_argument(
+        "--offload-mode",
+        default=os.environ.get("TEESHARD_OFFLOAD_MODE") or "blinded+verified",
+        choices=("plain", "blinded", "verified", "blinded+verified"),
+        help="what the accelerator may see and do (default blinded+verified); "
+        "plain sends activations in the clear: INSECURE, for comparison only",
+    )
+    parser.add_argument(
+        "--accel-key",
+        default=os.environ.get("TEESHARD_ACCEL_KEY") or None,
+        help="the accelerator's CURVE public key, Z85 or its .key file (pinned; "
+        "default $TEESHARD_ACCEL_KEY)",
+    )
+    parser.add_argument(
+        "--offload-second",
+        help="two-server blinding: tcp://HOST:PORT of an independent accelerator",
+    )
+    parser.add_argument("--offload-second-key", help="its CURVE public key (pinned)")
+    parser.add_argument(
+        "--offload-pool", type=int, default=16, help="precomputed pads per matrix (default 16)"
+    )
+
+
+def add_network_options(parser: argparse.ArgumentParser) -> None:
+    """Entry node: routes per session from a network of replicas, and failover."""
+    parser.add_argument(
+        "--network",
+        type=Path,
+        default=None,
+        help="entry node: TOML listing the nodes per layer range ([[nodes]] url, layers); "
+        "each session gets a route of healthy, attested nodes and fails over between them",
+    )
+    parser.add_argument(
+        "--ban-seconds",
+        type=float,
+        default=30.0,
+        help="entry node: how long a node that failed is left out of routes (default 30)",
+    )
+    parser.add_argument(
+        "--probe-interval",
+        type=float,
+        default=5.0,
+        help="entry node: seconds between attestation probes of the network (default 5)",
+    )
+    parser.add_argument(
+        "--failover-attempts",
+        type=int,
+        default=4,
+        help="entry node: new routes per request after transport faults (default 4)",
+    )
+    parser.add_argument(
+        "--failover-deadline",
+        type=float,
+        default=60.0,
+        help="entry node: seconds after a request's first fault during which it may wait "
+        "for and try new routes (default 60)",
+    )
 
 
 def add_billing_options(parser: argparse.ArgumentParser) -> None:
@@ -221,6 +290,12 @@ def config_from_args(args: argparse.Namespace, **overrides: object) -> NodeConfi
         ledger_actor=args.ledger_actor,
         free_for_operators=not args.no_free_operators,
     )
+    if getattr(args, "offload_url", None):
+        fields.update(
+            offload_url=args.offload_url, offload_mode=args.offload_mode,
+            accel_key=args.accel_key, offload_second_url=args.offload_second,
+            offload_second_key=args.offload_second_key, offload_pool_rows=args.offload_pool,
+        )  # fmt: skip
     fields.update(overrides)
     return NodeConfig(**fields)  # type: ignore[arg-type]
 
@@ -241,6 +316,11 @@ def run(args: argparse.Namespace) -> int:
         entry=args.entry,
         behind_ingress=args.behind_ingress,
         operator=args.operator,
+        network_path=args.network,
+        ban_s=args.ban_seconds,
+        probe_interval_s=args.probe_interval,
+        failover_attempts=args.failover_attempts,
+        failover_deadline_s=args.failover_deadline,
     )
     serve(config)
     return 0

@@ -1,4 +1,7 @@
-"""``teeshard pool``: nodes and revenue (list, register, admit, edit, remove, distribute, withdraw)."""
+"""``teeshard pool``: nodes and revenue (list, register, admit, edit, remove, distribute, withdraw).
+
+``settle-epoch`` and ``claim`` (the bridge to settlement on chain) live in ``cli.epochs``.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +12,9 @@ from rich.console import Console
 from rich.table import Table
 
 from teeshard.attest import Policy
+from teeshard.cli import epochs as bridge
 from teeshard.cli.attest import add_policy_options
+from teeshard.cli.epochs import add_chain_options
 from teeshard.cli.ledger import Command, add_ledger_options, ledger_command
 from teeshard.ledger.interface import Ledger
 from teeshard.ledger.registration import (
@@ -66,6 +71,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = sub("withdraw", "pay out the caller's earnings (default: all)", withdraw)
     p.add_argument("amount", nargs="?", type=int, default=None)
     p.add_argument("--treasury", action="store_true", help="the treasury's earnings (owner)")
+    p = sub("settle-epoch", "escrow in, earnings and refunds out: post the epoch's root (owner, "
+            "with a settler key)", bridge.settle_epoch)  # fmt: skip
+    add_chain_options(p)
+    p.add_argument("--confirmations", type=int, default=0, help="blocks to wait (default 0)")
+    p.add_argument("--no-distribute", action="store_true", help="pay out earnings only")
+    p = sub("claim", "claim an account's amount of a posted epoch on chain (any key)", bridge.claim)
+    add_chain_options(p)
+    p.add_argument("--account", required=True, help="the wallet address to credit")
+    p.add_argument("--number", type=int, default=None, help="the epoch (default the latest)")
+    p.add_argument("--withdraw", action="store_true", help="then withdraw it (its own key)")
 
 
 @ledger_command

@@ -1,7 +1,11 @@
 """``teeshard up``: start a whole split on this machine, entry node first in the chain.
 
-Nodes are separate processes, as on separate hosts, talking over loopback.
-Ctrl-C (or any node dying) stops every process this command started.
+Nodes are separate processes, as on separate hosts, talking over loopback. With
+``--replicas R``, every range after the entry's is served by R nodes, listed in a
+network file the entry routes each session over (and fails over within). A node
+that dies is restarted in its place (a new key, a new quote: it is attested
+afresh) while the others keep serving; Ctrl-C stops every process this command
+started.
 """
 
 from __future__ import annotations
@@ -16,9 +20,11 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
 from teeshard.cli.errors import CommandError
 from teeshard.cli.node import add_billing_options, add_runtime_options
+from teeshard.cli.supervise import supervise
 from teeshard.model.checkpoint import Checkpoint
 from teeshard.model.formats import NumberFormat
 from teeshard.model.layer_range import LayerRange
@@ -36,6 +42,7 @@ class LaunchSpec:
     port: int
     next_port: int | None
     entry: bool
+    network: Path | None = None  # the entry's network file (replicas); None: a static chain
 
     def health_url(self, host: str) -> str:
         # every node but the entry serves only TLS with its attested certificate
@@ -61,6 +68,8 @@ class LaunchSpec:
             args += ["--next", f"wss://{host}:{self.next_port}"]
         if self.entry:
             args.append("--entry")
+        if self.network is not None:
+            args += ["--network", str(self.network)]
         return args + passthrough
 
 
@@ -72,7 +81,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="Hugging Face checkpoint directory (default: the built-in demo model)",
     )
-    parser.add_argument("--nodes", type=int, default=2, help="number of nodes (default 2)")
+    parser.add_argument(
+        "--nodes",
+        type=int,
+        default=2,
+        help="number of layer ranges, the entry's included (default 2)",
+    )
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="nodes serving each range after the entry's; above 1 the entry routes every "
+        "session over them and fails over (default 1: one static chain)",
+    )
     parser.add_argument(
         "--port", type=int, default=8000, help="entry node port; others follow (default 8000)"
     )
@@ -82,18 +103,63 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--startup-timeout", type=float, default=600.0, help="seconds to wait for nodes"
     )
+    parser.add_argument(
+        "--ban-seconds",
+        type=float,
+        default=30.0,
+        help="with replicas: how long a node that failed is left out of routes (default 30)",
+    )
+    parser.add_argument(
+        "--probe-interval",
+        type=float,
+        default=5.0,
+        help="with replicas: seconds between the entry's attestation probes (default 5)",
+    )
     add_runtime_options(parser)
     add_billing_options(parser)
+    parser.add_argument(
+        "--offload-mode",
+        choices=("plain", "blinded", "verified", "blinded+verified"),
+        default=None,
+        help="TSQP: start a local accelerator per node and offload its linear layers there "
+        "(plain is INSECURE, for comparison only)",
+    )
+    parser.add_argument(
+        "--accel-device", default="cpu", help="torch device of the accelerators (default cpu)"
+    )
     parser.set_defaults(func=run)
 
 
-def plan_launch(checkpoint: Checkpoint, nodes: int, port: int) -> list[LaunchSpec]:
+def plan_launch(
+    checkpoint: Checkpoint, nodes: int, port: int, replicas: int = 1, network: Path | None = None
+) -> list[LaunchSpec]:
+    """The processes to start: the entry on ``port``, then the nodes of each later range
+    on the ports after it. With ``replicas > 1`` the entry routes over ``network``."""
+    if replicas < 1:
+        raise ValueError(f"--replicas must be at least 1, got {replicas}")
     plans = plan_checkpoint(checkpoint, nodes)
-    ports = [port + i for i in range(nodes)]
-    return [
-        LaunchSpec(p.layers, ports[i], ports[i + 1] if i + 1 < nodes else None, entry=i == 0)
-        for i, p in enumerate(plans)
-    ]
+    if replicas == 1:
+        ports = [port + i for i in range(nodes)]
+        return [
+            LaunchSpec(p.layers, ports[i], ports[i + 1] if i + 1 < nodes else None, entry=i == 0)
+            for i, p in enumerate(plans)
+        ]
+    if network is None:
+        raise ValueError("replicas need a network file for the entry node")
+    launches = [LaunchSpec(plans[0].layers, port, None, entry=True, network=network)]
+    for plan in plans[1:]:
+        for _ in range(replicas):
+            launches.append(LaunchSpec(plan.layers, port + len(launches), None, entry=False))
+    return launches
+
+
+def network_file(launches: list[LaunchSpec], host: str) -> str:
+    """The entry's ``--network`` TOML: every node after it."""
+    return "".join(
+        f'[[nodes]]\nurl = "wss://{host}:{s.port}"\nlayers = "{s.layers}"\n\n'
+        for s in launches
+        if not s.entry
+    )
 
 
 def passthrough_options(args: argparse.Namespace) -> list[str]:
@@ -127,8 +193,11 @@ def passthrough_options(args: argparse.Namespace) -> list[str]:
 
 
 def entry_options(args: argparse.Namespace) -> list[str]:
-    """Billing belongs to the entry node alone."""
+    """Billing and routing belong to the entry node alone."""
     options = []
+    if args.replicas > 1:
+        options += ["--ban-seconds", str(args.ban_seconds)]
+        options += ["--probe-interval", str(args.probe_interval)]
     if args.ledger:
         options += ["--ledger", args.ledger]
     if args.pricing:
@@ -150,51 +219,100 @@ def run(args: argparse.Namespace) -> int:
         console.log(f"demo model at {model}")
     checkpoint = Checkpoint(model)
     number_format = NumberFormat.resolve(args.dtype, args.quantize)  # a bad pair fails here
-    launches = plan_launch(checkpoint, args.nodes, args.port)
+    run_dir = data_dir() / "runs" / f"port-{args.port}"
+    network = run_dir / "network.toml" if args.replicas > 1 else None
+    launches = plan_launch(checkpoint, args.nodes, args.port, args.replicas, network)
     busy = [s.port for s in launches if not port_free(args.host, s.port)]
     if busy:
         raise ValueError(f"port(s) {', '.join(map(str, busy))} already in use; pass --port")
-    for index, spec in enumerate(launches):
-        console.log(
-            f"node {index}: layers [{spec.layers.start}, {spec.layers.end}) on port {spec.port}"
-            + (" (entry)" if spec.entry else "")
-        )
+    if network is not None:
+        network.parent.mkdir(parents=True, exist_ok=True)
+        network.write_text(network_file(launches, args.host))
+    console.print(network_table(launches, args.host))
 
     model_name = args.model_name or checkpoint.name
     with console.status("hashing shards for the route's attestation policy"):
         policy = write_local_policy(
-            data_dir() / "runs" / f"port-{args.port}" / "policy.toml",
-            checkpoint, [s.layers for s in launches], number_format.dtype, model_name,
+            run_dir / "policy.toml",
+            checkpoint, sorted({s.layers for s in launches}), number_format.dtype, model_name,
             number_format.quantize,
         )  # fmt: skip
     console.log(f"attestation: simulated (INSECURE, no TEE here); policy {policy}")
     trust = ["--tee", "simulated", "--policy", str(policy)]
 
-    processes: list[subprocess.Popen[bytes]] = []
+    processes: list[subprocess.Popen[bytes]] = []  # the nodes, supervised
+    accelerators: list[subprocess.Popen[bytes]] = []  # TSQP: one per node, untrusted
+    argvs: list[list[str]] = []
     try:
-        # Last node first, so each node's next hop is already listening when it starts.
+        offload = _start_accelerators(args, model, launches, accelerators)
+        # Last node first, so each node's next hop is already listening when it starts;
+        # the entry once all others serve, so its first routes find them attested.
         for spec in reversed(launches):
-            # nodes write to our stderr: our stdout carries only the entry URL
-            extra = passthrough_options(args) + trust
+            extra = passthrough_options(args) + trust + offload.get(spec.port, [])
             if spec.entry:
+                _wait_healthy(launches[1:], processes, args.host, args.startup_timeout)
                 extra += entry_options(args)
-            argv = spec.argv(model, args.host, extra)
-            processes.append(
-                subprocess.Popen(argv, stdout=sys.stderr.fileno(), preexec_fn=die_with_parent)
-            )
+            argvs.append(spec.argv(model, args.host, extra))
+            processes.append(_start(argvs[-1]))
         _wait_healthy(launches, processes, args.host, args.startup_timeout)
         entry = f"http://{args.host}:{launches[0].port}"
         console.print(
             f"\n[bold green]teeshard is up[/]: {len(launches)} nodes serving {checkpoint.name}"
         )
+        if network is not None:
+            console.print(f"  network   {entry}/v1/network   (teeshard network --url {entry})")
         console.print(f"  API       {entry}/v1   (OpenAI-compatible)")
         console.print(f"  web page  {entry}/")
         console.print(f'  try       teeshard chat --url {entry} "Hello!"')
         console.print("Press Ctrl-C to stop every node.\n")
         print(entry, flush=True)  # stdout: the one line scripts need
-        return _supervise(processes)
+        return supervise(processes, argvs, _start)
     finally:
-        _stop(processes)
+        _stop(processes + accelerators)
+
+
+def _start_accelerators(
+    args: argparse.Namespace,
+    model: Path,
+    launches: list[LaunchSpec],
+    processes: list[subprocess.Popen[bytes]],
+) -> dict[int, list[str]]:
+    """``--offload-mode``: one ``teeshard accel`` per node; returns each node's extra options."""
+    if args.offload_mode is None:
+        return {}
+    from teeshard.offload.launch import accel_command, start_accelerator
+
+    arith = "float" if args.offload_mode == "plain" else "field"
+    options: dict[int, list[str]] = {}
+    for spec in launches:
+        command = accel_command(model, spec.layers, arith, device=args.accel_device)
+        with console.status(f"starting the accelerator for layers {spec.layers}"):
+            accel = start_accelerator(command, timeout=args.startup_timeout)
+        processes.append(accel.process)
+        console.log(
+            f"accelerator for layers {spec.layers}: {accel.endpoint}, key {accel.fingerprint[:16]}"
+            f", mode {args.offload_mode}" + (" (INSECURE)" if arith == "float" else "")
+        )
+        options[spec.port] = [
+            "--offload", accel.endpoint, "--offload-mode", args.offload_mode,
+            "--accel-key", accel.public_key.decode(),
+        ]  # fmt: skip
+    return options
+
+
+def _start(argv: list[str]) -> subprocess.Popen[bytes]:
+    # nodes write to our stderr: our stdout carries only the entry URL
+    return subprocess.Popen(argv, stdout=sys.stderr.fileno(), preexec_fn=die_with_parent)
+
+
+def network_table(launches: list[LaunchSpec], host: str) -> Table:
+    table = Table(title="the network", title_justify="left")
+    for column in ("node", "layers", "port", "role"):
+        table.add_column(column)
+    for index, spec in enumerate(launches):
+        role = "entry (API)" if spec.entry else ("replica" if spec.next_port is None else "chain")
+        table.add_row(str(index), str(spec.layers), f"{host}:{spec.port}", role)
+    return table
 
 
 def _wait_healthy(
@@ -224,17 +342,6 @@ def _wait_healthy(
                     f"nodes on ports {sorted(pending)} not healthy after {timeout:.0f}s"
                 )
             time.sleep(0.2)
-
-
-def _supervise(processes: list[subprocess.Popen[bytes]]) -> int:
-    while True:
-        for process in processes:
-            if process.poll() is not None:
-                console.print(
-                    f"[red]a node exited (code {process.returncode}); stopping the others[/]"
-                )
-                return 1
-        time.sleep(0.5)
 
 
 def _stop(processes: list[subprocess.Popen[bytes]]) -> None:

@@ -91,13 +91,13 @@ def verify_stages(args: argparse.Namespace, policy: Policy) -> list[VerifiedNode
             # fetched just now: the entry node's bundle must answer our nonce, fresh
             node = verify_bundle(
                 bundle, policy, nonce=nonce, collateral=_collateral(args),
-                expected_manifest_hash=expected or bundle.manifest.combined_hash,
+                expected_manifest_hash=expected or bundle.manifest.weights_hash,
             )  # fmt: skip
         else:
             # a stored bundle answers its own, old nonce; check it as of when it was made
             node = verify_bundle(
                 bundle, policy, nonce=bundle.nonce, now=bundle.signed_at, check_freshness=False,
-                expected_manifest_hash=expected or bundle.manifest.combined_hash,
+                expected_manifest_hash=expected or bundle.manifest.weights_hash,
                 collateral=_collateral(args),
             )  # fmt: skip
         nodes.append(node)
@@ -145,6 +145,11 @@ def run_verify_receipt(args: argparse.Namespace) -> int:
     print(f"PASS: request {result.request_id}: {chain.stages} stage(s), layers {chain.layers}")
     print(f"  chain digest: {chain.digest.hex()}")
     print(f"  completion: {result.completion_tokens} token(s), the last stage's sent hash")
+    if result.segments > 1:
+        print(
+            f"  route segments: {result.segments} (failed over); {result.partial_segments} "
+            "stopped at a lost node and prove no tokens"
+        )
     if result.text_checked:
         assert entry_files is not None
         print(

@@ -109,9 +109,27 @@ def network_view(
             "sessions": health.get("sessions"),
             "memory": health.get("memory"),
         },
-        "next": health.get("next"),
+        "next": _next_hop(health.get("next")),
         "stages": [s.to_json() for s in stages],
         "covers_all_layers": _covers(stages, num_layers),
+    }
+
+
+def _next_hop(stats: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The entry's default next hop, as the page shows it (url, connected, in flight),
+    from the hop pool's stats (its default URL and every peer it holds)."""
+    if not stats:
+        return None
+    peers = {p.get("url"): p for p in stats.get("peers", [])}
+    url = stats.get("default") or next(iter(peers), None)
+    if url is None:
+        return None
+    peer = peers.get(url, {})
+    return {
+        "url": url,
+        "connected": bool(peer.get("connected", False)),
+        "in_flight": int(peer.get("in_flight", 0)),
+        "peers": len(peers),
     }
 
 

@@ -4,6 +4,19 @@ One session per request, opened on every node with room for the prompt plus
 the completion budget and closed in every outcome (done, error, client gone).
 With a ledger, the most a request can cost is reserved before the session opens
 and settled (or released) once it closes; without one nothing is charged.
+
+Routes and failover (with a registry, ``--network``): each session gets a route
+from the registry. When a step or an open fails for a transport reason (the
+hop that lost its peer names it: ``DownstreamError.transport_fault``), that node
+is banned for a while, the session's segment is closed (the nodes still alive
+sign its receipts), a new route is chosen, the session is opened there and
+rebuilt by one prefill of the prompt plus every token so far, and generation
+goes on: greedy output is identical by construction, sampled output because the
+draws are a function of (seed, position). Attestation failures and bad input
+are never retried. After ``FailoverPolicy.max_attempts`` new routes, or past its
+deadline (counted from the request's first fault; until then a session with no
+route waits for a node to come back), the request fails with the OpenAI error
+object. Billing is untouched: one reservation, settled once.
 """
 
 from __future__ import annotations
@@ -18,9 +31,12 @@ from typing import Literal
 from teeshard.attest import Receipt
 from teeshard.entry.billing import Billing, BillingAPI, ChargeRequest, Reservation, Settlement
 from teeshard.entry.errors import APIError
+from teeshard.entry.failover import FailoverPolicy, FaultLog, ReceiptSegment, Rerouter
+from teeshard.entry.registry import Registry
+from teeshard.entry.routing import Route
 from teeshard.entry.text import IncrementalDecoder, StopMatcher, TextCodec
 from teeshard.model.sampling import SamplingParams
-from teeshard.node import NodeError, NodeService
+from teeshard.node import DownstreamError, NodeError, NodeService, StepResult
 from teeshard.transport.messages import WireDtype
 
 log = logging.getLogger(__name__)
@@ -52,6 +68,15 @@ class Generation:
     settlement: Settlement | None = None
     receipts: list[Receipt] = field(default_factory=list)  # signed by every stage, entry first
     token_ids: list[int] = field(default_factory=list)  # every token the last stage sent
+    # -- routes and failover --
+    route: Route = ()  # node URLs after the entry for the current segment (): its --next
+    segments: list[ReceiptSegment] = field(default_factory=list)  # closed segments, in order
+    segment_start: int = 0  # index in token_ids of the current segment's first token
+    faults: FaultLog = field(default_factory=FaultLog)  # transport faults so far
+    # what opening the session again takes (set by ``start``)
+    max_len: int = 0
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    input_digest: bytes | None = None
 
 
 class GenerationLoop:
@@ -62,8 +87,12 @@ class GenerationLoop:
         wire_dtype: WireDtype,
         default_max_tokens: int,
         billing: Billing | None = None,
+        registry: Registry | None = None,
+        failover: FailoverPolicy | None = None,
     ) -> None:
         self.service = service
+        self.registry = registry  # None: every session takes the static --next
+        self.reroute = Rerouter(registry, failover or FailoverPolicy())
         self.billing = BillingAPI(billing) if billing is not None else None
         self._releasing: set[asyncio.Future[None]] = set()  # keeps shielded releases alive
         self.codec = codec
@@ -129,14 +158,11 @@ class GenerationLoop:
                 idempotency_key,
             )
             generation.reservation = await self.billing.reserve(charge)
+        generation.input_digest = input_digest
+        generation.max_len = len(prompt_ids) + params.max_tokens
+        generation.sampling = params.sampling
         try:
-            generation.served_by = await self.service.open_session(
-                generation.request_id,
-                len(prompt_ids) + params.max_tokens,
-                params.sampling,
-                self.wire_dtype,
-                input_digest=input_digest,
-            )
+            await self._open(generation)
         except BaseException as exc:
             if self.billing is not None and generation.reservation is not None:
                 await self.billing.release(generation.reservation)
@@ -149,11 +175,10 @@ class GenerationLoop:
         self, generation: Generation, prompt_ids: list[int], params: GenerationParams
     ) -> AsyncIterator[str]:
         """Yield text deltas; ``generation`` holds counts and the finish reason at the end."""
-        session = generation.request_id
         decoder = IncrementalDecoder(self.codec, prompt_ids)
         stops = StopMatcher(params.stop)
         try:
-            result = await self.service.step_tokens(session, prompt_ids)
+            result = await self._step(generation, prompt_ids, prompt_ids)
             generation.prefilled = True
             while True:
                 token = result.token
@@ -172,7 +197,7 @@ class GenerationLoop:
                 if generation.completion_tokens >= params.max_tokens:
                     generation.finish_reason = "length"
                     break
-                result = await self.service.step_tokens(session, [token])
+                result = await self._step(generation, prompt_ids, [token])
             tail = stops.flush()
             if tail:
                 generation.completion_chars += len(tail)
@@ -181,6 +206,58 @@ class GenerationLoop:
             raise APIError.from_node(exc) from None
         finally:
             await self.release(generation)
+
+    # -- routes and failover ---------------------------------------------------------
+
+    async def _open(self, generation: Generation) -> None:
+        """Open the session on a route from the registry (or the static --next),
+        choosing another route after each transport fault, within the policy."""
+        while True:
+            try:
+                if self.registry is not None:  # else the static --next: route ()
+                    generation.route = await self.reroute.choose(generation.faults)
+                opened = await self.service.open_session(
+                    generation.request_id,
+                    generation.max_len,
+                    generation.sampling,
+                    self.wire_dtype,
+                    input_digest=generation.input_digest,
+                    route=generation.route,
+                )
+            except DownstreamError as exc:
+                self.reroute.fault(generation.faults, exc, generation.request_id)  # or raises
+                continue
+            if self.registry is not None:
+                self.registry.hold(generation.request_id, generation.route)
+            generation.served_by = tuple(dict.fromkeys((*generation.served_by, *opened)))
+            return
+
+    async def _step(
+        self, generation: Generation, prompt_ids: list[int], tokens: list[int]
+    ) -> StepResult:
+        """One step; after a transport fault, rebuild on a new route and step again."""
+        while True:
+            try:
+                return await self.service.step_tokens(generation.request_id, tokens)
+            except DownstreamError as exc:
+                self.reroute.fault(generation.faults, exc, generation.request_id)  # or raises
+            assert self.registry is not None  # fault() raised otherwise
+            self.registry.counters.failovers += 1
+            await self._close_segment(generation)
+            await self._open(generation)
+            # one prefill of everything so far: the next token is the one that was lost
+            tokens = [*prompt_ids, *generation.token_ids]
+
+    async def _close_segment(self, generation: Generation) -> None:
+        """Close the current segment; the stages still reachable sign its receipts."""
+        receipts = await self.service.close_session(generation.request_id, sign=True)
+        if self.registry is not None:
+            self.registry.drop(generation.request_id)
+        end = len(generation.token_ids)
+        generation.segments.append(
+            ReceiptSegment(generation.segment_start, end, tuple(receipts or ()))
+        )
+        generation.segment_start = end
 
     async def release(self, generation: Generation) -> None:
         """Close the session everywhere and settle or release its charge, once.
@@ -212,7 +289,17 @@ class GenerationLoop:
             # a finished session is closed with signed receipts from every stage
             receipts = await self.service.close_session(generation.request_id, sign=finished)
             generation.receipts = receipts or []
+            if generation.segments and generation.receipts:  # failed over: the last segment
+                generation.segments.append(
+                    ReceiptSegment(
+                        generation.segment_start,
+                        len(generation.token_ids),
+                        tuple(generation.receipts),
+                    )
+                )
         finally:
+            if self.registry is not None:
+                self.registry.drop(generation.request_id)
             reservation = generation.reservation
             if self.billing is not None and reservation is not None:
                 if finished or generation.prefilled:

@@ -23,6 +23,7 @@ from teeshard.attest import (
     EXTENSION_FIELD,
     RECEIPT_DIGEST_HEADER,
     RECEIPTS_FIELD,
+    SEGMENTS_FIELD,
     chain_digest,
     response_extension,
 )
@@ -191,7 +192,10 @@ class OpenAIServing:
         """The original demo's endpoint: ``{"prompt"}`` in, ``{"output"}`` out."""
         prompt_ids = self.codec.completion_prompt(request.prompt)
         budget = self.generations.resolve_max_tokens(len(prompt_ids), request.max_tokens)
-        sampling = SamplingParams(temperature=request.temperature)
+        # a seed always, as in _prepare: a session rebuilt after a failover samples alike
+        sampling = SamplingParams(
+            temperature=request.temperature, seed=session_seed(SamplingParams())
+        )
         params = GenerationParams(budget, sampling, prompt_chars=len(request.prompt))
         generation = await self.generations.start(
             prompt_ids, params, caller.api_key, caller.body_digest, caller.idempotency_key
@@ -292,21 +296,32 @@ class _SessionStream(StreamingResponse):
 
 
 def _receipt_fields(body: Event, generation: Generation) -> Event:
+    """The receipts of the answer. ``receipts`` is the chain of the route that finished
+    it; after a failover, ``receipt_segments`` holds every route's chain in order with
+    the completion tokens it produced, and the digest covers them all."""
     if not generation.receipts:
         return body
-    return {
-        **body,
+    fields: Event = {
         RECEIPTS_FIELD: [r.to_json() for r in generation.receipts],
-        "receipt_digest": chain_digest(generation.receipts).hex(),
+        "receipt_digest": _digest(generation).hex(),
         EXTENSION_FIELD: response_extension(generation.request_id, generation.token_ids),
         "served_by": list(generation.served_by),  # node ids of the stages, as the entry knows them
     }
+    if generation.segments:
+        fields[SEGMENTS_FIELD] = [s.to_json() for s in generation.segments]
+    return {**body, **fields}
+
+
+def _digest(generation: Generation) -> bytes:
+    if generation.segments:
+        return chain_digest([r for s in generation.segments for r in s.receipts])
+    return chain_digest(generation.receipts)
 
 
 def _with_receipts(body: Event, generation: Generation) -> JSONResponse:
     headers = {}
     if generation.receipts:
-        headers[RECEIPT_DIGEST_HEADER] = chain_digest(generation.receipts).hex()
+        headers[RECEIPT_DIGEST_HEADER] = _digest(generation).hex()
     return JSONResponse(_receipt_fields(body, generation), headers=headers)
 
 

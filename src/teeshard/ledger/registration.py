@@ -124,7 +124,7 @@ class AttestVerifier:
         try:
             node = verify_bundle(
                 parsed, self.policy, nonce=nonce, collateral=self.collateral,
-                expected_manifest_hash=parsed.manifest.combined_hash,  # ExpectedShards decides
+                expected_manifest_hash=parsed.manifest.weights_hash,  # ExpectedShards decides
             )  # fmt: skip
         except AttestationError as exc:
             raise RegistrationRefused(str(exc)) from None

@@ -264,6 +264,10 @@ class RemoteLedger:
     def withdraw(self, amount: int | None = None) -> JournalEntry:
         return _entry(self._call("withdraw", amount=amount))
 
+    def request_refund(self, account: str) -> None:
+        """Ask for the account's unspent tokens back on chain at the next settlement epoch."""
+        self._call("request_refund", account=account)
+
     def check(self) -> Consistency:
         d = cast(dict[str, Any], self._call("check"))
         return Consistency(**{**d, "mismatches": tuple(d["mismatches"])})

@@ -156,6 +156,7 @@ OPS: dict[str, Op] = {
     "distribute": lambda lg, a: lg.distribute(),
     "withdraw": lambda lg, a: lg.withdraw(_int(a, "amount", True)),
     "check": lambda lg, a: lg.check(),
+    "request_refund": lambda lg, a: lg.request_refund(_str(a, "account")),
 }
 
 

@@ -7,6 +7,7 @@ tree is drawn in ``teeshard.node.errors``).
 """
 
 from teeshard.node.errors import (
+    AcceleratorFailedError,
     BadRequestError,
     CacheFullError,
     DownstreamError,
@@ -35,6 +36,7 @@ from teeshard.node.service import (
 
 __all__ = [
     "PIPELINE_PATH",
+    "AcceleratorFailedError",
     "BadRequestError",
     "CacheFullError",
     "DownstreamError",

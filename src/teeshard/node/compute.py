@@ -15,7 +15,8 @@ import torch
 from teeshard.model.sampling import sample
 from teeshard.model.transformer import CacheFullError as ModelCacheFullError
 from teeshard.model.transformer import Shard
-from teeshard.node.errors import BadRequestError, CacheFullError
+from teeshard.node.errors import AcceleratorFailedError, BadRequestError, CacheFullError
+from teeshard.offload.errors import AcceleratorError
 
 if TYPE_CHECKING:
     from teeshard.node.service import Session
@@ -74,7 +75,10 @@ def run_step(
     if tokens is not None:
         hidden = shard.embed(tokens)  # (1, T, C)
     assert hidden is not None
-    out = shard(hidden, session.cache)
+    try:
+        out = shard(hidden, session.cache)
+    except AcceleratorError as exc:  # TSQP: a failed check or no answer; the cache did not advance
+        raise AcceleratorFailedError(str(exc)) from None
     if not shard.is_last:
         return StepOutput(hidden=out)
     logits = out[0]  # (vocab,)

@@ -122,7 +122,15 @@ async def serve_pipeline(
 
     async def refuse(exc: NodeError, request_id: int | None) -> None:
         service.count_error(exc.code)
-        await reply(ErrorMsg(id=request_id, code=exc.code, message=exc.message, status=exc.status))
+        await reply(
+            ErrorMsg(
+                id=request_id,
+                code=exc.code,
+                message=exc.message,
+                status=exc.status,
+                node=getattr(exc, "node", None),  # downstream_failed: which node failed
+            )
+        )
 
     async def handle(message: Message, frame: bytes) -> None:
         request_id = getattr(message, "id", None)
@@ -227,6 +235,7 @@ async def dispatch(service: NodeService, message: Message, frame: bytes, owner: 
             message.wire_dtype,
             message.return_logits,
             owner=owner,
+            route=message.route,
         )
         return ResultMsg(id=message.id, route=route)
     if isinstance(message, StepMsg):

@@ -84,6 +84,7 @@ class Session:
     received: TrafficHash = field(default_factory=TrafficHash)
     sent: TrafficHash = field(default_factory=TrafficHash)
     input_digest: bytes | None = None  # entry node: SHA-256 of the client's request body
+    next_url: str | None = None  # the next node of this session's route (None: last stage)
 
     @property
     def max_len(self) -> int:
@@ -232,7 +233,7 @@ class NodeService:
         if not shard.is_last and next_hop is None:
             raise ValueError(
                 f"layers {shard.layer_range} do not end the model ({shard.spec.num_layers} layers): "
-                "a next node (--next) is required"
+                "a next hop is required"
             )
         self.shard = shard
         self.model_name = model_name
@@ -254,12 +255,19 @@ class NodeService:
         return_logits: bool = False,
         input_digest: bytes | None = None,
         owner: Owner | None = None,
+        route: tuple[str, ...] = (),
     ) -> tuple[str, ...]:
         """Open a session here and on every later node; return the route's node ids.
 
-        ``input_digest`` (entry node) is what its receipt says it received: the
-        SHA-256 of the client's request body.
+        ``route``: the URLs of the nodes after this one, nearest first (empty: this
+        node's ``--next``). ``input_digest`` (entry node) is what its receipt says
+        it received: the SHA-256 of the client's request body.
         """
+        if self.next_hop is None and route:
+            raise BadRequestError(
+                f"layers {self.shard.layer_range} end the model: a route after them makes no sense",
+                code="bad_route",
+            )
         session = self.sessions.open(
             session_id, max_len, self.shard.new_cache, wire_dtype, sampling, return_logits, owner
         )
@@ -267,8 +275,8 @@ class NodeService:
         if self.next_hop is None:
             return (self.node_id,)
         try:
-            later = await self.next_hop.open_session(
-                session_id, max_len, sampling, wire_dtype, return_logits
+            session.next_url, later = await self.next_hop.open_session(
+                session_id, max_len, sampling, wire_dtype, return_logits, route
             )
         except BaseException:
             self.sessions.close(session_id, owner)
@@ -294,8 +302,8 @@ class NodeService:
             return None
         own = self._sign(session, previous) if sign else None
         later: list[Receipt] = []
-        if self.next_hop is not None:
-            later = await self.next_hop.close_session(session_id, own)
+        if self.next_hop is not None and session.next_url is not None:
+            later = await self.next_hop.close_session(session.next_url, session_id, own)
         return [own, *later] if own is not None else []
 
     def _sign(self, session: Session, previous: Receipt | None) -> Receipt | None:
@@ -380,13 +388,20 @@ class NodeService:
     async def _forward(
         self, session: Session, hidden: torch.Tensor, length_before: int
     ) -> StepResult:
-        assert self.next_hop is not None
+        assert self.next_hop is not None and session.next_url is not None
         wire = tensor_to_wire(hidden, session.wire_dtype)
+        frames: list[bytes] = []
         try:
-            reply = await self.next_hop.step(session.id, wire, on_frame=session.sent.update)
+            reply = await self.next_hop.step(
+                session.next_url, session.id, wire, on_frame=frames.append
+            )
         except BaseException:
             session.cache.length = length_before  # keep the session consistent for a retry
             raise
+        # Only a step that succeeded counts as sent, as the next node counts what it
+        # received: the receipts of a route that lost a node still link.
+        for frame in frames:
+            session.sent.update(frame)
         return StepResult(reply.token, reply.logits)
 
     async def _compute(self, fn: Callable[[], T]) -> T:

@@ -25,10 +25,12 @@ from teeshard.entry import (
     APIError,
     OpenAIServing,
     attach_console,
+    attach_network_routes,
     attach_router,
     attach_sealed_router,
     install_error_handlers,
 )
+from teeshard.entry.network_routes import network_metrics
 from teeshard.ledger import Ledger, LedgerBilling, LedgerError
 from teeshard.ledger.registration import AttestVerifier, ExpectedShards, renew_admissions
 from teeshard.node import NodeService, attach_pipeline, stage_metrics
@@ -58,6 +60,10 @@ def create_app(
         ledger = _ledger_of(serving)
         if ledger is not None and trust.policy.manifests:
             tasks.append(asyncio.create_task(_readmit(ledger, trust, config.readmit_every_s)))
+        registry = serving.generations.registry if serving is not None else None
+        if registry is not None:
+            await registry.probe_all()  # attest the network once before the first route
+            tasks.append(asyncio.create_task(registry.probe_forever()))
         try:
             yield
         finally:
@@ -97,6 +103,10 @@ def create_app(
 
     if serving is not None:
         app.state.serving = serving
+        registry = serving.generations.registry
+        if registry is not None:
+            network_metrics(metrics, registry)
+        attach_network_routes(app, registry, lambda request: may_see_detail(request, config))
         attach_router(app, serving)
         attach_console(app, serving, trust, lambda request: (
             health_report(service, config) if may_see_detail(request, config)

@@ -19,6 +19,11 @@ class NodeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     next_url: str | None = None  # wss://host:port of the node serving the following layers
+    network_path: Path | None = None  # entry: TOML of the nodes per range; routes per session
+    ban_s: float = 30.0  # entry: a node that failed mid-session is left out of routes this long
+    probe_interval_s: float = 5.0  # entry: how often every node of the network is re-attested
+    failover_attempts: int = 4  # entry: new routes per request after transport faults
+    failover_deadline_s: float = 60.0  # entry: no new route this long after a request's first fault
     entry: bool = False  # serve the OpenAI-compatible API (needs layers starting at 0)
     dtype: str = "float32"  # compute dtype of the weights (bfloat16 with quantize)
     quantize: str | None = None  # "int8": weight-only int8 block linears (model/quantize.py)
@@ -54,6 +59,13 @@ class NodeConfig:
     ledger_actor: str | None = None  # who this entry is in the ledger; default its node id
     free_for_operators: bool = True  # operators of admitted nodes use the model free
     readmit_every_s: float = 600.0  # how often the entry attests the pool's nodes again
+    # -- TSQP offload (teeshard.offload): linear layers on an untrusted accelerator --
+    offload_url: str | None = None  # tcp://HOST:PORT of the accelerator; None: all in the TEE
+    offload_mode: str = "blinded+verified"  # plain (INSECURE, by name only), blinded, verified
+    accel_key: str | None = None  # the accelerator's CURVE public key (Z85 or key file), pinned
+    offload_second_url: str | None = None  # two-server blinding: the accelerator that sees r
+    offload_second_key: str | None = None
+    offload_pool_rows: int = 16  # precomputed pads per matrix group (tokens)
 
     @property
     def serves_tls(self) -> bool:
@@ -92,12 +104,24 @@ class NodeConfig:
             raise ValueError("--entry is only valid on the node whose layer range starts at 0")
         if self.ledger_url and not self.entry:
             raise ValueError("--ledger is for the entry node, which charges for requests")
-        if self.next_url is None and not self.layers.is_last(num_layers):
+        if self.network_path is not None and not self.entry:
+            raise ValueError("--network is for the entry node, which chooses each session's route")
+        if (
+            self.entry
+            and self.next_url is None
+            and self.network_path is None
+            and not self.layers.is_last(num_layers)
+        ):
             raise ValueError(
-                f"layers {self.layers} do not end the model ({num_layers} layers): give --next"
+                f"layers {self.layers} do not end the model ({num_layers} layers): give --next "
+                "or --network"
             )
         if self.next_url is not None and self.layers.is_last(num_layers):
             raise ValueError(f"layers {self.layers} end the model: --next makes no sense here")
+        if self.offload_url is not None and self.accel_key is None:
+            raise ValueError("--offload needs --accel-key: the accelerator's key is pinned")
+        if self.offload_url is None and self.offload_second_url is not None:
+            raise ValueError("--offload-second needs --offload")
         if self.next_url is not None and not self.next_url.startswith("wss://"):
             raise ValueError(
                 f"--next {self.next_url}: hidden states go only over RA-TLS; use wss://HOST:PORT"

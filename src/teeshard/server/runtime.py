@@ -26,11 +26,13 @@ from teeshard.attest import (
     NodeIdentity,
     select_provider,
 )
-from teeshard.entry import GenerationLoop, OpenAIServing, TextCodec
+from teeshard.entry import FailoverPolicy, GenerationLoop, OpenAIServing, Registry, TextCodec
+from teeshard.entry.registry import load_network
 from teeshard.model.checkpoint import Checkpoint
 from teeshard.model.loader import TensorHook, load_shard, parse_dtype
 from teeshard.model.transformer import Shard
 from teeshard.node import NextHop, NodeService
+from teeshard.offload import OffloadHandle, connect_offload
 from teeshard.paths import simulated_tee_dir
 from teeshard.server.app import create_app
 from teeshard.server.config import NodeConfig
@@ -90,7 +92,9 @@ def load_with_progress(
         )
 
 
-def attest_node(config: NodeConfig, builder: ManifestBuilder) -> NodeTrust:
+def attest_node(
+    config: NodeConfig, builder: ManifestBuilder, offload: OffloadHandle | None = None
+) -> NodeTrust:
     provider = select_provider(
         config.tee, allow_simulated=config.tee == "simulated", data_dir=simulated_tee_dir()
     )
@@ -100,7 +104,8 @@ def attest_node(config: NodeConfig, builder: ManifestBuilder) -> NodeTrust:
     else:
         hosts.add(socket.gethostname())
     identity = NodeIdentity.generate(hosts=sorted(hosts))
-    attestation = NodeAttestation.create(provider, builder.finish(), identity)
+    statement = offload.statement.to_json() if offload is not None else None
+    attestation = NodeAttestation.create(provider, builder.finish(statement), identity)
     return trust_for(config, attestation)
 
 
@@ -117,26 +122,28 @@ def build_node(config: NodeConfig, show_progress: bool = False) -> Node:
         quantize=config.quantize,  # the manifest names the recipe applied to these tensors
     )  # fmt: skip
     shard = load_with_progress(checkpoint, config, show_progress, builder.on_tensor)
-    trust = attest_node(config, builder)
+    offload = _offload(config, shard)
+    trust = attest_node(config, builder, offload)
     next_hop = None
-    if config.next_url is not None:
-        next_url = config.next_url
+    if not shard.is_last:
+        max_frame = frame_limit(config, shard)
 
-        async def attest_next() -> ssl.SSLContext:
-            return await trust.attest_next(next_url)
+        def connect(url: str) -> PeerClient:
+            async def attest_next() -> ssl.SSLContext:
+                return await trust.attest_next(url)
 
-        next_hop = NextHop(
-            PeerClient(
-                _pipeline_url(next_url),
-                max_frame_bytes=frame_limit(config, shard),
+            return PeerClient(
+                _pipeline_url(url),
+                max_frame_bytes=max_frame,
                 on_connect=attest_next,
                 introduce=trust.introduce,
             )
-        )
+
+        next_hop = NextHop(connect, config.next_url)
     service = NodeService(
         shard, model_name, config.limits, next_hop, config.resolved_node_id, trust.attestation
     )
-    serving = _entry_serving(config, service, model_name) if config.entry else None
+    serving = _entry_serving(config, service, model_name, trust) if config.entry else None
     app = create_app(service, config, trust, serving)
     log.info(
         "node ready: model %s, layers %s of %d, %s%s, manifest %s",
@@ -146,7 +153,31 @@ def build_node(config: NodeConfig, show_progress: bool = False) -> Node:
     return Node(config, checkpoint, shard, service, trust, app)
 
 
-def _entry_serving(config: NodeConfig, service: NodeService, model_name: str) -> OpenAIServing:
+def _offload(config: NodeConfig, shard: Shard) -> OffloadHandle | None:
+    """TSQP mode: the shard's linear layers go to the pinned accelerator (after hashing)."""
+    if config.offload_url is None or config.accel_key is None:
+        return None
+    return connect_offload(
+        shard, config.offload_mode, config.offload_url, config.accel_key,
+        second_endpoint=config.offload_second_url, second_key=config.offload_second_key,
+        pool_rows=config.offload_pool_rows,
+    )  # fmt: skip
+
+
+def _entry_serving(
+    config: NodeConfig, service: NodeService, model_name: str, trust: NodeTrust
+) -> OpenAIServing:
+    registry = None
+    if config.network_path is not None:
+        registry = Registry(
+            load_network(config.network_path),
+            start=service.shard.layer_range.end,
+            num_layers=service.shard.spec.num_layers,
+            prober=trust.probe,
+            ban_s=config.ban_s,
+            probe_interval_s=config.probe_interval_s,
+        )
+        log.info("network: %d nodes from %s", len(registry.records), config.network_path)
     billing = None
     if config.ledger_url:
         from teeshard.ledger.billing import billing_from_url
@@ -163,7 +194,13 @@ def _entry_serving(config: NodeConfig, service: NodeService, model_name: str) ->
             config.ledger_actor or config.resolved_node_id,
         )
     generations = GenerationLoop(
-        service, TextCodec(config.model_dir), config.wire_dtype, config.default_max_tokens, billing
+        service,
+        TextCodec(config.model_dir),
+        config.wire_dtype,
+        config.default_max_tokens,
+        billing,
+        registry,
+        FailoverPolicy(config.failover_attempts, config.failover_deadline_s),
     )
     return OpenAIServing(generations, model_name)
 

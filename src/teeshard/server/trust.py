@@ -37,12 +37,16 @@ from teeshard.attest import (
     ManifestMismatch,
     NodeAttestation,
     Policy,
+    VerificationError,
+    VerifiedNode,
     cert_fingerprint,
     collateral_source,
     fetch_chain_async,
     verify_bundle,
 )
+from teeshard.entry.registry import ProbeAttestationError, ProbeResult
 from teeshard.node import DownstreamError, Upstream
+from teeshard.offload import OffloadError, check_node_offload
 from teeshard.server.config import NodeConfig
 
 log = logging.getLogger(__name__)
@@ -55,6 +59,15 @@ def upstream_nonce(challenge: bytes, downstream_fingerprint: bytes) -> bytes:
     """The nonce an upstream's bundle answers: bound to the challenge and to the
     downstream certificate of this very connection, so it cannot be relayed."""
     return hashlib.sha256(_UPSTREAM_DOMAIN + challenge + downstream_fingerprint).digest()
+
+
+def check_offload(policy: Policy, node: VerifiedNode) -> None:
+    """The policy's word on the node's TSQP offload (mode, accelerator keys), as an
+    attestation failure: a node that offloads against the policy is refused like any."""
+    try:
+        check_node_offload(policy.offload, node.manifest.offload, policy.accelerator_keys)
+    except OffloadError as exc:
+        raise VerificationError(f"offload: {exc}") from None
 
 
 def trust_for(config: NodeConfig, attestation: NodeAttestation) -> NodeTrust:
@@ -82,16 +95,8 @@ class NodeTrust:
 
     async def attest_next(self, url: str) -> ssl.SSLContext:
         """Verify the node at ``url`` (wss://) and return a context pinned to its certificate."""
-        nonce = secrets.token_bytes(NONCE_BYTES)
         try:
-            bundles = await fetch_chain_async(url, nonce)
-            node = await asyncio.to_thread(
-                verify_bundle,
-                Bundle.from_json(bundles[0]),
-                self.policy,
-                nonce=nonce,
-                collateral=self.collateral,
-            )
+            node, bundles = await self._verify_downstream(url)
         except AttestationError as exc:
             log.error("next node %s failed attestation: %s", url, exc)
             raise DownstreamError(
@@ -104,6 +109,16 @@ class NodeTrust:
             raise DownstreamError(
                 f"next node {url} sent no valid attestation: {exc}", code="attestation_failed"
             ) from None
+        own = self.attestation.manifest
+        if node.manifest.model != own.model or node.manifest.layers.start != own.layers.end:
+            # a route may name any node: it must serve exactly the layers after this one's
+            log.error("next node %s serves layers %s, not those after %s", url,
+                      node.manifest.layers, own.layers)  # fmt: skip
+            raise DownstreamError(
+                f"next node {url} serves {node.manifest.model} layers {node.manifest.layers}, "
+                f"which do not follow {own.model} layers {own.layers}",
+                code="attestation_failed",
+            )
         self.downstream_bundles = list(bundles)
         log.info(
             "next node %s attested: %s%s, layers %s, manifest %s, certificate %s",
@@ -124,13 +139,11 @@ class NodeTrust:
         except (ValueError, TypeError) as exc:
             raise FormatError(f"the introduction is not an attestation bundle: {exc}") from None
         nonce = upstream_nonce(challenge, self.attestation.identity.fingerprint)
+        policy = self.upstream_policy or self.policy
         node = await asyncio.to_thread(
-            verify_bundle,
-            parsed,
-            self.upstream_policy or self.policy,
-            nonce=nonce,
-            collateral=self.collateral,
+            verify_bundle, parsed, policy, nonce=nonce, collateral=self.collateral
         )
+        check_offload(policy, node)
         own = self.attestation.manifest
         if node.manifest.model != own.model or node.manifest.layers.end != own.layers.start:
             raise ManifestMismatch(
@@ -145,6 +158,39 @@ class NodeTrust:
                 f"certificate {node.fingerprint.hex()[:16]}"
             ),
         )
+
+    async def probe(self, url: str) -> ProbeResult:
+        """The registry's check of a node (``wss://host:port``): attested with this node's
+        policy, for this model. ``ProbeAttestationError`` when refused, ``OSError`` when
+        unreachable. The hop's own check still runs before any frame goes to it."""
+        try:
+            node, _ = await self._verify_downstream(url, http_timeout_s=5.0)
+        except AttestationError as exc:
+            raise ProbeAttestationError(str(exc)) from None
+        except httpx.TransportError as exc:
+            raise OSError(f"cannot reach {url}: {exc}") from None
+        except httpx.HTTPError as exc:
+            raise ProbeAttestationError(f"no valid attestation: {exc}") from None
+        if node.manifest.model != self.attestation.manifest.model:
+            raise ProbeAttestationError(f"serves model {node.manifest.model}")
+        return ProbeResult(node.fingerprint.hex(), node.manifest.layers)
+
+    async def _verify_downstream(
+        self, url: str, http_timeout_s: float = 30.0
+    ) -> tuple[VerifiedNode, list[dict[str, Any]]]:
+        """Fetch the chain at ``url`` for a fresh nonce; verify its first bundle (the node
+        itself) against the policy, offload included. Raises attestation and HTTP errors."""
+        nonce = secrets.token_bytes(NONCE_BYTES)
+        bundles = await fetch_chain_async(url, nonce, http_timeout_s=http_timeout_s)
+        node = await asyncio.to_thread(
+            verify_bundle,
+            Bundle.from_json(bundles[0]),
+            self.policy,
+            nonce=nonce,
+            collateral=self.collateral,
+        )
+        check_offload(self.policy, node)
+        return node, bundles
 
     def summary(self) -> dict[str, Any]:
         evidence = self.attestation.evidence

@@ -19,6 +19,9 @@ WireDtype = Literal["float32", "float16", "bfloat16"]
 
 SessionId = Annotated[str, Field(min_length=1, max_length=128)]
 RequestId = Annotated[int, Field(ge=0)]
+# A hop of a route: the wss:// URL of a node's pipeline (hidden states go only over RA-TLS).
+HopUrl = Annotated[str, Field(min_length=7, max_length=512, pattern=r"^wss://[^\s]+$")]
+MAX_ROUTE_HOPS = 64
 
 
 class _Strict(BaseModel):
@@ -40,6 +43,9 @@ class OpenMsg(_Strict):
     wire_dtype: WireDtype = "float32"  # chosen by the entry node; every node follows it
     sampling: SamplingParams = SamplingParams()
     return_logits: bool = False  # last node also returns float32 logits (tests, logprobs)
+    # The nodes after the receiver, nearest first, chosen by the entry node for this
+    # session; empty: the receiver uses its own ``--next`` (a static chain).
+    route: Annotated[tuple[HopUrl, ...], Field(max_length=MAX_ROUTE_HOPS)] = ()
 
 
 class StepMsg(_Strict):
@@ -93,6 +99,8 @@ class ErrorMsg(_Strict):
     code: str  # machine-readable, see teeshard.node.errors
     message: str
     status: int = 500  # the HTTP status the entry node should give a client
+    # downstream_failed: the URL of the node that failed, as the hop that lost it names it
+    node: str | None = None
 
 
 # -- the handshake: an upstream proves what it is before it may send anything ---------

@@ -62,6 +62,7 @@ class RemoteError(RuntimeError):
         super().__init__(reply.message)
         self.code = reply.code
         self.status = reply.status
+        self.node = reply.node
 
 
 class PeerClient:

@@ -236,10 +236,11 @@ def _check_manifest(manifest: ShardManifest, expected: bytes | None, policy: Pol
         raise ManifestMismatch(
             f"no expected manifest hash for {manifest.model} layers {manifest.layers}: pass one "
             f"(--expect-manifest) or list it in the policy; the node's is "
-            f"{manifest.combined_hash.hex()}"
+            f"{manifest.weights_hash.hex()}"
         )
-    if not hmac.compare_digest(expected, manifest.combined_hash):
+    # the weights part: an offloading node's statement is checked by its own policy field
+    if not hmac.compare_digest(expected, manifest.weights_hash):
         raise ManifestMismatch(
-            f"manifest hash {manifest.combined_hash.hex()} for {manifest.model} layers "
+            f"manifest hash {manifest.weights_hash.hex()} for {manifest.model} layers "
             f"{manifest.layers} is not the expected {expected.hex()}"
         )

@@ -79,8 +79,12 @@ RTMR3_RULE = (
 )
 _TOP = (
     "allowed_tcb_statuses", "allowed_advisory_ids", "allow_debug", "allow_simulated",
-    "simulated_keys", "max_evidence_age_s", "tdx", "dstack", "sgx", "manifests",
+    "simulated_keys", "max_evidence_age_s", "tdx", "dstack", "sgx", "manifests", "offload",
+    "accelerator_keys",
 )  # fmt: skip
+# What a policy may require of a node's TSQP offload (checked by ``teeshard.offload``):
+# "protected" (the default) refuses only the plain mode, which shows activations.
+OFFLOAD_REQUIREMENTS = ("any", "protected", "blinded", "verified", "blinded+verified", "forbid")
 _TDX = (
     "mrtd", "rtmr0", "rtmr1", "rtmr2", "rtmr3", "allow_any_rtmr3", "mrconfigid", "xfam",
     "td_attributes_mask", "td_attributes",
@@ -120,6 +124,8 @@ class Policy:
     isvprodid: int | None = None
     min_isvsvn: int = 0
     manifests: tuple[ManifestExpectation, ...] = field(default=())
+    offload: str = "protected"  # one of OFFLOAD_REQUIREMENTS
+    accelerator_keys: tuple[str, ...] = ()  # allowed accelerator key fingerprints (hex); any
 
     @property
     def lists_tdx(self) -> bool:
@@ -279,7 +285,12 @@ def _parse(data: object, what: str) -> Policy:
     if not isinstance(raw_manifests, list):
         raise PolicyError(f"{what}.manifests: expected a list of tables")
     w_tdx, w_sgx = f"{what}.tdx", f"{what}.sgx"
+    offload = top.get("offload", "protected")
+    if offload not in OFFLOAD_REQUIREMENTS:
+        raise PolicyError(f"{what}.offload: must be one of {', '.join(OFFLOAD_REQUIREMENTS)}")
     return Policy(
+        offload=offload,
+        accelerator_keys=tuple(sorted(_strings(top, "accelerator_keys", what))),
         allowed_tcb_statuses=frozenset(statuses),
         allowed_advisory_ids=_strings(top, "allowed_advisory_ids", what),
         allow_debug=_flag(top, "allow_debug", what),

@@ -12,7 +12,15 @@ from __future__ import annotations
 from sqlalchemy import Connection, select
 
 from teeshard.ledger.interface import Consistency
-from teeshard.ledger.sql.schema import LIMIT, POOL, accounts, journal, reservations
+from teeshard.ledger.sql.schema import (
+    LIMIT,
+    POOL,
+    accounts,
+    escrow_credits,
+    journal,
+    payouts,
+    reservations,
+)
 
 
 def check(conn: Connection) -> Consistency:
@@ -31,10 +39,12 @@ def check(conn: Connection) -> Consistency:
         sums = derived.setdefault(account, [0, 0, 0, 0])
         for i, value in enumerate((available, reserved, earnings, pool)):
             sums[i] += int(value)
-        if kind == "deposit":
+        if kind in ("deposit", "escrow"):
             total_in += int(available)
         elif kind == "withdraw":
             total_out -= int(earnings)
+        elif kind == "payout":  # paid on chain: earnings, or a refund of unspent tokens
+            total_out -= int(available) + int(earnings)
     open_reserved: dict[str, int] = {}
     for account, amount in conn.execute(
         select(reservations.c.account_id, reservations.c.amount).where(
@@ -62,8 +72,41 @@ def check(conn: Connection) -> Consistency:
         if want != stored or min(stored) < 0 or max(stored) >= LIMIT:
             mismatches.append(f"{row.id}: stored {stored}, journal says {want}")
         held += sum(stored)
+    mismatches.extend(_bridge_mismatches(conn))
     if held != total_in - total_out:
         mismatches.append(f"held {held} != deposits {total_in} - withdrawals {total_out}")
     return Consistency(
         not mismatches, len(stored_rows), tuple(mismatches), total_in, total_out, held
     )
+
+
+def _bridge_mismatches(conn: Connection) -> list[str]:
+    """Escrow credits and payouts each match their journal row (kind, account, amount)."""
+    rows = {
+        int(r.seq): (r.kind, r.account_id, int(r.available), int(r.earnings))
+        for r in conn.execute(
+            select(journal.c.seq, journal.c.kind, journal.c.account_id, journal.c.available,
+                   journal.c.earnings).where(journal.c.kind.in_(("escrow", "payout")))
+        )
+    }  # fmt: skip
+    claimed: set[int] = set()
+    out = []
+    for ref, account, tokens, seq in conn.execute(
+        select(escrow_credits.c.reference, escrow_credits.c.account_id, escrow_credits.c.tokens,
+               escrow_credits.c.journal_seq)
+    ):  # fmt: skip
+        if rows.get(int(seq)) != ("escrow", account, int(tokens), 0):
+            out.append(f"escrow credit {ref}: no matching journal entry")
+        claimed.add(int(seq))
+    for epoch, account, kind, tokens, seq in conn.execute(
+        select(payouts.c.epoch, payouts.c.account_id, payouts.c.kind, payouts.c.tokens,
+               payouts.c.journal_seq)
+    ):  # fmt: skip
+        want = (-int(tokens), 0) if kind == "refund" else (0, -int(tokens))
+        if rows.get(int(seq)) != ("payout", account, *want):
+            out.append(f"payout of epoch {epoch} to {account}: no matching journal entry")
+        claimed.add(int(seq))
+    out.extend(
+        f"journal entry {seq} ({rows[seq][0]}) has no record" for seq in rows.keys() - claimed
+    )
+    return out

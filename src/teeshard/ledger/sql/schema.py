@@ -172,3 +172,44 @@ journal = Table(
     Column("memo", String(256)),
     Index("ix_journal_account", "account_id", "seq"),
 )
+
+# The bridge to epoch settlement on chain (migration 0003, teeshard.ledger.sql.bridge).
+escrow_credits = Table(
+    "escrow_credits",
+    metadata,
+    Column("reference", String(128), primary_key=True),  # escrow:<tx hash>:<log index>
+    Column("account_id", String(128), ForeignKey("accounts.id"), nullable=False),
+    Column("tokens", BigInteger, nullable=False),
+    Column("block", BigInteger, nullable=False),
+    Column("journal_seq", Integer, nullable=False),
+    Column("created_at", Float, nullable=False),
+)
+
+payout_epochs = Table(
+    "payout_epochs",
+    metadata,
+    Column("epoch", Integer, primary_key=True, autoincrement=False),
+    Column("contract", String(64), nullable=False),
+    Column("total", BigInteger, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("posted_number", Integer),  # the contract's epoch number, once its root is posted
+    Column("root", String(80)),
+    Column("posted_at", Float),
+)
+
+payouts = Table(
+    "payouts",
+    metadata,
+    Column("epoch", Integer, ForeignKey("payout_epochs.epoch"), primary_key=True),
+    Column("account_id", String(128), ForeignKey("accounts.id"), primary_key=True),
+    Column("kind", String(16), primary_key=True),  # earnings or refund
+    Column("tokens", BigInteger, nullable=False),
+    Column("journal_seq", Integer, nullable=False),
+)
+
+refund_requests = Table(
+    "refund_requests",
+    metadata,
+    Column("account_id", String(128), ForeignKey("accounts.id"), primary_key=True),
+    Column("requested_at", Float, nullable=False),
+)

@@ -1,7 +1,8 @@
 """The SQL ledger: accounts, API keys and charges (reserve / settle / release / recover).
 
 Pool operations (nodes, distribution, withdrawal) and the consistency check live
-in ``teeshard.ledger.sql.pool``; this class delegates to them.
+in ``teeshard.ledger.sql.pool``; this class delegates to them. Escrow credits and
+epoch payouts (the bridge to settlement on chain) come from ``sql.bridge.BridgeOps``.
 
 Identity: an ``SqlLedger`` acts as ``actor``, a name. Whoever can write to the
 database can claim any name, so direct database access is for the one party that
@@ -45,6 +46,7 @@ from teeshard.ledger.interface import (
 from teeshard.ledger.keys import hash_api_key
 from teeshard.ledger.sql import actors, audit, charges
 from teeshard.ledger.sql import pool as pool_ops
+from teeshard.ledger.sql.bridge import BridgeOps
 from teeshard.ledger.sql.engine import Engines, make_engines, migrate
 from teeshard.ledger.sql.rows import (
     apply,
@@ -73,7 +75,7 @@ if TYPE_CHECKING:
 DEFAULT_LEASE_TTL_S = 60.0  # a process that misses heartbeats this long loses its reservations
 
 
-class SqlLedger:
+class SqlLedger(BridgeOps):
     def __init__(
         self,
         engines: Engines,

@@ -1,0 +1,252 @@
+"""The entry node's registry: every node that can serve a layer range, and its state.
+
+Source: a network file (``--network FILE``, TOML)::
+
+    [[nodes]]
+    url = "wss://10.0.0.2:8001"
+    layers = "11:22"
+
+State per node, kept here: attestation (verified against the entry's policy by a
+periodic probe, with when and the certificate fingerprint, or the reason it
+failed), health (whether the last probe answered), load (sessions this entry
+has open on it), and bans (a node that failed mid-session is left out of new
+routes for ``ban_s`` seconds). Route choice itself is the pure
+``teeshard.entry.routing.choose_route``.
+
+Probing is the caller's I/O (``Prober``, wired by the process assembly to the
+node's trust): a transport failure marks the node unhealthy, an attestation
+failure marks it failed; either way it is not routed to until a later probe
+succeeds. A node of the wrong range or model fails attestation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+import tomllib
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from teeshard.entry.routing import Attestation, NodeView, Route, choose_route
+from teeshard.model.layer_range import LayerRange
+from teeshard.node.hop import node_url
+
+log = logging.getLogger(__name__)
+
+
+class NetworkFileError(ValueError):
+    """The network file does not parse or describes an impossible network."""
+
+
+class _NodeEntry(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+    url: str = Field(pattern=r"^wss://[^\s/]+(/pipeline)?/?$")
+    layers: str
+
+    @field_validator("layers")
+    @classmethod
+    def _layers(cls, value: str) -> str:
+        LayerRange.parse(value)
+        return value
+
+
+class _NetworkFile(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+    nodes: list[_NodeEntry] = Field(min_length=1)
+
+
+@dataclass(frozen=True)
+class NetworkNode:
+    url: str
+    layers: LayerRange
+
+
+def load_network(path: Path) -> list[NetworkNode]:
+    """The nodes of a network file; ``NetworkFileError`` saying what is wrong."""
+    try:
+        parsed = _NetworkFile.model_validate(tomllib.loads(path.read_text()))
+    except (OSError, tomllib.TOMLDecodeError, ValidationError) as exc:
+        raise NetworkFileError(f"network file {path}: {exc}") from None
+    nodes = [NetworkNode(node_url(n.url), LayerRange.parse(n.layers)) for n in parsed.nodes]
+    urls = Counter(n.url for n in nodes)
+    twice = [u for u, count in urls.items() if count > 1]
+    if twice:
+        raise NetworkFileError(f"network file {path}: {', '.join(twice)} listed twice")
+    return nodes
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """A node proved itself: its attested certificate and layers, as verified."""
+
+    fingerprint: str
+    layers: LayerRange
+
+
+class ProbeAttestationError(Exception):
+    """The node answered, but its attestation was refused (or it serves other layers)."""
+
+
+# url -> ProbeResult; raises ProbeAttestationError (refused) or OSError (unreachable)
+Prober = Callable[[str], Awaitable[ProbeResult]]
+
+
+@dataclass
+class NodeRecord:
+    url: str
+    layers: LayerRange
+    attestation: Attestation = "unknown"
+    attested_at: float | None = None  # wall-clock seconds of the last verification
+    fingerprint: str | None = None
+    problem: str | None = None  # why the last probe failed
+    healthy: bool = True
+    banned_until: float = 0.0  # monotonic
+    ban_reason: str | None = None
+    sessions: int = 0  # open sessions of this entry routed through the node
+
+    def view(self) -> NodeView:
+        return NodeView(
+            self.url, self.layers, self.attestation, self.healthy, self.banned_until, self.sessions
+        )
+
+
+@dataclass
+class RegistryCounters:
+    failovers: int = 0  # sessions rebuilt on a new route mid-generation
+    retries: int = 0  # route attempts after a transport fault (opens and rebuilds)
+    bans: Counter[str] = field(default_factory=Counter)  # by node URL
+
+
+class Registry:
+    def __init__(
+        self,
+        nodes: Sequence[NetworkNode],
+        start: int,
+        num_layers: int,
+        prober: Prober | None = None,
+        ban_s: float = 30.0,
+        probe_interval_s: float = 5.0,
+        probe_timeout_s: float = 10.0,
+    ) -> None:
+        self.start, self.num_layers = start, num_layers
+        self.records = {n.url: NodeRecord(n.url, n.layers) for n in nodes}
+        self.prober = prober
+        self.ban_s = ban_s
+        self.probe_interval_s = probe_interval_s
+        self.probe_timeout_s = probe_timeout_s
+        self.counters = RegistryCounters()
+        self.routes: dict[str, Route] = {}  # session id -> its route, while open
+        self._salt = itertools.count()
+        if prober is None:  # nothing to verify with: the hops' own checks are the guard
+            for record in self.records.values():
+                record.attestation = "verified"
+
+    # -- routes ----------------------------------------------------------------------
+
+    def choose(self) -> Route:
+        """A route for a new session (``NoRouteError`` when the nodes cannot cover it)."""
+        views = [r.view() for r in self.records.values()]
+        return choose_route(views, self.start, self.num_layers, time.monotonic(), next(self._salt))
+
+    def hold(self, session_id: str, route: Route) -> None:
+        """Count ``route`` as carrying ``session_id`` (its load) until ``drop``."""
+        self.drop(session_id)
+        self.routes[session_id] = route
+        for url in route:
+            if url in self.records:
+                self.records[url].sessions += 1
+
+    def drop(self, session_id: str) -> None:
+        for url in self.routes.pop(session_id, ()):
+            if url in self.records:
+                self.records[url].sessions -= 1
+
+    def ban(self, url: str, reason: str) -> None:
+        """Leave ``url`` out of new routes for ``ban_s`` seconds."""
+        url = node_url(url)
+        record = self.records.get(url)
+        self.counters.bans[url] += 1
+        log.warning("banned %s for %.0fs: %s", url, self.ban_s, reason)
+        if record is not None:
+            record.banned_until = time.monotonic() + self.ban_s
+            record.ban_reason = reason
+
+    # -- probes ----------------------------------------------------------------------
+
+    async def probe_all(self) -> None:
+        if self.prober is None:
+            return
+        await asyncio.gather(*(self._probe(r) for r in self.records.values()))
+
+    async def probe_forever(self) -> None:
+        while True:
+            await self.probe_all()
+            await asyncio.sleep(self.probe_interval_s)
+
+    async def _probe(self, record: NodeRecord) -> None:
+        assert self.prober is not None
+        try:
+            result = await asyncio.wait_for(self.prober(record.url), self.probe_timeout_s)
+        except ProbeAttestationError as exc:
+            if record.attestation != "failed":
+                log.error("node %s failed attestation: %s", record.url, exc)
+            record.attestation, record.problem, record.healthy = "failed", str(exc), True
+            return
+        except (OSError, TimeoutError) as exc:
+            record.healthy, record.problem = False, f"unreachable: {exc}"
+            return
+        if result.layers != record.layers:
+            record.attestation = "failed"
+            record.problem = f"attested for layers {result.layers}, listed for {record.layers}"
+            return
+        if record.fingerprint != result.fingerprint:
+            log.info("node %s attested, certificate %s", record.url, result.fingerprint[:16])
+        record.attestation, record.healthy, record.problem = "verified", True, None
+        record.fingerprint, record.attested_at = result.fingerprint, time.time()
+
+    # -- what /v1/network shows --------------------------------------------------------
+
+    def describe(self) -> dict[str, Any]:
+        now = time.monotonic()
+        ranges = sorted({str(r.layers) for r in self.records.values()}, key=_range_key)
+        return {
+            "start": self.start,
+            "num_layers": self.num_layers,
+            "ranges": ranges,
+            "nodes": [
+                {
+                    "url": r.url,
+                    "layers": str(r.layers),
+                    "attestation": r.attestation,
+                    "attested_at": r.attested_at,
+                    "fingerprint": r.fingerprint,
+                    "healthy": r.healthy,
+                    "problem": r.problem,
+                    "banned_for_s": round(max(0.0, r.banned_until - now), 1),
+                    "ban_reason": r.ban_reason if r.banned_until > now else None,
+                    "sessions": r.sessions,
+                    "usable": r.view().usable(now),
+                }
+                for r in sorted(self.records.values(), key=lambda r: (r.layers, r.url))
+            ],
+            "routes": [list(route) for route in self.routes.values()],
+            "counters": {
+                "failovers": self.counters.failovers,
+                "retries": self.counters.retries,
+                "bans": dict(self.counters.bans),
+            },
+        }
+
+
+def _range_key(text: str) -> tuple[int, int]:
+    layers = LayerRange.parse(text)
+    return layers.start, layers.end

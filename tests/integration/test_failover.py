@@ -1,0 +1,212 @@
+"""Replicas and failover through real servers: nodes killed with SIGKILL mid-stream.
+
+A network of three ranges, two replicas for each range after the entry's, every
+node a subprocess. A streamed completion whose route loses a node (the last
+one, so the middle hop names it; then a middle one, lost by the entry itself)
+completes, token for token equal to a run without failure, greedy and seeded
+sampled alike; its receipts verify segment by segment; billing settles once.
+When no route is left, the stream ends with a clear OpenAI error.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from teeshard.attest import Bundle, ReceiptError, fetch_chain, parse_response, verify_response
+from teeshard.ledger.sql import SqlLedger
+from tests.checkpoints import TinyModel
+from tests.cluster import LocalCluster, RunningNode
+
+
+@dataclass
+class Streamed:
+    events: list[dict[str, Any]]
+    transcript: str
+
+    @property
+    def text(self) -> str:
+        return "".join(
+            e["choices"][0]["text"] for e in self.events if e.get("choices") and "error" not in e
+        )
+
+    @property
+    def last(self) -> dict[str, Any]:
+        return self.events[-1]
+
+    @property
+    def token_ids(self) -> list[int]:
+        return list(self.last["teeshard"]["completion_token_ids"])
+
+    @property
+    def error(self) -> dict[str, Any] | None:
+        errors = [e["error"] for e in self.events if "error" in e]
+        return errors[0] if errors else None
+
+
+def stream(
+    cluster: LocalCluster, body: dict[str, Any], after: int = 0, then: Callable[[], None] = print
+) -> Streamed:
+    """Stream a completion; after ``after`` events run ``then``."""
+    events: list[dict[str, Any]] = []
+    lines: list[str] = []
+    headers = {"Authorization": "Bearer tsk_alice", "Content-Type": "application/json"}
+    url = cluster.entry.http_url + "/v1/completions"
+    content = json.dumps(body).encode()  # the exact bytes stage 0's receipt hashes
+    with httpx.stream("POST", url, content=content, headers=headers, timeout=60) as response:
+        assert response.status_code == 200, response.read()
+        for line in response.iter_lines():
+            lines.append(line)
+            if not line.startswith("data: {"):
+                continue
+            events.append(json.loads(line[6:]))
+            if after and len(events) == after:
+                then()  # inline: the entry generates on meanwhile, the kill lands mid-stream
+    return Streamed(events, "\n".join(lines))
+
+
+def route_in_use(cluster: LocalCluster) -> list[str]:
+    routes = cluster.network_state()["routes"]
+    assert len(routes) == 1, routes
+    return list(routes[0])
+
+
+def signers(cluster: LocalCluster) -> list[Bundle]:
+    """Every live node's attested bundle: whoever signed a segment is among them."""
+    out = []
+    for node in cluster.nodes:
+        if node.process is not None and node.process.poll() is None:
+            out.append(Bundle.from_json(fetch_chain(node.http_url, secrets.token_bytes(32))[0]))
+    return out
+
+
+@dataclass
+class Network:
+    cluster: LocalCluster
+    ledger: SqlLedger
+    bundles: list[Bundle]
+
+
+@pytest.fixture(scope="module")
+def network(tiny_llama: TinyModel, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Network]:
+    folder: Path = tmp_path_factory.mktemp("failover")
+    url = f"sqlite:///{folder / 'ledger.db'}"
+    owner = SqlLedger.open(url, "owner")
+    owner.authorize_entry("entry-1")
+    owner.open_account("alice")
+    owner.deposit("alice", 10_000_000)
+    owner.add_api_key("alice", "tsk_alice")
+    # a stream with no route left waits this long for a node to come back
+    options = {"ledger_url": url, "ledger_actor": "entry-1", "failover_deadline_s": 3.0}
+    with LocalCluster(
+        tiny_llama.path, 3, subprocesses=True, replicas=2, entry_options=options, ban_s=300
+    ) as cluster:
+        # every node's bundle, taken while all live (killed ones signed earlier segments)
+        yield Network(cluster, owner, signers(cluster))
+    owner.close()
+
+
+GREEDY = {"model": "tiny", "prompt": "Hello", "max_tokens": 240, "temperature": 0,
+          "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+SAMPLED = {**GREEDY, "temperature": 0.9, "top_p": 0.95, "seed": 1234}
+
+
+def check_receipts(net: Network, result: Streamed, body: dict[str, Any]) -> int:
+    claims = parse_response(result.transcript)
+    report = verify_response(
+        claims, net.bundles, request_body=json.dumps(body).encode(), num_layers=4
+    )
+    return report.segments
+
+
+def test_failover_keeps_greedy_and_sampled_output_identical(network: Network) -> None:
+    cluster = network.cluster
+    reference = stream(cluster, GREEDY)
+    sampled_reference = stream(cluster, SAMPLED)
+    assert reference.error is None and len(reference.token_ids) == 240
+    assert sampled_reference.token_ids != reference.token_ids  # sampling really samples
+    balance = network.ledger.balance("alice").available
+
+    # 1. the last node of the route dies: the middle hop loses it and names it
+    victims: list[RunningNode] = []
+
+    def kill_last() -> None:
+        victims.append(cluster.by_url(route_in_use(cluster)[-1]))
+        victims[-1].kill()
+
+    greedy = stream(cluster, GREEDY, 5, kill_last)
+    assert greedy.error is None, greedy.error
+    assert greedy.token_ids == reference.token_ids and greedy.text == reference.text
+    same = ("prompt_tokens", "completion_tokens", "total_tokens", "cost")
+    assert [greedy.last["usage"][k] for k in same] == [reference.last["usage"][k] for k in same]
+    assert check_receipts(network, greedy, GREEDY) == 2
+    state = cluster.network_state()
+    assert state["counters"]["failovers"] == 1
+    banned = {n["url"]: n for n in state["nodes"]}[f"wss://127.0.0.1:{victims[0].config.port}"]
+    assert banned["banned_for_s"] > 0 and banned["ban_reason"]
+
+    # 2. the middle node of a seeded sampled stream dies: the entry loses it itself
+    def kill_first() -> None:
+        victims.append(cluster.by_url(route_in_use(cluster)[0]))
+        victims[-1].kill()
+
+    sampled = stream(cluster, SAMPLED, 7, kill_first)
+    assert sampled.error is None, sampled.error
+    assert sampled.token_ids == sampled_reference.token_ids
+    assert sampled.text == sampled_reference.text
+    assert check_receipts(network, sampled, SAMPLED) == 2
+    assert cluster.network_state()["counters"]["failovers"] == 2
+
+    # billing: each answer settled once, at the price of one without failover
+    costs = [r.last["usage"]["cost"] for r in (reference, sampled_reference, greedy, sampled)]
+    assert costs[2] == costs[0] and costs[3] == costs[1]
+    assert network.ledger.balance("alice").available == balance - costs[2] - costs[3]
+    assert network.ledger.balance("alice").reserved == 0
+    assert network.ledger.check().ok
+
+    # a tampered segment boundary does not verify
+    lines = sampled.transcript.splitlines()
+    at = max(i for i, line in enumerate(lines) if line.startswith("data: {"))
+    moved = json.loads(lines[at][6:])
+    moved["receipt_segments"][0]["tokens"][1] -= 1
+    moved["receipt_segments"][1]["tokens"][0] -= 1
+    lines[at] = "data: " + json.dumps(moved)
+    tampered = parse_response("\n".join(lines))
+    assert tampered.segments != parse_response(sampled.transcript).segments
+    with pytest.raises(ReceiptError, match="not the tokens the last stage sent"):
+        verify_response(tampered, network.bundles, num_layers=4)
+
+
+def test_with_no_route_left_the_stream_ends_with_a_clear_error(network: Network) -> None:
+    """Runs after the kills above: one node per range is left; kill it mid-stream."""
+    cluster = network.cluster
+    balance = network.ledger.balance("alice").available
+
+    def kill_route() -> None:
+        cluster.by_url(route_in_use(cluster)[-1]).kill()
+
+    result = stream(cluster, GREEDY, 5, kill_route)
+    error = result.error
+    assert error is not None, result.events[-2:]
+    assert error["code"] == "no_route" and "before the failover deadline" in error["message"]
+    assert "no usable node serves layers from 3" in error["message"]
+    assert cluster.network_state()["detail"] is True
+    # the entry keeps serving: an open that cannot be routed is a clear 503 before any output
+    again = httpx.post(
+        cluster.entry.http_url + "/v1/completions",
+        json={**GREEDY, "stream": False},
+        headers={"Authorization": "Bearer tsk_alice"},
+        timeout=30,
+    )
+    assert again.status_code == 503 and again.json()["error"]["code"] == "no_route"
+    # the broken stream paid for what it produced, once; the refused one for nothing
+    spent = balance - network.ledger.balance("alice").available
+    assert spent > 0 and network.ledger.balance("alice").reserved == 0
+    assert network.ledger.check().ok
