@@ -113,6 +113,12 @@ def add_network_options(parser: argparse.ArgumentParser) -> None:
         "each session gets a route of healthy, attested nodes and fails over between them",
     )
     parser.add_argument(
+        "--network-from-ledger",
+        action="store_true",
+        help="entry node: also route over the nodes the ledger admits for this model "
+        "(re-read every probe round; shared by every entry node on that ledger)",
+    )
+    parser.add_argument(
         "--ban-seconds",
         type=float,
         default=30.0,
@@ -307,6 +313,7 @@ def run(args: argparse.Namespace) -> int:
         behind_ingress=args.behind_ingress,
         operator=args.operator,
         network_path=args.network,
+        network_from_ledger=args.network_from_ledger,
         ban_s=args.ban_seconds,
         probe_interval_s=args.probe_interval,
         failover_attempts=args.failover_attempts,

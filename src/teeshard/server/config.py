@@ -19,6 +19,7 @@ class NodeConfig:
     port: int = 8000
     next_url: str | None = None  # wss://host:port of the node serving the following layers
     network_path: Path | None = None  # entry: TOML of the nodes per range; routes per session
+    network_from_ledger: bool = False  # entry: also route over the ledger's admitted nodes
     ban_s: float = 30.0  # entry: a node that failed mid-session is left out of routes this long
     probe_interval_s: float = 5.0  # entry: how often every node of the network is re-attested
     failover_attempts: int = 4  # entry: new routes per request after transport faults
@@ -101,12 +102,15 @@ class NodeConfig:
             raise ValueError("--entry is only valid on the node whose layer range starts at 0")
         if self.ledger_url and not self.entry:
             raise ValueError("--ledger is for the entry node, which charges for requests")
-        if self.network_path is not None and not self.entry:
+        if (self.network_path is not None or self.network_from_ledger) and not self.entry:
             raise ValueError("--network is for the entry node, which chooses each session's route")
+        if self.network_from_ledger and not self.ledger_url:
+            raise ValueError("--network-from-ledger needs the ledger (--ledger) to read nodes from")
         if (
             self.entry
             and self.next_url is None
             and self.network_path is None
+            and not self.network_from_ledger
             and not self.layers.is_last(num_layers)
         ):
             raise ValueError(
