@@ -280,6 +280,8 @@ class LocalCluster:
         ]  # fmt: skip
         if c.next_url:
             argv += ["--next", c.next_url]
+        if c.step_timeout_s != NodeConfig.step_timeout_s:
+            argv += ["--step-timeout", str(c.step_timeout_s)]
         if c.entry:
             argv.append("--entry")
         if c.ledger_url:

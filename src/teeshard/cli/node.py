@@ -131,6 +131,13 @@ def add_network_options(parser: argparse.ArgumentParser) -> None:
         help="entry node: seconds between attestation probes of the network (default 5)",
     )
     parser.add_argument(
+        "--step-timeout",
+        type=float,
+        default=300.0,
+        help="seconds a step may wait on the next node before that node counts as lost "
+        "(a hung node: the entry then fails over; default 300)",
+    )
+    parser.add_argument(
         "--failover-attempts",
         type=int,
         default=4,
@@ -317,6 +324,7 @@ def run(args: argparse.Namespace) -> int:
         ban_s=args.ban_seconds,
         probe_interval_s=args.probe_interval,
         failover_attempts=args.failover_attempts,
+        step_timeout_s=args.step_timeout,
         failover_deadline_s=args.failover_deadline,
     )
     serve(config)

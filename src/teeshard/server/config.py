@@ -23,6 +23,8 @@ class NodeConfig:
     ban_s: float = 30.0  # entry: a node that failed mid-session is left out of routes this long
     probe_interval_s: float = 5.0  # entry: how often every node of the network is re-attested
     failover_attempts: int = 4  # entry: new routes per request after transport faults
+    # how long a step may wait on the next node before it counts as lost (a hung node)
+    step_timeout_s: float = 300.0
     failover_deadline_s: float = 60.0  # entry: no new route this long after a request's first fault
     entry: bool = False  # serve the OpenAI-compatible API (needs layers starting at 0)
     dtype: str = "float32"  # compute dtype of the weights

@@ -135,6 +135,7 @@ def build_node(config: NodeConfig, show_progress: bool = False) -> Node:
                 max_frame_bytes=max_frame,
                 on_connect=attest_next,
                 introduce=trust.introduce,
+                request_timeout=config.step_timeout_s,
             )
 
         next_hop = NextHop(connect, config.next_url)
