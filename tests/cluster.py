@@ -289,6 +289,8 @@ class LocalCluster:
             argv += ["--quantize", c.quantize]
         if c.next_url:
             argv += ["--next", c.next_url]
+        if c.step_timeout_s != NodeConfig.step_timeout_s:
+            argv += ["--step-timeout", str(c.step_timeout_s)]
         if c.entry:
             argv.append("--entry")
         if c.ledger_url:

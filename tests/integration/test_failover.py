@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -210,3 +211,51 @@ def test_with_no_route_left_the_stream_ends_with_a_clear_error(network: Network)
     spent = balance - network.ledger.balance("alice").available
     assert spent > 0 and network.ledger.balance("alice").reserved == 0
     assert network.ledger.check().ok
+
+
+@pytest.fixture(scope="module")
+def hung_network(
+    tiny_llama: TinyModel, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Network]:
+    folder: Path = tmp_path_factory.mktemp("hung")
+    url = f"sqlite:///{folder / 'ledger.db'}"
+    owner = SqlLedger.open(url, "owner")
+    owner.authorize_entry("entry-1")
+    owner.open_account("alice")
+    owner.deposit("alice", 10_000_000)
+    owner.add_api_key("alice", "tsk_alice")
+    options = {"ledger_url": url, "ledger_actor": "entry-1", "step_timeout_s": 6.0}
+    # the middle nodes (indexes 1, 2) give up on a hung last node before the entry does
+    middle = {i: {"step_timeout_s": 2.0} for i in (1, 2)}
+    with LocalCluster(
+        tiny_llama.path, 3, subprocesses=True, replicas=2, entry_options=options,
+        node_options=middle, ban_s=300,
+    ) as cluster:  # fmt: skip
+        yield Network(cluster, owner, signers(cluster))
+    owner.close()
+
+
+def test_a_node_that_hangs_is_routed_around_after_the_step_timeout(
+    hung_network: Network,
+) -> None:
+    """A node that stops answering without dying (SIGSTOP) counts as lost once the hop
+    before it has waited --step-timeout, and the answer goes on, token for token."""
+    cluster = hung_network.cluster
+    reference = stream(cluster, GREEDY)
+    frozen: list[RunningNode] = []
+
+    def freeze_last() -> None:
+        frozen.append(cluster.by_url(route_in_use(cluster)[-1]))
+        assert frozen[-1].process is not None
+        frozen[-1].process.send_signal(signal.SIGSTOP)
+
+    try:
+        hung = stream(cluster, GREEDY, 5, freeze_last)
+    finally:
+        for node in frozen:
+            assert node.process is not None
+            node.process.send_signal(signal.SIGCONT)
+    assert hung.error is None, hung.error
+    assert hung.token_ids == reference.token_ids
+    assert cluster.network_state()["counters"]["failovers"] >= 1
+    assert hung_network.ledger.check().ok

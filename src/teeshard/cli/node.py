@@ -114,6 +114,12 @@ def add_network_options(parser: argparse.ArgumentParser) -> None:
         "each session gets a route of healthy, attested nodes and fails over between them",
     )
     parser.add_argument(
+        "--network-from-ledger",
+        action="store_true",
+        help="entry node: also route over the nodes the ledger admits for this model "
+        "(re-read every probe round; shared by every entry node on that ledger)",
+    )
+    parser.add_argument(
         "--ban-seconds",
         type=float,
         default=30.0,
@@ -124,6 +130,13 @@ def add_network_options(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=5.0,
         help="entry node: seconds between attestation probes of the network (default 5)",
+    )
+    parser.add_argument(
+        "--step-timeout",
+        type=float,
+        default=300.0,
+        help="seconds a step may wait on the next node before that node counts as lost "
+        "(a hung node: the entry then fails over; default 300)",
     )
     parser.add_argument(
         "--failover-attempts",
@@ -317,9 +330,11 @@ def run(args: argparse.Namespace) -> int:
         behind_ingress=args.behind_ingress,
         operator=args.operator,
         network_path=args.network,
+        network_from_ledger=args.network_from_ledger,
         ban_s=args.ban_seconds,
         probe_interval_s=args.probe_interval,
         failover_attempts=args.failover_attempts,
+        step_timeout_s=args.step_timeout,
         failover_deadline_s=args.failover_deadline,
     )
     serve(config)

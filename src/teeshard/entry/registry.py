@@ -1,10 +1,16 @@
 """The entry node's registry: every node that can serve a layer range, and its state.
 
-Source: a network file (``--network FILE``, TOML)::
+Sources: a network file (``--network FILE``, TOML)::
 
     [[nodes]]
     url = "wss://10.0.0.2:8001"
     layers = "11:22"
+
+and/or the contribution pool (``--network-from-ledger``): the nodes the ledger has
+admitted for this model, with their URL and range, re-read before every probe
+round, so a node newly admitted is routed to within seconds and one removed, or
+whose admission lapsed, is not. The ledger is what lets many entry nodes on many
+hosts share one view of the network.
 
 State per node, kept here: attestation (verified against the entry's policy by a
 periodic probe, with when and the certificate fingerprint, or the reason it
@@ -35,6 +41,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from teeshard.entry.routing import Attestation, NodeView, Route, choose_route
+from teeshard.ledger import Ledger
 from teeshard.model.layer_range import LayerRange
 from teeshard.node.hop import node_url
 
@@ -98,6 +105,29 @@ class ProbeAttestationError(Exception):
 
 # url -> ProbeResult; raises ProbeAttestationError (refused) or OSError (unreachable)
 Prober = Callable[[str], Awaitable[ProbeResult]]
+# Lists the nodes a dynamic source knows now (blocking: runs on a worker thread).
+NodeSource = Callable[[], Sequence[NetworkNode]]
+
+
+def ledger_nodes(ledger: Ledger, model: str) -> list[NetworkNode]:
+    """The nodes ``ledger`` admits now for ``model``, as routes name them (``wss://``)."""
+    nodes = []
+    for record in ledger.nodes():
+        if not record.admitted or (record.model and record.model != model):
+            continue
+        try:
+            layers = LayerRange.parse(record.layers)
+        except ValueError:
+            log.warning("admitted node %s has no valid layer range; skipped", record.node_id)
+            continue
+        url = (
+            record.url.replace("https://", "wss://", 1)
+            if record.url.startswith("https://")
+            else record.url
+        )
+        if url.startswith("wss://"):
+            nodes.append(NetworkNode(node_url(url), layers))
+    return nodes
 
 
 @dataclass
@@ -136,9 +166,12 @@ class Registry:
         ban_s: float = 30.0,
         probe_interval_s: float = 5.0,
         probe_timeout_s: float = 10.0,
+        source: NodeSource | None = None,
     ) -> None:
         self.start, self.num_layers = start, num_layers
         self.records = {n.url: NodeRecord(n.url, n.layers) for n in nodes}
+        self.fixed = frozenset(self.records)  # from the network file: never dropped
+        self.source = source
         self.prober = prober
         self.ban_s = ban_s
         self.probe_interval_s = probe_interval_s
@@ -182,10 +215,33 @@ class Registry:
 
     # -- probes ----------------------------------------------------------------------
 
+    async def refresh(self) -> None:
+        """Re-read the dynamic source: add the nodes it lists now, drop those it no longer
+        does (sessions already routed through one keep their route until they end)."""
+        if self.source is None:
+            return
+        try:
+            listed = await asyncio.to_thread(self.source)
+        except Exception as exc:  # a ledger hiccup: keep the last view, say so
+            log.warning("could not re-read the network's nodes: %s", type(exc).__name__)
+            return
+        now = {n.url: n for n in listed}
+        for url, node in now.items():
+            record = self.records.get(url)
+            if record is None or record.layers != node.layers:
+                self.records[url] = NodeRecord(url, node.layers)
+                if self.prober is None:
+                    self.records[url].attestation = "verified"
+                log.info("network: node %s (layers %s) joined", url, node.layers)
+        for url in [u for u in self.records if u not in now and u not in self.fixed]:
+            del self.records[url]
+            log.info("network: node %s left", url)
+
     async def probe_all(self) -> None:
+        await self.refresh()
         if self.prober is None:
             return
-        await asyncio.gather(*(self._probe(r) for r in self.records.values()))
+        await asyncio.gather(*(self._probe(r) for r in list(self.records.values())))
 
     async def probe_forever(self) -> None:
         while True:

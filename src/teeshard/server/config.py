@@ -20,9 +20,12 @@ class NodeConfig:
     port: int = 8000
     next_url: str | None = None  # wss://host:port of the node serving the following layers
     network_path: Path | None = None  # entry: TOML of the nodes per range; routes per session
+    network_from_ledger: bool = False  # entry: also route over the ledger's admitted nodes
     ban_s: float = 30.0  # entry: a node that failed mid-session is left out of routes this long
     probe_interval_s: float = 5.0  # entry: how often every node of the network is re-attested
     failover_attempts: int = 4  # entry: new routes per request after transport faults
+    # how long a step may wait on the next node before it counts as lost (a hung node)
+    step_timeout_s: float = 300.0
     failover_deadline_s: float = 60.0  # entry: no new route this long after a request's first fault
     entry: bool = False  # serve the OpenAI-compatible API (needs layers starting at 0)
     dtype: str = "float32"  # compute dtype of the weights (bfloat16 with quantize)
@@ -104,12 +107,15 @@ class NodeConfig:
             raise ValueError("--entry is only valid on the node whose layer range starts at 0")
         if self.ledger_url and not self.entry:
             raise ValueError("--ledger is for the entry node, which charges for requests")
-        if self.network_path is not None and not self.entry:
+        if (self.network_path is not None or self.network_from_ledger) and not self.entry:
             raise ValueError("--network is for the entry node, which chooses each session's route")
+        if self.network_from_ledger and not self.ledger_url:
+            raise ValueError("--network-from-ledger needs the ledger (--ledger) to read nodes from")
         if (
             self.entry
             and self.next_url is None
             and self.network_path is None
+            and not self.network_from_ledger
             and not self.layers.is_last(num_layers)
         ):
             raise ValueError(

@@ -27,7 +27,7 @@ from teeshard.attest import (
     select_provider,
 )
 from teeshard.entry import FailoverPolicy, GenerationLoop, OpenAIServing, Registry, TextCodec
-from teeshard.entry.registry import load_network
+from teeshard.entry.registry import ledger_nodes, load_network
 from teeshard.model.checkpoint import Checkpoint
 from teeshard.model.loader import TensorHook, load_shard, parse_dtype
 from teeshard.model.transformer import Shard
@@ -137,6 +137,7 @@ def build_node(config: NodeConfig, show_progress: bool = False) -> Node:
                 max_frame_bytes=max_frame,
                 on_connect=attest_next,
                 introduce=trust.introduce,
+                request_timeout=config.step_timeout_s,
             )
 
         next_hop = NextHop(connect, config.next_url)
@@ -167,17 +168,6 @@ def _offload(config: NodeConfig, shard: Shard) -> OffloadHandle | None:
 def _entry_serving(
     config: NodeConfig, service: NodeService, model_name: str, trust: NodeTrust
 ) -> OpenAIServing:
-    registry = None
-    if config.network_path is not None:
-        registry = Registry(
-            load_network(config.network_path),
-            start=service.shard.layer_range.end,
-            num_layers=service.shard.spec.num_layers,
-            prober=trust.probe,
-            ban_s=config.ban_s,
-            probe_interval_s=config.probe_interval_s,
-        )
-        log.info("network: %d nodes from %s", len(registry.records), config.network_path)
     billing = None
     if config.ledger_url:
         from teeshard.ledger.billing import billing_from_url
@@ -193,6 +183,25 @@ def _entry_serving(
             _redacted(config.ledger_url),
             config.ledger_actor or config.resolved_node_id,
         )
+    registry = None
+    if config.network_path is not None or config.network_from_ledger:
+        source = None
+        if config.network_from_ledger and billing is not None:
+            ledger = billing.ledger
+            source = lambda: ledger_nodes(ledger, model_name)  # noqa: E731
+        registry = Registry(
+            load_network(config.network_path) if config.network_path is not None else [],
+            start=service.shard.layer_range.end,
+            num_layers=service.shard.spec.num_layers,
+            prober=trust.probe,
+            ban_s=config.ban_s,
+            probe_interval_s=config.probe_interval_s,
+            source=source,
+        )
+        log.info(
+            "network: %d nodes from %s%s", len(registry.records), config.network_path or "-",
+            ", and the ledger's admitted nodes" if source is not None else "",
+        )  # fmt: skip
     generations = GenerationLoop(
         service,
         TextCodec(config.model_dir),
