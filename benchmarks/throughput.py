@@ -30,7 +30,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -39,6 +38,7 @@ from split_vs_local import (
     ensure_tinyllama_shaped,
     node_rss_mb,
     prompt_ids,
+    run_split,
     start_nodes,
 )
 from teeshard.model.checkpoint import Checkpoint
@@ -71,31 +71,6 @@ def run_local(shard: Shard, prompt: list[int], decode_tokens: int) -> Timing:
         token = int(shard(shard.embed(torch.tensor([[token]])), cache).argmax())
         tokens.append(token)
     return Timing(prefill, time.perf_counter() - started, tokens)
-
-
-def run_split(api_url: str, prompt: list[int], decode_tokens: int) -> Timing:
-    """Through the entry's API, unstreamed (a random model's tokens are mostly empty text, so
-    a stream carries no event per token): a 1-token request times the prefill, and a
-    ``decode_tokens`` request minus it times the other ``decode_tokens - 1`` steps; session
-    open, close and receipts cost both requests alike and cancel."""
-    body = {"model": "bench", "prompt": prompt, "temperature": 0, "ignore_eos": True}
-    with httpx.Client(timeout=600) as client:
-
-        def timed(tokens: list[int], max_tokens: int) -> tuple[float, dict[str, Any]]:
-            started = time.perf_counter()
-            response = client.post(
-                api_url, json={**body, "prompt": tokens, "max_tokens": max_tokens}
-            )
-            elapsed = time.perf_counter() - started
-            response.raise_for_status()
-            return elapsed, response.json()
-
-        timed(prompt[:1], 1)  # warm up, as the local run does
-        prefill, _ = timed(prompt, 1)
-        total, answer = timed(prompt, decode_tokens)
-    tokens = list(answer["teeshard"]["completion_token_ids"])
-    assert len(tokens) == decode_tokens and len(answer["receipts"]) >= 2, answer.get("usage")
-    return Timing(prefill, total - prefill, tokens)
 
 
 def measure_split(
