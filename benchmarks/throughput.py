@@ -38,6 +38,7 @@ from split_vs_local import (
     ensure_tinyllama_shaped,
     node_rss_mb,
     prompt_ids,
+    run_local_shard,
     run_split,
     start_nodes,
 )
@@ -61,16 +62,7 @@ TARGETS = {  # issue 13, ratios within one run
 def run_local(shard: Shard, prompt: list[int], decode_tokens: int) -> Timing:
     """Unsplit teeshard blocks in this process, warmed up as the split is (one 1-token step)."""
     shard(shard.embed(torch.tensor([prompt[:1]])), shard.new_cache(2))
-    cache = shard.new_cache(len(prompt) + decode_tokens)
-    started = time.perf_counter()
-    token = int(shard(shard.embed(torch.tensor([prompt])), cache).argmax())
-    prefill = time.perf_counter() - started
-    tokens = [token]
-    started = time.perf_counter()
-    for _ in range(decode_tokens - 1):
-        token = int(shard(shard.embed(torch.tensor([[token]])), cache).argmax())
-        tokens.append(token)
-    return Timing(prefill, time.perf_counter() - started, tokens)
+    return run_local_shard(shard, prompt, decode_tokens)
 
 
 def measure_split(
