@@ -57,7 +57,10 @@ def market(tiny_llama: TinyModel, tmp_path_factory: pytest.TempPathFactory) -> I
         if funds:
             owner.deposit(name, funds)
         owner.add_api_key(name, f"tsk_{name}")
-    options = {"ledger_url": url, "pricing_path": pricing, "ledger_actor": "entry-1"}
+    options = {
+        "ledger_url": url, "pricing_path": pricing, "ledger_actor": "entry-1",
+        "readmit_every_s": 0.5,  # the entry attests the pool's nodes again this often
+    }  # fmt: skip
     carol = {1: {"operator": "carol"}}  # ``teeshard node --operator carol``
     with LocalCluster(tiny_llama.path, 2, entry_options=options, node_options=carol) as cluster:
         downstream = cluster.nodes[1]
@@ -190,7 +193,10 @@ def test_per_character_pricing_charges_the_text_returned(
     owner.open_account("dave")
     owner.deposit("dave", 100_000)
     owner.add_api_key("dave", "tsk_dave")
-    options = {"ledger_url": url, "pricing_path": pricing, "ledger_actor": "entry-1"}
+    options = {
+        "ledger_url": url, "pricing_path": pricing, "ledger_actor": "entry-1",
+        "readmit_every_s": 0.5,  # the entry attests the pool's nodes again this often
+    }  # fmt: skip
     with LocalCluster(tiny_llama.path, 1, entry_options=options) as cluster:
         response = httpx.post(cluster.entry.http_url + "/v1/completions", timeout=60,
                               headers={"Authorization": "Bearer tsk_dave"},
@@ -227,3 +233,17 @@ def test_a_node_without_an_operator_signs_no_claim(market: Market) -> None:
     assert entry.status_code == 404 and "--operator" in entry.json()["error"]["message"]
     garbled = market.cluster.nodes[1].get("/v1/operator-claim?nonce=zz&ledger=x")
     assert garbled.status_code == 400
+
+
+def test_the_entry_node_renews_admissions_by_attesting_the_nodes_again(market: Market) -> None:
+    """Admissions lapse unless re-attested: the entry node does it on a timer, fetching
+    each node's bundle and claim afresh (the carol node's admission moves forward)."""
+
+    def admitted_until() -> float:
+        return {n.node_id: n for n in market.owner.nodes()}[market.downstream_id].admitted_until
+
+    before = admitted_until()
+    deadline = time.monotonic() + 20
+    while admitted_until() <= before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert admitted_until() > before

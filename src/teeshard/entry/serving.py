@@ -151,7 +151,7 @@ class OpenAIServing:
             top_k=request.top_k,
             # always a seed: the draws are then a function of it and the position, so a
             # session rebuilt on other nodes samples what the first one would have
-            seed=session_seed(SamplingParams(seed=request.seed)),
+            seed=session_seed(request.seed),
         )
         params = GenerationParams(
             budget, sampling, tuple(request.stop_list), prompt_chars, request.ignore_eos
@@ -193,9 +193,7 @@ class OpenAIServing:
         prompt_ids = self.codec.completion_prompt(request.prompt)
         budget = self.generations.resolve_max_tokens(len(prompt_ids), request.max_tokens)
         # a seed always, as in _prepare: a session rebuilt after a failover samples alike
-        sampling = SamplingParams(
-            temperature=request.temperature, seed=session_seed(SamplingParams())
-        )
+        sampling = SamplingParams(temperature=request.temperature, seed=session_seed(None))
         params = GenerationParams(budget, sampling, prompt_chars=len(request.prompt))
         generation = await self.generations.start(
             prompt_ids, params, caller.api_key, caller.body_digest, caller.idempotency_key

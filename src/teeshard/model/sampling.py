@@ -52,9 +52,9 @@ class SamplingParams(BaseModel):
         return self.temperature == 0.0
 
 
-def session_seed(params: SamplingParams) -> int:
+def session_seed(seed: int | None) -> int:
     """The seed a session samples with: the request's, or a fresh random one."""
-    return params.seed if params.seed is not None else secrets.randbits(63)
+    return seed if seed is not None else secrets.randbits(63)
 
 
 def uniform(seed: int, position: int) -> float:

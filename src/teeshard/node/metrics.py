@@ -6,7 +6,6 @@ them at scrape time, so the step path never calls into metrics code.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -19,7 +18,7 @@ __all__ = ["Metrics", "stage_metrics"]
 class Metrics:
     def __init__(self, labels: dict[str, str]) -> None:
         self._labels = labels
-        self._counters: dict[tuple[str, tuple[tuple[str, str], ...]], float] = defaultdict(float)
+        self._counters: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
         self._help: dict[str, tuple[str, str]] = {}
         self._gauges: dict[str, Callable[[], float]] = {}
         self._hooks: list[Callable[[], None]] = []
@@ -31,18 +30,12 @@ class Metrics:
         self._help[name] = ("gauge", help_text)
         self._gauges[name] = read
 
-    def inc(self, name: str, amount: float = 1.0, **labels: str) -> None:
-        self._counters[(name, tuple(sorted(labels.items())))] += amount
-
     def set(self, name: str, value: float, **labels: str) -> None:
-        """Set a counter read from elsewhere (see ``before_render``)."""
+        """Set a counter to the value its owner keeps (from a ``before_render`` hook)."""
         self._counters[(name, tuple(sorted(labels.items())))] = float(value)
 
     def before_render(self, hook: Callable[[], None]) -> None:
         self._hooks.append(hook)
-
-    def value(self, name: str, **labels: str) -> float:
-        return self._counters.get((name, tuple(sorted(labels.items()))), 0.0)
 
     def render(self) -> str:
         for hook in self._hooks:

@@ -37,8 +37,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from teeshard.attest import AttestationError, Receipt
 from teeshard.node.errors import BadRequestError, NodeError, UnknownSessionError
 from teeshard.node.service import NodeService, Owner
-from teeshard.transport.codec import ProtocolError, decode, encode, tensor_to_wire
-from teeshard.transport.messages import (
+from teeshard.transport import (
     CHALLENGE_BYTES,
     ChallengeMsg,
     CloseMsg,
@@ -46,9 +45,13 @@ from teeshard.transport.messages import (
     IntroduceMsg,
     Message,
     OpenMsg,
+    ProtocolError,
     ReceiptWire,
     ResultMsg,
     StepMsg,
+    decode,
+    encode,
+    tensor_to_wire,
 )
 
 log = logging.getLogger(__name__)

@@ -151,7 +151,7 @@ class SessionStore:
             allocate(max_len),
             wire_dtype,
             sampling,
-            session_seed(sampling),
+            session_seed(sampling.seed),
             return_logits,
             owner,
         )

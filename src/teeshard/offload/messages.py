@@ -13,7 +13,9 @@ from typing import Annotated, Literal, TypeVar
 
 import msgpack
 import torch
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError
+
+from teeshard.transport.messages import StrictModel
 
 TENSOR_DTYPES = {"float32": torch.float32, "int64": torch.int64}
 Arith = Literal["float", "field"]  # float: plain products; field: exact products mod p
@@ -21,23 +23,19 @@ RequestId = Annotated[int, Field(ge=0)]
 _T = TypeVar("_T")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
-
-
-class Tensor(_Strict):
+class Tensor(StrictModel):
     dtype: Literal["float32", "int64"]
     shape: tuple[int, ...]
     data: bytes
 
 
-class InfoRequest(_Strict):
+class InfoRequest(StrictModel):
     v: Literal[1] = 1
     type: Literal["info"] = "info"
     id: RequestId
 
 
-class MatmulRequest(_Strict):
+class MatmulRequest(StrictModel):
     v: Literal[1] = 1
     type: Literal["matmul"] = "matmul"
     id: RequestId
@@ -45,14 +43,14 @@ class MatmulRequest(_Strict):
     x: Tensor  # (T, K): float32 (float arith) or int64 residues (field arith)
 
 
-class EmbedRequest(_Strict):
+class EmbedRequest(StrictModel):
     v: Literal[1] = 1
     type: Literal["embed"] = "embed"
     id: RequestId
     tokens: tuple[int, ...]
 
 
-class InfoReply(_Strict):
+class InfoReply(StrictModel):
     v: Literal[1] = 1
     type: Literal["info"] = "info"
     id: RequestId
@@ -63,14 +61,14 @@ class InfoReply(_Strict):
     groups: dict[str, tuple[int, int]]  # name -> (out_features, in_features)
 
 
-class ResultReply(_Strict):
+class ResultReply(StrictModel):
     v: Literal[1] = 1
     type: Literal["result"] = "result"
     id: RequestId
     y: Tensor
 
 
-class ErrorReply(_Strict):
+class ErrorReply(StrictModel):
     v: Literal[1] = 1
     type: Literal["error"] = "error"
     id: RequestId

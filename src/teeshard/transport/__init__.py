@@ -17,6 +17,7 @@ from teeshard.transport.codec import (
     tensor_to_wire,
 )
 from teeshard.transport.messages import (
+    CHALLENGE_BYTES,
     WIRE_DTYPES,
     ChallengeMsg,
     CloseMsg,
@@ -27,6 +28,7 @@ from teeshard.transport.messages import (
     ReceiptWire,
     ResultMsg,
     StepMsg,
+    StrictModel,
     WireDtype,
     WireTensor,
 )
@@ -41,6 +43,7 @@ from teeshard.transport.peer import (
 )
 
 __all__ = [
+    "CHALLENGE_BYTES",
     "WIRE_DTYPES",
     "ChallengeMsg",
     "CloseMsg",
@@ -58,6 +61,7 @@ __all__ = [
     "RemoteError",
     "ResultMsg",
     "StepMsg",
+    "StrictModel",
     "WireDtype",
     "WireTensor",
     "decode",

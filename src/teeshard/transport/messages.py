@@ -24,17 +24,19 @@ HopUrl = Annotated[str, Field(min_length=7, max_length=512, pattern=r"^wss://[^\
 MAX_ROUTE_HOPS = 64
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
+    """Every wire message: frozen, unknown fields refused, no type coercion."""
+
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
 
-class WireTensor(_Strict):
+class WireTensor(StrictModel):
     dtype: str
     shape: tuple[int, ...]
     data: bytes
 
 
-class OpenMsg(_Strict):
+class OpenMsg(StrictModel):
     v: Literal[1] = 1
     type: Literal["open"] = "open"
     id: RequestId
@@ -48,7 +50,7 @@ class OpenMsg(_Strict):
     route: Annotated[tuple[HopUrl, ...], Field(max_length=MAX_ROUTE_HOPS)] = ()
 
 
-class StepMsg(_Strict):
+class StepMsg(StrictModel):
     v: Literal[1] = 1
     type: Literal["step"] = "step"
     id: RequestId
@@ -57,7 +59,7 @@ class StepMsg(_Strict):
     hidden: WireTensor | None = None  # (1, T, hidden) for every other node
 
 
-class ReceiptWire(_Strict):
+class ReceiptWire(StrictModel):
     """A signed stage receipt (``teeshard.attest.receipts.Receipt``), hex fields as text."""
 
     request_id: str
@@ -71,7 +73,7 @@ class ReceiptWire(_Strict):
     signature: str
 
 
-class CloseMsg(_Strict):
+class CloseMsg(StrictModel):
     v: Literal[1] = 1
     type: Literal["close"] = "close"
     id: RequestId
@@ -82,7 +84,7 @@ class CloseMsg(_Strict):
     receipt: ReceiptWire | None = None
 
 
-class ResultMsg(_Strict):
+class ResultMsg(StrictModel):
     v: Literal[1] = 1
     type: Literal["result"] = "result"
     id: RequestId
@@ -92,7 +94,7 @@ class ResultMsg(_Strict):
     receipts: tuple[ReceiptWire, ...] = ()  # close results: this stage's receipt and later ones
 
 
-class ErrorMsg(_Strict):
+class ErrorMsg(StrictModel):
     v: Literal[1] = 1
     type: Literal["error"] = "error"
     id: RequestId | None
@@ -109,7 +111,7 @@ CHALLENGE_BYTES = 32
 MAX_INTRODUCTION_BYTES = 1 << 20  # an attestation bundle: quote, event log, manifest
 
 
-class ChallengeMsg(_Strict):
+class ChallengeMsg(StrictModel):
     """Downstream to upstream, first frame of every connection: a fresh nonce."""
 
     v: Literal[1] = 1
@@ -117,7 +119,7 @@ class ChallengeMsg(_Strict):
     nonce: Annotated[bytes, Field(min_length=CHALLENGE_BYTES, max_length=CHALLENGE_BYTES)]
 
 
-class IntroduceMsg(_Strict):
+class IntroduceMsg(StrictModel):
     """Upstream to downstream: its attestation bundle (JSON) for a nonce derived from the
     challenge and the downstream's certificate, so it proves this very connection."""
 
