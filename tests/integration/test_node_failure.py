@@ -24,6 +24,7 @@ def test_killed_downstream_gives_a_prompt_clear_error(tiny_llama: TinyModel) -> 
         }
         events: list[dict[str, object]] = []
         killed_at: list[float] = []
+        killers: list[threading.Thread] = []
         with httpx.stream("POST", entry + "/v1/completions", json=body, timeout=30) as response:
             assert response.status_code == 200
             for line in response.iter_lines():
@@ -31,11 +32,14 @@ def test_killed_downstream_gives_a_prompt_clear_error(tiny_llama: TinyModel) -> 
                     continue
                 events.append(json.loads(line[6:]))
                 if len(events) == 3:
-                    # kill from another thread while the stream is still being read
-                    threading.Thread(
-                        target=lambda: (cluster.nodes[1].kill(), killed_at.append(time.monotonic()))
-                    ).start()
+                    # kill from another thread while the stream is still being read; the
+                    # time is taken before the kill, so the stream's end cannot beat it
+                    killed_at.append(time.monotonic())
+                    killers.append(threading.Thread(target=cluster.nodes[1].kill))
+                    killers[-1].start()
         ended_at = time.monotonic()
+        for killer in killers:
+            killer.join()
 
         errors = [e["error"] for e in events if "error" in e]
         assert len(errors) == 1, events[-3:]
