@@ -54,7 +54,7 @@ def receipts_for(request_id: str, entry: NodeIdentity, node: NodeIdentity) -> li
         sent = hashlib.sha256(data + bytes([index])).digest()
         out.append(
             sign_receipt(
-                identity, request_id=request_id, stage=index, layers=layers,
+                identity, request_id=request_id, stage=index, layers=layers, model_layers=2, positions=1,
                 manifest_hash=bytes.fromhex(manifest), received_sha256=data, sent_sha256=sent,
                 previous=out[-1] if out else None,
             )

@@ -82,7 +82,7 @@ def _receipts(node: NodeIdentity | None, request_id: str) -> list[Receipt]:
     if node is None:
         return []
     digest = hashlib.sha256(request_id.encode()).digest()
-    return [sign_receipt(node, request_id=request_id, stage=0, layers=NODE_LAYERS,
+    return [sign_receipt(node, request_id=request_id, stage=0, layers=NODE_LAYERS, model_layers=0, positions=1,
                          manifest_hash=b"\xff" * 32, received_sha256=digest,
                          sent_sha256=digest, previous=None)]  # fmt: skip
 

@@ -43,11 +43,11 @@ def pipeline(
     hidden = traffic(b"hidden-state-prefill", b"hidden-state-step")
     first = nodes[0].sign_receipt(
         request_id=REQUEST, stage=0, received_sha256=traffic(b"token ids"),
-        sent_sha256=hidden, previous=None,
+        sent_sha256=hidden, positions=12, previous=None,
     )  # fmt: skip
     second = nodes[1].sign_receipt(
         request_id=REQUEST, stage=1, received_sha256=hidden,
-        sent_sha256=traffic(b"token 7", b"token 9"), previous=first,
+        sent_sha256=traffic(b"token 7", b"token 9"), positions=12, previous=first,
     )  # fmt: skip
     return nodes, bundles, [first, second]
 
@@ -65,6 +65,8 @@ FIELD_CHANGES = {
     "request_id": "req-43",
     "stage": 5,
     "layers": LayerRange(0, 1),
+    "model_layers": 7,
+    "positions": 11,
     "manifest_hash": b"\x01" * 32,
     "received_sha256": b"\x02" * 32,
     "sent_sha256": b"\x03" * 32,
@@ -127,14 +129,14 @@ def test_unknown_or_swapped_signers_fail(
     impostor = make_node(manifests["2:3"])
     forged = impostor.sign_receipt(
         request_id=REQUEST, stage=1, received_sha256=receipts[1].received_sha256,
-        sent_sha256=receipts[1].sent_sha256, previous=receipts[0],
+        sent_sha256=receipts[1].sent_sha256, positions=12, previous=receipts[0],
     )  # fmt: skip
     with pytest.raises(ReceiptError, match="unknown certificate"):
         verify_chain([receipts[0], forged], bundles)
     # Stage 1 signed by the node of stage 0 (wrong manifest for those layers).
     wrong = nodes[0].sign_receipt(
         request_id=REQUEST, stage=1, received_sha256=receipts[1].received_sha256,
-        sent_sha256=receipts[1].sent_sha256, previous=receipts[0], layers=LayerRange(2, 3),
+        sent_sha256=receipts[1].sent_sha256, positions=12, previous=receipts[0], layers=LayerRange(2, 3),
     )  # fmt: skip
     with pytest.raises(ReceiptError, match="manifest or layers"):
         verify_chain([receipts[0], wrong], bundles)
@@ -146,7 +148,7 @@ def test_data_links_between_stages(
     nodes, bundles, receipts = pipeline
     other_input = nodes[1].sign_receipt(
         request_id=REQUEST, stage=1, received_sha256=traffic(b"something else"),
-        sent_sha256=receipts[1].sent_sha256, previous=receipts[0],
+        sent_sha256=receipts[1].sent_sha256, positions=12, previous=receipts[0],
     )  # fmt: skip
     with pytest.raises(ReceiptError, match="received data differs"):
         verify_chain([receipts[0], other_input], bundles)
@@ -157,7 +159,7 @@ def test_signing_refuses_a_bad_previous(
     pipeline: tuple[list[NodeAttestation], list[Bundle], list[Receipt]],
 ) -> None:
     nodes, _, receipts = pipeline
-    common = {"received_sha256": ZERO_HASH, "sent_sha256": ZERO_HASH}
+    common = {"received_sha256": ZERO_HASH, "sent_sha256": ZERO_HASH, "positions": 1}
     with pytest.raises(ReceiptError):
         nodes[1].sign_receipt(request_id=REQUEST, stage=1, previous=None, **common)
     with pytest.raises(ReceiptError):

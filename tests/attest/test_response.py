@@ -73,11 +73,11 @@ class Served:
         hidden = hashlib.sha256(b"hidden states").digest()
         first = self.nodes[0].sign_receipt(
             request_id=rid, stage=0, received_sha256=hashlib.sha256(body).digest(),
-            sent_sha256=hidden, previous=None,
+            sent_sha256=hidden, positions=12, previous=None,
         )  # fmt: skip
         second = self.nodes[1].sign_receipt(
             request_id=rid, stage=1, received_sha256=hidden,
-            sent_sha256=token_traffic_hash(ids), previous=first,
+            sent_sha256=token_traffic_hash(ids), positions=12, previous=first,
         )  # fmt: skip
         return [first, second]
 

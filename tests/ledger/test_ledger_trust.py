@@ -14,6 +14,7 @@ charging moves off chain: epoch settlement), the skip says so.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import pytest
 import sqlalchemy as sa
@@ -176,6 +177,57 @@ def test_a_node_is_credited_once_per_request(world: World) -> None:
     second = KitNode("x", HASH, LayerRange(1, 2), identity=node.identity)
     with pytest.raises(UnverifiedWork, match=r"twice|differ"):
         world.entry.settle("r3", 100, {"twice": 5}, receipts=chain("r3", [node, second]))
+
+
+def _failover_nodes(world: World) -> tuple[KitNode, KitNode, KitNode, str]:
+    """A (1:3), B and its replica C (3:4) admitted; an account with funds."""
+    slots = (("fa", "a", "1:3"), ("fb", "b", "3:4"), ("fc", "d", "3:4"))
+    nodes = [admitted(world, name, m * 64, layers)[2] for name, m, layers in slots]
+    account, _ = world.new_account(funds=1000)
+    return nodes[0], nodes[1], nodes[2], account
+
+
+def test_a_failed_over_answer_credits_each_node_by_its_segment(world: World) -> None:
+    sql_only(world)
+    a, b, c, account = _failover_nodes(world)
+    entry = entry_stage(LayerRange(0, 1))
+    world.reserve(world.entry, "f1", account, 160, max_tokens=50)
+    # B served positions [0, 10) and signed (the route moved on after a timeout); C
+    # rebuilt the session and ran to 40. A served throughout.
+    receipts = chain("f1", [entry, a, b], 10) + chain("f1", [entry, a, c], 40)
+    world.entry.settle("f1", 160, {"fa": 41, "fb": 41, "fc": 41}, receipts=receipts)
+    earned = {n.node_id: n.earned for n in world.entry.nodes()}
+    # 4 layers x 40 positions = 160 units: A 2x40, B 1x10, C 1x30; the entry's 40 units
+    # (no admitted node) go to the treasury.
+    assert earned == {"fa": 80, "fb": 10, "fc": 30}
+    assert world.entry.distribute().treasury == 40
+    assert world.owner.check().ok
+
+
+@pytest.mark.parametrize("attack", ["inflate", "splice", "replay", "beyond"])
+def test_an_entry_cannot_inflate_a_failed_over_answer(world: World, attack: str) -> None:
+    sql_only(world)
+    a, b, c, account = _failover_nodes(world)
+    entry = entry_stage(LayerRange(0, 1))
+    world.reserve(world.entry, "f2", account, 160, max_tokens=40)
+    first, second = chain("f2", [entry, a, b], 10), chain("f2", [entry, a, c], 40)
+    served = {"fa": 40, "fb": 40, "fc": 40}
+    if attack == "replay":  # B's segment twice: it adds no positions
+        world.entry.settle("f2", 160, served, receipts=first + first + second)
+        earned = {n.node_id: n.earned for n in world.entry.nodes()}
+        assert earned == {"fa": 80, "fb": 10, "fc": 30}
+        return
+    spoiled = {
+        "inflate": [*first[:2], replace(first[2], positions=40), *second],  # B claims all 40
+        "splice": [*first, second[0], first[1], second[2]],  # a segment made of two
+        "beyond": first + chain("f2", [entry, a, c], 41),  # more than the reservation's 40
+    }[attack]
+    with pytest.raises(UnverifiedWork):
+        world.entry.settle("f2", 160, served, receipts=spoiled)
+    assert world.entry.balance(account).reserved == 160  # nothing moved
+    assert all(n.earned == 0 for n in world.entry.nodes())
+    world.entry.settle("f2", 160, served, receipts=first + second)  # the honest settle still works
+    assert sorted(n.earned for n in world.entry.nodes()) == [10, 30, 80]
 
 
 def test_an_entry_nodes_spend_limit(world: World) -> None:

@@ -63,10 +63,21 @@ def entry_stage(layers: LayerRange) -> KitNode:
     return KitNode("entry", "e" * 64, layers)
 
 
-def chain(request_id: str, stages: Sequence[KitNode]) -> list[Receipt]:
-    """The receipts a request served by ``stages`` (in order) comes back with."""
+def chain(
+    request_id: str,
+    stages: Sequence[KitNode],
+    positions: int | Sequence[int] = 10,
+    model_layers: int | None = None,
+) -> list[Receipt]:
+    """The receipts a request served by ``stages`` (in order) comes back with.
+
+    ``positions``: the token positions each stage ran (one count for all, or one each);
+    ``model_layers``: the model's layer count (default: where the last stage ends).
+    """
     receipts: list[Receipt] = []
     data = hashlib.sha256(request_id.encode()).digest()
+    counts = [positions] * len(stages) if isinstance(positions, int) else list(positions)
+    layers = model_layers if model_layers is not None else stages[-1].layers.end
     for index, stage in enumerate(stages):
         sent = hashlib.sha256(data + bytes([index])).digest()
         receipts.append(
@@ -75,6 +86,8 @@ def chain(request_id: str, stages: Sequence[KitNode]) -> list[Receipt]:
                 request_id=request_id,
                 stage=index,
                 layers=stage.layers,
+                model_layers=layers,
+                positions=counts[index],
                 manifest_hash=bytes.fromhex(stage.manifest),
                 received_sha256=data,
                 sent_sha256=sent,

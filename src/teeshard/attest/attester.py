@@ -205,6 +205,7 @@ class NodeAttestation:
         received_sha256: bytes,
         sent_sha256: bytes,
         previous: Receipt | None,
+        positions: int,
         layers: LayerRange | None = None,
     ) -> Receipt:
         """This node's receipt for one request (see :func:`receipts.sign_receipt`)."""
@@ -213,6 +214,8 @@ class NodeAttestation:
             request_id=request_id,
             stage=stage,
             layers=layers or self.manifest.layers,
+            model_layers=self.manifest.num_layers or 0,
+            positions=positions,
             manifest_hash=self.manifest.combined_hash,
             received_sha256=received_sha256,
             sent_sha256=sent_sha256,

@@ -1,15 +1,20 @@
 """Signed receipts: each pipeline stage attests what it received, what it sent, and its link.
 
-A stage's receipt holds the request id, its stage index, its layer range, its
+A stage's receipt holds the request id, its stage index, its layer range and the
+model's layer count, the number of token positions it ran through its layers in
+this session (its KV cache length at close: what work credit counts), its
 manifest hash, the SHA-256 of the data it received from upstream (for stage 0: the
 request input) and of the data it sent downstream (for the last stage: the result
 it returned), and the hash of the previous stage's receipt (32 zero bytes for
 stage 0). It is signed with the stage's attested TLS key (ECDSA P-256 / SHA-256)
 over::
 
-    "teeshard/receipt/v1\\0" || lp(request_id) || u32(stage) || u32(start) || u32(end)
+    "teeshard/receipt/v2\\0" || lp(request_id) || u32(stage) || u32(start) || u32(end)
+    || u32(model_layers) || u32(positions)
     || lp(manifest_hash) || lp(received_sha256) || lp(sent_sha256)
     || lp(previous_hash) || lp(signer certificate SHA-256)
+
+(``model_layers`` is 0 when the signer's manifest does not state the layer count.)
 
 ``receipt_hash`` is SHA-256 of those signed bytes (not of the signature, so the
 chain does not depend on ECDSA's malleable encoding). :class:`TrafficHash` gives
@@ -50,9 +55,9 @@ from teeshard.model.layer_range import LayerRange
 RECEIPTS_FIELD = "receipts"
 RECEIPT_DIGEST_HEADER = "Teeshard-Receipt-Digest"
 ZERO_HASH = bytes(32)
-_DOMAIN = b"teeshard/receipt/v1\0"
+_DOMAIN = b"teeshard/receipt/v2\0"
 _FIELDS = (
-    "request_id", "stage", "layers", "manifest_hash", "received_sha256", "sent_sha256",
+    "request_id", "stage", "layers", "model_layers", "positions", "manifest_hash", "received_sha256", "sent_sha256",
     "previous_hash", "signer", "signature",
 )  # fmt: skip
 
@@ -62,6 +67,8 @@ class Receipt:
     request_id: str
     stage: int
     layers: LayerRange
+    model_layers: int  # layers of the whole model, from the signer's manifest (0: not stated)
+    positions: int  # token positions this stage ran for the request in this session
     manifest_hash: bytes
     received_sha256: bytes
     sent_sha256: bytes
@@ -76,6 +83,8 @@ class Receipt:
             u32(self.stage),
             u32(self.layers.start),
             u32(self.layers.end),
+            u32(self.model_layers),
+            u32(self.positions),
             lp(self.manifest_hash),
             lp(self.received_sha256),
             lp(self.sent_sha256),
@@ -92,7 +101,9 @@ class Receipt:
             "request_id": self.request_id,
             "stage": self.stage,
             "layers": str(self.layers),
-            **{name: getattr(self, name).hex() for name in _FIELDS[3:]},
+            "model_layers": self.model_layers,
+            "positions": self.positions,
+            **{name: getattr(self, name).hex() for name in _FIELDS[5:]},
         }
 
     @classmethod
@@ -103,16 +114,23 @@ class Receipt:
             layers = LayerRange.parse(get_str(fields, "layers", what))
         except ValueError as exc:
             raise FormatError(f"receipt.layers: {exc}") from None
-        stage = get_int(fields, "stage", what)
-        if stage < 0:
-            raise FormatError("receipt.stage: must not be negative")
-        hashes = {n: from_hex(fields[n], f"receipt.{n}", 32) for n in _FIELDS[3:8]}
+        counts = {n: get_int(fields, n, what) for n in ("stage", "model_layers", "positions")}
+        for name, value in counts.items():
+            if not 0 <= value < 2**32:
+                raise FormatError(f"receipt.{name}: must be a 32-bit unsigned integer")
+        hashes = {n: from_hex(fields[n], f"receipt.{n}", 32) for n in _FIELDS[5:10]}
         return cls(
             request_id=get_str(fields, "request_id", what),
-            stage=stage,
+            stage=counts["stage"],
             layers=layers,
+            model_layers=counts["model_layers"],
+            positions=counts["positions"],
+            manifest_hash=hashes["manifest_hash"],
+            received_sha256=hashes["received_sha256"],
+            sent_sha256=hashes["sent_sha256"],
+            previous_hash=hashes["previous_hash"],
+            signer=hashes["signer"],
             signature=from_hex(fields["signature"], "receipt.signature"),
-            **hashes,
         )
 
 
@@ -126,18 +144,27 @@ def sign_receipt(
     request_id: str,
     stage: int,
     layers: LayerRange,
+    model_layers: int,
+    positions: int,
     manifest_hash: bytes,
     received_sha256: bytes,
     sent_sha256: bytes,
     previous: Receipt | None,
 ) -> Receipt:
-    """Sign one stage's receipt; ``previous`` is the upstream stage's (None for stage 0)."""
+    """Sign one stage's receipt; ``previous`` is the upstream stage's (None for stage 0).
+
+    ``positions``: the token positions this stage ran for the request (its cache
+    length); ``model_layers``: the model's layer count (0 when unknown).
+    """
     if (previous is None) != (stage == 0):
         raise ReceiptError("stage 0 has no previous receipt; every later stage has one")
     if previous is not None and (previous.stage != stage - 1 or previous.request_id != request_id):
         raise ReceiptError("the previous receipt is not this request's stage before this one")
+    if not 0 <= positions < 2**32 or not 0 <= model_layers < 2**32:
+        raise ReceiptError("positions and model_layers are 32-bit unsigned integers")
     unsigned = Receipt(
-        request_id, stage, layers, manifest_hash, received_sha256, sent_sha256,
+        request_id, stage, layers, model_layers, positions, manifest_hash, received_sha256,
+        sent_sha256,
         previous.hash if previous else ZERO_HASH, identity.fingerprint, b"",
     )  # fmt: skip
     return replace(unsigned, signature=identity.sign(unsigned.signed_bytes()))
@@ -221,7 +248,11 @@ def verify_chain(
             verify_signature(cert, receipt.signature, receipt.signed_bytes())
         except SignatureError:
             raise ReceiptError(f"{where}: signature does not verify (altered receipt)") from None
-        if receipt.manifest_hash != manifest.combined_hash or receipt.layers != manifest.layers:
+        if (
+            receipt.manifest_hash != manifest.combined_hash
+            or receipt.layers != manifest.layers
+            or receipt.model_layers != (manifest.num_layers or 0)
+        ):
             raise ReceiptError(f"{where}: manifest or layers differ from the signer's attestation")
         start = previous.layers.end if previous is not None else 0
         if receipt.layers.start != start:
@@ -232,6 +263,11 @@ def verify_chain(
             and not hmac.compare_digest(receipt.received_sha256, previous.sent_sha256)
         ):
             raise ReceiptError(f"{where}: received data differs from what stage {index - 1} sent")
+        if previous is not None and receipt.positions > previous.positions:
+            raise ReceiptError(
+                f"{where} ran {receipt.positions} token positions; stage {index - 1} sent it "
+                f"only {previous.positions}"
+            )
         previous = receipt
     assert previous is not None
     total = num_layers if num_layers is not None else by_fingerprint[previous.signer][1].num_layers

@@ -2,18 +2,41 @@
 
 Pure functions; the SQL ledger calls them inside ``settle``.
 
-A request's cost is attributed to the nodes that served it, weighted by the
-layers each ran: node *i* earns ``cost * layers_i // total_layers``, where
-``total_layers`` is the end of the receipt chain (the whole model). Only a node
-whose receipt verifies is credited: the receipt must be for this request, signed
-by the certificate the node was admitted with, and carry the manifest hash and
-layer range the node registered. The chain's structure (stage order, links,
-contiguous layers from 0) is checked over every receipt; receipts of stages the
-ledger does not know (the entry node itself, a node not admitted) cannot be
+The receipts of a request are one or more *segments*, concatenated in order: a
+segment is the receipt chain of one route that served part of the answer (more
+than one after a failover; each starts with a stage-0 receipt). Every receipt
+signs the token positions its stage ran in that session (``positions``, its KV
+cache length) and the model's layer count (``model_layers``).
+
+A node is credited for the work its segment added: its layers times the
+positions its receipt signs beyond the most positions any earlier segment
+reached (a replacement route rebuilds the session by recomputing those, and
+the request pays for them once). With ``L`` the model's layers and ``T`` the
+most positions of any segment (the whole answer), node *i* earns
+``cost * sum(layers_i * new_positions_i) // (L * T)``. Without a failover every
+stage of the one segment ran all ``T`` positions, and a node earns
+``cost * layers_i // L``.
+
+Only a node whose receipt verifies is credited: the receipt must be for this
+request, signed by the certificate the node was admitted with, and carry the
+manifest hash and layer range the node registered. Each segment's structure
+(stage order, links, contiguous layers from 0, no stage running more positions
+than the one before it sent) is checked over every receipt; receipts of stages
+the ledger does not know (the entry node itself, a node not admitted) cannot be
 checked for a signature and earn nothing. What no verified node earns (their
 layers, and the rounding) goes to the treasury at distribution, never to
-another node: an entry node cannot credit more than a request paid, cannot
-credit a node twice, and cannot credit a node that did not sign for the work.
+another node.
+
+What an entry node cannot do: credit more than a request paid (for every layer
+the credited positions over all segments add up to at most ``T``, and ``L`` is
+the layer count the credited nodes signed, so a truncated chain does not raise
+anyone's share); credit a node more positions than it signed for (a positions
+count is part of the signed receipt); credit a node twice in one segment, or for
+a replayed segment (it adds no positions beyond what was reached); invent a
+segment (every credited receipt carries the node's signature for this request);
+claim more positions than the reservation allowed (``max_positions``). It can
+withhold credit (leave a segment out): then the nodes of the next segment that
+recomputed those positions are credited for them, never more than they signed.
 """
 
 from __future__ import annotations
@@ -43,6 +66,17 @@ class Credit:
     node_id: str
     layers: int  # layers this node ran for the request
     credit: int  # its share of the cost
+    positions: int = 0  # token positions credited to it, over every segment it served
+
+
+@dataclass(frozen=True)
+class ProvenWork:
+    """What a request's receipts prove: per node its layers and new positions, and the whole."""
+
+    layers: Mapping[str, int]  # node id -> layers it ran
+    positions: Mapping[str, int]  # node id -> positions it is credited for, all segments
+    model_layers: int  # L
+    total_positions: int  # T
 
 
 def parse_layers(text: str) -> tuple[int, int] | None:
@@ -52,36 +86,80 @@ def parse_layers(text: str) -> tuple[int, int] | None:
     return int(start), int(end)
 
 
-def verified_layers(
-    request_id: str, receipts: Sequence[Receipt], signers: Mapping[bytes, AttestedSigner]
-) -> tuple[dict[str, int], int]:
-    """(node id -> layers it ran, proven by its signed receipt; layers of the whole chain).
+def segments_of(receipts: Sequence[Receipt]) -> list[Sequence[Receipt]]:
+    """Split concatenated segments at each stage-0 receipt."""
+    segments: list[list[Receipt]] = []
+    for receipt in receipts:
+        if receipt.stage == 0 or not segments:
+            segments.append([])
+        segments[-1].append(receipt)
+    return list(segments)
+
+
+def proven_work(
+    request_id: str,
+    receipts: Sequence[Receipt],
+    signers: Mapping[bytes, AttestedSigner],
+    max_positions: int | None = None,
+) -> ProvenWork:
+    """The work the receipts prove (see the module docstring).
 
     ``signers`` maps certificate SHA-256 (the receipt's ``signer``) to the node.
-    Raises ``UnverifiedWork`` for a malformed chain or a receipt that a known
+    Raises ``UnverifiedWork`` for a malformed segment or a receipt that a known
     signer did not make.
     """
     layers: dict[str, int] = {}
-    previous: Receipt | None = None
-    for index, receipt in enumerate(receipts):
-        where = f"receipt {index}"
-        if receipt.request_id != request_id:
-            raise UnverifiedWork(f"{where} is for another request ({receipt.request_id!r})")
-        link = previous.hash if previous is not None else ZERO_HASH
-        if receipt.stage != index or not hmac.compare_digest(receipt.previous_hash, link):
-            raise UnverifiedWork(f"{where} is out of order or not linked to the one before")
-        start = previous.layers.end if previous is not None else 0
-        if receipt.layers.start != start:
-            raise UnverifiedWork(f"{where}: layers {receipt.layers} do not start at {start}")
-        signer = signers.get(receipt.signer)
-        if signer is not None:
-            _check_signed(receipt, signer, where)
-            if signer.node_id in layers:
-                raise UnverifiedWork(f"{where}: node {signer.node_id!r} appears twice")
-            layers[signer.node_id] = receipt.layers.end - receipt.layers.start
-        previous = receipt
-    total = previous.layers.end if previous is not None else 0
-    return layers, total
+    positions: dict[str, int] = {}
+    stated: set[int] = set()
+    reached, widest = 0, 0  # most positions of the segments so far; last layer seen
+    for number, segment in enumerate(segments_of(receipts)):
+        previous: Receipt | None = None
+        in_segment: set[str] = set()
+        for index, receipt in enumerate(segment):
+            where = f"segment {number} receipt {index}"
+            _check_link(receipt, previous, request_id, index, where)
+            if max_positions is not None and receipt.positions > max_positions:
+                raise UnverifiedWork(
+                    f"{where} claims {receipt.positions} token positions; the request could "
+                    f"run at most {max_positions}"
+                )
+            widest = max(widest, receipt.layers.end)
+            signer = signers.get(receipt.signer)
+            if signer is not None:
+                _check_signed(receipt, signer, where)
+                if signer.node_id in in_segment:
+                    raise UnverifiedWork(f"{where}: node {signer.node_id!r} appears twice")
+                in_segment.add(signer.node_id)
+                if receipt.model_layers:
+                    stated.add(receipt.model_layers)
+                layers[signer.node_id] = receipt.layers.end - receipt.layers.start
+                new = max(0, receipt.positions - reached)
+                positions[signer.node_id] = positions.get(signer.node_id, 0) + new
+            previous = receipt
+        reached = max(reached, *(r.positions for r in segment))
+    if len(stated) > 1:
+        raise UnverifiedWork(f"the credited receipts disagree on the model's layers: {stated}")
+    # a credited receipt's layers end within the count it states (see _check_signed)
+    model_layers = stated.pop() if stated else widest
+    return ProvenWork(layers, positions, model_layers, reached)
+
+
+def _check_link(
+    receipt: Receipt, previous: Receipt | None, request_id: str, index: int, where: str
+) -> None:
+    if receipt.request_id != request_id:
+        raise UnverifiedWork(f"{where} is for another request ({receipt.request_id!r})")
+    link = previous.hash if previous is not None else ZERO_HASH
+    if receipt.stage != index or not hmac.compare_digest(receipt.previous_hash, link):
+        raise UnverifiedWork(f"{where} is out of order or not linked to the one before")
+    start = previous.layers.end if previous is not None else 0
+    if receipt.layers.start != start:
+        raise UnverifiedWork(f"{where}: layers {receipt.layers} do not start at {start}")
+    if previous is not None and receipt.positions > previous.positions:
+        raise UnverifiedWork(
+            f"{where} ran {receipt.positions} token positions, more than the stage before it "
+            f"({previous.positions})"
+        )
 
 
 def _check_signed(receipt: Receipt, signer: AttestedSigner, where: str) -> None:
@@ -99,18 +177,24 @@ def _check_signed(receipt: Receipt, signer: AttestedSigner, where: str) -> None:
         raise UnverifiedWork(
             f"{where}: manifest or layers differ from node {signer.node_id!r}'s registration"
         )
+    if receipt.model_layers and receipt.layers.end > receipt.model_layers:
+        raise UnverifiedWork(
+            f"{where}: layers {receipt.layers} of a {receipt.model_layers}-layer model"
+        )
 
 
-def split_cost(cost: int, layers: Mapping[str, int], total_layers: int) -> list[Credit]:
-    """Each node's share ``cost * layers // total``, rounded down; never more than ``cost``."""
-    if cost <= 0 or total_layers <= 0:
+def split_cost(cost: int, work: ProvenWork, credited: Iterable[str] | None = None) -> list[Credit]:
+    """Each node's share ``cost * layers * positions // (L * T)``; never more than ``cost``."""
+    total = work.model_layers * work.total_positions
+    if cost <= 0 or total <= 0:
         return []
-    credited = sum(layers.values())
-    if credited > total_layers:
-        raise UnverifiedWork(f"{credited} layers credited of a {total_layers}-layer chain")
+    wanted = set(work.layers if credited is None else credited)
+    units = {n: work.layers[n] * work.positions.get(n, 0) for n in work.layers if n in wanted}
+    if sum(units.values()) > total:  # cannot happen for checked receipts: a guard
+        raise UnverifiedWork(f"{sum(units.values())} layer-positions credited of {total}")
     return [
-        Credit(node_id, n, cost * n // total_layers)
-        for node_id, n in sorted(layers.items())
+        Credit(node_id, work.layers[node_id], cost * n // total, work.positions.get(node_id, 0))
+        for node_id, n in sorted(units.items())
         if n > 0
     ]
 
@@ -121,8 +205,7 @@ def credits_for(
     served: Iterable[str],
     receipts: Sequence[Receipt],
     signers: Mapping[bytes, AttestedSigner],
+    max_positions: int | None = None,
 ) -> list[Credit]:
     """The credits of a settle: nodes named in ``served`` whose receipts verify."""
-    layers, total = verified_layers(request_id, receipts, signers)
-    wanted = set(served)
-    return split_cost(cost, {n: k for n, k in layers.items() if n in wanted}, total)
+    return split_cost(cost, proven_work(request_id, receipts, signers, max_positions), served)

@@ -317,6 +317,7 @@ class NodeService:
             received_sha256=received,
             sent_sha256=session.sent.digest(),
             previous=previous,
+            positions=session.cache.length,  # the token positions it ran: what credit counts
         )
 
     def evict_idle(self) -> list[str]:
