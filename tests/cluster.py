@@ -297,6 +297,8 @@ class LocalCluster:
             argv += ["--ledger", c.ledger_url]
         if c.ledger_actor:
             argv += ["--ledger-actor", c.ledger_actor]
+        if c.operator:
+            argv += ["--operator", c.operator]
         if c.pricing_path is not None:
             argv += ["--pricing", str(c.pricing_path)]
         if c.network_path is not None:

@@ -69,15 +69,18 @@ class Served:
             **over,
         }  # fmt: skip
 
-    def sign(self, rid: str, ids: Sequence[int], body: bytes) -> list[Any]:
+    def sign(self, rid: str, ids: Sequence[int], body: bytes, end: int | None = None) -> list[Any]:
+        """Receipts of a route that sent ``ids``, ending at completion token ``end``: its
+        stages ran the 9 prompt tokens and every completion token before ``end``."""
+        positions = 9 + (len(ids) if end is None else end) - 1
         hidden = hashlib.sha256(b"hidden states").digest()
         first = self.nodes[0].sign_receipt(
             request_id=rid, stage=0, received_sha256=hashlib.sha256(body).digest(),
-            sent_sha256=hidden, positions=12, previous=None,
+            sent_sha256=hidden, positions=positions, previous=None,
         )  # fmt: skip
         second = self.nodes[1].sign_receipt(
             request_id=rid, stage=1, received_sha256=hidden,
-            sent_sha256=token_traffic_hash(ids), positions=12, previous=first,
+            sent_sha256=token_traffic_hash(ids), positions=positions, previous=first,
         )  # fmt: skip
         return [first, second]
 
@@ -314,10 +317,10 @@ def segmented(served: Served, split: int, complete_first: bool = False) -> dict[
     """An answer whose first ``split`` tokens came from a route that then lost its last
     node (only the entry could sign, unless ``complete_first``), the rest from another."""
     ids = served.token_ids
-    first = served.sign(RID, ids[:split], BODY)
+    first = served.sign(RID, ids[:split], BODY, end=split)
     if not complete_first:
         first = first[:1]
-    second = served.sign(RID, ids[split:], BODY)
+    second = served.sign(RID, ids[split:], BODY, end=len(ids))
     response = served.response()
     response["receipts"] = receipts_to_json(second)
     response["receipt_segments"] = [
@@ -349,6 +352,20 @@ def test_attack_segments_that_skip_or_shift_tokens_fail(served: Served) -> None:
     shifted["receipt_segments"][1]["tokens"] = [2, len(served.token_ids)]
     with pytest.raises(ReceiptError, match="segment 0: the completion token ids are not"):
         served.check(shifted)
+
+
+def test_attack_usage_that_the_signed_positions_do_not_bear_out_fails(served: Served) -> None:
+    # the receipts sign the positions that ran: 9 prompt tokens, then the completion
+    for response in (served.response(), segmented(served, 3, complete_first=True)):
+        response["usage"]["prompt_tokens"] = 12  # billed for 3 prompt tokens that never ran
+        with pytest.raises(ReceiptError, match="token positions"):
+            served.check(response)
+    early = segmented(served, 3, complete_first=True)
+    early["receipt_segments"][0]["receipts"] = receipts_to_json(
+        served.sign(RID, served.token_ids[:3], BODY, end=5)  # signed as if it ran 2 more
+    )
+    with pytest.raises(ReceiptError, match="segment 0: the stages signed"):
+        served.check(early)
 
 
 def test_attack_a_last_segment_without_its_later_stages_fails(served: Served) -> None:

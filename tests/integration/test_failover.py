@@ -4,13 +4,16 @@ A network of three ranges, two replicas for each range after the entry's, every
 node a subprocess. A streamed completion whose route loses a node (the last
 one, so the middle hop names it; then a middle one, lost by the entry itself)
 completes, token for token equal to a run without failure, greedy and seeded
-sampled alike; its receipts verify segment by segment; billing settles once.
+sampled alike; its receipts verify segment by segment; billing settles once, and
+every node admitted in the ledger is credited for the token positions its segment
+of the answer added (the lost node, which could not sign, for nothing).
 When no route is left, the stream ends with a clear OpenAI error.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import signal
 from collections.abc import Callable, Iterator
@@ -21,7 +24,17 @@ from typing import Any
 import httpx
 import pytest
 
-from teeshard.attest import Bundle, ReceiptError, fetch_chain, parse_response, verify_response
+from teeshard.attest import (
+    Bundle,
+    ReceiptError,
+    cert_fingerprint,
+    fetch_chain,
+    parse_response,
+    verify_response,
+)
+from teeshard.attest.identity import load_certificate
+from teeshard.ledger.claims import AttestedNode, OperatorClaim
+from teeshard.ledger.interface import NodeInfo
 from teeshard.ledger.sql import SqlLedger
 from tests.checkpoints import TinyModel
 from tests.cluster import LocalCluster, RunningNode
@@ -93,6 +106,55 @@ class Network:
     cluster: LocalCluster
     ledger: SqlLedger
     bundles: list[Bundle]
+    node_ids: dict[bytes, str] | None = None  # certificate SHA-256 -> admitted node id
+
+
+def admit_all(cluster: LocalCluster, owner: SqlLedger) -> dict[bytes, str]:
+    """Register every node after the entry for its operator (``op<index>``) with the
+    node's own signed claim, and admit it; the node id of each attested certificate."""
+    node_ids = {}
+    for index, node in enumerate(cluster.nodes[1:], 1):
+        node_id = node.config.resolved_node_id
+        manifest = node.get("/health").json()["attestation"]["manifest_hash"]
+        nonce = os.urandom(32).hex()
+        served = node.get(f"/v1/operator-claim?nonce={nonce}&ledger={owner.ledger_id()}")
+        assert served.status_code == 200, served.text
+        claim = OperatorClaim.from_json(served.json())
+        info = NodeInfo(node_id, node.http_url, manifest, "tiny", str(node.config.layers))
+        owner.as_actor(f"op{index}").register_node(info, claim=claim)
+        owner.admit_node(node_id, manifest, attested=AttestedNode(node.http_url, claim))
+        bundle = Bundle.from_json(fetch_chain(node.http_url, secrets.token_bytes(32))[0])
+        node_ids[cert_fingerprint(load_certificate(bundle.certificate_pem))] = node_id
+    return node_ids
+
+
+def earned(net: Network) -> dict[str, int]:
+    return {n.node_id: n.earned for n in net.ledger.nodes()}
+
+
+def check_credits(net: Network, result: Streamed, before: dict[str, int]) -> dict[str, int]:
+    """The credits of one answer, from the ledger, against what its segments signed:
+    each admitted node earns cost x its layers x the positions its segment added
+    beyond the earlier segments', over 4 layers x the positions of the whole answer."""
+    assert net.node_ids is not None
+    usage = result.last["usage"]
+    got = {k: v - before.get(k, 0) for k, v in earned(net).items() if v != before.get(k, 0)}
+    whole = usage["prompt_tokens"] + len(result.token_ids) - 1  # the last token never ran
+    want: dict[str, int] = {}
+    reached = 0
+    for segment in result.last.get("receipt_segments") or [{"receipts": result.last["receipts"]}]:
+        for receipt in segment["receipts"]:
+            node_id = net.node_ids.get(bytes.fromhex(receipt["signer"]))
+            if node_id is not None:
+                start, end = map(int, receipt["layers"].split(":"))
+                units = (end - start) * max(0, receipt["positions"] - reached)
+                want[node_id] = want.get(node_id, 0) + units
+        reached = max(reached, *(r["positions"] for r in segment["receipts"]))
+    assert reached == whole
+    want = {k: usage["cost"] * u // (4 * whole) for k, u in want.items() if u}
+    assert got == {k: v for k, v in want.items() if v}
+    assert sum(got.values()) <= usage["cost"]
+    return got
 
 
 @pytest.fixture(scope="module")
@@ -104,13 +166,18 @@ def network(tiny_llama: TinyModel, tmp_path_factory: pytest.TempPathFactory) -> 
     owner.open_account("alice")
     owner.deposit("alice", 10_000_000)
     owner.add_api_key("alice", "tsk_alice")
+    operators = {i: {"operator": f"op{i}"} for i in range(1, 5)}
+    for name in (f"op{i}" for i in operators):
+        owner.open_account(name)
     # a stream with no route left waits this long for a node to come back
     options = {"ledger_url": url, "ledger_actor": "entry-1", "failover_deadline_s": 3.0}
     with LocalCluster(
-        tiny_llama.path, 3, subprocesses=True, replicas=2, entry_options=options, ban_s=300
-    ) as cluster:
+        tiny_llama.path, 3, subprocesses=True, replicas=2, entry_options=options, ban_s=300,
+        node_options=operators,
+    ) as cluster:  # fmt: skip
+        node_ids = admit_all(cluster, owner)
         # every node's bundle, taken while all live (killed ones signed earlier segments)
-        yield Network(cluster, owner, signers(cluster))
+        yield Network(cluster, owner, signers(cluster), node_ids)
     owner.close()
 
 
@@ -127,9 +194,22 @@ def check_receipts(net: Network, result: Streamed, body: dict[str, Any]) -> int:
     return report.segments
 
 
+def last_signer(net: Network, result: Streamed) -> str:
+    """The node that signed the last stage of the answer's final route."""
+    assert net.node_ids is not None
+    return net.node_ids[bytes.fromhex(result.last["receipts"][-1]["signer"])]
+
+
+def layers_of(net: Network, node_id: str) -> str:
+    return {n.node_id: n.layers for n in net.ledger.nodes()}[node_id]
+
+
 def test_failover_keeps_greedy_and_sampled_output_identical(network: Network) -> None:
     cluster = network.cluster
+    before = earned(network)
     reference = stream(cluster, GREEDY)
+    whole = check_credits(network, reference, before)  # one route: each node its layers' share
+    assert len(whole) == 2  # the two nodes after the entry (which is not admitted)
     sampled_reference = stream(cluster, SAMPLED)
     assert reference.error is None and len(reference.token_ids) == 240
     assert sampled_reference.token_ids != reference.token_ids  # sampling really samples
@@ -142,8 +222,18 @@ def test_failover_keeps_greedy_and_sampled_output_identical(network: Network) ->
         victims.append(cluster.by_url(route_in_use(cluster)[-1]))
         victims[-1].kill()
 
+    before = earned(network)
     greedy = stream(cluster, GREEDY, 5, kill_last)
     assert greedy.error is None, greedy.error
+    # credit split by segment: the lost last node signed nothing and earns nothing; its
+    # replacement earns for the positions it added, less than a whole answer's share
+    credits = check_credits(network, greedy, before)
+    lost = victims[0].config.resolved_node_id
+    assert lost not in credits
+    replacement = last_signer(network, greedy)
+    start, end = map(int, layers_of(network, replacement).split(":"))
+    share = greedy.last["usage"]["cost"] * (end - start) // 4  # its layers, every position
+    assert 0 < credits[replacement] < share
     assert greedy.token_ids == reference.token_ids and greedy.text == reference.text
     same = ("prompt_tokens", "completion_tokens", "total_tokens", "cost")
     assert [greedy.last["usage"][k] for k in same] == [reference.last["usage"][k] for k in same]
@@ -158,8 +248,11 @@ def test_failover_keeps_greedy_and_sampled_output_identical(network: Network) ->
         victims.append(cluster.by_url(route_in_use(cluster)[0]))
         victims[-1].kill()
 
+    before = earned(network)
     sampled = stream(cluster, SAMPLED, 7, kill_first)
     assert sampled.error is None, sampled.error
+    credits = check_credits(network, sampled, before)
+    assert victims[1].config.resolved_node_id not in credits and len(credits) == 2
     assert sampled.token_ids == sampled_reference.token_ids
     assert sampled.text == sampled_reference.text
     assert check_receipts(network, sampled, SAMPLED) == 2

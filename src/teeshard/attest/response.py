@@ -31,7 +31,9 @@ them in order, each with the completion tokens ``[start, end)`` it produced::
 Each segment's chain must verify and start at layer 0; a segment that ended in
 a fault may stop early (the lost node and those after it could not sign), and
 then proves no tokens; every complete segment's last stage must have sent
-exactly its slice of the token ids; the last segment is the ``receipts`` chain
+exactly its slice of the token ids, and signed the token positions that took
+(``usage.prompt_tokens`` + the segment's end - 1: the last token is never fed
+back; what work credit in the ledger counts); the last segment is the ``receipts`` chain
 and must be complete; every segment's stage 0 received the same request body.
 
 Only the decoding is the caller's (the web console and the CLI bring their own
@@ -90,6 +92,7 @@ class ResponseClaims:
     completion_tokens: int | None  # usage.completion_tokens, when the response has usage
     receipts: tuple[Receipt, ...]
     segments: tuple[ClaimedSegment, ...] = ()  # after a failover; () for one route
+    prompt_tokens: int | None = None  # usage.prompt_tokens, when the response has usage
 
 
 @dataclass(frozen=True)
@@ -221,6 +224,7 @@ def _claims(
         raise FormatError("the response carries no receipts")
     usage = last.get("usage")
     completion_tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
+    prompt_tokens = usage.get("prompt_tokens") if isinstance(usage, dict) else None
     response_id = body.get("id")
     return ResponseClaims(
         kind=kind,
@@ -230,6 +234,7 @@ def _claims(
         completion_token_ids=tuple(ids),
         finish_reason=finish if isinstance(finish, str) else None,
         completion_tokens=completion_tokens if isinstance(completion_tokens, int) else None,
+        prompt_tokens=prompt_tokens if isinstance(prompt_tokens, int) else None,
         receipts=tuple(receipts_from_json(last)),
         segments=_segments(last.get(SEGMENTS_FIELD)),
     )
@@ -389,10 +394,17 @@ def _check_segments(
             partial += 1  # stops at a lost node: it proves no tokens
             continue
         sent = token_traffic_hash(ids[segment.token_start : segment.token_end])
+        said = f"{where}: " if len(segments) > 1 else ""
         if not hmac.compare_digest(segment.receipts[-1].sent_sha256, sent):
-            said = f"{where}: " if len(segments) > 1 else ""
             raise ReceiptError(
                 f"{said}the completion token ids are not the tokens the last stage sent"
+            )
+        ran = claims.prompt_tokens + segment.token_end - 1 if claims.prompt_tokens else None
+        if ran is not None and segment.token_end > 0 and segment.receipts[-1].positions != ran:
+            raise ReceiptError(
+                f"{said}the stages signed {segment.receipts[-1].positions} token positions; "
+                f"{claims.prompt_tokens} prompt tokens and {segment.token_end} completion "
+                f"tokens ran {ran}"
             )
     if position != len(ids):
         raise ReceiptError(f"the segments cover {position} of {len(ids)} completion tokens")

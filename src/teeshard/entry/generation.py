@@ -309,7 +309,16 @@ class GenerationLoop:
                         generation.completion_tokens,
                         generation.served_by,
                         completion_chars=generation.completion_chars,
-                        receipts=generation.receipts,
+                        # every segment's chain, in order: each node is credited for its part
+                        receipts=settled_receipts(generation),
                     )
                 else:
                     await self.billing.release(reservation)
+
+
+def settled_receipts(generation: Generation) -> list[Receipt]:
+    """The receipts settlement credits: every segment's chain in order (after a failover),
+    else the one chain. The ledger splits them at each stage-0 receipt."""
+    if not generation.segments:
+        return generation.receipts
+    return [r for segment in generation.segments for r in segment.receipts]

@@ -65,6 +65,8 @@ class ReceiptWire(StrictModel):
     request_id: str
     stage: int
     layers: str
+    model_layers: int  # the model's layer count the signer's manifest states (0: none)
+    positions: int  # token positions the stage ran for the request: what credit counts
     manifest_hash: str
     received_sha256: str
     sent_sha256: str
