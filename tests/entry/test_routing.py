@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from teeshard.entry.node_load import parse_metrics, recent_step_ms
 from teeshard.entry.registry import (
     NetworkFileError,
     NetworkNode,
@@ -43,6 +45,50 @@ def test_least_load_first_then_fewest_hops() -> None:
     assert choose_route(nodes, 4, 16, now=0) == ("wss://long1:1", "wss://long2:2")
     even = [*nodes[:2], node("wss://short:3", "4:16", load=0)]
     assert choose_route(even, 4, 16, now=0) == ("wss://short:3",)
+
+
+# -- the nodes' measured step load ---------------------------------------------------
+
+
+def chosen(nodes: list[NodeView], start: int = 2, end: int = 4) -> set[tuple[str, ...]]:
+    """Every route choice over a few salts: a decided choice gives one route."""
+    return {choose_route(nodes, start, end, now=0, salt=salt) for salt in range(6)}
+
+
+@pytest.mark.parametrize(
+    ("busy", "why"),
+    [
+        ({"step_ms": 40.0}, "its steps take four times as long"),
+        ({"sessions": 3}, "other entries hold three sessions on it"),
+        ({"in_flight": 2}, "two steps were running at the probe"),
+        ({"load": 1}, "this entry holds a session on it"),
+    ],
+)
+def test_a_measured_busy_or_slow_replica_is_avoided(busy: dict[str, object], why: str) -> None:
+    idle = {"step_ms": 10.0}
+    nodes = [node("wss://r0:1", "2:4", **{**idle, **busy}), node("wss://r1:1", "2:4", **idle)]
+    assert chosen(nodes) == {("wss://r1:1",)}, why
+    even = [node("wss://r0:1", "2:4", **idle), node("wss://r1:1", "2:4", **idle)]
+    assert chosen(even) == {("wss://r0:1",), ("wss://r1:1",)}  # equal: spread by salt
+
+
+def test_a_fast_busy_node_against_a_slow_idle_one() -> None:
+    # 10 ms steps shared with 2 sessions (about 30 ms a token) lose to 25 ms steps alone
+    fast = node("wss://fast:1", "2:4", step_ms=10.0, sessions=2)
+    slow = node("wss://slow:1", "2:4", step_ms=25.0)
+    assert chosen([fast, slow]) == {("wss://slow:1",)}
+    assert chosen([replace(fast, sessions=1), slow]) == {("wss://fast:1",)}  # 20 ms < 25 ms
+
+
+def test_an_unmeasured_node_is_estimated_from_the_measured_per_layer_time() -> None:
+    # 4:8 and 8:16 measured at 1 ms a layer (12 ms, two hops); 4:16 not measured yet:
+    # estimated at 12 ms, one hop fewer, so it wins until it holds a session
+    long = [node("wss://a:1", "4:8", step_ms=4.0), node("wss://b:1", "8:16", step_ms=8.0)]
+    short = node("wss://c:1", "4:16")
+    assert chosen([*long, short], 4, 16) == {("wss://c:1",)}
+    assert chosen([*long, replace(short, load=1)], 4, 16) == {("wss://a:1", "wss://b:1")}
+    slow_layers = [replace(n, step_ms=n.step_ms * 3) for n in long]  # type: ignore[operator]
+    assert chosen([*slow_layers, short], 4, 16) == {("wss://c:1",)}  # estimated slow too
 
 
 def test_equal_routes_spread_by_salt() -> None:
@@ -139,3 +185,77 @@ async def test_the_registry_probes_bans_and_counts_load() -> None:
     assert registry.counters.bans == {"wss://a:1": 1}
     with pytest.raises(NoRouteError, match="banned"):
         registry.choose()
+
+
+def metrics(steps: int, seconds: float, sessions: int = 1, in_flight: int = 0) -> str:
+    """A node's /metrics as ``teeshard.node.metrics`` renders them."""
+    labels = '{model="tiny",layers="2:4"}'
+    return "\n".join([
+        "# HELP teeshard_steps_total Pipeline steps run on this node",
+        "# TYPE teeshard_steps_total counter",
+        f"teeshard_steps_total{labels} {steps}",
+        f"teeshard_step_seconds_total{labels} {seconds}",
+        f"teeshard_sessions_open{labels} {sessions}",
+        f"teeshard_pipeline_frames_in_flight{labels} {in_flight}",
+        f"teeshard_cache_reserved_tokens{labels} 64",
+    ])  # fmt: skip
+
+
+async def test_the_registry_reads_each_nodes_step_load_at_its_probe() -> None:
+    texts = {"wss://a:1": [metrics(10, 0.1), metrics(30, 0.9, sessions=4, in_flight=2)],
+             "wss://b:1": [metrics(10, 0.1), metrics(30, 0.3)]}  # fmt: skip
+    pems = {"wss://a:1": b"pem-a", "wss://b:1": b"pem-b"}
+    read: list[tuple[str, bytes]] = []
+
+    async def probe(url: str) -> ProbeResult:
+        return ProbeResult(url[6:7] * 64, LayerRange(2, 4), pems[url])
+
+    async def reader(url: str, pem: bytes) -> str:
+        read.append((url, pem))
+        return texts[url].pop(0)
+
+    nodes = [NetworkNode(url, LayerRange(2, 4)) for url in texts]
+    registry = Registry(nodes, start=2, num_layers=4, prober=probe, load_reader=reader)
+    await registry.probe_all()
+    assert sorted(read) == sorted(pems.items())  # pinned to the certificate just verified
+    assert {registry.records[u].step_ms for u in texts} == {None}  # one sample: no rate yet
+    await registry.probe_all()
+    a, b = registry.records["wss://a:1"], registry.records["wss://b:1"]
+    assert (a.step_ms, b.step_ms) == (pytest.approx(40.0), pytest.approx(10.0))
+    state = {n["url"]: n["load"] for n in registry.describe()["nodes"]}
+    assert state["wss://a:1"] == {"step_ms": 40.0, "sessions": 4, "in_flight": 2}
+    # a's steps are slower and it is busy: every new session goes to b
+    assert {registry.choose() for _ in range(4)} == {("wss://b:1",)}
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [PermissionError("403: metrics are for the admin token"), "not metrics at all",
+     metrics(5, 0.1).replace("teeshard_steps_total", "other"), metrics(5, -1.0)],
+)  # fmt: skip
+async def test_a_node_whose_load_cannot_be_read_is_routed_by_sessions(answer: object) -> None:
+    async def probe(url: str) -> ProbeResult:
+        return ProbeResult("aa" * 32, LayerRange(2, 4), b"pem")
+
+    async def reader(url: str, pem: bytes) -> str:
+        if isinstance(answer, Exception):
+            raise answer
+        assert isinstance(answer, str)
+        return answer
+
+    registry = Registry(
+        [NetworkNode("wss://a:1", LayerRange(2, 4))], 2, 4, prober=probe, load_reader=reader
+    )
+    await registry.probe_all()
+    record = registry.records["wss://a:1"]
+    assert record.attestation == "verified" and record.sample is None
+    assert registry.describe()["nodes"][0]["load"] is None
+    assert registry.choose() == ("wss://a:1",)  # still usable
+
+
+def test_step_time_between_samples() -> None:
+    first = parse_metrics(metrics(10, 0.5), at=0.0)
+    assert recent_step_ms(None, first, None) is None
+    assert recent_step_ms(first, parse_metrics(metrics(20, 1.5), at=5.0), None) == 100.0
+    assert recent_step_ms(first, parse_metrics(metrics(10, 0.5), at=5.0), 7.0) == 7.0  # idle
+    assert recent_step_ms(first, parse_metrics(metrics(2, 0.1), at=5.0), 7.0) is None  # restart

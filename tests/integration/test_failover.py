@@ -16,6 +16,7 @@ import json
 import os
 import secrets
 import signal
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -210,6 +211,16 @@ def test_failover_keeps_greedy_and_sampled_output_identical(network: Network) ->
     reference = stream(cluster, GREEDY)
     whole = check_credits(network, reference, before)  # one route: each node its layers' share
     assert len(whole) == 2  # the two nodes after the entry (which is not admitted)
+    # the registry reads the step load of every node at its probes (from /metrics: the
+    # nodes are on loopback); the two that served have a measured step time by now
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        loads = [n["load"] for n in cluster.network_state()["nodes"]]
+        if sum(1 for load in loads if load and load["step_ms"]) >= 2:
+            break
+        time.sleep(0.2)
+    assert all(load is not None for load in loads), loads
+    assert sum(1 for load in loads if load["step_ms"]) >= 2, loads
     sampled_reference = stream(cluster, SAMPLED)
     assert reference.error is None and len(reference.token_ids) == 240
     assert sampled_reference.token_ids != reference.token_ids  # sampling really samples

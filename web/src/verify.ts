@@ -32,6 +32,8 @@ export interface ReceiptJson {
   request_id: string;
   stage: number;
   layers: string;
+  model_layers: number; // the model's layer count the signer's manifest states (0: none)
+  positions: number; // token positions the stage ran for the request
   manifest_hash: string;
   received_sha256: string;
   sent_sha256: string;
@@ -92,7 +94,7 @@ interface Signer {
   checks: Check[];
 }
 
-const RECEIPT_DOMAIN = utf8("teeshard/receipt/v1\0");
+const RECEIPT_DOMAIN = utf8("teeshard/receipt/v2\0");
 const NONCE_DOMAIN = utf8("teeshard/nonce-signature/v1\0");
 const REPORT_DATA_DOMAIN = utf8("teeshard/report-data/v1\0");
 const CHAIN_DOMAIN = utf8("teeshard/receipt-chain/v1\0");
@@ -113,6 +115,8 @@ export function receiptSignedBytes(r: ReceiptJson): Bytes {
     u32(r.stage),
     u32(start),
     u32(end),
+    u32(r.model_layers),
+    u32(r.positions),
     lp(fromHex(r.manifest_hash)),
     lp(fromHex(r.received_sha256)),
     lp(fromHex(r.sent_sha256)),
@@ -219,11 +223,13 @@ export async function verifyChain(
         }
       }
       checks.push({ name: "signature by the stage's attested key", ok });
+      const attestedLayers = Number(signer.bundle.manifest.arch["num_layers"] ?? 0);
       checks.push({
         name: "manifest and layers are the attested ones",
         ok:
           receipt.manifest_hash === signer.bundle.manifest.combined_hash &&
-          receipt.layers === signer.bundle.manifest.layers,
+          receipt.layers === signer.bundle.manifest.layers &&
+          receipt.model_layers === attestedLayers,
       });
     }
     checks.push({
@@ -247,6 +253,10 @@ export async function verifyChain(
       checks.push({
         name: `received what stage ${index - 1} sent`,
         ok: receipt.received_sha256 === previous.sent_sha256,
+      });
+      checks.push({
+        name: `ran no more token positions than stage ${index - 1}`,
+        ok: receipt.positions <= previous.positions,
       });
     }
     if (index === receipts.length - 1) {

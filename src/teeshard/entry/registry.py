@@ -15,7 +15,9 @@ hosts share one view of the network.
 State per node, kept here: attestation (verified against the entry's policy by a
 periodic probe, with when and the certificate fingerprint, or the reason it
 failed), health (whether the last probe answered), load (sessions this entry
-has open on it), and bans (a node that failed mid-session is left out of new
+has open on it, and what the node's step counters say at each probe: recent
+step time, sessions for every entry, steps in flight; ``teeshard.entry.node_load``),
+and bans (a node that failed mid-session is left out of new
 routes for ``ban_s`` seconds). Route choice itself is the pure
 ``teeshard.entry.routing.choose_route``.
 
@@ -38,8 +40,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from teeshard.entry.node_load import LoadReader, MetricsSample, parse_metrics, recent_step_ms
 from teeshard.entry.routing import Attestation, NodeView, Route, choose_route
 from teeshard.ledger import Ledger
 from teeshard.model.layer_range import LayerRange
@@ -97,6 +101,7 @@ class ProbeResult:
 
     fingerprint: str
     layers: LayerRange
+    certificate_pem: bytes = b""  # the verified certificate: what reading its load pins
 
 
 class ProbeAttestationError(Exception):
@@ -142,11 +147,17 @@ class NodeRecord:
     banned_until: float = 0.0  # monotonic
     ban_reason: str | None = None
     sessions: int = 0  # open sessions of this entry routed through the node
+    # from the node's step counters at the last probe that could read them
+    sample: MetricsSample | None = None
+    step_ms: float | None = None  # recent compute per step
 
     def view(self) -> NodeView:
+        sample = self.sample
         return NodeView(
-            self.url, self.layers, self.attestation, self.healthy, self.banned_until, self.sessions
-        )
+            self.url, self.layers, self.attestation, self.healthy, self.banned_until,
+            self.sessions, self.step_ms, sample.sessions if sample else 0,
+            sample.in_flight if sample else 0,
+        )  # fmt: skip
 
 
 @dataclass
@@ -167,8 +178,10 @@ class Registry:
         probe_interval_s: float = 5.0,
         probe_timeout_s: float = 10.0,
         source: NodeSource | None = None,
+        load_reader: LoadReader | None = None,
     ) -> None:
         self.start, self.num_layers = start, num_layers
+        self.load_reader = load_reader  # None: route by this entry's sessions only
         self.records = {n.url: NodeRecord(n.url, n.layers) for n in nodes}
         self.fixed = frozenset(self.records)  # from the network file: never dropped
         self.source = source
@@ -268,6 +281,25 @@ class Registry:
             log.info("node %s attested, certificate %s", record.url, result.fingerprint[:16])
         record.attestation, record.healthy, record.problem = "verified", True, None
         record.fingerprint, record.attested_at = result.fingerprint, time.time()
+        await self._read_load(record, result.certificate_pem)
+
+    async def _read_load(self, record: NodeRecord, certificate_pem: bytes) -> None:
+        """The node's step counters now; without them (refused, unreadable) it is routed by
+        this entry's sessions alone."""
+        if self.load_reader is None or not certificate_pem:
+            return
+        try:
+            text = await asyncio.wait_for(
+                self.load_reader(record.url, certificate_pem), self.probe_timeout_s
+            )
+            sample = parse_metrics(text)
+        except (OSError, TimeoutError, ValueError, httpx.HTTPError) as exc:
+            if record.sample is not None or record.step_ms is not None:
+                log.info("node %s: no step load (%s)", record.url, type(exc).__name__)
+            record.sample, record.step_ms = None, None
+            return
+        record.step_ms = recent_step_ms(record.sample, sample, record.step_ms)
+        record.sample = sample
 
     # -- what /v1/network shows --------------------------------------------------------
 
@@ -290,6 +322,7 @@ class Registry:
                     "banned_for_s": round(max(0.0, r.banned_until - now), 1),
                     "ban_reason": r.ban_reason if r.banned_until > now else None,
                     "sessions": r.sessions,
+                    "load": _load(r),
                     "usable": r.view().usable(now),
                 }
                 for r in sorted(self.records.values(), key=lambda r: (r.layers, r.url))
@@ -301,6 +334,18 @@ class Registry:
                 "bans": dict(self.counters.bans),
             },
         }
+
+
+def _load(record: NodeRecord) -> dict[str, Any] | None:
+    """What the node's step counters said at the last probe (None: not readable)."""
+    if record.sample is None:
+        return None
+    step_ms = round(record.step_ms, 2) if record.step_ms is not None else None
+    return {
+        "step_ms": step_ms,
+        "sessions": record.sample.sessions,
+        "in_flight": record.sample.in_flight,
+    }
 
 
 def _range_key(text: str) -> tuple[int, int]:

@@ -9,8 +9,17 @@ Rules, in order:
 
 1. only usable nodes: attested (verified against the entry's policy), healthy
    (their last probe answered), not banned at ``now``;
-2. the least total load (sessions this entry has open on each node of the route);
-3. the fewest hops (each hop costs a round trip per token);
+2. the least expected time per token (``route_cost``): over the route's nodes,
+   each node's step time times the work it shares the node with, plus
+   ``hop_ms`` per hop (a round trip per token). A node's step time is what its
+   step counters measured (``step_ms``, from its ``/metrics`` at the registry's
+   last probe); a node not measured yet is estimated at the mean per-layer time of
+   the nodes that are (1 ms a layer when none is). The work it shares the node
+   with: ``1 + queue + in_flight``, where ``queue`` is the most of the sessions this
+   entry has open on it (``load``, always current) and the sessions the node said
+   it holds for every entry (``sessions``), and ``in_flight`` the steps it was
+   running at the probe;
+3. the fewest hops;
 4. among routes equal on both, ``salt`` picks one, so that sessions opened one
    after another spread over replicas even before their load shows.
 
@@ -49,13 +58,39 @@ class NodeView:
     healthy: bool = True
     banned_until: float = 0.0  # monotonic seconds; 0: never banned
     load: int = 0  # sessions this entry has open on the node
+    # measured by the node's step counters at the last probe (None/0: not known)
+    step_ms: float | None = None  # recent local compute per step, milliseconds
+    sessions: int = 0  # sessions the node holds, for every entry
+    in_flight: int = 0  # steps it was running
 
     def usable(self, now: float) -> bool:
         return self.attestation == "verified" and self.healthy and self.banned_until <= now
 
 
+DEFAULT_LAYER_MS = 1.0  # per layer, when no node of the network has been measured
+HOP_MS = 1.0  # what a hop adds per token (a round trip), in the same units
+
+
+def layer_ms(nodes: Sequence[NodeView]) -> float:
+    """The mean measured step time per layer over ``nodes`` (the estimate for the others)."""
+    known = [n.step_ms / len(n.layers) for n in nodes if n.step_ms is not None and n.step_ms > 0]
+    return sum(known) / len(known) if known else DEFAULT_LAYER_MS
+
+
+def node_cost(node: NodeView, per_layer_ms: float) -> float:
+    """Expected milliseconds per token on ``node``: its step time times the work it shares."""
+    step = node.step_ms if node.step_ms is not None and node.step_ms > 0 else None
+    step_ms = step if step is not None else per_layer_ms * len(node.layers)
+    return step_ms * (1 + max(node.load, node.sessions) + node.in_flight)
+
+
 def choose_route(
-    nodes: Sequence[NodeView], start: int, end: int, now: float, salt: int = 0
+    nodes: Sequence[NodeView],
+    start: int,
+    end: int,
+    now: float,
+    salt: int = 0,
+    hop_ms: float = HOP_MS,
 ) -> Route:
     """The best route over layers ``[start, end)`` (see the module docstring).
 
@@ -69,7 +104,8 @@ def choose_route(
         if node.layers.end <= end:
             by_start.setdefault(node.layers.start, []).append(node)
 
-    Cost = tuple[int, int]  # (total load, hops)
+    per_layer = layer_ms(usable)
+    Cost = tuple[int, int]  # (expected microseconds per token, hops)
 
     @cache
     def best(position: int) -> tuple[Cost, Route] | None:
@@ -80,8 +116,9 @@ def choose_route(
             rest = best(node.layers.end)
             if rest is None:
                 continue
-            (load, hops), route = rest
-            options.append(((load + node.load, hops + 1), node.url, route))
+            (micros, hops), route = rest
+            mine = round(1000 * (node_cost(node, per_layer) + hop_ms))  # ties compare exactly
+            options.append(((micros + mine, hops + 1), node.url, route))
         if not options:
             return None
         lowest = min(cost for cost, _, _ in options)

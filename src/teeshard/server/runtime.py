@@ -27,6 +27,7 @@ from teeshard.attest import (
     select_provider,
 )
 from teeshard.entry import FailoverPolicy, GenerationLoop, OpenAIServing, Registry, TextCodec
+from teeshard.entry.node_load import metrics_reader
 from teeshard.entry.registry import ledger_nodes, load_network
 from teeshard.model.checkpoint import Checkpoint
 from teeshard.model.loader import TensorHook, load_shard, parse_dtype
@@ -197,6 +198,7 @@ def _entry_serving(
             ban_s=config.ban_s,
             probe_interval_s=config.probe_interval_s,
             source=source,
+            load_reader=metrics_reader(config.admin_token),  # the nodes' step load
         )
         log.info(
             "network: %d nodes from %s%s", len(registry.records), config.network_path or "-",

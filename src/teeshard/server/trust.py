@@ -173,7 +173,7 @@ class NodeTrust:
             raise ProbeAttestationError(f"no valid attestation: {exc}") from None
         if node.manifest.model != self.attestation.manifest.model:
             raise ProbeAttestationError(f"serves model {node.manifest.model}")
-        return ProbeResult(node.fingerprint.hex(), node.manifest.layers)
+        return ProbeResult(node.fingerprint.hex(), node.manifest.layers, node.certificate_pem)
 
     async def _verify_downstream(
         self, url: str, http_timeout_s: float = 30.0
