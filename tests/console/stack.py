@@ -40,12 +40,17 @@ def entry_port() -> int:
 
 @contextmanager
 def teeshard_up(
-    model: Path, port: int, ledger_url: str, pricing: Path, env: dict[str, str] | None = None
+    model: Path,
+    port: int,
+    ledger_url: str,
+    pricing: Path,
+    env: dict[str, str] | None = None,
+    extra: tuple[str, ...] = (),  # more ``teeshard up`` options (``--replicas 2``, say)
 ) -> Iterator[Stack]:
     argv = [
         sys.executable, "-m", "teeshard.cli", "up", "--model", str(model), "--nodes", "2",
         "--port", str(port), "--threads", "1", "--model-name", "tiny",
-        "--ledger", ledger_url, "--pricing", str(pricing),
+        "--ledger", ledger_url, "--pricing", str(pricing), *extra,
     ]  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="teeshard-up-") as folder:
         log = Path(folder) / "stderr.log"

@@ -122,6 +122,63 @@ def test_a_receipt_altered_in_transit_shows_failed(stack: Stack, open_page: Page
     screenshot(page, "chat-tampered")
 
 
+def failed_over(segments: Any) -> Any:
+    """A route handler that gives the answer's last event ``receipt_segments``, made by
+    ``segments(receipts, token_count)`` from its genuine receipts."""
+
+    def handle(route: Any) -> None:
+        response = route.fetch()
+        events = []
+        for event in response.text().split("\n\n"):
+            if '"receipts"' in event:
+                body = json.loads(event.removeprefix("data: "))
+                count = len(body["teeshard"]["completion_token_ids"])
+                body["receipt_segments"] = segments(body["receipts"], count)
+                event = "data: " + json.dumps(body)
+            events.append(event)
+        route.fulfill(response=response, body="\n\n".join(events))
+
+    return handle
+
+
+def test_an_answer_that_failed_over_shows_its_route_segments(
+    stack: Stack, open_page: PageFactory
+) -> None:
+    # The shape of an answer whose first route lost its last node before producing a
+    # token (only the entry signed: it proves nothing), then a second route made it all.
+    page = open_page(stack.url, ALICE)
+    page.route("**/v1/chat/completions", failed_over(lambda receipts, n: [
+        {"tokens": [0, 0], "receipts": receipts[:1]},
+        {"tokens": [0, n], "receipts": receipts},
+    ]))  # fmt: skip
+    set_greedy(page, 6)
+    answer = ask(page, "Which routes made this?")
+    verdict = answer.get_by_test_id("verdict")
+    verdict.wait_for(timeout=30_000)
+    assert verdict.inner_text() == "✓ verified"
+    answer.locator(".verification summary").click()
+    rows = answer.get_by_test_id("segments").locator("tbody tr")
+    assert rows.count() == 2
+    first, second = rows.nth(0).inner_text(), rows.nth(1).inner_text()
+    assert "[0, 0)" in first and "partial: a node was lost" in first
+    assert "[0, " in second and "✓ verified" in second
+    screenshot(page, "chat-failed-over")
+
+    # segments that claim tokens their last stage never sent do not verify
+    page.unroute("**/v1/chat/completions")
+    page.route("**/v1/chat/completions", failed_over(lambda receipts, n: [
+        {"tokens": [0, 1], "receipts": receipts},
+        {"tokens": [1, n], "receipts": receipts},
+    ]))  # fmt: skip
+    answer = ask(page, "And this one?")
+    verdict = answer.get_by_test_id("verdict")
+    verdict.wait_for(timeout=30_000)
+    assert verdict.inner_text() == "✗ FAILED"
+    answer_rows = answer.get_by_test_id("segments").locator("tbody tr")
+    assert "FAILED" in answer_rows.nth(0).inner_text()
+    assert page.console_errors == []
+
+
 def test_a_user_with_no_balance_gets_a_clear_message(stack: Stack, open_page: PageFactory) -> None:
     page = open_page(stack.url, BOB)
     set_greedy(page, 6)

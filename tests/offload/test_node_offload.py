@@ -9,10 +9,20 @@ the offload statement; a policy can forbid offload or require blinded+verified.
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
+from teeshard.attest import Policy
 from teeshard.attest.receipts import Receipt
+from teeshard.ledger.registration import (
+    ExpectedShards,
+    RegistrationRefused,
+    admit_from_url,
+    default_verifier,
+    register_from_url,
+)
+from teeshard.ledger.sql import SqlLedger
 from teeshard.model.layer_range import LayerRange
 from teeshard.offload import OffloadPolicyError, check_node_offload
 from teeshard.offload.launch import AcceleratorProcess
@@ -112,3 +122,38 @@ async def test_a_lying_accelerator_fails_the_step_clearly(
             with pytest.raises(Exception, match="accelerator") as caught:
                 await client.step(session, PROMPT)
             assert "Freivalds" in str(caught.value) or "refusing" in str(caught.value)
+
+
+def test_a_node_that_offloads_registers_and_is_admitted_in_the_pool(
+    start_accel: StartAccel, tiny_llama: TinyModel, tmp_path: Path
+) -> None:
+    """Expected shards list weights hashes; an offloading node quotes a combined hash
+    (weights + offload statement). Registration checks the weights hash and records
+    the combined one, which its receipts bind (it was refused before: issue 11)."""
+    layers = LayerRange(2, 4)
+    accel = start_accel(tiny_llama.path, layers, "field")
+    options: dict[int, dict[str, object]] = {0: {
+        "offload_url": accel.endpoint, "accel_key": accel.public_key.decode(),
+        "offload_mode": "blinded+verified", "operator": "carol",
+    }}  # fmt: skip
+    owner = SqlLedger.open(f"sqlite:///{tmp_path / 'ledger.db'}", "owner")
+    owner.open_account("carol")
+    owner.authorize_entry("entry-1")
+    with LocalCluster(tiny_llama.path, 1, ranges=[layers], node_options=options) as cluster:
+        node = cluster.entry
+        assert node.node is not None and node.config.policy_path is not None
+        manifest = node.node.trust.attestation.manifest
+        expected = ExpectedShards.from_policy(Policy.load(node.config.policy_path))
+        verifier = default_verifier(node.config.policy_path)
+        assert manifest.combined_hash.hex() not in expected.shards  # what was compared before
+        assert manifest.weights_hash.hex() in expected.shards
+        registered = register_from_url(owner.as_actor("carol"), node.http_url, expected, verifier)
+        assert registered.node.manifest_hash == manifest.combined_hash.hex()
+        assert registered.node.layers == "2:4"
+        admitted = admit_from_url(owner.as_actor("entry-1"), node.http_url, expected, verifier)
+        assert admitted.admitted and owner.is_operator("carol")
+        # a shard of other weights is still refused, offload or not
+        with pytest.raises(RegistrationRefused, match="not an expected shard"):
+            other = ExpectedShards.of(["ab" * 32], model="tiny")
+            register_from_url(owner.as_actor("carol"), node.http_url, other, verifier)
+    owner.close()

@@ -124,6 +124,30 @@ export interface Network {
   registered: PoolNode[];
 }
 
+/** `GET /v1/network`: the registry of a routed network (detail for the admin or loopback). */
+export interface NetworkNodeState {
+  url: string;
+  layers: string;
+  attestation: "unknown" | "verified" | "failed";
+  healthy: boolean;
+  problem: string | null;
+  banned_for_s: number;
+  ban_reason: string | null;
+  sessions: number; // this entry's sessions on it
+  load: { step_ms: number | null; sessions: number; in_flight: number } | null;
+  usable: boolean;
+}
+
+export interface Registry {
+  routing: "static" | "registry";
+  detail: boolean;
+  num_layers?: number;
+  ranges?: (string | { layers: string; usable_nodes: number })[];
+  nodes?: NetworkNodeState[];
+  routes?: string[][];
+  counters?: { failovers: number; retries: number; bans: Record<string, number> };
+}
+
 export interface Found {
   url: string;
   node_id: string;

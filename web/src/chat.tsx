@@ -16,6 +16,7 @@ import {
   newConversation,
   saveConversations,
 } from "./store";
+import { type SegmentJson, verifySegments } from "./segments";
 import { VerificationPanel } from "./verification";
 import {
   type AnswerClaims,
@@ -37,6 +38,7 @@ interface StreamEvent {
   choices?: { delta?: { content?: string } }[];
   usage?: Usage;
   receipts?: ReceiptJson[];
+  receipt_segments?: SegmentJson[];
   served_by?: string[];
   teeshard?: { request_id: string; completion_token_ids: number[] };
   error?: { message: string; code?: string };
@@ -276,6 +278,8 @@ export function ChatPage(): JSX.Element {
     setBusy(true);
     let reply = "";
     let receipts: ReceiptJson[] = [];
+    let segments: SegmentJson[] = [];
+    let promptTokens: number | undefined;
     const claims: AnswerClaims = {};
     const sealed = sealedMode;
     try {
@@ -308,17 +312,30 @@ export function ChatPage(): JSX.Element {
         }
         if (item.usage) {
           const usage = item.usage;
+          promptTokens = usage.prompt_tokens;
           setLast(id, (m) => ({ ...m, usage }));
         }
         if (item.receipts) {
           receipts = item.receipts;
+          segments = item.receipt_segments ?? [];
           claims.servedBy = item.served_by ?? [];
           claims.requestId = item.teeshard?.request_id;
           claims.tokenIds = item.teeshard?.completion_token_ids;
         }
       }
-      const report = await verifyChain(receipts, bundles ?? (await fetchBundles(nonce)), body,
-                                       nonce, claims);
+      const chain = bundles ?? (await fetchBundles(nonce));
+      let report = await verifyChain(receipts, chain, body, nonce, {
+        ...claims, // after a failover the last route sent only the last segment's tokens
+        tokenIds: segments.length ? claims.tokenIds?.slice(segments[segments.length - 1].tokens[0])
+                                  : claims.tokenIds,
+      });
+      if (segments.length) {
+        const checked = await verifySegments(segments, receipts, chain, body, nonce,
+                                             { ...claims, promptTokens });
+        const ok = report.ok && checked.problems.length === 0 && checked.reports.every((r) => r.ok);
+        report = { ...report, ok, problems: [...report.problems, ...checked.problems],
+                   segments: checked.reports };
+      }
       setLast(id, (m) => ({ ...m, report: { ...report, sealed } }));
     } catch (error) {
       if (controller.signal.aborted) setLast(id, (m) => ({ ...m, stopped: true }));

@@ -1,21 +1,25 @@
 // The network page: models, the chain's stages as the entry node re-verified them,
-// hop health and load, the nodes registered in the pool. Refreshed every 5 s.
+// hop health and load, the replicas of every layer range with their attestation,
+// health and measured load (a routed network), the nodes registered in the pool.
+// Refreshed every 5 s.
 
 import type { JSX } from "preact";
 import { useEffect, useState } from "preact/hooks";
-import { type Network, errorText, getJson } from "./api";
+import { type Network, type NetworkNodeState, type Registry, errorText, getJson } from "./api";
 import { short } from "./bytes";
 
 export function NetworkPage(): JSX.Element {
   const [network, setNetwork] = useState<Network | null>(null);
+  const [registry, setRegistry] = useState<Registry | null>(null);
   const [error, setError] = useState("");
   useEffect(() => {
     let stopped = false;
     const load = () =>
-      getJson<Network>("/v1/console/network").then(
-        (n) => {
+      Promise.all([getJson<Network>("/v1/console/network"), getJson<Registry>("/v1/network")]).then(
+        ([n, r]) => {
           if (!stopped) {
             setNetwork(n);
+            setRegistry(r);
             setError("");
           }
         },
@@ -113,6 +117,7 @@ export function NetworkPage(): JSX.Element {
               fresh nonce, later stages as their upstream node last attested them.
             </p>
           </section>
+          {registry?.routing === "registry" && <Replicas registry={registry} />}
           {network.registered.length > 0 && (
             <section class="card" aria-labelledby="registered-heading">
               <h2 id="registered-heading">Registered nodes</h2>
@@ -129,5 +134,96 @@ export function NetworkPage(): JSX.Element {
         </>
       )}
     </div>
+  );
+}
+
+function nodeState(node: NetworkNodeState): JSX.Element {
+  if (node.attestation !== "verified") {
+    return (
+      <span class="badge failed" title={node.problem ?? ""}>
+        ✗ attestation {node.attestation}
+      </span>
+    );
+  }
+  if (!node.healthy) {
+    return (
+      <span class="badge failed" title={node.problem ?? ""}>
+        ✗ unreachable
+      </span>
+    );
+  }
+  if (node.banned_for_s > 0) {
+    return (
+      <span class="badge failed" title={node.ban_reason ?? ""}>
+        banned {Math.round(node.banned_for_s)} s
+      </span>
+    );
+  }
+  return <span class="badge good">✓ usable</span>;
+}
+
+function loadText(node: NetworkNodeState): string {
+  const load = node.load;
+  const mine = `${node.sessions} of this entry's sessions`;
+  if (load === null) return `${mine}; step load not readable`;
+  const step = load.step_ms === null ? "step time not measured yet" : `${load.step_ms} ms a step`;
+  return `${mine}; ${load.sessions} sessions, ${load.in_flight} steps in flight; ${step}`;
+}
+
+/** The layer ranges after the entry's, each with its replicas: state and measured load. */
+function Replicas({ registry }: { registry: Registry }): JSX.Element {
+  const ranges = (registry.ranges ?? []).map((r) => (typeof r === "string" ? r : r.layers));
+  const counters = registry.counters;
+  return (
+    <section class="card" aria-labelledby="replicas-heading">
+      <h2 id="replicas-heading">Replicas</h2>
+      {!registry.detail ? (
+        <ul data-testid="replica-counts">
+          {(registry.ranges ?? []).map((r) =>
+            typeof r === "string" ? null : (
+              <li key={r.layers}>
+                layers [{r.layers.replace(":", ", ")}): {r.usable_nodes} usable node(s)
+              </li>
+            ),
+          )}
+        </ul>
+      ) : (
+        <div class="table-wrap">
+          <table data-testid="replicas">
+            <thead>
+              <tr>
+                <th scope="col">layers</th>
+                <th scope="col">node</th>
+                <th scope="col">state</th>
+                <th scope="col">load</th>
+              </tr>
+            </thead>
+            <tbody>
+              {ranges.flatMap((range) =>
+                (registry.nodes ?? [])
+                  .filter((n) => n.layers === range)
+                  .map((n) => (
+                    <tr key={n.url} class={n.usable ? "ok" : "bad"} data-layers={range}>
+                      <td data-label="layers">[{range.replace(":", ", ")})</td>
+                      <td data-label="node">
+                        <code>{n.url}</code>
+                      </td>
+                      <td data-label="state">{nodeState(n)}</td>
+                      <td data-label="load">{loadText(n)}</td>
+                    </tr>
+                  )),
+              )}
+            </tbody>
+          </table>
+        </div>
+      )}
+      {counters && (
+        <p class="small">
+          {counters.failovers} failover(s), {counters.retries} route retries,{" "}
+          {Object.values(counters.bans).reduce((a, b) => a + b, 0)} ban(s) since start.
+          {registry.routes && ` ${registry.routes.length} route(s) in use now.`}
+        </p>
+      )}
+    </section>
   );
 }

@@ -2,6 +2,7 @@
 
 import type { JSX } from "preact";
 import { short } from "./bytes";
+import type { SegmentReport } from "./segments";
 import type { ChainReport, StageReport } from "./verify";
 
 function StageRow({ stage }: { stage: StageReport }): JSX.Element {
@@ -48,6 +49,59 @@ function StageRow({ stage }: { stage: StageReport }): JSX.Element {
   );
 }
 
+function SegmentsTable({ segments }: { segments: SegmentReport[] }): JSX.Element {
+  return (
+    <div class="table-wrap">
+      <table data-testid="segments">
+        <caption>
+          Route segments: this answer failed over, {segments.length} routes produced it
+        </caption>
+        <thead>
+          <tr>
+            <th scope="col">segment</th>
+            <th scope="col">tokens</th>
+            <th scope="col">stages signed</th>
+            <th scope="col">positions</th>
+            <th scope="col">receipts</th>
+          </tr>
+        </thead>
+        <tbody>
+          {segments.map((s) => (
+            <tr key={s.index} class={s.ok ? "ok" : "bad"} data-segment={s.index}>
+              <td data-label="segment">{s.index}</td>
+              <td data-label="tokens">
+                [{s.tokens[0]}, {s.tokens[1]})
+              </td>
+              <td data-label="stages signed">{s.stages}</td>
+              <td data-label="positions">{s.positions}</td>
+              <td data-label="receipts" class="verdict">
+                {!s.ok ? (
+                  <span class="badge failed" title={s.problems.join("; ")}>
+                    ✗ FAILED
+                  </span>
+                ) : s.complete ? (
+                  <span class="badge good">✓ verified</span>
+                ) : (
+                  <span class="badge partial" title="a lost node could not sign: proves no tokens">
+                    ✓ partial: a node was lost
+                  </span>
+                )}
+                {!s.ok && (
+                  <ul class="failures">
+                    {s.problems.map((p) => (
+                      <li key={p}>{p}</li>
+                    ))}
+                  </ul>
+                )}
+              </td>
+            </tr>
+          ))}
+        </tbody>
+      </table>
+    </div>
+  );
+}
+
 export function VerificationPanel({ report }: { report: ChainReport }): JSX.Element {
   const summary = report.ok
     ? `Verified in this browser: ${report.stages.length} stage(s) signed this answer`
@@ -88,6 +142,9 @@ export function VerificationPanel({ report }: { report: ChainReport }): JSX.Elem
           </tbody>
         </table>
       </div>
+      {report.segments && report.segments.length > 0 && (
+        <SegmentsTable segments={report.segments} />
+      )}
       {report.sealed && (
         <p class="small" data-testid="sealed-note">
           Sent sealed: HPKE to stage 0's attested sealing key (checked against its bundle first);

@@ -11,6 +11,7 @@
 // the SHA-256 of the body this browser sent. The quote itself (DCAP) is checked
 // by the entry node's verifier, not here: the network page shows that result.
 
+import type { SegmentReport } from "./segments";
 import {
   type Bytes,
   certificateSpki,
@@ -77,6 +78,7 @@ export interface ChainReport {
   problems: string[]; // what failed outside any one stage
   digest: string;
   sealed?: boolean; // the request went HPKE-sealed to stage 0's attested key
+  segments?: SegmentReport[]; // after a failover: every route's part of the answer
 }
 
 /** What the response says about itself (its id, and the `teeshard` extension field). */

@@ -57,12 +57,19 @@ class RegistrationRefused(Exception):
 
 @dataclass(frozen=True)
 class VerifiedBundle:
-    manifest_hash: str  # hex, lower case
+    manifest_hash: str  # hex, lower case: the combined hash its receipts bind
     provider: str
     model: str = ""
     layers: str = ""  # "START:END"
     notes: tuple[str, ...] = ()  # what was checked, and any INSECURE caveat
     certificate_pem: bytes = b""  # the attested certificate (operator claims must be its)
+    # the hash of its weights, without a TSQP offload statement: what expected shards
+    # list (a node that offloads quotes both; "": the same as manifest_hash)
+    weights_hash: str = ""
+
+    @property
+    def shard_hash(self) -> str:
+        return self.weights_hash or self.manifest_hash
 
 
 class BundleVerifier(Protocol):
@@ -144,6 +151,7 @@ class AttestVerifier:
             str(node.manifest.layers),
             tuple(notes),
             node.certificate_pem,
+            node.manifest.weights_hash.hex(),
         )
 
 
@@ -213,13 +221,19 @@ def verify_node(
     verifier: BundleVerifier | None = None,
     nonce: bytes | None = None,
 ) -> VerifiedBundle:
-    """Fetch the bundle with a fresh nonce, verify it, check the manifest is an expected shard."""
+    """Fetch the bundle with a fresh nonce, verify it, check the manifest is an expected shard.
+
+    Expected shards list the hashes of weights; a node that offloads its linear layers
+    (TSQP) quotes a combined hash over its weights hash and its offload statement, so
+    its weights hash is what is checked, and the combined one what is registered
+    (its receipts bind it).
+    """
     nonce = nonce or os.urandom(32)
     verified = (verifier or default_verifier()).verify(fetch_bundle(url, nonce), nonce)
-    if verified.manifest_hash not in expected.shards:
+    if verified.shard_hash not in expected.shards:
         known = ", ".join(f"{v or '?'}={h[:12]}…" for h, v in expected.shards.items())
         raise RegistrationRefused(
-            f"the node's manifest hash {verified.manifest_hash} is not an expected shard of "
+            f"the node's manifest hash {verified.shard_hash} is not an expected shard of "
             f"{expected.model or 'the model'} (expected: {known})"
         )
     return verified
@@ -308,7 +322,7 @@ def register_from_url(
         url.rstrip("/"),
         verified.manifest_hash,
         verified.model or expected.model,
-        verified.layers or expected.shards[verified.manifest_hash],
+        verified.layers or expected.shards[verified.shard_hash],
     )
     try:
         record = ledger.register_node(info, claim=claim)
