@@ -215,3 +215,30 @@ async def test_a_transient_ledger_failure_is_retried_from_the_outbox(
     assert owner.reservation("t-1").cost == 20
     assert hash_api_key("tsk_alice") and owner.check().ok
     owner.close()
+
+
+def test_an_outbox_item_with_receipts_of_an_older_format_still_settles(tmp_path: Path) -> None:
+    """Receipts v1 (before positions were signed) in an outbox left by an older entry:
+    the charge is still settled, without them (their work goes to the treasury)."""
+    from teeshard.ledger.outbox import OutboxItem
+
+    outbox = Outbox(tmp_path / "outbox.sqlite")
+    receipts = chain(
+        "old", [entry_stage(LayerRange(0, 1)), KitNode("n", "c" * 64, LayerRange(1, 2))]
+    )
+    outbox.put(OutboxItem("settle", "old", 20, {"n": 15}, tuple(receipts)))
+    db = sqlite3.connect(tmp_path / "outbox.sqlite")
+    (body,) = db.execute("SELECT body FROM outbox").fetchone()
+    old = body.replace('"model_layers": 2, ', "").replace('"positions": 10, ', "")
+    assert old != body
+    with db:
+        db.execute("UPDATE outbox SET body = ?", (old,))
+    db.close()
+    (item,) = outbox.pending()
+    assert (item.request_id, item.cost, dict(item.served), item.receipts) == (
+        "old",
+        20,
+        {"n": 15},
+        [],
+    )
+    outbox.close()

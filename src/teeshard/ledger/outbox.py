@@ -15,6 +15,7 @@ and signatures): no key, prompt or completion.
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 import time
@@ -23,7 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from teeshard.attest.errors import AttestationError
 from teeshard.attest.receipts import Receipt, receipts_from_json, receipts_to_json
+
+log = logging.getLogger(__name__)
 
 Kind = Literal["settle", "release"]
 
@@ -87,13 +91,18 @@ class Outbox:
         items = []
         for request_id, kind, body, attempts in rows:
             data = json.loads(body)
+            try:
+                receipts = receipts_from_json(data["receipts"])
+            except AttestationError:  # written by a version with another receipt format
+                log.warning("request %s: its receipts no longer parse; settled without", request_id)
+                receipts = []
             items.append(
                 OutboxItem(
                     kind,
                     request_id,
                     int(data["cost"]),
                     {str(k): int(v) for k, v in data["served"].items()},
-                    receipts_from_json(data["receipts"]),
+                    receipts,
                     int(attempts),
                 )
             )
