@@ -80,8 +80,8 @@ def test_split_rounds_down_and_never_pays_more_than_the_cost() -> None:
         (lambda r: [r[0], r[1], replace(r[2], previous_hash=bytes(32))], "not linked"),
         (lambda r: [r[1], r[2]], "out of order|do not start"),
         # the positions count is signed: raising it breaks the signature
-        (lambda r: [r[0], replace(r[1], positions=r[1].positions * 4), r[2]], "more than|verify"),
-        (lambda r: [r[0], r[1], replace(r[2], positions=r[2].positions + 1)], "more than|verify"),
+        (lambda r: [r[0], replace(r[1], positions=r[1].positions * 4), r[2]], "does not verify"),
+        (lambda r: [r[0], r[1], replace(r[2], positions=r[2].positions + 1)], "does not verify"),
         (lambda r: [r[0], replace(r[1], model_layers=3), r[2]], "does not verify"),
     ],
 )
@@ -163,10 +163,13 @@ def test_positions_beyond_the_reservation_are_refused() -> None:
     assert credits_for("r", 100, ["a", "b"], receipts, signers(A, B), max_positions=40)
 
 
-def test_a_stage_cannot_claim_more_positions_than_it_was_sent() -> None:
-    receipts = chain("r", [ENTRY, A, B], [10, 10, 25])
-    with pytest.raises(UnverifiedWork, match="more than the stage before"):
-        proven_work("r", receipts, signers(A, B))
+def test_a_stage_is_credited_no_more_positions_than_the_stages_before_it_ran() -> None:
+    # B signed 12 positions but A only ran (and sent it) 10: the hop before gave up on
+    # B's two late steps, which are no part of the answer
+    receipts = chain("r", [ENTRY, A, B], [10, 10, 12])
+    work = proven_work("r", receipts, signers(A, B))
+    assert (dict(work.positions), work.total_positions) == ({"a": 10, "b": 10}, 10)
+    assert sum(c.credit for c in split_cost(48, work)) <= 48
 
 
 def test_any_mix_of_segments_conserves_the_cost() -> None:

@@ -9,8 +9,9 @@ signs the token positions its stage ran in that session (``positions``, its KV
 cache length) and the model's layer count (``model_layers``).
 
 A node is credited for the work its segment added: its layers times the
-positions its receipt signs beyond the most positions any earlier segment
-reached (a replacement route rebuilds the session by recomputing those, and
+positions its receipt signs (held to what the stages before it ran) beyond the
+most positions any earlier segment reached, a segment reaching what its first
+stage ran (a replacement route rebuilds the session by recomputing those, and
 the request pays for them once). With ``L`` the model's layers and ``T`` the
 most positions of any segment (the whole answer), node *i* earns
 ``cost * sum(layers_i * new_positions_i) // (L * T)``. Without a failover every
@@ -20,8 +21,10 @@ stage of the one segment ran all ``T`` positions, and a node earns
 Only a node whose receipt verifies is credited: the receipt must be for this
 request, signed by the certificate the node was admitted with, and carry the
 manifest hash and layer range the node registered. Each segment's structure
-(stage order, links, contiguous layers from 0, no stage running more positions
-than the one before it sent) is checked over every receipt; receipts of stages
+(stage order, links, contiguous layers from 0) is checked over every receipt,
+and no stage is credited more positions than the stages before it ran (a step
+that a hop gave up on, which the next node finished late, is no part of the
+answer); receipts of stages
 the ledger does not know (the entry node itself, a node not admitted) cannot be
 checked for a signature and earn nothing. What no verified node earns (their
 layers, and the rounding) goes to the treasury at distribution, never to
@@ -115,6 +118,7 @@ def proven_work(
     for number, segment in enumerate(segments_of(receipts)):
         previous: Receipt | None = None
         in_segment: set[str] = set()
+        sent = segment[0].positions  # the fewest positions of the stages so far
         for index, receipt in enumerate(segment):
             where = f"segment {number} receipt {index}"
             _check_link(receipt, previous, request_id, index, where)
@@ -133,10 +137,13 @@ def proven_work(
                 if receipt.model_layers:
                     stated.add(receipt.model_layers)
                 layers[signer.node_id] = receipt.layers.end - receipt.layers.start
-                new = max(0, receipt.positions - reached)
+                # never more than the stages before it ran (and so sent it): a step the
+                # hop before gave up on is not part of the answer
+                new = max(0, min(receipt.positions, sent) - reached)
                 positions[signer.node_id] = positions.get(signer.node_id, 0) + new
+            sent = min(sent, receipt.positions)
             previous = receipt
-        reached = max(reached, *(r.positions for r in segment))
+        reached = max(reached, segment[0].positions)  # what every stage's credit is held to
     if len(stated) > 1:
         raise UnverifiedWork(f"the credited receipts disagree on the model's layers: {stated}")
     # a credited receipt's layers end within the count it states (see _check_signed)
@@ -155,11 +162,6 @@ def _check_link(
     start = previous.layers.end if previous is not None else 0
     if receipt.layers.start != start:
         raise UnverifiedWork(f"{where}: layers {receipt.layers} do not start at {start}")
-    if previous is not None and receipt.positions > previous.positions:
-        raise UnverifiedWork(
-            f"{where} ran {receipt.positions} token positions, more than the stage before it "
-            f"({previous.positions})"
-        )
 
 
 def _check_signed(receipt: Receipt, signer: AttestedSigner, where: str) -> None:
