@@ -50,6 +50,7 @@ class Caller:
     api_key: str | None = None
     body_digest: bytes | None = None
     idempotency_key: str | None = None
+    gone: Callable[[], Awaitable[bool]] | None = None  # True once the client disconnected
 
 
 @dataclass(frozen=True)
@@ -157,7 +158,12 @@ class OpenAIServing:
             budget, sampling, tuple(request.stop_list), prompt_chars, request.ignore_eos
         )
         generation = await self.generations.start(
-            prompt_ids, params, caller.api_key, caller.body_digest, caller.idempotency_key
+            prompt_ids,
+            params,
+            caller.api_key,
+            caller.body_digest,
+            caller.idempotency_key,
+            gone=caller.gone,
         )
         return Prepared(prompt_ids, params, generation)
 
@@ -196,7 +202,12 @@ class OpenAIServing:
         sampling = SamplingParams(temperature=request.temperature, seed=session_seed(None))
         params = GenerationParams(budget, sampling, prompt_chars=len(request.prompt))
         generation = await self.generations.start(
-            prompt_ids, params, caller.api_key, caller.body_digest, caller.idempotency_key
+            prompt_ids,
+            params,
+            caller.api_key,
+            caller.body_digest,
+            caller.idempotency_key,
+            gone=caller.gone,
         )
         text = await self._collect(Prepared(prompt_ids, params, generation))
         return _with_receipts({"output": text, "usage": _usage(generation)}, generation)
