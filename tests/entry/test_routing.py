@@ -259,3 +259,28 @@ def test_step_time_between_samples() -> None:
     assert recent_step_ms(first, parse_metrics(metrics(20, 1.5), at=5.0), None) == 100.0
     assert recent_step_ms(first, parse_metrics(metrics(10, 0.5), at=5.0), 7.0) == 7.0  # idle
     assert recent_step_ms(first, parse_metrics(metrics(2, 0.1), at=5.0), 7.0) is None  # restart
+
+
+async def test_a_burst_of_sessions_chosen_at_once_spreads_over_measured_replicas() -> None:
+    """Sessions chosen before any of them opened (a concurrent burst): each chosen route
+    counts as load at once, so measured replicas that differ a little share the burst."""
+    texts = {
+        "wss://a:1": [metrics(10, 0.1), metrics(30, 0.162)],  # 3.1 ms a step
+        "wss://b:1": [metrics(10, 0.1), metrics(30, 0.168)],  # 3.4 ms a step
+    }
+
+    async def probe(url: str) -> ProbeResult:
+        return ProbeResult(url[6:7] * 64, LayerRange(2, 4), b"pem")
+
+    async def reader(url: str, pem: bytes) -> str:
+        return texts[url].pop(0)
+
+    nodes = [NetworkNode(url, LayerRange(2, 4)) for url in texts]
+    registry = Registry(nodes, start=2, num_layers=4, prober=probe, load_reader=reader)
+    await registry.probe_all()
+    await registry.probe_all()
+    burst = Counter(registry.choose()[0] for _ in range(6))
+    assert burst == {"wss://a:1": 3, "wss://b:1": 3}
+    for index, url in enumerate(sorted(burst.elements())):  # they open: held, not opening
+        registry.hold(f"s{index}", (url,))
+    assert not registry._opening and registry.records["wss://a:1"].sessions == 3

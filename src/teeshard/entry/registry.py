@@ -36,7 +36,7 @@ import time
 import tomllib
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,9 @@ from teeshard.model.layer_range import LayerRange
 from teeshard.node.hop import node_url
 
 log = logging.getLogger(__name__)
+
+
+OPENING_S = 10.0  # a chosen route counts as load this long, unless its session opens first
 
 
 class NetworkFileError(ValueError):
@@ -191,6 +194,9 @@ class Registry:
         self.probe_timeout_s = probe_timeout_s
         self.counters = RegistryCounters()
         self.routes: dict[str, Route] = {}  # session id -> its route, while open
+        # routes chosen whose session is still opening: counted as load until ``hold``
+        # (or OPENING_S), so a burst of sessions chosen at once spreads over replicas
+        self._opening: list[tuple[float, Route]] = []
         self._salt = itertools.count()
         if prober is None:  # nothing to verify with: the hops' own checks are the guard
             for record in self.records.values():
@@ -200,11 +206,20 @@ class Registry:
 
     def choose(self) -> Route:
         """A route for a new session (``NoRouteError`` when the nodes cannot cover it)."""
-        views = [r.view() for r in self.records.values()]
-        return choose_route(views, self.start, self.num_layers, time.monotonic(), next(self._salt))
+        now = time.monotonic()
+        self._opening = [(until, route) for until, route in self._opening if until > now]
+        opening = Counter(url for _, route in self._opening for url in route)
+        views = [replace(r.view(), load=r.sessions + opening[r.url]) for r in self.records.values()]
+        route = choose_route(views, self.start, self.num_layers, now, next(self._salt))
+        self._opening.append((now + OPENING_S, route))
+        return route
 
     def hold(self, session_id: str, route: Route) -> None:
         """Count ``route`` as carrying ``session_id`` (its load) until ``drop``."""
+        for index, (_, opening) in enumerate(self._opening):
+            if opening == route:  # its session opened: counted by ``sessions`` from now
+                del self._opening[index]
+                break
         self.drop(session_id)
         self.routes[session_id] = route
         for url in route:
