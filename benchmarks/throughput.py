@@ -109,6 +109,7 @@ def measure_concurrency(
     top = max(args.levels)
     options = ["--threads", str(args.threads)] if args.threads else []
     options += ["--max-sessions", str(max(16, top))]
+    options += ["--pipeline-groups", str(args.pipeline_groups)]
     processes, launches = start_nodes(model_dir, args.nodes, "float32", fmt, options)
     url = f"http://127.0.0.1:{launches[0].port}/v1/completions"
     decode = args.concurrency_decode
@@ -344,6 +345,7 @@ def main() -> int:
     parser.add_argument("--levels", default="1,4,8,16", help="concurrent sessions; '' skips")
     parser.add_argument("--concurrency-format", default="bfloat16", choices=list(FORMATS))
     parser.add_argument("--concurrency-prompt-tokens", type=int, default=16)
+    parser.add_argument("--pipeline-groups", type=int, default=1, help="every node's setting")
     parser.add_argument("--concurrency-decode", type=int, default=32)
     parser.add_argument(
         "--out", type=Path, default=ROOT / "benchmarks" / "results" / "throughput.json"
@@ -428,6 +430,7 @@ def main() -> int:
         "concurrency_setup": {
             "format": args.concurrency_format,
             "prompt_tokens": args.concurrency_prompt_tokens,
+            "pipeline_groups": args.pipeline_groups,
             "decode_tokens": args.concurrency_decode,
             "method": "round of C 1-token requests (fixed part), then C decode requests; "
             "TPOT = (latency - median fixed) / (decode - 1)",
