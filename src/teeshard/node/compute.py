@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from teeshard.model.sampling import sample
+from teeshard.model.sampling import sample, unpack_allowed
 from teeshard.model.transformer import CacheFullError as ModelCacheFullError
 from teeshard.model.transformer import Shard
 from teeshard.node.errors import AcceleratorFailedError, BadRequestError, CacheFullError
@@ -59,6 +59,16 @@ def check_hidden(shard: Shard, session: Session, hidden: torch.Tensor) -> torch.
     return hidden.to(shard.dtype)
 
 
+def check_allowed(shard: Shard, allowed: bytes | None) -> torch.Tensor | None:
+    """The step's allowed-token mask (grammar-constrained decoding), unpacked, or None."""
+    if allowed is None:
+        return None
+    try:
+        return unpack_allowed(allowed, shard.spec.vocab_size)
+    except ValueError as exc:
+        raise BadRequestError(str(exc)) from None
+
+
 def _check_room(session: Session, steps: int) -> None:
     """Check before computing, and say so as a node error (400) rather than a model one."""
     try:
@@ -69,9 +79,15 @@ def _check_room(session: Session, steps: int) -> None:
 
 @torch.no_grad()
 def run_step(
-    shard: Shard, session: Session, *, tokens: torch.Tensor | None, hidden: torch.Tensor | None
+    shard: Shard,
+    session: Session,
+    *,
+    tokens: torch.Tensor | None,
+    hidden: torch.Tensor | None,
+    allowed: torch.Tensor | None = None,
 ) -> StepOutput:
-    """Run one step on validated input: ``tokens`` (1, T) on the first node, else ``hidden``."""
+    """Run one step on validated input: ``tokens`` (1, T) on the first node, else ``hidden``;
+    the last node samples only among the tokens ``allowed`` (vocab,) bool permits."""
     if tokens is not None:
         hidden = shard.embed(tokens)  # (1, T, C)
     assert hidden is not None
@@ -82,5 +98,5 @@ def run_step(
     if not shard.is_last:
         return StepOutput(hidden=out)
     logits = out[0]  # (vocab,)
-    token = sample(logits, session.sampling, session.seed, position=session.cache.length)
+    token = sample(logits, session.sampling, session.seed, session.cache.length, allowed)
     return StepOutput(token=token, logits=logits if session.return_logits else None)
