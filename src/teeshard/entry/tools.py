@@ -1,0 +1,209 @@
+"""Tool calls: rendered by the chat template, constrained by a grammar, parsed from text.
+
+A model writes a call as ``<tool_call>{"name": "<function>", "arguments": {...}}
+</tool_call>`` (the Hermes format many templates use; the demo and test chat templates
+teach it). ``tool_choice`` decides the grammar (``teeshard.entry.grammar``):
+
+* ``none``: no grammar, no parsing; the tools are still rendered (as vLLM does);
+* ``auto``: free text, but a ``<tool_call>`` tag opens a constrained region (a lazy
+  grammar): the name is one of the tools and the arguments follow its JSON schema;
+* ``required``: one call or more (one with ``parallel_tool_calls`` false), nothing else;
+* a named function: exactly one call of it.
+
+``ToolCallParser`` turns the text into content and calls, incrementally, so that a
+stream carries OpenAI's deltas: the call's index, id, type and name once its name is
+known, then fragments of its arguments.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+from teeshard.entry.grammar import JSON_OPTIONS
+from teeshard.entry.structured import NamedToolChoice, Tool, ToolChoice
+
+__all__ = [
+    "CLOSE",
+    "OPEN",
+    "ParsedCall",
+    "ToolCallParser",
+    "ToolDelta",
+    "tool_grammar",
+]
+
+OPEN, CLOSE = "<tool_call>", "</tool_call>"
+_END = "}" + CLOSE  # the wrapper's brace, then the closing tag
+_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"([^"\\]{1,64})"\s*,\s*"arguments"\s*:\s*')
+_MAX_HEAD = 128  # characters after OPEN within which a call must name its function
+
+
+def _call_rule(tools: list[Tool]) -> str:
+    """``call``: one well-formed call of one of ``tools``, arguments per its schema."""
+    rules, names = [], []
+    for i, tool in enumerate(tools):
+        schema = {**tool.function.parameters, "x-guidance": JSON_OPTIONS}
+        head = json.dumps(f'{{"name": "{tool.function.name}", "arguments": ')
+        rules.append(f"fn_{i}: {head} %json {json.dumps(schema)} {json.dumps(_END)}")
+        names.append(f"fn_{i}")
+    return "call: " + " | ".join(names) + "\n" + "\n".join(rules) + "\n"
+
+
+def tool_grammar(
+    tools: list[Tool], choice: ToolChoice, parallel: bool
+) -> tuple[str, list[Tool]] | None:
+    """The Lark grammar for ``choice`` and the tools it may call; None for ``none``."""
+    if choice == "none" or not tools:
+        return None
+    if isinstance(choice, NamedToolChoice):
+        chosen = [t for t in tools if t.function.name == choice.function.name]
+        return f"start: {json.dumps(OPEN)} call\n" + _call_rule(chosen), chosen
+    if choice == "required":
+        start = "start: tc+\n" if parallel else "start: tc\n"
+        return start + f"tc: {json.dumps(OPEN)} call\n" + _call_rule(tools), tools
+    # auto: anything until the tag, which the lazy rule ends on; then the call is forced
+    free = "TEXT: /(.|\\n)*/\n" + f"tc_hd[lazy]: TEXT {json.dumps(OPEN)}\n"
+    if parallel:
+        start = "start: (tc_hd call)* TEXT\n"
+    else:  # one call at most, and nothing after it
+        start = "start: TAIL | tc_hd call\n"
+        free += f"TAIL: /(.|\\n)*/ & ~/(?s:.*){re.escape(OPEN)}(?s:.*)/\n"
+    return start + free + _call_rule(tools), tools
+
+
+@dataclass
+class ParsedCall:
+    index: int
+    id: str
+    name: str
+    arguments: str = ""  # the JSON text, as OpenAI returns it
+    complete: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "type": "function",
+            "function": {"name": self.name, "arguments": self.arguments},
+        }
+
+
+@dataclass(frozen=True)
+class ToolDelta:
+    """One streamed piece: text content, or a call's opening or arguments fragment."""
+
+    content: str | None = None
+    call: ParsedCall | None = None  # the call it belongs to
+    opening: bool = False  # the call's first delta (index, id, type, name)
+    arguments: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        if self.call is None:
+            return {"content": self.content}
+        entry: dict[str, Any] = {"index": self.call.index}
+        if self.opening:
+            entry |= {
+                "id": self.call.id,
+                "type": "function",
+                "function": {"name": self.call.name, "arguments": self.arguments},
+            }
+        else:
+            entry["function"] = {"arguments": self.arguments}
+        return {"tool_calls": [entry]}
+
+
+@dataclass
+class ToolCallParser:
+    """Splits text into content and ``<tool_call>`` blocks as it arrives."""
+
+    calls: list[ParsedCall] = field(default_factory=list)
+    content: list[str] = field(default_factory=list)
+    _buffer: str = ""
+    _mode: str = "text"  # text, head (after OPEN), arguments
+
+    def feed(self, text: str) -> list[ToolDelta]:
+        self._buffer += text
+        out: list[ToolDelta] = []
+        while True:
+            before = (self._mode, len(self._buffer))
+            out += self._advance()
+            if (self._mode, len(self._buffer)) == before:
+                return out
+
+    def finish(self) -> list[ToolDelta]:
+        """The end of the text: what was held back (an unfinished call keeps its text)."""
+        out = self.feed("")
+        rest, self._buffer = self._buffer, ""
+        if self._mode == "arguments" and rest:
+            call = self.calls[-1]
+            call.arguments += rest
+            out.append(ToolDelta(call=call, arguments=rest))
+        elif rest:
+            text = OPEN + rest if self._mode == "head" else rest
+            self.content.append(text)
+            out.append(ToolDelta(content=text))
+        return out
+
+    @property
+    def text(self) -> str:
+        return "".join(self.content)
+
+    def _advance(self) -> list[ToolDelta]:
+        if self._mode == "text":
+            cut = self._buffer.find(OPEN)
+            if cut >= 0:
+                text, self._buffer = self._buffer[:cut], self._buffer[cut + len(OPEN) :]
+                self._mode = "head"
+            else:  # hold back what could be the start of the tag
+                hold = max(
+                    (k for k in range(1, len(OPEN)) if self._buffer.endswith(OPEN[:k])), default=0
+                )
+                text = self._buffer[: len(self._buffer) - hold]
+                self._buffer = self._buffer[len(text) :]
+            if not text:
+                return []
+            self.content.append(text)
+            return [ToolDelta(content=text)]
+        if self._mode == "head":
+            match = _HEAD.match(self._buffer)
+            if match is not None and match.end() == len(self._buffer):
+                match = None  # the whitespace before the arguments may go on
+            if match is None:
+                if len(self._buffer) > _MAX_HEAD:  # not a call after all: plain text
+                    self._mode = "text"
+                    self.content.append(OPEN)
+                    return [ToolDelta(content=OPEN)]
+                return []
+            call = ParsedCall(len(self.calls), f"call_{secrets.token_hex(12)}", match.group(1))
+            self.calls.append(call)
+            self._buffer, self._mode = self._buffer[match.end() :], "arguments"
+            return [ToolDelta(call=call, opening=True)]
+        return self._arguments()
+
+    def _arguments(self) -> list[ToolDelta]:
+        call = self.calls[-1]
+        start = 0
+        while (end := self._buffer.find(_END, start)) >= 0:
+            candidate = call.arguments + self._buffer[:end]
+            if _is_json(candidate):  # not an _END inside a string of the arguments
+                piece = self._buffer[:end]
+                call.arguments, call.complete = candidate, True
+                self._buffer, self._mode = self._buffer[end + len(_END) :], "text"
+                return [ToolDelta(call=call, arguments=piece)] if piece else []
+            start = end + 1
+        emit = max(0, len(self._buffer) - len(_END))  # the wrapper's end is never emitted
+        if emit == 0:
+            return []
+        piece, self._buffer = self._buffer[:emit], self._buffer[emit:]
+        call.arguments += piece
+        return [ToolDelta(call=call, arguments=piece)]
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
