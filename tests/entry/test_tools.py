@@ -11,6 +11,7 @@ from typing import Any
 import jsonschema
 import pytest
 
+from teeshard.attest import tool_call_text
 from teeshard.entry.grammar import Grammars
 from teeshard.entry.structured import NamedToolChoice, Tool
 from teeshard.entry.tools import ToolCallParser, tool_grammar
@@ -93,6 +94,11 @@ def parse(text: str, pieces: int = 1, seed: int = 0) -> ToolCallParser:
     return parser
 
 
+def canonical(parser: ToolCallParser) -> str:
+    """The text the verifier rebuilds from content and calls."""
+    return parser.text + "".join(tool_call_text(c.name, c.arguments) for c in parser.calls)
+
+
 @pytest.mark.parametrize("parallel", [True, False])
 def test_required_calls_name_a_tool_and_their_arguments_follow_its_schema(
     hf: Any, grammars: Grammars, parallel: bool
@@ -102,7 +108,7 @@ def test_required_calls_name_a_tool_and_their_arguments_follow_its_schema(
     for seed in range(15):
         text = generate(hf, grammars, rule[0], seed)
         parser = parse(text, pieces=7, seed=seed)
-        assert parser.calls and parser.text == ""
+        assert parser.calls and parser.text == "" and canonical(parser) == text
         assert parallel or len(parser.calls) == 1
         for call in parser.calls:
             assert call.complete and call.id.startswith("call_")
@@ -114,8 +120,9 @@ def test_a_named_choice_calls_that_function_once(hf: Any, grammars: Grammars) ->
     rule = tool_grammar(TOOLS, choice, True)
     assert rule is not None and [t.function.name for t in rule[1]] == ["get_time"]
     for seed in range(10):
-        parser = parse(generate(hf, grammars, rule[0], seed))
-        assert [c.name for c in parser.calls] == ["get_time"]
+        text = generate(hf, grammars, rule[0], seed)
+        parser = parse(text)
+        assert [c.name for c in parser.calls] == ["get_time"] and canonical(parser) == text
         jsonschema.validate(json.loads(parser.calls[0].arguments), TIME)
 
 
@@ -130,7 +137,7 @@ def test_auto_leaves_text_free_until_the_tag_then_forces_a_valid_call(
     for seed in range(10):
         text = generate(hf, grammars, rule[0], seed, prefix="Let me check. <tool_call>")
         parser = parse(text, pieces=5, seed=seed)
-        assert parser.text.startswith("Let me check. ") and parser.calls
+        assert parser.text == "Let me check. " and parser.calls and canonical(parser) == text
         for call in parser.calls:
             jsonschema.validate(json.loads(call.arguments), SCHEMAS[call.name])
 

@@ -76,11 +76,14 @@ from teeshard.attest.replay import ReplayCache
 from teeshard.attest.response import (
     EXTENSION_FIELD,
     SEGMENTS_FIELD,
+    TOOL_CALL_CLOSE,
+    TOOL_CALL_OPEN,
     ResponseClaims,
     ResponseReport,
     parse_response,
     response_extension,
     token_traffic_hash,
+    tool_call_text,
     verify_response,
 )
 from teeshard.attest.sealed_client import SealedAnswer, SealedClient
@@ -123,6 +126,8 @@ __all__ = [
     "SEALED_STREAM_TYPE",
     "SEGMENTS_FIELD",
     "TEE_CHOICES",
+    "TOOL_CALL_CLOSE",
+    "TOOL_CALL_OPEN",
     "AttestationError",
     "AttestedPeer",
     "BindingError",
@@ -195,6 +200,7 @@ __all__ = [
     "sign_receipt",
     "simulated_public_key",
     "token_traffic_hash",
+    "tool_call_text",
     "verify_bundle",
     "verify_chain",
     "verify_quote",

@@ -14,7 +14,11 @@ stages. :func:`verify_response` ties it to what the user holds:
   prompt);
 * the response id (``chatcmpl-<id>``, ``cmpl-<id>``) and the extension's request id
   are the receipts' request id;
-* stage 0 received exactly the request body (SHA-256), when it is given.
+* stage 0 received exactly the request body (SHA-256), when it is given;
+* an answer with ``tool_calls`` stands for its content followed by each call in the
+  one form the entry node reads (and, under a grammar, constrains) them in:
+  ``<tool_call>{"name": "<name>", "arguments": <arguments>}</tool_call>``
+  (:func:`tool_call_text`), so its text is checked like any other.
 
 The extension field, on the final JSON body or on the last SSE event (the one
 with the receipts)::
@@ -124,6 +128,14 @@ def response_extension(request_id: str, completion_token_ids: Sequence[int]) -> 
     return {"request_id": request_id, "completion_token_ids": list(completion_token_ids)}
 
 
+TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
+
+
+def tool_call_text(name: str, arguments: str) -> str:
+    """The text a tool call was read from (``teeshard.entry.tools`` writes this form)."""
+    return f'{TOOL_CALL_OPEN}{{"name": "{name}", "arguments": {arguments}}}{TOOL_CALL_CLOSE}'
+
+
 # -- parsing -----------------------------------------------------------------------------
 
 
@@ -145,7 +157,10 @@ def parse_response(text: str | bytes) -> ResponseClaims:
         message = choice.get("message")
         kind: Kind = "chat" if isinstance(message, dict) else "completion"
         content = message.get("content") if isinstance(message, dict) else choice.get("text")
-        return _claims(body, kind, _text(content), choice.get("finish_reason"), body)
+        text = _text(content)
+        if isinstance(message, dict) and message.get("tool_calls"):
+            text += _calls_text(message["tool_calls"], streamed=False)
+        return _claims(body, kind, text, choice.get("finish_reason"), body)
     if "output" in body:
         return _claims(body, "generate", _text(body.get("output")), None, body)
     raise FormatError("the response has neither choices nor output")
@@ -168,6 +183,7 @@ def _parse_stream(text: str) -> ResponseClaims:
     if not events:
         raise FormatError("the stream holds no events")
     parts: list[str] = []
+    calls: list[Any] = []  # tool call deltas, in order
     finish: object = None
     kind: Kind | None = None
     for event in events:
@@ -178,12 +194,37 @@ def _parse_stream(text: str) -> ResponseClaims:
         if isinstance(delta, dict):
             kind = "chat"
             parts.append(_text(delta.get("content")))
+            calls += delta.get("tool_calls") or []
         else:
             kind = "completion"
             parts.append(_text(choice.get("text")))
         finish = choice.get("finish_reason") or finish
     last = events[-1]
-    return _claims(last, kind or "completion", "".join(parts), finish, last)
+    text = "".join(parts) + (_calls_text(calls, streamed=True) if calls else "")
+    return _claims(last, kind or "completion", text, finish, last)
+
+
+def _calls_text(calls: object, streamed: bool) -> str:
+    """The text ``tool_calls`` stand for; streamed: OpenAI's deltas (by index, the name
+    on a call's first delta, its arguments in fragments)."""
+    if not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls):
+        raise FormatError("tool_calls: expected a list of objects")
+    names: dict[int, str] = {}
+    arguments: dict[int, list[str]] = {}
+    for position, call in enumerate(calls):
+        index = call.get("index") if streamed else position
+        function = call.get("function")
+        if not isinstance(index, int) or not isinstance(function, dict):
+            raise FormatError("tool_calls: each call needs an index and a function")
+        name = function.get("name")
+        if name is not None:
+            if not isinstance(name, str) or index in names:
+                raise FormatError("tool_calls: a call is named once, with a string")
+            names[index] = name
+        arguments.setdefault(index, []).append(_text(function.get("arguments")))
+    if sorted(arguments) != list(range(len(arguments))) or sorted(names) != sorted(arguments):
+        raise FormatError("tool_calls: calls must be numbered from 0 and each named")
+    return "".join(tool_call_text(names[i], "".join(arguments[i])) for i in sorted(arguments))
 
 
 def _first_choice(body: dict[str, Any]) -> dict[str, Any]:
@@ -328,7 +369,7 @@ def verify_response(
     if ids and ids[-1] in eos_token_ids:
         ids.pop()  # the end-of-sequence token ends the answer; it is not text
     counts = {len(ids)}
-    if not eos_token_ids and claims.finish_reason == "stop" and ids:
+    if not eos_token_ids and claims.finish_reason in ("stop", "tool_calls") and ids:
         counts.add(len(ids) - 1)  # EOS ids unknown (no tokenizer): the last may be one
     if claims.completion_tokens is not None and claims.completion_tokens not in counts:
         raise ReceiptError(

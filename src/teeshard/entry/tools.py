@@ -23,19 +23,27 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
-from teeshard.entry.grammar import JSON_OPTIONS
-from teeshard.entry.structured import NamedToolChoice, Tool, ToolChoice
+from teeshard.attest import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
+from teeshard.entry.errors import APIError
+from teeshard.entry.grammar import JSON_OPTIONS, Grammar, Grammars
+from teeshard.entry.structured import NamedToolChoice, ResponseFormat, Tool, ToolChoice
 
 __all__ = [
     "CLOSE",
     "OPEN",
+    "ChatPlan",
     "ParsedCall",
     "ToolCallParser",
     "ToolDelta",
+    "chat_message",
+    "finish_reason",
+    "plan_chat",
     "tool_grammar",
 ]
 
-OPEN, CLOSE = "<tool_call>", "</tool_call>"
+# The one form calls are written in (``teeshard.attest.tool_call_text``: the verifier
+# rebuilds the text of an answer's tool_calls from it).
+OPEN, CLOSE = TOOL_CALL_OPEN, TOOL_CALL_CLOSE
 _END = "}" + CLOSE  # the wrapper's brace, then the closing tag
 _HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"([^"\\]{1,64})"\s*,\s*"arguments"\s*:\s*')
 _MAX_HEAD = 128  # characters after OPEN within which a call must name its function
@@ -64,13 +72,15 @@ def tool_grammar(
     if choice == "required":
         start = "start: tc+\n" if parallel else "start: tc\n"
         return start + f"tc: {json.dumps(OPEN)} call\n" + _call_rule(tools), tools
-    # auto: anything until the tag, which the lazy rule ends on; then the call is forced
-    free = "TEXT: /(.|\\n)*/\n" + f"tc_hd[lazy]: TEXT {json.dumps(OPEN)}\n"
-    if parallel:
-        start = "start: (tc_hd call)* TEXT\n"
-    else:  # one call at most, and nothing after it
-        start = "start: TAIL | tc_hd call\n"
-        free += f"TAIL: /(.|\\n)*/ & ~/(?s:.*){re.escape(OPEN)}(?s:.*)/\n"
+    # auto: text without the tag, or text up to the tag (the lazy rule ends on it), then
+    # calls only: content first, calls after, so the answer's text is content + calls
+    more = f" ({json.dumps(OPEN)} call)*" if parallel else ""
+    start = f"start: TAIL | tc_hd call{more}\n"
+    free = (
+        "TEXT: /(.|\\n)*/\n"
+        f"tc_hd[lazy]: TEXT {json.dumps(OPEN)}\n"
+        f"TAIL: /(.|\\n)*/ & ~/(?s:.*){re.escape(OPEN)}(?s:.*)/\n"
+    )
     return start + free + _call_rule(tools), tools
 
 
@@ -207,3 +217,70 @@ def _is_json(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+# -- a chat request's plan, and its answer ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChatPlan:
+    """What a chat request's ``response_format`` and ``tools`` ask of its generation."""
+
+    grammar: Grammar | None = None  # None: unconstrained
+    tools: list[dict[str, Any]] | None = None  # for the chat template; None: no tools
+    parse_tools: bool = False  # read tool calls out of the text
+
+    def parser(self) -> ToolCallParser | None:
+        return ToolCallParser() if self.parse_tools else None
+
+
+def plan_chat(
+    grammars: Grammars,
+    response_format: ResponseFormat | None,
+    tools: list[Tool] | None,
+    tool_choice: ToolChoice | None,
+    parallel_tool_calls: bool | None,
+) -> ChatPlan:
+    """The grammar and template input of a chat request, or a 400 naming the field."""
+    if not tools:
+        if tool_choice not in (None, "none"):
+            raise APIError(400, "tool_choice needs tools", param="tool_choice")
+        return ChatPlan(grammar=grammars.response_format(response_format))
+    names = [t.function.name for t in tools]
+    if len(set(names)) != len(names):
+        raise APIError(400, "tools: each function name once", param="tools")
+    choice: ToolChoice = tool_choice if tool_choice is not None else "auto"
+    if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+        raise APIError(
+            400,
+            f"tool_choice names {choice.function.name!r}, not one of the tools",
+            param="tool_choice",
+        )
+    rendered = [t.model_dump(exclude_none=True) for t in tools]
+    if choice == "none":
+        return ChatPlan(grammar=grammars.response_format(response_format), tools=rendered)
+    if response_format is not None and response_format.type != "text":
+        raise APIError(
+            400,
+            "response_format with tools is supported only with tool_choice none",
+            param="response_format",
+        )
+    rule = tool_grammar(tools, choice, parallel_tool_calls is not False)
+    assert rule is not None
+    return ChatPlan(grammars.lark(rule[0], "tools"), rendered, parse_tools=True)
+
+
+def chat_message(parser: ToolCallParser) -> dict[str, Any]:
+    """The assistant message of a finished answer read by ``parser``."""
+    message: dict[str, Any] = {"role": "assistant", "content": parser.text}
+    if parser.calls:
+        message["content"] = parser.text or None
+        message["tool_calls"] = [c.to_json() for c in parser.calls]
+    return message
+
+
+def finish_reason(parser: ToolCallParser | None, finish: str | None) -> str | None:
+    """``tool_calls`` for an answer that ended (not cut) with calls, as OpenAI says it."""
+    if parser is not None and parser.calls and finish == "stop":
+        return "tool_calls"
+    return finish
