@@ -35,9 +35,9 @@ from teeshard.entry.failover import FailoverPolicy, FaultLog, ReceiptSegment, Re
 from teeshard.entry.registry import Registry
 from teeshard.entry.routing import Route
 from teeshard.entry.text import IncrementalDecoder, StopMatcher, TextCodec
-from teeshard.model.sampling import SamplingParams
+from teeshard.model.sampling import SamplingParams, TokenLogprobs
 from teeshard.node import DownstreamError, NodeError, NodeService, StepResult
-from teeshard.transport.messages import WireDtype
+from teeshard.transport.messages import SamplingHistory, WireDtype
 
 log = logging.getLogger(__name__)
 FinishReason = Literal["stop", "length"]
@@ -68,6 +68,9 @@ class Generation:
     settlement: Settlement | None = None
     receipts: list[Receipt] = field(default_factory=list)  # signed by every stage, entry first
     token_ids: list[int] = field(default_factory=list)  # every token the last stage sent
+    # the raw logprobs of each completion token, when the sampling asked for them
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    billed_prompt_tokens: int | None = None  # None: prompt_tokens (n > 1 bills a prompt once)
     # -- routes and failover --
     route: Route = ()  # node URLs after the entry for the current segment (): its --next
     segments: list[ReceiptSegment] = field(default_factory=list)  # closed segments, in order
@@ -77,6 +80,18 @@ class Generation:
     max_len: int = 0
     sampling: SamplingParams = field(default_factory=SamplingParams)
     input_digest: bytes | None = None
+    prompt_ids: tuple[int, ...] = ()  # for the history a rebuilt session's sampling needs
+
+    def history(self) -> SamplingHistory | None:
+        """What the last node's sampling needs of the past, when it needs any: the
+        distinct prompt ids (repetition penalty) and the tokens so far (a rebuild)."""
+        needs_prompt, needs_output = self.sampling.needs_prompt, self.sampling.needs_output
+        if not (needs_prompt or (needs_output and self.token_ids)):
+            return None
+        return SamplingHistory(
+            prompt_tokens=tuple(sorted(set(self.prompt_ids))) if needs_prompt else (),
+            output_tokens=tuple(self.token_ids) if needs_output else (),
+        )
 
 
 class GenerationLoop:
@@ -141,20 +156,28 @@ class GenerationLoop:
         api_key: str | None = None,
         input_digest: bytes | None = None,
         idempotency_key: str | None = None,
+        *,
+        request_id: str | None = None,
+        bill_prompt: bool = True,
     ) -> Generation:
         """Reserve the most the request can cost, then open the session on every node.
 
         Errors here (402 no balance, 503 full caches...) happen before any output.
+        ``bill_prompt`` False: the prompt is charged with another choice of the request.
         """
-        generation = Generation(request_id=uuid.uuid4().hex, prompt_tokens=len(prompt_ids))
+        generation = Generation(
+            request_id=request_id or uuid.uuid4().hex, prompt_tokens=len(prompt_ids)
+        )
+        generation.billed_prompt_tokens = len(prompt_ids) if bill_prompt else 0
+        generation.prompt_ids = tuple(prompt_ids)
         if self.billing is not None:
             charge = ChargeRequest(
                 generation.request_id,
                 api_key,
                 self.service.model_name,
-                len(prompt_ids),
+                generation.billed_prompt_tokens,
                 params.max_tokens,
-                params.prompt_chars,
+                params.prompt_chars if bill_prompt else 0,
                 idempotency_key,
             )
             generation.reservation = await self.billing.reserve(charge)
@@ -187,6 +210,8 @@ class GenerationLoop:
                     generation.finish_reason = "stop"
                     break
                 generation.completion_tokens += 1
+                if result.logprobs is not None:
+                    generation.logprobs.append(result.logprobs)
                 delta = stops.feed(decoder.push(token))
                 if delta:
                     generation.completion_chars += len(delta)
@@ -223,6 +248,7 @@ class GenerationLoop:
                     self.wire_dtype,
                     input_digest=generation.input_digest,
                     route=generation.route,
+                    history=generation.history(),
                 )
             except DownstreamError as exc:
                 self.reroute.fault(generation.faults, exc, generation.request_id)  # or raises
@@ -303,9 +329,10 @@ class GenerationLoop:
             reservation = generation.reservation
             if self.billing is not None and reservation is not None:
                 if finished or generation.prefilled:
+                    billed = generation.billed_prompt_tokens
                     generation.settlement = await self.billing.settle(
                         reservation,
-                        generation.prompt_tokens,
+                        generation.prompt_tokens if billed is None else billed,
                         generation.completion_tokens,
                         generation.served_by,
                         completion_chars=generation.completion_chars,

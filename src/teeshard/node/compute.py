@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from teeshard.model.sampling import sample, unpack_allowed
+from teeshard.model.sampling import TokenLogprobs, sample, token_logprobs, unpack_allowed
 from teeshard.model.transformer import CacheFullError as ModelCacheFullError
 from teeshard.model.transformer import Shard
 from teeshard.node.errors import AcceleratorFailedError, BadRequestError, CacheFullError
@@ -27,6 +27,7 @@ class StepOutput:
     hidden: torch.Tensor | None = None  # (1, T, C) for the next node
     token: int | None = None  # sampled on the last node
     logits: torch.Tensor | None = None  # (vocab,) float32, only when the session asked
+    logprobs: TokenLogprobs | None = None  # only when the session's sampling asked
 
 
 def check_tokens(
@@ -97,6 +98,21 @@ def run_step(
         raise AcceleratorFailedError(str(exc)) from None
     if not shard.is_last:
         return StepOutput(hidden=out)
-    logits = out[0]  # (vocab,)
-    token = sample(logits, session.sampling, session.seed, session.cache.length, allowed)
-    return StepOutput(token=token, logits=logits if session.return_logits else None)
+    return sample_tail(session, out[0], allowed)
+
+
+def sample_tail(
+    session: Session, logits: torch.Tensor, allowed: torch.Tensor | None = None
+) -> StepOutput:
+    """The last node's per-session tail of a step: sample from the float32 ``logits``
+    (vocab,) among the tokens ``allowed`` permits (the grammar's mask; None: all), record
+    the token in the session's history, and the logprobs if asked."""
+    params = session.sampling
+    token = sample(logits, params, session.seed, session.cache.length, session.history, allowed)
+    session.history.append(token)
+    logprobs = None
+    if params.logprobs is not None:
+        logprobs = token_logprobs(logits, token, params.logprobs)
+    return StepOutput(
+        token=token, logits=logits if session.return_logits else None, logprobs=logprobs
+    )

@@ -30,7 +30,7 @@ from typing import TypeVar
 import torch
 
 from teeshard.attest import NodeAttestation, Receipt, TrafficHash
-from teeshard.model.sampling import SamplingParams, session_seed
+from teeshard.model.sampling import SamplingParams, TokenHistory, TokenLogprobs, session_seed
 from teeshard.model.transformer import KVCache, Shard
 from teeshard.node.compute import (
     StepOutput,
@@ -42,7 +42,7 @@ from teeshard.node.compute import (
 from teeshard.node.errors import BadRequestError, OverloadedError, UnknownSessionError
 from teeshard.node.hop import NextHop
 from teeshard.transport.codec import ProtocolError, tensor_from_wire, tensor_to_wire
-from teeshard.transport.messages import StepMsg, WireDtype
+from teeshard.transport.messages import SamplingHistory, StepMsg, WireDtype
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -91,6 +91,8 @@ class Session:
     sent: TrafficHash = field(default_factory=TrafficHash)
     input_digest: bytes | None = None  # entry node: SHA-256 of the client's request body
     next_url: str | None = None  # the next node of this session's route (None: last stage)
+    # last stage: what its sampling's penalties see (the prompt's ids, the output so far)
+    history: TokenHistory = field(default_factory=TokenHistory)
 
     @property
     def max_len(self) -> int:
@@ -206,6 +208,7 @@ class SessionStore:
 class StepResult:
     token: int
     logits: torch.Tensor | None = None  # (vocab,) float32 when the session asked for them
+    logprobs: TokenLogprobs | None = None  # when the session's sampling asked for them
 
 
 @dataclass
@@ -262,12 +265,14 @@ class NodeService:
         input_digest: bytes | None = None,
         owner: Owner | None = None,
         route: tuple[str, ...] = (),
+        history: SamplingHistory | None = None,
     ) -> tuple[str, ...]:
         """Open a session here and on every later node; return the route's node ids.
 
         ``route``: the URLs of the nodes after this one, nearest first (empty: this
         node's ``--next``). ``input_digest`` (entry node) is what its receipt says
-        it received: the SHA-256 of the client's request body.
+        it received: the SHA-256 of the client's request body. ``history``: what the
+        last stage's sampling needs of the session's past (passed on to it).
         """
         if self.next_hop is None and route:
             raise BadRequestError(
@@ -279,10 +284,12 @@ class NodeService:
         )
         session.input_digest = input_digest
         if self.next_hop is None:
+            if history is not None:
+                session.history = TokenHistory(history.prompt_tokens, history.output_tokens)
             return (self.node_id,)
         try:
             session.next_url, later = await self.next_hop.open_session(
-                session_id, max_len, sampling, wire_dtype, return_logits, route
+                session_id, max_len, sampling, wire_dtype, return_logits, route, history
             )
         except BaseException:
             self.sessions.close(session_id, owner)
@@ -395,7 +402,7 @@ class NodeService:
             self.counters.step_seconds += time.perf_counter() - started
             if out.hidden is None:  # the last stage: its output is the token
                 assert out.token is not None
-                result = StepResult(out.token, out.logits)
+                result = StepResult(out.token, out.logits, out.logprobs)
                 session.sent.update(struct.pack("<I", out.token))
             else:
                 result = await self._forward(session, out.hidden, length_before, allowed)
@@ -427,7 +434,7 @@ class NodeService:
         # received: the receipts of a route that lost a node still link.
         for frame in frames:
             session.sent.update(frame)
-        return StepResult(reply.token, reply.logits)
+        return StepResult(reply.token, reply.logits, reply.logprobs)
 
     async def _compute(self, fn: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
