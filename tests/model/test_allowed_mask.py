@@ -45,11 +45,11 @@ def test_sampling_never_leaves_the_mask() -> None:
     logits = torch.randn(VOCAB) * 5
     allowed_ids = [3, 11, 29]
     allowed = unpack_allowed(pack_allowed(allowed_ids, VOCAB), VOCAB)
-    greedy = sample(logits, SamplingParams(), 1, 0, allowed)
+    greedy = sample(logits, SamplingParams(), 1, 0, allowed=allowed)
     assert greedy == max(allowed_ids, key=lambda t: float(logits[t]))
     params = SamplingParams(temperature=50.0, top_k=2)  # top-k among the allowed
     drawn = {
-        sample(logits, params, seed, position, allowed)
+        sample(logits, params, seed, position, allowed=allowed)
         for seed in range(50)
         for position in range(4)
     }
@@ -62,4 +62,4 @@ def test_a_mask_over_only_minus_infinity_still_samples_an_allowed_token() -> Non
     logits[5] = 1.0
     allowed = unpack_allowed(pack_allowed([9], VOCAB), VOCAB)
     assert torch.isfinite(apply_allowed(logits, allowed)).sum() == 1
-    assert sample(logits, SamplingParams(temperature=1.0), 3, 0, allowed) == 9
+    assert sample(logits, SamplingParams(temperature=1.0), 3, 0, allowed=allowed) == 9
