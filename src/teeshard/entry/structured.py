@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
+    "MAX_TOOLS",
     "FunctionCall",
     "FunctionDef",
     "FunctionName",
@@ -71,16 +72,14 @@ class NamedToolChoice(_Strict):
 ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
 
 
-class FunctionCall(BaseModel):
+class FunctionCall(_Strict):
     """A call in an assistant message fed back: arguments as the JSON text OpenAI sends."""
 
-    model_config = ConfigDict(extra="ignore", frozen=True)
-    name: str
+    name: str = Name
     arguments: str
 
 
-class ToolCall(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
+class ToolCall(_Strict):
     id: str = Field(min_length=1, max_length=256)
     type: Literal["function"] = "function"
     function: FunctionCall
