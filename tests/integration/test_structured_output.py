@@ -17,6 +17,7 @@ import pytest
 from teeshard.attest import (
     Bundle,
     Policy,
+    fetch_chain,
     hash_entry_files,
     parse_response,
     verify_bundle,
@@ -158,11 +159,11 @@ def test_max_tokens_cuts_a_constrained_answer_with_length(client: openai.OpenAI)
         (
             {"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}},
             "tool_choice",
-        ),  # fmt: skip
+        ),
         (
             {"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}},
             "response_format",
-        ),  # fmt: skip
+        ),
         (
             {
                 "tools": [
@@ -171,7 +172,7 @@ def test_max_tokens_cuts_a_constrained_answer_with_length(client: openai.OpenAI)
                 "tool_choice": "required",
             },
             "tools",
-        ),  # fmt: skip
+        ),
     ],
 )
 def test_what_cannot_be_constrained_is_a_400_naming_the_field(
@@ -371,3 +372,69 @@ async def test_attack_a_malformed_mask_is_refused_and_the_session_survives(
         assert fragment in reply["message"]
         ok = await last.step(opened["session"], hidden=hidden(1))
         assert ok["type"] == "result"
+
+
+# -- failover -----------------------------------------------------------------------------
+
+WORDS: dict[str, Any] = {  # long enough for a kill to land mid-answer, and it must end
+    "type": "object",
+    "properties": {
+        "words": {
+            "type": "array",
+            "items": {"enum": ["alpha", "beta", "gamma"]},
+            "minItems": 30,
+            "maxItems": 30,
+        },
+    },
+    "required": ["words"],
+    "additionalProperties": False,
+}
+
+
+@pytest.fixture(scope="module")
+def replicated(model: TinyModel) -> Iterator[LocalCluster]:
+    """The entry and two replicas of the last range, each a subprocess."""
+    with LocalCluster(model.path, 2, subprocesses=True, replicas=2, ban_s=300) as running:
+        yield running
+
+
+def stream_chat(cluster: LocalCluster, body: dict[str, Any], kill_after: int = 0) -> str:
+    """The SSE transcript of a chat stream; after ``kill_after`` events the last node of
+    the session's route is killed."""
+    lines: list[str] = []
+    events = 0
+    with httpx.stream("POST", cluster.entry.http_url + "/v1/chat/completions",
+                      content=json.dumps(body).encode(), timeout=60,
+                      headers={"content-type": "application/json"}) as response:  # fmt: skip
+        assert response.status_code == 200, response.read()
+        for line in response.iter_lines():
+            lines.append(line)
+            if not line.startswith("data: {"):
+                continue
+            events += 1
+            if events == kill_after:
+                [route] = cluster.network_state()["routes"]
+                cluster.by_url(route[-1]).kill()
+    return "\n".join(lines)
+
+
+def test_a_constrained_stream_survives_failover_unchanged(
+    replicated: LocalCluster, model: TinyModel
+) -> None:
+    body = {"model": "tiny", "messages": ASK, "max_tokens": 900, "seed": 11, "stream": True,
+            "temperature": 1.0, "response_format": schema_format(WORDS)}  # fmt: skip
+    bundles = [
+        Bundle.from_json(fetch_chain(n.http_url, secrets.token_bytes(32))[0])
+        for n in replicated.nodes
+    ]  # fmt: skip, taken while all live
+    reference = parse_response(stream_chat(replicated, body))
+    survived = parse_response(stream_chat(replicated, body, kill_after=8))
+    assert replicated.network_state()["counters"]["failovers"] == 1
+    assert survived.text == reference.text and survived.finish_reason == "stop"
+    assert survived.completion_token_ids == reference.completion_token_ids
+    jsonschema.validate(json.loads(survived.text), WORDS)
+    codec = TextCodec(model.path)
+    report = verify_response(survived, bundles, entry_files=hash_entry_files(model.path),
+                             decode=codec.decode, eos_token_ids={1},
+                             request_body=json.dumps(body).encode())  # fmt: skip
+    assert report.segments == 2
