@@ -38,6 +38,12 @@ then proves no tokens; every complete segment's last stage must have sent
 exactly its slice of the token ids; the last segment is the ``receipts`` chain
 and must be complete; every segment's stage 0 received the same request body.
 
+A response with several choices (``n`` > 1, a list of prompts) carries these
+fields in each choice object instead: every choice is its own session with its own
+receipt chain, its request id is ``<the response's bare id>-<choice index>``, and
+:func:`parse_choices` reads one claim per choice (each verified on its own; the
+request body's ``n`` and prompts say which echo prefix each choice has).
+
 Only the decoding is the caller's (the web console and the CLI bring their own
 tokenizer); everything else here is pure and shared by both.
 """
@@ -49,7 +55,7 @@ import hmac
 import json
 import struct
 from collections.abc import Callable, Collection, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from teeshard.attest.entry_files import EntryFiles
@@ -94,6 +100,7 @@ class ResponseClaims:
     completion_tokens: int | None  # usage.completion_tokens, when the response has usage
     receipts: tuple[Receipt, ...]
     segments: tuple[ClaimedSegment, ...] = ()  # after a failover; () for one route
+    choice_index: int | None = None  # one choice of several; None: a single-choice response
 
 
 @dataclass(frozen=True)
@@ -166,7 +173,58 @@ def parse_response(text: str | bytes) -> ResponseClaims:
     raise FormatError("the response has neither choices nor output")
 
 
-def _parse_stream(text: str) -> ResponseClaims:
+def parse_choices(text: str | bytes) -> list[ResponseClaims]:
+    """Every choice's claims: one for a single-choice response (``parse_response``), else
+    one per choice, in index order, each from the receipt fields its choice carries."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", errors="strict")
+    stripped = text.lstrip()
+    if stripped.startswith("data:"):
+        events = _stream_events(stripped)
+        items = [c for e in events for c in e.get("choices") or () if isinstance(c, dict)]
+        if len({c.get("index") for c in items}) <= 1:
+            return [_parse_stream(stripped)]
+        return _multi(events[0], items, streamed=True)
+    try:
+        body = json.loads(text)
+    except ValueError as exc:
+        raise FormatError(f"the response is neither JSON nor an SSE stream: {exc}") from None
+    choices = body.get("choices") if isinstance(body, dict) else None
+    if not isinstance(choices, list) or len(choices) <= 1:
+        return [parse_response(text)]
+    return _multi(body, [c for c in choices if isinstance(c, dict)], streamed=False)
+
+
+def _multi(
+    body: dict[str, Any], items: list[dict[str, Any]], streamed: bool
+) -> list[ResponseClaims]:
+    by_index: dict[int, list[dict[str, Any]]] = {}
+    for item in items:
+        index = item.get("index")
+        if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+            raise FormatError("a choice has no index")
+        by_index.setdefault(index, []).append(item)
+    if sorted(by_index) != list(range(len(by_index))):
+        raise FormatError("the choices' indexes are not 0, 1, 2...")
+    out = []
+    for index, parts in sorted(by_index.items()):
+        chat = any(isinstance(p.get("message") or p.get("delta"), dict) for p in parts)
+        texts = []
+        for part in parts:
+            holder = part.get("delta") if streamed else part.get("message")
+            texts.append(
+                _text(holder.get("content") if isinstance(holder, dict) else part.get("text"))
+            )
+        finish = next((p["finish_reason"] for p in parts if p.get("finish_reason")), None)
+        sealed = [p for p in parts if EXTENSION_FIELD in p]
+        if len(sealed) != 1:
+            raise FormatError(f"choice {index} carries no receipts (or more than one set)")
+        claims = _claims(body, "chat" if chat else "completion", "".join(texts), finish, sealed[0])
+        out.append(replace(claims, choice_index=index, completion_tokens=None))
+    return out
+
+
+def _stream_events(text: str) -> list[dict[str, Any]]:
     events: list[dict[str, Any]] = []
     for line in text.splitlines():
         if not line.startswith("data:") or line[5:].strip() == "[DONE]":
@@ -182,6 +240,11 @@ def _parse_stream(text: str) -> ResponseClaims:
         events.append(event)
     if not events:
         raise FormatError("the stream holds no events")
+    return events
+
+
+def _parse_stream(text: str) -> ResponseClaims:
+    events = _stream_events(text)
     parts: list[str] = []
     calls: list[Any] = []  # tool call deltas, in order
     finish: object = None
@@ -230,7 +293,7 @@ def _calls_text(calls: object, streamed: bool) -> str:
 def _first_choice(body: dict[str, Any]) -> dict[str, Any]:
     choices = body.get("choices")
     if not isinstance(choices, list) or len(choices) != 1 or not isinstance(choices[0], dict):
-        raise FormatError("expected exactly one choice")
+        raise FormatError("expected exactly one choice (parse_choices reads several)")
     return choices[0]
 
 
@@ -301,6 +364,17 @@ class RequestFacts:
 
     stops: tuple[str, ...] = ()
     echo_prefix: str = ""
+    echo_prefixes: tuple[str, ...] = ()  # echo with a list of prompts: each prompt's text
+    n: int = 1
+
+    def for_choice(self, index: int) -> RequestFacts:
+        """The facts of choice ``index`` (of prompt ``index // n``)."""
+        if not self.echo_prefixes:
+            return self
+        prompt = index // self.n
+        if prompt >= len(self.echo_prefixes):
+            raise ReceiptError(f"choice {index} has no prompt in the request body")
+        return RequestFacts(self.stops, self.echo_prefixes[prompt], n=self.n)
 
 
 def parse_request(body: bytes) -> RequestFacts:
@@ -312,13 +386,16 @@ def parse_request(body: bytes) -> RequestFacts:
         raise FormatError("the request body is not a JSON object")
     stop = data.get("stop")
     stops = (stop,) if isinstance(stop, str) else tuple(s for s in stop or () if isinstance(s, str))
-    prefix: object = ""
+    n = data.get("n")
+    n = n if isinstance(n, int) and not isinstance(n, bool) and n >= 1 else 1
+    prefixes: tuple[str, ...] = ()
     if data.get("echo") is True:
         prompt = data.get("prompt")
-        prefix = prompt[0] if isinstance(prompt, list) and prompt else prompt
-        if not isinstance(prefix, str):
+        prompts = prompt if isinstance(prompt, list) else [prompt]
+        if not prompts or not all(isinstance(p, str) for p in prompts):
             raise FormatError("the request body's prompt is not a string")
-    return RequestFacts(stops, prefix if isinstance(prefix, str) else "")
+        prefixes = tuple(str(p) for p in prompts)
+    return RequestFacts(stops, prefixes[0] if prefixes else "", prefixes, n)
 
 
 # -- the rules ---------------------------------------------------------------------------
@@ -352,12 +429,16 @@ def verify_response(
         raise ValueError("decode and entry_files come together, from one checkpoint directory")
     signers = list(signers)
     rid = claims.request_id
-    if request_id is not None and bare_request_id(request_id) != rid:
+    # one choice of several: its session's id is the response's, then "-<index>"
+    base = rid if claims.choice_index is None else rid.removesuffix(f"-{claims.choice_index}")
+    if claims.choice_index is not None and base == rid:
+        raise ReceiptError(f"choice {claims.choice_index}'s request id {rid!r} is not its own")
+    if request_id is not None and bare_request_id(request_id) not in (rid, base):
         raise ReceiptError(
             f"the response is for request {rid!r}, not {bare_request_id(request_id)!r}"
         )
     if claims.response_id is not None and claims.response_id not in (
-        f"{p}{rid}" for p in RESPONSE_ID_PREFIXES
+        f"{p}{base}" for p in RESPONSE_ID_PREFIXES
     ):
         raise ReceiptError(f"response id {claims.response_id!r} is not request {rid!r}")
     chain = verify_chain(claims.receipts, signers, request_id=rid, num_layers=num_layers)
@@ -386,6 +467,8 @@ def verify_response(
         for first in firsts:
             _check_entry_files(first, signers, entry_files)
         facts = parse_request(request_body) if request_body is not None else RequestFacts()
+        if claims.choice_index is not None:
+            facts = facts.for_choice(claims.choice_index)
         full = decode(ids)
         want = expected_text(full, facts)
         if claims.text != want:
