@@ -30,11 +30,11 @@ BOS, EOS = "<s>", "</s>"
 # format (``<tool_call>{"name": ..., "arguments": ...}</tool_call>``, what
 # ``teeshard.entry.tools`` parses) and tool results in a ``<|tool|>`` turn.
 CHAT_TEMPLATE = (
-    "{% if tools %}{{ '<|system|>\\nYou can call these tools:\\n' }}"
+    "{% if tools %}{{ '<|system|>\\nTools:\\n' }}"
     "{% for tool in tools %}{{ (tool.function if tool.function is defined else tool) | tojson }}"
     "{{ '\\n' }}{% endfor %}"
-    '{{ \'To call one, answer <tool_call>{"name": <its name>, "arguments": '
-    "<its arguments as JSON>}</tool_call>' + eos_token + '\\n' }}{% endif %}"
+    '{{ \'Call one as <tool_call>{"name": ..., "arguments": {...}}</tool_call>\' }}'
+    "{{ eos_token + '\\n' }}{% endif %}"
     "{% for message in messages %}"
     "{% if message['role'] == 'user' %}{{ '<|user|>\\n' + message['content'] + eos_token + '\\n' }}"
     "{% elif message['role'] == 'system' %}{{ '<|system|>\\n' + message['content'] + eos_token + '\\n' }}"
