@@ -294,7 +294,7 @@ def chain_bundles(cluster: LocalCluster) -> list[Bundle]:
     "extra",
     [
         {"response_format": schema_format(PERSON)},
-        {"tools": TOOLS, "tool_choice": "required"},
+        {"tools": TOOLS, "tool_choice": "required", "parallel_tool_calls": False},
     ],
 )
 def test_constrained_answers_still_verify(
