@@ -32,7 +32,7 @@ from teeshard.attest import RECEIPT_DIGEST_HEADER
 from teeshard.entry.choices import CHAT, COMPLETION, Shape, receipt_fields, response_digest
 from teeshard.entry.errors import APIError
 from teeshard.entry.generation import Generation, GenerationLoop, GenerationParams
-from teeshard.entry.grammar import Grammar, Grammars
+from teeshard.entry.grammar import Grammar
 from teeshard.entry.protocol import (
     MAX_CHOICES,
     ChatCompletionRequest,
@@ -44,11 +44,10 @@ from teeshard.entry.protocol import (
     _Request,
     now,
 )
-from teeshard.entry.tools import ChatPlan, chat_message, finish_reason, plan_chat, template_messages
+from teeshard.entry.tools import PLAIN, ChatPlan, ChatTools, finish_reason, template_messages
 from teeshard.model.sampling import SamplingParams, TokenLogprobs, choice_seed, session_seed
 
 Event = dict[str, Any]
-PLAIN = ChatPlan()  # no response_format, no tools
 
 
 @dataclass(frozen=True)
@@ -89,21 +88,7 @@ class OpenAIServing:
         self.model_name = model_name
         self.codec = generations.codec
         self.vocab_size = generations.service.shard.spec.vocab_size
-        self._grammars: Grammars | None = None
-
-    @property
-    def grammars(self) -> Grammars:
-        """The grammar compiler, made on first use (it wraps the tokenizer once)."""
-        if self._grammars is None:
-            try:
-                self._grammars = Grammars(
-                    self.codec.tokenizer, self.vocab_size, self.generations.eos_ids
-                )
-            except ValueError as exc:  # a slow (not Rust) tokenizer, a vocabulary mismatch
-                raise APIError(
-                    400, f"structured output is not available for this model: {exc}"
-                ) from None
-        return self._grammars
+        self.tools = ChatTools(self.codec.tokenizer, self.vocab_size, generations.eos_ids)
 
     def _model_card(self) -> dict[str, Any]:
         return {"id": self.model_name, "object": "model", "created": 0, "owned_by": "teeshard"}
@@ -239,15 +224,7 @@ class OpenAIServing:
         self._check_model(request.model)
         if request.top_logprobs is not None and not request.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-        plan = PLAIN
-        if request.response_format is not None or request.tools or request.tool_choice:
-            plan = plan_chat(
-                self.grammars,
-                request.response_format,
-                request.tools,
-                request.tool_choice,
-                request.parallel_tool_calls,
-            )
+        plan = self.tools.plan(request)  # response_format and tools: a grammar, or none
         messages = template_messages(request.messages)
         prompt = PromptIn(
             self.codec.chat_prompt(messages, tools=plan.tools),
@@ -323,12 +300,7 @@ class OpenAIServing:
             item = shape.final_choice(
                 choice.index, choice.prefix + text, gen.finish_reason, logprobs
             )
-            parser = plan.parser()
-            if parser is not None:  # tool calls: content and calls read from the text
-                parser.feed(text)
-                parser.finish()
-                item["message"] = chat_message(parser)
-                item["finish_reason"] = finish_reason(parser, gen.finish_reason)
+            item |= plan.final_fields(text, gen.finish_reason)  # tool calls read from the text
             body_choices.append({**item, **receipt_fields(gen)} if several else item)
         body = {
             "id": response_id,
@@ -365,7 +337,7 @@ class OpenAIServing:
         async for delta in self.generations.stream(gen, choice.prompt_ids, choice.params):
             if parser is not None:
                 for piece in parser.feed(delta):
-                    yield _tool_delta(choice.index, piece.to_json())
+                    yield piece.choice(choice.index)
                 continue
             entries, sent = gen.logprobs[sent:], len(gen.logprobs)
             yield shape.stream_choice(
@@ -373,7 +345,7 @@ class OpenAIServing:
             )
             offset += sum(len(self.codec.token_text(e.token)) for e in entries)
         for piece in parser.finish() if parser is not None else ():
-            yield _tool_delta(choice.index, piece.to_json())
+            yield piece.choice(choice.index)
         rest = gen.logprobs[sent:]
         finish = shape.stream_choice(
             choice.index,
@@ -445,10 +417,6 @@ class OpenAIServing:
     async def _collect(self, choice: Choice) -> str:
         stream = self.generations.stream(choice.generation, choice.prompt_ids, choice.params)
         return "".join([delta async for delta in stream])
-
-
-def _tool_delta(index: int, delta: Event) -> Event:
-    return {"index": index, "delta": delta, "finish_reason": None, "logprobs": None}
 
 
 async def _all(jobs: list[Coroutine[Any, Any, str]]) -> list[str]:

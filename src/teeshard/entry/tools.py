@@ -20,19 +20,22 @@ from __future__ import annotations
 import json
 import re
 import secrets
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from teeshard.attest import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 from teeshard.entry.errors import APIError
 from teeshard.entry.grammar import JSON_OPTIONS, Grammar, Grammars
-from teeshard.entry.protocol import ChatMessage
+from teeshard.entry.protocol import ChatCompletionRequest, ChatMessage
 from teeshard.entry.structured import NamedToolChoice, ResponseFormat, Tool, ToolChoice
 
 __all__ = [
     "CLOSE",
     "OPEN",
+    "PLAIN",
     "ChatPlan",
+    "ChatTools",
     "ParsedCall",
     "ToolCallParser",
     "ToolDelta",
@@ -110,6 +113,10 @@ class ToolDelta:
     call: ParsedCall | None = None  # the call it belongs to
     opening: bool = False  # the call's first delta (index, id, type, name)
     arguments: str = ""
+
+    def choice(self, index: int) -> dict[str, Any]:
+        """This piece as the stream's choice ``index`` delta."""
+        return {"index": index, "delta": self.to_json(), "finish_reason": None, "logprobs": None}
 
     def to_json(self) -> dict[str, Any]:
         if self.call is None:
@@ -234,6 +241,47 @@ class ChatPlan:
 
     def parser(self) -> ToolCallParser | None:
         return ToolCallParser() if self.parse_tools else None
+
+    def final_fields(self, text: str, finish: str | None) -> dict[str, Any]:
+        """A finished choice's message and finish reason, when tool calls are read."""
+        parser = self.parser()
+        if parser is None:
+            return {}
+        parser.feed(text)
+        parser.finish()
+        return {"message": chat_message(parser), "finish_reason": finish_reason(parser, finish)}
+
+
+PLAIN = ChatPlan()  # no response_format, no tools
+
+
+class ChatTools:
+    """The entry's structured output: the grammar compiler, made on first use (it wraps
+    the tokenizer once), and each chat request's plan."""
+
+    def __init__(self, tokenizer: Any, vocab: int, eos_ids: Iterable[int]) -> None:
+        self._args = (tokenizer, vocab, set(eos_ids))
+        self._grammars: Grammars | None = None
+
+    @property
+    def grammars(self) -> Grammars:
+        if self._grammars is None:
+            try:
+                self._grammars = Grammars(*self._args)
+            except ValueError as exc:  # a slow (not Rust) tokenizer, a vocabulary mismatch
+                raise APIError(400, f"structured output is not available: {exc}") from None
+        return self._grammars
+
+    def plan(self, request: ChatCompletionRequest) -> ChatPlan:
+        if request.response_format is None and not request.tools and not request.tool_choice:
+            return PLAIN
+        return plan_chat(
+            self.grammars,
+            request.response_format,
+            request.tools,
+            request.tool_choice,
+            request.parallel_tool_calls,
+        )
 
 
 def plan_chat(
