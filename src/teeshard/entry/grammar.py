@@ -116,7 +116,11 @@ class Grammars:
     these vocabularies, a second for a large one), for the model's vocabulary size."""
 
     def __init__(self, hf_tokenizer: Any, vocab: int, eos_ids: Iterable[int]) -> None:
-        eos = sorted(eos_ids)
+        # the end-of-sequence id the grammar allows once it accepts: the tokenizer's own,
+        # else the model's first (llguidance before 1.7 takes one id only)
+        eos = hf_tokenizer.eos_token_id
+        if eos is None:
+            eos = min(eos_ids, default=None)
         if vocab < len(hf_tokenizer):
             raise ValueError(
                 f"the model's vocabulary ({vocab}) is smaller than its tokenizer's "
@@ -124,7 +128,7 @@ class Grammars:
             )
         self.vocab = vocab
         self.tokenizer = llguidance.hf.from_tokenizer(
-            hf_tokenizer, n_vocab=vocab, eos_token=eos or None
+            hf_tokenizer, n_vocab=vocab, eos_token=eos
         )
 
     def compile(self, text: str, param: str) -> Grammar:

@@ -18,15 +18,13 @@ reported; each carries its own receipts (see ``teeshard.entry.choices``).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi.responses import JSONResponse, StreamingResponse
-from starlette.types import Receive, Scope, Send
 
 from teeshard.attest import RECEIPT_DIGEST_HEADER
 from teeshard.entry.choices import CHAT, COMPLETION, Shape, receipt_fields, response_digest
@@ -44,6 +42,7 @@ from teeshard.entry.protocol import (
     _Request,
     now,
 )
+from teeshard.entry.streams import SessionStream, merged, run_all
 from teeshard.entry.tools import PLAIN, ChatPlan, ChatTools, finish_reason, template_messages
 from teeshard.model.sampling import SamplingParams, TokenLogprobs, choice_seed, session_seed
 
@@ -77,9 +76,6 @@ class Choice:
     params: GenerationParams
     generation: Generation
     prefix: str = ""
-
-
-_DONE = object()
 
 
 class OpenAIServing:
@@ -290,7 +286,10 @@ class OpenAIServing:
             return self._sse(
                 choices, self._chunks(choices, shape, response_id, include_usage, plan)
             )
-        texts = await _all([self._collect(c) for c in choices])
+        if len(choices) == 1:
+            texts = [await self._collect(choices[0])]
+        else:  # together: the node schedulers batch their steps
+            texts = await run_all([self._collect(c) for c in choices])
         several = len(choices) > 1
         gens = [c.generation for c in choices]
         body_choices = []
@@ -388,8 +387,7 @@ class OpenAIServing:
                 last = {**event([]), "usage": _usage(gens)}
             yield {**last, **receipt_fields(gens[0])}
             return
-        streams = [self._choice_events(c, shape, True, plan) for c in choices]
-        async for item in _merged(streams):
+        async for item in merged([self._choice_events(c, shape, True, plan) for c in choices]):
             yield event([item])
         if include_usage:
             yield {**event([]), "usage": _usage(gens)}
@@ -407,7 +405,7 @@ class OpenAIServing:
             for choice in choices:
                 await self.generations.release(choice.generation)
 
-        return _SessionStream(
+        return SessionStream(
             body(),
             on_close=release,
             media_type="text/event-stream",
@@ -419,73 +417,10 @@ class OpenAIServing:
         return "".join([delta async for delta in stream])
 
 
-async def _all(jobs: list[Coroutine[Any, Any, str]]) -> list[str]:
-    """Run the choices together; the first failure cancels the rest (each releases)."""
-    tasks = [asyncio.ensure_future(job) for job in jobs]
-    try:
-        return list(await asyncio.gather(*tasks))
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
-async def _merged(streams: list[AsyncIterator[Event]]) -> AsyncIterator[Event]:
-    """The items of several streams as they come; the first failure ends it (and the rest)."""
-    queue: asyncio.Queue[object] = asyncio.Queue()
-
-    async def pump(stream: AsyncIterator[Event]) -> None:
-        try:
-            async for item in stream:
-                await queue.put(item)
-            await queue.put(_DONE)
-        except Exception as exc:  # handed to the consumer, which raises it
-            await queue.put(exc)
-
-    tasks = [asyncio.ensure_future(pump(s)) for s in streams]
-    try:
-        done = 0
-        while done < len(tasks):
-            item = await queue.get()
-            if item is _DONE:
-                done += 1
-            elif isinstance(item, Exception):
-                raise item
-            else:
-                yield item  # type: ignore[misc]
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
 def _json(body: Event, generations: list[Generation]) -> JSONResponse:
     digest = response_digest(generations)
     headers = {RECEIPT_DIGEST_HEADER: digest.hex()} if digest is not None else {}
     return JSONResponse(body, headers=headers)
-
-
-class _SessionStream(StreamingResponse):
-    """A stream whose generation is released however the response ends.
-
-    A client that goes away mid-stream surfaces as a failed send or a cancelled
-    task, and the body's generator is then left suspended until garbage
-    collection: its own cleanup cannot be relied on. This runs ``on_close`` in the
-    request's task once the response is over (idempotent: a generation that
-    finished was released already, and settled).
-    """
-
-    def __init__(
-        self, content: AsyncIterator[str], on_close: Callable[[], Awaitable[None]], **kwargs: Any
-    ) -> None:
-        super().__init__(content, **kwargs)
-        self._on_close = on_close
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self._on_close()
 
 
 def _usage(generations: list[Generation]) -> dict[str, Any]:
