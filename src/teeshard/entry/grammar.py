@@ -127,9 +127,7 @@ class Grammars:
                 f"({len(hf_tokenizer)})"
             )
         self.vocab = vocab
-        self.tokenizer = llguidance.hf.from_tokenizer(
-            hf_tokenizer, n_vocab=vocab, eos_token=eos
-        )
+        self.tokenizer = llguidance.hf.from_tokenizer(hf_tokenizer, n_vocab=vocab, eos_token=eos)
 
     def compile(self, text: str, param: str) -> Grammar:
         """Validate an llguidance grammar; a 400 naming ``param`` if it cannot compile."""
