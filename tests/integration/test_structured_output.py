@@ -24,6 +24,7 @@ from teeshard.attest import (
     verify_response,
 )
 from teeshard.entry.text import TextCodec
+from teeshard.ledger.sql import SqlLedger
 from teeshard.model.sampling import pack_allowed
 from tests.checkpoints import TinyModel, build_tiny_model
 from tests.cluster import LocalCluster
@@ -392,9 +393,28 @@ WORDS: dict[str, Any] = {  # long enough for a kill to land mid-answer, and it m
 
 
 @pytest.fixture(scope="module")
-def replicated(model: TinyModel) -> Iterator[LocalCluster]:
-    """The entry and two replicas of the last range, each a subprocess."""
-    with LocalCluster(model.path, 2, subprocesses=True, replicas=2, ban_s=300) as running:
+def ledger_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return f"sqlite:///{tmp_path_factory.mktemp('ledger') / 'ledger.db'}"
+
+
+@pytest.fixture(scope="module")
+def ledger(ledger_url: str) -> Iterator[SqlLedger]:
+    owner = SqlLedger.open(ledger_url, "owner")
+    owner.authorize_entry("entry-1")
+    owner.open_account("alice")
+    owner.deposit("alice", 10_000_000)
+    owner.add_api_key("alice", "tsk_alice")
+    yield owner
+    owner.close()
+
+
+@pytest.fixture(scope="module")
+def replicated(model: TinyModel, ledger: SqlLedger, ledger_url: str) -> Iterator[LocalCluster]:
+    """The entry (charging alice) and two replicas of the last range, each a subprocess."""
+    options = {"ledger_url": ledger_url, "ledger_actor": "entry-1"}
+    with LocalCluster(
+        model.path, 2, subprocesses=True, replicas=2, ban_s=300, entry_options=options
+    ) as running:
         yield running
 
 
@@ -405,7 +425,8 @@ def stream_chat(cluster: LocalCluster, body: dict[str, Any], kill_after: int = 0
     events = 0
     with httpx.stream("POST", cluster.entry.http_url + "/v1/chat/completions",
                       content=json.dumps(body).encode(), timeout=60,
-                      headers={"content-type": "application/json"}) as response:  # fmt: skip
+                      headers={"content-type": "application/json",
+                               "authorization": "Bearer tsk_alice"}) as response:  # fmt: skip
         assert response.status_code == 200, response.read()
         for line in response.iter_lines():
             lines.append(line)
@@ -419,16 +440,20 @@ def stream_chat(cluster: LocalCluster, body: dict[str, Any], kill_after: int = 0
 
 
 def test_a_constrained_stream_survives_failover_unchanged(
-    replicated: LocalCluster, model: TinyModel
+    replicated: LocalCluster, model: TinyModel, ledger: SqlLedger
 ) -> None:
     body = {"model": "tiny", "messages": ASK, "max_tokens": 900, "seed": 11, "stream": True,
-            "temperature": 1.0, "response_format": schema_format(WORDS)}  # fmt: skip
+            "temperature": 1.0, "response_format": schema_format(WORDS),
+            "stream_options": {"include_usage": True}}  # fmt: skip
+    balance = ledger.balance("alice").available
     bundles = [
         Bundle.from_json(fetch_chain(n.http_url, secrets.token_bytes(32))[0])
         for n in replicated.nodes
     ]  # fmt: skip, taken while all live
-    reference = parse_response(stream_chat(replicated, body))
-    survived = parse_response(stream_chat(replicated, body, kill_after=8))
+    first = stream_chat(replicated, body)
+    reference = parse_response(first)
+    after = stream_chat(replicated, body, kill_after=8)
+    survived = parse_response(after)
     assert replicated.network_state()["counters"]["failovers"] == 1
     assert survived.text == reference.text and survived.finish_reason == "stop"
     assert survived.completion_token_ids == reference.completion_token_ids
@@ -438,3 +463,16 @@ def test_a_constrained_stream_survives_failover_unchanged(
                              decode=codec.decode, eos_token_ids={1},
                              request_body=json.dumps(body).encode())  # fmt: skip
     assert report.segments == 2
+    # billed as any answer: each settled once, at the price of its usage, nothing held
+    costs = [usage(first)["cost"], usage(after)["cost"]]
+    assert costs[0] == costs[1] > 0
+    assert usage(after)["completion_tokens"] == len(survived.completion_token_ids)
+    assert ledger.balance("alice").available == balance - sum(costs)
+    assert ledger.balance("alice").reserved == 0 and ledger.check().ok
+
+
+def usage(transcript: str) -> dict[str, Any]:
+    events = [
+        json.loads(line[6:]) for line in transcript.splitlines() if line.startswith("data: {")
+    ]
+    return dict(next(e["usage"] for e in events if e.get("usage")))
