@@ -10,16 +10,25 @@ within each repetition (memory bandwidth here swings minute to minute), local
 and split adjacent in time; only one format's weights are in memory at a time.
 Medians over repetitions. Prints a table; writes ``benchmarks/results/throughput.json``.
 
+Then, with one 2-node split kept running in ``--concurrency-format`` (bfloat16 by
+default), C sessions at once for each C in ``--levels`` (1, 4, 8, 16): aggregate
+decode tokens per second and per-session time per output token. Each level runs
+a round of C concurrent 1-token requests (open, prefill, close: the fixed part)
+and then a round of C concurrent ``--concurrency-decode``-token requests; a
+session's TPOT is its second-round latency minus the first round's median, over
+the other tokens, and the aggregate rate is every session's decoded tokens over
+the second round's wall time less that fixed part. Levels are interleaved over
+repetitions in alternating order.
+
     python benchmarks/throughput.py                      # 2 reps, prefill 128, decode 64
     python benchmarks/throughput.py --reps 1 --formats bfloat16,int8
-
-The ``concurrency`` section of issue 13 (batching across sessions) is not measured
-here yet: the JSON says so.
+    python benchmarks/throughput.py --formats "" --levels 1,8    # concurrency only
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gc
 import json
 import os
@@ -30,6 +39,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -87,6 +97,114 @@ def measure_split(
         for process in processes:
             process.wait()
     return timing, rss, startup
+
+
+def measure_concurrency(
+    model_dir: Path,
+    args: argparse.Namespace,
+    prompt: list[int],
+) -> dict[str, Any]:
+    """C sessions at once over one running split, for each C in ``args.levels``."""
+    fmt = FORMATS[args.concurrency_format]
+    top = max(args.levels)
+    options = ["--threads", str(args.threads)] if args.threads else []
+    options += ["--max-sessions", str(max(16, top))]
+    processes, launches = start_nodes(model_dir, args.nodes, "float32", fmt, options)
+    url = f"http://127.0.0.1:{launches[0].port}/v1/completions"
+    decode = args.concurrency_decode
+    samples: dict[int, list[dict[str, Any]]] = {c: [] for c in args.levels}
+    try:
+        asyncio.run(_concurrent_round(url, prompt, 1, 2))  # warm up
+        for rep in range(args.reps):
+            levels = args.levels if rep % 2 == 0 else list(reversed(args.levels))
+            for count in levels:
+                fixed = asyncio.run(_concurrent_round(url, prompt, 1, count))
+                before = [_batch_counters(spec.health_url("127.0.0.1")) for spec in launches]
+                full = asyncio.run(_concurrent_round(url, prompt, decode, count))
+                after = [_batch_counters(spec.health_url("127.0.0.1")) for spec in launches]
+                full["mean_batch_rows"] = [
+                    (a["rows"] - b["rows"]) / max(1.0, a["batches"] - b["batches"])
+                    for a, b in zip(after, before, strict=True)
+                ]
+                samples[count].append({"fixed": fixed, "full": full})
+                fixed_s = statistics.median(fixed["latencies"])
+                rate = count * (decode - 1) / max(full["wall_s"] - fixed_s, 1e-9)
+                print(f"rep {rep + 1}/{args.reps} {count:3} sessions: aggregate decode "
+                      f"{rate:.1f} tok/s", flush=True)  # fmt: skip
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.wait()
+    section: dict[str, Any] = {}
+    for count, reps in samples.items():
+        rates, tpots = [], []
+        for sample in reps:
+            fixed_s = statistics.median(sample["fixed"]["latencies"])
+            rates.append(count * (decode - 1) / max(sample["full"]["wall_s"] - fixed_s, 1e-9))
+            tpots += [
+                max(latency - fixed_s, 0.0) / (decode - 1) * 1000
+                for latency in sample["full"]["latencies"]
+            ]
+        tpots.sort()
+        section[str(count)] = {
+            "aggregate_decode_tok_s": statistics.median(rates),
+            "p50_tpot_ms": _percentile(tpots, 50),
+            "p95_tpot_ms": _percentile(tpots, 95),
+            "per_rep_aggregate_decode_tok_s": rates,
+            # token positions per batched forward on each node during the decode round
+            "mean_batch_rows_per_node": [
+                statistics.median(r["full"]["mean_batch_rows"][i] for r in reps)
+                for i in range(len(launches))
+            ],
+        }
+    return section
+
+
+def _batch_counters(health_url: str) -> dict[str, float]:
+    """A node's batch counters from its /metrics (loopback: no admin token needed; a
+    figure only, so the node's certificate is not checked: verify=False)."""
+    text = httpx.get(health_url.replace("/health", "/metrics"), verify=False).text
+    values = {"batches": 0.0, "rows": 0.0}
+    for line in text.splitlines():
+        name = line.split("{", 1)[0]
+        if name == "teeshard_batches_total":
+            values["batches"] = float(line.rsplit(" ", 1)[1])
+        elif name == "teeshard_batched_rows_total":
+            values["rows"] = float(line.rsplit(" ", 1)[1])
+    return values
+
+
+async def _concurrent_round(
+    url: str, prompt: list[int], max_tokens: int, count: int
+) -> dict[str, Any]:
+    """``count`` requests at once, each a different prompt (one token changed)."""
+    limits = httpx.Limits(max_connections=count + 4, max_keepalive_connections=count + 4)
+    async with httpx.AsyncClient(timeout=900, limits=limits) as client:
+
+        async def one(index: int) -> float:
+            tokens = [*prompt[:-1], (prompt[-1] + index) % 1000 + 1]
+            body = {"model": "bench", "prompt": tokens, "max_tokens": max_tokens,
+                    "temperature": 0, "ignore_eos": True}  # fmt: skip
+            started = time.perf_counter()
+            response = await client.post(url, json=body)
+            elapsed = time.perf_counter() - started
+            response.raise_for_status()
+            assert response.json()["usage"]["completion_tokens"] == max_tokens
+            return elapsed
+
+        started = time.perf_counter()
+        latencies = await asyncio.gather(*(one(i) for i in range(count)))
+        return {"latencies": list(latencies), "wall_s": time.perf_counter() - started}
+
+
+def _percentile(values: list[float], pct: float) -> float:
+    if not values:
+        return float("nan")
+    rank = (len(values) - 1) * pct / 100
+    low = int(rank)
+    high = min(low + 1, len(values) - 1)
+    return values[low] + (values[high] - values[low]) * (rank - low)
 
 
 def measure_local(
@@ -196,6 +314,16 @@ def print_table(formats: dict[str, Any], ratios: dict[str, float], targets: dict
         print(f"target {key} >= {result['target']}: {'met' if result['met'] else 'NOT met'}")
 
 
+def print_concurrency(section: dict[str, Any], fmt: str) -> None:
+    print(f"\nconcurrent sessions ({fmt}, 2-node split):")
+    print(f"{'sessions':>8} {'aggregate decode tok/s':>23} {'p50 TPOT ms':>12} "
+          f"{'p95 TPOT ms':>12} {'rows per batch (nodes)':>24}")  # fmt: skip
+    for count, row in section.items():
+        rows = " / ".join(f"{r:.1f}" for r in row["mean_batch_rows_per_node"])
+        print(f"{count:>8} {row['aggregate_decode_tok_s']:23.1f} {row['p50_tpot_ms']:12.1f} "
+              f"{row['p95_tpot_ms']:12.1f} {rows:>24}")  # fmt: skip
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -213,13 +341,18 @@ def main() -> int:
         help="torch threads, here and in every node (default: torch's choice, all cores); "
         "on an oversubscribed machine 1 avoids OpenMP barrier stalls",
     )
+    parser.add_argument("--levels", default="1,4,8,16", help="concurrent sessions; '' skips")
+    parser.add_argument("--concurrency-format", default="bfloat16", choices=list(FORMATS))
+    parser.add_argument("--concurrency-prompt-tokens", type=int, default=16)
+    parser.add_argument("--concurrency-decode", type=int, default=32)
     parser.add_argument(
         "--out", type=Path, default=ROOT / "benchmarks" / "results" / "throughput.json"
     )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    names = args.formats.split(",")
+    names = [n for n in args.formats.split(",") if n]
+    args.levels = [int(c) for c in args.levels.split(",") if c]
     unknown = [n for n in names if n not in FORMATS]
     if unknown:
         parser.error(f"unknown format(s) {', '.join(unknown)}; choose from {', '.join(FORMATS)}")
@@ -257,8 +390,21 @@ def main() -> int:
                   f"{lo.decode_s:.2f}s | split prefill {sp.prefill_s:.2f}s decode {sp.decode_s:.2f}s "
                   f"({time.perf_counter() - started:.0f}s elapsed)", flush=True)  # fmt: skip
 
-    formats = summarise(args, checkpoint, runs)
+    formats = summarise(args, checkpoint, runs) if names else {}
     ratios, targets = ratios_and_targets(formats)
+    concurrency: dict[str, Any] = {}
+    if args.levels:
+        short = prompt_ids(checkpoint.spec.vocab_size, args.concurrency_prompt_tokens)
+        concurrency = measure_concurrency(model_dir, args, short)
+        if "1" in concurrency and "8" in concurrency:
+            scale = (
+                concurrency["8"]["aggregate_decode_tok_s"]
+                / concurrency["1"]["aggregate_decode_tok_s"]
+            )
+            ratios["aggregate_decode_8_vs_1"] = scale
+            targets["aggregate_decode_8_sessions_vs_1"] = {
+                "target": 5.0, "measured": scale, "met": scale >= 5.0,
+            }  # fmt: skip
     result = {
         "model": model_dir.name,
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -278,13 +424,19 @@ def main() -> int:
         "formats": formats,
         "ratios": ratios,
         "targets": targets,
-        "concurrency": {
-            "measured": False,
-            "note": "not measured: batching, queueing and pipelining (issue 13 items 1-3) are "
-            "not built yet; this run measures one session at a time",
+        "concurrency": concurrency,
+        "concurrency_setup": {
+            "format": args.concurrency_format,
+            "prompt_tokens": args.concurrency_prompt_tokens,
+            "decode_tokens": args.concurrency_decode,
+            "method": "round of C 1-token requests (fixed part), then C decode requests; "
+            "TPOT = (latency - median fixed) / (decode - 1)",
         },
     }
-    print_table(formats, ratios, targets)
+    if formats:
+        print_table(formats, ratios, targets)
+    if concurrency:
+        print_concurrency(concurrency, args.concurrency_format)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")

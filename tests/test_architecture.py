@@ -118,7 +118,9 @@ def test_every_public_name_resolves() -> None:
 
 # -- one request's path ---------------------------------------------------------------
 
-MAX_FILES_ON_THE_PATH = 10
+# Ten when issue 7 set the bound; batching (node/scheduler.py) and the admission queue
+# (entry/admission.py) each added a stage of their own to the path.
+MAX_FILES_ON_THE_PATH = 12
 
 
 class PathRecorder:
@@ -159,7 +161,7 @@ def _below_the_route(frame: FrameType | None) -> bool:
     return False
 
 
-def test_one_chat_request_reads_in_ten_files(tiny_llama: Any, tmp_path: Path) -> None:
+def test_one_chat_request_reads_in_twelve_files(tiny_llama: Any, tmp_path: Path) -> None:
     from teeshard.model import Checkpoint
     from teeshard.server import NodeConfig, build_node, write_local_policy
 

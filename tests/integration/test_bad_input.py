@@ -130,10 +130,14 @@ def small_cluster(tiny_llama: TinyModel) -> Iterator[LocalCluster]:
         yield running
 
 
-def test_cache_budget_exhausted_is_503_and_recovers(small_cluster: LocalCluster) -> None:
-    response = chat(small_cluster, max_tokens=120)  # fits the context, not the 100-token budget
-    error = assert_error(response, 503, "KV cache budget exhausted")
-    assert error["code"] == "overloaded" and response.headers["retry-after"]
+def test_a_session_larger_than_the_cache_budget_is_400_at_once(
+    small_cluster: LocalCluster,
+) -> None:
+    """It fits the model's context, not the node's 100-token budget: no wait could help,
+    so it is refused at once rather than queued."""
+    response = chat(small_cluster, max_tokens=120)
+    error = assert_error(response, 400, "reserves at most 100")
+    assert error["code"] == "context_length_exceeded"
     assert_still_serving(small_cluster)
 
 

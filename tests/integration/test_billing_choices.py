@@ -10,6 +10,7 @@ before anything runs and holds nothing.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -139,4 +140,31 @@ def test_choices_that_cannot_all_be_reserved_hold_nothing(shop: Shop) -> None:
     assert refused.status_code == 402, refused.text
     assert shop.available("erin") == left
     assert shop.owner.balance("erin").reserved == 0
+    assert shop.owner.check().ok
+
+
+def test_an_abandoned_stream_of_n_3_releases_every_choice_and_pays_what_ran(shop: Shop) -> None:
+    """The attack: hang up on a stream of three choices early. Every session closes on
+    every node, nothing stays reserved, and no more than the three full answers is paid."""
+    before = shop.available()
+    body = {"model": "tiny", "prompt": "Once upon a time", "n": 3, "max_tokens": 200,
+            "temperature": 1.0, "ignore_eos": True, "stream": True}  # fmt: skip
+    headers = {"Authorization": "Bearer tsk_alice"}
+    url = shop.cluster.entry.http_url + "/v1/completions"
+    seen: set[int] = set()
+    with httpx.stream("POST", url, json=body, headers=headers, timeout=60) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                seen.update(c["index"] for c in json.loads(line[6:])["choices"])
+                if len(seen) == 3:
+                    break  # every choice has started; the client walks away
+    deadline = time.monotonic() + 10
+    while shop.owner.balance("alice").reserved and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert shop.owner.balance("alice").reserved == 0
+    charged = before - shop.available()
+    prompt = shop.post("/tokenize", {"prompt": body["prompt"]}).json()["count"]
+    assert prompt <= charged < prompt + 3 * 2 * 200  # the prompt once; not three full answers
+    for node in shop.cluster.nodes:
+        assert node.get("/health").json()["sessions"]["open"] == 0
     assert shop.owner.check().ok

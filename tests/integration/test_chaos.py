@@ -55,7 +55,8 @@ def test_requests_survive_nodes_killed_and_restarted(tiny_llama: TinyModel, tmp_
         chooser = random.Random(7)
         deadline = time.monotonic() + CHAOS_S
         try:
-            while time.monotonic() < deadline:
+            # at least three kills even when a loaded machine restarts nodes slowly
+            while time.monotonic() < deadline or kills < 3:
                 time.sleep(1.0)
                 victim_index = chooser.randrange(1, len(cluster.nodes))
                 cluster.nodes[victim_index].kill()

@@ -7,9 +7,10 @@ import os
 from pathlib import Path
 
 from teeshard.attest import DEFAULT_PCCS_URL, TEE_CHOICES
+from teeshard.entry.admission import QueueLimits
 from teeshard.model.formats import QUANTIZE_CHOICES, NumberFormat
 from teeshard.model.layer_range import LayerRange
-from teeshard.node import SessionLimits
+from teeshard.node import SchedulerLimits, SessionLimits
 from teeshard.server.config import NodeConfig
 
 
@@ -248,6 +249,31 @@ def add_runtime_options(parser: argparse.ArgumentParser) -> None:
         help="open sessions one upstream may hold on a node (default: --max-sessions)",
     )
     parser.add_argument(
+        "--max-batch-rows",
+        type=int,
+        default=512,
+        help="token positions one batched forward may hold over all sessions (default 512)",
+    )
+    parser.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=256,
+        help="a longer prompt is prefilled in chunks of this many positions, so sessions "
+        "decoding beside it are not stalled (default 256)",
+    )
+    parser.add_argument(
+        "--queue-size",
+        type=int,
+        default=256,
+        help="entry: requests that may wait for cache room before 429 (default 256)",
+    )
+    parser.add_argument(
+        "--queue-timeout",
+        type=float,
+        default=60.0,
+        help="entry: seconds a request may wait for room before 429 (default 60)",
+    )
+    parser.add_argument(
         "--max-body-bytes",
         type=int,
         default=4 << 20,
@@ -285,6 +311,10 @@ def config_from_args(args: argparse.Namespace, **overrides: object) -> NodeConfi
             args.idle_timeout,
             max_sessions_per_peer=args.max_sessions_per_peer,
         ),
+        scheduler=SchedulerLimits(
+            max_batch_rows=args.max_batch_rows, prefill_chunk=args.prefill_chunk
+        ),
+        queue=QueueLimits(max_waiting=args.queue_size, max_wait_s=args.queue_timeout),
         max_body_bytes=args.max_body_bytes,
         max_connections=args.max_connections,
         admin_token=os.environ.get("TEESHARD_ADMIN_TOKEN") or None,

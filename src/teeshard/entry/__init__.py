@@ -7,6 +7,7 @@ error leaves as ``APIError`` in the OpenAI error shape, with the status that
 fits (node errors keep theirs; ledger errors map through ``api_error_for``).
 """
 
+from teeshard.entry.admission import AdmissionQueue, QueueLimits
 from teeshard.entry.billing import Billing, BillingAPI, api_error_for
 from teeshard.entry.console_api import attach_console
 from teeshard.entry.errors import APIError
@@ -22,6 +23,7 @@ from teeshard.entry.text import TextCodec
 
 __all__ = [
     "APIError",
+    "AdmissionQueue",
     "Billing",
     "BillingAPI",
     "Caller",
@@ -33,6 +35,7 @@ __all__ = [
     "NoRouteError",
     "NodeView",
     "OpenAIServing",
+    "QueueLimits",
     "ReceiptSegment",
     "Registry",
     "TextCodec",

@@ -21,15 +21,27 @@ _TYPES = {
 }
 
 
+def _default_headers(status: int) -> dict[str, str]:
+    return {"Retry-After": "1"} if status == 503 else {}
+
+
 class APIError(Exception):
     def __init__(
-        self, status: int, message: str, *, code: str | None = None, param: str | None = None
+        self,
+        status: int,
+        message: str,
+        *,
+        code: str | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.code = code
         self.param = param
+        # e.g. Retry-After; a 503 without one gets Retry-After: 1
+        self.headers = headers if headers is not None else _default_headers(status)
 
     @property
     def type(self) -> str:

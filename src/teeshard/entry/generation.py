@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Literal
 
 from teeshard.attest import Receipt
+from teeshard.entry.admission import AdmissionQueue, Gone
 from teeshard.entry.billing import Billing, BillingAPI, ChargeRequest, Reservation, Settlement
 from teeshard.entry.errors import APIError
 from teeshard.entry.failover import FailoverPolicy, FaultLog, ReceiptSegment, Rerouter
@@ -84,6 +86,7 @@ class Generation:
     max_len: int = 0
     sampling: SamplingParams = field(default_factory=SamplingParams)
     input_digest: bytes | None = None
+    admitted_at: float | None = None  # when the session opened (the queue's service time)
     prompt_ids: tuple[int, ...] = ()  # for the history a rebuilt session's sampling needs
 
     def history(self) -> SamplingHistory | None:
@@ -108,8 +111,11 @@ class GenerationLoop:
         billing: Billing | None = None,
         registry: Registry | None = None,
         failover: FailoverPolicy | None = None,
+        admission: AdmissionQueue | None = None,
     ) -> None:
         self.service = service
+        # a burst waits here for cache room instead of being refused
+        self.admission = admission or AdmissionQueue()
         self.registry = registry  # None: every session takes the static --next
         self.reroute = Rerouter(registry, failover or FailoverPolicy())
         self.billing = BillingAPI(billing) if billing is not None else None
@@ -160,13 +166,16 @@ class GenerationLoop:
         api_key: str | None = None,
         input_digest: bytes | None = None,
         idempotency_key: str | None = None,
+        gone: Gone | None = None,
         *,
         request_id: str | None = None,
         bill_prompt: bool = True,
     ) -> Generation:
-        """Reserve the most the request can cost, then open the session on every node.
+        """Reserve the most the request can cost, then open the session on every node,
+        waiting in the admission queue while the caches are full.
 
-        Errors here (402 no balance, 503 full caches...) happen before any output.
+        Errors here (402 no balance, 429 queue full or waited too long...) happen
+        before any output. ``gone``: True once the client left (it leaves the queue).
         ``bill_prompt`` False: the prompt is charged with another choice of the request.
         """
         generation = Generation(
@@ -189,7 +198,8 @@ class GenerationLoop:
         generation.max_len = len(prompt_ids) + params.max_tokens
         generation.sampling = params.sampling
         try:
-            await self._open(generation)
+            await self.admission.admit(lambda: self._open(generation), gone)
+            generation.admitted_at = time.monotonic()
         except BaseException as exc:
             if self.billing is not None and generation.reservation is not None:
                 await self.billing.release(generation.reservation)
@@ -346,6 +356,8 @@ class GenerationLoop:
         finally:
             if self.registry is not None:
                 self.registry.drop(generation.request_id)
+            if generation.admitted_at is not None:  # its room is free: the next may open
+                self.admission.finished(time.monotonic() - generation.admitted_at)
             reservation = generation.reservation
             if self.billing is not None and reservation is not None:
                 if finished or generation.prefilled:

@@ -74,7 +74,10 @@ async def caller_of(request: Request) -> Caller:
             code="invalid_idempotency_key",
         )
     return Caller(
-        bearer_token(request.headers.get("authorization")), hashlib.sha256(body).digest(), key
+        bearer_token(request.headers.get("authorization")),
+        hashlib.sha256(body).digest(),
+        key,
+        gone=request.is_disconnected,
     )
 
 
@@ -94,8 +97,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, exc: APIError) -> JSONResponse:
-        headers = {"Retry-After": "1"} if exc.status == 503 else None
-        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers or None)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:

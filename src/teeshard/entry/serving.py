@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,6 +57,7 @@ class Caller:
     api_key: str | None = None
     body_digest: bytes | None = None
     idempotency_key: str | None = None
+    gone: Callable[[], Awaitable[bool]] | None = None  # True once the client disconnected
 
 
 @dataclass(frozen=True)
@@ -189,6 +190,7 @@ class OpenAIServing:
                         caller.api_key,
                         caller.body_digest,
                         key,
+                        gone=caller.gone,
                         request_id=f"{base}-{index}" if several else base,
                         bill_prompt=j == 0,
                     )
@@ -264,7 +266,12 @@ class OpenAIServing:
         sampling = SamplingParams(temperature=request.temperature, seed=session_seed(None))
         params = GenerationParams(budget, sampling, prompt_chars=len(request.prompt))
         generation = await self.generations.start(
-            prompt_ids, params, caller.api_key, caller.body_digest, caller.idempotency_key
+            prompt_ids,
+            params,
+            caller.api_key,
+            caller.body_digest,
+            caller.idempotency_key,
+            gone=caller.gone,
         )
         text = await self._collect(Choice(0, prompt_ids, params, generation))
         body = {"output": text, "usage": _usage([generation]), **receipt_fields(generation)}

@@ -144,6 +144,27 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin  # x: (B, H, T, D); cos/sin broadcast from (T, D)
 
 
+@dataclass(frozen=True)
+class Pack:
+    """Several sessions' steps packed along the token axis, for one batched forward.
+
+    Segment ``i`` is ``steps[i]`` consecutive rows of the packed activations
+    (1, sum(steps), C); it writes its session's cache from position ``starts[i]``.
+    The linears and norms run once over every row; rotary and attention run per
+    segment, each against its own cache, so sessions never see each other.
+    """
+
+    caches: tuple[KVCache, ...]
+    steps: tuple[int, ...]
+    starts: tuple[int, ...]
+    cos: torch.Tensor  # (sum(steps), D): each row's position, float32
+    sin: torch.Tensor
+
+    @property
+    def rows(self) -> int:
+        return sum(self.steps)
+
+
 class Attention(nn.Module):
     def __init__(self, spec: ArchSpec) -> None:
         super().__init__()
@@ -157,23 +178,46 @@ class Attention(nn.Module):
         self.v_proj = Linear(spec.hidden_size, spec.kv_dim, bias=bias)
         self.o_proj = Linear(spec.num_heads * spec.head_dim, spec.hidden_size, bias=False)
 
-    def forward(
-        self,
-        x: torch.Tensor,  # (B, T, C), float32
-        cos: torch.Tensor,  # (T, D), float32
-        sin: torch.Tensor,
-        k_cache: torch.Tensor,  # (B, Hkv, S, D) in the compute dtype, for the whole session
-        v_cache: torch.Tensor,
-        start: int,  # position of x[:, 0] in the sequence
-    ) -> torch.Tensor:
-        batch, steps, _ = x.shape
-        q = self.q_proj(x).view(batch, steps, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, steps, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(batch, steps, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        dtype = k_cache.dtype  # rotary in float32, then attention in the compute dtype
-        q = apply_rope(q.float(), cos, sin).to(dtype)  # (B, H, T, D)
-        k = apply_rope(k.float(), cos, sin).to(dtype)  # (B, Hkv, T, D)
+    def forward(self, x: torch.Tensor, pack: Pack, layer: int) -> torch.Tensor:
+        """``x`` (1, N, C) float32, the packed rows of every segment; ``layer``: the
+        index of this block in the shard, i.e. in each cache's slab."""
+        rows = x.shape[1]
+        q = self.q_proj(x).view(1, rows, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(1, rows, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(1, rows, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        dtype = pack.caches[0].keys.dtype  # rotary in float32, then attention in the compute dtype
+        q = apply_rope(q.float(), pack.cos, pack.sin).to(dtype)  # (1, H, N, D)
+        k = apply_rope(k.float(), pack.cos, pack.sin).to(dtype)  # (1, Hkv, N, D)
         v = v.to(dtype)
+        outs = []
+        offset = 0
+        for cache, steps, start in zip(pack.caches, pack.steps, pack.starts, strict=True):
+            rows_of = slice(offset, offset + steps)
+            outs.append(
+                self._attend(
+                    q[:, :, rows_of],
+                    k[:, :, rows_of],
+                    v[:, :, rows_of],
+                    cache.keys[layer],
+                    cache.values[layer],
+                    start,
+                )
+            )
+            offset += steps
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)  # (1, H, N, D)
+        out = out.transpose(1, 2).reshape(1, rows, self.num_heads * self.head_dim)
+        return self.o_proj(out)
+
+    def _attend(
+        self,
+        q: torch.Tensor,  # (1, H, T, D) one segment's queries, rotated, in the compute dtype
+        k: torch.Tensor,  # (1, Hkv, T, D)
+        v: torch.Tensor,
+        k_cache: torch.Tensor,  # (1, Hkv, S, D) in the compute dtype, for the whole session
+        v_cache: torch.Tensor,
+        start: int,  # position of the segment's first row in its sequence
+    ) -> torch.Tensor:
+        steps = q.shape[2]
         end = start + steps
         k_cache[:, :, start:end] = k
         v_cache[:, :, start:end] = v
@@ -181,19 +225,17 @@ class Attention(nn.Module):
         first_key = 0
         if self.sliding_window is not None and end > self.sliding_window and steps == 1:
             first_key = end - self.sliding_window  # a decoding token sees only its window
-        keys = k_cache[:, :, first_key:end]  # (B, Hkv, S', D)
+        keys = k_cache[:, :, first_key:end]  # (1, Hkv, S', D)
         values = v_cache[:, :, first_key:end]
-        mask = self._mask(start, steps, first_key, end, x.device)
-        out = F.scaled_dot_product_attention(
+        mask = self._mask(start, steps, first_key, end, q.device)
+        return F.scaled_dot_product_attention(
             q,
             keys,
             values,
             attn_mask=mask,
             is_causal=mask is None and steps > 1 and start == 0,
             enable_gqa=self.num_kv_heads != self.num_heads,
-        )  # (B, H, T, D)
-        out = out.transpose(1, 2).reshape(batch, steps, self.num_heads * self.head_dim)
-        return self.o_proj(out)
+        )  # (1, H, T, D)
 
     def _mask(
         self, start: int, steps: int, first_key: int, end: int, device: torch.device
@@ -231,17 +273,9 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.mlp = MLP(spec)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        start: int,
-    ) -> torch.Tensor:
-        # x: (B, T, C) float32, the residual stream; the sublayers may return the compute dtype
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, start)
+    def forward(self, x: torch.Tensor, pack: Pack, layer: int) -> torch.Tensor:
+        # x: (1, N, C) float32, the residual stream; the sublayers may return the compute dtype
+        x = x + self.self_attn(self.input_layernorm(x), pack, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -298,20 +332,66 @@ class Shard(nn.Module):
         return self.embed_tokens(token_ids).float()  # (B, T) -> (B, T, C) float32
 
     def forward(self, hidden: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Run this shard's blocks on ``hidden`` (B, T, C), append to ``cache``.
+        """Run this shard's blocks on one session's ``hidden`` (1, T, C), append to ``cache``.
 
         Returns the hidden states for the next shard, or, on the last shard,
-        float32 logits for the final position only: (B, vocab).
+        float32 logits for the final position only: (1, vocab).
         """
-        hidden = hidden.float()  # the residual stream is float32 in every number format
-        steps = hidden.shape[1]
-        start = cache.length
-        cache.check_room(steps)
-        cos, sin = self.rotary.get(start, steps, hidden.device)
+        return self.forward_batch([hidden], [cache])[0]
+
+    def forward_batch(
+        self,
+        hiddens: list[torch.Tensor],
+        caches: list[KVCache],
+        want_logits: list[bool] | None = None,
+    ) -> list[torch.Tensor]:
+        """One forward over several sessions' steps: ``hiddens[i]`` (1, T_i, C) appends
+        to ``caches[i]``, each cache a different session.
+
+        The rows are packed into one (1, sum T_i, C) tensor so every linear reads its
+        weights once for the whole batch (decode is bound by reading them); attention
+        runs per session against its own cache. Returns, per session, its hidden
+        states (1, T_i, C) for the next shard or, on the last shard, float32 logits
+        of its final position (1, vocab), or an empty tensor where ``want_logits``
+        says the logits are not needed (a prefill chunk that is not the last).
+        """
+        if len(hiddens) != len(caches) or not hiddens:
+            raise ValueError("forward_batch needs one cache per step, and at least one step")
+        if len({id(c) for c in caches}) != len(caches):
+            raise ValueError("a batch holds at most one step per session")
+        steps = tuple(h.shape[1] for h in hiddens)
+        for cache, count in zip(caches, steps, strict=True):
+            cache.check_room(count)
+        starts = tuple(c.length for c in caches)
+        device = hiddens[0].device
+        tables = [self.rotary.get(s, n, device) for s, n in zip(starts, steps, strict=True)]
+        pack = Pack(
+            tuple(caches),
+            steps,
+            starts,
+            torch.cat([t[0] for t in tables]) if len(tables) > 1 else tables[0][0],
+            torch.cat([t[1] for t in tables]) if len(tables) > 1 else tables[0][1],
+        )
+        # the residual stream is float32 in every number format
+        hidden = (torch.cat(hiddens, dim=1) if len(hiddens) > 1 else hiddens[0]).float()
         for index, block in enumerate(self.layers):
-            hidden = block(hidden, cos, sin, cache.keys[index], cache.values[index], start)
-        cache.advance(steps)
+            hidden = block(hidden, pack, index)
+        for cache, count in zip(caches, steps, strict=True):
+            cache.advance(count)
+        ends = [sum(steps[: i + 1]) for i in range(len(steps))]
         if not self.is_last:
-            return hidden
+            return list(torch.split(hidden, list(steps), dim=1))
         assert self.norm is not None and self.lm_head is not None
-        return self.lm_head(self.norm(hidden[:, -1:, :]))[:, -1, :].float()  # (B, vocab)
+        wanted = want_logits or [True] * len(steps)
+        rows = [end - 1 for end, want in zip(ends, wanted, strict=True) if want]
+        logits = self.lm_head(self.norm(hidden[0, rows, :])).float() if rows else None  # (R, V)
+        out: list[torch.Tensor] = []
+        taken = 0
+        for want in wanted:
+            if want:
+                assert logits is not None
+                out.append(logits[taken : taken + 1])  # (1, vocab)
+                taken += 1
+            else:
+                out.append(torch.empty(0))
+        return out

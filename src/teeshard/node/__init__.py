@@ -24,6 +24,7 @@ from teeshard.node.pipeline import (
     UpstreamVerifier,
     attach_pipeline,
 )
+from teeshard.node.scheduler import SchedulerLimits, StepScheduler
 from teeshard.node.service import (
     NodeService,
     Owner,
@@ -48,11 +49,13 @@ __all__ = [
     "OverloadedError",
     "Owner",
     "PipelineLimits",
+    "SchedulerLimits",
     "Session",
     "SessionLimits",
     "SessionStore",
     "StageCounters",
     "StepResult",
+    "StepScheduler",
     "UnknownSessionError",
     "Upstream",
     "UpstreamVerifier",

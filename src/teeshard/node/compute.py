@@ -78,35 +78,66 @@ def _check_room(session: Session, steps: int) -> None:
         raise CacheFullError(f"session {session.id}: {exc}") from None
 
 
+@dataclass(frozen=True)
+class BatchItem:
+    """One session's part of a batch: validated input rows and whether they end its step.
+
+    ``tokens`` (1, T) on the first node, else ``hidden`` (1, T, C). A long prefill
+    runs as several items in successive batches; only the one with ``last`` set is
+    sampled (on the last node) and its step then complete.
+    """
+
+    session: Session
+    tokens: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
+    last: bool = True
+    allowed: torch.Tensor | None = None  # the grammar's mask for the sampled token (vocab,)
+
+    @property
+    def rows(self) -> int:
+        rows = self.tokens if self.tokens is not None else self.hidden
+        assert rows is not None
+        return int(rows.shape[1])
+
+
 @torch.no_grad()
-def run_step(
-    shard: Shard,
-    session: Session,
-    *,
-    tokens: torch.Tensor | None,
-    hidden: torch.Tensor | None,
-    allowed: torch.Tensor | None = None,
-) -> StepOutput:
-    """Run one step on validated input: ``tokens`` (1, T) on the first node, else ``hidden``;
-    the last node samples only among the tokens ``allowed`` (vocab,) bool permits."""
-    if tokens is not None:
-        hidden = shard.embed(tokens)  # (1, T, C)
-    assert hidden is not None
+def run_batch(shard: Shard, items: list[BatchItem]) -> list[StepOutput]:
+    """Run one batched forward over ``items`` (one per session) and finish each.
+
+    Every item was validated on its own before it joined (its shape, its room in
+    the cache), so nothing here can fail for one session and not the others; a
+    failure of the node itself (the TSQP accelerator) fails the batch, and no
+    cache advances.
+    """
+    hiddens = [
+        shard.embed(item.tokens) if item.tokens is not None else _hidden(item) for item in items
+    ]
+    caches = [item.session.cache for item in items]
     try:
-        out = shard(hidden, session.cache)
-    except AcceleratorError as exc:  # TSQP: a failed check or no answer; the cache did not advance
+        outs = shard.forward_batch(hiddens, caches, want_logits=[item.last for item in items])
+    except AcceleratorError as exc:  # TSQP: a failed check or no answer; no cache advanced
         raise AcceleratorFailedError(str(exc)) from None
     if not shard.is_last:
-        return StepOutput(hidden=out)
-    return sample_tail(session, out[0], allowed)
+        return [StepOutput(hidden=out) for out in outs]
+    return [
+        finish_last(item.session, out[0], item.allowed) if item.last else StepOutput()
+        for item, out in zip(items, outs, strict=True)
+    ]
 
 
-def sample_tail(
+def _hidden(item: BatchItem) -> torch.Tensor:
+    assert item.hidden is not None
+    return item.hidden
+
+
+def finish_last(
     session: Session, logits: torch.Tensor, allowed: torch.Tensor | None = None
 ) -> StepOutput:
-    """The last node's per-session tail of a step: sample from the float32 ``logits``
-    (vocab,) among the tokens ``allowed`` permits (the grammar's mask; None: all), record
-    the token in the session's history, and the logprobs if asked."""
+    """The last node's end of a step: sample the session's next token from its float32
+    ``logits`` (vocab,) at the position just filled (after logit bias, min_tokens and the
+    penalties over its token history, then the grammar's mask ``allowed``, (vocab,) bool,
+    when the step carries one), record it in that history, and compute its raw logprobs
+    when the session's sampling asked for them."""
     params = session.sampling
     token = sample(logits, params, session.seed, session.cache.length, session.history, allowed)
     session.history.append(token)
@@ -116,3 +147,11 @@ def sample_tail(
     return StepOutput(
         token=token, logits=logits if session.return_logits else None, logprobs=logprobs
     )
+
+
+def run_step(
+    shard: Shard, session: Session, *, tokens: torch.Tensor | None, hidden: torch.Tensor | None
+) -> StepOutput:
+    """Run one session's step on validated input: ``tokens`` (1, T) on the first node, else
+    ``hidden``: a batch of one."""
+    return run_batch(shard, [BatchItem(session, tokens, hidden)])[0]

@@ -69,6 +69,8 @@ def stage_metrics(service: NodeService) -> Metrics:
     metrics.counter("teeshard_steps_total", "Pipeline steps run on this node")
     metrics.counter("teeshard_tokens_processed_total", "Token positions run through this shard")
     metrics.counter("teeshard_step_seconds_total", "Time spent in local compute")
+    metrics.counter("teeshard_batches_total", "Batched forwards run (each holds 1+ steps)")
+    metrics.counter("teeshard_batched_rows_total", "Token positions over all batched forwards")
     metrics.counter("teeshard_errors_total", "Failed requests by error code")
     metrics.counter("teeshard_pipeline_connections_total", "Pipeline sockets admitted")
     metrics.counter(
@@ -81,6 +83,11 @@ def stage_metrics(service: NodeService) -> Metrics:
         lambda: counters.frames_in_flight,
     )
     metrics.gauge(
+        "teeshard_steps_waiting",
+        "Steps submitted to the batch scheduler and not finished",
+        lambda: service.scheduler.waiting,
+    )
+    metrics.gauge(
         "teeshard_cache_reserved_tokens", "KV positions reserved", lambda: sessions.reserved_tokens
     )
 
@@ -88,6 +95,8 @@ def stage_metrics(service: NodeService) -> Metrics:
         metrics.set("teeshard_steps_total", counters.steps)
         metrics.set("teeshard_tokens_processed_total", counters.tokens_processed)
         metrics.set("teeshard_step_seconds_total", counters.step_seconds)
+        metrics.set("teeshard_batches_total", counters.batches)
+        metrics.set("teeshard_batched_rows_total", counters.batched_rows)
         metrics.set("teeshard_pipeline_connections_total", counters.pipeline_connections)
         for code, count in counters.errors.items():
             metrics.set("teeshard_errors_total", count, code=code)

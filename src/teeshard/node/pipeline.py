@@ -62,7 +62,7 @@ POLICY_VIOLATION = 1008  # WebSocket close code: the peer broke this endpoint's 
 
 @dataclass(frozen=True)
 class PipelineLimits:
-    max_in_flight: int = 8  # frames being handled per connection before reading pauses
+    max_in_flight: int = 32  # frames being handled per connection before reading pauses
     handshake_timeout_s: float = 10.0  # for the upstream's introduction
 
 

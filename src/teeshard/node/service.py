@@ -6,9 +6,12 @@ would pass its budget, so memory for every admitted session is known in
 advance; idle sessions are evicted.
 
 Steps: the pipeline socket and the entry node's generation loop both drive a
-stage through ``NodeService``. Compute runs on one worker thread (torch uses all cores
-inside each op), so the event loop stays free for I/O while a step runs; the
-next node is reached through ``NextHop``.
+stage through ``NodeService``. A checked step goes to the node's
+``StepScheduler``, which runs the ready steps of all sessions as one batched
+forward on one worker thread (torch uses all cores inside each op), so the
+event loop stays free for I/O while a batch runs; the next node is reached
+through ``NextHop``, each session's step forwarded as soon as its part of the
+batch is done, so while node B computes one batch node A computes the next.
 
 Error handling: a step that fails downstream rolls the local cache back, so the
 session is exactly as before the step; a failed ``open`` downstream closes the
@@ -17,7 +20,6 @@ local session again. Errors from the next node keep their code and status.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import struct
 import time
@@ -25,27 +27,20 @@ from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TypeVar
 
 import torch
 
 from teeshard.attest import NodeAttestation, Receipt, TrafficHash
 from teeshard.model.sampling import SamplingParams, TokenHistory, TokenLogprobs, session_seed
 from teeshard.model.transformer import KVCache, Shard
-from teeshard.node.compute import (
-    StepOutput,
-    check_allowed,
-    check_hidden,
-    check_tokens,
-    run_step,
-)
+from teeshard.node.compute import StepOutput, check_allowed, check_hidden, check_tokens
 from teeshard.node.errors import BadRequestError, OverloadedError, UnknownSessionError
 from teeshard.node.hop import NextHop
+from teeshard.node.scheduler import SchedulerLimits, StepScheduler
 from teeshard.transport.codec import ProtocolError, tensor_from_wire, tensor_to_wire
 from teeshard.transport.messages import SamplingHistory, StepMsg, WireDtype
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 # -- sessions and admission -----------------------------------------------------------
 
@@ -112,6 +107,10 @@ class SessionStore:
     def __len__(self) -> int:
         return len(self._sessions)
 
+    def stepping(self) -> int:
+        """Open sessions that have stepped and may step again soon (for batching)."""
+        return sum(1 for s in self._sessions.values() if s.stepped)
+
     @property
     def reserved_tokens(self) -> int:
         return sum(s.max_len for s in self._sessions.values())
@@ -123,6 +122,12 @@ class SessionStore:
         if max_len > self.max_len_cap:
             raise BadRequestError(
                 f"max_len {max_len} exceeds the model's context of {self.max_len_cap} tokens",
+                code="context_length_exceeded",
+            )
+        if max_len > self.limits.max_cached_tokens:  # not now, and never: waiting cannot help
+            raise BadRequestError(
+                f"the session needs {max_len} cache positions; this node reserves at most "
+                f"{self.limits.max_cached_tokens} over all sessions",
                 code="context_length_exceeded",
             )
         if len(self._sessions) >= self.limits.max_sessions:
@@ -217,7 +222,9 @@ class StageCounters:
 
     steps: int = 0
     tokens_processed: int = 0  # token positions run through this shard
-    step_seconds: float = 0.0  # time spent in local compute
+    step_seconds: float = 0.0  # time spent in local compute (batched forwards)
+    batches: int = 0  # batched forwards run
+    batched_rows: int = 0  # token positions over all batches (rows / batches: mean batch)
     pipeline_connections: int = 0  # admitted after the upstream's introduction
     errors: Counter[str] = field(default_factory=Counter)  # failed requests by error code
     refused: Counter[str] = field(default_factory=Counter)  # pipeline connections, by reason
@@ -238,6 +245,7 @@ class NodeService:
         next_hop: NextHop | None = None,
         node_id: str = "node",
         attestation: NodeAttestation | None = None,
+        scheduler: SchedulerLimits | None = None,
     ) -> None:
         if not shard.is_last and next_hop is None:
             raise ValueError(
@@ -252,6 +260,10 @@ class NodeService:
         self.sessions = SessionStore(limits, shard.spec.max_position_embeddings)
         self.counters = StageCounters()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
+        # every step runs through the scheduler, batched with other sessions' ready steps
+        self.scheduler = StepScheduler.on_executor(
+            shard, self._executor, self.counters, scheduler, active=self.sessions.stepping
+        )
 
     # -- sessions --------------------------------------------------------------------
 
@@ -386,20 +398,13 @@ class NodeService:
             )
         session.in_flight, session.stepped = True, True
         try:
-            started = time.perf_counter()
             length_before = session.cache.length
-            out: StepOutput = await self._compute(
-                lambda: run_step(
-                    self.shard,
-                    session,
-                    tokens=tokens,
-                    hidden=hidden,
-                    allowed=check_allowed(self.shard, allowed) if self.shard.is_last else None,
-                )
+            mask = check_allowed(self.shard, allowed) if self.shard.is_last else None
+            out: StepOutput = await self.scheduler.run(
+                session, tokens=tokens, hidden=hidden, allowed=mask
             )
             self.counters.steps += 1
             self.counters.tokens_processed += session.cache.length - length_before
-            self.counters.step_seconds += time.perf_counter() - started
             if out.hidden is None:  # the last stage: its output is the token
                 assert out.token is not None
                 result = StepResult(out.token, out.logits, out.logprobs)
@@ -436,13 +441,11 @@ class NodeService:
             session.sent.update(frame)
         return StepResult(reply.token, reply.logits, reply.logprobs)
 
-    async def _compute(self, fn: Callable[[], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
-
     def count_error(self, code: str) -> None:
         self.counters.errors[code] += 1
 
     async def shutdown(self) -> None:
+        await self.scheduler.stop()
         if self.next_hop is not None:
             await self.next_hop.disconnect()
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -30,6 +30,7 @@ from teeshard.entry import (
     attach_sealed_router,
     install_error_handlers,
 )
+from teeshard.entry.admission import queue_metrics
 from teeshard.entry.network_routes import network_metrics
 from teeshard.ledger import Ledger, LedgerBilling, LedgerError
 from teeshard.ledger.registration import AttestVerifier, ExpectedShards, renew_admissions
@@ -106,6 +107,7 @@ def create_app(
         registry = serving.generations.registry
         if registry is not None:
             network_metrics(metrics, registry)
+        queue_metrics(metrics, serving.generations.admission)
         attach_network_routes(app, registry, lambda request: may_see_detail(request, config))
         attach_router(app, serving)
         attach_console(app, serving, trust, lambda request: (

@@ -6,9 +6,10 @@ import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from teeshard.entry.admission import QueueLimits
 from teeshard.model.formats import NumberFormat
 from teeshard.model.layer_range import LayerRange
-from teeshard.node import PipelineLimits, SessionLimits
+from teeshard.node import PipelineLimits, SchedulerLimits, SessionLimits
 from teeshard.transport.messages import WireDtype
 
 
@@ -33,6 +34,8 @@ class NodeConfig:
     wire_dtype: WireDtype = "float32"  # dtype of hidden states sent to the next node
     limits: SessionLimits = field(default_factory=SessionLimits)
     pipeline: PipelineLimits = field(default_factory=PipelineLimits)
+    scheduler: SchedulerLimits = field(default_factory=SchedulerLimits)  # batching of steps
+    queue: QueueLimits = field(default_factory=QueueLimits)  # entry: requests waiting for room
     max_frame_bytes: int | None = None  # default: one full-context prefill plus headroom
     threads: int | None = None  # torch intra-op threads; default: torch's choice
     model_name: str | None = None  # name served on /v1/models; default: directory name

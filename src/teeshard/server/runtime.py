@@ -26,7 +26,14 @@ from teeshard.attest import (
     NodeIdentity,
     select_provider,
 )
-from teeshard.entry import FailoverPolicy, GenerationLoop, OpenAIServing, Registry, TextCodec
+from teeshard.entry import (
+    AdmissionQueue,
+    FailoverPolicy,
+    GenerationLoop,
+    OpenAIServing,
+    Registry,
+    TextCodec,
+)
 from teeshard.entry.registry import ledger_nodes, load_network
 from teeshard.model.checkpoint import Checkpoint
 from teeshard.model.loader import TensorHook, load_shard, parse_dtype
@@ -142,7 +149,13 @@ def build_node(config: NodeConfig, show_progress: bool = False) -> Node:
 
         next_hop = NextHop(connect, config.next_url)
     service = NodeService(
-        shard, model_name, config.limits, next_hop, config.resolved_node_id, trust.attestation
+        shard,
+        model_name,
+        config.limits,
+        next_hop,
+        config.resolved_node_id,
+        trust.attestation,
+        config.scheduler,
     )
     serving = _entry_serving(config, service, model_name, trust) if config.entry else None
     app = create_app(service, config, trust, serving)
@@ -210,6 +223,7 @@ def _entry_serving(
         billing,
         registry,
         FailoverPolicy(config.failover_attempts, config.failover_deadline_s),
+        AdmissionQueue(config.queue),
     )
     return OpenAIServing(generations, model_name)
 

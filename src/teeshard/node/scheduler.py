@@ -1,0 +1,261 @@
+"""Continuous batching for one node: the ready steps of many sessions run as one forward.
+
+Decode reads every weight of the shard for a single row, so eight sessions
+decoding together cost about what one does. Sessions submit their steps here
+(one at a time each: the service refuses a second with 409) and wait; a single
+loop takes whatever is ready, up to a budget of rows, runs it as one batched
+forward on the node's compute thread, and hands each session its result. While
+a batch runs, new steps queue, so sessions join and leave between batches.
+
+What goes into a batch, in order:
+
+1. every waiting one-row step (decode), oldest first;
+2. then prefills, oldest first, each contributing at most ``prefill_chunk`` rows
+   until the batch holds ``max_batch_rows``. A long prompt thus runs over several
+   batches, and sessions that are decoding keep getting a token per batch
+   instead of stalling behind it. Only its last chunk is sampled (last node) or
+   forwarded (other nodes: the chunks' hidden states are joined first).
+
+Every step was checked on its own before it was submitted (shape, finite values,
+room in its cache), so a batch cannot fail because of one session's input. A
+failure of the node itself fails the steps in that batch, and each of their
+caches is put back to where its step began. A step whose caller gives up
+(cancelled: the client went away) leaves the queue; if it was mid-way through a
+chunked prefill, its cache is put back too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from teeshard.model.transformer import Shard
+from teeshard.node.compute import BatchItem, StepOutput, run_batch
+
+if TYPE_CHECKING:
+    from teeshard.node.service import Session, StageCounters
+
+__all__ = ["SchedulerLimits", "StepScheduler"]
+
+
+@dataclass(frozen=True)
+class SchedulerLimits:
+    max_batch_rows: int = 512  # token positions per batched forward
+    max_batch_sessions: int = 64  # steps per batched forward
+    prefill_chunk: int = 256  # a longer prefill runs in chunks of this many positions
+    # after a wake from idle, wait at most this long for the other active sessions' steps
+    gather_s: float = 0.002
+
+    def __post_init__(self) -> None:
+        if min(self.max_batch_rows, self.max_batch_sessions, self.prefill_chunk) < 1:
+            raise ValueError("scheduler limits must be at least 1")
+        if self.gather_s < 0:
+            raise ValueError("gather_s must not be negative")
+
+
+@dataclass(eq=False)
+class _Job:
+    session: Session
+    rows: torch.Tensor  # (1, T) token ids on the first node, else (1, T, C) hidden states
+    is_tokens: bool
+    length_before: int  # the session's cache length when the step began
+    future: asyncio.Future[StepOutput]
+    done: int = 0  # rows computed so far
+    parts: list[torch.Tensor] = field(default_factory=list)  # hidden outputs of done chunks
+    running: bool = False  # in the batch being computed now
+    cancelled: bool = False
+    allowed: torch.Tensor | None = None  # the grammar's mask for the token sampled at the end
+
+    @property
+    def total(self) -> int:
+        return int(self.rows.shape[1])
+
+    @property
+    def remaining(self) -> int:
+        return self.total - self.done
+
+    def item(self, count: int) -> BatchItem:
+        chunk = self.rows[:, self.done : self.done + count]
+        last = self.done + count == self.total
+        allowed = self.allowed if last else None
+        if self.is_tokens:
+            return BatchItem(self.session, tokens=chunk, last=last, allowed=allowed)
+        return BatchItem(self.session, hidden=chunk, last=last, allowed=allowed)
+
+
+class StepScheduler:
+    """Collects the ready steps of a node's sessions into batched forwards."""
+
+    def __init__(
+        self,
+        shard: Shard,
+        run_in_thread: Callable[[Callable[[], list[StepOutput]]], asyncio.Future[list[StepOutput]]],
+        counters: StageCounters,
+        limits: SchedulerLimits | None = None,
+        active: Callable[[], int] = lambda: 0,
+    ) -> None:
+        self.shard = shard
+        self.limits = limits or SchedulerLimits()
+        self.counters = counters
+        # sessions likely to submit a step soon (open and stepping): worth a short wait
+        self._active = active
+        self._run_in_thread = run_in_thread
+        self._waiting: list[_Job] = []
+        self._wake = asyncio.Event()
+        self._loop_task: asyncio.Task[None] | None = None
+
+    @classmethod
+    def on_executor(
+        cls,
+        shard: Shard,
+        executor: Executor,
+        counters: StageCounters,
+        limits: SchedulerLimits | None = None,
+        active: Callable[[], int] = lambda: 0,
+    ) -> StepScheduler:
+        def run_in_thread(fn: Callable[[], list[StepOutput]]) -> asyncio.Future[list[StepOutput]]:
+            return asyncio.get_running_loop().run_in_executor(executor, fn)
+
+        return cls(shard, run_in_thread, counters, limits, active)
+
+    @property
+    def waiting(self) -> int:
+        """Steps submitted and not yet finished (queued or mid-prefill)."""
+        return len(self._waiting)
+
+    async def run(
+        self,
+        session: Session,
+        *,
+        tokens: torch.Tensor | None,
+        hidden: torch.Tensor | None,
+        allowed: torch.Tensor | None = None,
+    ) -> StepOutput:
+        """Queue one validated step of ``session`` and wait for its result; ``allowed``:
+        the grammar's mask for the token the last node samples at its end."""
+        rows = tokens if tokens is not None else hidden
+        assert rows is not None
+        job = _Job(
+            session,
+            rows,
+            tokens is not None,
+            session.cache.length,
+            asyncio.get_running_loop().create_future(),
+            allowed=allowed,
+        )
+        self._waiting.append(job)
+        self._ensure_loop()
+        self._wake.set()
+        try:
+            return await job.future  # cancelling the caller cancels the future too
+        except asyncio.CancelledError:
+            job.cancelled = True
+            if not job.running and job in self._waiting:  # not being computed: leave now
+                self._waiting.remove(job)
+                job.session.cache.length = job.length_before
+            raise
+
+    def _ensure_loop(self) -> None:
+        if self._loop_task is None or self._loop_task.done():
+            self._loop_task = asyncio.create_task(self._loop(), name="step-scheduler")
+
+    async def _loop(self) -> None:
+        while True:
+            if not self._waiting:
+                self._wake.clear()
+                await self._wake.wait()
+                await self._gather()
+                continue
+            batch = self._take()
+            for job, _ in batch:
+                job.running = True
+            items = [item for _, item in batch]
+            started = time.perf_counter()
+            try:
+                outputs = await self._run_in_thread(functools.partial(run_batch, self.shard, items))
+            except BaseException as exc:  # the node failed: every step in the batch fails
+                for job, _ in batch:
+                    self._fail(job, exc)
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                continue
+            finally:
+                self.counters.step_seconds += time.perf_counter() - started
+            self.counters.batches += 1
+            self.counters.batched_rows += sum(item.rows for item in items)
+            for (job, item), output in zip(batch, outputs, strict=True):
+                self._advance(job, item, output)
+            # Let the sessions just answered submit their next step (the entry's loop
+            # does so at once) before the next batch is taken: otherwise a session
+            # decoding beside a chunked prefill would get a token every other batch.
+            await asyncio.sleep(0)
+
+    async def _gather(self) -> None:
+        """Woken from idle by one step: give the other active sessions' steps, which
+        usually arrive together (the previous node's batch, sent frame by frame), a
+        moment to join, rather than run a batch of one and leave them for the next."""
+        deadline = time.monotonic() + self.limits.gather_s
+        while len(self._waiting) < min(self._active(), self.limits.max_batch_sessions):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=remaining)
+
+    def _take(self) -> list[tuple[_Job, BatchItem]]:
+        """The next batch: one-row steps first, then chunks of prefills, oldest first."""
+        limits = self.limits
+        room = limits.max_batch_rows
+        batch: list[tuple[_Job, BatchItem]] = []
+        decodes = [j for j in self._waiting if j.remaining == 1]
+        prefills = [j for j in self._waiting if j.remaining > 1]
+        for job in (*decodes, *prefills):
+            if room == 0 or len(batch) == limits.max_batch_sessions:
+                break
+            count = min(job.remaining, limits.prefill_chunk, room)
+            batch.append((job, job.item(count)))
+            room -= count
+        return batch
+
+    def _advance(self, job: _Job, item: BatchItem, output: StepOutput) -> None:
+        job.running = False
+        job.done += item.rows
+        if output.hidden is not None:
+            job.parts.append(output.hidden)
+        if job.cancelled:  # nobody waits for it: undo what it computed
+            self._waiting.remove(job)
+            job.session.cache.length = job.length_before
+            return
+        if job.remaining:  # more chunks of this prefill to come
+            return
+        self._waiting.remove(job)
+        if output.hidden is not None and len(job.parts) > 1:
+            output = StepOutput(hidden=torch.cat(job.parts, dim=1))
+        job.future.set_result(output)
+
+    def _fail(self, job: _Job, exc: BaseException) -> None:
+        job.running = False
+        if job in self._waiting:
+            self._waiting.remove(job)
+        job.session.cache.length = job.length_before
+        if not job.future.done():
+            if isinstance(exc, asyncio.CancelledError):
+                job.future.cancel()
+            else:
+                job.future.set_exception(exc)
+
+    async def stop(self) -> None:
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+            self._loop_task = None

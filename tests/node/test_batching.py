@@ -1,0 +1,320 @@
+"""Continuous batching: a batched step gives each session what it would get alone.
+
+The model level (``Shard.forward_batch``) is compared with one session at a time
+and with Hugging Face; the node level (``NodeService`` with its scheduler) runs
+sessions concurrently, with mixed prompt lengths and sessions joining mid-way,
+and checks greedy tokens, logits, chunked prefill, fairness, cancellation and
+that one session's bad input never fails its batch-mates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from teeshard.model.checkpoint import Checkpoint
+from teeshard.model.layer_range import LayerRange
+from teeshard.model.loader import load_shard
+from teeshard.model.sampling import SamplingParams
+from teeshard.model.transformer import Block, Shard
+from teeshard.node import NodeService, SessionLimits
+from teeshard.node.compute import BatchItem, run_batch
+from teeshard.node.errors import AcceleratorFailedError, BadRequestError
+from teeshard.node.scheduler import SchedulerLimits
+from teeshard.node.service import Session
+from tests.checkpoints import TinyModel, build_tiny_model
+
+PROMPTS = [
+    [3, 17, 250, 33, 101, 7, 402, 99, 5, 311, 64, 12, 8, 200, 41, 77, 19, 23, 400, 6],
+    [5, 9],
+    [44, 120, 7, 301, 2, 88, 15],
+    [260],
+    [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32],
+]
+
+
+@pytest.fixture(scope="module")
+def mistral(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
+    # sliding window 16: prompts of 20 and 22 tokens really get cut by it
+    return build_tiny_model("mistral", tmp_path_factory.mktemp("tiny-mistral"))
+
+
+def whole(model: TinyModel) -> Shard:
+    return load_shard(Checkpoint(model.path), LayerRange(0, model.num_layers))
+
+
+def greedy_alone(shard: Shard, prompt: list[int], new: int) -> tuple[list[int], list[torch.Tensor]]:
+    cache = shard.new_cache(len(prompt) + new)
+    tokens, logits = [], []
+    step = prompt
+    with torch.no_grad():
+        for _ in range(new):
+            out = shard(shard.embed(torch.tensor([step])), cache)[0]
+            logits.append(out)
+            tokens.append(int(out.argmax()))
+            step = [tokens[-1]]
+    return tokens, logits
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_forward_batch_matches_each_session_alone_and_hugging_face(
+    family: str, tmp_path: Path, tiny_llama: TinyModel, tiny_qwen2: TinyModel, mistral: TinyModel
+) -> None:
+    """Mixed prompt lengths, sessions joining mid-way (a prefill in the same batch as
+    decodes): greedy tokens identical, logits within 1e-4 of the session run alone."""
+    model = {"llama": tiny_llama, "qwen2": tiny_qwen2, "mistral": mistral}[family]
+    shard = whole(model)
+    new = 12
+    alone = [greedy_alone(shard, p, new) for p in PROMPTS]
+
+    caches = [shard.new_cache(len(p) + new) for p in PROMPTS]
+    pending = [list(p) for p in PROMPTS]  # what each session feeds next
+    got_tokens: list[list[int]] = [[] for _ in PROMPTS]
+    got_logits: list[list[torch.Tensor]] = [[] for _ in PROMPTS]
+    joins = [0, 0, 3, 5, 8]  # batch index at which each session starts
+    with torch.no_grad():
+        for batch_index in range(max(joins) + new):
+            live = [
+                i
+                for i in range(len(PROMPTS))
+                if joins[i] <= batch_index and len(got_tokens[i]) < new
+            ]
+            outs = shard.forward_batch(
+                [shard.embed(torch.tensor([pending[i]])) for i in live], [caches[i] for i in live]
+            )
+            for i, out in zip(live, outs, strict=True):
+                got_logits[i].append(out[0])
+                got_tokens[i].append(int(out[0].argmax()))
+                pending[i] = [got_tokens[i][-1]]
+    for i, (tokens, logits) in enumerate(alone):
+        assert got_tokens[i] == tokens, f"session {i}"
+        worst = max((a - b).abs().max().item() for a, b in zip(got_logits[i], logits, strict=True))
+        assert worst < 1e-4, f"session {i}: logits differ by {worst}"
+
+    # and the first token of each prompt against Hugging Face's unsplit model
+    with torch.no_grad():
+        for prompt, (_, logits) in zip(PROMPTS, alone, strict=True):
+            reference = model.reference(torch.tensor([prompt])).logits[0, -1]
+            assert (logits[0] - reference).abs().max().item() < 1e-4
+
+
+def test_forward_batch_refuses_two_steps_of_one_session(tiny_llama: TinyModel) -> None:
+    shard = whole(tiny_llama)
+    cache = shard.new_cache(8)
+    hidden = shard.embed(torch.tensor([[1, 2]]))
+    with pytest.raises(ValueError, match="at most one step per session"):
+        shard.forward_batch([hidden, hidden], [cache, cache])
+    assert cache.length == 0
+
+
+def test_run_batch_on_a_middle_shard_returns_each_sessions_rows(tiny_llama: TinyModel) -> None:
+    """Hidden states in, hidden states out, split back per session in order."""
+    first = load_shard(Checkpoint(tiny_llama.path), LayerRange(0, 2))
+    middle = load_shard(Checkpoint(tiny_llama.path), LayerRange(2, 3))
+    hiddens = []
+    with torch.no_grad():
+        for prompt in PROMPTS[:3]:
+            hiddens.append(first(first.embed(torch.tensor([prompt])), first.new_cache(32)))
+    sessions = [
+        Session(f"s{i}", middle.new_cache(32), "float32", SamplingParams(), 0, False)
+        for i in range(3)
+    ]
+    alone = []
+    with torch.no_grad():
+        for hidden in hiddens:
+            alone.append(middle(hidden, middle.new_cache(32)))
+    outs = run_batch(
+        middle, [BatchItem(s, hidden=h) for s, h in zip(sessions, hiddens, strict=True)]
+    )
+    for out, want, hidden in zip(outs, alone, hiddens, strict=True):
+        assert out.hidden is not None and out.hidden.shape == hidden.shape
+        assert (out.hidden - want).abs().max().item() < 1e-4
+
+
+# -- the node's scheduler --------------------------------------------------------------
+
+
+async def until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    for _ in range(int(timeout_s / 0.001)):
+        if condition():
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError("condition never became true")
+
+
+def service_for(model: TinyModel, scheduler: SchedulerLimits | None = None) -> NodeService:
+    return NodeService(
+        whole(model), "tiny", SessionLimits(max_sessions=32), node_id="solo", scheduler=scheduler
+    )
+
+
+async def generate(
+    service: NodeService, sid: str, prompt: list[int], new: int, delay: float = 0.0
+) -> list[int]:
+    await asyncio.sleep(delay)
+    await service.open_session(sid, len(prompt) + new, SamplingParams())
+    tokens = []
+    step = prompt
+    for _ in range(new):
+        result = await service.step_tokens(sid, step)
+        tokens.append(result.token)
+        step = [result.token]
+    await service.close_session(sid)
+    return tokens
+
+
+def test_concurrent_sessions_are_batched_and_each_gets_its_own_answer(
+    tiny_llama: TinyModel,
+) -> None:
+    shard = whole(tiny_llama)
+    new = 10
+    expected = [greedy_alone(shard, p, new)[0] for p in PROMPTS]
+
+    async def main() -> tuple[list[list[int]], NodeService]:
+        service = service_for(tiny_llama)
+        try:
+            delays = [0.0, 0.0, 0.01, 0.02, 0.05]  # some join while others decode
+            got = await asyncio.gather(
+                *(
+                    generate(service, f"s{i}", p, new, d)
+                    for i, (p, d) in enumerate(zip(PROMPTS, delays, strict=True))
+                )
+            )
+            return list(got), service
+        finally:
+            await service.shutdown()
+
+    got, service = asyncio.run(main())
+    assert got == expected
+    counters = service.counters
+    assert counters.steps == new * len(PROMPTS)
+    assert counters.batches < counters.steps, "no two steps ever shared a forward"
+    assert counters.batched_rows == sum(len(p) + new - 1 for p in PROMPTS)
+
+
+def test_a_long_prefill_runs_in_chunks_without_stalling_decodes(tiny_llama: TinyModel) -> None:
+    """With chunks of 4 positions, a 22-token prompt takes 6 batches; a session that is
+    decoding meanwhile gets a token from each of them, and both answers stay exact."""
+    shard = whole(tiny_llama)
+    long_prompt = PROMPTS[4]
+    expected_long = greedy_alone(shard, long_prompt, 3)[0]
+    expected_short = greedy_alone(shard, PROMPTS[1], 12)[0]
+
+    async def main() -> tuple[list[int], list[int], int]:
+        service = service_for(tiny_llama, SchedulerLimits(prefill_chunk=4))
+        try:
+            await service.open_session("short", 2 + 12, SamplingParams())
+            first = await service.step_tokens("short", PROMPTS[1])  # now decoding
+            short = [first.token]
+            long_task = asyncio.create_task(generate(service, "long", long_prompt, 3))
+            decoded_during_prefill = 0
+            while len(short) < 12:
+                result = await service.step_tokens("short", [short[-1]])
+                short.append(result.token)
+                if service.sessions._sessions.get("long") is not None:
+                    cache = service.sessions._sessions["long"].cache
+                    if 0 < cache.length < len(long_prompt):
+                        decoded_during_prefill += 1
+            long = await long_task
+            await service.close_session("short")
+            return short, long, decoded_during_prefill
+        finally:
+            await service.shutdown()
+
+    short, long, interleaved = asyncio.run(main())
+    assert long == expected_long
+    assert short == expected_short
+    assert interleaved >= 3, "the decoding session waited for the whole prefill"
+
+
+def test_bad_input_of_one_session_never_fails_its_batch_mates(tiny_llama: TinyModel) -> None:
+    async def main() -> list[object]:
+        service = service_for(tiny_llama)
+        try:
+            for sid in ("good1", "bad", "good2"):
+                await service.open_session(sid, 16, SamplingParams())
+            vocab = service.shard.spec.vocab_size
+            results = await asyncio.gather(
+                service.step_tokens("good1", [1, 2, 3]),
+                service.step_tokens("bad", [1, vocab + 5]),
+                service.step_tokens("good2", [4, 5]),
+                return_exceptions=True,
+            )
+            return list(results)
+        finally:
+            await service.shutdown()
+
+    good1, bad, good2 = asyncio.run(main())
+    assert isinstance(bad, BadRequestError)
+    assert not isinstance(good1, BaseException) and not isinstance(good2, BaseException)
+
+
+def test_a_failed_batch_fails_its_steps_and_puts_every_cache_back(tiny_llama: TinyModel) -> None:
+    """The node itself failing (here: the TSQP accelerator raising) fails the steps of
+    that batch, and each session is exactly as before its step, so a retry works."""
+    from teeshard.offload.errors import AcceleratorError
+
+    async def main() -> tuple[list[object], list[int], int]:
+        service = service_for(tiny_llama, SchedulerLimits(prefill_chunk=4))
+        try:
+            for sid in ("a", "b"):
+                await service.open_session(sid, 40, SamplingParams())
+            await service.step_tokens("a", [7, 8])
+            calls = {"n": 0}
+            block = service.shard.layers[0]
+            assert isinstance(block, Block)
+            original = block.mlp.forward
+
+            def failing(x: torch.Tensor) -> torch.Tensor:
+                calls["n"] += 1
+                if calls["n"] == 3:  # the third batch: b's prefill is mid-way
+                    raise AcceleratorError("accelerator gave no answer")
+                return original(x)
+
+            block.mlp.forward = failing  # type: ignore[method-assign]
+            results = await asyncio.gather(
+                service.step_tokens("a", [9]),
+                service.step_tokens("b", PROMPTS[0]),
+                return_exceptions=True,
+            )
+            block.mlp.forward = original  # type: ignore[method-assign]
+            lengths = [service.sessions.get(s).cache.length for s in ("a", "b")]
+            retry = await service.step_tokens("b", PROMPTS[0])
+            return list(results), lengths, retry.token
+        finally:
+            await service.shutdown()
+
+    results, lengths, retried = asyncio.run(main())
+    assert any(isinstance(r, AcceleratorFailedError) for r in results)
+    assert isinstance(results[1], AcceleratorFailedError)
+    a_ok = not isinstance(results[0], BaseException)
+    assert lengths == [3 if a_ok else 2, 0]
+    assert retried == greedy_alone(whole(tiny_llama), PROMPTS[0], 1)[0][0]
+
+
+def test_a_cancelled_step_leaves_the_queue_and_its_cache(tiny_llama: TinyModel) -> None:
+    async def main() -> tuple[int, int, int]:
+        service = service_for(tiny_llama, SchedulerLimits(prefill_chunk=2))
+        try:
+            await service.open_session("gone", 40, SamplingParams())
+            await service.open_session("stays", 40, SamplingParams())
+            stays = asyncio.create_task(service.step_tokens("stays", PROMPTS[0]))
+            gone = asyncio.create_task(service.step_tokens("gone", PROMPTS[4]))
+            await until(lambda: service.sessions._sessions["gone"].cache.length > 0)
+            gone.cancel()
+            await asyncio.gather(gone, return_exceptions=True)
+            await stays
+            await until(lambda: not service.scheduler.waiting)
+            length = service.sessions._sessions["gone"].cache.length
+            again = await service.step_tokens("gone", PROMPTS[4])
+            return length, service.scheduler.waiting, again.token
+        finally:
+            await service.shutdown()
+
+    length, waiting, token = asyncio.run(main())
+    assert length == 0 and waiting == 0
+    assert token == greedy_alone(whole(tiny_llama), PROMPTS[4], 1)[0][0]
