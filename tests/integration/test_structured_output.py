@@ -476,3 +476,31 @@ def usage(transcript: str) -> dict[str, Any]:
         json.loads(line[6:]) for line in transcript.splitlines() if line.startswith("data: {")
     ]
     return dict(next(e["usage"] for e in events if e.get("usage")))
+
+
+def test_batched_sessions_each_keep_their_own_grammar(client: openai.OpenAI) -> None:
+    """n = 3 choices batched together, each with its own matcher and mask, beside an
+    unconstrained request whose tokens the masks must not touch."""
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        plain = pool.submit(
+            client.chat.completions.create, model="tiny", messages=ASK, max_tokens=40,
+            temperature=0, extra_body={"ignore_eos": True},
+        )  # fmt: skip
+        reply = client.chat.completions.create(
+            model="tiny", messages=ASK, n=3, seed=4, max_tokens=200, temperature=1.0,
+            response_format=schema_format(PERSON),
+        )  # type: ignore[call-overload]  # fmt: skip
+        alone = client.chat.completions.create(
+            model="tiny",
+            messages=ASK,
+            max_tokens=40,
+            temperature=0,
+            extra_body={"ignore_eos": True},
+        )
+        assert plain.result().choices[0].message.content == alone.choices[0].message.content
+    texts = [c.message.content or "" for c in reply.choices]
+    assert len(set(texts)) > 1 and all(c.finish_reason == "stop" for c in reply.choices)
+    for text in texts:
+        jsonschema.validate(json.loads(text), PERSON)
