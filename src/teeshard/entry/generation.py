@@ -13,7 +13,9 @@ sign its receipts), a new route is chosen, the session is opened there and
 rebuilt by one prefill of the prompt plus every token so far, and generation
 goes on: greedy output is identical by construction, sampled output because the
 draws are a function of (seed, position). Attestation failures and bad input
-are never retried. After ``FailoverPolicy.max_attempts`` new routes, or past its
+are never retried. A grammar (structured output, tool calls) lives here too:
+each step carries the mask of tokens its matcher allows next, each sampled token
+is checked against it, and the completion ends once the grammar is complete. After ``FailoverPolicy.max_attempts`` new routes, or past its
 deadline (counted from the request's first fault; until then a session with no
 route waits for a node to come back), the request fails with the OpenAI error
 object. Billing is untouched: one reservation, settled once.
