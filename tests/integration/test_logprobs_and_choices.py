@@ -170,6 +170,7 @@ def test_n_choices_are_ordered_distinct_reproducible_and_counted(cluster: LocalC
     ]
     # choice 0 of each prompt keeps the request's seed: it samples what n=1 would
     assert draws[0] == tuple(singles[0]["teeshard"]["completion_token_ids"])
+    assert draws[3] == tuple(singles[1]["teeshard"]["completion_token_ids"])
     prompt_tokens = sum(s["usage"]["prompt_tokens"] for s in singles)
     completion_tokens = sum(
         len(c["teeshard"]["completion_token_ids"])

@@ -172,7 +172,8 @@ class OpenAIServing:
                     )
                 for j in range(request.n):
                     index = p * request.n + j
-                    sampling = self._sampling(request, choice_seed(seed, index))
+                    # choice j of every prompt: the seed's j-th derivation (0: the seed)
+                    sampling = self._sampling(request, choice_seed(seed, j))
                     params = GenerationParams(
                         budget,
                         sampling,
