@@ -49,7 +49,7 @@ from teeshard.server.config import NodeConfig
 from teeshard.server.local_pipeline import write_local_policy
 from teeshard.server.runtime import Node, build_node, make_server
 from teeshard.server.trust import NodeTrust
-from teeshard.transport.messages import WireDtype
+from teeshard.transport.messages import SamplingHistory, WireDtype
 
 T = TypeVar("T")
 
@@ -371,11 +371,17 @@ class EntryStage:
         sampling: SamplingParams | None = None,
         return_logits: bool = True,
         wire_dtype: WireDtype = "float32",
+        history: SamplingHistory | None = None,
     ) -> str:
         session = uuid.uuid4().hex
         await self.node.acall(
             self.service.open_session(
-                session, max_len, sampling or SamplingParams(), wire_dtype, return_logits
+                session,
+                max_len,
+                sampling or SamplingParams(),
+                wire_dtype,
+                return_logits,
+                history=history,
             )
         )
         return session

@@ -97,7 +97,8 @@ def test_prompt_longer_than_context(cluster: LocalCluster) -> None:
         ({"messages": []}, "messages"),
         ({"messages": "hi"}, "messages"),
         ({"temperature": 5}, "temperature"),
-        ({"n": 2}, "n=1"),
+        ({"n": 0}, "n"),
+        ({"n": 17}, "n"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ],
 )

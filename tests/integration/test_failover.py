@@ -186,7 +186,11 @@ def network(tiny_llama: TinyModel, tmp_path_factory: pytest.TempPathFactory) -> 
 
 GREEDY = {"model": "tiny", "prompt": "Hello", "max_tokens": 240, "temperature": 0,
           "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
-SAMPLED = {**GREEDY, "temperature": 0.9, "top_p": 0.95, "seed": 1234}
+# sampled, with every control that depends on the token history too: the rebuilt
+# session gets the prompt's ids and the output so far in ``open``
+SAMPLED = {**GREEDY, "temperature": 0.9, "top_p": 0.95, "seed": 1234, "presence_penalty": 0.5,
+           "frequency_penalty": 0.3, "repetition_penalty": 1.3, "logit_bias": {"7": 2.0},
+           "min_tokens": 20}  # fmt: skip
 
 
 def check_receipts(net: Network, result: Streamed, body: dict[str, Any]) -> int:

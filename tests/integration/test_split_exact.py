@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from teeshard.model.sampling import SamplingParams
+from teeshard.transport.messages import SamplingHistory
 from tests.checkpoints import TinyModel
 from tests.cluster import LocalCluster
 
@@ -99,3 +100,50 @@ async def test_a_sampled_session_rebuilt_from_its_history_continues_identically(
         await stage.close_session(rebuilt)
     assert again == tokens[3:]
     assert len(set(tokens)) > 1  # really sampled, not greedy
+
+
+PENALISED = SamplingParams(
+    temperature=1.0,
+    top_k=50,
+    seed=99,
+    presence_penalty=1.5,
+    frequency_penalty=1.0,
+    repetition_penalty=1.8,
+    logit_bias=((7, 3.0), (33, -5.0)),
+    min_tokens=6,
+    eos_token_ids=(1,),
+)
+
+
+async def test_a_penalised_session_rebuilt_from_its_history_continues_identically(
+    tiny_llama: TinyModel,
+) -> None:
+    """Penalties, logit bias and min_tokens depend on the token history: the rebuilt
+    session gets it in ``open`` (the prompt's ids, the output so far) and samples on
+    exactly as the lost one would have; without it, it would not."""
+    sampling, steps, cut = PENALISED, 10, 4
+    with LocalCluster(tiny_llama.path, 3) as cluster:
+        stage = cluster.entry_stage()
+        prompt_ids = SamplingHistory(prompt_tokens=tuple(sorted(set(PROMPT))))
+        first = await stage.open_session(len(PROMPT) + steps, sampling, False, history=prompt_ids)
+        tokens = [(await stage.step(first, PROMPT))[0]]
+        while len(tokens) < steps:
+            tokens.append((await stage.step(first, [tokens[-1]]))[0])
+        await stage.close_session(first)
+
+        async def rebuilt(history: SamplingHistory | None) -> list[int]:
+            session = await stage.open_session(
+                len(PROMPT) + steps, sampling, False, history=history
+            )
+            again = [(await stage.step(session, PROMPT + tokens[:cut]))[0]]
+            while len(again) < steps - cut:
+                again.append((await stage.step(session, [again[-1]]))[0])
+            await stage.close_session(session)
+            return again
+
+        full = SamplingHistory(
+            prompt_tokens=prompt_ids.prompt_tokens, output_tokens=tuple(tokens[:cut])
+        )
+        assert await rebuilt(full) == tokens[cut:]
+        assert await rebuilt(prompt_ids) != tokens[cut:]  # the output history matters
+    assert len(set(tokens)) > 1

@@ -117,9 +117,23 @@ def test_every_int8_linear_takes_the_int8_kernel(tiny_llama: TinyModel) -> None:
     shard = load(tiny_llama, "int8", LayerRange(2, 4))  # with the float32 LM head
     ops = profiled_ops(shard)
     assert ops.get("aten::_weight_int8pack_mm", 0) == 7 * 2
-    assert ops.get("aten::linear", 0) == 1  # the LM head, float32 for the logits
-    assert shard.lm_head is not None and shard.lm_head.weight.dtype == torch.float32
+    # the LM head: float32 for the logits, through oneDNN's packed float32 product
+    assert ops.get("mkldnn::_linear_pointwise", 0) == 1
+    assert isinstance(shard.lm_head, PackedLinear) and shard.lm_head.dtype == torch.float32
     assert shard.new_cache(4).keys.dtype == torch.bfloat16
+
+
+def test_every_float32_linear_takes_the_packed_onednn_path(tiny_llama: TinyModel) -> None:
+    """Float32 block linears and the LM head run oneDNN's packed product, whose time
+    hardly grows with the rows of a batch (MKL's default product doubles at 8 rows)."""
+    shard = load(tiny_llama, "float32", LayerRange(2, 4))
+    ops = profiled_ops(shard)
+    assert ops.get("mkldnn::_linear_pointwise", 0) == 7 * 2 + 1
+    assert not {"aten::linear", "aten::mm", "aten::addmm", "aten::matmul"} & set(ops), ops
+    assert all(
+        isinstance(m, PackedLinear) and m.dtype == torch.float32
+        for m in shard.layers[0].mlp.children()
+    )
 
 
 # -- the int8 recipe ----------------------------------------------------------------
@@ -212,6 +226,7 @@ def test_plan_memory_per_format(tiny_llama: TinyModel, tmp_path: Path) -> None:
     sizes = {name: format_bytes(checkpoint, layers, fmt) for name, fmt in PLAN_FORMATS.items()}
     shard = load(tiny_llama, "int8", layers)
     held = sum(t.numel() * t.element_size() for t in [*shard.parameters(), *shard.buffers()])
+    held += sum(m.weight_bytes for m in shard.modules() if isinstance(m, PackedLinear))
     assert sizes["int8"] == held
     assert sizes["float32"] == checkpoint.nbytes(checkpoint.keys_for(layers))
     assert sizes["int8"] < sizes["bfloat16"] < sizes["float32"]

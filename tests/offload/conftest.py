@@ -57,7 +57,8 @@ def connect(accel: AcceleratorProcess, **kwargs: object) -> AcceleratorClient:
 
 def load(model_dir: Path, layers: LayerRange | None = None) -> Shard:
     checkpoint = Checkpoint(model_dir)
-    return load_shard(checkpoint, layers or LayerRange(0, checkpoint.spec.num_layers))
+    # plain nn.Linear modules, as a node that offloads loads them (no oneDNN repacking)
+    return load_shard(checkpoint, layers or LayerRange(0, checkpoint.spec.num_layers), pack=False)
 
 
 PROMPT = [0, 17, 42, 99, 7, 311, 5, 64]

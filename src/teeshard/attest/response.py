@@ -36,6 +36,12 @@ exactly its slice of the token ids, and signed the token positions that took
 back; what work credit in the ledger counts); the last segment is the ``receipts`` chain
 and must be complete; every segment's stage 0 received the same request body.
 
+A response with several choices (``n`` > 1, a list of prompts) carries these
+fields in each choice object instead: every choice is its own session with its own
+receipt chain, its request id is ``<the response's bare id>-<choice index>``, and
+:func:`parse_choices` reads one claim per choice (each verified on its own; the
+request body's ``n`` and prompts say which echo prefix each choice has).
+
 Only the decoding is the caller's (the web console and the CLI bring their own
 tokenizer); everything else here is pure and shared by both.
 """
@@ -44,55 +50,59 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import struct
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from teeshard.attest.entry_files import EntryFiles
-from teeshard.attest.errors import FormatError, ReceiptError
+from teeshard.attest.errors import ReceiptError
 from teeshard.attest.identity import cert_fingerprint, load_certificate
 from teeshard.attest.receipts import (
-    RECEIPTS_FIELD,
     ChainReport,
     Receipt,
     SignerInfo,
     TrafficHash,
-    receipts_from_json,
     verify_chain,
 )
+from teeshard.attest.response_claims import (
+    EXTENSION_FIELD,
+    RESPONSE_ID_PREFIXES,
+    SEGMENTS_FIELD,
+    TOOL_CALL_CLOSE,
+    TOOL_CALL_OPEN,
+    ClaimedSegment,
+    RequestFacts,
+    ResponseClaims,
+    bare_request_id,
+    parse_choices,
+    parse_request,
+    parse_response,
+    tool_call_text,
+)
 
-EXTENSION_FIELD = "teeshard"
-SEGMENTS_FIELD = "receipt_segments"
-RESPONSE_ID_PREFIXES = ("chatcmpl-", "cmpl-")
-Kind = Literal["chat", "completion", "generate"]
+__all__ = [
+    "EXTENSION_FIELD",
+    "SEGMENTS_FIELD",
+    "TOOL_CALL_CLOSE",
+    "TOOL_CALL_OPEN",
+    "ClaimedSegment",
+    "Decode",
+    "RequestFacts",
+    "ResponseClaims",
+    "ResponseReport",
+    "bare_request_id",
+    "expected_text",
+    "parse_choices",
+    "parse_request",
+    "parse_response",
+    "response_extension",
+    "token_traffic_hash",
+    "tool_call_text",
+    "verify_response",
+]
+
 Decode = Callable[[Sequence[int]], str]
-
-
-@dataclass(frozen=True)
-class ClaimedSegment:
-    """One route segment of an answer: completion tokens ``[token_start, token_end)``."""
-
-    token_start: int
-    token_end: int
-    receipts: tuple[Receipt, ...]
-
-
-@dataclass(frozen=True)
-class ResponseClaims:
-    """What a response says about itself: from a JSON body or an SSE transcript."""
-
-    kind: Kind
-    request_id: str
-    response_id: str | None  # None for /generate
-    text: str
-    completion_token_ids: tuple[int, ...]
-    finish_reason: str | None
-    completion_tokens: int | None  # usage.completion_tokens, when the response has usage
-    receipts: tuple[Receipt, ...]
-    segments: tuple[ClaimedSegment, ...] = ()  # after a failover; () for one route
-    prompt_tokens: int | None = None  # usage.prompt_tokens, when the response has usage
 
 
 @dataclass(frozen=True)
@@ -106,14 +116,6 @@ class ResponseReport:
     partial_segments: int = 0  # of them, those whose chain stops at a lost node
 
 
-def bare_request_id(value: str) -> str:
-    """``chatcmpl-abc`` or ``cmpl-abc`` → ``abc``; any other id is returned as it is."""
-    for prefix in RESPONSE_ID_PREFIXES:
-        if value.startswith(prefix):
-            return value[len(prefix) :]
-    return value
-
-
 def token_traffic_hash(token_ids: Iterable[int]) -> bytes:
     """The last stage's ``sent`` hash of a completion: one frame per returned token id."""
     hasher = TrafficHash()
@@ -125,164 +127,6 @@ def token_traffic_hash(token_ids: Iterable[int]) -> bytes:
 def response_extension(request_id: str, completion_token_ids: Sequence[int]) -> dict[str, Any]:
     """The extension field the entry node adds to a finished response."""
     return {"request_id": request_id, "completion_token_ids": list(completion_token_ids)}
-
-
-# -- parsing -----------------------------------------------------------------------------
-
-
-def parse_response(text: str | bytes) -> ResponseClaims:
-    """A saved response: one JSON object, or a saved SSE stream (``data: {...}`` lines)."""
-    if isinstance(text, bytes):
-        text = text.decode("utf-8", errors="strict")
-    stripped = text.lstrip()
-    if stripped.startswith("data:"):
-        return _parse_stream(stripped)
-    try:
-        body = json.loads(text)
-    except ValueError as exc:
-        raise FormatError(f"the response is neither JSON nor an SSE stream: {exc}") from None
-    if not isinstance(body, dict):
-        raise FormatError("the response is not a JSON object")
-    if "choices" in body:
-        choice = _first_choice(body)
-        message = choice.get("message")
-        kind: Kind = "chat" if isinstance(message, dict) else "completion"
-        content = message.get("content") if isinstance(message, dict) else choice.get("text")
-        return _claims(body, kind, _text(content), choice.get("finish_reason"), body)
-    if "output" in body:
-        return _claims(body, "generate", _text(body.get("output")), None, body)
-    raise FormatError("the response has neither choices nor output")
-
-
-def _parse_stream(text: str) -> ResponseClaims:
-    events: list[dict[str, Any]] = []
-    for line in text.splitlines():
-        if not line.startswith("data:") or line[5:].strip() == "[DONE]":
-            continue
-        try:
-            event = json.loads(line[5:])
-        except ValueError:
-            raise FormatError("an SSE event of the stream is not JSON") from None
-        if not isinstance(event, dict):
-            raise FormatError("an SSE event of the stream is not a JSON object")
-        if "error" in event:
-            raise ReceiptError(f"the stream ended with an error: {event['error']}")
-        events.append(event)
-    if not events:
-        raise FormatError("the stream holds no events")
-    parts: list[str] = []
-    finish: object = None
-    kind: Kind | None = None
-    for event in events:
-        if not event.get("choices"):
-            continue
-        choice = _first_choice(event)
-        delta = choice.get("delta")
-        if isinstance(delta, dict):
-            kind = "chat"
-            parts.append(_text(delta.get("content")))
-        else:
-            kind = "completion"
-            parts.append(_text(choice.get("text")))
-        finish = choice.get("finish_reason") or finish
-    last = events[-1]
-    return _claims(last, kind or "completion", "".join(parts), finish, last)
-
-
-def _first_choice(body: dict[str, Any]) -> dict[str, Any]:
-    choices = body.get("choices")
-    if not isinstance(choices, list) or len(choices) != 1 or not isinstance(choices[0], dict):
-        raise FormatError("expected exactly one choice")
-    return choices[0]
-
-
-def _text(value: object) -> str:
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise FormatError("the response text is not a string")
-    return value
-
-
-def _claims(
-    body: dict[str, Any], kind: Kind, text: str, finish: object, last: dict[str, Any]
-) -> ResponseClaims:
-    ext = last.get(EXTENSION_FIELD)
-    if not isinstance(ext, dict):
-        raise FormatError(
-            f"the response has no {EXTENSION_FIELD!r} field: no completion token ids to check"
-        )
-    ids = ext.get("completion_token_ids")
-    if not isinstance(ids, list) or not all(
-        isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 1 << 32 for t in ids
-    ):
-        raise FormatError(f"{EXTENSION_FIELD}.completion_token_ids: expected token ids")
-    request_id = ext.get("request_id")
-    if not isinstance(request_id, str):
-        raise FormatError(f"{EXTENSION_FIELD}.request_id: expected a string")
-    if RECEIPTS_FIELD not in last:
-        raise FormatError("the response carries no receipts")
-    usage = last.get("usage")
-    completion_tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
-    prompt_tokens = usage.get("prompt_tokens") if isinstance(usage, dict) else None
-    response_id = body.get("id")
-    return ResponseClaims(
-        kind=kind,
-        request_id=request_id,
-        response_id=response_id if isinstance(response_id, str) else None,
-        text=text,
-        completion_token_ids=tuple(ids),
-        finish_reason=finish if isinstance(finish, str) else None,
-        completion_tokens=completion_tokens if isinstance(completion_tokens, int) else None,
-        prompt_tokens=prompt_tokens if isinstance(prompt_tokens, int) else None,
-        receipts=tuple(receipts_from_json(last)),
-        segments=_segments(last.get(SEGMENTS_FIELD)),
-    )
-
-
-def _segments(value: object) -> tuple[ClaimedSegment, ...]:
-    if value is None:
-        return ()
-    if not isinstance(value, list) or not value:
-        raise FormatError(f"{SEGMENTS_FIELD}: expected a list of segments")
-    out = []
-    for item in value:
-        tokens = item.get("tokens") if isinstance(item, dict) else None
-        if (
-            not isinstance(tokens, list)
-            or len(tokens) != 2
-            or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in tokens)
-        ):
-            raise FormatError(f"{SEGMENTS_FIELD}: each segment needs tokens [start, end]")
-        assert isinstance(item, dict)
-        out.append(ClaimedSegment(tokens[0], tokens[1], tuple(receipts_from_json(item))))
-    return tuple(out)
-
-
-@dataclass(frozen=True)
-class RequestFacts:
-    """What of the request body shapes the answer's text: stop sequences and echo."""
-
-    stops: tuple[str, ...] = ()
-    echo_prefix: str = ""
-
-
-def parse_request(body: bytes) -> RequestFacts:
-    try:
-        data = json.loads(body)
-    except ValueError:
-        raise FormatError("the request body is not JSON") from None
-    if not isinstance(data, dict):
-        raise FormatError("the request body is not a JSON object")
-    stop = data.get("stop")
-    stops = (stop,) if isinstance(stop, str) else tuple(s for s in stop or () if isinstance(s, str))
-    prefix: object = ""
-    if data.get("echo") is True:
-        prompt = data.get("prompt")
-        prefix = prompt[0] if isinstance(prompt, list) and prompt else prompt
-        if not isinstance(prefix, str):
-            raise FormatError("the request body's prompt is not a string")
-    return RequestFacts(stops, prefix if isinstance(prefix, str) else "")
 
 
 # -- the rules ---------------------------------------------------------------------------
@@ -316,12 +160,16 @@ def verify_response(
         raise ValueError("decode and entry_files come together, from one checkpoint directory")
     signers = list(signers)
     rid = claims.request_id
-    if request_id is not None and bare_request_id(request_id) != rid:
+    # one choice of several: its session's id is the response's, then "-<index>"
+    base = rid if claims.choice_index is None else rid.removesuffix(f"-{claims.choice_index}")
+    if claims.choice_index is not None and base == rid:
+        raise ReceiptError(f"choice {claims.choice_index}'s request id {rid!r} is not its own")
+    if request_id is not None and bare_request_id(request_id) not in (rid, base):
         raise ReceiptError(
             f"the response is for request {rid!r}, not {bare_request_id(request_id)!r}"
         )
     if claims.response_id is not None and claims.response_id not in (
-        f"{p}{rid}" for p in RESPONSE_ID_PREFIXES
+        f"{p}{base}" for p in RESPONSE_ID_PREFIXES
     ):
         raise ReceiptError(f"response id {claims.response_id!r} is not request {rid!r}")
     chain = verify_chain(claims.receipts, signers, request_id=rid, num_layers=num_layers)
@@ -333,7 +181,7 @@ def verify_response(
     if ids and ids[-1] in eos_token_ids:
         ids.pop()  # the end-of-sequence token ends the answer; it is not text
     counts = {len(ids)}
-    if not eos_token_ids and claims.finish_reason == "stop" and ids:
+    if not eos_token_ids and claims.finish_reason in ("stop", "tool_calls") and ids:
         counts.add(len(ids) - 1)  # EOS ids unknown (no tokenizer): the last may be one
     if claims.completion_tokens is not None and claims.completion_tokens not in counts:
         raise ReceiptError(
@@ -350,6 +198,8 @@ def verify_response(
         for first in firsts:
             _check_entry_files(first, signers, entry_files)
         facts = parse_request(request_body) if request_body is not None else RequestFacts()
+        if claims.choice_index is not None:
+            facts = facts.for_choice(claims.choice_index)
         full = decode(ids)
         want = expected_text(full, facts)
         if claims.text != want:

@@ -17,11 +17,11 @@ from pathlib import Path
 import httpx
 
 from teeshard.attest.client import NONCE_BYTES, fetch_chain
-from teeshard.attest.entry_files import hash_entry_files
+from teeshard.attest.entry_files import EntryFiles, hash_entry_files
 from teeshard.attest.errors import AttestationError
 from teeshard.attest.evidence import Bundle
 from teeshard.attest.receipts import load_receipts, verify_chain
-from teeshard.attest.response import Decode, parse_response, verify_response
+from teeshard.attest.response import Decode, ResponseReport, parse_choices, verify_response
 from teeshard.attest.verify.bundle import VerifiedNode, verify_bundle
 from teeshard.attest.verify.policy import Policy
 from teeshard.cli.attest import _collateral, _fail, _policy, add_policy_options
@@ -135,12 +135,29 @@ def run_verify_receipt(args: argparse.Namespace) -> int:
             entry_files = hash_entry_files(args.model)
             decode, eos = _tokenizer(args.model)
         body = args.request_body.read_bytes() if args.request_body is not None else None
-        result = verify_response(
-            parse_response(text), nodes, entry_files=entry_files, decode=decode,
-            eos_token_ids=eos, request_body=body, request_id=args.request_id,
-        )  # fmt: skip
+        results = [
+            verify_response(
+                claims,
+                nodes,
+                entry_files=entry_files,
+                decode=decode,
+                eos_token_ids=eos,
+                request_body=body,
+                request_id=args.request_id,
+            )
+            for claims in parse_choices(text)
+        ]
     except (AttestationError, UnicodeDecodeError) as exc:
         return _fail(exc)
+    for index, result in enumerate(results):
+        if len(results) > 1:
+            print(f"choice {index}:")
+        _print_report(result, entry_files)
+    _warn_insecure(nodes)
+    return 0
+
+
+def _print_report(result: ResponseReport, entry_files: EntryFiles | None) -> None:
     chain = result.chain
     print(f"PASS: request {result.request_id}: {chain.stages} stage(s), layers {chain.layers}")
     print(f"  chain digest: {chain.digest.hex()}")
@@ -161,8 +178,6 @@ def run_verify_receipt(args: argparse.Namespace) -> int:
         print("  request body: what stage 0 received")
     else:
         print("  request body: not checked (no --request-body)")
-    _warn_insecure(nodes)
-    return 0
 
 
 def _warn_insecure(nodes: list[VerifiedNode]) -> None:

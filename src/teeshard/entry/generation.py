@@ -13,7 +13,9 @@ sign its receipts), a new route is chosen, the session is opened there and
 rebuilt by one prefill of the prompt plus every token so far, and generation
 goes on: greedy output is identical by construction, sampled output because the
 draws are a function of (seed, position). Attestation failures and bad input
-are never retried. After ``FailoverPolicy.max_attempts`` new routes, or past its
+are never retried. A grammar (structured output, tool calls) lives here too:
+each step carries the mask of tokens its matcher allows next, each sampled token
+is checked against it, and the completion ends once the grammar is complete. After ``FailoverPolicy.max_attempts`` new routes, or past its
 deadline (counted from the request's first fault; until then a session with no
 route waits for a node to come back), the request fails with the OpenAI error
 object. Billing is untouched: one reservation, settled once.
@@ -34,12 +36,13 @@ from teeshard.entry.admission import AdmissionQueue, Gone
 from teeshard.entry.billing import Billing, BillingAPI, ChargeRequest, Reservation, Settlement
 from teeshard.entry.errors import APIError
 from teeshard.entry.failover import FailoverPolicy, FaultLog, ReceiptSegment, Rerouter
+from teeshard.entry.grammar import Grammar
 from teeshard.entry.registry import Registry
 from teeshard.entry.routing import Route
 from teeshard.entry.text import IncrementalDecoder, StopMatcher, TextCodec
-from teeshard.model.sampling import SamplingParams
+from teeshard.model.sampling import SamplingParams, TokenLogprobs
 from teeshard.node import DownstreamError, NodeError, NodeService, StepResult
-from teeshard.transport.messages import WireDtype
+from teeshard.transport.messages import SamplingHistory, WireDtype
 
 log = logging.getLogger(__name__)
 FinishReason = Literal["stop", "length"]
@@ -52,6 +55,9 @@ class GenerationParams:
     stop: tuple[str, ...] = ()
     prompt_chars: int | None = None  # characters of the prompt text, for per-character pricing
     ignore_eos: bool = False  # decode max_tokens even past an end-of-sequence token
+    # structured output or tool calls: every token is constrained by this grammar, and
+    # the completion ends (``stop``) once the grammar is complete
+    grammar: Grammar | None = None
 
 
 @dataclass
@@ -70,6 +76,9 @@ class Generation:
     settlement: Settlement | None = None
     receipts: list[Receipt] = field(default_factory=list)  # signed by every stage, entry first
     token_ids: list[int] = field(default_factory=list)  # every token the last stage sent
+    # the raw logprobs of each completion token, when the sampling asked for them
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    billed_prompt_tokens: int | None = None  # None: prompt_tokens (n > 1 bills a prompt once)
     # -- routes and failover --
     route: Route = ()  # node URLs after the entry for the current segment (): its --next
     segments: list[ReceiptSegment] = field(default_factory=list)  # closed segments, in order
@@ -80,6 +89,18 @@ class Generation:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     input_digest: bytes | None = None
     admitted_at: float | None = None  # when the session opened (the queue's service time)
+    prompt_ids: tuple[int, ...] = ()  # for the history a rebuilt session's sampling needs
+
+    def history(self) -> SamplingHistory | None:
+        """What the last node's sampling needs of the past, when it needs any: the
+        distinct prompt ids (repetition penalty) and the tokens so far (a rebuild)."""
+        needs_prompt, needs_output = self.sampling.needs_prompt, self.sampling.needs_output
+        if not (needs_prompt or (needs_output and self.token_ids)):
+            return None
+        return SamplingHistory(
+            prompt_tokens=tuple(sorted(set(self.prompt_ids))) if needs_prompt else (),
+            output_tokens=tuple(self.token_ids) if needs_output else (),
+        )
 
 
 class GenerationLoop:
@@ -148,22 +169,30 @@ class GenerationLoop:
         input_digest: bytes | None = None,
         idempotency_key: str | None = None,
         gone: Gone | None = None,
+        *,
+        request_id: str | None = None,
+        bill_prompt: bool = True,
     ) -> Generation:
         """Reserve the most the request can cost, then open the session on every node,
         waiting in the admission queue while the caches are full.
 
         Errors here (402 no balance, 429 queue full or waited too long...) happen
         before any output. ``gone``: True once the client left (it leaves the queue).
+        ``bill_prompt`` False: the prompt is charged with another choice of the request.
         """
-        generation = Generation(request_id=uuid.uuid4().hex, prompt_tokens=len(prompt_ids))
+        generation = Generation(
+            request_id=request_id or uuid.uuid4().hex, prompt_tokens=len(prompt_ids)
+        )
+        generation.billed_prompt_tokens = len(prompt_ids) if bill_prompt else 0
+        generation.prompt_ids = tuple(prompt_ids)
         if self.billing is not None:
             charge = ChargeRequest(
                 generation.request_id,
                 api_key,
                 self.service.model_name,
-                len(prompt_ids),
+                generation.billed_prompt_tokens,
                 params.max_tokens,
-                params.prompt_chars,
+                params.prompt_chars if bill_prompt else 0,
                 idempotency_key,
             )
             generation.reservation = await self.billing.reserve(charge)
@@ -187,16 +216,23 @@ class GenerationLoop:
         """Yield text deltas; ``generation`` holds counts and the finish reason at the end."""
         decoder = IncrementalDecoder(self.codec, prompt_ids)
         stops = StopMatcher(params.stop)
+        # the grammar's matcher stays here: each step carries the next position's mask
+        constraint = params.grammar.start() if params.grammar is not None else None
         try:
-            result = await self._step(generation, prompt_ids, prompt_ids)
+            allowed = constraint.allowed() if constraint is not None else None
+            result = await self._step(generation, prompt_ids, prompt_ids, allowed)
             generation.prefilled = True
             while True:
                 token = result.token
                 generation.token_ids.append(token)  # its receipt hashes each one, EOS too
+                if constraint is not None:
+                    constraint.advance(token)  # a token outside the mask: the node is faulty
                 if token in self.eos_ids and not params.ignore_eos:
                     generation.finish_reason = "stop"
                     break
                 generation.completion_tokens += 1
+                if result.logprobs is not None:
+                    generation.logprobs.append(result.logprobs)
                 delta = stops.feed(decoder.push(token))
                 if delta:
                     generation.completion_chars += len(delta)
@@ -204,10 +240,14 @@ class GenerationLoop:
                 if stops.stopped:
                     generation.finish_reason = "stop"
                     return
+                if constraint is not None and constraint.finished:
+                    generation.finish_reason = "stop"  # the grammar is complete
+                    break
                 if generation.completion_tokens >= params.max_tokens:
                     generation.finish_reason = "length"
                     break
-                result = await self._step(generation, prompt_ids, [token])
+                allowed = constraint.allowed() if constraint is not None else None
+                result = await self._step(generation, prompt_ids, [token], allowed)
             tail = stops.flush()
             if tail:
                 generation.completion_chars += len(tail)
@@ -233,6 +273,7 @@ class GenerationLoop:
                     self.wire_dtype,
                     input_digest=generation.input_digest,
                     route=generation.route,
+                    history=generation.history(),
                 )
             except DownstreamError as exc:
                 self.reroute.fault(generation.faults, exc, generation.request_id)  # or raises
@@ -243,12 +284,19 @@ class GenerationLoop:
             return
 
     async def _step(
-        self, generation: Generation, prompt_ids: list[int], tokens: list[int]
+        self,
+        generation: Generation,
+        prompt_ids: list[int],
+        tokens: list[int],
+        allowed: bytes | None = None,
     ) -> StepResult:
-        """One step; after a transport fault, rebuild on a new route and step again."""
+        """One step; after a transport fault, rebuild on a new route and step again (the
+        rebuild's prefill carries the same mask: it samples the position that was lost)."""
         while True:
             try:
-                return await self.service.step_tokens(generation.request_id, tokens)
+                return await self.service.step_tokens(
+                    generation.request_id, tokens, allowed=allowed
+                )
             except DownstreamError as exc:
                 self.reroute.fault(generation.faults, exc, generation.request_id)  # or raises
             assert self.registry is not None  # fault() raised otherwise
@@ -315,9 +363,10 @@ class GenerationLoop:
             reservation = generation.reservation
             if self.billing is not None and reservation is not None:
                 if finished or generation.prefilled:
+                    billed = generation.billed_prompt_tokens
                     generation.settlement = await self.billing.settle(
                         reservation,
-                        generation.prompt_tokens,
+                        generation.prompt_tokens if billed is None else billed,
                         generation.completion_tokens,
                         generation.served_by,
                         completion_chars=generation.completion_chars,

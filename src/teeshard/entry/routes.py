@@ -12,9 +12,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from teeshard.entry.errors import APIError
 from teeshard.entry.protocol import (
+    EXTENSIONS,
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
     GenerateRequest,
+    TokenizeRequest,
     error_body,
 )
 from teeshard.entry.serving import Caller, OpenAIServing
@@ -27,6 +30,18 @@ def attach_router(app: FastAPI, serving: OpenAIServing) -> None:
     @router.get("/v1/models")
     async def list_models() -> dict[str, Any]:
         return serving.models()
+
+    @router.get("/v1/models/{model_id:path}")
+    async def retrieve_model(model_id: str) -> dict[str, Any]:
+        return serving.model(model_id)
+
+    @router.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
+        return serving.tokenize(body)
+
+    @router.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
+        return serving.detokenize(body)
 
     @router.post("/v1/chat/completions", response_model=None)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
@@ -43,7 +58,8 @@ def attach_router(app: FastAPI, serving: OpenAIServing) -> None:
     app.include_router(router)
 
 
-MAX_IDEMPOTENCY_KEY = 255
+# the ledger keeps 128 characters; n > 1 adds "#<index>" for each choice after the first
+MAX_IDEMPOTENCY_KEY = 124
 
 
 async def caller_of(request: Request) -> Caller:
@@ -98,6 +114,11 @@ def install_error_handlers(app: FastAPI) -> None:
         location = [str(p) for p in first.get("loc", ()) if p != "body"]
         param = ".".join(location) or None
         message = f"{param}: {first['msg']}" if param else str(first["msg"])
+        if first.get("type") == "extra_forbidden":
+            message = (
+                f"unknown field {param!r}: teeshard takes OpenAI's fields and the extensions "
+                f"{', '.join(EXTENSIONS)}"
+            )
         return JSONResponse(error_body(message, "invalid_request_error", param), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)

@@ -28,14 +28,26 @@ class TextCodec:
             )
         self.tokenizer: Any = AutoTokenizer.from_pretrained(str(model_dir))
 
-    def chat_prompt(self, messages: Sequence[dict[str, str]]) -> list[int]:
-        if not getattr(self.tokenizer, "chat_template", None):
+    def chat_prompt(
+        self,
+        messages: Sequence[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> list[int]:
+        """The prompt's token ids; ``tools`` (OpenAI's shape) rendered by the template."""
+        template = getattr(self.tokenizer, "chat_template", None)
+        if not template:
             raise APIError(
                 400, "this model has no chat template; use /v1/completions", code="no_chat_template"
             )
+        if tools and "tools" not in str(template):  # it would drop them without a word
+            raise APIError(400, "this model's chat template does not render tools", param="tools")
         try:
             rendered = self.tokenizer.apply_chat_template(
-                list(messages), add_generation_prompt=True, tokenize=False
+                list(messages),
+                add_generation_prompt=add_generation_prompt,
+                tokenize=False,
+                tools=tools or None,
             )
         except Exception as exc:  # template errors (e.g. role order) come from jinja
             raise APIError(
@@ -45,7 +57,14 @@ class TextCodec:
         return list(self.tokenizer.encode(rendered, add_special_tokens=False))
 
     def completion_prompt(self, prompt: str) -> list[int]:
-        return list(self.tokenizer.encode(prompt, add_special_tokens=True))
+        return self.encode(prompt, add_special_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+    def token_text(self, token: int) -> str:
+        """One token's own text (for logprobs), special tokens spelled out."""
+        return str(self.tokenizer.decode([token], skip_special_tokens=False))
 
     def decode(self, ids: Sequence[int]) -> str:
         return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))

@@ -64,8 +64,12 @@ def load_shard(
     on_tensor: TensorHook | None = None,
     progress: Callable[[int], None] | None = None,
     quantize: str | None = None,
+    pack: bool = True,
 ) -> Shard:
-    """Layers ``layers`` computing in ``dtype``; ``quantize="int8"`` for int8 block linears."""
+    """Layers ``layers`` computing in ``dtype``; ``quantize="int8"`` for int8 block linears.
+
+    ``pack``: repack linears for oneDNN (the fast CPU path); False keeps plain
+    ``nn.Linear`` modules, for a shard whose linears are offloaded next (TSQP)."""
     spec = checkpoint.spec
     fmt = NumberFormat(_DTYPE_NAMES[dtype], quantize)
     with torch.device("meta"):
@@ -102,5 +106,6 @@ def load_shard(
     shard.eval()
     shard.requires_grad_(False)
     shard.number_format, shard.compute_dtype = fmt, fmt.torch_dtype
-    finish_loaded(shard, fmt)
+    if pack:
+        finish_loaded(shard, fmt)
     return shard

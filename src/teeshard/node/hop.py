@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from teeshard.attest import Receipt
-from teeshard.model.sampling import SamplingParams
+from teeshard.model.sampling import SamplingParams, TokenLogprobs
 from teeshard.node.errors import BadRequestError, DownstreamError, NodeError
 from teeshard.transport.codec import tensor_from_wire
 from teeshard.transport.messages import (
@@ -35,9 +35,11 @@ from teeshard.transport.messages import (
     OpenMsg,
     ReceiptWire,
     ResultMsg,
+    SamplingHistory,
     StepMsg,
     WireDtype,
     WireTensor,
+    logprobs_from_wire,
 )
 from teeshard.transport.peer import (
     PeerCertificateError,
@@ -56,6 +58,7 @@ class HopStep:
 
     token: int
     logits: torch.Tensor | None = None  # (vocab,) float32 when the session asked for them
+    logprobs: TokenLogprobs | None = None  # when the session's sampling asked for them
 
 
 def node_url(url: str) -> str:
@@ -120,6 +123,7 @@ class NextHop:
         wire_dtype: WireDtype,
         return_logits: bool,
         route: tuple[str, ...] = (),
+        history: SamplingHistory | None = None,
     ) -> tuple[str, tuple[str, ...]]:
         """Open the session on every later node: at ``route[0]`` (passing the rest of
         ``route`` on), or at the default next node when ``route`` is empty.
@@ -142,21 +146,36 @@ class NextHop:
                 sampling=sampling,
                 return_logits=return_logits,
                 route=route[1:],
+                history=history,
             ),
         )
         return url, reply.route
 
     async def step(
-        self, url: str, session_id: str, hidden: WireTensor, on_frame: Callable[[bytes], None]
+        self,
+        url: str,
+        session_id: str,
+        hidden: WireTensor,
+        on_frame: Callable[[bytes], None],
+        allowed: bytes | None = None,
     ) -> HopStep:
-        """Send hidden states on; ``on_frame`` sees the exact bytes sent (for the receipt)."""
+        """Send hidden states on (with the step's allowed-token mask, unchanged);
+        ``on_frame`` sees the exact bytes sent (for the receipt)."""
         reply = await self._request(
-            url, lambda rid: StepMsg(id=rid, session=session_id, hidden=hidden), on_frame
+            url,
+            lambda rid: StepMsg(id=rid, session=session_id, hidden=hidden, allowed=allowed),
+            on_frame,
         )
         if reply.token is None:
             raise DownstreamError("next node returned a step result without a token")
         logits = tensor_from_wire(reply.logits) if reply.logits is not None else None
-        return HopStep(reply.token, logits)
+        logprobs = None
+        if reply.logprobs is not None:
+            try:
+                logprobs = logprobs_from_wire(reply.token, reply.logprobs)
+            except ValueError as exc:
+                raise DownstreamError(f"next node returned bad logprobs: {exc}") from None
+        return HopStep(reply.token, logits, logprobs)
 
     async def close_session(
         self, url: str, session_id: str, receipt: Receipt | None

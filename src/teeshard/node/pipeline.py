@@ -51,6 +51,7 @@ from teeshard.transport import (
     StepMsg,
     decode,
     encode,
+    logprobs_to_wire,
     tensor_to_wire,
 )
 
@@ -239,6 +240,7 @@ async def dispatch(service: NodeService, message: Message, frame: bytes, owner: 
             message.return_logits,
             owner=owner,
             route=message.route,
+            history=message.history,
         )
         return ResultMsg(id=message.id, route=route)
     if isinstance(message, StepMsg):
@@ -246,7 +248,8 @@ async def dispatch(service: NodeService, message: Message, frame: bytes, owner: 
             raise BadRequestError("a step carries exactly one of tokens or hidden")
         result = await service.step_wire(message, frame, owner)
         logits = tensor_to_wire(result.logits, "float32") if result.logits is not None else None
-        return ResultMsg(id=message.id, token=result.token, logits=logits)
+        logprobs = logprobs_to_wire(result.logprobs) if result.logprobs is not None else None
+        return ResultMsg(id=message.id, token=result.token, logits=logits, logprobs=logprobs)
     if isinstance(message, CloseMsg):
         previous = _receipt(message.receipt) if message.receipt is not None else None
         receipts = await service.close_session(

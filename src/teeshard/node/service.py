@@ -31,14 +31,14 @@ from dataclasses import dataclass, field
 import torch
 
 from teeshard.attest import NodeAttestation, Receipt, TrafficHash
-from teeshard.model.sampling import SamplingParams, session_seed
+from teeshard.model.sampling import SamplingParams, TokenHistory, TokenLogprobs, session_seed
 from teeshard.model.transformer import KVCache, Shard
-from teeshard.node.compute import StepOutput, check_hidden, check_tokens
+from teeshard.node.compute import StepOutput, check_allowed, check_hidden, check_tokens
 from teeshard.node.errors import BadRequestError, OverloadedError, UnknownSessionError
 from teeshard.node.hop import NextHop
 from teeshard.node.scheduler import SchedulerLimits, StepScheduler
 from teeshard.transport.codec import ProtocolError, tensor_from_wire, tensor_to_wire
-from teeshard.transport.messages import StepMsg, WireDtype
+from teeshard.transport.messages import SamplingHistory, StepMsg, WireDtype
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,8 @@ class Session:
     sent: TrafficHash = field(default_factory=TrafficHash)
     input_digest: bytes | None = None  # entry node: SHA-256 of the client's request body
     next_url: str | None = None  # the next node of this session's route (None: last stage)
+    # last stage: what its sampling's penalties see (the prompt's ids, the output so far)
+    history: TokenHistory = field(default_factory=TokenHistory)
 
     @property
     def max_len(self) -> int:
@@ -211,6 +213,7 @@ class SessionStore:
 class StepResult:
     token: int
     logits: torch.Tensor | None = None  # (vocab,) float32 when the session asked for them
+    logprobs: TokenLogprobs | None = None  # when the session's sampling asked for them
 
 
 @dataclass
@@ -274,12 +277,14 @@ class NodeService:
         input_digest: bytes | None = None,
         owner: Owner | None = None,
         route: tuple[str, ...] = (),
+        history: SamplingHistory | None = None,
     ) -> tuple[str, ...]:
         """Open a session here and on every later node; return the route's node ids.
 
         ``route``: the URLs of the nodes after this one, nearest first (empty: this
         node's ``--next``). ``input_digest`` (entry node) is what its receipt says
-        it received: the SHA-256 of the client's request body.
+        it received: the SHA-256 of the client's request body. ``history``: what the
+        last stage's sampling needs of the session's past (passed on to it).
         """
         if self.next_hop is None and route:
             raise BadRequestError(
@@ -291,10 +296,12 @@ class NodeService:
         )
         session.input_digest = input_digest
         if self.next_hop is None:
+            if history is not None:
+                session.history = TokenHistory(history.prompt_tokens, history.output_tokens)
             return (self.node_id,)
         try:
             session.next_url, later = await self.next_hop.open_session(
-                session_id, max_len, sampling, wire_dtype, return_logits, route
+                session_id, max_len, sampling, wire_dtype, return_logits, route, history
             )
         except BaseException:
             self.sessions.close(session_id, owner)
@@ -352,22 +359,30 @@ class NodeService:
         tokens: list[int] | tuple[int, ...],
         frame: bytes | None = None,
         owner: Owner | None = None,
+        allowed: bytes | None = None,
     ) -> StepResult:
+        """A step of token ids; ``allowed``: the grammar's mask for the next position."""
         session = self.sessions.get(session_id, owner)
         inputs = check_tokens(self.shard, session, tokens)
-        return await self._step(session, tokens=inputs, hidden=None, frame=frame)
+        check_allowed(self.shard, allowed)
+        return await self._step(session, tokens=inputs, hidden=None, frame=frame, allowed=allowed)
 
     async def step_wire(self, message: StepMsg, frame: bytes, owner: Owner) -> StepResult:
         """A step that arrived on the pipeline socket as ``frame``, from ``owner``."""
         if message.hidden is None:
-            return await self.step_tokens(message.session, message.tokens or (), frame, owner)
+            return await self.step_tokens(
+                message.session, message.tokens or (), frame, owner, message.allowed
+            )
         session = self.sessions.get(message.session, owner)
         try:
             hidden = tensor_from_wire(message.hidden, expected_dtype=session.wire_dtype)
         except ProtocolError as exc:
             raise BadRequestError(str(exc)) from None
         hidden = check_hidden(self.shard, session, hidden)
-        return await self._step(session, tokens=None, hidden=hidden, frame=frame)
+        check_allowed(self.shard, message.allowed)
+        return await self._step(
+            session, tokens=None, hidden=hidden, frame=frame, allowed=message.allowed
+        )
 
     async def _step(
         self,
@@ -376,6 +391,7 @@ class NodeService:
         tokens: torch.Tensor | None,
         hidden: torch.Tensor | None,
         frame: bytes | None,
+        allowed: bytes | None = None,
     ) -> StepResult:
         if session.in_flight:  # the cache is sequential: a second step would corrupt it
             raise BadRequestError(
@@ -384,15 +400,18 @@ class NodeService:
         session.in_flight, session.stepped = True, True
         try:
             length_before = session.cache.length
-            out: StepOutput = await self.scheduler.run(session, tokens=tokens, hidden=hidden)
+            mask = check_allowed(self.shard, allowed) if self.shard.is_last else None
+            out: StepOutput = await self.scheduler.run(
+                session, tokens=tokens, hidden=hidden, allowed=mask
+            )
             self.counters.steps += 1
             self.counters.tokens_processed += session.cache.length - length_before
             if out.hidden is None:  # the last stage: its output is the token
                 assert out.token is not None
-                result = StepResult(out.token, out.logits)
+                result = StepResult(out.token, out.logits, out.logprobs)
                 session.sent.update(struct.pack("<I", out.token))
             else:
-                result = await self._forward(session, out.hidden, length_before)
+                result = await self._forward(session, out.hidden, length_before, allowed)
             if frame is not None:
                 session.received.update(frame)
             return result
@@ -401,14 +420,18 @@ class NodeService:
             session.touch()
 
     async def _forward(
-        self, session: Session, hidden: torch.Tensor, length_before: int
+        self,
+        session: Session,
+        hidden: torch.Tensor,
+        length_before: int,
+        allowed: bytes | None = None,
     ) -> StepResult:
         assert self.next_hop is not None and session.next_url is not None
         wire = tensor_to_wire(hidden, session.wire_dtype)
         frames: list[bytes] = []
         try:
             reply = await self.next_hop.step(
-                session.next_url, session.id, wire, on_frame=frames.append
+                session.next_url, session.id, wire, on_frame=frames.append, allowed=allowed
             )
         except BaseException:
             session.cache.length = length_before  # keep the session consistent for a retry
@@ -417,7 +440,7 @@ class NodeService:
         # received: the receipts of a route that lost a node still link.
         for frame in frames:
             session.sent.update(frame)
-        return StepResult(reply.token, reply.logits)
+        return StepResult(reply.token, reply.logits, reply.logprobs)
 
     def count_error(self, code: str) -> None:
         self.counters.errors[code] += 1

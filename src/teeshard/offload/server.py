@@ -55,7 +55,7 @@ class Accelerator:
         cls, model_dir: Path, layers: LayerRange, arith: wire.Arith, device: str = "cpu"
     ) -> Accelerator:
         checkpoint = Checkpoint(model_dir)
-        shard = load_shard(checkpoint, layers, torch.float32)
+        shard = load_shard(checkpoint, layers, torch.float32, pack=False)  # reads the weights
         target = torch.device(device)
         # On a GPU the field weights are widened to float64 once; on a CPU they stay
         # float32 (exact for 20-bit integers) and are widened chunk by chunk.

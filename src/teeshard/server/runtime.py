@@ -97,6 +97,7 @@ def load_with_progress(
             on_tensor=on_tensor,
             progress=lambda n: progress.advance(task, n),
             quantize=config.quantize,
+            pack=config.offload_url is None,  # offloading replaces the plain linears itself
         )
 
 

@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from teeshard.model.sampling import SamplingParams
+from teeshard.model.sampling import MAX_TOP_K, SamplingParams, TokenLogprobs, mask_bytes
 
 WIRE_DTYPES = ("float32", "float16", "bfloat16")
 WireDtype = Literal["float32", "float16", "bfloat16"]
@@ -36,6 +36,43 @@ class WireTensor(StrictModel):
     data: bytes
 
 
+MAX_HISTORY_TOKENS = 1 << 20
+
+
+class SamplingHistory(StrictModel):
+    """What the last node's sampling needs of a session's past, sent in ``open`` only when
+    its parameters use it (``SamplingParams.needs_prompt`` / ``needs_output``): the
+    distinct token ids of the prompt (repetition penalty), and the completion tokens
+    produced before a failover rebuilt the session on this route, in order."""
+
+    prompt_tokens: Annotated[tuple[int, ...], Field(max_length=MAX_HISTORY_TOKENS)] = ()
+    output_tokens: Annotated[tuple[int, ...], Field(max_length=MAX_HISTORY_TOKENS)] = ()
+
+
+class LogprobsWire(StrictModel):
+    """The raw log-probability of a sampled token and its top alternatives (last node up)."""
+
+    logprob: float
+    top_ids: tuple[int, ...] = ()
+    top_logprobs: tuple[float, ...] = ()
+
+
+def logprobs_to_wire(value: TokenLogprobs) -> LogprobsWire:
+    return LogprobsWire(
+        logprob=value.logprob,
+        top_ids=tuple(t for t, _ in value.top),
+        top_logprobs=tuple(v for _, v in value.top),
+    )
+
+
+def logprobs_from_wire(token: int, wire: LogprobsWire) -> TokenLogprobs:
+    if len(wire.top_ids) != len(wire.top_logprobs):
+        raise ValueError("logprobs: as many top ids as top logprobs")
+    return TokenLogprobs(
+        token, wire.logprob, tuple(zip(wire.top_ids, wire.top_logprobs, strict=True))
+    )
+
+
 class OpenMsg(StrictModel):
     v: Literal[1] = 1
     type: Literal["open"] = "open"
@@ -48,6 +85,7 @@ class OpenMsg(StrictModel):
     # The nodes after the receiver, nearest first, chosen by the entry node for this
     # session; empty: the receiver uses its own ``--next`` (a static chain).
     route: Annotated[tuple[HopUrl, ...], Field(max_length=MAX_ROUTE_HOPS)] = ()
+    history: SamplingHistory | None = None  # for the last node's sampling (see above)
 
 
 class StepMsg(StrictModel):
@@ -57,6 +95,11 @@ class StepMsg(StrictModel):
     session: SessionId
     tokens: tuple[int, ...] | None = None  # for a node whose range starts at layer 0
     hidden: WireTensor | None = None  # (1, T, hidden) for every other node
+    # Grammar-constrained decoding: the tokens the last node may sample at the next
+    # position, one bit per token id (``teeshard.model.sampling.unpack_allowed``). The
+    # entry computes it; every hop passes it on unchanged and checks its length against
+    # the vocabulary. None: every token is allowed.
+    allowed: Annotated[bytes, Field(min_length=1, max_length=mask_bytes(MAX_TOP_K))] | None = None
 
 
 class ReceiptWire(StrictModel):
@@ -92,6 +135,7 @@ class ResultMsg(StrictModel):
     id: RequestId
     token: int | None = None  # sampled token id (step results)
     logits: WireTensor | None = None
+    logprobs: LogprobsWire | None = None  # of ``token``, when the session's sampling asked
     route: tuple[str, ...] = ()  # open results: node ids of this node and every node after it
     receipts: tuple[ReceiptWire, ...] = ()  # close results: this stage's receipt and later ones
 
