@@ -156,11 +156,13 @@ def test_a_truncated_chain_does_not_raise_a_share() -> None:
         proven_work("r", lying + chain("r", [ENTRY, A, B], 20), signers(A, B))
 
 
-def test_positions_beyond_the_reservation_are_refused() -> None:
-    receipts = chain("r", [ENTRY, A, B], 40)
-    with pytest.raises(UnverifiedWork, match="at most 30"):
-        credits_for("r", 100, ["a", "b"], receipts, signers(A, B), max_positions=30)
-    assert credits_for("r", 100, ["a", "b"], receipts, signers(A, B), max_positions=40)
+def test_positions_are_shares_so_no_count_raises_the_total() -> None:
+    # every stage ran 40 (say a choice of n that shares its prompt, more positions than
+    # the completion tokens it reserved): each node its layers' share, nothing more
+    credits = credits_for("r", 100, ["a", "b"], chain("r", [ENTRY, A, B], 40), signers(A, B))
+    assert shares(credits) == {"a": (40, 50), "b": (40, 25)}
+    huge = credits_for("r", 100, ["a", "b"], chain("r", [ENTRY, A, B], 2**31), signers(A, B))
+    assert shares(huge) == {"a": (2**31, 50), "b": (2**31, 25)}
 
 
 def test_a_stage_is_credited_no_more_positions_than_the_stages_before_it_ran() -> None:

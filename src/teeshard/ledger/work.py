@@ -36,8 +36,10 @@ the layer count the credited nodes signed, so a truncated chain does not raise
 anyone's share); credit a node more positions than it signed for (a positions
 count is part of the signed receipt); credit a node twice in one segment, or for
 a replayed segment (it adds no positions beyond what was reached); invent a
-segment (every credited receipt carries the node's signature for this request);
-claim more positions than the reservation allowed (``max_positions``). It can
+segment (every credited receipt carries the node's signature for this request).
+Positions are counted as shares of the answer's ``T``, never as amounts, so no
+count can raise the total (a choice of ``n`` that shares its prompt runs more
+positions than the completion tokens it reserved: that is fine). It can
 withhold credit (leave a segment out): then the nodes of the next segment that
 recomputed those positions are credited for them, never more than they signed.
 """
@@ -103,7 +105,6 @@ def proven_work(
     request_id: str,
     receipts: Sequence[Receipt],
     signers: Mapping[bytes, AttestedSigner],
-    max_positions: int | None = None,
 ) -> ProvenWork:
     """The work the receipts prove (see the module docstring).
 
@@ -122,11 +123,6 @@ def proven_work(
         for index, receipt in enumerate(segment):
             where = f"segment {number} receipt {index}"
             _check_link(receipt, previous, request_id, index, where)
-            if max_positions is not None and receipt.positions > max_positions:
-                raise UnverifiedWork(
-                    f"{where} claims {receipt.positions} token positions; the request could "
-                    f"run at most {max_positions}"
-                )
             widest = max(widest, receipt.layers.end)
             signer = signers.get(receipt.signer)
             if signer is not None:
@@ -207,7 +203,6 @@ def credits_for(
     served: Iterable[str],
     receipts: Sequence[Receipt],
     signers: Mapping[bytes, AttestedSigner],
-    max_positions: int | None = None,
 ) -> list[Credit]:
     """The credits of a settle: nodes named in ``served`` whose receipts verify."""
-    return split_cost(cost, proven_work(request_id, receipts, signers, max_positions), served)
+    return split_cost(cost, proven_work(request_id, receipts, signers), served)

@@ -9,8 +9,7 @@ calls them. What each one refuses:
   A reservation records the most tokens it may credit (prompt + max tokens),
   the entry process's lease, and the client's idempotency key;
 - ``settle``: tokens above that bound; nodes not admitted (or whose admission
-  expired); receipts that do not verify, or that claim more token positions than
-  the reservation's bound. Only nodes whose receipts prove the work are
+  expired); receipts that do not verify. Only nodes whose receipts prove the work are
   credited, with the cost paid, by layers times the token positions each
   segment of the answer added (``teeshard.ledger.work``);
 - ``recover``: releases reservations whose lease expired only (another replica
@@ -242,7 +241,7 @@ def settle(
         raise InvalidAmount(f"cost {cost} exceeds the {record.amount} reserved")
     served = check_tokens(served, row.max_tokens)
     signers = pool_ops.attested_signers(conn, served)
-    credits = credits_for(request_id, cost, served, receipts, signers, row.max_tokens)
+    credits = credits_for(request_id, cost, served, receipts, signers)
     apply(
         conn,
         "settle",
