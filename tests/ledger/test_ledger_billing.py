@@ -58,7 +58,7 @@ async def test_reserve_then_settle_charges_usage_and_credits_the_chain(world: Wo
     assert world.entry.pool() == 24
     # usage and cost in the response
     generation = Generation("g1", 10, 7, "stop", reservation=reservation, settlement=settlement)
-    usage = _usage(generation)
+    usage = _usage([generation])
     assert (usage["total_tokens"], usage["cost"], usage["balance"]) == (17, 24, 976)
 
 

@@ -318,3 +318,29 @@ def test_a_cancelled_step_leaves_the_queue_and_its_cache(tiny_llama: TinyModel) 
     length, waiting, token = asyncio.run(main())
     assert length == 0 and waiting == 0
     assert token == greedy_alone(whole(tiny_llama), PROMPTS[4], 1)[0][0]
+
+
+def test_pipeline_groups_split_the_active_sessions_into_smaller_batches(
+    tiny_llama: TinyModel,
+) -> None:
+    """With groups=2, four decoding sessions run as two batches of two (so that on a
+    two-node route each node computes one group while the other computes the next)."""
+    shard = whole(tiny_llama)
+    prompts = PROMPTS[:4]
+    expected = [greedy_alone(shard, p, 8)[0] for p in prompts]
+
+    async def main(groups: int) -> tuple[list[list[int]], int, int]:
+        service = service_for(tiny_llama, SchedulerLimits(groups=groups))
+        try:
+            got = await asyncio.gather(
+                *(generate(service, f"s{i}", p, 8) for i, p in enumerate(prompts))
+            )
+            return list(got), service.counters.batches, service.counters.steps
+        finally:
+            await service.shutdown()
+
+    grouped, grouped_batches, steps = asyncio.run(main(2))
+    together, together_batches, _ = asyncio.run(main(1))
+    assert grouped == together == expected
+    assert grouped_batches >= steps // 2  # never more than two steps in a batch
+    assert together_batches < grouped_batches

@@ -262,6 +262,13 @@ def add_runtime_options(parser: argparse.ArgumentParser) -> None:
         "decoding beside it are not stalled (default 256)",
     )
     parser.add_argument(
+        "--pipeline-groups",
+        type=int,
+        default=1,
+        help="split the sessions into this many batches, so each node of a route that long "
+        "computes one while the next computes another (default 1: one batch of all)",
+    )
+    parser.add_argument(
         "--queue-size",
         type=int,
         default=256,
@@ -312,7 +319,9 @@ def config_from_args(args: argparse.Namespace, **overrides: object) -> NodeConfi
             max_sessions_per_peer=args.max_sessions_per_peer,
         ),
         scheduler=SchedulerLimits(
-            max_batch_rows=args.max_batch_rows, prefill_chunk=args.prefill_chunk
+            max_batch_rows=args.max_batch_rows,
+            prefill_chunk=args.prefill_chunk,
+            groups=args.pipeline_groups,
         ),
         queue=QueueLimits(max_waiting=args.queue_size, max_wait_s=args.queue_timeout),
         max_body_bytes=args.max_body_bytes,

@@ -53,9 +53,12 @@ class SchedulerLimits:
     prefill_chunk: int = 256  # a longer prefill runs in chunks of this many positions
     # after a wake from idle, wait at most this long for the other active sessions' steps
     gather_s: float = 0.002
+    # split the active sessions into this many batches, so that with a route of that many
+    # nodes each node computes one group while the next node computes another (pipelining)
+    groups: int = 1
 
     def __post_init__(self) -> None:
-        if min(self.max_batch_rows, self.max_batch_sessions, self.prefill_chunk) < 1:
+        if min(self.max_batch_rows, self.max_batch_sessions, self.prefill_chunk, self.groups) < 1:
             raise ValueError("scheduler limits must be at least 1")
         if self.gather_s < 0:
             raise ValueError("gather_s must not be negative")
@@ -203,7 +206,7 @@ class StepScheduler:
         usually arrive together (the previous node's batch, sent frame by frame), a
         moment to join, rather than run a batch of one and leave them for the next."""
         deadline = time.monotonic() + self.limits.gather_s
-        while len(self._waiting) < min(self._active(), self.limits.max_batch_sessions):
+        while len(self._waiting) < min(self._active(), self._session_cap()):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return
@@ -215,16 +218,24 @@ class StepScheduler:
         """The next batch: one-row steps first, then chunks of prefills, oldest first."""
         limits = self.limits
         room = limits.max_batch_rows
+        cap = self._session_cap()
         batch: list[tuple[_Job, BatchItem]] = []
         decodes = [j for j in self._waiting if j.remaining == 1]
         prefills = [j for j in self._waiting if j.remaining > 1]
         for job in (*decodes, *prefills):
-            if room == 0 or len(batch) == limits.max_batch_sessions:
+            if room == 0 or len(batch) == cap:
                 break
             count = min(job.remaining, limits.prefill_chunk, room)
             batch.append((job, job.item(count)))
             room -= count
         return batch
+
+    def _session_cap(self) -> int:
+        groups = self.limits.groups
+        if groups == 1:
+            return self.limits.max_batch_sessions
+        share = -(-max(self._active(), 1) // groups)  # ceil(active / groups)
+        return min(self.limits.max_batch_sessions, share)
 
     def _advance(self, job: _Job, item: BatchItem, output: StepOutput) -> None:
         job.running = False
