@@ -207,6 +207,51 @@ def _accepts_only(call: Callable[..., Any], field: str, ok: object, bad: object)
     return check
 
 
+def _response_format(client: Client) -> None:
+    """Structured output (tests/integration/test_structured_output.py has the rest)."""
+    schema = {
+        "type": "json_schema",
+        "json_schema": {"name": "a", "schema": {"enum": ["yes", "no"]}},
+    }
+    reply = chat(client, response_format=schema, temperature=1.0, seed=2)
+    assert reply.choices[0].message.content in ('"yes"', '"no"')
+    assert reply.choices[0].finish_reason == "stop"
+    bad = {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "strin"}}}
+    refused(lambda **kw: chat(client, **kw), "response_format", response_format=bad)
+
+
+TOOL = {  # short: the tiny model's context is small
+    "type": "function",
+    "function": {
+        "name": "p",
+        "parameters": {
+            "properties": {"x": {"enum": [1]}},
+            "required": ["x"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+def _tool_checks(client: Client, field: str) -> None:
+    """Tool calls (tests/integration/test_structured_output.py has the rest)."""
+    if field == "tools":  # the chat template renders them into the prompt
+        plain = chat(client, max_tokens=2).usage.prompt_tokens
+        assert chat(client, max_tokens=2, tools=[TOOL]).usage.prompt_tokens > plain
+    kwargs: dict[str, Any] = {"tools": [TOOL], "temperature": 1.0, "seed": 3, "max_tokens": 70}
+    if field == "tool_choice":
+        assert not chat(client, tool_choice="none", **kwargs).choices[0].message.tool_calls
+        named = {"type": "function", "function": {"name": "p"}}
+        reply = chat(client, tool_choice=named, **kwargs)
+    else:
+        reply = chat(client, tool_choice="required", parallel_tool_calls=False, **kwargs)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls" and len(choice.message.tool_calls) == 1
+    assert choice.message.tool_calls[0].function.name == "p"
+    bad = {"type": "function", "function": {"name": "other"}}
+    refused(lambda **kw: chat(client, **kw), "tool_choice", tools=[TOOL], tool_choice=bad)
+
+
 def _refuse(call: Callable[..., Any], field: str, value: object) -> Check:
     return lambda client: refused(lambda **kw: call(client, **kw), field, **{field: value})
 
@@ -238,15 +283,15 @@ CHAT: dict[str, Check] = {
     "functions": _refuse(chat, "functions", [{"name": "f", "parameters": {}}]),
     "metadata": _refuse(chat, "metadata", {"k": "v"}),
     "moderation": _refuse(chat, "moderation", {"model": "omni-moderation-latest"}),
-    "parallel_tool_calls": _refuse(chat, "parallel_tool_calls", True),
+    "parallel_tool_calls": lambda c: _tool_checks(c, "parallel_tool_calls"),
     "prediction": _refuse(chat, "prediction", {"type": "content", "content": "x"}),
     "prompt_cache_key": _refuse(chat, "prompt_cache_key", "k"),
     "prompt_cache_options": _refuse(chat, "prompt_cache_options", {"ttl": "1h"}),
     "prompt_cache_retention": _refuse(chat, "prompt_cache_retention", "24h"),
     "reasoning_effort": _refuse(chat, "reasoning_effort", "low"),
-    "response_format": _refuse(chat, "response_format", {"type": "json_object"}),
-    "tool_choice": _refuse(chat, "tool_choice", "auto"),
-    "tools": _refuse(chat, "tools", [{"type": "function", "function": {"name": "f"}}]),
+    "response_format": _response_format,
+    "tool_choice": lambda c: _tool_checks(c, "tool_choice"),
+    "tools": lambda c: _tool_checks(c, "tools"),
     "verbosity": _refuse(chat, "verbosity", "low"),
     "web_search_options": _refuse(chat, "web_search_options", {}),
 }

@@ -76,12 +76,15 @@ from teeshard.attest.replay import ReplayCache
 from teeshard.attest.response import (
     EXTENSION_FIELD,
     SEGMENTS_FIELD,
+    TOOL_CALL_CLOSE,
+    TOOL_CALL_OPEN,
     ResponseClaims,
     ResponseReport,
     parse_choices,
     parse_response,
     response_extension,
     token_traffic_hash,
+    tool_call_text,
     verify_response,
 )
 from teeshard.attest.sealed_client import SealedAnswer, SealedClient
@@ -124,6 +127,8 @@ __all__ = [
     "SEALED_STREAM_TYPE",
     "SEGMENTS_FIELD",
     "TEE_CHOICES",
+    "TOOL_CALL_CLOSE",
+    "TOOL_CALL_OPEN",
     "AttestationError",
     "AttestedPeer",
     "BindingError",
@@ -197,6 +202,7 @@ __all__ = [
     "sign_receipt",
     "simulated_public_key",
     "token_traffic_hash",
+    "tool_call_text",
     "verify_bundle",
     "verify_chain",
     "verify_quote",

@@ -67,6 +67,8 @@ from teeshard.attest.response_claims import (
     EXTENSION_FIELD,
     RESPONSE_ID_PREFIXES,
     SEGMENTS_FIELD,
+    TOOL_CALL_CLOSE,
+    TOOL_CALL_OPEN,
     ClaimedSegment,
     RequestFacts,
     ResponseClaims,
@@ -74,11 +76,14 @@ from teeshard.attest.response_claims import (
     parse_choices,
     parse_request,
     parse_response,
+    tool_call_text,
 )
 
 __all__ = [
     "EXTENSION_FIELD",
     "SEGMENTS_FIELD",
+    "TOOL_CALL_CLOSE",
+    "TOOL_CALL_OPEN",
     "ClaimedSegment",
     "Decode",
     "RequestFacts",
@@ -91,6 +96,7 @@ __all__ = [
     "parse_response",
     "response_extension",
     "token_traffic_hash",
+    "tool_call_text",
     "verify_response",
 ]
 
@@ -173,7 +179,7 @@ def verify_response(
     if ids and ids[-1] in eos_token_ids:
         ids.pop()  # the end-of-sequence token ends the answer; it is not text
     counts = {len(ids)}
-    if not eos_token_ids and claims.finish_reason == "stop" and ids:
+    if not eos_token_ids and claims.finish_reason in ("stop", "tool_calls") and ids:
         counts.add(len(ids) - 1)  # EOS ids unknown (no tokenizer): the last may be one
     if claims.completion_tokens is not None and claims.completion_tokens not in counts:
         raise ReceiptError(

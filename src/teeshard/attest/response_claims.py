@@ -1,6 +1,11 @@
 """Reading a response's claims: what a saved JSON body or SSE transcript says about
 itself (its text, completion token ids, receipts, segments; one claim per choice), and
 what of the request body shapes its text. Pure; the rules are ``response``'s.
+
+An answer with ``tool_calls`` stands for its content followed by each call in the one
+form the entry node reads (and, under a grammar, constrains) them in,
+``<tool_call>{"name": "<name>", "arguments": <arguments>}</tool_call>``
+(:func:`tool_call_text`): its text is checked against the token ids like any other.
 """
 
 from __future__ import annotations
@@ -16,6 +21,12 @@ EXTENSION_FIELD = "teeshard"
 SEGMENTS_FIELD = "receipt_segments"
 RESPONSE_ID_PREFIXES = ("chatcmpl-", "cmpl-")
 Kind = Literal["chat", "completion", "generate"]
+TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
+
+
+def tool_call_text(name: str, arguments: str) -> str:
+    """The text a tool call was read from (``teeshard.entry.tools`` writes this form)."""
+    return f'{TOOL_CALL_OPEN}{{"name": "{name}", "arguments": {arguments}}}{TOOL_CALL_CLOSE}'
 
 
 @dataclass(frozen=True)
@@ -72,7 +83,8 @@ def parse_response(text: str | bytes) -> ResponseClaims:
         message = choice.get("message")
         kind: Kind = "chat" if isinstance(message, dict) else "completion"
         content = message.get("content") if isinstance(message, dict) else choice.get("text")
-        return _claims(body, kind, _text(content), choice.get("finish_reason"), body)
+        text = _text(content) + _calls_text([message], streamed=False)
+        return _claims(body, kind, text, choice.get("finish_reason"), body)
     if "output" in body:
         return _claims(body, "generate", _text(body.get("output")), None, body)
     raise FormatError("the response has neither choices nor output")
@@ -115,11 +127,14 @@ def _multi(
     for index, parts in sorted(by_index.items()):
         chat = any(isinstance(p.get("message") or p.get("delta"), dict) for p in parts)
         texts = []
+        holders = []
         for part in parts:
             holder = part.get("delta") if streamed else part.get("message")
+            holders.append(holder)
             texts.append(
                 _text(holder.get("content") if isinstance(holder, dict) else part.get("text"))
             )
+        texts.append(_calls_text(holders, streamed))
         finish = next((p["finish_reason"] for p in parts if p.get("finish_reason")), None)
         sealed = [p for p in parts if EXTENSION_FIELD in p]
         if len(sealed) != 1:
@@ -151,6 +166,7 @@ def _stream_events(text: str) -> list[dict[str, Any]]:
 def _parse_stream(text: str) -> ResponseClaims:
     events = _stream_events(text)
     parts: list[str] = []
+    deltas: list[object] = []
     finish: object = None
     kind: Kind | None = None
     for event in events:
@@ -161,12 +177,43 @@ def _parse_stream(text: str) -> ResponseClaims:
         if isinstance(delta, dict):
             kind = "chat"
             parts.append(_text(delta.get("content")))
+            deltas.append(delta)
         else:
             kind = "completion"
             parts.append(_text(choice.get("text")))
         finish = choice.get("finish_reason") or finish
     last = events[-1]
-    return _claims(last, kind or "completion", "".join(parts), finish, last)
+    text = "".join(parts) + _calls_text(deltas, streamed=True)
+    return _claims(last, kind or "completion", text, finish, last)
+
+
+def _calls_text(holders: list[object], streamed: bool) -> str:
+    """The text the ``tool_calls`` of a choice's messages (or, streamed, its deltas:
+    OpenAI's, by index, the name on a call's first delta, arguments in fragments)
+    stand for; "" when there are none."""
+    calls: list[object] = []
+    for holder in holders:
+        if isinstance(holder, dict) and holder.get("tool_calls") is not None:
+            found = holder["tool_calls"]
+            if not isinstance(found, list):
+                raise FormatError("tool_calls: expected a list")
+            calls += found
+    names: dict[int, str] = {}
+    arguments: dict[int, list[str]] = {}
+    for position, call in enumerate(calls):
+        index = call.get("index") if streamed and isinstance(call, dict) else position
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(index, int) or not isinstance(function, dict):
+            raise FormatError("tool_calls: each call needs an index and a function")
+        name = function.get("name")
+        if name is not None:
+            if not isinstance(name, str) or index in names:
+                raise FormatError("tool_calls: a call is named once, with a string")
+            names[index] = name
+        arguments.setdefault(index, []).append(_text(function.get("arguments")))
+    if sorted(arguments) != list(range(len(arguments))) or sorted(names) != sorted(arguments):
+        raise FormatError("tool_calls: calls must be numbered from 0 and each named")
+    return "".join(tool_call_text(names[i], "".join(arguments[i])) for i in sorted(arguments))
 
 
 def _first_choice(body: dict[str, Any]) -> dict[str, Any]:

@@ -13,7 +13,9 @@ sign its receipts), a new route is chosen, the session is opened there and
 rebuilt by one prefill of the prompt plus every token so far, and generation
 goes on: greedy output is identical by construction, sampled output because the
 draws are a function of (seed, position). Attestation failures and bad input
-are never retried. After ``FailoverPolicy.max_attempts`` new routes, or past its
+are never retried. A grammar (structured output, tool calls) lives here too:
+each step carries the mask of tokens its matcher allows next, each sampled token
+is checked against it, and the completion ends once the grammar is complete. After ``FailoverPolicy.max_attempts`` new routes, or past its
 deadline (counted from the request's first fault; until then a session with no
 route waits for a node to come back), the request fails with the OpenAI error
 object. Billing is untouched: one reservation, settled once.
@@ -34,6 +36,7 @@ from teeshard.entry.admission import AdmissionQueue, Gone
 from teeshard.entry.billing import Billing, BillingAPI, ChargeRequest, Reservation, Settlement
 from teeshard.entry.errors import APIError
 from teeshard.entry.failover import FailoverPolicy, FaultLog, ReceiptSegment, Rerouter
+from teeshard.entry.grammar import Grammar
 from teeshard.entry.registry import Registry
 from teeshard.entry.routing import Route
 from teeshard.entry.text import IncrementalDecoder, StopMatcher, TextCodec
@@ -52,6 +55,9 @@ class GenerationParams:
     stop: tuple[str, ...] = ()
     prompt_chars: int | None = None  # characters of the prompt text, for per-character pricing
     ignore_eos: bool = False  # decode max_tokens even past an end-of-sequence token
+    # structured output or tool calls: every token is constrained by this grammar, and
+    # the completion ends (``stop``) once the grammar is complete
+    grammar: Grammar | None = None
 
 
 @dataclass
@@ -210,12 +216,17 @@ class GenerationLoop:
         """Yield text deltas; ``generation`` holds counts and the finish reason at the end."""
         decoder = IncrementalDecoder(self.codec, prompt_ids)
         stops = StopMatcher(params.stop)
+        # the grammar's matcher stays here: each step carries the next position's mask
+        constraint = params.grammar.start() if params.grammar is not None else None
         try:
-            result = await self._step(generation, prompt_ids, prompt_ids)
+            allowed = constraint.allowed() if constraint is not None else None
+            result = await self._step(generation, prompt_ids, prompt_ids, allowed)
             generation.prefilled = True
             while True:
                 token = result.token
                 generation.token_ids.append(token)  # its receipt hashes each one, EOS too
+                if constraint is not None:
+                    constraint.advance(token)  # a token outside the mask: the node is faulty
                 if token in self.eos_ids and not params.ignore_eos:
                     generation.finish_reason = "stop"
                     break
@@ -229,10 +240,14 @@ class GenerationLoop:
                 if stops.stopped:
                     generation.finish_reason = "stop"
                     return
+                if constraint is not None and constraint.finished:
+                    generation.finish_reason = "stop"  # the grammar is complete
+                    break
                 if generation.completion_tokens >= params.max_tokens:
                     generation.finish_reason = "length"
                     break
-                result = await self._step(generation, prompt_ids, [token])
+                allowed = constraint.allowed() if constraint is not None else None
+                result = await self._step(generation, prompt_ids, [token], allowed)
             tail = stops.flush()
             if tail:
                 generation.completion_chars += len(tail)
@@ -269,12 +284,19 @@ class GenerationLoop:
             return
 
     async def _step(
-        self, generation: Generation, prompt_ids: list[int], tokens: list[int]
+        self,
+        generation: Generation,
+        prompt_ids: list[int],
+        tokens: list[int],
+        allowed: bytes | None = None,
     ) -> StepResult:
-        """One step; after a transport fault, rebuild on a new route and step again."""
+        """One step; after a transport fault, rebuild on a new route and step again (the
+        rebuild's prefill carries the same mask: it samples the position that was lost)."""
         while True:
             try:
-                return await self.service.step_tokens(generation.request_id, tokens)
+                return await self.service.step_tokens(
+                    generation.request_id, tokens, allowed=allowed
+                )
             except DownstreamError as exc:
                 self.reroute.fault(generation.faults, exc, generation.request_id)  # or raises
             assert self.registry is not None  # fault() raised otherwise

@@ -24,6 +24,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from teeshard.entry.structured import MAX_TOOLS, ResponseFormat, Tool, ToolCall, ToolChoice
 from teeshard.model.sampling import (
     MAX_LOGIT_BIAS,
     MAX_LOGPROBS,
@@ -150,10 +151,9 @@ class TextPart(StrictRequest):
 class ChatMessage(StrictRequest):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[TextPart] | None = None
-    # refused until implemented (tool calls: issue 14 item 6)
     name: Unsupported = None
-    tool_calls: Unsupported = None
-    tool_call_id: Unsupported = None
+    tool_calls: Annotated[list[ToolCall], Field(max_length=MAX_TOOLS)] | None = None  # assistant
+    tool_call_id: str | None = None  # a tool message: the call it answers
     function_call: Unsupported = None
     refusal: Unsupported = None
     audio: Unsupported = None
@@ -186,11 +186,11 @@ class ChatCompletionRequest(_Request):
     safety_identifier: str | None = None  # like user: an id for the operator, no effect
     verbosity: Unsupported = None
     web_search_options: Unsupported = None
-    # structured output and tool calls (issue 14 items 5-6, the grammar branch)
-    response_format: Unsupported = None
-    tools: Unsupported = None
-    tool_choice: Unsupported = None
-    parallel_tool_calls: Unsupported = None
+    # structured output and tool calls (teeshard.entry.grammar, teeshard.entry.tools)
+    response_format: ResponseFormat | None = None
+    tools: Annotated[list[Tool], Field(min_length=1, max_length=MAX_TOOLS)] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
     @property
     def requested_max_tokens(self) -> int | None:

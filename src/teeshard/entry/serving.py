@@ -30,6 +30,7 @@ from teeshard.attest import RECEIPT_DIGEST_HEADER
 from teeshard.entry.choices import CHAT, COMPLETION, Shape, receipt_fields, response_digest
 from teeshard.entry.errors import APIError
 from teeshard.entry.generation import Generation, GenerationLoop, GenerationParams
+from teeshard.entry.grammar import Grammar
 from teeshard.entry.protocol import (
     MAX_CHOICES,
     ChatCompletionRequest,
@@ -42,6 +43,7 @@ from teeshard.entry.protocol import (
     now,
 )
 from teeshard.entry.streams import SessionStream, merged, run_all
+from teeshard.entry.tools import PLAIN, ChatPlan, ChatTools, finish_reason, template_messages
 from teeshard.model.sampling import SamplingParams, TokenLogprobs, choice_seed, session_seed
 
 Event = dict[str, Any]
@@ -83,6 +85,7 @@ class OpenAIServing:
         self.model_name = model_name
         self.codec = generations.codec
         self.vocab_size = generations.service.shard.spec.vocab_size
+        self.tools = ChatTools(self.codec.tokenizer, self.vocab_size, generations.eos_ids)
 
     def _model_card(self) -> dict[str, Any]:
         return {"id": self.model_name, "object": "model", "created": 0, "owned_by": "teeshard"}
@@ -143,7 +146,12 @@ class OpenAIServing:
             )
 
     async def _prepare(
-        self, request: _Request, prompts: list[PromptIn], max_tokens: int | None, caller: Caller
+        self,
+        request: _Request,
+        prompts: list[PromptIn],
+        max_tokens: int | None,
+        caller: Caller,
+        grammar: Grammar | None = None,
     ) -> tuple[str, list[Choice]]:
         """Start every choice's session (each reserved and opened), or none."""
         self._check(request, len(prompts))
@@ -167,7 +175,12 @@ class OpenAIServing:
                     # choice j of every prompt: the seed's j-th derivation (0: the seed)
                     sampling = self._sampling(request, choice_seed(seed, j))
                     params = GenerationParams(
-                        budget, sampling, tuple(request.stop_list), prompt.chars, request.ignore_eos
+                        budget,
+                        sampling,
+                        tuple(request.stop_list),
+                        prompt.chars,
+                        request.ignore_eos,
+                        grammar=grammar,
                     )
                     key = caller.idempotency_key
                     if key is not None and index > 0:  # a retry maps each choice to its own
@@ -210,12 +223,16 @@ class OpenAIServing:
         self._check_model(request.model)
         if request.top_logprobs is not None and not request.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-        messages = [{"role": m.role, "content": m.text()} for m in request.messages]
+        plan = self.tools.plan(request)  # response_format and tools: a grammar, or none
+        messages = template_messages(request.messages)
         prompt = PromptIn(
-            self.codec.chat_prompt(messages), sum(len(m["content"]) for m in messages)
+            self.codec.chat_prompt(messages, tools=plan.tools),
+            sum(len(m["content"]) for m in messages),
         )
-        base, choices = await self._prepare(request, [prompt], request.requested_max_tokens, caller)
-        return await self._respond(base, choices, CHAT, request.stream, request.include_usage)
+        base, choices = await self._prepare(
+            request, [prompt], request.requested_max_tokens, caller, plan.grammar
+        )
+        return await self._respond(base, choices, CHAT, request.stream, request.include_usage, plan)
 
     async def completions(
         self, request: CompletionRequest, caller: Caller
@@ -264,11 +281,19 @@ class OpenAIServing:
     # -- responses -----------------------------------------------------------------------
 
     async def _respond(
-        self, base: str, choices: list[Choice], shape: Shape, stream: bool, include_usage: bool
+        self,
+        base: str,
+        choices: list[Choice],
+        shape: Shape,
+        stream: bool,
+        include_usage: bool,
+        plan: ChatPlan = PLAIN,
     ) -> JSONResponse | StreamingResponse:
         response_id = f"{shape.id_prefix}-{base}"
         if stream:
-            return self._sse(choices, self._chunks(choices, shape, response_id, include_usage))
+            return self._sse(
+                choices, self._chunks(choices, shape, response_id, include_usage, plan)
+            )
         if len(choices) == 1:
             texts = [await self._collect(choices[0])]
         else:  # together: the node schedulers batch their steps
@@ -282,6 +307,7 @@ class OpenAIServing:
             item = shape.final_choice(
                 choice.index, choice.prefix + text, gen.finish_reason, logprobs
             )
+            item |= plan.final_fields(text, gen.finish_reason)  # tool calls read from the text
             body_choices.append({**item, **receipt_fields(gen)} if several else item)
         body = {
             "id": response_id,
@@ -301,10 +327,12 @@ class OpenAIServing:
         return shape.logprobs(entries, self.codec.token_text, offset)
 
     async def _choice_events(
-        self, choice: Choice, shape: Shape, several: bool
+        self, choice: Choice, shape: Shape, several: bool, plan: ChatPlan
     ) -> AsyncIterator[Event]:
         """One choice's stream: each delta with the logprobs of the tokens it took, then
-        its finish (with its receipts when the response has several choices)."""
+        its finish (with its receipts when the response has several choices). With tool
+        calls, the deltas are OpenAI's: content, then each call's opening (index, id,
+        name) and its arguments in fragments."""
         opening = shape.opening_choice(choice.index)
         if opening is not None:
             yield opening
@@ -312,24 +340,36 @@ class OpenAIServing:
             yield shape.stream_choice(choice.index, choice.prefix, None)
         gen = choice.generation
         sent, offset = 0, len(choice.prefix)
+        parser = plan.parser()
         async for delta in self.generations.stream(gen, choice.prompt_ids, choice.params):
+            if parser is not None:
+                for piece in parser.feed(delta):
+                    yield piece.choice(choice.index)
+                continue
             entries, sent = gen.logprobs[sent:], len(gen.logprobs)
             yield shape.stream_choice(
                 choice.index, delta, None, self._logprobs(shape, gen, entries, offset)
             )
             offset += sum(len(self.codec.token_text(e.token)) for e in entries)
+        for piece in parser.finish() if parser is not None else ():
+            yield piece.choice(choice.index)
         rest = gen.logprobs[sent:]
         finish = shape.stream_choice(
             choice.index,
             None,
-            gen.finish_reason,
+            finish_reason(parser, gen.finish_reason),
             self._logprobs(shape, gen, rest, offset) if rest else None,
         )
         # The stream has ended, so the session is closed and its receipts are signed.
         yield {**finish, **receipt_fields(gen)} if several else finish
 
     async def _chunks(
-        self, choices: list[Choice], shape: Shape, response_id: str, include_usage: bool
+        self,
+        choices: list[Choice],
+        shape: Shape,
+        response_id: str,
+        include_usage: bool,
+        plan: ChatPlan,
     ) -> AsyncIterator[Event]:
         created = now()
 
@@ -345,7 +385,7 @@ class OpenAIServing:
         gens = [c.generation for c in choices]
         if len(choices) == 1:
             last: Event | None = None
-            async for item in self._choice_events(choices[0], shape, False):
+            async for item in self._choice_events(choices[0], shape, False, plan):
                 if last is not None:
                     yield last
                 last = event([item])
@@ -355,7 +395,7 @@ class OpenAIServing:
                 last = {**event([]), "usage": _usage(gens)}
             yield {**last, **receipt_fields(gens[0])}
             return
-        async for item in merged([self._choice_events(c, shape, True) for c in choices]):
+        async for item in merged([self._choice_events(c, shape, True, plan) for c in choices]):
             yield event([item])
         if include_usage:
             yield {**event([]), "usage": _usage(gens)}

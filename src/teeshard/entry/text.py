@@ -29,15 +29,25 @@ class TextCodec:
         self.tokenizer: Any = AutoTokenizer.from_pretrained(str(model_dir))
 
     def chat_prompt(
-        self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True
+        self,
+        messages: Sequence[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[int]:
-        if not getattr(self.tokenizer, "chat_template", None):
+        """The prompt's token ids; ``tools`` (OpenAI's shape) rendered by the template."""
+        template = getattr(self.tokenizer, "chat_template", None)
+        if not template:
             raise APIError(
                 400, "this model has no chat template; use /v1/completions", code="no_chat_template"
             )
+        if tools and "tools" not in str(template):  # it would drop them without a word
+            raise APIError(400, "this model's chat template does not render tools", param="tools")
         try:
             rendered = self.tokenizer.apply_chat_template(
-                list(messages), add_generation_prompt=add_generation_prompt, tokenize=False
+                list(messages),
+                add_generation_prompt=add_generation_prompt,
+                tokenize=False,
+                tools=tools or None,
             )
         except Exception as exc:  # template errors (e.g. role order) come from jinja
             raise APIError(

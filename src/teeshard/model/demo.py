@@ -21,16 +21,30 @@ from safetensors.torch import save_file
 
 from teeshard.paths import data_dir
 
-DEMO_VERSION = 1
+DEMO_VERSION = 2
 DEMO_NAME = "teeshard-demo-llama"
 SEED = 20261122
 BOS, EOS = "<s>", "</s>"
-# TinyLlama's (Zephyr-style) chat template, so the demo speaks the reference model's format.
+# TinyLlama's (Zephyr-style) chat template, so the demo speaks the reference model's format,
+# with tools (version 2): the tools listed in a system turn, calls written in the Hermes
+# format (``<tool_call>{"name": ..., "arguments": ...}</tool_call>``, what
+# ``teeshard.entry.tools`` parses) and tool results in a ``<|tool|>`` turn.
 CHAT_TEMPLATE = (
+    "{% if tools %}{{ '<|system|>\\nTools:\\n' }}"
+    "{% for tool in tools %}{{ (tool.function if tool.function is defined else tool) | tojson }}"
+    "{{ '\\n' }}{% endfor %}"
+    '{{ \'Call one as <tool_call>{"name": ..., "arguments": {...}}</tool_call>\' }}'
+    "{{ eos_token + '\\n' }}{% endif %}"
     "{% for message in messages %}"
     "{% if message['role'] == 'user' %}{{ '<|user|>\\n' + message['content'] + eos_token + '\\n' }}"
     "{% elif message['role'] == 'system' %}{{ '<|system|>\\n' + message['content'] + eos_token + '\\n' }}"
-    "{% elif message['role'] == 'assistant' %}{{ '<|assistant|>\\n' + message['content'] + eos_token + '\\n' }}"
+    "{% elif message['role'] == 'assistant' %}{{ '<|assistant|>\\n' + (message['content'] or '') }}"
+    "{% for call in message.get('tool_calls') or [] %}"
+    "{% set f = call.function if call.function is defined else call %}"
+    '{{ \'<tool_call>{"name": "\' + f.name + \'", "arguments": \' }}'
+    "{% if f.arguments is string %}{{ f.arguments }}{% else %}{{ f.arguments | tojson }}{% endif %}"
+    "{{ '}</tool_call>' }}{% endfor %}{{ eos_token + '\\n' }}"
+    "{% elif message['role'] == 'tool' %}{{ '<|tool|>\\n' + message['content'] + eos_token + '\\n' }}"
     "{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
 )

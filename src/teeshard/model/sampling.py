@@ -33,12 +33,16 @@ __all__ = [
     "SamplingParams",
     "TokenHistory",
     "TokenLogprobs",
+    "apply_allowed",
     "choice_seed",
+    "mask_bytes",
+    "pack_allowed",
     "process_logits",
     "sample",
     "session_seed",
     "token_logprobs",
     "uniform",
+    "unpack_allowed",
 ]
 
 # Bounds that keep every accepted request computable: a temperature below this
@@ -216,9 +220,14 @@ def sample(
     seed: int,
     position: int,
     history: TokenHistory | None = None,
+    allowed: torch.Tensor | None = None,
 ) -> int:
-    """Pick one token id from ``logits`` (vocab,) or (1, vocab) for sequence ``position``."""
+    """Pick one token id from ``logits`` (vocab,) or (1, vocab) for sequence ``position``;
+    with ``allowed`` (vocab,) bool, only among the tokens it allows (see ``apply_allowed``:
+    after the other logit processors, before temperature, top-k and top-p)."""
     logits = process_logits(logits, params, history)
+    if allowed is not None:
+        logits = apply_allowed(logits, allowed)
     if params.greedy:
         return int(torch.argmax(logits))
     scores = logits / params.temperature
@@ -236,3 +245,60 @@ def sample(
     draw = uniform(seed, position) * float(cdf[-1])
     index = int(torch.searchsorted(cdf, torch.tensor([draw], dtype=torch.float64), right=True))
     return min(index, cdf.numel() - 1)
+
+
+# -- the allowed-token mask of grammar-constrained decoding ------------------------------
+#
+# The entry node holds the grammar (``teeshard.entry.grammar``) and sends, with each
+# step, one bit per token id of the next position: bit ``i % 8`` of byte ``i // 8`` is
+# token ``i`` (least significant bit first), ``ceil(vocab / 8)`` bytes. Every node checks
+# it; the last one applies it after the other logit processors and before temperature,
+# top-k and top-p, so those filters choose among allowed tokens only.
+
+
+def mask_bytes(vocab: int) -> int:
+    return (vocab + 7) // 8
+
+
+def pack_allowed(token_ids: Iterable[int], vocab: int) -> bytes:
+    """The mask that allows exactly ``token_ids`` (each in ``[0, vocab)``)."""
+    out = bytearray(mask_bytes(vocab))
+    for token in token_ids:
+        if not 0 <= token < vocab:
+            raise ValueError(f"token id {token} is outside the vocabulary of {vocab}")
+        out[token >> 3] |= 1 << (token & 7)
+    return bytes(out)
+
+
+def unpack_allowed(mask: bytes, vocab: int) -> torch.Tensor:
+    """``mask`` as a (vocab,) bool tensor, or ValueError: a mask must have exactly
+    ``ceil(vocab / 8)`` bytes, no bit set past the vocabulary, and at least one bit set
+    (a step with nothing allowed cannot be sampled)."""
+    expected = mask_bytes(vocab)
+    if len(mask) != expected:
+        raise ValueError(
+            f"the allowed-token mask must have {expected} bytes for a vocabulary of {vocab} "
+            f"tokens, got {len(mask)}"
+        )
+    packed = torch.frombuffer(bytearray(mask), dtype=torch.uint8)  # (bytes,)
+    shifts = torch.arange(8, dtype=torch.uint8)
+    bits = ((packed.unsqueeze(1) >> shifts) & 1).reshape(-1).bool()  # (8 * bytes,)
+    if bits[vocab:].any():
+        raise ValueError("the allowed-token mask sets bits past the vocabulary")
+    allowed = bits[:vocab]
+    if not allowed.any():
+        raise ValueError("the allowed-token mask allows no token")
+    return allowed
+
+
+def apply_allowed(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """``logits`` (vocab,) with every token ``allowed`` (vocab,) forbids at -inf.
+
+    Should the other processors have left no allowed token finite (``min_tokens``
+    holding back an end-of-sequence id that is the only one allowed), the allowed
+    tokens are scored alike: the grammar wins, and sampling stays well defined.
+    """
+    masked = logits.masked_fill(~allowed, float("-inf"))
+    if not torch.isfinite(masked).any():
+        masked = torch.zeros_like(logits).masked_fill(~allowed, float("-inf"))
+    return masked

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from teeshard.model.sampling import TokenLogprobs, sample, token_logprobs
+from teeshard.model.sampling import TokenLogprobs, sample, token_logprobs, unpack_allowed
 from teeshard.model.transformer import CacheFullError as ModelCacheFullError
 from teeshard.model.transformer import Shard
 from teeshard.node.errors import AcceleratorFailedError, BadRequestError, CacheFullError
@@ -60,6 +60,16 @@ def check_hidden(shard: Shard, session: Session, hidden: torch.Tensor) -> torch.
     return hidden.to(shard.dtype)
 
 
+def check_allowed(shard: Shard, allowed: bytes | None) -> torch.Tensor | None:
+    """The step's allowed-token mask (grammar-constrained decoding), unpacked, or None."""
+    if allowed is None:
+        return None
+    try:
+        return unpack_allowed(allowed, shard.spec.vocab_size)
+    except ValueError as exc:
+        raise BadRequestError(str(exc)) from None
+
+
 def _check_room(session: Session, steps: int) -> None:
     """Check before computing, and say so as a node error (400) rather than a model one."""
     try:
@@ -81,6 +91,7 @@ class BatchItem:
     tokens: torch.Tensor | None = None
     hidden: torch.Tensor | None = None
     last: bool = True
+    allowed: torch.Tensor | None = None  # the grammar's mask for the sampled token (vocab,)
 
     @property
     def rows(self) -> int:
@@ -109,7 +120,7 @@ def run_batch(shard: Shard, items: list[BatchItem]) -> list[StepOutput]:
     if not shard.is_last:
         return [StepOutput(hidden=out) for out in outs]
     return [
-        finish_last(item.session, out[0]) if item.last else StepOutput()
+        finish_last(item.session, out[0], item.allowed) if item.last else StepOutput()
         for item, out in zip(items, outs, strict=True)
     ]
 
@@ -119,13 +130,16 @@ def _hidden(item: BatchItem) -> torch.Tensor:
     return item.hidden
 
 
-def finish_last(session: Session, logits: torch.Tensor) -> StepOutput:
+def finish_last(
+    session: Session, logits: torch.Tensor, allowed: torch.Tensor | None = None
+) -> StepOutput:
     """The last node's end of a step: sample the session's next token from its float32
     ``logits`` (vocab,) at the position just filled (after logit bias, min_tokens and the
-    penalties over its token history), record it in that history, and compute its raw
-    logprobs when the session's sampling asked for them."""
+    penalties over its token history, then the grammar's mask ``allowed``, (vocab,) bool,
+    when the step carries one), record it in that history, and compute its raw logprobs
+    when the session's sampling asked for them."""
     params = session.sampling
-    token = sample(logits, params, session.seed, session.cache.length, session.history)
+    token = sample(logits, params, session.seed, session.cache.length, session.history, allowed)
     session.history.append(token)
     logprobs = None
     if params.logprobs is not None:

@@ -152,11 +152,19 @@ class NextHop:
         return url, reply.route
 
     async def step(
-        self, url: str, session_id: str, hidden: WireTensor, on_frame: Callable[[bytes], None]
+        self,
+        url: str,
+        session_id: str,
+        hidden: WireTensor,
+        on_frame: Callable[[bytes], None],
+        allowed: bytes | None = None,
     ) -> HopStep:
-        """Send hidden states on; ``on_frame`` sees the exact bytes sent (for the receipt)."""
+        """Send hidden states on (with the step's allowed-token mask, unchanged);
+        ``on_frame`` sees the exact bytes sent (for the receipt)."""
         reply = await self._request(
-            url, lambda rid: StepMsg(id=rid, session=session_id, hidden=hidden), on_frame
+            url,
+            lambda rid: StepMsg(id=rid, session=session_id, hidden=hidden, allowed=allowed),
+            on_frame,
         )
         if reply.token is None:
             raise DownstreamError("next node returned a step result without a token")

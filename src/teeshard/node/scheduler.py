@@ -75,6 +75,7 @@ class _Job:
     parts: list[torch.Tensor] = field(default_factory=list)  # hidden outputs of done chunks
     running: bool = False  # in the batch being computed now
     cancelled: bool = False
+    allowed: torch.Tensor | None = None  # the grammar's mask for the token sampled at the end
 
     @property
     def total(self) -> int:
@@ -87,9 +88,10 @@ class _Job:
     def item(self, count: int) -> BatchItem:
         chunk = self.rows[:, self.done : self.done + count]
         last = self.done + count == self.total
+        allowed = self.allowed if last else None
         if self.is_tokens:
-            return BatchItem(self.session, tokens=chunk, last=last)
-        return BatchItem(self.session, hidden=chunk, last=last)
+            return BatchItem(self.session, tokens=chunk, last=last, allowed=allowed)
+        return BatchItem(self.session, hidden=chunk, last=last, allowed=allowed)
 
 
 class StepScheduler:
@@ -133,9 +135,15 @@ class StepScheduler:
         return len(self._waiting)
 
     async def run(
-        self, session: Session, *, tokens: torch.Tensor | None, hidden: torch.Tensor | None
+        self,
+        session: Session,
+        *,
+        tokens: torch.Tensor | None,
+        hidden: torch.Tensor | None,
+        allowed: torch.Tensor | None = None,
     ) -> StepOutput:
-        """Queue one validated step of ``session`` and wait for its result."""
+        """Queue one validated step of ``session`` and wait for its result; ``allowed``:
+        the grammar's mask for the token the last node samples at its end."""
         rows = tokens if tokens is not None else hidden
         assert rows is not None
         job = _Job(
@@ -144,6 +152,7 @@ class StepScheduler:
             tokens is not None,
             session.cache.length,
             asyncio.get_running_loop().create_future(),
+            allowed=allowed,
         )
         self._waiting.append(job)
         self._ensure_loop()

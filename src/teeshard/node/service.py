@@ -33,7 +33,7 @@ import torch
 from teeshard.attest import NodeAttestation, Receipt, TrafficHash
 from teeshard.model.sampling import SamplingParams, TokenHistory, TokenLogprobs, session_seed
 from teeshard.model.transformer import KVCache, Shard
-from teeshard.node.compute import StepOutput, check_hidden, check_tokens
+from teeshard.node.compute import StepOutput, check_allowed, check_hidden, check_tokens
 from teeshard.node.errors import BadRequestError, OverloadedError, UnknownSessionError
 from teeshard.node.hop import NextHop
 from teeshard.node.scheduler import SchedulerLimits, StepScheduler
@@ -358,22 +358,30 @@ class NodeService:
         tokens: list[int] | tuple[int, ...],
         frame: bytes | None = None,
         owner: Owner | None = None,
+        allowed: bytes | None = None,
     ) -> StepResult:
+        """A step of token ids; ``allowed``: the grammar's mask for the next position."""
         session = self.sessions.get(session_id, owner)
         inputs = check_tokens(self.shard, session, tokens)
-        return await self._step(session, tokens=inputs, hidden=None, frame=frame)
+        check_allowed(self.shard, allowed)
+        return await self._step(session, tokens=inputs, hidden=None, frame=frame, allowed=allowed)
 
     async def step_wire(self, message: StepMsg, frame: bytes, owner: Owner) -> StepResult:
         """A step that arrived on the pipeline socket as ``frame``, from ``owner``."""
         if message.hidden is None:
-            return await self.step_tokens(message.session, message.tokens or (), frame, owner)
+            return await self.step_tokens(
+                message.session, message.tokens or (), frame, owner, message.allowed
+            )
         session = self.sessions.get(message.session, owner)
         try:
             hidden = tensor_from_wire(message.hidden, expected_dtype=session.wire_dtype)
         except ProtocolError as exc:
             raise BadRequestError(str(exc)) from None
         hidden = check_hidden(self.shard, session, hidden)
-        return await self._step(session, tokens=None, hidden=hidden, frame=frame)
+        check_allowed(self.shard, message.allowed)
+        return await self._step(
+            session, tokens=None, hidden=hidden, frame=frame, allowed=message.allowed
+        )
 
     async def _step(
         self,
@@ -382,6 +390,7 @@ class NodeService:
         tokens: torch.Tensor | None,
         hidden: torch.Tensor | None,
         frame: bytes | None,
+        allowed: bytes | None = None,
     ) -> StepResult:
         if session.in_flight:  # the cache is sequential: a second step would corrupt it
             raise BadRequestError(
@@ -390,7 +399,10 @@ class NodeService:
         session.in_flight, session.stepped = True, True
         try:
             length_before = session.cache.length
-            out: StepOutput = await self.scheduler.run(session, tokens=tokens, hidden=hidden)
+            mask = check_allowed(self.shard, allowed) if self.shard.is_last else None
+            out: StepOutput = await self.scheduler.run(
+                session, tokens=tokens, hidden=hidden, allowed=mask
+            )
             self.counters.steps += 1
             self.counters.tokens_processed += session.cache.length - length_before
             if out.hidden is None:  # the last stage: its output is the token
@@ -398,7 +410,7 @@ class NodeService:
                 result = StepResult(out.token, out.logits, out.logprobs)
                 session.sent.update(struct.pack("<I", out.token))
             else:
-                result = await self._forward(session, out.hidden, length_before)
+                result = await self._forward(session, out.hidden, length_before, allowed)
             if frame is not None:
                 session.received.update(frame)
             return result
@@ -407,14 +419,18 @@ class NodeService:
             session.touch()
 
     async def _forward(
-        self, session: Session, hidden: torch.Tensor, length_before: int
+        self,
+        session: Session,
+        hidden: torch.Tensor,
+        length_before: int,
+        allowed: bytes | None = None,
     ) -> StepResult:
         assert self.next_hop is not None and session.next_url is not None
         wire = tensor_to_wire(hidden, session.wire_dtype)
         frames: list[bytes] = []
         try:
             reply = await self.next_hop.step(
-                session.next_url, session.id, wire, on_frame=frames.append
+                session.next_url, session.id, wire, on_frame=frames.append, allowed=allowed
             )
         except BaseException:
             session.cache.length = length_before  # keep the session consistent for a retry

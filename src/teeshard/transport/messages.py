@@ -12,7 +12,13 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from teeshard.model.sampling import MAX_LOGPROBS, SamplingParams, TokenLogprobs
+from teeshard.model.sampling import (
+    MAX_LOGPROBS,
+    MAX_TOP_K,
+    SamplingParams,
+    TokenLogprobs,
+    mask_bytes,
+)
 
 WIRE_DTYPES = ("float32", "float16", "bfloat16")
 WireDtype = Literal["float32", "float16", "bfloat16"]
@@ -96,6 +102,11 @@ class StepMsg(StrictModel):
     session: SessionId
     tokens: tuple[int, ...] | None = None  # for a node whose range starts at layer 0
     hidden: WireTensor | None = None  # (1, T, hidden) for every other node
+    # Grammar-constrained decoding: the tokens the last node may sample at the next
+    # position, one bit per token id (``teeshard.model.sampling.unpack_allowed``). The
+    # entry computes it; every hop passes it on unchanged and checks its length against
+    # the vocabulary. None: every token is allowed.
+    allowed: Annotated[bytes, Field(min_length=1, max_length=mask_bytes(MAX_TOP_K))] | None = None
 
 
 class ReceiptWire(StrictModel):
