@@ -329,3 +329,31 @@ def test_tokenize_detokenize_and_model_retrieval(
         client.models.retrieve("gpt-4o")
     assert caught.value.code == "model_not_found"
     assert caught.value.body["type"] == "not_found_error"  # type: ignore[index]
+
+
+def test_a_chat_stream_of_n_2_gives_each_choice_its_index_role_and_text(
+    cluster: LocalCluster,
+) -> None:
+    client = openai.OpenAI(base_url=cluster.entry.http_url + "/v1", api_key="x", max_retries=0)
+    body: dict[str, Any] = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "Two answers, please"}],
+        "n": 2,
+        "max_tokens": 8,
+        "temperature": 1.0,
+        "seed": 11,
+    }
+    whole = client.chat.completions.create(**body)
+    chunks = list(
+        client.chat.completions.create(**body, stream=True, stream_options={"include_usage": True})
+    )
+    texts, roles = {0: "", 1: ""}, {0: 0, 1: 0}
+    for chunk in chunks:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+            roles[choice.index] += choice.delta.role == "assistant"
+    assert roles == {0: 1, 1: 1}
+    assert [texts[0], texts[1]] == [c.message.content for c in whole.choices]
+    assert texts[0] != texts[1]
+    assert chunks[-1].usage is not None and whole.usage is not None
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens

@@ -5,7 +5,15 @@ import pytest
 import torch
 
 from teeshard.transport.codec import ProtocolError, decode, encode, tensor_from_wire, tensor_to_wire
-from teeshard.transport.messages import OpenMsg, SamplingParams, StepMsg, WireTensor
+from teeshard.transport.messages import (
+    OpenMsg,
+    ResultMsg,
+    SamplingHistory,
+    SamplingParams,
+    StepMsg,
+    WireTensor,
+    logprobs_from_wire,
+)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
@@ -52,3 +60,30 @@ def test_bad_frames_keep_the_request_id_when_known() -> None:
         decode(b"\xc1")
     with pytest.raises(ProtocolError, match="invalid"):
         decode(msgpack.packb({"v": 1, "type": "step", "id": "1", "session": "s"}))  # no coercion
+
+
+def test_sampling_history_and_logprobs_travel_and_nonsense_is_refused() -> None:
+    history = SamplingHistory(prompt_tokens=(3, 5), output_tokens=(9, 9, 2))
+    params = SamplingParams(temperature=0.7, seed=1, frequency_penalty=1.0, logprobs=2)
+    message = OpenMsg(id=1, session="s", max_len=9, sampling=params, history=history)
+    assert decode(encode(message)) == message
+    frame = msgpack.unpackb(encode(message))
+    for bad in ({"output_tokens": [-1]}, {"prompt_tokens": [1.5]}):
+        frame["history"] = bad
+        with pytest.raises(ProtocolError):
+            decode(msgpack.packb(frame))
+    frame["history"] = None
+    frame["sampling"] = {**frame["sampling"], "eos_token_ids": [-3]}
+    with pytest.raises(ProtocolError):
+        decode(msgpack.packb(frame))
+    result = decode(
+        msgpack.packb(
+            {"v": 1, "type": "result", "id": 2, "token": 4,
+             "logprobs": {"logprob": -0.5, "top_ids": [4, 1], "top_logprobs": [-0.5, -1.0]}}
+        )
+    )  # fmt: skip
+    assert isinstance(result, ResultMsg) and result.logprobs is not None
+    assert logprobs_from_wire(4, result.logprobs).top == ((4, -0.5), (1, -1.0))
+    uneven = result.logprobs.model_copy(update={"top_logprobs": (-0.5,)})
+    with pytest.raises(ValueError):
+        logprobs_from_wire(4, uneven)

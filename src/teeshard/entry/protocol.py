@@ -163,6 +163,24 @@ class ChatMessage(StrictRequest):
             return "".join(part.text for part in self.content)
         return self.content or ""
 
+    @model_validator(mode="after")
+    def _tool_fields(self) -> ChatMessage:
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages make tool calls")
+        if (self.role == "tool") != (self.tool_call_id is not None):
+            raise ValueError("tool messages, and only they, carry the tool_call_id they answer")
+        return self
+
+    def template(self) -> dict[str, Any]:
+        """The message as chat templates take it (transformers' convention): a call's
+        arguments as a mapping when they are a JSON object, a tool result's call id."""
+        item: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.tool_calls:
+            item["tool_calls"] = [c.template() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            item["tool_call_id"] = self.tool_call_id
+        return item
+
 
 class ChatCompletionRequest(_Request):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
@@ -191,6 +209,11 @@ class ChatCompletionRequest(_Request):
     tools: Annotated[list[Tool], Field(min_length=1, max_length=MAX_TOOLS)] | None = None
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
+
+    @property
+    def constrained(self) -> bool:
+        """Structured output or tools asked for: the request needs a plan (entry.tools)."""
+        return self.response_format is not None or bool(self.tools) or self.tool_choice is not None
 
     @property
     def requested_max_tokens(self) -> int | None:

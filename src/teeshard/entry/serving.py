@@ -43,7 +43,7 @@ from teeshard.entry.protocol import (
     now,
 )
 from teeshard.entry.streams import SessionStream, merged, run_all
-from teeshard.entry.tools import PLAIN, ChatPlan, ChatTools, finish_reason, template_messages
+from teeshard.entry.tools import PLAIN, ChatPlan, ChatTools, ToolCallParser, finish_reason
 from teeshard.model.sampling import SamplingParams, TokenLogprobs, choice_seed, session_seed
 
 Event = dict[str, Any]
@@ -223,8 +223,9 @@ class OpenAIServing:
         self._check_model(request.model)
         if request.top_logprobs is not None and not request.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-        plan = self.tools.plan(request)  # response_format and tools: a grammar, or none
-        messages = template_messages(request.messages)
+        # response_format and tools: a grammar, the tools for the template, calls to read
+        plan = self.tools.plan(request) if request.constrained else PLAIN
+        messages = [m.template() for m in request.messages]
         prompt = PromptIn(
             self.codec.chat_prompt(messages, tools=plan.tools),
             sum(len(m["content"]) for m in messages),
@@ -307,7 +308,8 @@ class OpenAIServing:
             item = shape.final_choice(
                 choice.index, choice.prefix + text, gen.finish_reason, logprobs
             )
-            item |= plan.final_fields(text, gen.finish_reason)  # tool calls read from the text
+            if plan.parse_tools:  # the message's content and tool calls, read from the text
+                item |= plan.final_fields(text, gen.finish_reason)
             body_choices.append({**item, **receipt_fields(gen)} if several else item)
         body = {
             "id": response_id,
@@ -340,7 +342,7 @@ class OpenAIServing:
             yield shape.stream_choice(choice.index, choice.prefix, None)
         gen = choice.generation
         sent, offset = 0, len(choice.prefix)
-        parser = plan.parser()
+        parser = ToolCallParser() if plan.parse_tools else None
         async for delta in self.generations.stream(gen, choice.prompt_ids, choice.params):
             if parser is not None:
                 for piece in parser.feed(delta):
@@ -357,7 +359,7 @@ class OpenAIServing:
         finish = shape.stream_choice(
             choice.index,
             None,
-            finish_reason(parser, gen.finish_reason),
+            gen.finish_reason if parser is None else finish_reason(parser, gen.finish_reason),
             self._logprobs(shape, gen, rest, offset) if rest else None,
         )
         # The stream has ended, so the session is closed and its receipts are signed.

@@ -27,7 +27,7 @@ from typing import Any
 from teeshard.attest import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 from teeshard.entry.errors import APIError
 from teeshard.entry.grammar import JSON_OPTIONS, Grammar, Grammars
-from teeshard.entry.protocol import ChatCompletionRequest, ChatMessage
+from teeshard.entry.protocol import ChatCompletionRequest
 from teeshard.entry.structured import NamedToolChoice, ResponseFormat, Tool, ToolChoice
 
 __all__ = [
@@ -42,7 +42,6 @@ __all__ = [
     "chat_message",
     "finish_reason",
     "plan_chat",
-    "template_messages",
     "tool_grammar",
 ]
 
@@ -273,8 +272,6 @@ class ChatTools:
         return self._grammars
 
     def plan(self, request: ChatCompletionRequest) -> ChatPlan:
-        if request.response_format is None and not request.tools and not request.tool_choice:
-            return PLAIN
         return plan_chat(
             self.grammars,
             request.response_format,
@@ -334,53 +331,3 @@ def finish_reason(parser: ToolCallParser | None, finish: str | None) -> str | No
     if parser is not None and parser.calls and finish == "stop":
         return "tool_calls"
     return finish
-
-
-def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
-    """The messages as chat templates take them (transformers' convention): a call's
-    arguments as a mapping when they are a JSON object, a tool result with its call id."""
-    out: list[dict[str, Any]] = []
-    for position, message in enumerate(messages):
-        item: dict[str, Any] = {"role": message.role, "content": message.text()}
-        if message.tool_calls:
-            if message.role != "assistant":
-                raise APIError(
-                    400,
-                    f"messages[{position}]: only assistant messages make tool calls",
-                    param="messages",
-                )
-            item["tool_calls"] = [
-                {
-                    "id": call.id,
-                    "type": "function",
-                    "function": {
-                        "name": call.function.name,
-                        "arguments": _mapping(call.function.arguments),
-                    },
-                }
-                for call in message.tool_calls
-            ]
-        if message.role == "tool":
-            if message.tool_call_id is None:
-                raise APIError(
-                    400,
-                    f"messages[{position}]: a tool message needs tool_call_id",
-                    param="messages",
-                )
-            item["tool_call_id"] = message.tool_call_id
-        elif message.tool_call_id is not None:
-            raise APIError(
-                400,
-                f"messages[{position}]: tool_call_id belongs to tool messages",
-                param="messages",
-            )
-        out.append(item)
-    return out
-
-
-def _mapping(arguments: str) -> Any:
-    try:
-        value = json.loads(arguments)
-    except ValueError:
-        return arguments
-    return value if isinstance(value, dict) else arguments

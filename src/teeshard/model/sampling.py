@@ -19,6 +19,7 @@ import secrets
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -76,7 +77,8 @@ class SamplingParams(BaseModel):
     # (token id, bias added to its logit), ids unique
     logit_bias: tuple[tuple[int, float], ...] = Field(default=(), max_length=MAX_LOGIT_BIAS)
     min_tokens: int = Field(default=0, ge=0)  # the eos ids cannot be sampled before this many
-    eos_token_ids: tuple[int, ...] = Field(default=(), max_length=64)  # what min_tokens holds back
+    # what min_tokens holds back
+    eos_token_ids: tuple[Annotated[int, Field(ge=0)], ...] = Field(default=(), max_length=64)
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)  # None: none returned
 
     _temperature = field_validator("temperature")(check_temperature)

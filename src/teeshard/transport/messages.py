@@ -12,7 +12,13 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from teeshard.model.sampling import MAX_TOP_K, SamplingParams, TokenLogprobs, mask_bytes
+from teeshard.model.sampling import (
+    MAX_LOGPROBS,
+    MAX_TOP_K,
+    SamplingParams,
+    TokenLogprobs,
+    mask_bytes,
+)
 
 WIRE_DTYPES = ("float32", "float16", "bfloat16")
 WireDtype = Literal["float32", "float16", "bfloat16"]
@@ -37,6 +43,7 @@ class WireTensor(StrictModel):
 
 
 MAX_HISTORY_TOKENS = 1 << 20
+TokenId = Annotated[int, Field(ge=0)]  # ids past the vocabulary are ignored by the sampler
 
 
 class SamplingHistory(StrictModel):
@@ -45,16 +52,16 @@ class SamplingHistory(StrictModel):
     distinct token ids of the prompt (repetition penalty), and the completion tokens
     produced before a failover rebuilt the session on this route, in order."""
 
-    prompt_tokens: Annotated[tuple[int, ...], Field(max_length=MAX_HISTORY_TOKENS)] = ()
-    output_tokens: Annotated[tuple[int, ...], Field(max_length=MAX_HISTORY_TOKENS)] = ()
+    prompt_tokens: Annotated[tuple[TokenId, ...], Field(max_length=MAX_HISTORY_TOKENS)] = ()
+    output_tokens: Annotated[tuple[TokenId, ...], Field(max_length=MAX_HISTORY_TOKENS)] = ()
 
 
 class LogprobsWire(StrictModel):
     """The raw log-probability of a sampled token and its top alternatives (last node up)."""
 
     logprob: float
-    top_ids: tuple[int, ...] = ()
-    top_logprobs: tuple[float, ...] = ()
+    top_ids: Annotated[tuple[TokenId, ...], Field(max_length=MAX_LOGPROBS)] = ()
+    top_logprobs: Annotated[tuple[float, ...], Field(max_length=MAX_LOGPROBS)] = ()
 
 
 def logprobs_to_wire(value: TokenLogprobs) -> LogprobsWire:
