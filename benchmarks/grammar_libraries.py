@@ -45,7 +45,7 @@ MAX_STEPS = 64
 def tokenizer(vocab: int, work: Path) -> Any:
     from transformers import AutoTokenizer
 
-    from teeshard.model.demo import train_tokenizer, write_tokenizer
+    from teeshard.model.random_checkpoint import train_tokenizer, write_tokenizer
 
     out = work / f"tok{vocab}"
     out.mkdir()

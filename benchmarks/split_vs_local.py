@@ -29,18 +29,18 @@ import torch
 
 from teeshard.cli.up import LaunchSpec, plan_launch
 from teeshard.model.checkpoint import Checkpoint
-from teeshard.model.demo import (
-    data_dir,
+from teeshard.model.formats import NumberFormat
+from teeshard.model.layer_range import LayerRange
+from teeshard.model.loader import load_shard
+from teeshard.model.plan import plan_checkpoint
+from teeshard.model.random_checkpoint import (
     random_llama_weights,
     train_tokenizer,
     write_checkpoint,
     write_tokenizer,
 )
-from teeshard.model.formats import NumberFormat
-from teeshard.model.layer_range import LayerRange
-from teeshard.model.loader import load_shard
-from teeshard.model.plan import plan_checkpoint
 from teeshard.model.transformer import Shard
+from teeshard.paths import data_dir
 from teeshard.procutil import die_with_parent, free_port_block, wait_healthy
 from teeshard.server.local_pipeline import write_local_policy
 

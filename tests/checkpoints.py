@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from teeshard.model.demo import train_tokenizer, write_tokenizer
+from teeshard.model.random_checkpoint import train_tokenizer, write_tokenizer
 
 FAMILY_OPTIONS: dict[str, dict[str, Any]] = {
     "llama": {},

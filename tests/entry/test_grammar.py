@@ -14,7 +14,7 @@ import pytest
 from teeshard.entry.errors import APIError
 from teeshard.entry.grammar import Constraint, ConstraintViolation, Grammars
 from teeshard.entry.structured import ResponseFormat
-from teeshard.model.demo import train_tokenizer, write_tokenizer
+from teeshard.model.random_checkpoint import train_tokenizer, write_tokenizer
 from teeshard.model.sampling import unpack_allowed
 
 SCHEMA: dict[str, Any] = {

@@ -15,7 +15,7 @@ from teeshard.attest import tool_call_text
 from teeshard.entry.grammar import Grammars
 from teeshard.entry.structured import NamedToolChoice, Tool
 from teeshard.entry.tools import ToolCallParser, tool_grammar
-from teeshard.model.demo import train_tokenizer, write_tokenizer
+from teeshard.model.random_checkpoint import train_tokenizer, write_tokenizer
 from teeshard.model.sampling import unpack_allowed
 
 WEATHER = {

@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from teeshard.model.checkpoint import Checkpoint, CheckpointError
-from teeshard.model.demo import write_checkpoint
 from teeshard.model.layer_range import LayerRange
 from teeshard.model.loader import load_shard
+from teeshard.model.random_checkpoint import write_checkpoint
 from teeshard.model.spec import UnsupportedModelError
 from tests.checkpoints import TinyModel
 

@@ -1,4 +1,4 @@
-"""``teeshard demo``: build (or locate) the built-in demo checkpoint."""
+"""``teeshard demo``: print the directory of the built-in (shipped, trained) demo checkpoint."""
 
 from __future__ import annotations
 
@@ -6,9 +6,7 @@ import argparse
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "demo", help="build the built-in demo model and print its directory"
-    )
+    parser = subparsers.add_parser("demo", help="print the built-in demo model's directory")
     parser.set_defaults(func=run)
 
 

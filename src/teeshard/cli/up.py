@@ -214,8 +214,7 @@ def run(args: argparse.Namespace) -> int:
     if model is None:
         from teeshard.model.demo import ensure_demo
 
-        with console.status("building the demo model (random weights: its text is meaningless)"):
-            model = ensure_demo(lambda step: console.log(step))
+        model = ensure_demo()  # shipped, trained: see scripts/train_demo.py
         console.log(f"demo model at {model}")
     checkpoint = Checkpoint(model)
     number_format = NumberFormat.resolve(args.dtype, args.quantize)  # a bad pair fails here
