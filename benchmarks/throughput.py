@@ -376,7 +376,10 @@ def main() -> int:
     parser.add_argument("--levels", default="1,4,8,16", help="concurrent sessions; '' skips")
     parser.add_argument("--concurrency-format", default="bfloat16", choices=list(FORMATS))
     parser.add_argument("--concurrency-prompt-tokens", type=int, default=16)
-    parser.add_argument("--pipeline-groups", type=int, default=1, help="every node's setting")
+    parser.add_argument(
+        "--pipeline-groups", type=int, default=None,
+        help="every node's setting (default: --nodes, as `teeshard up` sets it)",
+    )  # fmt: skip
     parser.add_argument("--burst", type=int, default=64, help="requests sent at once at the end")
     parser.add_argument("--concurrency-decode", type=int, default=32)
     parser.add_argument(
@@ -387,6 +390,7 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     names = [n for n in args.formats.split(",") if n]
     args.levels = [int(c) for c in args.levels.split(",") if c]
+    args.pipeline_groups = args.pipeline_groups or args.nodes
     unknown = [n for n in names if n not in FORMATS]
     if unknown:
         parser.error(f"unknown format(s) {', '.join(unknown)}; choose from {', '.join(FORMATS)}")

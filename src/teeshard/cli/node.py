@@ -264,9 +264,10 @@ def add_runtime_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--pipeline-groups",
         type=int,
-        default=1,
+        default=None,
         help="split the sessions into this many batches, so each node of a route that long "
-        "computes one while the next computes another (default 1: one batch of all)",
+        "computes one while the next computes another (default 1: one batch of all; "
+        "`teeshard up`: its number of nodes)",
     )
     parser.add_argument(
         "--queue-size",
@@ -321,7 +322,7 @@ def config_from_args(args: argparse.Namespace, **overrides: object) -> NodeConfi
         scheduler=SchedulerLimits(
             max_batch_rows=args.max_batch_rows,
             prefill_chunk=args.prefill_chunk,
-            groups=args.pipeline_groups,
+            groups=args.pipeline_groups or 1,
         ),
         queue=QueueLimits(max_waiting=args.queue_size, max_wait_s=args.queue_timeout),
         max_body_bytes=args.max_body_bytes,

@@ -180,6 +180,10 @@ def passthrough_options(args: argparse.Namespace) -> list[str]:
         str(args.max_body_bytes),
         "--max-connections",
         str(args.max_connections),
+        # one batch group per node of the chain: each node computes one while the next
+        # computes another (measured: 5.4x one session's decode at 8 sessions, 4.9x without)
+        "--pipeline-groups",
+        str(args.pipeline_groups or args.nodes),
     ]
     if args.max_sessions_per_peer is not None:
         options += ["--max-sessions-per-peer", str(args.max_sessions_per_peer)]
