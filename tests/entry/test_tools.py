@@ -172,3 +172,29 @@ def test_an_unfinished_call_keeps_its_arguments_text() -> None:
     parser = parse('<tool_call>{"name": "f", "arguments": {"a": "unfinish', pieces=3)
     assert len(parser.calls) == 1 and not parser.calls[0].complete
     assert parser.calls[0].arguments == '{"a": "unfinish'
+
+
+def test_a_tag_that_is_one_token_of_the_vocabulary_is_named_as_that_token() -> None:
+    """The demo's tokenizer holds ``<tool_call>`` as one added token, which llguidance
+    treats as special: a literal "<tool_call>" in the grammar showed that token in the
+    mask and then refused it (a 502 on every required call). Named as the token, the
+    call opens with it and its arguments still follow the schema."""
+    import transformers
+
+    from teeshard.model.demo import ensure_demo
+
+    demo = transformers.AutoTokenizer.from_pretrained(str(ensure_demo()))
+    grammars = Grammars(demo, len(demo), {demo.eos_token_id})
+    open_id = demo.convert_tokens_to_ids("<tool_call>")
+    assert open_id in grammars.special and "<tool_call>" in grammars.special_names
+    rule = tool_grammar(TOOLS, "required", False, grammars.special_names)
+    assert rule is not None
+    constraint = grammars.lark(rule[0], "tools").start()
+    assert unpack_allowed(constraint.allowed(), len(demo))[open_id]
+    constraint.advance(open_id)  # refused before: "the grammar refused token ..."
+    for seed in range(8):
+        text = generate(demo, grammars, rule[0], seed)
+        parser = parse(text, pieces=5, seed=seed)
+        assert len(parser.calls) == 1 and canonical(parser) == text
+        call = parser.calls[0]
+        jsonschema.validate(json.loads(call.arguments), SCHEMAS[call.name])

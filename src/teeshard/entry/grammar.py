@@ -66,32 +66,53 @@ class ConstraintViolation(APIError):
 class Grammar:
     """A compiled, validated llguidance grammar for one tokenizer; starts matchers."""
 
-    def __init__(self, tokenizer: llguidance.LLTokenizer, text: str, vocab: int) -> None:
+    def __init__(
+        self,
+        tokenizer: llguidance.LLTokenizer,
+        text: str,
+        vocab: int,
+        special: tuple[int, ...] = (),
+    ) -> None:
         self._tokenizer = tokenizer
         self.text = text
         self.vocab = vocab
+        self._special = special
 
     def start(self) -> Constraint:
         """A fresh matcher at the grammar's start (one per completion)."""
         matcher = llguidance.LLMatcher(self._tokenizer, self.text, log_level=0)
         if matcher.is_error():  # validated at compile time: not expected
             raise APIError(500, f"the grammar failed to start: {matcher.get_error()}")
-        return Constraint(matcher, self.vocab)
+        return Constraint(matcher, self.vocab, self._special)
 
 
 class Constraint:
     """One completion's matcher: the mask for the next position, then the token sampled."""
 
-    def __init__(self, matcher: llguidance.LLMatcher, vocab: int) -> None:
+    def __init__(
+        self, matcher: llguidance.LLMatcher, vocab: int, special: tuple[int, ...] = ()
+    ) -> None:
         self._matcher = matcher
         self.vocab = vocab
+        self._special = special  # ids llguidance treats as special tokens
         self._mask: bytes | None = None
 
     def allowed(self) -> bytes:
-        """The next position's mask, ``ceil(vocab / 8)`` bytes, bit ``i`` for token ``i``."""
+        """The next position's mask, ``ceil(vocab / 8)`` bytes, bit ``i`` for token ``i``.
+
+        A special token whose text the grammar wants (the demo's ``<tool_call>`` is
+        one added token) can show in llguidance's mask while its matcher then refuses
+        to consume it (it matches special tokens only where the grammar names them as
+        such): those bits are cleared, so the text is spelled with ordinary tokens."""
         if self._mask is None:
             words = self._matcher.compute_bitmask()  # little-endian u32 words: same bit order
-            self._mask = bytes(words[: mask_bytes(self.vocab)])
+            mask = bytearray(words[: mask_bytes(self.vocab)])
+            for token in self._special:
+                if mask[token >> 3] >> (token & 7) & 1 and not self._matcher.validate_tokens(
+                    [token]
+                ):
+                    mask[token >> 3] &= ~(1 << (token & 7)) & 0xFF
+            self._mask = bytes(mask)
         return self._mask
 
     def advance(self, token: int) -> None:
@@ -130,6 +151,15 @@ class Grammars:
             )
         self.vocab = vocab
         self.tokenizer = llguidance.hf.from_tokenizer(hf_tokenizer, n_vocab=vocab, eos_token=eos)
+        # added tokens count as special for llguidance: see Constraint.allowed; a tool
+        # grammar names the tags that are such tokens by name (entry/tools.py)
+        special = {
+            token: added.content
+            for token, added in hf_tokenizer.added_tokens_decoder.items()
+            if token < vocab and self.tokenizer.is_special_token(token)
+        }
+        self.special = tuple(sorted(special))
+        self.special_names = frozenset(special.values())
 
     def compile(self, text: str, param: str) -> Grammar:
         """Validate an llguidance grammar; a 400 naming ``param`` if it cannot compile."""
@@ -139,7 +169,7 @@ class Grammars:
         if is_error:
             reason = messages[0] if messages else "invalid"
             raise APIError(400, f"{param} cannot be compiled to a grammar: {reason}", param=param)
-        return Grammar(self.tokenizer, text, self.vocab)
+        return Grammar(self.tokenizer, text, self.vocab, self.special)
 
     def json_schema(self, schema: dict[str, Any], param: str = "response_format") -> Grammar:
         try:

@@ -53,39 +53,55 @@ _HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"([^"\\]{1,64})"\s*,\s*"arguments"\s*:
 _MAX_HEAD = 128  # characters after OPEN within which a call must name its function
 
 
-def _call_rule(tools: list[Tool]) -> str:
+def _tag(text: str, special: frozenset[str]) -> str:
+    """A tag in the grammar: the tokenizer's special token of that name (a model whose
+    vocabulary holds ``<tool_call>`` as one added token writes it so, and llguidance
+    matches such a token only where the grammar names it), else the literal text."""
+    return text if text in special else json.dumps(text)
+
+
+def _call_rule(tools: list[Tool], special: frozenset[str] = frozenset()) -> str:
     """``call``: one well-formed call of one of ``tools``, arguments per its schema."""
     rules, names = [], []
+    end = f'"}}" {_tag(CLOSE, special)}'  # the wrapper's brace, then the closing tag
     for i, tool in enumerate(tools):
         schema = {**tool.function.parameters, "x-guidance": JSON_OPTIONS}
         head = json.dumps(f'{{"name": "{tool.function.name}", "arguments": ')
-        rules.append(f"fn_{i}: {head} %json {json.dumps(schema)} {json.dumps(_END)}")
+        rules.append(f"fn_{i}: {head} %json {json.dumps(schema)} {end}")
         names.append(f"fn_{i}")
     return "call: " + " | ".join(names) + "\n" + "\n".join(rules) + "\n"
 
 
 def tool_grammar(
-    tools: list[Tool], choice: ToolChoice, parallel: bool
+    tools: list[Tool],
+    choice: ToolChoice,
+    parallel: bool,
+    special: frozenset[str] = frozenset(),
 ) -> tuple[str, list[Tool]] | None:
-    """The Lark grammar for ``choice`` and the tools it may call; None for ``none``."""
+    """The Lark grammar for ``choice`` and the tools it may call; None for ``none``.
+
+    ``special``: the tokenizer's special tokens, for tags that are one of them."""
     if choice == "none" or not tools:
         return None
+    open_tag = _tag(OPEN, special)
     if isinstance(choice, NamedToolChoice):
         chosen = [t for t in tools if t.function.name == choice.function.name]
-        return f"start: {json.dumps(OPEN)} call\n" + _call_rule(chosen), chosen
+        return f"start: {open_tag} call\n" + _call_rule(chosen, special), chosen
     if choice == "required":
         start = "start: tc+\n" if parallel else "start: tc\n"
-        return start + f"tc: {json.dumps(OPEN)} call\n" + _call_rule(tools), tools
+        return start + f"tc: {open_tag} call\n" + _call_rule(tools, special), tools
     # auto: text without the tag, or text up to the tag (the lazy rule ends on it), then
-    # calls only: content first, calls after, so the answer's text is content + calls
-    more = f" ({json.dumps(OPEN)} call)*" if parallel else ""
+    # calls only: content first, calls after, so the answer's text is content + calls.
+    # The tags stay literal text here: llguidance allows no special token in a terminal.
+    open_tag, special = json.dumps(OPEN), frozenset()
+    more = f" ({open_tag} call)*" if parallel else ""
     start = f"start: TAIL | tc_hd call{more}\n"
     free = (
         "TEXT: /(.|\\n)*/\n"
-        f"tc_hd[lazy]: TEXT {json.dumps(OPEN)}\n"
+        f"tc_hd[lazy]: TEXT {open_tag}\n"
         f"TAIL: /(.|\\n)*/ & ~/(?s:.*){re.escape(OPEN)}(?s:.*)/\n"
     )
-    return start + free + _call_rule(tools), tools
+    return start + free + _call_rule(tools, special), tools
 
 
 @dataclass
@@ -312,7 +328,7 @@ def plan_chat(
             "response_format with tools is supported only with tool_choice none",
             param="response_format",
         )
-    rule = tool_grammar(tools, choice, parallel_tool_calls is not False)
+    rule = tool_grammar(tools, choice, parallel_tool_calls is not False, grammars.special_names)
     assert rule is not None
     return ChatPlan(grammars.lark(rule[0], "tools"), rendered, parse_tools=True)
 
