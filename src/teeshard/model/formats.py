@@ -172,9 +172,9 @@ def finish_loaded(shard: nn.Module, fmt: NumberFormat) -> None:
 
     bfloat16 block linears (with BF16 instructions), float32 block linears, and the
     float32 LM head in every format. For float32 the reason is batching: torch's
-    default float32 product (MKL) takes about twice as long for 8 rows as for 1 here,
-    and four times for 16, while oneDNN's packed product takes the same time for 1,
-    8 or 16 rows, and less than MKL's for 1 (``benchmarks/throughput.py``).
+    default float32 product (MKL) takes 2.2-3x as long for 8 rows as for 1 here, while
+    oneDNN's packed product takes 1.25-1.4x, and less than MKL's for 1 row (one thread,
+    TinyLlama's shapes: ``benchmarks/linear_rows.py``).
     """
     if not onednn_available():
         return

@@ -1,0 +1,96 @@
+"""How one linear's time grows with the rows of a batch, per kernel, on this CPU.
+
+Why batching pays (decode reads every weight for one row) depends on the kernel:
+torch's default float32 product (MKL) slows down with rows, oneDNN's packed
+product does not. TinyLlama's LM head (2048 -> 32000) and MLP (2048 -> 5632)
+shapes, 1, 8 and 16 rows, kernels interleaved within each repetition; medians.
+Prints a table; writes ``benchmarks/results/linear_rows.json``.
+
+    python benchmarks/linear_rows.py --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+SHAPES = {"lm_head": (32000, 2048), "mlp_up": (5632, 2048)}
+
+
+def kernels(weight: torch.Tensor) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    packed32 = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+    bf16 = weight.to(torch.bfloat16)
+    packed16 = torch.ops.mkldnn._reorder_linear_weight(bf16, None)
+    return {
+        "float32 MKL (F.linear)": lambda x: F.linear(x, weight),
+        "float32 oneDNN packed": lambda x: torch.ops.mkldnn._linear_pointwise(
+            x, packed32, None, "none", [], ""
+        ),
+        "bfloat16 oneDNN packed": lambda x: torch.ops.mkldnn._linear_pointwise(
+            x.to(torch.bfloat16), packed16, None, "none", [], ""
+        ),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--rows", default="1,8,16")
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / "benchmarks" / "results" / "linear_rows.json"
+    )
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = [int(r) for r in args.rows.split(",")]
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    for shape_name, (out_features, in_features) in SHAPES.items():
+        weight = torch.randn(out_features, in_features) * 0.02
+        fns = kernels(weight)
+        times: dict[tuple[str, int], list[float]] = {(k, r): [] for k in fns for r in rows}
+        inputs = {r: torch.randn(r, in_features) for r in rows}
+        with torch.no_grad():
+            for fn in fns.values():  # warm up
+                fn(inputs[rows[0]])
+            for _ in range(args.reps):
+                for name, fn in fns.items():
+                    for r in rows:
+                        started = time.perf_counter()
+                        fn(inputs[r])
+                        times[(name, r)].append(time.perf_counter() - started)
+        results[shape_name] = {
+            name: {str(r): statistics.median(times[(name, r)]) * 1000 for r in rows} for name in fns
+        }
+        print(f"\n{shape_name} ({in_features} -> {out_features}), ms, {args.threads} thread(s)")
+        print(f"{'kernel':26}" + "".join(f"{f'{r} rows':>10}" for r in rows))
+        for name, by_rows in results[shape_name].items():
+            print(f"{name:26}" + "".join(f"{by_rows[str(r)]:10.2f}" for r in rows))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(
+        json.dumps(
+            {
+                "date": datetime.now(UTC).isoformat(timespec="seconds"),
+                "torch": torch.__version__,
+                "threads": args.threads,
+                "statistic": f"median of {args.reps}, kernels interleaved",
+                "ms": results,
+            },
+            indent=2,
+        )
+    )
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
