@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import random
-from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -14,7 +13,6 @@ import pytest
 from teeshard.entry.errors import APIError
 from teeshard.entry.grammar import Constraint, ConstraintViolation, Grammars
 from teeshard.entry.structured import ResponseFormat
-from teeshard.model.random_checkpoint import train_tokenizer, write_tokenizer
 from teeshard.model.sampling import unpack_allowed
 
 SCHEMA: dict[str, Any] = {
@@ -28,15 +26,6 @@ SCHEMA: dict[str, Any] = {
     "additionalProperties": False,
 }
 EXTRA = 5  # the model's vocabulary is padded past the tokenizer's, as many checkpoints are
-
-
-@pytest.fixture(scope="module")
-def hf(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    from transformers import AutoTokenizer
-
-    out: Path = tmp_path_factory.mktemp("tok")
-    write_tokenizer(train_tokenizer(vocab_size=512), out)
-    return AutoTokenizer.from_pretrained(str(out))
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import random
-from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -15,7 +14,6 @@ from teeshard.attest import tool_call_text
 from teeshard.entry.grammar import Grammars
 from teeshard.entry.structured import NamedToolChoice, Tool
 from teeshard.entry.tools import ToolCallParser, tool_grammar
-from teeshard.model.random_checkpoint import train_tokenizer, write_tokenizer
 from teeshard.model.sampling import unpack_allowed
 
 WEATHER = {
@@ -40,15 +38,6 @@ TOOLS = [
     Tool.model_validate({"type": "function", "function": {"name": "get_time", "parameters": TIME}}),
 ]
 SCHEMAS = {"get_weather": WEATHER, "get_time": TIME}
-
-
-@pytest.fixture(scope="module")
-def hf(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    from transformers import AutoTokenizer
-
-    out: Path = tmp_path_factory.mktemp("tok")
-    write_tokenizer(train_tokenizer(vocab_size=512), out)
-    return AutoTokenizer.from_pretrained(str(out))
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import TypeVar, cast
 
 from teeshard.entry.errors import APIError
 from teeshard.node import Metrics, NodeError
@@ -90,14 +90,9 @@ class AdmissionQueue:
         room). Call :meth:`finished` when the admitted session closes.
         """
         if not self._waiting:  # nobody ahead: no reason to wait
-            try:
-                result = await open_session()
-            except NodeError as exc:
-                if not _overloaded(exc):
-                    raise
-            else:
-                self._active += 1
-                return result
+            opened, result = await self._attempt(open_session)
+            if opened:
+                return cast(T, result)
         if len(self._waiting) >= self.limits.max_waiting:
             self.counters.refused["full"] += 1
             raise self._too_many(
@@ -111,21 +106,27 @@ class AdmissionQueue:
         try:
             while True:
                 if self._waiting[0] is ticket:
-                    try:
-                        result = await open_session()
-                    except NodeError as exc:
-                        if not _overloaded(exc):
-                            raise
-                    else:
-                        self._active += 1
+                    opened, result = await self._attempt(open_session)
+                    if opened:
                         self.counters.admitted_after_wait += 1
-                        return result
+                        return cast(T, result)
                 await self._wait_for_change(deadline, gone)
         finally:
             self._waiting.remove(ticket)
             self.counters.waited += 1
             self.counters.wait_seconds += time.monotonic() - started
             self._notify()  # the next in line may try now
+
+    async def _attempt(self, open_session: Callable[[], Awaitable[T]]) -> tuple[bool, T | None]:
+        """(True, its result) if the session opened; (False, None) if there was no room."""
+        try:
+            result = await open_session()
+        except NodeError as exc:
+            if not _overloaded(exc):
+                raise
+            return False, None
+        self._active += 1
+        return True, result
 
     def finished(self, served_s: float) -> None:
         """An admitted session closed after ``served_s`` seconds: room may have freed."""

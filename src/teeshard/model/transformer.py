@@ -14,6 +14,7 @@ the hidden states a shard takes and returns are float32.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -159,10 +160,6 @@ class Pack:
     starts: tuple[int, ...]
     cos: torch.Tensor  # (sum(steps), D): each row's position, float32
     sin: torch.Tensor
-
-    @property
-    def rows(self) -> int:
-        return sum(self.steps)
 
 
 class Attention(nn.Module):
@@ -378,7 +375,7 @@ class Shard(nn.Module):
             hidden = block(hidden, pack, index)
         for cache, count in zip(caches, steps, strict=True):
             cache.advance(count)
-        ends = [sum(steps[: i + 1]) for i in range(len(steps))]
+        ends = list(itertools.accumulate(steps))  # one past each session's last row
         if not self.is_last:
             return list(torch.split(hidden, list(steps), dim=1))
         assert self.norm is not None and self.lm_head is not None
