@@ -58,6 +58,7 @@ from teeshard.model.layer_range import LayerRange
 from teeshard.model.loader import load_shard
 from teeshard.model.plan import format_bytes, plan_checkpoint
 from teeshard.model.transformer import Shard
+from teeshard.node.metrics import series_total
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGETS = {  # issue 13, ratios within one run
@@ -168,14 +169,10 @@ def _batch_counters(health_url: str) -> dict[str, float]:
     """A node's batch counters from its /metrics (loopback: no admin token needed; a
     figure only, so the node's certificate is not checked: verify=False)."""
     text = httpx.get(health_url.replace("/health", "/metrics"), verify=False).text
-    values = {"batches": 0.0, "rows": 0.0}
-    for line in text.splitlines():
-        name = line.split("{", 1)[0]
-        if name == "teeshard_batches_total":
-            values["batches"] = float(line.rsplit(" ", 1)[1])
-        elif name == "teeshard_batched_rows_total":
-            values["rows"] = float(line.rsplit(" ", 1)[1])
-    return values
+    return {
+        "batches": series_total(text, "teeshard_batches_total"),
+        "rows": series_total(text, "teeshard_batched_rows_total"),
+    }
 
 
 async def _concurrent_round(

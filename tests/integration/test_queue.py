@@ -17,6 +17,7 @@ import pytest
 
 from teeshard.entry.admission import QueueLimits
 from teeshard.node import SessionLimits
+from teeshard.node.metrics import series_total
 from tests.checkpoints import TinyModel
 from tests.cluster import LocalCluster
 from tests.pipeline_socket import PipelineSocket
@@ -44,12 +45,7 @@ def body(i: int, max_tokens: int = 8) -> dict[str, object]:
     }
 
 
-def metric(text: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+metric = series_total
 
 
 async def test_a_burst_of_64_is_queued_batched_and_all_answered(

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from teeshard.node.service import NodeService
 
-__all__ = ["Metrics", "stage_metrics"]
+__all__ = ["Metrics", "series_total", "stage_metrics"]
 
 
 class Metrics:
@@ -56,6 +56,17 @@ class Metrics:
         labels = {**self._labels, **extra}
         inner = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
         return "{" + inner + "}" if inner else ""
+
+
+def series_total(text: str, name: str, **labels: str) -> float:
+    """The sum of series ``name`` in exposition ``text`` over the samples carrying
+    ``labels`` (a reader's helper: benchmarks and tests scrape ``/metrics`` with it)."""
+    total = 0.0
+    wanted = [f'{k}="{_escape(v)}"' for k, v in labels.items()]
+    for line in text.splitlines():
+        if line.split("{", 1)[0].split(" ", 1)[0] == name and all(w in line for w in wanted):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
 
 
 def _escape(value: str) -> str:
