@@ -10,7 +10,7 @@ import torch
 from teeshard.model.checkpoint import Checkpoint
 from teeshard.model.layer_range import LayerRange
 from teeshard.model.loader import load_shard
-from teeshard.model.transformer import CacheFullError
+from teeshard.model.transformer import CacheFullError, one_query_attention
 from tests.checkpoints import build_tiny_model
 
 IDS = torch.tensor(
@@ -49,3 +49,21 @@ def test_cache_refuses_to_overflow(tmp_path: Path) -> None:
         with pytest.raises(CacheFullError):
             shard(shard.embed(IDS[:, 6:9]), cache)
     assert cache.length == 6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("heads", "kv_heads"), [(8, 2), (4, 4)])
+def test_one_query_attention_equals_sdpa(dtype: torch.dtype, heads: int, kv_heads: int) -> None:
+    """The decode path's own attention (one query, float32 softmax) against SDPA in
+    float32, on keys read from a larger cache slab as the cache holds them."""
+    generator = torch.Generator().manual_seed(5)
+    q = torch.randn(1, heads, 1, 16, generator=generator).to(dtype)
+    slab = torch.randn(2, 1, kv_heads, 40, 16, generator=generator).to(dtype)
+    keys, values = slab[0, :, :, :29], slab[1, :, :, :29]  # strided views, as the cache gives
+    got = one_query_attention(q, keys, values)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q.float(), keys.float(), values.float(), enable_gqa=heads != kv_heads
+    )
+    assert got.dtype == dtype and got.shape == (1, heads, 1, 16)
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2  # bfloat16: the output's rounding
+    assert (got.float() - want).abs().max().item() < tolerance
