@@ -5,9 +5,18 @@ random model: prefill of 128 tokens and greedy decode of 64, with teeshard's
 blocks unsplit in this process ("local") and over a 2-node split of
 ``teeshard node`` processes on loopback (RA-TLS, simulated attestation against a
 policy naming the format's manifests, receipts), driven through the entry's API
-with a token-id prompt and ``ignore_eos`` ("split"). Formats are interleaved
-within each repetition (memory bandwidth here swings minute to minute), local
-and split adjacent in time; only one format's weights are in memory at a time.
+with a token-id prompt and ``ignore_eos`` ("split").
+
+Memory bandwidth here swings from minute to minute, so nothing is compared across
+minutes. Two phases, each interleaved:
+
+1. **formats**: every format's unsplit shard is loaded at once and the formats take
+   turns, one prefill + decode each per repetition, in rotating order. The format
+   ratios (bfloat16 / float32 and int8 / float32) come from here.
+2. **split vs unsplit**: for each format in turn its nodes start, and split and
+   unsplit runs alternate (which goes first alternates too). The split/unsplit
+   ratio is the median of each repetition's adjacent pair.
+
 Medians over repetitions. Prints a table; writes ``benchmarks/results/throughput.json``.
 
 Then, with one 2-node split kept running in ``--concurrency-format`` (bfloat16 by
@@ -53,7 +62,7 @@ from split_vs_local import (
     start_nodes,
 )
 from teeshard.model.checkpoint import Checkpoint
-from teeshard.model.formats import FORMATS, NumberFormat
+from teeshard.model.formats import FORMATS
 from teeshard.model.layer_range import LayerRange
 from teeshard.model.loader import load_shard
 from teeshard.model.plan import format_bytes, plan_checkpoint
@@ -74,30 +83,6 @@ def run_local(shard: Shard, prompt: list[int], decode_tokens: int) -> Timing:
     """Unsplit teeshard blocks in this process, warmed up as the split is (one 1-token step)."""
     shard(shard.embed(torch.tensor([prompt[:1]])), shard.new_cache(2))
     return run_local_shard(shard, prompt, decode_tokens)
-
-
-def measure_split(
-    model_dir: Path,
-    nodes: int,
-    fmt: NumberFormat,
-    prompt: list[int],
-    decode_tokens: int,
-    threads: int | None,
-) -> tuple[Timing, list[float], float]:
-    started = time.perf_counter()
-    options = ["--threads", str(threads)] if threads else []
-    processes, launches = start_nodes(model_dir, nodes, "float32", fmt, options)
-    startup = time.perf_counter() - started
-    try:
-        timing = run_split(f"http://127.0.0.1:{launches[0].port}/v1/completions", prompt,
-                           decode_tokens)  # fmt: skip
-        rss = node_rss_mb(launches)
-    finally:
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            process.wait()
-    return timing, rss, startup
 
 
 def measure_concurrency(
@@ -234,20 +219,71 @@ def _percentile(values: list[float], pct: float) -> float:
     return values[low] + (values[high] - values[low]) * (rank - low)
 
 
-def measure_local(
-    checkpoint: Checkpoint, fmt: NumberFormat, prompt: list[int], decode_tokens: int
-) -> tuple[Timing, float]:
+def load_locals(checkpoint: Checkpoint, names: list[str]) -> dict[str, tuple[Shard, float]]:
+    """Every format's unsplit shard, and the seconds each took to load."""
+    shards = {}
+    for name in names:
+        fmt = FORMATS[name]
+        started = time.perf_counter()
+        shard = load_shard(
+            checkpoint, LayerRange(0, checkpoint.spec.num_layers), fmt.torch_dtype,
+            quantize=fmt.quantize,
+        )  # fmt: skip
+        shards[name] = (shard, time.perf_counter() - started)
+    return shards
+
+
+def measure_formats(
+    args: argparse.Namespace,
+    model_dir: Path,
+    checkpoint: Checkpoint,
+    names: list[str],
+    prompt: list[int],
+) -> dict[str, dict[str, list[Any]]]:
+    """Both phases (see the module docstring); timings per format."""
+    runs: dict[str, dict[str, list[Any]]] = {
+        n: {"local": [], "split": [], "beside_split": [], "rss": [], "startup": []} for n in names
+    }
+    unsplit = load_locals(checkpoint, names)
     started = time.perf_counter()
-    shard = load_shard(
-        checkpoint, LayerRange(0, checkpoint.spec.num_layers), fmt.torch_dtype,
-        quantize=fmt.quantize,
-    )  # fmt: skip
-    load_s = time.perf_counter() - started
-    try:
-        return run_local(shard, prompt, decode_tokens), load_s
-    finally:
-        del shard
-        gc.collect()
+    for rep in range(args.reps):  # phase 1: the formats take turns, unsplit
+        for name in names[rep % len(names) :] + names[: rep % len(names)]:
+            timing = run_local(unsplit[name][0], prompt, args.decode_tokens)
+            runs[name]["local"].append(timing)
+            print(f"formats rep {rep + 1}/{args.reps} {name:9}: prefill {timing.prefill_s:.2f}s "
+                  f"decode {timing.decode_s:.2f}s ({time.perf_counter() - started:.0f}s elapsed)",
+                  flush=True)  # fmt: skip
+    for name in names:  # phase 2: split and unsplit alternate, one format at a time
+        fmt, run = FORMATS[name], runs[name]
+        launched = time.perf_counter()
+        options = ["--threads", str(args.threads)] if args.threads else []
+        processes, launches = start_nodes(model_dir, args.nodes, "float32", fmt, options)
+        run["startup"].append(time.perf_counter() - launched)
+        url = f"http://127.0.0.1:{launches[0].port}/v1/completions"
+        try:
+            for rep in range(args.reps):
+                for where in ("split", "local") if rep % 2 == 0 else ("local", "split"):
+                    if where == "split":
+                        run["split"].append(run_split(url, prompt, args.decode_tokens))
+                    else:
+                        timing = run_local(unsplit[name][0], prompt, args.decode_tokens)
+                        run["beside_split"].append(timing)
+                lo, sp = run["beside_split"][-1], run["split"][-1]
+                print(f"split rep {rep + 1}/{args.reps} {name:9}: unsplit decode "
+                      f"{lo.decode_s:.2f}s | split prefill {sp.prefill_s:.2f}s decode "
+                      f"{sp.decode_s:.2f}s ({time.perf_counter() - started:.0f}s elapsed)",
+                      flush=True)  # fmt: skip
+            run["rss"].append(node_rss_mb(launches))
+        finally:
+            for process in processes:
+                process.terminate()
+            for process in processes:
+                process.wait()
+    for name in names:
+        runs[name]["load"] = [unsplit[name][1]]
+    del unsplit
+    gc.collect()
+    return runs
 
 
 def agreement(tokens: list[int], reference: list[int]) -> dict[str, float | int]:
@@ -269,7 +305,7 @@ def summarise(
     formats: dict[str, Any] = {}
     reference = runs["float32"]["local"][0].tokens if "float32" in runs else None
     for name, run in runs.items():
-        local, split = run["local"], run["split"]
+        local, split, beside = run["local"], run["split"], run["beside_split"]
         row: dict[str, Any] = {}
         for where, timings in (("local", local), ("split", split)):
             row[f"{where}_prefill_tok_s"] = prompt_len / statistics.median(
@@ -278,10 +314,16 @@ def summarise(
             row[f"{where}_decode_tok_s"] = (decode_tokens - 1) / statistics.median(
                 t.decode_s for t in timings
             )
-        row["split_vs_local_prefill"] = row["split_prefill_tok_s"] / row["local_prefill_tok_s"]
-        row["split_vs_local_decode"] = row["split_decode_tok_s"] / row["local_decode_tok_s"]
+        # each repetition of phase 2: the split against the unsplit run next to it in time
+        pairs = list(zip(beside, split, strict=True))
+        row["split_vs_local_prefill"] = statistics.median(
+            lo.prefill_s / sp.prefill_s for lo, sp in pairs
+        )
+        row["split_vs_local_decode"] = statistics.median(
+            lo.decode_s / sp.decode_s for lo, sp in pairs
+        )
         row["greedy_split_equals_local"] = all(
-            t.tokens == local[0].tokens for t in [*local, *split]
+            t.tokens == local[0].tokens for t in [*local, *split, *beside]
         )
         if reference is not None:
             row["greedy_vs_float32"] = agreement(local[0].tokens, reference)
@@ -290,11 +332,11 @@ def summarise(
         row["node_rss_mb"] = [max(r[i] for r in run["rss"]) for i in range(args.nodes)]
         row["node_startup_s"] = statistics.median(run["startup"])
         row["local_load_s"] = statistics.median(run["load"])
-        row["per_rep"] = [
-            {"local_decode_tok_s": (decode_tokens - 1) / lo.decode_s,
-             "split_decode_tok_s": (decode_tokens - 1) / sp.decode_s}
-            for lo, sp in zip(local, split, strict=True)
-        ]  # fmt: skip
+        row["per_rep"] = {
+            "local_decode_tok_s": [(decode_tokens - 1) / t.decode_s for t in local],
+            "split_decode_tok_s": [(decode_tokens - 1) / t.decode_s for t in split],
+            "unsplit_beside_split_decode_tok_s": [(decode_tokens - 1) / t.decode_s for t in beside],
+        }
         formats[name] = row
     return formats
 
@@ -398,33 +440,8 @@ def main() -> int:
     print(f"model {model_dir.name}: {checkpoint.spec.num_layers} layers; formats {names}; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores",
           flush=True)  # fmt: skip
-    runs: dict[str, dict[str, list[Any]]] = {
-        n: {"local": [], "split": [], "rss": [], "startup": [], "load": []} for n in names
-    }
     load_before = os.getloadavg()
-    started = time.perf_counter()
-    for rep in range(args.reps):
-        for name in names:
-            fmt, run = FORMATS[name], runs[name]
-            # alternate which goes first, so a drift in bandwidth hits both alike
-            order = ("split", "local") if (rep + names.index(name)) % 2 == 0 else ("local", "split")
-            for where in order:
-                if where == "split":
-                    timing, rss, startup = measure_split(
-                        model_dir, args.nodes, fmt, prompt, args.decode_tokens, args.threads
-                    )
-                    run["split"].append(timing)
-                    run["rss"].append(rss)
-                    run["startup"].append(startup)
-                else:
-                    timing, load_s = measure_local(checkpoint, fmt, prompt, args.decode_tokens)
-                    run["local"].append(timing)
-                    run["load"].append(load_s)
-            lo, sp = run["local"][-1], run["split"][-1]
-            print(f"rep {rep + 1}/{args.reps} {name:9}: local prefill {lo.prefill_s:.2f}s decode "
-                  f"{lo.decode_s:.2f}s | split prefill {sp.prefill_s:.2f}s decode {sp.decode_s:.2f}s "
-                  f"({time.perf_counter() - started:.0f}s elapsed)", flush=True)  # fmt: skip
-
+    runs = measure_formats(args, model_dir, checkpoint, names, prompt) if names else {}
     formats = summarise(args, checkpoint, runs) if names else {}
     ratios, targets = ratios_and_targets(formats)
     concurrency: dict[str, Any] = {}
