@@ -5,9 +5,13 @@ a weight quantization (``int8``, :mod:`teeshard.model.quantize`; it computes wit
 bfloat16 activations). Whatever the format, precision-sensitive work stays in
 float32 (see :mod:`teeshard.model.transformer`): the residual stream between
 blocks, RMSNorm (its weights are kept in float32), rotary embedding, the softmax
-inside attention (the CPU attention kernel accumulates in float32), the LM head
-and its logits, and sampling. The block linears, the embedding and the KV cache
-use the compute dtype.
+inside attention, and everything after the logits (softmax, log-probabilities,
+penalties, sampling). The block linears, the embedding, the KV cache and the LM
+head use the compute dtype, except that float16 keeps a float32 head (no fast
+float16 product on CPUs). So bfloat16 logits are a bfloat16 product (float32
+accumulation, rounded to bfloat16 once), as in Hugging Face's bfloat16 models;
+the float32 head would be an eighth of a bfloat16 shard's bytes read per token
+for TinyLlama, and a fifth of an int8 one's.
 
 Applied as a transformation (gpt-fast style): :func:`prepare_skeleton` swaps block
 linears for :class:`~teeshard.model.quantize.Int8Linear` before loading, and
@@ -73,9 +77,16 @@ class NumberFormat:
 
     def param_dtype(self, name: str) -> torch.dtype:
         """What a shard parameter is stored in (``name`` as in ``Shard.named_parameters``)."""
-        if name.endswith("norm.weight") or name.startswith("lm_head."):
-            return torch.float32  # norms and logits in float32, whatever the format
+        if name.endswith("norm.weight"):
+            return torch.float32  # norms in float32, whatever the format
+        if name.startswith("lm_head."):
+            return self.head_dtype
         return self.torch_dtype
+
+    @property
+    def head_dtype(self) -> torch.dtype:
+        """The LM head's dtype: bfloat16 in the bfloat16 formats (int8 included), else float32."""
+        return torch.bfloat16 if self.dtype == "bfloat16" else torch.float32
 
     def param_bytes(self, name: str, shape: tuple[int, ...]) -> int:
         """Bytes a node holds for one shard parameter in this format (int8 scales included)."""
@@ -104,7 +115,7 @@ def is_block_linear_weight(name: str) -> bool:
 
 class PackedLinear(nn.Module):
     """A linear whose weight oneDNN reordered once into its blocked layout, computing in
-    the weight's dtype (bfloat16, or float32 for float32 linears and the LM head).
+    the weight's dtype (bfloat16, or float32 for float32 linears and heads).
 
     The packed weight is an opaque oneDNN tensor, kept as a plain attribute (not a
     parameter or buffer: it has no strides to save or move); inference only.
@@ -171,7 +182,7 @@ def finish_loaded(shard: nn.Module, fmt: NumberFormat) -> None:
     """After loading, on the CPU: linears repacked for oneDNN where it is available.
 
     bfloat16 block linears (with BF16 instructions), float32 block linears, and the
-    float32 LM head in every format. For float32 the reason is batching: torch's
+    LM head in its dtype (bfloat16 with BF16 instructions; float32). For float32 the reason is batching: torch's
     default float32 product (MKL) takes 2.2-3x as long for 8 rows as for 1 here, while
     oneDNN's packed product takes 1.25-1.4x, and less than MKL's for 1 row (one thread,
     TinyLlama's shapes: ``benchmarks/linear_rows.py``).
@@ -189,4 +200,6 @@ def finish_loaded(shard: nn.Module, fmt: NumberFormat) -> None:
                 setattr(parent, name, PackedLinear(linear, packed_blocks))
     head = getattr(shard, "lm_head", None)
     if isinstance(head, nn.Linear) and head.weight.device.type == "cpu":
-        shard.lm_head = PackedLinear(head, torch.float32)
+        bf16_head = head.weight.dtype == torch.bfloat16
+        if not bf16_head or onednn_bf16_available():  # else the plain bfloat16 linear stays
+            shard.lm_head = PackedLinear(head, head.weight.dtype)

@@ -6,10 +6,11 @@ embedding (first shard) and the final norm plus LM head (last shard); nothing
 here knows about networks or other nodes. Numerics follow Hugging Face's
 implementation so that a split model reproduces the unsplit one.
 
-Number formats (:mod:`teeshard.model.formats`) change only the linears, the
-embedding and the KV cache; the residual stream between blocks, the norms, the
-rotary embedding, the LM head and the logits stay float32 in every format, so
-the hidden states a shard takes and returns are float32.
+Number formats (:mod:`teeshard.model.formats`) change only the linears (the LM
+head included), the embedding and the KV cache; the residual stream between
+blocks, the norms, the rotary embedding, attention's softmax and the logits a
+shard returns stay float32 in every format, so the hidden states a shard takes
+and returns are float32.
 """
 
 from __future__ import annotations
