@@ -239,10 +239,10 @@ def measure_formats(
     checkpoint: Checkpoint,
     names: list[str],
     prompt: list[int],
-) -> dict[str, dict[str, list[Any]]]:
+) -> dict[str, dict[str, Any]]:
     """Both phases (see the module docstring); timings per format."""
-    runs: dict[str, dict[str, list[Any]]] = {
-        n: {"local": [], "split": [], "beside_split": [], "rss": [], "startup": []} for n in names
+    runs: dict[str, dict[str, Any]] = {
+        n: {"local": [], "split": [], "beside_split": []} for n in names
     }
     unsplit = load_locals(checkpoint, names)
     started = time.perf_counter()
@@ -258,7 +258,7 @@ def measure_formats(
         launched = time.perf_counter()
         options = ["--threads", str(args.threads)] if args.threads else []
         processes, launches = start_nodes(model_dir, args.nodes, "float32", fmt, options)
-        run["startup"].append(time.perf_counter() - launched)
+        run["startup_s"] = time.perf_counter() - launched
         url = f"http://127.0.0.1:{launches[0].port}/v1/completions"
         try:
             for rep in range(args.reps):
@@ -273,14 +273,14 @@ def measure_formats(
                       f"{lo.decode_s:.2f}s | split prefill {sp.prefill_s:.2f}s decode "
                       f"{sp.decode_s:.2f}s ({time.perf_counter() - started:.0f}s elapsed)",
                       flush=True)  # fmt: skip
-            run["rss"].append(node_rss_mb(launches))
+            run["rss_mb"] = node_rss_mb(launches)
         finally:
             for process in processes:
                 process.terminate()
             for process in processes:
                 process.wait()
     for name in names:
-        runs[name]["load"] = [unsplit[name][1]]
+        runs[name]["load_s"] = unsplit[name][1]
     del unsplit
     gc.collect()
     return runs
@@ -298,7 +298,7 @@ def agreement(tokens: list[int], reference: list[int]) -> dict[str, float | int]
 def summarise(
     args: argparse.Namespace,
     checkpoint: Checkpoint,
-    runs: dict[str, dict[str, list[Any]]],
+    runs: dict[str, dict[str, Any]],
 ) -> dict[str, Any]:
     prompt_len, decode_tokens = args.prompt_tokens, args.decode_tokens
     plans = plan_checkpoint(checkpoint, args.nodes)
@@ -329,9 +329,9 @@ def summarise(
             row["greedy_vs_float32"] = agreement(local[0].tokens, reference)
         fmt = FORMATS[name]
         row["node_weights_mb"] = [format_bytes(checkpoint, p.layers, fmt) / 2**20 for p in plans]
-        row["node_rss_mb"] = [max(r[i] for r in run["rss"]) for i in range(args.nodes)]
-        row["node_startup_s"] = statistics.median(run["startup"])
-        row["local_load_s"] = statistics.median(run["load"])
+        row["node_rss_mb"] = run["rss_mb"]
+        row["node_startup_s"] = run["startup_s"]
+        row["local_load_s"] = run["load_s"]
         row["per_rep"] = {
             "local_decode_tok_s": [(decode_tokens - 1) / t.decode_s for t in local],
             "split_decode_tok_s": [(decode_tokens - 1) / t.decode_s for t in split],

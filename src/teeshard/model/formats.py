@@ -9,9 +9,9 @@ inside attention, and everything after the logits (softmax, log-probabilities,
 penalties, sampling). The block linears, the embedding, the KV cache and the LM
 head use the compute dtype, except that float16 keeps a float32 head (no fast
 float16 product on CPUs). So bfloat16 logits are a bfloat16 product (float32
-accumulation, rounded to bfloat16 once), as in Hugging Face's bfloat16 models;
-the float32 head would be an eighth of a bfloat16 shard's bytes read per token
-for TinyLlama, and a fifth of an int8 one's.
+accumulation, rounded to bfloat16 once), as in Hugging Face's bfloat16 models.
+For TinyLlama a float32 head would be an eighth of the bytes the whole bfloat16
+model reads per token, and a fifth of the int8 model's.
 
 Applied as a transformation (gpt-fast style): :func:`prepare_skeleton` swaps block
 linears for :class:`~teeshard.model.quantize.Int8Linear` before loading, and
@@ -178,28 +178,32 @@ def load_tensor(name: str, stored: torch.Tensor, fmt: NumberFormat) -> dict[str,
     return {name: stored.to(fmt.param_dtype(name))}
 
 
+def _packs(dtype: torch.dtype) -> bool:
+    """Whether oneDNN's packed product is the fast path for linears in ``dtype`` here."""
+    if dtype == torch.bfloat16:
+        return onednn_bf16_available()
+    return dtype == torch.float32
+
+
 def finish_loaded(shard: nn.Module, fmt: NumberFormat) -> None:
     """After loading, on the CPU: linears repacked for oneDNN where it is available.
 
-    bfloat16 block linears (with BF16 instructions), float32 block linears, and the
-    LM head in its dtype (bfloat16 with BF16 instructions; float32). For float32 the reason is batching: torch's
-    default float32 product (MKL) takes 2.2-3x as long for 8 rows as for 1 here, while
-    oneDNN's packed product takes 1.25-1.4x, and less than MKL's for 1 row (one thread,
-    TinyLlama's shapes: ``benchmarks/linear_rows.py``).
+    Block linears that are not quantized and the LM head, in float32, or in bfloat16
+    with BF16 instructions. For float32 the reason is batching: torch's default
+    float32 product (MKL) takes 2.2-3x as long for 8 rows as for 1 here, while
+    oneDNN's packed product takes 1.25-1.4x, and less than MKL's for 1 row (one
+    thread, TinyLlama's shapes: ``benchmarks/linear_rows.py``).
     """
     if not onednn_available():
         return
-    packed_blocks = None
-    if fmt.dtype == "bfloat16" and fmt.quantize is None and onednn_bf16_available():
-        packed_blocks = torch.bfloat16
-    elif fmt.dtype == "float32":
-        packed_blocks = torch.float32
-    if packed_blocks is not None:
+    if fmt.quantize is None and _packs(fmt.torch_dtype):
         for parent, name, linear in _block_linears(shard):
             if linear.weight.device.type == "cpu":
-                setattr(parent, name, PackedLinear(linear, packed_blocks))
+                setattr(parent, name, PackedLinear(linear, fmt.torch_dtype))
     head = getattr(shard, "lm_head", None)
-    if isinstance(head, nn.Linear) and head.weight.device.type == "cpu":
-        bf16_head = head.weight.dtype == torch.bfloat16
-        if not bf16_head or onednn_bf16_available():  # else the plain bfloat16 linear stays
-            shard.lm_head = PackedLinear(head, head.weight.dtype)
+    if (
+        isinstance(head, nn.Linear)
+        and head.weight.device.type == "cpu"
+        and _packs(head.weight.dtype)  # else the plain linear stays
+    ):
+        shard.lm_head = PackedLinear(head, head.weight.dtype)
