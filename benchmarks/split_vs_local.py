@@ -97,6 +97,27 @@ def ensure_tinyllama_shaped() -> Path:
     return target
 
 
+_CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+
+
+def cpu_description() -> str:
+    """The CPU's name and the instruction sets the number formats' kernels depend on:
+    results from machines with different ones are not comparable."""
+    name, flags = "unknown CPU", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                name = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    present = [f for f in _CPU_FLAGS if f in flags] or ["none of " + ", ".join(_CPU_FLAGS)]
+    return f"{name} ({os.cpu_count()} cores; {' '.join(present)})"
+
+
 def prompt_ids(vocab: int, length: int) -> list[int]:
     generator = torch.Generator().manual_seed(0)
     return torch.randint(3, vocab, (length,), generator=generator).tolist()

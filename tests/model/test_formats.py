@@ -19,7 +19,13 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from teeshard.model.checkpoint import Checkpoint
-from teeshard.model.formats import NumberFormat, PackedLinear, onednn_bf16_available
+from teeshard.model.formats import (
+    NumberFormat,
+    PackedLinear,
+    stack_linears,
+    fuse_projections,
+    onednn_bf16_available,
+)
 from teeshard.model.layer_range import LayerRange
 from teeshard.model.loader import load_shard
 from teeshard.model.quantize import (
@@ -87,6 +93,38 @@ def test_split_equals_unsplit_in_every_format(tiny_llama: TinyModel, fmt: str) -
         assert torch.equal(last(hidden, last.new_cache(16)), expected)
 
 
+@pytest.mark.parametrize("fmt", ["float32", *FORMATS])
+def test_fused_projections_change_no_number(tiny_model: TinyModel, fmt: str) -> None:
+    """q/k/v and gate/up stacked into one product each give what the separate products
+    give (each output channel keeps its weights and scale): the same greedy tokens,
+    logits within 1e-5 in float32 (the kernels' own blocking differs by width) and
+    within a bfloat16 rounding step otherwise."""
+    dtype, quantize = FORMATS.get(fmt, (torch.float32, None))
+    checkpoint, layers = Checkpoint(tiny_model.path), LayerRange(0, tiny_model.num_layers)
+    fused = load_shard(checkpoint, layers, dtype, quantize=quantize, pack=False)
+    separate = load_shard(checkpoint, layers, dtype, quantize=quantize, pack=False)
+    fuse_projections(fused)
+    attn, mlp = fused.layers[0].self_attn, fused.layers[0].mlp
+    assert attn.qkv_proj is not None and mlp.gate_up_proj is not None
+    assert not hasattr(attn, "q_proj") and not hasattr(mlp, "up_proj")
+    assert separate.layers[0].self_attn.qkv_proj is None
+    tokens, logits = generate(fused)
+    want_tokens, want_logits = generate(separate)
+    assert tokens == want_tokens
+    tolerance = 1e-5 if fmt == "float32" else 2e-2
+    assert (logits - want_logits).abs().max().item() <= tolerance
+
+
+def test_stacking_refuses_mixed_members() -> None:
+    plain, other = torch.nn.Linear(8, 4, bias=False), torch.nn.Linear(8, 4, bias=True)
+    assert stack_linears([plain, other]) is None  # one with a bias, one without
+    assert stack_linears([plain, Int8Linear(8, 4, bias=False)]) is None
+    stacked = stack_linears([plain, torch.nn.Linear(8, 6, bias=False)])
+    assert stacked is not None and stacked.out_features == 10
+    x = torch.randn(3, 8)
+    assert torch.allclose(stacked(x)[:, :4], plain(x), atol=1e-6)
+
+
 # -- which kernels run --------------------------------------------------------------
 
 
@@ -104,6 +142,9 @@ def profiled_ops(shard: Shard) -> dict[str, int]:
     return counts
 
 
+FUSED_LINEARS_PER_LAYER = 4  # q/k/v stacked, o, gate/up stacked, down
+
+
 def assert_no_default_linear(ops: dict[str, int], layers: int) -> None:
     """No linear took torch's default product; the only ``matmul`` calls are decode
     attention's two small products per layer (scores and weighted values)."""
@@ -115,7 +156,7 @@ def assert_no_default_linear(ops: dict[str, int], layers: int) -> None:
 def test_every_bfloat16_linear_takes_the_packed_onednn_path(tiny_llama: TinyModel) -> None:
     shard = load(tiny_llama, "bfloat16", LayerRange(0, 2))  # no LM head: block linears only
     ops = profiled_ops(shard)
-    assert ops.get("mkldnn::_linear_pointwise", 0) == 7 * 2
+    assert ops.get("mkldnn::_linear_pointwise", 0) == FUSED_LINEARS_PER_LAYER * 2
     assert_no_default_linear(ops, layers=2)
     assert all(isinstance(m, PackedLinear) for m in shard.layers[0].mlp.children())
 
@@ -124,7 +165,7 @@ def test_every_bfloat16_linear_takes_the_packed_onednn_path(tiny_llama: TinyMode
 def test_every_int8_linear_takes_the_int8_kernel(tiny_llama: TinyModel) -> None:
     shard = load(tiny_llama, "int8", LayerRange(2, 4))  # with the LM head
     ops = profiled_ops(shard)
-    assert ops.get("aten::_weight_int8pack_mm", 0) == 7 * 2
+    assert ops.get("aten::_weight_int8pack_mm", 0) == FUSED_LINEARS_PER_LAYER * 2
     # the LM head: bfloat16, through oneDNN's packed bfloat16 product (not quantized)
     assert ops.get("mkldnn::_linear_pointwise", 0) == 1
     assert isinstance(shard.lm_head, PackedLinear) and shard.lm_head.dtype == torch.bfloat16
@@ -136,7 +177,7 @@ def test_every_float32_linear_takes_the_packed_onednn_path(tiny_llama: TinyModel
     hardly grows with the rows of a batch (MKL's default product doubles at 8 rows)."""
     shard = load(tiny_llama, "float32", LayerRange(2, 4))
     ops = profiled_ops(shard)
-    assert ops.get("mkldnn::_linear_pointwise", 0) == 7 * 2 + 1
+    assert ops.get("mkldnn::_linear_pointwise", 0) == FUSED_LINEARS_PER_LAYER * 2 + 1
     assert_no_default_linear(ops, layers=2)
     assert all(
         isinstance(m, PackedLinear) and m.dtype == torch.float32
@@ -182,7 +223,9 @@ def test_quantization_is_deterministic(tiny_llama: TinyModel) -> None:
 
     first, second = load(tiny_llama, "int8"), load(tiny_llama, "int8")
     assert digest(first) == digest(second)
-    assert sum(isinstance(m, Int8Linear) for m in first.modules()) == 7 * tiny_llama.num_layers
+    assert sum(isinstance(m, Int8Linear) for m in first.modules()) == (
+        FUSED_LINEARS_PER_LAYER * tiny_llama.num_layers
+    )
 
 
 def test_recipe_v1_is_frozen() -> None:

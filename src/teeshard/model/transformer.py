@@ -143,7 +143,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return x * cos + rotate_half(x) * sin  # x: (B, H, T, D); cos/sin broadcast from (T, D)
+    return x * cos + rotate_half(x) * sin  # x: (B, T, H, D); cos/sin broadcast from (T, 1, D)
 
 
 def one_query_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -176,7 +176,7 @@ class Pack:
     caches: tuple[KVCache, ...]
     steps: tuple[int, ...]
     starts: tuple[int, ...]
-    cos: torch.Tensor  # (sum(steps), D): each row's position, float32
+    cos: torch.Tensor  # (sum(steps), 1, D): each row's position (broadcast over heads), float32
     sin: torch.Tensor
 
 
@@ -192,18 +192,29 @@ class Attention(nn.Module):
         self.k_proj = Linear(spec.hidden_size, spec.kv_dim, bias=bias)
         self.v_proj = Linear(spec.hidden_size, spec.kv_dim, bias=bias)
         self.o_proj = Linear(spec.num_heads * spec.head_dim, spec.hidden_size, bias=False)
+        # q, k and v stacked into one product, where the number format fused them
+        # (:func:`teeshard.model.formats.fuse_projections`); then q/k/v_proj are gone
+        self.qkv_proj: nn.Module | None = None
 
     def forward(self, x: torch.Tensor, pack: Pack, layer: int) -> torch.Tensor:
         """``x`` (1, N, C) float32, the packed rows of every segment; ``layer``: the
         index of this block in the shard, i.e. in each cache's slab."""
         rows = x.shape[1]
-        q = self.q_proj(x).view(1, rows, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(1, rows, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(1, rows, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
         dtype = pack.caches[0].keys.dtype  # rotary in float32, then attention in the compute dtype
-        q = apply_rope(q.float(), pack.cos, pack.sin).to(dtype)  # (1, H, N, D)
-        k = apply_rope(k.float(), pack.cos, pack.sin).to(dtype)  # (1, Hkv, N, D)
-        v = v.to(dtype)
+        if self.qkv_proj is not None:
+            qkv = self.qkv_proj(x).view(1, rows, heads + 2 * kv_heads, head_dim)
+            # q and k are adjacent heads of one tensor: one rotary pass turns both
+            qk = apply_rope(qkv[:, :, : heads + kv_heads].float(), pack.cos, pack.sin).to(dtype)
+            q, k = qk[:, :, :heads], qk[:, :, heads:]  # (1, N, H, D), (1, N, Hkv, D)
+            v = qkv[:, :, heads + kv_heads :]
+        else:
+            q = self.q_proj(x).view(1, rows, heads, head_dim)
+            k = self.k_proj(x).view(1, rows, kv_heads, head_dim)
+            v = self.v_proj(x).view(1, rows, kv_heads, head_dim)
+            q = apply_rope(q.float(), pack.cos, pack.sin).to(dtype)
+            k = apply_rope(k.float(), pack.cos, pack.sin).to(dtype)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.to(dtype).transpose(1, 2)
         outs = []
         offset = 0
         for cache, steps, start in zip(pack.caches, pack.steps, pack.starts, strict=True):
@@ -277,9 +288,14 @@ class MLP(nn.Module):
         self.gate_proj = Linear(spec.hidden_size, spec.intermediate_size, bias=False)
         self.up_proj = Linear(spec.hidden_size, spec.intermediate_size, bias=False)
         self.down_proj = Linear(spec.intermediate_size, spec.hidden_size, bias=False)
+        self.gate_up_proj: nn.Module | None = None  # gate and up stacked, where fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -382,13 +398,9 @@ class Shard(nn.Module):
         starts = tuple(c.length for c in caches)
         device = hiddens[0].device
         tables = [self.rotary.get(s, n, device) for s, n in zip(starts, steps, strict=True)]
-        pack = Pack(
-            tuple(caches),
-            steps,
-            starts,
-            torch.cat([t[0] for t in tables]) if len(tables) > 1 else tables[0][0],
-            torch.cat([t[1] for t in tables]) if len(tables) > 1 else tables[0][1],
-        )
+        cos = torch.cat([t[0] for t in tables]) if len(tables) > 1 else tables[0][0]
+        sin = torch.cat([t[1] for t in tables]) if len(tables) > 1 else tables[0][1]
+        pack = Pack(tuple(caches), steps, starts, cos[:, None, :], sin[:, None, :])
         # the residual stream is float32 in every number format
         hidden = (torch.cat(hiddens, dim=1) if len(hiddens) > 1 else hiddens[0]).float()
         for index, block in enumerate(self.layers):
