@@ -93,7 +93,7 @@ def measure(shard: Shard, args: argparse.Namespace) -> dict[str, Any]:
     cache = shard.new_cache(args.context + 1)
     shard(shard.embed(torch.arange(args.context)[None] % shard.spec.vocab_size), cache)
     real = linear_modules(shard)
-    free = [(p, n, FreeLinear(m.out_features, output_dtype(m))) for p, n, m in real]
+    free = [(p, n, FreeLinear(int(m.out_features), output_dtype(m))) for p, n, m in real]
     counter = OpCounter()
     with counter:
         decode_step(shard, cache, args.context)

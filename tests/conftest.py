@@ -36,6 +36,20 @@ def _isolated_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
         os.environ["TEESHARD_HOME"] = previous
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_int8_kernel() -> Iterator[None]:
+    """Int8 shards loaded by different tests (and node processes) use the same kernel,
+    so comparisons between them do not depend on which kernel a timing favoured."""
+    from teeshard.model import native
+    from teeshard.model.quantize import KERNEL_ENV
+
+    previous = os.environ.get(KERNEL_ENV)
+    os.environ[KERNEL_ENV] = previous or ("native" if native.available() else "torch")
+    yield
+    if previous is None:
+        os.environ.pop(KERNEL_ENV, None)
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
     return build_tiny_model("llama", tmp_path_factory.mktemp("tiny-llama"))

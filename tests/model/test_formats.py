@@ -22,13 +22,14 @@ from teeshard.model.checkpoint import Checkpoint
 from teeshard.model.formats import (
     NumberFormat,
     PackedLinear,
-    stack_linears,
     fuse_projections,
     onednn_bf16_available,
+    stack_linears,
 )
 from teeshard.model.layer_range import LayerRange
 from teeshard.model.loader import load_shard
 from teeshard.model.quantize import (
+    KERNEL_ENV,
     Int8Linear,
     dequantize_int8,
     int8_error_bound,
@@ -162,7 +163,10 @@ def test_every_bfloat16_linear_takes_the_packed_onednn_path(tiny_llama: TinyMode
 
 
 @pytest.mark.skipif(not onednn_bf16_available(), reason="CPU without oneDNN bfloat16")
-def test_every_int8_linear_takes_the_int8_kernel(tiny_llama: TinyModel) -> None:
+def test_every_int8_linear_takes_the_int8_kernel(
+    tiny_llama: TinyModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(KERNEL_ENV, "torch")  # torch's kernel shows in the profile
     shard = load(tiny_llama, "int8", LayerRange(2, 4))  # with the LM head
     ops = profiled_ops(shard)
     assert ops.get("aten::_weight_int8pack_mm", 0) == FUSED_LINEARS_PER_LAYER * 2

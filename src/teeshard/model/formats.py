@@ -32,7 +32,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from teeshard.model.quantize import QUANTIZE_RECIPES, Int8Linear, quantize_int8
+from teeshard.model.quantize import (
+    QUANTIZE_RECIPES,
+    Int8Linear,
+    choose_int8_kernel,
+    quantize_int8,
+)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 QUANTIZE_CHOICES = tuple(QUANTIZE_RECIPES)
@@ -175,26 +180,27 @@ def stack_linears(members: list[nn.Module]) -> nn.Module | None:
 
     Stacking changes no number: each output channel keeps its own weights (and, in
     int8, its own scale), and a product's channels do not interact."""
-    first = members[0]
-    has_bias = first.bias is not None
-    if any((m.bias is not None) != has_bias or type(m) is not type(first) for m in members):
+    kind = type(members[0])
+    if not issubclass(kind, nn.Linear | Int8Linear) or any(type(m) is not kind for m in members):
         return None
-    in_features = first.in_features
-    width = sum(m.out_features for m in members)
-    if isinstance(first, Int8Linear):
-        fused = Int8Linear(in_features, width, has_bias)
-        fused.weight = torch.cat([m.weight for m in members])
-        fused.scales = torch.cat([m.scales for m in members])
-    elif isinstance(first, nn.Linear):
-        weight = torch.cat([m.weight for m in members])
-        fused = type(first)(in_features, width, bias=has_bias, device="meta", dtype=weight.dtype)
-        fused.weight = nn.Parameter(weight, requires_grad=False)
-    else:
+    layers: list[nn.Linear | Int8Linear] = [m for m in members if isinstance(m, kind)]
+    biases = [layer.bias for layer in layers]
+    if any(b is None for b in biases) and any(b is not None for b in biases):
         return None
-    if has_bias:
-        bias = torch.cat([m.bias for m in members])
-        fused.bias = nn.Parameter(bias, requires_grad=False) if isinstance(fused, nn.Linear) else bias
-    return fused
+    bias = torch.cat([b for b in biases if b is not None]) if biases[0] is not None else None
+    weight = torch.cat([layer.weight for layer in layers])
+    in_features, width = layers[0].in_features, weight.shape[0]
+    if issubclass(kind, Int8Linear):
+        int8 = Int8Linear(in_features, width, bias is not None)
+        int8.weight = weight
+        int8.scales = torch.cat([layer.scales for layer in layers if isinstance(layer, Int8Linear)])
+        int8.bias = bias
+        return int8
+    linear = kind(in_features, width, bias=bias is not None, device="meta", dtype=weight.dtype)
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        linear.bias = nn.Parameter(bias, requires_grad=False)
+    return linear
 
 
 def fuse_projections(shard: nn.Module) -> None:
@@ -239,7 +245,8 @@ def _packs(dtype: torch.dtype) -> bool:
 
 def finish_loaded(shard: nn.Module, fmt: NumberFormat) -> None:
     """After loading: q/k/v and gate/up fused (:func:`fuse_projections`); on the CPU,
-    linears repacked for oneDNN where it is available.
+    int8 layers given the faster int8 kernel here (:func:`choose_int8_kernel`) and
+    other linears repacked for oneDNN where it is available.
 
     Block linears that are not quantized and the LM head, in float32, or in bfloat16
     with BF16 instructions. For float32 the reason is batching: torch's default
@@ -248,6 +255,10 @@ def finish_loaded(shard: nn.Module, fmt: NumberFormat) -> None:
     thread, TinyLlama's shapes: ``benchmarks/linear_rows.py``).
     """
     fuse_projections(shard)
+    if fmt.quantize == "int8":
+        int8_layers = [m for m in shard.modules() if isinstance(m, Int8Linear)]
+        if int8_layers and int8_layers[0].weight.device.type == "cpu":
+            choose_int8_kernel(int8_layers)
     if not onednn_available():
         return
     if fmt.quantize is None and _packs(fmt.torch_dtype):

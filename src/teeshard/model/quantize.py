@@ -15,23 +15,41 @@ So every dequantized weight ``q * scale`` is within ``scale[n] / 2`` of the sour
 the same tensor gives the same int8 bytes on every run and every machine (IEEE
 division and rounding, no threads, no randomness).
 
-:class:`Int8Linear` computes ``x @ (q * scale)^T`` with
-``torch.ops.aten._weight_int8pack_mm`` (bfloat16 activations, int8 weights read
-once per step: the fast path on CPUs with AVX-512 VNNI). That kernel needs the
-input width to be a multiple of 16; other widths take an exact float32 reference
-path instead (only tiny test models have such widths).
+:class:`Int8Linear` computes ``x @ (q * scale)^T`` with one of two kernels, both
+reading the int8 weights once per step (:func:`choose_int8_kernel` picks, per node):
+
+* ``"torch"``: ``torch.ops.aten._weight_int8pack_mm``, bfloat16 activations and
+  output. It needs the input width to be a multiple of 16; other widths take an
+  exact float32 reference path instead (only tiny test models have such widths).
+* ``"native"``: teeshard's AVX2 kernel (:mod:`teeshard.model.native`), float32
+  activations and output, batch-invariant bit for bit.
+
+The recipe fixes the weights; the kernel only the arithmetic around them (the
+activations' rounding), so both compute with exactly the weights the manifest pins.
 """
 
 from __future__ import annotations
+
+import logging
+import os
+import statistics
+import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from teeshard.model import native
+
 INT8_RECIPE = "int8-weight-only/per-output-channel/symmetric-127/bf16-scale-round-up/v1"
 QUANTIZE_RECIPES = {"int8": INT8_RECIPE}  # the --quantize choices and the recipe each names
 
 _KERNEL_WIDTH_MULTIPLE = 16  # _weight_int8pack_mm gives garbage (or crashes) otherwise
+KERNEL_ENV = "TEESHARD_INT8_KERNEL"  # auto (default: the faster, measured), native or torch
+INT8_KERNELS = ("native", "torch")
+_CLEAR_WIN = 0.10
+
+log = logging.getLogger(__name__)
 
 
 def _round_up_bf16(values: torch.Tensor) -> torch.Tensor:
@@ -94,8 +112,16 @@ class Int8Linear(nn.Module):
     def like(cls, linear: nn.Linear) -> Int8Linear:
         return cls(linear.in_features, linear.out_features, linear.bias is not None)
 
+    kernel = "torch"  # or "native", set by :func:`choose_int8_kernel` on a loaded shard
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
+        if self.kernel == "native":
+            flat32 = x.reshape(-1, self.in_features).float().contiguous()
+            out32 = native.int8_matmul(flat32, self.weight, self.scales)  # (M, N) float32
+            if self.bias is not None:
+                out32 += self.bias
+            return out32.reshape(*lead, self.out_features)
         flat = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()  # (M, K)
         if self.in_features % _KERNEL_WIDTH_MULTIPLE == 0:
             out = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scales)  # (M, N)
@@ -106,4 +132,70 @@ class Int8Linear(nn.Module):
         return out.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"int8 ({self.kernel} kernel)"
+        )
+
+    def supports_native(self) -> bool:
+        return self.in_features % 8 == 0 and self.weight.device.type == "cpu"
+
+
+def _time_once(layer: Int8Linear, x: torch.Tensor, kernel: str, times: list[float]) -> None:
+    layer.kernel = kernel
+    started = time.perf_counter()
+    layer(x)
+    times.append(time.perf_counter() - started)
+
+
+@torch.no_grad()
+def choose_int8_kernel(layers: list[Int8Linear], reps: int = 5) -> str:
+    """Set every layer's kernel to the faster one here, measured, or to ``$TEESHARD_INT8_KERNEL``.
+
+    Which is faster depends on the CPU (torch's kernel has AVX-512 paths; teeshard's
+    is AVX2 and reuses each weight for two activation rows), so it is measured: the
+    widest of ``layers``, 1 and 8 rows, both kernels interleaved, ``reps`` times;
+    torch's wins only if its sum of medians is lower by more than a tenth, so near
+    a tie the choice is stable and native (batch-invariant, its float32 activations
+    the more precise). A few tens of milliseconds per node start. Returns the choice.
+    """
+    wanted = os.environ.get(KERNEL_ENV, "auto")
+    if wanted not in ("auto", *INT8_KERNELS):
+        raise ValueError(f"{KERNEL_ENV}={wanted!r}: choose auto, native or torch")
+    eligible = [layer for layer in layers if layer.supports_native()]
+    choice = "torch"
+    if not eligible or not native.available():
+        reason = native.unavailable_reason() or "no layer fits it"
+        if wanted == "native":
+            raise RuntimeError(
+                f"{KERNEL_ENV}=native, but the native int8 kernel cannot run: {reason}"
+            )
+        log.info("int8 kernel: torch (native: %s)", reason)
+    elif wanted != "auto":
+        choice = wanted
+    else:
+        probe = max(eligible, key=lambda layer: layer.weight.numel())
+        times: dict[str, list[float]] = {kernel: [] for kernel in INT8_KERNELS}
+        cost = dict.fromkeys(INT8_KERNELS, 0.0)
+        for rows in (1, 8):
+            x = torch.randn(1, rows, probe.in_features)
+            for kernel in INT8_KERNELS:
+                probe.kernel = kernel
+                probe(x)  # warm up
+            for kernel in INT8_KERNELS:
+                times[kernel] = []
+            for rep in range(reps):
+                for kernel in INT8_KERNELS if rep % 2 == 0 else reversed(INT8_KERNELS):
+                    _time_once(probe, x, kernel, times[kernel])
+            for kernel in INT8_KERNELS:
+                cost[kernel] += statistics.median(times[kernel])
+        # torch's must win clearly: near a tie, timing noise would flip the choice
+        choice = "torch" if cost["torch"] < cost["native"] * (1 - _CLEAR_WIN) else "native"
+        log.info(
+            "int8 kernel: %s (1 + 8 rows of %dx%d: native %.2f ms, torch %.2f ms)",
+            choice, probe.out_features, probe.in_features,
+            cost["native"] * 1e3, cost["torch"] * 1e3,
+        )  # fmt: skip
+    for layer in layers:
+        layer.kernel = choice if layer in eligible else "torch"
+    return choice

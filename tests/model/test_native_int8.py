@@ -1,0 +1,123 @@
+"""teeshard's native int8 kernel: exact enough, batch-invariant bit for bit, strict about
+its arguments, and an int8 shard running it agrees with float32 as torch's kernel does."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from teeshard.model import native
+from teeshard.model.checkpoint import Checkpoint
+from teeshard.model.layer_range import LayerRange
+from teeshard.model.loader import load_shard
+from teeshard.model.quantize import (
+    KERNEL_ENV,
+    Int8Linear,
+    choose_int8_kernel,
+    dequantize_int8,
+    quantize_int8,
+)
+from tests.checkpoints import TinyModel
+from tests.model.test_formats import STEPS, TOLERANCE, generate
+
+pytestmark = pytest.mark.skipif(
+    not native.available(), reason=f"no native int8 kernel here: {native.unavailable_reason()}"
+)
+
+
+def quantized(channels: int, width: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(channels, width, generator=generator)
+    weight *= torch.logspace(-3, 1, channels)[:, None]  # channels of very different ranges
+    return quantize_int8(weight)
+
+
+@pytest.mark.parametrize(("rows", "channels", "width"), [(1, 64, 64), (3, 37, 40), (8, 130, 2048)])
+def test_product_matches_a_float64_reference(rows: int, channels: int, width: int) -> None:
+    """Channel counts that are not a multiple of 4 take the tail path; odd rows the one-row path."""
+    q, scale = quantized(channels, width)
+    x = torch.randn(rows, width)
+    got = native.int8_matmul(x, q, scale)
+    want = x.double() @ dequantize_int8(q, scale).double().t()
+    assert got.dtype == torch.float32 and got.shape == (rows, channels)
+    # float32 rounding: K/8 sequential sums per lane, three to add the lanes, one scaling
+    steps = width // 8 + 4
+    bound = (x.double().abs() @ dequantize_int8(q, scale).double().abs().t()) * steps * 2**-24
+    assert bool(((got.double() - want).abs() <= bound + 1e-30).all())
+
+
+def test_each_row_is_bit_for_bit_what_it_is_alone() -> None:
+    """A session's result never depends on its batch-mates or its place in the batch."""
+    q, scale = quantized(45, 256, seed=1)
+    x = torch.randn(9, 256)
+    alone = torch.cat([native.int8_matmul(x[i : i + 1].contiguous(), q, scale) for i in range(9)])
+    for rows in range(1, 10):
+        assert torch.equal(native.int8_matmul(x[:rows].contiguous(), q, scale), alone[:rows])
+    shuffled = torch.randperm(9)
+    assert torch.equal(native.int8_matmul(x[shuffled].contiguous(), q, scale), alone[shuffled])
+
+
+def test_bad_arguments_are_refused() -> None:
+    q, scale = quantized(8, 64)
+    x = torch.randn(2, 64)
+    with pytest.raises(native.NativeKernelError, match="multiple of 8"):
+        native.int8_matmul(torch.randn(2, 60), q[:, :60].contiguous(), scale)
+    with pytest.raises(native.NativeKernelError, match="float32"):
+        native.int8_matmul(x.double(), q, scale)
+    with pytest.raises(native.NativeKernelError, match="bfloat16"):
+        native.int8_matmul(x, q, scale.float())
+    with pytest.raises(native.NativeKernelError, match="contiguous"):
+        native.int8_matmul(torch.randn(64, 2).t(), q, scale)
+    with pytest.raises(native.NativeKernelError, match="2-D"):
+        native.int8_matmul(x[None], q, scale)
+    assert native.int8_matmul(x, q, scale).shape == (2, 8)  # the same call, well formed
+
+
+def test_layer_bias_and_shape_with_the_native_kernel() -> None:
+    layer = Int8Linear(64, 24, bias=True)
+    layer.weight, layer.scales = quantized(24, 64)
+    layer.bias = torch.randn(24).to(torch.bfloat16)
+    layer.kernel = "native"
+    x = torch.randn(2, 3, 64)
+    got = layer(x)
+    want = x @ dequantize_int8(layer.weight, layer.scales).t() + layer.bias.float()
+    assert got.shape == (2, 3, 24) and got.dtype == torch.float32
+    assert (got - want).abs().max().item() < 1e-4
+
+
+def test_the_kernel_can_be_forced_and_a_bad_choice_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    layers = [Int8Linear(64, 16, bias=False), Int8Linear(60, 16, bias=False)]
+    for layer in layers:
+        layer.weight, layer.scales = quantized(16, layer.in_features)
+    monkeypatch.setenv(KERNEL_ENV, "native")
+    assert choose_int8_kernel(layers) == "native"
+    assert [layer.kernel for layer in layers] == ["native", "torch"]  # width 60 cannot
+    monkeypatch.setenv(KERNEL_ENV, "torch")
+    assert choose_int8_kernel(layers) == "torch"
+    assert {layer.kernel for layer in layers} == {"torch"}
+    monkeypatch.setenv(KERNEL_ENV, "fastest")
+    with pytest.raises(ValueError, match="auto, native or torch"):
+        choose_int8_kernel(layers)
+    monkeypatch.delenv(KERNEL_ENV)
+    assert choose_int8_kernel(layers) in ("native", "torch")  # measured
+
+
+@pytest.mark.parametrize("kernel", ["native", "torch"])
+def test_int8_shard_agrees_with_float32_with_either_kernel(
+    tiny_model: TinyModel, kernel: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tolerances the int8 format promises hold whichever kernel a node picked."""
+    checkpoint, layers = Checkpoint(tiny_model.path), LayerRange(0, tiny_model.num_layers)
+    reference, reference_logits = generate(load_shard(checkpoint, layers))
+    monkeypatch.setenv(KERNEL_ENV, kernel)
+    shard = load_shard(checkpoint, layers, torch.bfloat16, quantize="int8")
+    assert {m.kernel for m in shard.modules() if isinstance(m, Int8Linear)} == {kernel}
+    tokens, logits = generate(shard, forced=reference)
+    agreement = sum(a == b for a, b in zip(tokens, reference, strict=True)) / STEPS
+    min_agreement, max_error, mean_error = TOLERANCE["int8"]
+    error = (logits - reference_logits).abs()
+    assert agreement >= min_agreement, agreement
+    assert error.max().item() <= max_error and error.mean().item() <= mean_error
+    assert error.max().item() > 0
