@@ -54,6 +54,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from split_vs_local import (
     Timing,
+    cpu_description,
     ensure_tinyllama_shaped,
     node_rss_mb,
     prompt_ids,
@@ -438,7 +439,7 @@ def main() -> int:
     checkpoint = Checkpoint(model_dir)
     prompt = prompt_ids(checkpoint.spec.vocab_size, args.prompt_tokens)
     print(f"model {model_dir.name}: {checkpoint.spec.num_layers} layers; formats {names}; "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores",
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads; {cpu_description()}",
           flush=True)  # fmt: skip
     load_before = os.getloadavg()
     runs = measure_formats(args, model_dir, checkpoint, names, prompt) if names else {}
@@ -473,6 +474,7 @@ def main() -> int:
         "reps": args.reps,
         "statistic": "median over repetitions",
         "torch": torch.__version__,
+        "cpu": cpu_description(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         # the machine is shared: 1/5/15-minute load averages before and after the run

@@ -27,6 +27,7 @@ same product reads the weight once: the fast path (``benchmarks/throughput.py``)
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +50,8 @@ _FUSED = (
     ("mlp", "gate_up_proj", ("gate_proj", "up_proj")),
 )
 _FUSED_LINEARS = tuple(fused for _, fused, _ in _FUSED)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -255,6 +258,12 @@ def finish_loaded(shard: nn.Module, fmt: NumberFormat) -> None:
     thread, TinyLlama's shapes: ``benchmarks/linear_rows.py``).
     """
     fuse_projections(shard)
+    if fmt.dtype == "bfloat16" and fmt.quantize is None and not onednn_bf16_available():
+        log.warning(
+            "this CPU has no bfloat16 instructions oneDNN uses (AVX-512 BF16 or AVX-NE-CONVERT): "
+            "bfloat16 linears take torch's generic path, whose batches cost about one "
+            "product per row; --quantize int8 or --dtype float32 serve batches faster here"
+        )
     if fmt.quantize == "int8":
         int8_layers = [m for m in shard.modules() if isinstance(m, Int8Linear)]
         if int8_layers and int8_layers[0].weight.device.type == "cpu":
