@@ -2,8 +2,10 @@
 
 Why batching pays (decode reads every weight for one row) depends on the kernel:
 torch's default float32 product (MKL) slows down with rows, oneDNN's packed
-product does not. TinyLlama's LM head (2048 -> 32000) and MLP (2048 -> 5632)
-shapes, 1, 8 and 16 rows, kernels interleaved within each repetition; medians.
+product does not. TinyLlama's LM head (2048 -> 32000), its fused gate/up
+(2048 -> 11264) and down (5632 -> 2048) shapes, 1, 8 and 16 rows, in float32,
+bfloat16 and int8 (torch's and teeshard's kernels), kernels interleaved within
+each repetition; medians. The table names the CPU: kernels differ by instruction set.
 Prints a table; writes ``benchmarks/results/linear_rows.json``.
 
     python benchmarks/linear_rows.py --threads 1
@@ -23,23 +25,41 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from split_vs_local import cpu_description
+from teeshard.model import native
+from teeshard.model.formats import onednn_bf16_available
+from teeshard.model.quantize import quantize_int8
+
 ROOT = Path(__file__).resolve().parent.parent
-SHAPES = {"lm_head": (32000, 2048), "mlp_up": (5632, 2048)}
+SHAPES = {"lm_head": (32000, 2048), "mlp_gate_up": (11264, 2048), "mlp_down": (2048, 5632)}
 
 
 def kernels(weight: torch.Tensor) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """Every kernel this machine can run for ``weight``: where a CPU lacks what one
+    needs (oneDNN's bfloat16 path, AVX2 for teeshard's int8 kernel), it is left out."""
     packed32 = torch.ops.mkldnn._reorder_linear_weight(weight, None)
     bf16 = weight.to(torch.bfloat16)
-    packed16 = torch.ops.mkldnn._reorder_linear_weight(bf16, None)
-    return {
+    q, scale = quantize_int8(weight)
+    found: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
         "float32 MKL (F.linear)": lambda x: F.linear(x, weight),
         "float32 oneDNN packed": lambda x: torch.ops.mkldnn._linear_pointwise(
             x, packed32, None, "none", [], ""
         ),
-        "bfloat16 oneDNN packed": lambda x: torch.ops.mkldnn._linear_pointwise(
-            x.to(torch.bfloat16), packed16, None, "none", [], ""
-        ),
     }
+    if onednn_bf16_available():
+        packed16 = torch.ops.mkldnn._reorder_linear_weight(bf16, None)
+        found["bfloat16 oneDNN packed"] = lambda x: torch.ops.mkldnn._linear_pointwise(
+            x.to(torch.bfloat16), packed16, None, "none", [], ""
+        )
+    else:
+        found["bfloat16 generic (F.linear)"] = lambda x: F.linear(x.to(torch.bfloat16), bf16)
+    found["int8 torch (_weight_int8pack_mm)"] = lambda x: torch.ops.aten._weight_int8pack_mm(
+        x.to(torch.bfloat16), q, scale
+    )
+    if native.available():
+        found["int8 teeshard native (AVX2)"] = lambda x: native.int8_matmul(x, q, scale)
+    return found
 
 
 def main() -> int:
@@ -52,6 +72,7 @@ def main() -> int:
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    print(cpu_description())
     rows = [int(r) for r in args.rows.split(",")]
     results: dict[str, dict[str, dict[str, float]]] = {}
     for shape_name, (out_features, in_features) in SHAPES.items():
@@ -72,15 +93,16 @@ def main() -> int:
             name: {str(r): statistics.median(times[(name, r)]) * 1000 for r in rows} for name in fns
         }
         print(f"\n{shape_name} ({in_features} -> {out_features}), ms, {args.threads} thread(s)")
-        print(f"{'kernel':26}" + "".join(f"{f'{r} rows':>10}" for r in rows))
+        print(f"{'kernel':34}" + "".join(f"{f'{r} rows':>10}" for r in rows))
         for name, by_rows in results[shape_name].items():
-            print(f"{name:26}" + "".join(f"{by_rows[str(r)]:10.2f}" for r in rows))
+            print(f"{name:34}" + "".join(f"{by_rows[str(r)]:10.2f}" for r in rows))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
         json.dumps(
             {
                 "date": datetime.now(UTC).isoformat(timespec="seconds"),
                 "torch": torch.__version__,
+                "cpu": cpu_description(),
                 "threads": args.threads,
                 "statistic": f"median of {args.reps}, kernels interleaved",
                 "ms": results,

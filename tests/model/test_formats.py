@@ -11,6 +11,7 @@ of steps in bfloat16 and >= 90% in int8 (measured: 99.5% both families in bfloat
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 from pathlib import Path
 
@@ -174,6 +175,14 @@ def test_every_int8_linear_takes_the_int8_kernel(
     assert ops.get("mkldnn::_linear_pointwise", 0) == 1
     assert isinstance(shard.lm_head, PackedLinear) and shard.lm_head.dtype == torch.bfloat16
     assert shard.new_cache(4).keys.dtype == torch.bfloat16
+
+
+def test_bfloat16_says_when_this_cpu_has_no_fast_path(
+    tiny_llama: TinyModel, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="teeshard.model.formats"):
+        load(tiny_llama, "bfloat16", LayerRange(0, 2))
+    assert ("no bfloat16 instructions" in caplog.text) == (not onednn_bf16_available())
 
 
 def test_every_float32_linear_takes_the_packed_onednn_path(tiny_llama: TinyModel) -> None:
