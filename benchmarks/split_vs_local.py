@@ -32,6 +32,7 @@ from teeshard.model.checkpoint import Checkpoint
 from teeshard.model.formats import NumberFormat
 from teeshard.model.layer_range import LayerRange
 from teeshard.model.loader import load_shard
+from teeshard.model.native import cpu_info
 from teeshard.model.plan import plan_checkpoint
 from teeshard.model.random_checkpoint import (
     random_llama_weights,
@@ -103,17 +104,7 @@ _CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_
 def cpu_description() -> str:
     """The CPU's name and the instruction sets the number formats' kernels depend on:
     results from machines with different ones are not comparable."""
-    name, flags = "unknown CPU", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                name = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-                break
-    except OSError:
-        pass
+    name, flags = cpu_info()
     present = [f for f in _CPU_FLAGS if f in flags] or ["none of " + ", ".join(_CPU_FLAGS)]
     return f"{name} ({os.cpu_count()} cores; {' '.join(present)})"
 

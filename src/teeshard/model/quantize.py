@@ -175,15 +175,13 @@ def choose_int8_kernel(layers: list[Int8Linear], reps: int = 5) -> str:
         choice = wanted
     else:
         probe = max(eligible, key=lambda layer: layer.weight.numel())
-        times: dict[str, list[float]] = {kernel: [] for kernel in INT8_KERNELS}
         cost = dict.fromkeys(INT8_KERNELS, 0.0)
         for rows in (1, 8):
             x = torch.randn(1, rows, probe.in_features)
+            times: dict[str, list[float]] = {kernel: [] for kernel in INT8_KERNELS}
             for kernel in INT8_KERNELS:
                 probe.kernel = kernel
                 probe(x)  # warm up
-            for kernel in INT8_KERNELS:
-                times[kernel] = []
             for rep in range(reps):
                 for kernel in INT8_KERNELS if rep % 2 == 0 else reversed(INT8_KERNELS):
                     _time_once(probe, x, kernel, times[kernel])

@@ -38,14 +38,21 @@ class NativeKernelError(RuntimeError):
     """The kernel refused its arguments."""
 
 
-def _cpu_flags() -> set[str]:
+@functools.cache
+def cpu_info() -> tuple[str, frozenset[str]]:
+    """This CPU's model name and instruction-set flags, from ``/proc/cpuinfo`` (Linux)."""
+    name, flags = "unknown CPU", frozenset[str]()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.partition(":")[2].split())
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                name = value.strip()
+            elif key.strip() == "flags":
+                flags = frozenset(value.split())
+                break
     except OSError:
         pass
-    return set()
+    return name, flags
 
 
 @functools.cache
@@ -53,7 +60,7 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     """The loaded library, or None and the reason there is none."""
     if platform.machine() not in ("x86_64", "AMD64"):
         return None, f"no native kernel for {platform.machine()}"
-    missing = [f for f in _NEEDED_CPU_FLAGS if f not in _cpu_flags()]
+    missing = [f for f in _NEEDED_CPU_FLAGS if f not in cpu_info()[1]]
     if missing:
         return None, f"CPU lacks {', '.join(missing)}"
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
