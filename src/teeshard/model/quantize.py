@@ -195,5 +195,5 @@ def choose_int8_kernel(layers: list[Int8Linear], reps: int = 5) -> str:
             cost["native"] * 1e3, cost["torch"] * 1e3,
         )  # fmt: skip
     for layer in layers:
-        layer.kernel = choice if layer in eligible else "torch"
+        layer.kernel = choice if layer.supports_native() else "torch"
     return choice

@@ -7,10 +7,11 @@ uses it where it is faster than torch's own kernel on the machine
 
 Built from the source in this package with the machine's C compiler (``$CC`` or
 ``cc``) into a fresh private directory, once per process (well under a second; no
-torch headers): nothing is loaded from a cache another process could have written,
-so inside a TEE the kernel is exactly the measured source. No compiler, another
-architecture or a CPU without AVX2/FMA: no native kernel, and callers keep torch's
-(:func:`unavailable_reason` says why).
+torch headers), which is removed once the library is loaded: nothing is loaded
+from a cache another process could have written, so inside a TEE the kernel is
+exactly the measured source. No compiler, another architecture or a CPU without
+AVX2/FMA: no native kernel, and callers keep torch's (:func:`unavailable_reason`
+says why).
 """
 
 from __future__ import annotations
@@ -66,17 +67,18 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if compiler is None:
         return None, "no C compiler (set CC)"
-    target = Path(tempfile.mkdtemp(prefix="teeshard-kernels-")) / "int8_matmul.so"
-    command = [compiler, *_FLAGS, str(_SOURCE), "-o", str(target)]
-    try:
-        subprocess.run(command, check=True, capture_output=True, timeout=120)
-        library = ctypes.CDLL(str(target))
-    except (OSError, subprocess.SubprocessError) as error:
-        detail = getattr(error, "stderr", b"") or b""
-        return (
-            None,
-            f"building {_SOURCE.name} failed: {error} {detail.decode(errors='replace')[:300]}",
-        )
+    with tempfile.TemporaryDirectory(prefix="teeshard-kernels-") as build_dir:
+        target = Path(build_dir) / "int8_matmul.so"
+        command = [compiler, *_FLAGS, str(_SOURCE), "-o", str(target)]
+        try:
+            subprocess.run(command, check=True, capture_output=True, timeout=120)
+            library = ctypes.CDLL(str(target))  # mapped now: the file may go
+        except (OSError, subprocess.SubprocessError) as error:
+            detail = getattr(error, "stderr", b"") or b""
+            return (
+                None,
+                f"building {_SOURCE.name} failed: {error} {detail.decode(errors='replace')[:300]}",
+            )
     function = library.teeshard_int8_matmul
     function.restype = ctypes.c_int
     function.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
