@@ -57,8 +57,10 @@ def kernels(weight: torch.Tensor) -> dict[str, Callable[[torch.Tensor], torch.Te
     found["int8 torch (_weight_int8pack_mm)"] = lambda x: torch.ops.aten._weight_int8pack_mm(
         x.to(torch.bfloat16), q, scale
     )
-    if native.available():
-        found["int8 teeshard native (AVX2)"] = lambda x: native.int8_matmul(x, q, scale)
+    for isa in native.int8_isas() if native.available() else ():
+        label = f"int8 teeshard native ({isa.upper().replace('AVX512', 'AVX-512')})"
+        laid = native.block_int8_weight(q) if isa in native.BLOCKED_ISAS else q
+        found[label] = lambda x, isa=isa, laid=laid: native.int8_matmul(x, laid, scale, isa=isa)
     return found
 
 

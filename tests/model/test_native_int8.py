@@ -32,45 +32,95 @@ def quantized(channels: int, width: int, seed: int = 0) -> tuple[torch.Tensor, t
     return quantize_int8(weight)
 
 
-@pytest.mark.parametrize(("rows", "channels", "width"), [(1, 64, 64), (3, 37, 40), (8, 130, 2048)])
-def test_product_matches_a_float64_reference(rows: int, channels: int, width: int) -> None:
-    """Channel counts that are not a multiple of 4 take the tail path; odd rows the one-row path."""
+ISAS = native.int8_isas()  # every kernel this CPU runs is tested, not only the preferred one
+
+
+LANES = {"avx512": 16, "avx2": 8}
+
+
+def laid_out(q: torch.Tensor, isa: str) -> torch.Tensor:
+    return native.block_int8_weight(q) if isa in native.BLOCKED_ISAS else q
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize(
+    ("rows", "channels", "width"), [(1, 64, 64), (3, 37, 48), (7, 132, 2048), (6, 12, 80), (8, 9, 80)]
+)
+def test_product_matches_a_float64_reference(rows: int, channels: int, width: int, isa: str) -> None:
+    """Channel counts that are not a multiple of 4 take the tail path; row counts that are
+    not a multiple of the kernel's row block take its smaller blocks."""
     q, scale = quantized(channels, width)
     x = torch.randn(rows, width)
-    got = native.int8_matmul(x, q, scale)
+    if isa in native.BLOCKED_ISAS and channels % 4:
+        pytest.skip(f"the {isa} kernel takes a multiple of 4 channels")
+    got = native.int8_matmul(x, laid_out(q, isa), scale, isa=isa)
     want = x.double() @ dequantize_int8(q, scale).double().t()
     assert got.dtype == torch.float32 and got.shape == (rows, channels)
-    # float32 rounding: K/8 sequential sums per lane, three to add the lanes, one scaling
-    steps = width // 8 + 4
+    # float32 rounding: K/lanes sequential sums per lane, four to add the lanes, one scaling
+    steps = width // LANES[isa] + 5
     bound = (x.double().abs() @ dequantize_int8(q, scale).double().abs().t()) * steps * 2**-24
     assert bool(((got.double() - want).abs() <= bound + 1e-30).all())
 
 
-def test_each_row_is_bit_for_bit_what_it_is_alone() -> None:
+@pytest.mark.parametrize("isa", ISAS)
+def test_each_row_is_bit_for_bit_what_it_is_alone(isa: str) -> None:
     """A session's result never depends on its batch-mates or its place in the batch."""
-    q, scale = quantized(45, 256, seed=1)
-    x = torch.randn(9, 256)
-    alone = torch.cat([native.int8_matmul(x[i : i + 1].contiguous(), q, scale) for i in range(9)])
-    for rows in range(1, 10):
-        assert torch.equal(native.int8_matmul(x[:rows].contiguous(), q, scale), alone[:rows])
-    shuffled = torch.randperm(9)
-    assert torch.equal(native.int8_matmul(x[shuffled].contiguous(), q, scale), alone[shuffled])
+    q, scale = quantized(44, 256, seed=1)
+    x = torch.randn(11, 256)
+
+    def product(rows: torch.Tensor) -> torch.Tensor:
+        return native.int8_matmul(rows.contiguous(), laid_out(q, isa), scale, isa=isa)
+
+    alone = torch.cat([product(x[i : i + 1]) for i in range(11)])
+    for rows in range(1, 12):
+        assert torch.equal(product(x[:rows]), alone[:rows])
+    shuffled = torch.randperm(11)
+    assert torch.equal(product(x[shuffled]), alone[shuffled])
+
+
+def test_the_widest_kernel_that_fits_runs() -> None:
+    assert native.int8_isa(2048, 2048) == ISAS[0]
+    assert native.int8_isa(64, 40) == "avx2"  # 40 is no multiple of 16
+    assert native.int8_isa(37, 64) == "avx2"  # 37 channels are no multiple of 4
+    assert native.int8_isa(64, 44) is None
+    if "avx512" in ISAS:
+        with pytest.raises(native.NativeKernelError, match="no avx512 kernel for a 4x40"):
+            native.int8_matmul(torch.randn(1, 40), *quantized(4, 40), isa="avx512")
+
+
+def test_blocking_is_a_reordering_the_layer_undoes() -> None:
+    q, scale = quantized(12, 48)
+    blocked = native.block_int8_weight(q)
+    assert blocked.shape == q.shape and not torch.equal(blocked, q)
+    assert torch.equal(blocked.flatten().sort().values, q.flatten().sort().values)
+    assert torch.equal(native.unblock_int8_weight(blocked), q)
+    layer = Int8Linear(48, 12, bias=False)
+    layer.weight, layer.scales = q.clone(), scale
+    x = torch.randn(3, 48)
+    want = x @ dequantize_int8(q, scale).t()
+    for kernel in ("native", "torch", "native"):
+        layer.kernel = kernel
+        assert torch.equal(layer.stored_weight(), q)
+        # torch's kernel rounds activations and output to bfloat16
+        assert (layer(x).float() - want).abs().max() <= 0.02 * want.abs().max()
+    assert layer.isa == ISAS[0]
+    assert torch.equal(layer.weight, laid_out(q, ISAS[0]))
 
 
 def test_bad_arguments_are_refused() -> None:
     q, scale = quantized(8, 64)
     x = torch.randn(2, 64)
     with pytest.raises(native.NativeKernelError, match="multiple of 8"):
-        native.int8_matmul(torch.randn(2, 60), q[:, :60].contiguous(), scale)
+        native.int8_matmul(torch.randn(2, 60), q[:, :60].contiguous(), scale, isa="avx2")
     with pytest.raises(native.NativeKernelError, match="float32"):
-        native.int8_matmul(x.double(), q, scale)
+        native.int8_matmul(x.double(), q, scale, isa="avx2")
     with pytest.raises(native.NativeKernelError, match="bfloat16"):
-        native.int8_matmul(x, q, scale.float())
+        native.int8_matmul(x, q, scale.float(), isa="avx2")
     with pytest.raises(native.NativeKernelError, match="contiguous"):
-        native.int8_matmul(torch.randn(64, 2).t(), q, scale)
+        native.int8_matmul(torch.randn(64, 2).t(), q, scale, isa="avx2")
     with pytest.raises(native.NativeKernelError, match="2-D"):
-        native.int8_matmul(x[None], q, scale)
-    assert native.int8_matmul(x, q, scale).shape == (2, 8)  # the same call, well formed
+        native.int8_matmul(x[None], q, scale, isa="avx2")
+    assert native.int8_matmul(x, q, scale, isa="avx2").shape == (2, 8)  # the same call, well formed
 
 
 def test_layer_bias_and_shape_with_the_native_kernel() -> None:
@@ -80,7 +130,7 @@ def test_layer_bias_and_shape_with_the_native_kernel() -> None:
     layer.kernel = "native"
     x = torch.randn(2, 3, 64)
     got = layer(x)
-    want = x @ dequantize_int8(layer.weight, layer.scales).t() + layer.bias.float()
+    want = x @ dequantize_int8(layer.stored_weight(), layer.scales).t() + layer.bias.float()
     assert got.shape == (2, 3, 24) and got.dtype == torch.float32
     assert (got - want).abs().max().item() < 1e-4
 

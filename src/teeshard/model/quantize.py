@@ -21,8 +21,8 @@ reading the int8 weights once per step (:func:`choose_int8_kernel` picks, per no
 * ``"torch"``: ``torch.ops.aten._weight_int8pack_mm``, bfloat16 activations and
   output. It needs the input width to be a multiple of 16; other widths take an
   exact float32 reference path instead (only tiny test models have such widths).
-* ``"native"``: teeshard's AVX2 kernel (:mod:`teeshard.model.native`), float32
-  activations and output, batch-invariant bit for bit.
+* ``"native"``: teeshard's kernel (:mod:`teeshard.model.native`; AVX-512 where the
+  CPU has it, else AVX2), float32 activations and output, batch-invariant bit for bit.
 
 The recipe fixes the weights; the kernel only the arithmetic around them (the
 activations' rounding), so both compute with exactly the weights the manifest pins.
@@ -112,13 +112,46 @@ class Int8Linear(nn.Module):
     def like(cls, linear: nn.Linear) -> Int8Linear:
         return cls(linear.in_features, linear.out_features, linear.bias is not None)
 
-    kernel = "torch"  # or "native", set by :func:`choose_int8_kernel` on a loaded shard
+    _kernel = "torch"
+    isa: str | None = None  # the native kernel's instruction set (native.int8_isa)
+
+    @property
+    def kernel(self) -> str:
+        """``"torch"`` or ``"native"``, set by :func:`choose_int8_kernel` on a loaded shard.
+
+        Setting it lays the weight out for the kernel: the AVX-512 native kernel reads
+        it blocked (:func:`teeshard.model.native.block_int8_weight`), the others as
+        stored; the bytes are the same, reordered (:meth:`stored_weight` gives them
+        back as stored)."""
+        return self._kernel
+
+    @kernel.setter
+    def kernel(self, kernel: str) -> None:
+        if kernel not in INT8_KERNELS:
+            raise ValueError(f"int8 kernel {kernel!r}: choose one of {INT8_KERNELS}")
+        isa = native.int8_isa(self.out_features, self.in_features) if kernel == "native" else None
+        if kernel == "native" and (isa is None or not self.supports_native()):
+            raise ValueError(
+                f"no native int8 kernel for a {self.out_features}x{self.in_features} weight here"
+            )
+        blocked = isa in native.BLOCKED_ISAS
+        if blocked != (self.isa in native.BLOCKED_ISAS):
+            relayout = native.block_int8_weight if blocked else native.unblock_int8_weight
+            self.weight = relayout(self.weight)
+        self._kernel, self.isa = kernel, isa
+
+    def stored_weight(self) -> torch.Tensor:
+        """The int8 weight (N, K) as the recipe made it, whatever the kernel's layout."""
+        if self.isa in native.BLOCKED_ISAS:
+            return native.unblock_int8_weight(self.weight)
+        return self.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         if self.kernel == "native":
+            assert self.isa is not None
             flat32 = x.reshape(-1, self.in_features).float().contiguous()
-            out32 = native.int8_matmul(flat32, self.weight, self.scales)  # (M, N) float32
+            out32 = native.int8_matmul(flat32, self.weight, self.scales, isa=self.isa)
             if self.bias is not None:
                 out32 += self.bias
             return out32.reshape(*lead, self.out_features)
@@ -132,28 +165,39 @@ class Int8Linear(nn.Module):
         return out.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
+        kernel = f"native {self.isa}" if self.kernel == "native" else self.kernel
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"int8 ({self.kernel} kernel)"
+            f"int8 ({kernel} kernel)"
         )
 
     def supports_native(self) -> bool:
-        return self.in_features % 8 == 0 and self.weight.device.type == "cpu"
+        return (
+            native.int8_isa(self.out_features, self.in_features) is not None
+            and self.weight.device.type == "cpu"
+        )
 
 
-def _time_once(layer: Int8Linear, x: torch.Tensor, kernel: str, times: list[float]) -> None:
-    layer.kernel = kernel
+def _time_once(layer: Int8Linear, x: torch.Tensor, times: list[float]) -> None:
     started = time.perf_counter()
     layer(x)
     times.append(time.perf_counter() - started)
+
+
+def _probe_copy(layer: Int8Linear, kernel: str) -> Int8Linear:
+    """A copy of ``layer`` running ``kernel``, its weight laid out for it."""
+    copy = Int8Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+    copy.weight, copy.scales, copy.bias = layer.stored_weight().clone(), layer.scales, layer.bias
+    copy.kernel = kernel
+    return copy
 
 
 @torch.no_grad()
 def choose_int8_kernel(layers: list[Int8Linear], reps: int = 5) -> str:
     """Set every layer's kernel to the faster one here, measured, or to ``$TEESHARD_INT8_KERNEL``.
 
-    Which is faster depends on the CPU (torch's kernel has AVX-512 paths; teeshard's
-    is AVX2 and reuses each weight for two activation rows), so it is measured: the
+    Which is faster depends on the CPU (torch's kernel and teeshard's each have their
+    own AVX-512 and AVX2 paths), so it is measured: the
     widest of ``layers``, 1 and 8 rows, both kernels interleaved, ``reps`` times;
     torch's wins only if its sum of medians is lower by more than a tenth, so near
     a tie the choice is stable and native (batch-invariant, its float32 activations
@@ -174,24 +218,24 @@ def choose_int8_kernel(layers: list[Int8Linear], reps: int = 5) -> str:
     elif wanted != "auto":
         choice = wanted
     else:
-        probe = max(eligible, key=lambda layer: layer.weight.numel())
+        widest = max(eligible, key=lambda layer: layer.weight.numel())
+        probes = {kernel: _probe_copy(widest, kernel) for kernel in INT8_KERNELS}
         cost = dict.fromkeys(INT8_KERNELS, 0.0)
         for rows in (1, 8):
-            x = torch.randn(1, rows, probe.in_features)
+            x = torch.randn(1, rows, widest.in_features)
             times: dict[str, list[float]] = {kernel: [] for kernel in INT8_KERNELS}
             for kernel in INT8_KERNELS:
-                probe.kernel = kernel
-                probe(x)  # warm up
+                probes[kernel](x)  # warm up
             for rep in range(reps):
                 for kernel in INT8_KERNELS if rep % 2 == 0 else reversed(INT8_KERNELS):
-                    _time_once(probe, x, kernel, times[kernel])
+                    _time_once(probes[kernel], x, times[kernel])
             for kernel in INT8_KERNELS:
                 cost[kernel] += statistics.median(times[kernel])
         # torch's must win clearly: near a tie, timing noise would flip the choice
         choice = "torch" if cost["torch"] < cost["native"] * (1 - _CLEAR_WIN) else "native"
         log.info(
-            "int8 kernel: %s (1 + 8 rows of %dx%d: native %.2f ms, torch %.2f ms)",
-            choice, probe.out_features, probe.in_features,
+            "int8 kernel: %s (1 + 8 rows of %dx%d: native %s %.2f ms, torch %.2f ms)",
+            choice, widest.out_features, widest.in_features, probes["native"].isa,
             cost["native"] * 1e3, cost["torch"] * 1e3,
         )  # fmt: skip
     for layer in layers:

@@ -1,11 +1,14 @@
 """teeshard's own CPU kernels, in C, built when first needed and called through ctypes.
 
-One kernel so far, :func:`int8_matmul` (``int8_matmul.c``): the weight-only int8
-product with float32 activations, for x86 CPUs with AVX2 and FMA. The int8 format
-uses it where it is faster than torch's own kernel on the machine
+One product so far, :func:`int8_matmul`: the weight-only int8 product with float32
+activations, for x86 CPUs, in two kernels: ``int8_avx2.c`` (AVX2 and FMA, the weight
+as stored) and ``int8_avx512.c`` (AVX-512, the weight blocked for sequential reads
+by :func:`block_int8_weight`; the faster where the CPU has it and the shape fits;
+:func:`int8_isa` says which a layer gets). The int8 format uses it where
+it is faster than torch's own kernel on the machine
 (:func:`teeshard.model.quantize.choose_int8_kernel`; ``benchmarks/linear_rows.py``).
 
-Built from the source in this package with the machine's C compiler (``$CC`` or
+Built from the sources in this package with the machine's C compiler (``$CC`` or
 ``cc``) into a fresh private directory, once per process (well under a second; no
 torch headers), which is removed once the library is loaded: nothing is loaded
 from a cache another process could have written, so inside a TEE the kernel is
@@ -30,9 +33,14 @@ import torch
 
 log = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_name("int8_matmul.c")
+_SOURCES = tuple(Path(__file__).with_name(name) for name in ("int8_avx2.c", "int8_avx512.c"))
+# AVX-512 code is enabled per function (target attributes), never for the whole library
 _FLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
 _NEEDED_CPU_FLAGS = ("avx2", "fma")
+_AVX512_CPU_FLAGS = ("avx512f", "avx512bw", "avx512dq", "avx512vl")
+# instruction set -> (its output channels, its input width) must be multiples of these
+INT8_ISAS = {"avx512": (4, 16), "avx2": (1, 8)}  # in order of preference
+BLOCKED_ISAS = frozenset({"avx512"})  # those that take the weight blocked
 
 
 class NativeKernelError(RuntimeError):
@@ -68,8 +76,8 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     if compiler is None:
         return None, "no C compiler (set CC)"
     with tempfile.TemporaryDirectory(prefix="teeshard-kernels-") as build_dir:
-        target = Path(build_dir) / "int8_matmul.so"
-        command = [compiler, *_FLAGS, str(_SOURCE), "-o", str(target)]
+        target = Path(build_dir) / "teeshard_kernels.so"
+        command = [compiler, *_FLAGS, *map(str, _SOURCES), "-o", str(target)]
         try:
             subprocess.run(command, check=True, capture_output=True, timeout=120)
             library = ctypes.CDLL(str(target))  # mapped now: the file may go
@@ -77,13 +85,46 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
             detail = getattr(error, "stderr", b"") or b""
             return (
                 None,
-                f"building {_SOURCE.name} failed: {error} {detail.decode(errors='replace')[:300]}",
+                f"building the native kernels failed: {error} "
+                f"{detail.decode(errors='replace')[:300]}",
             )
-    function = library.teeshard_int8_matmul
-    function.restype = ctypes.c_int
-    function.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
-    log.info("native int8 kernel built with %s", Path(compiler).name)
+    for isa in INT8_ISAS:
+        function = getattr(library, f"teeshard_int8_matmul_{isa}")
+        function.restype = ctypes.c_int
+        function.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    log.info("native int8 kernels built with %s (%s)", Path(compiler).name, "/".join(int8_isas()))
     return library, ""
+
+
+@functools.cache
+def int8_isas() -> tuple[str, ...]:
+    """The int8 kernels this CPU can run, best first (empty without AVX2/FMA)."""
+    flags = cpu_info()[1]
+    found = [isa for isa in INT8_ISAS if isa != "avx512" or set(_AVX512_CPU_FLAGS) <= flags]
+    return tuple(found) if set(_NEEDED_CPU_FLAGS) <= flags else ()
+
+
+def _fits(isa: str, channels: int, width: int) -> bool:
+    channel_multiple, width_multiple = INT8_ISAS[isa]
+    return channels % channel_multiple == 0 and width % width_multiple == 0
+
+
+def int8_isa(channels: int, width: int) -> str | None:
+    """The best int8 kernel here for a (``channels``, ``width``) weight, if any."""
+    return next((isa for isa in int8_isas() if _fits(isa, channels, width)), None)
+
+
+def block_int8_weight(q: torch.Tensor) -> torch.Tensor:
+    """int8 (N, K) as stored -> the same bytes reordered for the AVX-512 kernel:
+    ``[n / 4][k / 16][n % 4][k % 16]`` (still shaped (N, K); N % 4 == K % 16 == 0)."""
+    n, k = q.shape
+    return q.view(n // 4, 4, k // 16, 16).permute(0, 2, 1, 3).contiguous().view(n, k)
+
+
+def unblock_int8_weight(blocked: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`block_int8_weight`."""
+    n, k = blocked.shape
+    return blocked.view(n // 4, k // 16, 4, 16).permute(0, 2, 1, 3).contiguous().view(n, k)
 
 
 def available() -> bool:
@@ -95,10 +136,13 @@ def unavailable_reason() -> str:
     return _build()[1]
 
 
-def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, *, isa: str) -> torch.Tensor:
     """``x`` float32 (M, K) @ (``q`` int8 (N, K) * ``scale`` bfloat16 (N,))^T -> float32 (M, N).
 
-    Every tensor contiguous on the CPU; K a multiple of 8. Releases the GIL while it runs.
+    Every tensor contiguous on the CPU; K a multiple of 8. ``isa`` names the kernel
+    (one of :func:`int8_isas`), and with it the layout of ``q``: blocked
+    (:func:`block_int8_weight`) for the kernels in ``BLOCKED_ISAS``, as stored for the
+    others. Releases the GIL while it runs.
     """
     library = _build()[0]
     if library is None:
@@ -119,8 +163,13 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
             f"scale {scale.dtype} {tuple(scale.shape)}: expected float32 (M, K), int8 (N, K), "
             "bfloat16 (N,), contiguous CPU tensors, K a multiple of 8"
         )
+    if isa not in int8_isas() or not _fits(isa, channels, width):
+        raise NativeKernelError(
+            f"int8_matmul: no {isa} kernel for a {channels}x{width} weight here "
+            f"(this CPU runs {', '.join(int8_isas()) or 'none'})"
+        )
     out = torch.empty(rows, channels, dtype=torch.float32)
-    status = library.teeshard_int8_matmul(
+    status = getattr(library, f"teeshard_int8_matmul_{isa}")(
         x.data_ptr(), q.data_ptr(), scale.data_ptr(), out.data_ptr(),
         rows, channels, width, torch.get_num_threads(),
     )  # fmt: skip

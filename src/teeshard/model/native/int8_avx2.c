@@ -1,4 +1,5 @@
-/* Weight-only int8 product for x86 CPUs with AVX2 and FMA: teeshard's own kernel.
+/* Weight-only int8 product for x86 CPUs with AVX2 and FMA: teeshard's own kernel
+ * (int8_avx512.c is the same product sixteen lanes wide, for CPUs with AVX-512).
  *
  *   y[m, n] = scale[n] * sum_k x[m, k] * q[n, k]
  *
@@ -21,16 +22,7 @@
  * loaded into a process where torch already holds libgomp.so.1, it shares torch's
  * OpenMP runtime and thread pool.
  */
-#include <immintrin.h>
-#include <stdint.h>
-#include <string.h>
-
-static inline float widen_bf16(uint16_t bits) {
-    uint32_t wide = (uint32_t)bits << 16;
-    float value;
-    memcpy(&value, &wide, sizeof value);
-    return value;
-}
+#include "kernels.h"
 
 static inline float sum_lanes(__m256 v) {
     __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -97,8 +89,8 @@ static void one_channel(const float *x, const int8_t *q, const uint16_t *scale, 
     y[m * N + n] = sum_lanes(a) * widen_bf16(scale[n]);
 }
 
-int teeshard_int8_matmul(const float *x, const int8_t *q, const uint16_t *scale, float *y,
-                         int64_t M, int64_t N, int64_t K, int threads) {
+int teeshard_int8_matmul_avx2(const float *x, const int8_t *q, const uint16_t *scale, float *y,
+                              int64_t M, int64_t N, int64_t K, int threads) {
     if (K % 8 != 0 || M < 0 || N < 0 || threads < 1)
         return -1;
     int64_t blocks = N / 4;
