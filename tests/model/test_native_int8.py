@@ -44,9 +44,12 @@ def laid_out(q: torch.Tensor, isa: str) -> torch.Tensor:
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize(
-    ("rows", "channels", "width"), [(1, 64, 64), (3, 37, 48), (7, 132, 2048), (6, 12, 80), (8, 9, 80)]
+    ("rows", "channels", "width"),
+    [(1, 64, 64), (3, 37, 48), (7, 132, 2048), (6, 12, 80), (8, 9, 80)],
 )
-def test_product_matches_a_float64_reference(rows: int, channels: int, width: int, isa: str) -> None:
+def test_product_matches_a_float64_reference(
+    rows: int, channels: int, width: int, isa: str
+) -> None:
     """Channel counts that are not a multiple of 4 take the tail path; row counts that are
     not a multiple of the kernel's row block take its smaller blocks."""
     q, scale = quantized(channels, width)
