@@ -13,6 +13,7 @@ import psutil
 
 from teeshard.procutil import free_port_block
 from tests.demo_sense import sense
+from tests.signals import answer_ctrl_c
 
 
 def test_up_serves_the_demo_and_ctrl_c_stops_everything(tmp_path: object) -> None:
@@ -34,6 +35,7 @@ def test_up_serves_the_demo_and_ctrl_c_stops_everything(tmp_path: object) -> Non
         stderr=subprocess.DEVNULL,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
         text=True,
+        preexec_fn=answer_ctrl_c,
     )
     try:
         assert process.stdout is not None
@@ -79,7 +81,7 @@ def test_up_with_replicas_restarts_a_killed_node_and_keeps_serving() -> None:
         [sys.executable, "-m", "teeshard.cli", "up", "--nodes", "2", "--replicas", "2",
          "--port", str(port), "--threads", "1"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"}, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"}, text=True, preexec_fn=answer_ctrl_c,
     )  # fmt: skip
     try:
         assert process.stdout is not None

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from teeshard.procutil import free_port_block, wait_healthy
+from tests.signals import answer_ctrl_c
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ def teeshard_up(
                 stderr=stderr,
                 env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
                 text=True,
+                preexec_fn=answer_ctrl_c,
             )
         try:
             assert process.stdout is not None
