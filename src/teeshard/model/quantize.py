@@ -172,9 +172,11 @@ class Int8Linear(nn.Module):
         )
 
     def supports_native(self) -> bool:
+        """Whether a native kernel can run this layer here (its shape, the CPU, a compiler)."""
         return (
-            native.int8_isa(self.out_features, self.in_features) is not None
-            and self.weight.device.type == "cpu"
+            self.weight.device.type == "cpu"
+            and native.int8_isa(self.out_features, self.in_features) is not None
+            and native.available()
         )
 
 
@@ -197,8 +199,8 @@ def choose_int8_kernel(layers: list[Int8Linear], reps: int = 5) -> str:
     """Set every layer's kernel to the faster one here, measured, or to ``$TEESHARD_INT8_KERNEL``.
 
     Which is faster depends on the CPU (torch's kernel and teeshard's each have their
-    own AVX-512 and AVX2 paths), so it is measured: the
-    widest of ``layers``, 1 and 8 rows, both kernels interleaved, ``reps`` times;
+    own AVX-512 and AVX2 paths), so it is measured: copies of the widest of
+    ``layers``, 1 and 8 rows, both kernels interleaved, ``reps`` times;
     torch's wins only if its sum of medians is lower by more than a tenth, so near
     a tie the choice is stable and native (batch-invariant, its float32 activations
     the more precise). A few tens of milliseconds per node start. Returns the choice.
