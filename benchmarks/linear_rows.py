@@ -59,7 +59,7 @@ def kernels(weight: torch.Tensor) -> dict[str, Callable[[torch.Tensor], torch.Te
     )
     for isa in native.int8_isas() if native.available() else ():
         label = f"int8 teeshard native ({isa.upper().replace('AVX512', 'AVX-512')})"
-        laid = native.block_int8_weight(q) if isa in native.BLOCKED_ISAS else q
+        laid = native.lay_out_int8_weight(q, isa)
         found[label] = lambda x, isa=isa, laid=laid: native.int8_matmul(x, laid, scale, isa=isa)
     return found
 

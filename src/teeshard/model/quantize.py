@@ -129,22 +129,18 @@ class Int8Linear(nn.Module):
     def kernel(self, kernel: str) -> None:
         if kernel not in INT8_KERNELS:
             raise ValueError(f"int8 kernel {kernel!r}: choose one of {INT8_KERNELS}")
-        isa = native.int8_isa(self.out_features, self.in_features) if kernel == "native" else None
-        if kernel == "native" and (isa is None or not self.supports_native()):
+        if kernel == "native" and not self.supports_native():
             raise ValueError(
                 f"no native int8 kernel for a {self.out_features}x{self.in_features} weight here"
             )
-        blocked = isa in native.BLOCKED_ISAS
-        if blocked != (self.isa in native.BLOCKED_ISAS):
-            relayout = native.block_int8_weight if blocked else native.unblock_int8_weight
-            self.weight = relayout(self.weight)
+        isa = native.int8_isa(self.out_features, self.in_features) if kernel == "native" else None
+        if (isa in native.BLOCKED_ISAS) != (self.isa in native.BLOCKED_ISAS):
+            self.weight = native.lay_out_int8_weight(self.stored_weight(), isa)
         self._kernel, self.isa = kernel, isa
 
     def stored_weight(self) -> torch.Tensor:
         """The int8 weight (N, K) as the recipe made it, whatever the kernel's layout."""
-        if self.isa in native.BLOCKED_ISAS:
-            return native.unblock_int8_weight(self.weight)
-        return self.weight
+        return native.stored_int8_weight(self.weight, self.isa)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]

@@ -36,8 +36,9 @@ log = logging.getLogger(__name__)
 _SOURCES = tuple(Path(__file__).with_name(name) for name in ("int8_avx2.c", "int8_avx512.c"))
 # AVX-512 code is enabled per function (target attributes), never for the whole library
 _FLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
-_NEEDED_CPU_FLAGS = ("avx2", "fma")
-_AVX512_CPU_FLAGS = ("avx512f", "avx512bw", "avx512dq", "avx512vl")
+_NEEDED_CPU_FLAGS = ("avx2", "fma")  # for any kernel: the library is built with them
+# instruction set -> the CPU flags it needs besides those
+_ISA_CPU_FLAGS = {"avx512": ("avx512f", "avx512bw", "avx512dq", "avx512vl"), "avx2": ()}
 # instruction set -> (its output channels, its input width) must be multiples of these
 INT8_ISAS = {"avx512": (4, 16), "avx2": (1, 8)}  # in order of preference
 BLOCKED_ISAS = frozenset({"avx512"})  # those that take the weight blocked
@@ -100,8 +101,9 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
 def int8_isas() -> tuple[str, ...]:
     """The int8 kernels this CPU can run, best first (empty without AVX2/FMA)."""
     flags = cpu_info()[1]
-    found = [isa for isa in INT8_ISAS if isa != "avx512" or set(_AVX512_CPU_FLAGS) <= flags]
-    return tuple(found) if set(_NEEDED_CPU_FLAGS) <= flags else ()
+    if not set(_NEEDED_CPU_FLAGS) <= flags:
+        return ()
+    return tuple(isa for isa in INT8_ISAS if set(_ISA_CPU_FLAGS[isa]) <= flags)
 
 
 def _fits(isa: str, channels: int, width: int) -> bool:
@@ -125,6 +127,16 @@ def unblock_int8_weight(blocked: torch.Tensor) -> torch.Tensor:
     """The inverse of :func:`block_int8_weight`."""
     n, k = blocked.shape
     return blocked.view(n // 4, k // 16, 4, 16).permute(0, 2, 1, 3).contiguous().view(n, k)
+
+
+def lay_out_int8_weight(q: torch.Tensor, isa: str | None) -> torch.Tensor:
+    """int8 (N, K) as stored -> the layout the ``isa`` kernel reads (None: torch's, as stored)."""
+    return block_int8_weight(q) if isa in BLOCKED_ISAS else q
+
+
+def stored_int8_weight(laid_out: torch.Tensor, isa: str | None) -> torch.Tensor:
+    """The inverse of :func:`lay_out_int8_weight`."""
+    return unblock_int8_weight(laid_out) if isa in BLOCKED_ISAS else laid_out
 
 
 def available() -> bool:
