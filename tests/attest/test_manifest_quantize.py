@@ -25,7 +25,7 @@ def test_an_unquantized_manifest_encodes_as_before(manifests: dict[str, ShardMan
     suffix = lp(b"quantize") + lp(INT8_RECIPE.encode())
     assert quantized.canonical_bytes() == base.canonical_bytes() + suffix
     assert quantized.combined_hash != base.combined_hash
-    other = dataclasses.replace(base, quantize=INT8_RECIPE.replace("/v1", "/v2"))
+    other = dataclasses.replace(base, quantize=INT8_RECIPE.replace("/v2", "/v3"))
     assert other.combined_hash != quantized.combined_hash
     assert "quantize" not in base.to_json()
 

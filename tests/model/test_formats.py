@@ -163,17 +163,17 @@ def test_every_bfloat16_linear_takes_the_packed_onednn_path(tiny_llama: TinyMode
     assert all(isinstance(m, PackedLinear) for m in shard.layers[0].mlp.children())
 
 
-@pytest.mark.skipif(not onednn_bf16_available(), reason="CPU without oneDNN bfloat16")
 def test_every_int8_linear_takes_the_int8_kernel(
     tiny_llama: TinyModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv(KERNEL_ENV, "torch")  # torch's kernel shows in the profile
     shard = load(tiny_llama, "int8", LayerRange(2, 4))  # with the LM head
     ops = profiled_ops(shard)
-    assert ops.get("aten::_weight_int8pack_mm", 0) == FUSED_LINEARS_PER_LAYER * 2
-    # the LM head: bfloat16, through oneDNN's packed bfloat16 product (not quantized)
-    assert ops.get("mkldnn::_linear_pointwise", 0) == 1
-    assert isinstance(shard.lm_head, PackedLinear) and shard.lm_head.dtype == torch.bfloat16
+    # the block linears and the LM head (quantized too, recipe v2)
+    assert ops.get("aten::_weight_int8pack_mm", 0) == FUSED_LINEARS_PER_LAYER * 2 + 1
+    assert "mkldnn::_linear_pointwise" not in ops
+    assert_no_default_linear(ops, layers=2)
+    assert isinstance(shard.lm_head, Int8Linear) and shard.lm_head.kernel == "torch"
     assert shard.new_cache(4).keys.dtype == torch.bfloat16
 
 
@@ -237,12 +237,13 @@ def test_quantization_is_deterministic(tiny_llama: TinyModel) -> None:
     first, second = load(tiny_llama, "int8"), load(tiny_llama, "int8")
     assert digest(first) == digest(second)
     assert sum(isinstance(m, Int8Linear) for m in first.modules()) == (
-        FUSED_LINEARS_PER_LAYER * tiny_llama.num_layers
+        FUSED_LINEARS_PER_LAYER * tiny_llama.num_layers + 1  # and the LM head
     )
 
 
-def test_recipe_v1_is_frozen() -> None:
-    """Manifests name the recipe instead of hashing its output: v1's numbers must not change.
+def test_recipe_numbers_are_frozen() -> None:
+    """Manifests name the recipe instead of hashing its output: its numbers must not change
+    (v2 quantizes each weight as v1 did; it added the LM head to the weights quantized).
 
     If this fails, the quantization changed: give it a new recipe name, then update this.
     """

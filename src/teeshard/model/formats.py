@@ -1,17 +1,19 @@
 """Number formats: what a shard's weights are stored and computed in, and the fast kernels.
 
 A format is a compute dtype (``float32``, ``float16``, ``bfloat16``) and optionally
-a weight quantization (``int8``, :mod:`teeshard.model.quantize`; it computes with
-bfloat16 activations). Whatever the format, precision-sensitive work stays in
+a weight quantization (``int8``, :mod:`teeshard.model.quantize`: the block linears
+and the LM head; it computes with bfloat16 activations). Whatever the format, precision-sensitive work stays in
 float32 (see :mod:`teeshard.model.transformer`): the residual stream between
 blocks, RMSNorm (its weights are kept in float32), rotary embedding, the softmax
 inside attention, and everything after the logits (softmax, log-probabilities,
 penalties, sampling). The block linears, the embedding, the KV cache and the LM
 head use the compute dtype, except that float16 keeps a float32 head (no fast
-float16 product on CPUs). So bfloat16 logits are a bfloat16 product (float32
-accumulation, rounded to bfloat16 once), as in Hugging Face's bfloat16 models.
-For TinyLlama a float32 head would be an eighth of the bytes the whole bfloat16
-model reads per token, and a fifth of the int8 model's.
+float16 product on CPUs), and int8 quantizes the head like the block linears. So
+bfloat16 logits are a bfloat16 product (float32 accumulation, rounded to bfloat16
+once), as in Hugging Face's bfloat16 models. For TinyLlama a float32 head would be
+an eighth of the bytes the whole bfloat16 model reads per token; a bfloat16 head
+was a tenth of the int8 model's, and on a CPU without BF16 instructions it took
+torch's generic path, whose batches cost a product per row.
 
 Applied as a transformation (gpt-fast style): :func:`prepare_skeleton` swaps block
 linears for :class:`~teeshard.model.quantize.Int8Linear` before loading, and
@@ -57,7 +59,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class NumberFormat:
     dtype: str = "float32"  # compute dtype of the block linears, embedding and KV cache
-    quantize: str | None = None  # "int8": block linear weights in int8 (bfloat16 activations)
+    quantize: str | None = None  # "int8": block linears and LM head in int8 (bfloat16 activations)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -99,15 +101,20 @@ class NumberFormat:
 
     @property
     def head_dtype(self) -> torch.dtype:
-        """The LM head's dtype: bfloat16 in the bfloat16 formats (int8 included), else float32."""
+        """The LM head's dtype where it is not quantized (its bias's where it is):
+        bfloat16 in the bfloat16 formats, else float32."""
         return torch.bfloat16 if self.dtype == "bfloat16" else torch.float32
+
+    def quantizes(self, name: str) -> bool:
+        """Whether this format stores shard parameter ``name`` quantized."""
+        return self.quantize == "int8" and is_quantized_weight(name)
 
     def param_bytes(self, name: str, shape: tuple[int, ...]) -> int:
         """Bytes a node holds for one shard parameter in this format (int8 scales included)."""
         count = 1
         for dim in shape:
             count *= dim
-        if self.quantize == "int8" and is_block_linear_weight(name):
+        if self.quantizes(name):
             return count + shape[0] * 2  # int8 weight plus one bfloat16 scale per channel
         if self.param_dtype(name) == torch.float32:
             return count * 4
@@ -122,9 +129,14 @@ FORMATS = {  # what `teeshard plan` and the benchmark compare
 
 
 def is_block_linear_weight(name: str) -> bool:
-    """``layers.N.self_attn.q_proj.weight`` and the like: what int8 quantizes."""
+    """``layers.N.self_attn.q_proj.weight`` and the like."""
     parts = name.split(".")
     return len(parts) >= 3 and parts[-1] == "weight" and parts[-2] in _BLOCK_LINEARS
+
+
+def is_quantized_weight(name: str) -> bool:
+    """What int8 quantizes: the block linears' weights and the LM head's (recipe v2)."""
+    return is_block_linear_weight(name) or name == "lm_head.weight"
 
 
 class PackedLinear(nn.Module):
@@ -225,15 +237,19 @@ def fuse_projections(shard: nn.Module) -> None:
 
 
 def prepare_skeleton(shard: nn.Module, fmt: NumberFormat) -> None:
-    """Before loading (meta device): int8 formats get :class:`Int8Linear` block linears."""
+    """Before loading (meta device): int8 formats get :class:`Int8Linear` block linears
+    and LM head."""
     if fmt.quantize == "int8":
         for parent, name, linear in _block_linears(shard):
             setattr(parent, name, Int8Linear.like(linear))
+        head = getattr(shard, "lm_head", None)
+        if isinstance(head, nn.Linear):
+            shard.lm_head = Int8Linear.like(head)
 
 
 def load_tensor(name: str, stored: torch.Tensor, fmt: NumberFormat) -> dict[str, torch.Tensor]:
     """The shard tensors one checkpoint tensor becomes: converted, or int8 plus scales."""
-    if fmt.quantize == "int8" and is_block_linear_weight(name):
+    if fmt.quantizes(name):
         q, scales = quantize_int8(stored)  # from the stored precision, never a rounded copy
         return {name: q, name.removesuffix("weight") + "scales": scales}
     return {name: stored.to(fmt.param_dtype(name))}

@@ -1,7 +1,9 @@
 """Weight-only int8 quantization of linear layers: the recipe, and the layer that runs it.
 
 Recipe ``INT8_RECIPE`` (versioned: any change to the numbers it produces needs a new
-name, because manifests name it instead of hashing its output):
+name, because manifests name it instead of hashing its output). It quantizes every
+block linear's weight and the LM head's (v2; v1 kept the head in bfloat16), each
+the same way:
 
 * per output channel ``n`` of a weight ``W`` (N, K), taken in float32 from the
   checkpoint's tensor as stored: ``amax[n] = max_k |W[n, k]|``;
@@ -41,7 +43,9 @@ from torch import nn
 
 from teeshard.model import native
 
-INT8_RECIPE = "int8-weight-only/per-output-channel/symmetric-127/bf16-scale-round-up/v1"
+INT8_RECIPE = (
+    "int8-weight-only/per-output-channel/symmetric-127/bf16-scale-round-up/block-linears+lm-head/v2"
+)
 QUANTIZE_RECIPES = {"int8": INT8_RECIPE}  # the --quantize choices and the recipe each names
 
 _KERNEL_WIDTH_MULTIPLE = 16  # _weight_int8pack_mm gives garbage (or crashes) otherwise
