@@ -123,9 +123,8 @@ class Int8Linear(nn.Module):
     def kernel(self) -> str:
         """``"torch"`` or ``"native"``, set by :func:`choose_int8_kernel` on a loaded shard.
 
-        Setting it lays the weight out for the kernel: the AVX-512 native kernel reads
-        it blocked (:func:`teeshard.model.native.block_int8_weight`), the others as
-        stored; the bytes are the same, reordered (:meth:`stored_weight` gives them
+        Setting it lays the weight out for the kernel: the native kernels read it
+        blocked (:func:`teeshard.model.native.block_int8_weight`), torch's as stored; the bytes are the same, reordered (:meth:`stored_weight` gives them
         back as stored)."""
         return self._kernel
 
@@ -138,7 +137,7 @@ class Int8Linear(nn.Module):
                 f"no native int8 kernel for a {self.out_features}x{self.in_features} weight here"
             )
         isa = native.int8_isa(self.out_features, self.in_features) if kernel == "native" else None
-        if (isa in native.BLOCKED_ISAS) != (self.isa in native.BLOCKED_ISAS):
+        if (isa is None) != (self.isa is None):
             self.weight = native.lay_out_int8_weight(self.stored_weight(), isa)
         self._kernel, self.isa = kernel, isa
 

@@ -1,10 +1,10 @@
 """teeshard's own CPU kernels, in C, built when first needed and called through ctypes.
 
 One product so far, :func:`int8_matmul`: the weight-only int8 product with float32
-activations, for x86 CPUs, in two kernels: ``int8_avx2.c`` (AVX2 and FMA, the weight
-as stored) and ``int8_avx512.c`` (AVX-512, the weight blocked for sequential reads
-by :func:`block_int8_weight`; the faster where the CPU has it and the shape fits;
-:func:`int8_isa` says which a layer gets). The int8 format uses it where
+activations, for x86 CPUs, in two kernels: ``int8_avx2.c`` (AVX2 and FMA) and
+``int8_avx512.c`` (AVX-512; the faster where the CPU has it). Both read the weight
+in one blocked layout, for sequential reads (:func:`block_int8_weight`), and take
+the shapes it fits (:func:`int8_isa` says which kernel a layer gets). The int8 format uses it where
 it is faster than torch's own kernel on the machine
 (:func:`teeshard.model.quantize.choose_int8_kernel`; ``benchmarks/linear_rows.py``).
 
@@ -40,8 +40,7 @@ _NEEDED_CPU_FLAGS = ("avx2", "fma")  # for any kernel: the library is built with
 # instruction set -> the CPU flags it needs besides those
 _ISA_CPU_FLAGS = {"avx512": ("avx512f", "avx512bw", "avx512dq", "avx512vl"), "avx2": ()}
 # instruction set -> (its output channels, its input width) must be multiples of these
-INT8_ISAS = {"avx512": (4, 16), "avx2": (1, 8)}  # in order of preference
-BLOCKED_ISAS = frozenset({"avx512"})  # those that take the weight blocked
+INT8_ISAS = {"avx512": (4, 16), "avx2": (4, 16)}  # in order of preference
 
 
 class NativeKernelError(RuntimeError):
@@ -117,7 +116,7 @@ def int8_isa(channels: int, width: int) -> str | None:
 
 
 def block_int8_weight(q: torch.Tensor) -> torch.Tensor:
-    """int8 (N, K) as stored -> the same bytes reordered for the AVX-512 kernel:
+    """int8 (N, K) as stored -> the same bytes reordered for the native kernels:
     ``[n / 4][k / 16][n % 4][k % 16]`` (still shaped (N, K); N % 4 == K % 16 == 0)."""
     n, k = q.shape
     return q.view(n // 4, 4, k // 16, 16).permute(0, 2, 1, 3).contiguous().view(n, k)
@@ -130,13 +129,15 @@ def unblock_int8_weight(blocked: torch.Tensor) -> torch.Tensor:
 
 
 def lay_out_int8_weight(q: torch.Tensor, isa: str | None) -> torch.Tensor:
-    """int8 (N, K) as stored -> the layout the ``isa`` kernel reads (None: torch's, as stored)."""
-    return block_int8_weight(q) if isa in BLOCKED_ISAS else q
+    """int8 (N, K) as stored -> the layout the ``isa`` kernel reads (None: torch's, as stored).
+
+    Every native kernel reads the blocked layout; torch's kernel the weight as stored."""
+    return block_int8_weight(q) if isa is not None else q
 
 
 def stored_int8_weight(laid_out: torch.Tensor, isa: str | None) -> torch.Tensor:
     """The inverse of :func:`lay_out_int8_weight`."""
-    return unblock_int8_weight(laid_out) if isa in BLOCKED_ISAS else laid_out
+    return unblock_int8_weight(laid_out) if isa is not None else laid_out
 
 
 def available() -> bool:
@@ -151,10 +152,9 @@ def unavailable_reason() -> str:
 def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, *, isa: str) -> torch.Tensor:
     """``x`` float32 (M, K) @ (``q`` int8 (N, K) * ``scale`` bfloat16 (N,))^T -> float32 (M, N).
 
-    Every tensor contiguous on the CPU; K a multiple of 8. ``isa`` names the kernel
-    (one of :func:`int8_isas`), and with it the layout of ``q``: blocked
-    (:func:`block_int8_weight`) for the kernels in ``BLOCKED_ISAS``, as stored for the
-    others. Releases the GIL while it runs.
+    Every tensor contiguous on the CPU; N a multiple of 4, K of 16. ``isa`` names the
+    kernel (one of :func:`int8_isas`); ``q`` comes blocked (:func:`block_int8_weight`).
+    Releases the GIL while it runs.
     """
     library = _build()[0]
     if library is None:
@@ -165,7 +165,7 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, *, isa: s
     channels = q.shape[0]
     checks = (
         x.dtype == torch.float32 and q.dtype == torch.int8 and scale.dtype == torch.bfloat16,
-        q.shape[1] == width and scale.shape == (channels,) and width % 8 == 0,
+        q.shape[1] == width and scale.shape == (channels,),
         x.is_contiguous() and q.is_contiguous() and scale.is_contiguous(),
         x.device.type == q.device.type == scale.device.type == "cpu",
     )
@@ -173,7 +173,7 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, *, isa: s
         raise NativeKernelError(
             f"int8_matmul: x {x.dtype} {tuple(x.shape)}, q {q.dtype} {tuple(q.shape)}, "
             f"scale {scale.dtype} {tuple(scale.shape)}: expected float32 (M, K), int8 (N, K), "
-            "bfloat16 (N,), contiguous CPU tensors, K a multiple of 8"
+            "bfloat16 (N,), contiguous CPU tensors"
         )
     if isa not in int8_isas() or not _fits(isa, channels, width):
         raise NativeKernelError(

@@ -3,26 +3,38 @@
  *
  *   y[m, n] = scale[n] * sum_k x[m, k] * q[n, k]
  *
- * x float32 (M, K) row-major, q int8 (N, K) row-major (a linear's weight as stored),
- * scale bfloat16 (N,) as its bit patterns (the recipe's scales, exactly; widened to
- * float32 here), y float32 (M, N). K must be a multiple of 8.
+ * x float32 (M, K) row-major, scale bfloat16 (N,) as its bit patterns (the recipe's
+ * scales, exactly; widened to float32 here), y float32 (M, N). The weight q int8
+ * (N, K) comes *blocked*, in the layout the AVX-512 kernel reads:
+ * qb[n / 4][k / 16][n % 4][k % 16] (native.block_int8_weight makes it), so the four
+ * channels one pass computes lie in one sequential stream, one 64-byte cache line
+ * per step of 16 inputs. N must be a multiple of 4 and K of 16.
  *
- * Decode reads every weight once per step, so the kernel streams q once: four weight
- * rows at a time are widened to float32 in registers and multiplied into one or two
- * activation rows (eight accumulators), and the next pair of rows reuses them from
- * L1. The activations stay float32 (torch's _weight_int8pack_mm rounds them to
- * bfloat16 first).
+ * Why blocked: decode reads every weight once, and one core keeps the memory bus
+ * busy only if its loads run ahead sequentially. On the row-major weight the four
+ * channels were four streams K bytes apart; blocked, with a software prefetch 2 KiB
+ * ahead, one AMD EPYC (Zen 3) core took a TinyLlama gate/up product (2048 -> 11264)
+ * from 2.06 to 1.24 ms at one row and the LM head (2048 -> 32000) from 5.8 to 3.5 ms
+ * (prefetch distances of 1, 2 and 4 KiB measured; 2 and 4 tie).
+ *
+ * A step of 16 inputs is two steps of 8 lanes: each line's four 8-byte halves are
+ * widened to float32 in registers and multiplied into one or two activation rows
+ * (eight accumulators). The activations stay float32 (torch's _weight_int8pack_mm
+ * rounds them to bfloat16 first).
  *
  * Batch-invariant by construction: each y[m, n] is the same sequence of float32 FMAs
  * (lane j of one accumulator takes k = j, j + 8, ... in order, then a fixed
  * horizontal sum), whatever M is and whichever rows share a batch, so a session's
- * result does not depend on its batch-mates.
+ * result does not depend on its batch-mates. (The same sums, bit for bit, as this
+ * kernel gave on the row-major weight before it read the blocked one.)
  *
  * Threads: OpenMP over blocks of output channels, as many as the caller asks for;
  * loaded into a process where torch already holds libgomp.so.1, it shares torch's
  * OpenMP runtime and thread pool.
  */
 #include "kernels.h"
+
+#define PREFETCH_AHEAD 2048 /* bytes: 32 cache lines */
 
 static inline float sum_lanes(__m256 v) {
     __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -35,71 +47,51 @@ static inline __m256 widen8(const int8_t *p) {  /* 8 int8 weights -> 8 float32 *
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
 }
 
-/* rows m, m + 1 (two of them, or only m) against weight rows n .. n + 3 */
-static void four_channels(const float *x, const int8_t *q, const uint16_t *scale, float *y,
-                          int64_t m, int two_rows, int64_t n, int64_t N, int64_t K) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    __m256 b0 = a0, b1 = a0, b2 = a0, b3 = a0;
-    const int8_t *q0 = q + n * K, *q1 = q0 + K, *q2 = q1 + K, *q3 = q2 + K;
-    const float *x0 = x + m * K, *x1 = x0 + K;
-    if (two_rows) {
-        for (int64_t k = 0; k < K; k += 8) {
-            __m256 w0 = widen8(q0 + k), w1 = widen8(q1 + k);
-            __m256 w2 = widen8(q2 + k), w3 = widen8(q3 + k);
-            __m256 v = _mm256_loadu_ps(x0 + k);
-            a0 = _mm256_fmadd_ps(v, w0, a0);
-            a1 = _mm256_fmadd_ps(v, w1, a1);
-            a2 = _mm256_fmadd_ps(v, w2, a2);
-            a3 = _mm256_fmadd_ps(v, w3, a3);
-            v = _mm256_loadu_ps(x1 + k);
-            b0 = _mm256_fmadd_ps(v, w0, b0);
-            b1 = _mm256_fmadd_ps(v, w1, b1);
-            b2 = _mm256_fmadd_ps(v, w2, b2);
-            b3 = _mm256_fmadd_ps(v, w3, b3);
-        }
-        float *row = y + (m + 1) * N + n;
-        row[0] = sum_lanes(b0) * widen_bf16(scale[n]);
-        row[1] = sum_lanes(b1) * widen_bf16(scale[n + 1]);
-        row[2] = sum_lanes(b2) * widen_bf16(scale[n + 2]);
-        row[3] = sum_lanes(b3) * widen_bf16(scale[n + 3]);
-    } else {
-        for (int64_t k = 0; k < K; k += 8) {
-            __m256 v = _mm256_loadu_ps(x0 + k);
-            a0 = _mm256_fmadd_ps(v, widen8(q0 + k), a0);
-            a1 = _mm256_fmadd_ps(v, widen8(q1 + k), a1);
-            a2 = _mm256_fmadd_ps(v, widen8(q2 + k), a2);
-            a3 = _mm256_fmadd_ps(v, widen8(q3 + k), a3);
-        }
+/* activation rows m .. m + R - 1 against channels n .. n + 3 (block n / 4); R a
+ * constant 1 or 2 so that the compiler keeps the 4R accumulators in registers */
+#define ROWS_BY_FOUR_CHANNELS(R)                                                        \
+    static void rows##R(const float *x, const int8_t *qb, const uint16_t *scale,        \
+                        float *y, int64_t m, int64_t n, int64_t N, int64_t K) {         \
+        __m256 acc[R][4];                                                               \
+        for (int r = 0; r < R; r++)                                                     \
+            for (int c = 0; c < 4; c++)                                                 \
+                acc[r][c] = _mm256_setzero_ps();                                        \
+        const int8_t *block = qb + n * K; /* four channels' K * 4 bytes, blocked */     \
+        const float *xm = x + m * K;                                                    \
+        for (int64_t k = 0; k < K; k += 16) {                                           \
+            const int8_t *line = block + 4 * k;                                         \
+            _mm_prefetch((const char *)(line + PREFETCH_AHEAD), _MM_HINT_T0);           \
+            for (int half = 0; half < 16; half += 8) {                                  \
+                __m256 w0 = widen8(line + half), w1 = widen8(line + 16 + half);         \
+                __m256 w2 = widen8(line + 32 + half), w3 = widen8(line + 48 + half);    \
+                for (int r = 0; r < R; r++) {                                           \
+                    __m256 v = _mm256_loadu_ps(xm + r * K + k + half);                  \
+                    acc[r][0] = _mm256_fmadd_ps(v, w0, acc[r][0]);                      \
+                    acc[r][1] = _mm256_fmadd_ps(v, w1, acc[r][1]);                      \
+                    acc[r][2] = _mm256_fmadd_ps(v, w2, acc[r][2]);                      \
+                    acc[r][3] = _mm256_fmadd_ps(v, w3, acc[r][3]);                      \
+                }                                                                       \
+            }                                                                           \
+        }                                                                               \
+        for (int r = 0; r < R; r++)                                                     \
+            for (int c = 0; c < 4; c++)                                                 \
+                y[(m + r) * N + n + c] = sum_lanes(acc[r][c]) * widen_bf16(scale[n + c]); \
     }
-    float *row = y + m * N + n;
-    row[0] = sum_lanes(a0) * widen_bf16(scale[n]);
-    row[1] = sum_lanes(a1) * widen_bf16(scale[n + 1]);
-    row[2] = sum_lanes(a2) * widen_bf16(scale[n + 2]);
-    row[3] = sum_lanes(a3) * widen_bf16(scale[n + 3]);
-}
+ROWS_BY_FOUR_CHANNELS(1)
+ROWS_BY_FOUR_CHANNELS(2)
 
-/* the last N % 4 channels, one at a time, with the same per-channel arithmetic */
-static void one_channel(const float *x, const int8_t *q, const uint16_t *scale, float *y,
-                        int64_t m, int64_t n, int64_t N, int64_t K) {
-    __m256 a = _mm256_setzero_ps();
-    const int8_t *qn = q + n * K;
-    const float *xm = x + m * K;
-    for (int64_t k = 0; k < K; k += 8)
-        a = _mm256_fmadd_ps(_mm256_loadu_ps(xm + k), widen8(qn + k), a);
-    y[m * N + n] = sum_lanes(a) * widen_bf16(scale[n]);
-}
-
-int teeshard_int8_matmul_avx2(const float *x, const int8_t *q, const uint16_t *scale, float *y,
+int teeshard_int8_matmul_avx2(const float *x, const int8_t *qb, const uint16_t *scale, float *y,
                               int64_t M, int64_t N, int64_t K, int threads) {
-    if (K % 8 != 0 || M < 0 || N < 0 || threads < 1)
+    if (K % 16 != 0 || N % 4 != 0 || M < 0 || N < 0 || threads < 1)
         return -1;
     int64_t blocks = N / 4;
 #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t b = 0; b < blocks; b++)
-        for (int64_t m = 0; m < M; m += 2)
-            four_channels(x, q, scale, y, m, m + 1 < M, 4 * b, N, K);
-    for (int64_t n = 4 * blocks; n < N; n++)
-        for (int64_t m = 0; m < M; m++)
-            one_channel(x, q, scale, y, m, n, N, K);
+    for (int64_t b = 0; b < blocks; b++) {
+        int64_t m = 0;
+        for (; m + 2 <= M; m += 2)
+            rows2(x, qb, scale, y, m, 4 * b, N, K);
+        if (m < M)
+            rows1(x, qb, scale, y, m, 4 * b, N, K);
+    }
     return 0;
 }
