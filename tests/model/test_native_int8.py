@@ -92,10 +92,10 @@ def test_the_widest_kernel_that_fits_runs() -> None:
 
 def test_blocking_is_a_reordering_the_layer_undoes() -> None:
     q, scale = quantized(12, 48)
-    blocked = native.block_int8_weight(q)
+    blocked = native.block_weight(q)
     assert blocked.shape == q.shape and not torch.equal(blocked, q)
     assert torch.equal(blocked.flatten().sort().values, q.flatten().sort().values)
-    assert torch.equal(native.unblock_int8_weight(blocked), q)
+    assert torch.equal(native.unblock_weight(blocked), q)
     layer = Int8Linear(48, 12, bias=False)
     layer.weight, layer.scales = q.clone(), scale
     x = torch.randn(3, 48)
@@ -123,7 +123,7 @@ def test_bad_arguments_are_refused() -> None:
     with pytest.raises(native.NativeKernelError, match="2-D"):
         native.int8_matmul(x[None], q, scale, isa="avx2")
     # the same call, well formed
-    assert native.int8_matmul(x, native.block_int8_weight(q), scale, isa="avx2").shape == (2, 8)
+    assert native.int8_matmul(x, native.block_weight(q), scale, isa="avx2").shape == (2, 8)
 
 
 def test_layer_bias_and_shape_with_the_native_kernel() -> None:

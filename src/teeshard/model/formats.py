@@ -2,9 +2,9 @@
 
 A format is a compute dtype (``float32``, ``float16``, ``bfloat16``) and optionally
 a weight quantization (``int8``, :mod:`teeshard.model.quantize`: the block linears
-and the LM head; it computes with bfloat16 activations). Whatever the format, precision-sensitive work stays in
-float32 (see :mod:`teeshard.model.transformer`): the residual stream between
-blocks, RMSNorm (its weights are kept in float32), rotary embedding, the softmax
+and the LM head; it computes with bfloat16 activations). Whatever the format,
+precision-sensitive work stays in float32 (see :mod:`teeshard.model.transformer`):
+the residual stream between blocks, RMSNorm (its weights are kept in float32), rotary embedding, the softmax
 inside attention, and everything after the logits (softmax, log-probabilities,
 penalties, sampling). The block linears, the embedding, the KV cache and the LM
 head use the compute dtype, except that float16 keeps a float32 head (no fast
@@ -16,9 +16,9 @@ was a tenth of the int8 model's, and on a CPU without BF16 instructions it took
 torch's generic path, whose batches cost a product per row.
 
 Applied as a transformation (gpt-fast style): :func:`prepare_skeleton` swaps block
-linears for :class:`~teeshard.model.quantize.Int8Linear` before loading, and
-:func:`finish_loaded` repacks bfloat16 linears for oneDNN after it. The model code
-does not know which format it runs.
+linears and the head for :class:`~teeshard.model.quantize.Int8Linear` before
+loading, and :func:`finish_loaded` repacks bfloat16 linears for oneDNN after it.
+The model code does not know which format it runs.
 
 Why repacking: with torch's default path a one-row bfloat16 ``F.linear`` here runs
 oneDNN's matmul on a plain-layout weight, reordering it on every call, and is
@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from teeshard.model import native
 from teeshard.model.quantize import (
     QUANTIZE_RECIPES,
     Int8Linear,
@@ -170,6 +171,45 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, oneDNN {kind}"
 
 
+class NativeBf16Linear(nn.Module):
+    """A bfloat16 linear on a CPU without BF16 instructions: teeshard's AVX2 kernel
+    (:func:`teeshard.model.native.bf16_matmul`) on the weight blocked once at load,
+    float32 activations and output, batch-invariant bit for bit.
+
+    oneDNN has no bfloat16 path on such CPUs and torch's generic product costs
+    about one product per row; this one streams the weight once per step at half
+    float32's bytes. Inference only; the blocked weight is a plain attribute."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        weight = linear.weight.detach().to(torch.bfloat16).contiguous()
+        self.weight_bytes = weight.numel() * weight.element_size()
+        self.blocked = native.block_weight(weight)
+        bias = linear.bias
+        self.bias = bias.detach().float() if bias is not None else None
+
+    @staticmethod
+    def fits(linear: nn.Module) -> bool:
+        return (
+            isinstance(linear, nn.Linear)
+            and linear.weight.device.type == "cpu"
+            and native.bf16_fits(linear.out_features, linear.in_features)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        flat = x.reshape(-1, self.in_features).float().contiguous()
+        out = native.bf16_matmul(flat, self.blocked)
+        if self.bias is not None:
+            out += self.bias
+        return out.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, native bf16"
+
+
 def onednn_available() -> bool:
     return bool(torch.backends.mkldnn.is_available())
 
@@ -274,12 +314,8 @@ def finish_loaded(shard: nn.Module, fmt: NumberFormat) -> None:
     thread, TinyLlama's shapes: ``benchmarks/linear_rows.py``).
     """
     fuse_projections(shard)
-    if fmt.dtype == "bfloat16" and fmt.quantize is None and not onednn_bf16_available():
-        log.warning(
-            "this CPU has no bfloat16 instructions oneDNN uses (AVX-512 BF16 or AVX-NE-CONVERT): "
-            "bfloat16 linears take torch's generic path, whose batches cost about one "
-            "product per row; --quantize int8 or --dtype float32 serve batches faster here"
-        )
+    if fmt.dtype == "bfloat16" and not onednn_bf16_available():
+        _without_bf16_instructions(shard, fmt)
     if fmt.quantize == "int8":
         int8_layers = [m for m in shard.modules() if isinstance(m, Int8Linear)]
         if int8_layers and int8_layers[0].weight.device.type == "cpu":
@@ -297,3 +333,28 @@ def finish_loaded(shard: nn.Module, fmt: NumberFormat) -> None:
         and _packs(head.weight.dtype)  # else the plain linear stays
     ):
         shard.lm_head = PackedLinear(head, head.weight.dtype)
+
+
+def _without_bf16_instructions(shard: nn.Module, fmt: NumberFormat) -> None:
+    """bfloat16 linears on a CPU where oneDNN has no bfloat16 path: teeshard's AVX2
+    kernel where it fits (:class:`NativeBf16Linear`), else torch's generic product."""
+    # int8 block linears have their own kernels; the others are bfloat16 here
+    linears = _block_linears(shard) if fmt.quantize is None else []
+    head = getattr(shard, "lm_head", None)
+    if isinstance(head, nn.Linear):
+        linears.append((shard, "lm_head", head))
+    native_ones = [(p, n, lin) for p, n, lin in linears if NativeBf16Linear.fits(lin)]
+    for parent, name, linear in native_ones:
+        setattr(parent, name, NativeBf16Linear(linear))
+    if native_ones:
+        log.info("%d bfloat16 linears: teeshard's AVX2 kernel (no BF16 instructions here)",
+                 len(native_ones))  # fmt: skip
+    if len(native_ones) < len(linears):
+        reason = native.unavailable_reason() or "a layer's shape does not fit the kernel"
+        log.warning(
+            "this CPU has no bfloat16 instructions oneDNN uses (AVX-512 BF16 or "
+            "AVX-NE-CONVERT), and %d of %d bfloat16 linears cannot take teeshard's AVX2 "
+            "kernel (%s): they take torch's generic path, whose batches cost about one "
+            "product per row; --quantize int8 or --dtype float32 serve batches faster here",
+            len(linears) - len(native_ones), len(linears), reason,
+        )  # fmt: skip

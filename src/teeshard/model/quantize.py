@@ -124,8 +124,9 @@ class Int8Linear(nn.Module):
         """``"torch"`` or ``"native"``, set by :func:`choose_int8_kernel` on a loaded shard.
 
         Setting it lays the weight out for the kernel: the native kernels read it
-        blocked (:func:`teeshard.model.native.block_int8_weight`), torch's as stored; the bytes are the same, reordered (:meth:`stored_weight` gives them
-        back as stored)."""
+        blocked (:func:`teeshard.model.native.block_weight`), torch's as stored; the
+        bytes are the same, reordered (:meth:`stored_weight` gives them back as
+        stored)."""
         return self._kernel
 
     @kernel.setter

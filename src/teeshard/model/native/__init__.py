@@ -1,12 +1,15 @@
 """teeshard's own CPU kernels, in C, built when first needed and called through ctypes.
 
-One product so far, :func:`int8_matmul`: the weight-only int8 product with float32
+Two products. :func:`int8_matmul`: the weight-only int8 product with float32
 activations, for x86 CPUs, in two kernels: ``int8_avx2.c`` (AVX2 and FMA) and
 ``int8_avx512.c`` (AVX-512; the faster where the CPU has it). Both read the weight
-in one blocked layout, for sequential reads (:func:`block_int8_weight`), and take
+in one blocked layout, for sequential reads (:func:`block_weight`), and take
 the shapes it fits (:func:`int8_isa` says which kernel a layer gets). The int8 format uses it where
 it is faster than torch's own kernel on the machine
 (:func:`teeshard.model.quantize.choose_int8_kernel`; ``benchmarks/linear_rows.py``).
+:func:`bf16_matmul`: bfloat16 weights, float32 activations, for CPUs with AVX2 but
+no BF16 instructions, where oneDNN has no bfloat16 path (``bf16_avx2.c``; the same
+blocked layout).
 
 Built from the sources in this package with the machine's C compiler (``$CC`` or
 ``cc``) into a fresh private directory, once per process (well under a second; no
@@ -33,7 +36,9 @@ import torch
 
 log = logging.getLogger(__name__)
 
-_SOURCES = tuple(Path(__file__).with_name(name) for name in ("int8_avx2.c", "int8_avx512.c"))
+_SOURCES = tuple(
+    Path(__file__).with_name(name) for name in ("int8_avx2.c", "int8_avx512.c", "bf16_avx2.c")
+)
 # AVX-512 code is enabled per function (target attributes), never for the whole library
 _FLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
 _NEEDED_CPU_FLAGS = ("avx2", "fma")  # for any kernel: the library is built with them
@@ -92,6 +97,9 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
         function = getattr(library, f"teeshard_int8_matmul_{isa}")
         function.restype = ctypes.c_int
         function.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    bf16 = library.teeshard_bf16_matmul_avx2
+    bf16.restype = ctypes.c_int
+    bf16.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     log.info("native int8 kernels built with %s (%s)", Path(compiler).name, "/".join(int8_isas()))
     return library, ""
 
@@ -115,15 +123,15 @@ def int8_isa(channels: int, width: int) -> str | None:
     return next((isa for isa in int8_isas() if _fits(isa, channels, width)), None)
 
 
-def block_int8_weight(q: torch.Tensor) -> torch.Tensor:
-    """int8 (N, K) as stored -> the same bytes reordered for the native kernels:
+def block_weight(q: torch.Tensor) -> torch.Tensor:
+    """A weight (N, K) as stored -> the same values reordered for the native kernels:
     ``[n / 4][k / 16][n % 4][k % 16]`` (still shaped (N, K); N % 4 == K % 16 == 0)."""
     n, k = q.shape
     return q.view(n // 4, 4, k // 16, 16).permute(0, 2, 1, 3).contiguous().view(n, k)
 
 
-def unblock_int8_weight(blocked: torch.Tensor) -> torch.Tensor:
-    """The inverse of :func:`block_int8_weight`."""
+def unblock_weight(blocked: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`block_weight`."""
     n, k = blocked.shape
     return blocked.view(n // 4, k // 16, 4, 16).permute(0, 2, 1, 3).contiguous().view(n, k)
 
@@ -132,12 +140,12 @@ def lay_out_int8_weight(q: torch.Tensor, isa: str | None) -> torch.Tensor:
     """int8 (N, K) as stored -> the layout the ``isa`` kernel reads (None: torch's, as stored).
 
     Every native kernel reads the blocked layout; torch's kernel the weight as stored."""
-    return block_int8_weight(q) if isa is not None else q
+    return block_weight(q) if isa is not None else q
 
 
 def stored_int8_weight(laid_out: torch.Tensor, isa: str | None) -> torch.Tensor:
     """The inverse of :func:`lay_out_int8_weight`."""
-    return unblock_int8_weight(laid_out) if isa is not None else laid_out
+    return unblock_weight(laid_out) if isa is not None else laid_out
 
 
 def available() -> bool:
@@ -153,7 +161,7 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, *, isa: s
     """``x`` float32 (M, K) @ (``q`` int8 (N, K) * ``scale`` bfloat16 (N,))^T -> float32 (M, N).
 
     Every tensor contiguous on the CPU; N a multiple of 4, K of 16. ``isa`` names the
-    kernel (one of :func:`int8_isas`); ``q`` comes blocked (:func:`block_int8_weight`).
+    kernel (one of :func:`int8_isas`); ``q`` comes blocked (:func:`block_weight`).
     Releases the GIL while it runs.
     """
     library = _build()[0]
@@ -187,4 +195,49 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, *, isa: s
     )  # fmt: skip
     if status != 0:
         raise NativeKernelError(f"int8_matmul refused its arguments ({status})")
+    return out
+
+
+BF16_BLOCK = INT8_ISAS["avx2"]  # the bfloat16 kernel's (channel, width) multiples
+
+
+def bf16_fits(channels: int, width: int) -> bool:
+    """Whether :func:`bf16_matmul` takes a (``channels``, ``width``) weight here."""
+    return (
+        "avx2" in int8_isas()
+        and channels % BF16_BLOCK[0] == 0
+        and width % BF16_BLOCK[1] == 0
+        and available()
+    )
+
+
+def bf16_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``x`` float32 (M, K) @ ``w`` bfloat16 (N, K)^T -> float32 (M, N), ``w`` blocked
+    (:func:`block_weight`); contiguous CPU tensors, N a multiple of 4, K of 16.
+    Releases the GIL while it runs."""
+    library = _build()[0]
+    if library is None:
+        raise NativeKernelError(f"no native bfloat16 kernel: {unavailable_reason()}")
+    if x.dim() != 2 or w.dim() != 2:
+        raise NativeKernelError("bf16_matmul takes 2-D x and w")
+    rows, width = x.shape
+    channels = w.shape[0]
+    checks = (
+        x.dtype == torch.float32 and w.dtype == torch.bfloat16 and w.shape[1] == width,
+        x.is_contiguous() and w.is_contiguous(),
+        x.device.type == w.device.type == "cpu",
+    )
+    if not all(checks):
+        raise NativeKernelError(
+            f"bf16_matmul: x {x.dtype} {tuple(x.shape)}, w {w.dtype} {tuple(w.shape)}: "
+            "expected float32 (M, K) and bfloat16 (N, K), contiguous CPU tensors"
+        )
+    if not bf16_fits(channels, width):
+        raise NativeKernelError(f"bf16_matmul: no kernel for a {channels}x{width} weight here")
+    out = torch.empty(rows, channels, dtype=torch.float32)
+    status = library.teeshard_bf16_matmul_avx2(
+        x.data_ptr(), w.data_ptr(), out.data_ptr(), rows, channels, width, torch.get_num_threads()
+    )
+    if status != 0:
+        raise NativeKernelError(f"bf16_matmul refused its arguments ({status})")
     return out

@@ -6,7 +6,7 @@
  * x float32 (M, K) row-major, scale bfloat16 (N,) as its bit patterns (the recipe's
  * scales, exactly; widened to float32 here), y float32 (M, N). The weight q int8
  * (N, K) comes *blocked*, in the layout the AVX-512 kernel reads:
- * qb[n / 4][k / 16][n % 4][k % 16] (native.block_int8_weight makes it), so the four
+ * qb[n / 4][k / 16][n % 4][k % 16] (native.block_weight makes it), so the four
  * channels one pass computes lie in one sequential stream, one 64-byte cache line
  * per step of 16 inputs. N must be a multiple of 4 and K of 16.
  *

@@ -6,7 +6,7 @@
  * x float32 (M, K) row-major, scale bfloat16 (N,) as bit patterns, y float32 (M, N);
  * the weight q int8 (N, K) comes *blocked*: qb[n / 4][k / 16][n % 4][k % 16], so the
  * four channels one pass computes lie in one sequential stream, one 64-byte cache
- * line per step of 16 inputs (native.block_int8_weight makes it). N must be a
+ * line per step of 16 inputs (native.block_weight makes it). N must be a
  * multiple of 4 and K of 16.
  *
  * Why: decode reads every weight once, and one core's loads keep the memory bus
