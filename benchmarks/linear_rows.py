@@ -4,7 +4,8 @@ Why batching pays (decode reads every weight for one row) depends on the kernel:
 torch's default float32 product (MKL) slows down with rows, oneDNN's packed
 product does not. TinyLlama's LM head (2048 -> 32000), its fused gate/up
 (2048 -> 11264) and down (5632 -> 2048) shapes, 1, 8 and 16 rows, in float32,
-bfloat16 and int8 (torch's and teeshard's kernels), kernels interleaved within
+bfloat16 and int8 (torch's and teeshard's kernels; teeshard's bfloat16 kernel
+only where oneDNN has no bfloat16 path), kernels interleaved within
 each repetition; medians. The table names the CPU: kernels differ by instruction set.
 Prints a table; writes ``benchmarks/results/linear_rows.json``.
 
@@ -54,6 +55,9 @@ def kernels(weight: torch.Tensor) -> dict[str, Callable[[torch.Tensor], torch.Te
         )
     else:
         found["bfloat16 generic (F.linear)"] = lambda x: F.linear(x.to(torch.bfloat16), bf16)
+        if native.bf16_fits(*bf16.shape):
+            blocked = native.block_weight(bf16)
+            found["bfloat16 teeshard native (AVX2)"] = lambda x: native.bf16_matmul(x, blocked)
     found["int8 torch (_weight_int8pack_mm)"] = lambda x: torch.ops.aten._weight_int8pack_mm(
         x.to(torch.bfloat16), q, scale
     )
