@@ -69,10 +69,10 @@ def generate(shard: Shard, forced: list[int] | None = None) -> tuple[list[int], 
     return tokens, torch.stack(history)  # (STEPS, vocab)
 
 
-@pytest.mark.parametrize("fmt", list(FORMATS))
-def test_format_agrees_with_float32_over_a_long_generation(tiny_model: TinyModel, fmt: str) -> None:
-    reference, reference_logits = generate(load(tiny_model, "float32"))
-    tokens, logits = generate(load(tiny_model, fmt), forced=reference)
+def assert_agrees_with_float32(shard: Shard, float32: Shard, fmt: str) -> None:
+    """``shard``, teacher-forced with ``float32``'s greedy tokens, within ``fmt``'s tolerances."""
+    reference, reference_logits = generate(float32)
+    tokens, logits = generate(shard, forced=reference)
     agreement = sum(a == b for a, b in zip(tokens, reference, strict=True)) / STEPS
     error = (logits - reference_logits).abs()
     min_agreement, max_error, mean_error = TOLERANCE[fmt]
@@ -81,6 +81,11 @@ def test_format_agrees_with_float32_over_a_long_generation(tiny_model: TinyModel
     assert error.mean().item() <= mean_error, error.mean().item()
     assert error.max().item() > 0, "the format was not applied"
     assert logits.dtype == torch.float32  # logits stay float32 in every format
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_format_agrees_with_float32_over_a_long_generation(tiny_model: TinyModel, fmt: str) -> None:
+    assert_agrees_with_float32(load(tiny_model, fmt), load(tiny_model, "float32"), fmt)
 
 
 @pytest.mark.parametrize("fmt", ["float32", *FORMATS])

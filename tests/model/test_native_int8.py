@@ -18,7 +18,7 @@ from teeshard.model.quantize import (
     quantize_int8,
 )
 from tests.checkpoints import TinyModel
-from tests.model.test_formats import STEPS, TOLERANCE, generate
+from tests.model.test_formats import assert_agrees_with_float32
 
 pytestmark = pytest.mark.skipif(
     not native.available(), reason=f"no native int8 kernel here: {native.unavailable_reason()}"
@@ -163,14 +163,7 @@ def test_int8_shard_agrees_with_float32_with_either_kernel(
 ) -> None:
     """The tolerances the int8 format promises hold whichever kernel a node picked."""
     checkpoint, layers = Checkpoint(tiny_model.path), LayerRange(0, tiny_model.num_layers)
-    reference, reference_logits = generate(load_shard(checkpoint, layers))
     monkeypatch.setenv(KERNEL_ENV, kernel)
     shard = load_shard(checkpoint, layers, torch.bfloat16, quantize="int8")
     assert {m.kernel for m in shard.modules() if isinstance(m, Int8Linear)} == {kernel}
-    tokens, logits = generate(shard, forced=reference)
-    agreement = sum(a == b for a, b in zip(tokens, reference, strict=True)) / STEPS
-    min_agreement, max_error, mean_error = TOLERANCE["int8"]
-    error = (logits - reference_logits).abs()
-    assert agreement >= min_agreement, agreement
-    assert error.max().item() <= max_error and error.mean().item() <= mean_error
-    assert error.max().item() > 0
+    assert_agrees_with_float32(shard, load_shard(checkpoint, layers), "int8")

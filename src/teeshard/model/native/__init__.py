@@ -188,14 +188,7 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, *, isa: s
             f"int8_matmul: no {isa} kernel for a {channels}x{width} weight here "
             f"(this CPU runs {', '.join(int8_isas()) or 'none'})"
         )
-    out = torch.empty(rows, channels, dtype=torch.float32)
-    status = getattr(library, f"teeshard_int8_matmul_{isa}")(
-        x.data_ptr(), q.data_ptr(), scale.data_ptr(), out.data_ptr(),
-        rows, channels, width, torch.get_num_threads(),
-    )  # fmt: skip
-    if status != 0:
-        raise NativeKernelError(f"int8_matmul refused its arguments ({status})")
-    return out
+    return _run(f"teeshard_int8_matmul_{isa}", (x, q, scale), rows, channels, width, "int8_matmul")
 
 
 BF16_BLOCK = INT8_ISAS["avx2"]  # the bfloat16 kernel's (channel, width) multiples
@@ -234,10 +227,19 @@ def bf16_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         )
     if not bf16_fits(channels, width):
         raise NativeKernelError(f"bf16_matmul: no kernel for a {channels}x{width} weight here")
+    return _run("teeshard_bf16_matmul_avx2", (x, w), rows, channels, width, "bf16_matmul")
+
+
+def _run(
+    symbol: str, inputs: tuple[torch.Tensor, ...], rows: int, channels: int, width: int, name: str
+) -> torch.Tensor:
+    """Call kernel ``symbol`` on checked ``inputs``: a new float32 (rows, channels) output,
+    the shape, and torch's thread count (ctypes releases the GIL meanwhile)."""
+    library = _build()[0]
+    assert library is not None  # the callers checked
     out = torch.empty(rows, channels, dtype=torch.float32)
-    status = library.teeshard_bf16_matmul_avx2(
-        x.data_ptr(), w.data_ptr(), out.data_ptr(), rows, channels, width, torch.get_num_threads()
-    )
+    pointers = [tensor.data_ptr() for tensor in (*inputs, out)]
+    status = getattr(library, symbol)(*pointers, rows, channels, width, torch.get_num_threads())
     if status != 0:
-        raise NativeKernelError(f"bf16_matmul refused its arguments ({status})")
+        raise NativeKernelError(f"{name} refused its arguments ({status})")
     return out

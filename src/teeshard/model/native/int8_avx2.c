@@ -32,66 +32,20 @@
  * loaded into a process where torch already holds libgomp.so.1, it shares torch's
  * OpenMP runtime and thread pool.
  */
-#include "kernels.h"
-
-#define PREFETCH_AHEAD 2048 /* bytes: 32 cache lines */
-
-static inline float sum_lanes(__m256 v) {
-    __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-    lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
-    return _mm_cvtss_f32(lo);
-}
+#include "avx2_rows.h"
 
 static inline __m256 widen8(const int8_t *p) {  /* 8 int8 weights -> 8 float32 */
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
 }
 
-/* activation rows m .. m + R - 1 against channels n .. n + 3 (block n / 4); R a
- * constant 1 or 2 so that the compiler keeps the 4R accumulators in registers */
-#define ROWS_BY_FOUR_CHANNELS(R)                                                        \
-    static void rows##R(const float *x, const int8_t *qb, const uint16_t *scale,        \
-                        float *y, int64_t m, int64_t n, int64_t N, int64_t K) {         \
-        __m256 acc[R][4];                                                               \
-        for (int r = 0; r < R; r++)                                                     \
-            for (int c = 0; c < 4; c++)                                                 \
-                acc[r][c] = _mm256_setzero_ps();                                        \
-        const int8_t *block = qb + n * K; /* four channels' K * 4 bytes, blocked */     \
-        const float *xm = x + m * K;                                                    \
-        for (int64_t k = 0; k < K; k += 16) {                                           \
-            const int8_t *line = block + 4 * k;                                         \
-            _mm_prefetch((const char *)(line + PREFETCH_AHEAD), _MM_HINT_T0);           \
-            for (int half = 0; half < 16; half += 8) {                                  \
-                __m256 w0 = widen8(line + half), w1 = widen8(line + 16 + half);         \
-                __m256 w2 = widen8(line + 32 + half), w3 = widen8(line + 48 + half);    \
-                for (int r = 0; r < R; r++) {                                           \
-                    __m256 v = _mm256_loadu_ps(xm + r * K + k + half);                  \
-                    acc[r][0] = _mm256_fmadd_ps(v, w0, acc[r][0]);                      \
-                    acc[r][1] = _mm256_fmadd_ps(v, w1, acc[r][1]);                      \
-                    acc[r][2] = _mm256_fmadd_ps(v, w2, acc[r][2]);                      \
-                    acc[r][3] = _mm256_fmadd_ps(v, w3, acc[r][3]);                      \
-                }                                                                       \
-            }                                                                           \
-        }                                                                               \
-        for (int r = 0; r < R; r++)                                                     \
-            for (int c = 0; c < 4; c++)                                                 \
-                y[(m + r) * N + n + c] = sum_lanes(acc[r][c]) * widen_bf16(scale[n + c]); \
-    }
-ROWS_BY_FOUR_CHANNELS(1)
-ROWS_BY_FOUR_CHANNELS(2)
+#define CHANNEL_SCALE(c) widen_bf16(scale[n + (c)])
+AVX2_ROWS_BY_FOUR_CHANNELS(int8_rows1, 1, int8_t, widen8, CHANNEL_SCALE)
+AVX2_ROWS_BY_FOUR_CHANNELS(int8_rows2, 2, int8_t, widen8, CHANNEL_SCALE)
 
 int teeshard_int8_matmul_avx2(const float *x, const int8_t *qb, const uint16_t *scale, float *y,
                               int64_t M, int64_t N, int64_t K, int threads) {
     if (K % 16 != 0 || N % 4 != 0 || M < 0 || N < 0 || threads < 1)
         return -1;
-    int64_t blocks = N / 4;
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t b = 0; b < blocks; b++) {
-        int64_t m = 0;
-        for (; m + 2 <= M; m += 2)
-            rows2(x, qb, scale, y, m, 4 * b, N, K);
-        if (m < M)
-            rows1(x, qb, scale, y, m, 4 * b, N, K);
-    }
+    AVX2_FOUR_CHANNEL_BLOCKS(int8_rows1, int8_rows2, x, qb, scale, y, M, N, K, threads);
     return 0;
 }
