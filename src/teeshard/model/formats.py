@@ -4,9 +4,9 @@ A format is a compute dtype (``float32``, ``float16``, ``bfloat16``) and optiona
 a weight quantization (``int8``, :mod:`teeshard.model.quantize`: the block linears
 and the LM head; it computes with bfloat16 activations). Whatever the format,
 precision-sensitive work stays in float32 (see :mod:`teeshard.model.transformer`):
-the residual stream between blocks, RMSNorm (its weights are kept in float32), rotary embedding, the softmax
-inside attention, and everything after the logits (softmax, log-probabilities,
-penalties, sampling). The block linears, the embedding, the KV cache and the LM
+the residual stream between blocks, RMSNorm (its weights are kept in float32),
+rotary embedding, the softmax inside attention, and everything after the logits
+(softmax, log-probabilities, penalties, sampling). The block linears, the embedding, the KV cache and the LM
 head use the compute dtype, except that float16 keeps a float32 head (no fast
 float16 product on CPUs), and int8 quantizes the head like the block linears. So
 bfloat16 logits are a bfloat16 product (float32 accumulation, rounded to bfloat16

@@ -3,9 +3,9 @@
 Two products. :func:`int8_matmul`: the weight-only int8 product with float32
 activations, for x86 CPUs, in two kernels: ``int8_avx2.c`` (AVX2 and FMA) and
 ``int8_avx512.c`` (AVX-512; the faster where the CPU has it). Both read the weight
-in one blocked layout, for sequential reads (:func:`block_weight`), and take
-the shapes it fits (:func:`int8_isa` says which kernel a layer gets). The int8 format uses it where
-it is faster than torch's own kernel on the machine
+in one blocked layout, for sequential reads (:func:`block_weight`), and take the
+shapes it fits (:func:`int8_isa` says which kernel a layer gets). The int8 format
+uses it where it is faster than torch's own kernel on the machine
 (:func:`teeshard.model.quantize.choose_int8_kernel`; ``benchmarks/linear_rows.py``).
 :func:`bf16_matmul`: bfloat16 weights, float32 activations, for CPUs with AVX2 but
 no BF16 instructions, where oneDNN has no bfloat16 path (``bf16_avx2.c``; the same
