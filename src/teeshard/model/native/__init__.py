@@ -164,25 +164,16 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, *, isa: s
     kernel (one of :func:`int8_isas`); ``q`` comes blocked (:func:`block_weight`).
     Releases the GIL while it runs.
     """
-    library = _build()[0]
-    if library is None:
-        raise NativeKernelError(f"no native int8 kernel: {unavailable_reason()}")
-    if x.dim() != 2 or q.dim() != 2:
-        raise NativeKernelError("int8_matmul takes 2-D x and q")
-    rows, width = x.shape
-    channels = q.shape[0]
-    checks = (
-        x.dtype == torch.float32 and q.dtype == torch.int8 and scale.dtype == torch.bfloat16,
-        q.shape[1] == width and scale.shape == (channels,),
-        x.is_contiguous() and q.is_contiguous() and scale.is_contiguous(),
-        x.device.type == q.device.type == scale.device.type == "cpu",
+    scale_fits = (
+        scale.dtype == torch.bfloat16
+        and scale.shape == q.shape[:1]
+        and scale.is_contiguous()
+        and scale.device.type == "cpu"
     )
-    if not all(checks):
-        raise NativeKernelError(
-            f"int8_matmul: x {x.dtype} {tuple(x.shape)}, q {q.dtype} {tuple(q.shape)}, "
-            f"scale {scale.dtype} {tuple(scale.shape)}: expected float32 (M, K), int8 (N, K), "
-            "bfloat16 (N,), contiguous CPU tensors"
-        )
+    rows, channels, width = _checked(
+        "int8_matmul", x, q, torch.int8, scale_fits,
+        f", scale {scale.dtype} {tuple(scale.shape)}", ", bfloat16 scale (N,)",
+    )  # fmt: skip
     if isa not in int8_isas() or not _fits(isa, channels, width):
         raise NativeKernelError(
             f"int8_matmul: no {isa} kernel for a {channels}x{width} weight here "
@@ -208,26 +199,41 @@ def bf16_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``x`` float32 (M, K) @ ``w`` bfloat16 (N, K)^T -> float32 (M, N), ``w`` blocked
     (:func:`block_weight`); contiguous CPU tensors, N a multiple of 4, K of 16.
     Releases the GIL while it runs."""
-    library = _build()[0]
-    if library is None:
-        raise NativeKernelError(f"no native bfloat16 kernel: {unavailable_reason()}")
-    if x.dim() != 2 or w.dim() != 2:
-        raise NativeKernelError("bf16_matmul takes 2-D x and w")
-    rows, width = x.shape
-    channels = w.shape[0]
-    checks = (
-        x.dtype == torch.float32 and w.dtype == torch.bfloat16 and w.shape[1] == width,
-        x.is_contiguous() and w.is_contiguous(),
-        x.device.type == w.device.type == "cpu",
-    )
-    if not all(checks):
-        raise NativeKernelError(
-            f"bf16_matmul: x {x.dtype} {tuple(x.shape)}, w {w.dtype} {tuple(w.shape)}: "
-            "expected float32 (M, K) and bfloat16 (N, K), contiguous CPU tensors"
-        )
+    rows, channels, width = _checked("bf16_matmul", x, w, torch.bfloat16)
     if not bf16_fits(channels, width):
         raise NativeKernelError(f"bf16_matmul: no kernel for a {channels}x{width} weight here")
     return _run("teeshard_bf16_matmul_avx2", (x, w), rows, channels, width, "bf16_matmul")
+
+
+def _checked(
+    name: str,
+    x: torch.Tensor,
+    w: torch.Tensor,
+    w_dtype: torch.dtype,
+    others_fit: bool = True,
+    others: str = "",
+    others_expected: str = "",
+) -> tuple[int, int, int]:
+    """(rows, channels, width) of ``x`` float32 (M, K) against a weight ``w`` of
+    ``w_dtype`` (N, K), both contiguous CPU tensors (``others_fit``: the caller's
+    checks of its other tensors, described by ``others``), or NativeKernelError."""
+    if _build()[0] is None:
+        raise NativeKernelError(f"no native kernel for {name}: {unavailable_reason()}")
+    if x.dim() != 2 or w.dim() != 2:
+        raise NativeKernelError(f"{name} takes 2-D x and weight")
+    checks = (
+        x.dtype == torch.float32 and w.dtype == w_dtype and w.shape[1] == x.shape[1],
+        x.is_contiguous() and w.is_contiguous(),
+        x.device.type == w.device.type == "cpu",
+        others_fit,
+    )
+    if not all(checks):
+        raise NativeKernelError(
+            f"{name}: x {x.dtype} {tuple(x.shape)}, weight {w.dtype} {tuple(w.shape)}{others}: "
+            f"expected float32 (M, K), {str(w_dtype).removeprefix('torch.')} (N, K)"
+            f"{others_expected}, contiguous CPU tensors"
+        )
+    return int(x.shape[0]), int(w.shape[0]), int(x.shape[1])
 
 
 def _run(
