@@ -65,6 +65,10 @@ def kernels(weight: torch.Tensor) -> dict[str, Callable[[torch.Tensor], torch.Te
         label = f"int8 teeshard native ({isa.upper().replace('AVX512', 'AVX-512')})"
         laid = native.lay_out_int8_weight(q, isa)
         found[label] = lambda x, isa=isa, laid=laid: native.int8_matmul(x, laid, scale, isa=isa)
+    n, k = q.shape
+    if native.w8a8_fits(n, k):
+        blocked = native.block_weight(q)
+        found["w8a8 teeshard native (AVX2)"] = lambda x: native.w8a8_matmul(x, blocked, scale)
     return found
 
 

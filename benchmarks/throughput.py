@@ -346,7 +346,7 @@ def ratios_and_targets(formats: dict[str, Any]) -> tuple[dict[str, float], dict[
     ratios: dict[str, float] = {}
     if "float32" in formats:
         base = formats["float32"]
-        for name in ("bfloat16", "int8"):
+        for name in ("bfloat16", "int8", "w8a8"):
             if name in formats:
                 for what in ("decode", "prefill"):
                     for where in ("local", "split"):

@@ -240,7 +240,8 @@ class ManifestBuilder:
         quantize: str | None = None,
     ) -> None:
         """``entry_files``: the entry node's checkpoint directory, measured for its section;
-        ``quantize``: the node's ``--quantize`` choice (``"int8"``), named by its recipe."""
+        ``quantize``: the node's ``--quantize`` choice (``"int8"``, ``"w8a8"``), named by
+        its recipe."""
         if entry_files is not None and not layers.is_first():
             raise ManifestError(f"layers {layers}: only the entry node (layer 0) has entry files")
         if quantize is not None and quantize not in QUANTIZE_RECIPES:
@@ -302,7 +303,7 @@ def compute_manifest(
     """The manifest of ``layers``, hashing raw tensor bytes straight from the files.
 
     ``entry_files`` (the checkpoint directory, for an entry node) adds the entry section;
-    ``quantize`` (``"int8"``) names the quantization recipe the node applies.
+    ``quantize`` (``"int8"``, ``"w8a8"``) names the quantization recipe the node applies.
     """
     builder = ManifestBuilder(
         checkpoint, layers, dtype, model_name=model_name, cache=cache, entry_files=entry_files,

@@ -217,8 +217,10 @@ def add_runtime_options(parser: argparse.ArgumentParser) -> None:
         "--quantize",
         default=None,
         choices=QUANTIZE_CHOICES,
-        help="int8: weight-only int8 block linears, per-channel scales, bfloat16 activations "
-        "(the manifest names the recipe: give the same flag to `teeshard manifest`)",
+        help="int8: weight-only int8 block linears and LM head, per-channel scales, bfloat16 "
+        "activations; w8a8: the same int8 weights, and each of those products' input rows "
+        "quantized to int8 too (faster batches on CPUs; its own, stated tolerances). The "
+        "manifest names the recipe: give the same flag to `teeshard manifest`",
     )
     parser.add_argument(
         "--wire-dtype",

@@ -58,9 +58,9 @@ def run(args: argparse.Namespace) -> int:
         )
     Console().print(table)
     Console().print(
-        "memory: the weights a node holds in each --dtype/--quantize format (int8: int8 block "
-        "linears with bfloat16 scales; the embedding in bfloat16; norms and the LM head stay "
-        "float32 in every format, for the logits' precision); add the KV cache per cached "
-        "token (float32 / bfloat16 and int8)"
+        "memory: the weights a node holds in each --dtype/--quantize format (int8 and w8a8: "
+        "int8 block linears and LM head with bfloat16 scales, the embedding in bfloat16; "
+        "norms stay float32 in every format); add the KV cache per cached token (float32 / "
+        "bfloat16, int8 and w8a8)"
     )
     return 0

@@ -39,7 +39,9 @@ from teeshard.model import native
 from teeshard.model.quantize import (
     QUANTIZE_RECIPES,
     Int8Linear,
+    W8A8Linear,
     choose_int8_kernel,
+    choose_w8a8_kernel,
     quantize_int8,
 )
 
@@ -60,7 +62,9 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class NumberFormat:
     dtype: str = "float32"  # compute dtype of the block linears, embedding and KV cache
-    quantize: str | None = None  # "int8": block linears and LM head in int8 (bfloat16 activations)
+    # "int8": block linears and LM head in int8 (bfloat16 activations); "w8a8": the same
+    # weights, and each of those products' input rows quantized to int8 too
+    quantize: str | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -69,8 +73,11 @@ class NumberFormat:
             raise ValueError(
                 f"quantization {self.quantize!r} is not one of {', '.join(QUANTIZE_CHOICES)}"
             )
-        if self.quantize == "int8" and self.dtype != "bfloat16":
-            raise ValueError("--quantize int8 computes with bfloat16 activations: --dtype bfloat16")
+        if self.quantize is not None and self.dtype != "bfloat16":
+            raise ValueError(
+                f"--quantize {self.quantize} keeps bfloat16 for the rest of the block "
+                "(attention, KV cache): --dtype bfloat16"
+            )
 
     @classmethod
     def resolve(cls, dtype: str | None, quantize: str | None) -> NumberFormat:
@@ -108,7 +115,7 @@ class NumberFormat:
 
     def quantizes(self, name: str) -> bool:
         """Whether this format stores shard parameter ``name`` quantized."""
-        return self.quantize == "int8" and is_quantized_weight(name)
+        return self.quantize is not None and is_quantized_weight(name)
 
     def param_bytes(self, name: str, shape: tuple[int, ...]) -> int:
         """Bytes a node holds for one shard parameter in this format (int8 scales included)."""
@@ -126,6 +133,7 @@ FORMATS = {  # what `teeshard plan` and the benchmark compare
     "float32": NumberFormat("float32"),
     "bfloat16": NumberFormat("bfloat16"),
     "int8": NumberFormat("bfloat16", "int8"),
+    "w8a8": NumberFormat("bfloat16", "w8a8"),
 }
 
 
@@ -246,7 +254,7 @@ def stack_linears(members: list[nn.Module]) -> nn.Module | None:
     weight = torch.cat([layer.weight for layer in layers])
     in_features, width = layers[0].in_features, weight.shape[0]
     if issubclass(kind, Int8Linear):
-        int8 = Int8Linear(in_features, width, bias is not None)
+        int8 = kind(in_features, width, bias is not None)
         int8.weight = weight
         int8.scales = torch.cat([layer.scales for layer in layers if isinstance(layer, Int8Linear)])
         int8.bias = bias
@@ -277,14 +285,15 @@ def fuse_projections(shard: nn.Module) -> None:
 
 
 def prepare_skeleton(shard: nn.Module, fmt: NumberFormat) -> None:
-    """Before loading (meta device): int8 formats get :class:`Int8Linear` block linears
-    and LM head."""
-    if fmt.quantize == "int8":
+    """Before loading (meta device): the quantized formats get :class:`Int8Linear`
+    (``w8a8``: :class:`W8A8Linear`) block linears and LM head."""
+    if fmt.quantize is not None:
+        layer = W8A8Linear if fmt.quantize == "w8a8" else Int8Linear
         for parent, name, linear in _block_linears(shard):
-            setattr(parent, name, Int8Linear.like(linear))
+            setattr(parent, name, layer.like(linear))
         head = getattr(shard, "lm_head", None)
         if isinstance(head, nn.Linear):
-            shard.lm_head = Int8Linear.like(head)
+            shard.lm_head = layer.like(head)
 
 
 def load_tensor(name: str, stored: torch.Tensor, fmt: NumberFormat) -> dict[str, torch.Tensor]:
@@ -316,9 +325,11 @@ def finish_loaded(shard: nn.Module, fmt: NumberFormat) -> None:
     fuse_projections(shard)
     if fmt.dtype == "bfloat16" and not onednn_bf16_available():
         _without_bf16_instructions(shard, fmt)
-    if fmt.quantize == "int8":
-        int8_layers = [m for m in shard.modules() if isinstance(m, Int8Linear)]
-        if int8_layers and int8_layers[0].weight.device.type == "cpu":
+    int8_layers = [m for m in shard.modules() if isinstance(m, Int8Linear)]
+    if int8_layers and int8_layers[0].weight.device.type == "cpu":
+        if fmt.quantize == "w8a8":
+            choose_w8a8_kernel([m for m in int8_layers if isinstance(m, W8A8Linear)])
+        else:
             choose_int8_kernel(int8_layers)
     if not onednn_available():
         return

@@ -66,7 +66,7 @@ def load_shard(
     quantize: str | None = None,
     pack: bool = True,
 ) -> Shard:
-    """Layers ``layers`` computing in ``dtype``; ``quantize="int8"`` for int8 block linears.
+    """Layers ``layers`` computing in ``dtype``; ``quantize="int8"`` or ``"w8a8"``: int8 linears.
 
     ``pack``: repack linears for oneDNN (the fast CPU path); False keeps plain
     ``nn.Linear`` modules, for a shard whose linears are offloaded next (TSQP)."""

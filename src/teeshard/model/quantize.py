@@ -46,7 +46,13 @@ from teeshard.model import native
 INT8_RECIPE = (
     "int8-weight-only/per-output-channel/symmetric-127/bf16-scale-round-up/block-linears+lm-head/v2"
 )
-QUANTIZE_RECIPES = {"int8": INT8_RECIPE}  # the --quantize choices and the recipe each names
+# the same weights and scales as INT8_RECIPE; each product's input rows quantized too
+W8A8_RECIPE = (
+    f"w8a8/weights:{INT8_RECIPE}"
+    "/activations:per-row-dynamic/symmetric-127/round-half-even/int32-sums/v1"
+)
+# the --quantize choices and the recipe each names
+QUANTIZE_RECIPES = {"int8": INT8_RECIPE, "w8a8": W8A8_RECIPE}
 
 _KERNEL_WIDTH_MULTIPLE = 16  # _weight_int8pack_mm gives garbage (or crashes) otherwise
 KERNEL_ENV = "TEESHARD_INT8_KERNEL"  # auto (default: the faster, measured), native or torch
@@ -137,7 +143,7 @@ class Int8Linear(nn.Module):
             raise ValueError(
                 f"no native int8 kernel for a {self.out_features}x{self.in_features} weight here"
             )
-        isa = native.int8_isa(self.out_features, self.in_features) if kernel == "native" else None
+        isa = self._native_isa() if kernel == "native" else None
         if (isa is None) != (self.isa is None):
             self.weight = native.lay_out_int8_weight(self.stored_weight(), isa)
         self._kernel, self.isa = kernel, isa
@@ -175,9 +181,80 @@ class Int8Linear(nn.Module):
         """Whether a native kernel can run this layer here (its shape, the CPU, a compiler)."""
         return (
             self.weight.device.type == "cpu"
-            and native.int8_isa(self.out_features, self.in_features) is not None
+            and self._native_isa() is not None
             and native.available()
         )
+
+    def _native_isa(self) -> str | None:
+        return native.int8_isa(self.out_features, self.in_features)
+
+
+def quantize_rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 rows (M, K) -> (int8 (M, K), float32 scale (M,)) as the w8a8 recipe
+    quantizes a product's input, each step the one IEEE float32 operation the native
+    kernel makes (``native/w8a8_avx2.c``): ``amax`` per row, ``inv = 127 / amax``,
+    ``round_half_even(x * inv)`` clamped to [-127, 127], scale ``amax / 127``; a zero
+    row gets zeros and scale 0."""
+    amax = x.abs().amax(dim=1)
+    some = amax > 0
+    # a true division: torch's `127.0 / t` is a reciprocal and a product, two roundings
+    inv = torch.where(some, torch.full_like(amax, 127.0).div(amax), torch.zeros_like(amax))
+    scale = torch.where(some, amax.div(127.0), torch.zeros_like(amax))
+    q = torch.round(x * inv[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def w8a8_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The w8a8 product in torch, bit for bit what the native kernel gives:
+    ``x`` float32 (M, K), ``q`` int8 (N, K) as stored, ``scale`` bfloat16 (N,)."""
+    xq, x_scale = quantize_rows_int8(x)
+    if x.shape[0] == 0:
+        sums = torch.zeros(0, q.shape[0], dtype=torch.int32)
+    else:  # exact int32 sums (slow on CPU: the reference, not the fast path)
+        sums = torch._int_mm(xq, q.t())
+    return sums.float() * (x_scale[:, None] * scale.float()[None, :])
+
+
+class W8A8Linear(Int8Linear):
+    """An int8 linear (the same weights, scales and layout as :class:`Int8Linear`)
+    whose input rows are quantized to int8 too, per row (the ``w8a8`` format): int32
+    sums, exact, so batch-invariant and the same bits on every machine and kernel.
+
+    Kernels: ``"native"`` (``native/w8a8_avx2.c``, AVX2) where the layer's shape and
+    the CPU allow, else ``"torch"`` (:func:`w8a8_reference`, the same bits, slower).
+    float32 output; the bias (bfloat16) is added in float32."""
+
+    def _native_isa(self) -> str | None:
+        return "avx2" if native.w8a8_fits(self.out_features, self.in_features) else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        flat32 = x.reshape(-1, self.in_features).float().contiguous()
+        if self.kernel == "native":
+            out = native.w8a8_matmul(flat32, self.weight, self.scales)
+        else:
+            out = w8a8_reference(flat32, self.weight, self.scales)
+        if self.bias is not None:
+            out += self.bias
+        return out.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr().replace("int8 (", "int8 weights and activations (")
+
+
+def choose_w8a8_kernel(layers: list[W8A8Linear]) -> None:
+    """The native kernel for every layer it fits here, the reference for the others:
+    both give the same bits, so nothing is measured (``$TEESHARD_INT8_KERNEL=torch``
+    forces the reference, for tests)."""
+    forced = os.environ.get(KERNEL_ENV, "auto") == "torch"
+    for layer in layers:
+        layer.kernel = "native" if layer.supports_native() and not forced else "torch"
+    slow = sum(layer.kernel == "torch" for layer in layers)
+    if slow and not forced:
+        log.warning(
+            "%d of %d w8a8 layers take the slow reference product (no native kernel: %s)",
+            slow, len(layers), native.unavailable_reason() or "a layer's shape does not fit it",
+        )  # fmt: skip
 
 
 def _time_once(layer: Int8Linear, x: torch.Tensor, times: list[float]) -> None:

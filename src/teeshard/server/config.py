@@ -30,7 +30,7 @@ class NodeConfig:
     failover_deadline_s: float = 60.0  # entry: no new route this long after a request's first fault
     entry: bool = False  # serve the OpenAI-compatible API (needs layers starting at 0)
     dtype: str = "float32"  # compute dtype of the weights (bfloat16 with quantize)
-    quantize: str | None = None  # "int8": weight-only int8 block linears (model/quantize.py)
+    quantize: str | None = None  # "int8" or "w8a8": int8 block linears (model/quantize.py)
     wire_dtype: WireDtype = "float32"  # dtype of hidden states sent to the next node
     limits: SessionLimits = field(default_factory=SessionLimits)
     pipeline: PipelineLimits = field(default_factory=PipelineLimits)

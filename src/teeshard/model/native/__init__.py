@@ -37,7 +37,8 @@ import torch
 log = logging.getLogger(__name__)
 
 _SOURCES = tuple(
-    Path(__file__).with_name(name) for name in ("int8_avx2.c", "int8_avx512.c", "bf16_avx2.c")
+    Path(__file__).with_name(name)
+    for name in ("int8_avx2.c", "int8_avx512.c", "bf16_avx2.c", "w8a8_avx2.c")
 )
 # AVX-512 code is enabled per function (target attributes), never for the whole library
 _FLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
@@ -97,6 +98,9 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
         function = getattr(library, f"teeshard_int8_matmul_{isa}")
         function.restype = ctypes.c_int
         function.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    w8a8 = library.teeshard_w8a8_matmul_avx2
+    w8a8.restype = ctypes.c_int
+    w8a8.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     bf16 = library.teeshard_bf16_matmul_avx2
     bf16.restype = ctypes.c_int
     bf16.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]
@@ -164,14 +168,8 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, *, isa: s
     kernel (one of :func:`int8_isas`); ``q`` comes blocked (:func:`block_weight`).
     Releases the GIL while it runs.
     """
-    scale_fits = (
-        scale.dtype == torch.bfloat16
-        and scale.shape == q.shape[:1]
-        and scale.is_contiguous()
-        and scale.device.type == "cpu"
-    )
     rows, channels, width = _checked(
-        "int8_matmul", x, q, torch.int8, scale_fits,
+        "int8_matmul", x, q, torch.int8, _scale_fits(scale, q),
         f", scale {scale.dtype} {tuple(scale.shape)}", ", bfloat16 scale (N,)",
     )  # fmt: skip
     if isa not in int8_isas() or not _fits(isa, channels, width):
@@ -180,6 +178,35 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, *, isa: s
             f"(this CPU runs {', '.join(int8_isas()) or 'none'})"
         )
     return _run(f"teeshard_int8_matmul_{isa}", (x, q, scale), rows, channels, width, "int8_matmul")
+
+
+W8A8_MAX_WIDTH = 1 << 17  # the kernel's int32 sums are exact below this input width
+
+
+def w8a8_fits(channels: int, width: int) -> bool:
+    """Whether :func:`w8a8_matmul` takes a (``channels``, ``width``) weight here."""
+    return (
+        "avx2" in int8_isas()
+        and _fits("avx2", channels, width)
+        and width < W8A8_MAX_WIDTH
+        and available()
+    )
+
+
+def w8a8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x`` float32 (M, K), each row quantized to int8 in the kernel, @ (``q`` int8
+    (N, K) * ``scale`` bfloat16 (N,))^T -> float32 (M, N), as ``w8a8_avx2.c`` defines
+    it (:func:`teeshard.model.quantize.w8a8_reference` computes the same bits).
+
+    ``q`` comes blocked (:func:`block_weight`); contiguous CPU tensors, N a multiple
+    of 4, K of 16. Releases the GIL while it runs."""
+    rows, channels, width = _checked(
+        "w8a8_matmul", x, q, torch.int8, _scale_fits(scale, q),
+        f", scale {scale.dtype} {tuple(scale.shape)}", ", bfloat16 scale (N,)",
+    )  # fmt: skip
+    if not w8a8_fits(channels, width):
+        raise NativeKernelError(f"w8a8_matmul: no kernel for a {channels}x{width} weight here")
+    return _run("teeshard_w8a8_matmul_avx2", (x, q, scale), rows, channels, width, "w8a8_matmul")
 
 
 BF16_BLOCK = INT8_ISAS["avx2"]  # the bfloat16 kernel's (channel, width) multiples
@@ -203,6 +230,16 @@ def bf16_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     if not bf16_fits(channels, width):
         raise NativeKernelError(f"bf16_matmul: no kernel for a {channels}x{width} weight here")
     return _run("teeshard_bf16_matmul_avx2", (x, w), rows, channels, width, "bf16_matmul")
+
+
+def _scale_fits(scale: torch.Tensor, q: torch.Tensor) -> bool:
+    """Whether ``scale`` is a contiguous bfloat16 (N,) CPU tensor for weight ``q`` (N, K)."""
+    return (
+        scale.dtype == torch.bfloat16
+        and scale.shape == q.shape[:1]
+        and scale.is_contiguous()
+        and scale.device.type == "cpu"
+    )
 
 
 def _checked(

@@ -1,0 +1,151 @@
+"""The w8a8 format: int8 weights (the int8 recipe's) times activations quantized to int8
+per row. Its sums are exact integers, so the native kernel and the torch reference
+must give the same bits, every row must be what it is alone, and a w8a8 shard must
+compute the same logits whichever kernel runs it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from teeshard.model import native
+from teeshard.model.checkpoint import Checkpoint
+from teeshard.model.formats import NumberFormat
+from teeshard.model.layer_range import LayerRange
+from teeshard.model.loader import load_shard
+from teeshard.model.quantize import (
+    INT8_RECIPE,
+    KERNEL_ENV,
+    W8A8Linear,
+    dequantize_int8,
+    quantize_int8,
+    quantize_rows_int8,
+    w8a8_reference,
+)
+from tests.checkpoints import TinyModel
+
+native_only = pytest.mark.skipif(
+    not native.w8a8_fits(4, 16), reason=f"no native kernel here: {native.unavailable_reason()}"
+)
+
+
+def weight(channels: int, width: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    w = torch.randn(channels, width, generator=generator)
+    return quantize_int8(w * torch.logspace(-3, 1, channels)[:, None])
+
+
+def test_rows_are_quantized_within_half_a_step() -> None:
+    x = torch.randn(5, 96) * torch.logspace(-4, 3, 5)[:, None]
+    x[3] = 0.0
+    q, scale = quantize_rows_int8(x)
+    assert q.dtype == torch.int8 and scale.dtype == torch.float32
+    assert int(q.abs().max()) == 127 and int(q.min()) >= -127
+    error = (q.float() * scale[:, None] - x).abs().amax(dim=1)
+    assert bool((error <= scale / 2 * (1 + 1e-5) + 1e-30).all())
+    assert scale[3].item() == 0.0 and not bool(q[3].any())  # a zero row stays zero
+
+
+@native_only
+@pytest.mark.parametrize(
+    ("rows", "channels", "width"), [(1, 4, 16), (3, 36, 48), (5, 132, 2048), (9, 64, 5632)]
+)
+def test_native_kernel_gives_the_reference_bits(rows: int, channels: int, width: int) -> None:
+    q, scale = weight(channels, width)
+    x = torch.randn(rows, width) * 3
+    x[0, 0] = -40.0  # an outlier: the row's scale follows it
+    got = native.w8a8_matmul(x, native.block_weight(q), scale)
+    want = w8a8_reference(x, q, scale)
+    assert got.shape == (rows, channels) and got.dtype == torch.float32
+    assert torch.equal(got, want)
+    # and it is the product of the quantized rows, near the weight-only product
+    exact = x.double() @ dequantize_int8(q, scale).double().t()
+    assert ((got.double() - exact).norm() / exact.norm()).item() < 0.05
+
+
+@native_only
+def test_each_row_is_bit_for_bit_what_it_is_alone() -> None:
+    q, scale = weight(44, 256, seed=1)
+    blocked = native.block_weight(q)
+    x = torch.randn(11, 256)
+    alone = torch.cat(
+        [native.w8a8_matmul(x[i : i + 1].contiguous(), blocked, scale) for i in range(11)]
+    )
+    for rows in range(1, 12):
+        assert torch.equal(native.w8a8_matmul(x[:rows].contiguous(), blocked, scale), alone[:rows])
+    shuffled = torch.randperm(11)
+    assert torch.equal(
+        native.w8a8_matmul(x[shuffled].contiguous(), blocked, scale), alone[shuffled]
+    )
+
+
+@native_only
+def test_zero_rows_and_an_empty_batch() -> None:
+    q, scale = weight(8, 32)
+    blocked = native.block_weight(q)
+    x = torch.zeros(2, 32)
+    assert torch.equal(native.w8a8_matmul(x, blocked, scale), torch.zeros(2, 8))
+    assert native.w8a8_matmul(torch.zeros(0, 32), blocked, scale).shape == (0, 8)
+
+
+@native_only
+def test_bad_arguments_are_refused() -> None:
+    q, scale = weight(8, 64)
+    blocked, x = native.block_weight(q), torch.randn(2, 64)
+    with pytest.raises(native.NativeKernelError, match="no kernel for a 6x64"):
+        native.w8a8_matmul(x, q[:6].contiguous(), scale[:6].contiguous())
+    with pytest.raises(native.NativeKernelError, match="no kernel for a 8x40"):
+        native.w8a8_matmul(torch.randn(2, 40), q[:, :40].contiguous(), scale)
+    with pytest.raises(native.NativeKernelError, match="float32"):
+        native.w8a8_matmul(x.double(), blocked, scale)
+    with pytest.raises(native.NativeKernelError, match="bfloat16 scale"):
+        native.w8a8_matmul(x, blocked, scale.float())
+    with pytest.raises(native.NativeKernelError, match="bfloat16 scale"):
+        native.w8a8_matmul(x, blocked, scale[:4].contiguous())
+    with pytest.raises(native.NativeKernelError, match="contiguous"):
+        native.w8a8_matmul(torch.randn(64, 2).t(), blocked, scale)
+    assert native.w8a8_matmul(x, blocked, scale).shape == (2, 8)  # the same call, well formed
+
+
+def test_layer_with_bias_and_leading_dimensions() -> None:
+    layer = W8A8Linear(64, 24, bias=True)
+    layer.weight, layer.scales = weight(24, 64)
+    layer.bias = torch.randn(24).to(torch.bfloat16)
+    x = torch.randn(2, 3, 64)
+    want = w8a8_reference(x.reshape(6, 64), layer.weight, layer.scales) + layer.bias.float()
+    for kernel in ("torch", "native") if layer.supports_native() else ("torch",):
+        layer.kernel = kernel
+        got = layer(x)
+        assert got.shape == (2, 3, 24) and got.dtype == torch.float32
+        assert torch.equal(got.reshape(6, 24), want), kernel
+        assert torch.equal(layer.stored_weight(), weight(24, 64)[0])
+
+
+@native_only
+def test_a_shard_computes_the_same_logits_with_either_kernel(
+    tiny_llama: TinyModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    checkpoint, layers = Checkpoint(tiny_llama.path), LayerRange(0, tiny_llama.num_layers)
+    fast = load_shard(checkpoint, layers, torch.bfloat16, quantize="w8a8")
+    monkeypatch.setenv(KERNEL_ENV, "torch")
+    reference = load_shard(checkpoint, layers, torch.bfloat16, quantize="w8a8")
+    w8a8 = [m for m in fast.modules() if isinstance(m, W8A8Linear)]
+    assert len(w8a8) == 4 * tiny_llama.num_layers + 1  # qkv, o, gate/up, down; the head
+    assert {m.kernel for m in w8a8} == {"native"}
+    assert {m.kernel for m in reference.modules() if isinstance(m, W8A8Linear)} == {"torch"}
+    ids = torch.tensor([[3, 17, 250, 33, 101, 7]])
+    with torch.no_grad():
+        got = fast(fast.embed(ids), fast.new_cache(8))
+        want = reference(reference.embed(ids), reference.new_cache(8))
+    assert torch.equal(got, want)
+
+
+def test_recipe_names_the_int8_weights_and_the_activations() -> None:
+    fmt = NumberFormat.resolve(None, "w8a8")
+    assert fmt == NumberFormat("bfloat16", "w8a8")
+    assert fmt.recipe is not None and INT8_RECIPE in fmt.recipe and "activations" in fmt.recipe
+    assert fmt.recipe != NumberFormat("bfloat16", "int8").recipe
+    assert fmt.quantizes("layers.0.mlp.down_proj.weight") and fmt.quantizes("lm_head.weight")
+    assert not fmt.quantizes("layers.0.input_layernorm.weight")
+    with pytest.raises(ValueError, match="--dtype bfloat16"):
+        NumberFormat("float32", "w8a8")
