@@ -44,3 +44,26 @@ def test_manifest_refuses_int8_with_float32(
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "dtype:    bfloat16" in out and "quantize: int8-weight-only/" in out
+
+
+def test_manifest_names_the_w8a8_recipe(
+    tiny_llama: TinyModel, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["manifest", "--model", str(tiny_llama.path), "--layers", "0:2", "--quantize"]
+    assert main([*argv, "int8"]) == 0
+    int8 = capsys.readouterr().out
+    assert main([*argv, "w8a8"]) == 0
+    w8a8 = capsys.readouterr().out
+    assert "quantize: w8a8/weights:int8-weight-only/" in w8a8
+    hashes = [line for line in (int8 + w8a8).splitlines() if line.startswith("manifest:")]
+    assert len(hashes) == 2 and hashes[0] != hashes[1]  # each recipe its own hash
+
+
+def test_plan_prints_each_formats_memory(
+    tiny_llama: TinyModel, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "200")  # rich wraps headers to the terminal otherwise
+    assert main(["plan", "--model", str(tiny_llama.path), "--nodes", "2"]) == 0
+    out = capsys.readouterr().out
+    # int8 and w8a8 hold the same bytes: one column for both
+    assert "float32 MiB" in out and "bfloat16 MiB" in out and "int8 / w8a8 MiB" in out

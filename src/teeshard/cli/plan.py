@@ -31,7 +31,12 @@ def run(args: argparse.Namespace) -> int:
     table = Table(
         title=f"{checkpoint.name}: {checkpoint.spec.num_layers} layers over {args.nodes} nodes"
     )
-    memory_columns = [f"{label} MiB" for label in FORMATS]
+    # formats that hold the same bytes on every node (int8 and w8a8) share a column
+    sizes: dict[tuple[int, ...], list[str]] = {}
+    for label, fmt in FORMATS.items():
+        per_node = tuple(format_bytes(checkpoint, plan.layers, fmt) for plan in plans)
+        sizes.setdefault(per_node, []).append(label)
+    memory_columns = [f"{' / '.join(labels)} MiB" for labels in sizes.values()]
     columns = ("node", "layers", "holds", *memory_columns, "KV KiB/token")
     for column in columns:
         table.add_column(
@@ -44,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         holds.append(f"{len(plan.layers)} blocks")
         if plan.layers.is_last(checkpoint.spec.num_layers):
             holds.append("norm + lm_head")
-        memory = [format_bytes(checkpoint, plan.layers, fmt) / 2**20 for fmt in FORMATS.values()]
+        memory = [per_node[index] / 2**20 for per_node in sizes]
         kv = [
             kv_bytes_per_token(checkpoint, plan.layers, FORMATS[name]) / 2**10
             for name in ("float32", "bfloat16")
