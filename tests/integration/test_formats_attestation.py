@@ -17,13 +17,14 @@ import pytest
 from teeshard.attest import simulated_public_key
 from teeshard.cli import main
 from teeshard.model.formats import NumberFormat
-from teeshard.model.quantize import INT8_RECIPE
+from teeshard.model.quantize import INT8_RECIPE, W8A8_RECIPE
 from teeshard.paths import simulated_tee_dir
 from tests.checkpoints import TinyModel
 from tests.cluster import LocalCluster
 from tests.integration.test_ra_tls import assert_refused
 
 INT8 = NumberFormat("bfloat16", "int8")
+W8A8 = NumberFormat("bfloat16", "w8a8")
 
 
 def manifest_hash(capsys: pytest.CaptureFixture[str], model: Path, layers: str, *extra: str) -> str:
@@ -86,3 +87,21 @@ def test_a_bfloat16_node_is_refused_against_the_int8_manifest(
     bf16 = NumberFormat("bfloat16")
     with LocalCluster(tiny_llama.path, 2, number_format=bf16, policy_path=policy) as cluster:
         assert_refused(complete(cluster), "is not the expected")
+
+
+def test_a_w8a8_node_is_refused_against_the_int8_manifest_of_the_same_weights(
+    tiny_llama: TinyModel, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """w8a8 holds int8's exact weights but rounds the activations too: another computation,
+    so an int8 policy must not admit it, and its own policy must."""
+    int8 = policy_from_cli(capsys, tiny_llama.path, tmp_path / "int8.toml", "--quantize", "int8")
+    with LocalCluster(tiny_llama.path, 2, number_format=W8A8, policy_path=int8) as cluster:
+        assert_refused(complete(cluster), "is not the expected")
+    own = policy_from_cli(capsys, tiny_llama.path, tmp_path / "w8a8.toml", "--quantize", "w8a8")
+    with LocalCluster(tiny_llama.path, 2, number_format=W8A8, policy_path=own) as cluster:
+        response = complete(cluster)
+        assert response.status_code == 200, response.text
+        downstream = cluster.nodes[1]
+        assert downstream.get("/health").json()["quantize"] == "w8a8"
+        assert downstream.node is not None
+        assert downstream.node.trust.attestation.manifest.quantize == W8A8_RECIPE

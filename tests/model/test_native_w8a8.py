@@ -17,6 +17,7 @@ from teeshard.model.quantize import (
     INT8_RECIPE,
     KERNEL_ENV,
     W8A8Linear,
+    choose_w8a8_kernel,
     dequantize_int8,
     quantize_int8,
     quantize_rows_int8,
@@ -52,15 +53,19 @@ def test_rows_are_quantized_within_half_a_step() -> None:
 )
 def test_native_kernel_gives_the_reference_bits(rows: int, channels: int, width: int) -> None:
     q, scale = weight(channels, width)
-    x = torch.randn(rows, width) * 3
+    x = torch.randn(rows, width, generator=torch.Generator().manual_seed(rows)) * 3
     x[0, 0] = -40.0  # an outlier: the row's scale follows it
     got = native.w8a8_matmul(x, native.block_weight(q), scale)
     want = w8a8_reference(x, q, scale)
     assert got.shape == (rows, channels) and got.dtype == torch.float32
     assert torch.equal(got, want)
-    # and it is the product of the quantized rows, near the weight-only product
-    exact = x.double() @ dequantize_int8(q, scale).double().t()
-    assert ((got.double() - exact).norm() / exact.norm()).item() < 0.05
+    # and it is the weight-only product but for each input's rounding, half a step
+    w = dequantize_int8(q, scale).double()
+    exact = x.double() @ w.t()
+    _, x_scale = quantize_rows_int8(x)
+    bound = (x_scale.double()[:, None] / 2) * w.abs().sum(dim=1)[None, :]
+    assert bool(((got.double() - exact).abs() <= bound * (1 + 1e-4) + 1e-6).all())
+    assert bool(((got.double() - exact).abs() > 0).any())  # the rounding is real
 
 
 @native_only
@@ -149,3 +154,21 @@ def test_recipe_names_the_int8_weights_and_the_activations() -> None:
     assert not fmt.quantizes("layers.0.input_layernorm.weight")
     with pytest.raises(ValueError, match="--dtype bfloat16"):
         NumberFormat("float32", "w8a8")
+
+
+def test_forcing_the_native_kernel_fails_where_a_layer_cannot_take_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fits, odd = W8A8Linear(64, 8, bias=False), W8A8Linear(40, 6, bias=False)
+    fits.weight, fits.scales = weight(8, 64)
+    odd.weight, odd.scales = weight(6, 40)
+    monkeypatch.setenv(KERNEL_ENV, "native")
+    with pytest.raises(RuntimeError, match="cannot take the native kernel"):
+        choose_w8a8_kernel([fits, odd])
+    monkeypatch.setenv(KERNEL_ENV, "fastest")
+    with pytest.raises(ValueError, match="choose auto, native or torch"):
+        choose_w8a8_kernel([fits])
+    monkeypatch.setenv(KERNEL_ENV, "auto")
+    choose_w8a8_kernel([fits, odd])
+    assert odd.kernel == "torch"  # the reference: the same bits, slower
+    assert fits.kernel == ("native" if fits.supports_native() else "torch")

@@ -1,8 +1,9 @@
 """Number formats: what a shard's weights are stored and computed in, and the fast kernels.
 
 A format is a compute dtype (``float32``, ``float16``, ``bfloat16``) and optionally
-a weight quantization (``int8``, :mod:`teeshard.model.quantize`: the block linears
-and the LM head; it computes with bfloat16 activations). Whatever the format,
+a weight quantization (:mod:`teeshard.model.quantize`: ``int8``, the block linears
+and the LM head, computing with bfloat16 activations; ``w8a8``, the same int8
+weights, each product's input rows quantized to int8 too). Whatever the format,
 precision-sensitive work stays in float32 (see :mod:`teeshard.model.transformer`):
 the residual stream between blocks, RMSNorm (its weights are kept in float32),
 rotary embedding, the softmax inside attention, and everything after the logits

@@ -28,6 +28,14 @@ reading the int8 weights once per step (:func:`choose_int8_kernel` picks, per no
 
 The recipe fixes the weights; the kernel only the arithmetic around them (the
 activations' rounding), so both compute with exactly the weights the manifest pins.
+
+Recipe ``W8A8_RECIPE`` (``--quantize w8a8``): exactly ``INT8_RECIPE``'s weights and
+scales, and each product's input rows quantized too, per row and symmetric, when the
+product runs (:func:`quantize_rows_int8`). The sums of int8 products are exact in
+int32, so :class:`W8A8Linear` gives the same bits with either kernel and whatever a
+row's batch-mates: teeshard's AVX2 kernel, or :func:`w8a8_reference` in torch. It
+trades the activations' precision (8 bits per row instead of float32) for products
+that cost far less per row of a batch on CPUs whose float multiply is the bound.
 """
 
 from __future__ import annotations
@@ -244,9 +252,16 @@ class W8A8Linear(Int8Linear):
 
 def choose_w8a8_kernel(layers: list[W8A8Linear]) -> None:
     """The native kernel for every layer it fits here, the reference for the others:
-    both give the same bits, so nothing is measured (``$TEESHARD_INT8_KERNEL=torch``
-    forces the reference, for tests)."""
-    forced = os.environ.get(KERNEL_ENV, "auto") == "torch"
+    both give the same bits, so nothing is measured. ``$TEESHARD_INT8_KERNEL=torch``
+    forces the reference (for tests); ``native`` fails where a layer cannot take it."""
+    wanted = _wanted_kernel()
+    unfit = [layer for layer in layers if not layer.supports_native()]
+    if wanted == "native" and unfit:
+        raise RuntimeError(
+            f"{KERNEL_ENV}=native, but {len(unfit)} w8a8 layers cannot take the native "
+            f"kernel: {native.unavailable_reason() or 'a layer shape does not fit it'}"
+        )
+    forced = wanted == "torch"
     for layer in layers:
         layer.kernel = "native" if layer.supports_native() and not forced else "torch"
     slow = sum(layer.kernel == "torch" for layer in layers)
@@ -255,6 +270,14 @@ def choose_w8a8_kernel(layers: list[W8A8Linear]) -> None:
             "%d of %d w8a8 layers take the slow reference product (no native kernel: %s)",
             slow, len(layers), native.unavailable_reason() or "a layer's shape does not fit it",
         )  # fmt: skip
+
+
+def _wanted_kernel() -> str:
+    """``$TEESHARD_INT8_KERNEL``: auto (the default), native or torch."""
+    wanted = os.environ.get(KERNEL_ENV, "auto")
+    if wanted not in ("auto", *INT8_KERNELS):
+        raise ValueError(f"{KERNEL_ENV}={wanted!r}: choose auto, native or torch")
+    return wanted
 
 
 def _time_once(layer: Int8Linear, x: torch.Tensor, times: list[float]) -> None:
@@ -282,9 +305,7 @@ def choose_int8_kernel(layers: list[Int8Linear], reps: int = 5) -> str:
     a tie the choice is stable and native (batch-invariant, its float32 activations
     the more precise). A few tens of milliseconds per node start. Returns the choice.
     """
-    wanted = os.environ.get(KERNEL_ENV, "auto")
-    if wanted not in ("auto", *INT8_KERNELS):
-        raise ValueError(f"{KERNEL_ENV}={wanted!r}: choose auto, native or torch")
+    wanted = _wanted_kernel()
     eligible = [layer for layer in layers if layer.supports_native()]
     choice = "torch"
     if not eligible or not native.available():

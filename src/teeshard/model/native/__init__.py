@@ -1,6 +1,6 @@
 """teeshard's own CPU kernels, in C, built when first needed and called through ctypes.
 
-Two products. :func:`int8_matmul`: the weight-only int8 product with float32
+Three products. :func:`int8_matmul`: the weight-only int8 product with float32
 activations, for x86 CPUs, in two kernels: ``int8_avx2.c`` (AVX2 and FMA) and
 ``int8_avx512.c`` (AVX-512; the faster where the CPU has it). Both read the weight
 in one blocked layout, for sequential reads (:func:`block_weight`), and take the
@@ -9,7 +9,8 @@ uses it where it is faster than torch's own kernel on the machine
 (:func:`teeshard.model.quantize.choose_int8_kernel`; ``benchmarks/linear_rows.py``).
 :func:`bf16_matmul`: bfloat16 weights, float32 activations, for CPUs with AVX2 but
 no BF16 instructions, where oneDNN has no bfloat16 path (``bf16_avx2.c``; the same
-blocked layout).
+blocked layout). :func:`w8a8_matmul`: int8 weights times activations it quantizes
+to int8 per row, exact int32 sums, for the w8a8 format (``w8a8_avx2.c``).
 
 Built from the sources in this package with the machine's C compiler (``$CC`` or
 ``cc``) into a fresh private directory, once per process (well under a second; no
