@@ -67,8 +67,8 @@ def kernels(weight: torch.Tensor) -> dict[str, Callable[[torch.Tensor], torch.Te
         found[label] = lambda x, isa=isa, laid=laid: native.int8_matmul(x, laid, scale, isa=isa)
     n, k = q.shape
     if native.w8a8_fits(n, k):
-        blocked = native.block_weight(q)
-        found["w8a8 teeshard native (AVX2)"] = lambda x: native.w8a8_matmul(x, blocked, scale)
+        q_blocked = native.block_weight(q)
+        found["w8a8 teeshard native (AVX2)"] = lambda x: native.w8a8_matmul(x, q_blocked, scale)
     return found
 
 
