@@ -7,7 +7,9 @@
  *   amax = max_k |x[m, k]|, inv = 127 / amax, xq = round_half_even(x * inv) clamped
  *   to [-127, 127], sx = amax / 127 (a zero row: xq = 0, sx = 0),
  * every step one IEEE float32 operation, so torch computes the same values (the
- * reference path in teeshard.model.quantize does, bit for bit). The weight q int8
+ * reference path in teeshard.model.quantize does, bit for bit). Rows holding NaN or
+ * infinity have no defined result (a node refuses such hidden states before any
+ * product runs). The weight q int8
  * (N, K) comes blocked, qb[n / 4][k / 16][n % 4][k % 16] (native.block_weight), as
  * the other kernels read it; scale bfloat16 (N,) as bit patterns. N a multiple of 4,
  * K of 16.
