@@ -7,9 +7,10 @@ weights, each product's input rows quantized to int8 too). Whatever the format,
 precision-sensitive work stays in float32 (see :mod:`teeshard.model.transformer`):
 the residual stream between blocks, RMSNorm (its weights are kept in float32),
 rotary embedding, the softmax inside attention, and everything after the logits
-(softmax, log-probabilities, penalties, sampling). The block linears, the embedding, the KV cache and the LM
-head use the compute dtype, except that float16 keeps a float32 head (no fast
-float16 product on CPUs), and int8 quantizes the head like the block linears. So
+(softmax, log-probabilities, penalties, sampling). The block linears, the
+embedding, the KV cache and the LM head use the compute dtype, except that float16
+keeps a float32 head (no fast float16 product on CPUs), and int8 and w8a8 quantize
+the head like the block linears. So
 bfloat16 logits are a bfloat16 product (float32 accumulation, rounded to bfloat16
 once), as in Hugging Face's bfloat16 models. For TinyLlama a float32 head would be
 an eighth of the bytes the whole bfloat16 model reads per token; a bfloat16 head

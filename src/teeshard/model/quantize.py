@@ -161,14 +161,9 @@ class Int8Linear(nn.Module):
         return native.stored_int8_weight(self.weight, self.isa)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
         if self.kernel == "native":
-            assert self.isa is not None
-            flat32 = x.reshape(-1, self.in_features).float().contiguous()
-            out32 = native.int8_matmul(flat32, self.weight, self.scales, isa=self.isa)
-            if self.bias is not None:
-                out32 += self.bias
-            return out32.reshape(*lead, self.out_features)
+            return self._float32_forward(x)
+        lead = x.shape[:-1]
         flat = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()  # (M, K)
         if self.in_features % _KERNEL_WIDTH_MULTIPLE == 0:
             out = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scales)  # (M, N)
@@ -195,6 +190,18 @@ class Int8Linear(nn.Module):
 
     def _native_isa(self) -> str | None:
         return native.int8_isa(self.out_features, self.in_features)
+
+    def _float32_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The forward of the float32-output kernels: rows in float32, bias in float32."""
+        lead = x.shape[:-1]
+        out = self._float32_product(x.reshape(-1, self.in_features).float().contiguous())
+        if self.bias is not None:
+            out += self.bias
+        return out.reshape(*lead, self.out_features)
+
+    def _float32_product(self, flat32: torch.Tensor) -> torch.Tensor:
+        assert self.isa is not None
+        return native.int8_matmul(flat32, self.weight, self.scales, isa=self.isa)
 
 
 def quantize_rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -236,15 +243,12 @@ class W8A8Linear(Int8Linear):
         return "avx2" if native.w8a8_fits(self.out_features, self.in_features) else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        flat32 = x.reshape(-1, self.in_features).float().contiguous()
+        return self._float32_forward(x)
+
+    def _float32_product(self, flat32: torch.Tensor) -> torch.Tensor:
         if self.kernel == "native":
-            out = native.w8a8_matmul(flat32, self.weight, self.scales)
-        else:
-            out = w8a8_reference(flat32, self.weight, self.scales)
-        if self.bias is not None:
-            out += self.bias
-        return out.reshape(*lead, self.out_features)
+            return native.w8a8_matmul(flat32, self.weight, self.scales)
+        return w8a8_reference(flat32, self.weight, self.scales)
 
     def extra_repr(self) -> str:
         return super().extra_repr().replace("int8 (", "int8 weights and activations (")

@@ -95,13 +95,14 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
                 f"building the native kernels failed: {error} "
                 f"{detail.decode(errors='replace')[:300]}",
             )
-    for isa in INT8_ISAS:
-        function = getattr(library, f"teeshard_int8_matmul_{isa}")
+    # x, int8 weight, scale, y; M, N, K; threads
+    for symbol in (
+        *(f"teeshard_int8_matmul_{isa}" for isa in INT8_ISAS),
+        "teeshard_w8a8_matmul_avx2",
+    ):
+        function = getattr(library, symbol)
         function.restype = ctypes.c_int
         function.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
-    w8a8 = library.teeshard_w8a8_matmul_avx2
-    w8a8.restype = ctypes.c_int
-    w8a8.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     bf16 = library.teeshard_bf16_matmul_avx2
     bf16.restype = ctypes.c_int
     bf16.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]
@@ -169,10 +170,7 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, *, isa: s
     kernel (one of :func:`int8_isas`); ``q`` comes blocked (:func:`block_weight`).
     Releases the GIL while it runs.
     """
-    rows, channels, width = _checked(
-        "int8_matmul", x, q, torch.int8, _scale_fits(scale, q),
-        f", scale {scale.dtype} {tuple(scale.shape)}", ", bfloat16 scale (N,)",
-    )  # fmt: skip
+    rows, channels, width = _checked_int8("int8_matmul", x, q, scale)
     if isa not in int8_isas() or not _fits(isa, channels, width):
         raise NativeKernelError(
             f"int8_matmul: no {isa} kernel for a {channels}x{width} weight here "
@@ -201,10 +199,7 @@ def w8a8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
 
     ``q`` comes blocked (:func:`block_weight`); contiguous CPU tensors, N a multiple
     of 4, K of 16. Releases the GIL while it runs."""
-    rows, channels, width = _checked(
-        "w8a8_matmul", x, q, torch.int8, _scale_fits(scale, q),
-        f", scale {scale.dtype} {tuple(scale.shape)}", ", bfloat16 scale (N,)",
-    )  # fmt: skip
+    rows, channels, width = _checked_int8("w8a8_matmul", x, q, scale)
     if not w8a8_fits(channels, width):
         raise NativeKernelError(f"w8a8_matmul: no kernel for a {channels}x{width} weight here")
     return _run("teeshard_w8a8_matmul_avx2", (x, q, scale), rows, channels, width, "w8a8_matmul")
@@ -233,14 +228,20 @@ def bf16_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return _run("teeshard_bf16_matmul_avx2", (x, w), rows, channels, width, "bf16_matmul")
 
 
-def _scale_fits(scale: torch.Tensor, q: torch.Tensor) -> bool:
-    """Whether ``scale`` is a contiguous bfloat16 (N,) CPU tensor for weight ``q`` (N, K)."""
-    return (
+def _checked_int8(
+    name: str, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor
+) -> tuple[int, int, int]:
+    """:func:`_checked` for an int8 weight ``q`` (N, K) and its bfloat16 ``scale`` (N,)."""
+    scale_fits = (
         scale.dtype == torch.bfloat16
         and scale.shape == q.shape[:1]
         and scale.is_contiguous()
         and scale.device.type == "cpu"
     )
+    return _checked(
+        name, x, q, torch.int8, scale_fits,
+        f", scale {scale.dtype} {tuple(scale.shape)}", ", bfloat16 scale (N,)",
+    )  # fmt: skip
 
 
 def _checked(
