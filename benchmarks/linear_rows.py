@@ -62,14 +62,22 @@ def kernels(weight: torch.Tensor) -> dict[str, Callable[[torch.Tensor], torch.Te
         x.to(torch.bfloat16), q, scale
     )
     for isa in native.int8_isas() if native.available() else ():
-        label = f"int8 teeshard native ({isa.upper().replace('AVX512', 'AVX-512')})"
         laid = native.lay_out_int8_weight(q, isa)
-        found[label] = lambda x, isa=isa, laid=laid: native.int8_matmul(x, laid, scale, isa=isa)
+        found[f"int8 teeshard native ({isa_label(isa)})"] = lambda x, isa=isa, laid=laid: (
+            native.int8_matmul(x, laid, scale, isa=isa)
+        )
     n, k = q.shape
-    if native.w8a8_fits(n, k):
-        q_blocked = native.block_weight(q)
-        found["w8a8 teeshard native (AVX2)"] = lambda x: native.w8a8_matmul(x, q_blocked, scale)
+    q_blocked = native.block_weight(q)
+    for isa in native.w8a8_isas() if native.w8a8_fits(n, k) else ():
+        found[f"w8a8 teeshard native ({isa_label(isa)})"] = lambda x, isa=isa: native.w8a8_matmul(
+            x, q_blocked, scale, isa=isa
+        )
     return found
+
+
+def isa_label(isa: str) -> str:
+    """``avx512vnni`` -> ``AVX-512 VNNI``."""
+    return {"avx512": "AVX-512", "avx512vnni": "AVX-512 VNNI"}.get(isa, isa.upper())
 
 
 def main() -> int:

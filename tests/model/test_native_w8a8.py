@@ -28,6 +28,9 @@ from tests.checkpoints import TinyModel
 native_only = pytest.mark.skipif(
     not native.w8a8_fits(4, 16), reason=f"no native kernel here: {native.unavailable_reason()}"
 )
+# every w8a8 kernel this CPU runs is tested, not only the fastest
+ISAS = native.w8a8_isas() if native.available() else ()
+each_kernel = pytest.mark.parametrize("isa", ISAS)
 
 
 def weight(channels: int, width: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,15 +50,18 @@ def test_rows_are_quantized_within_half_a_step() -> None:
     assert scale[3].item() == 0.0 and not bool(q[3].any())  # a zero row stays zero
 
 
-@native_only
+@each_kernel
 @pytest.mark.parametrize(
-    ("rows", "channels", "width"), [(1, 4, 16), (3, 36, 48), (5, 132, 2048), (9, 64, 5632)]
+    ("rows", "channels", "width"),
+    [(1, 4, 16), (3, 36, 48), (5, 132, 2048), (9, 64, 5632), (19, 8, 96)],
 )
-def test_native_kernel_gives_the_reference_bits(rows: int, channels: int, width: int) -> None:
+def test_native_kernel_gives_the_reference_bits(
+    rows: int, channels: int, width: int, isa: str
+) -> None:
     q, scale = weight(channels, width)
     x = torch.randn(rows, width, generator=torch.Generator().manual_seed(rows)) * 3
     x[0, 0] = -40.0  # an outlier: the row's scale follows it
-    got = native.w8a8_matmul(x, native.block_weight(q), scale)
+    got = native.w8a8_matmul(x, native.block_weight(q), scale, isa=isa)
     want = w8a8_reference(x, q, scale)
     assert got.shape == (rows, channels) and got.dtype == torch.float32
     assert torch.equal(got, want)
@@ -68,29 +74,50 @@ def test_native_kernel_gives_the_reference_bits(rows: int, channels: int, width:
     assert bool(((got.double() - exact).abs() > 0).any())  # the rounding is real
 
 
-@native_only
-def test_each_row_is_bit_for_bit_what_it_is_alone() -> None:
+@each_kernel
+def test_each_row_is_bit_for_bit_what_it_is_alone(isa: str) -> None:
     q, scale = weight(44, 256, seed=1)
     blocked = native.block_weight(q)
-    x = torch.randn(11, 256)
-    alone = torch.cat(
-        [native.w8a8_matmul(x[i : i + 1].contiguous(), blocked, scale) for i in range(11)]
-    )
-    for rows in range(1, 12):
-        assert torch.equal(native.w8a8_matmul(x[:rows].contiguous(), blocked, scale), alone[:rows])
-    shuffled = torch.randperm(11)
-    assert torch.equal(
-        native.w8a8_matmul(x[shuffled].contiguous(), blocked, scale), alone[shuffled]
-    )
+    x = torch.randn(19, 256)
+
+    def product(rows: torch.Tensor) -> torch.Tensor:
+        return native.w8a8_matmul(rows.contiguous(), blocked, scale, isa=isa)
+
+    alone = torch.cat([product(x[i : i + 1]) for i in range(19)])
+    for rows in range(1, 20):  # every remainder of the kernels' row blocks (4 and 8)
+        assert torch.equal(product(x[:rows]), alone[:rows])
+    shuffled = torch.randperm(19)
+    assert torch.equal(product(x[shuffled]), alone[shuffled])
 
 
-@native_only
-def test_zero_rows_and_an_empty_batch() -> None:
+@each_kernel
+def test_the_widest_input_at_full_scale_sums_exactly(isa: str) -> None:
+    """The largest sums the kernels allow: every activation and weight at +-127 over
+    the widest input, where the AVX-512 kernel's offset lanes (activations + 128)
+    reach half of int32's range and the true sums, +-127 * 127 * K, nearly all of it:
+    they must come out exact."""
+    width = native.W8A8_MAX_WIDTH - 16
+    q = torch.full((8, width), 127, dtype=torch.int8)
+    q[1::2] = -127
+    q[4:, : width // 2] *= -1  # mixed signs: sums from -K/2.. up to +K/2 times 127^2
+    scale = torch.ones(8, dtype=torch.bfloat16)
+    x = torch.ones(3, width)
+    x[1] = -1.0
+    x[2, 1::2] = -1.0
+    got = native.w8a8_matmul(x, native.block_weight(q), scale, isa=isa)
+    exact = x.double() @ q.double().t()  # xq = 127 x, sx = 1 / 127: the sums / 127
+    assert torch.equal(got, w8a8_reference(x, q, scale))
+    assert float((got.double() - exact).abs().max()) <= float(exact.abs().max()) * 2**-22
+    assert abs(float(got[0, 0]) - 127 * width) <= 127 * width * 2**-22  # no wrap survived
+
+
+@each_kernel
+def test_zero_rows_and_an_empty_batch(isa: str) -> None:
     q, scale = weight(8, 32)
     blocked = native.block_weight(q)
     x = torch.zeros(2, 32)
-    assert torch.equal(native.w8a8_matmul(x, blocked, scale), torch.zeros(2, 8))
-    assert native.w8a8_matmul(torch.zeros(0, 32), blocked, scale).shape == (0, 8)
+    assert torch.equal(native.w8a8_matmul(x, blocked, scale, isa=isa), torch.zeros(2, 8))
+    assert native.w8a8_matmul(torch.zeros(0, 32), blocked, scale, isa=isa).shape == (0, 8)
 
 
 @native_only
@@ -109,6 +136,11 @@ def test_bad_arguments_are_refused() -> None:
         native.w8a8_matmul(x, blocked, scale[:4].contiguous())
     with pytest.raises(native.NativeKernelError, match="contiguous"):
         native.w8a8_matmul(torch.randn(64, 2).t(), blocked, scale)
+    with pytest.raises(native.NativeKernelError, match="no avx512 kernel"):
+        native.w8a8_matmul(x, blocked, scale, isa="avx512")  # int8's, not a w8a8 kernel
+    with pytest.raises(native.NativeKernelError, match="no avx2 kernel for a 8x131072"):
+        wide = torch.zeros(8, native.W8A8_MAX_WIDTH, dtype=torch.int8)
+        native.w8a8_matmul(torch.zeros(1, native.W8A8_MAX_WIDTH), wide, scale, isa="avx2")
     assert native.w8a8_matmul(x, blocked, scale).shape == (2, 8)  # the same call, well formed
 
 
@@ -137,6 +169,7 @@ def test_a_shard_computes_the_same_logits_with_either_kernel(
     w8a8 = [m for m in fast.modules() if isinstance(m, W8A8Linear)]
     assert len(w8a8) == 4 * tiny_llama.num_layers + 1  # qkv, o, gate/up, down; the head
     assert {m.kernel for m in w8a8} == {"native"}
+    assert {m.isa for m in w8a8} == {ISAS[0]}  # the fastest kernel this CPU runs
     assert {m.kernel for m in reference.modules() if isinstance(m, W8A8Linear)} == {"torch"}
     ids = torch.tensor([[3, 17, 250, 33, 101, 7]])
     with torch.no_grad():

@@ -33,7 +33,8 @@ Recipe ``W8A8_RECIPE`` (``--quantize w8a8``): exactly ``INT8_RECIPE``'s weights 
 scales, and each product's input rows quantized too, per row and symmetric, when the
 product runs (:func:`quantize_rows_int8`). The sums of int8 products are exact in
 int32, so :class:`W8A8Linear` gives the same bits with either kernel and whatever a
-row's batch-mates: teeshard's AVX2 kernel, or :func:`w8a8_reference` in torch. It
+row's batch-mates: teeshard's AVX-512 VNNI or AVX2 kernel, or :func:`w8a8_reference`
+in torch. It
 trades the activations' precision (8 bits per row instead of float32) for products
 that cost far less per row of a batch on CPUs whose float multiply is the bound.
 """
@@ -235,19 +236,20 @@ class W8A8Linear(Int8Linear):
     whose input rows are quantized to int8 too, per row (the ``w8a8`` format): int32
     sums, exact, so batch-invariant and the same bits on every machine and kernel.
 
-    Kernels: ``"native"`` (``native/w8a8_avx2.c``, AVX2) where the layer's shape and
-    the CPU allow, else ``"torch"`` (:func:`w8a8_reference`, the same bits, slower).
+    Kernels: ``"native"`` (``native/w8a8_avx512.c`` with AVX-512 VNNI, else
+    ``native/w8a8_avx2.c``) where the layer's shape and the CPU allow, else ``"torch"``
+    (:func:`w8a8_reference`): the same bits from each, at different speeds.
     float32 output; the bias (bfloat16) is added in float32."""
 
     def _native_isa(self) -> str | None:
-        return "avx2" if native.w8a8_fits(self.out_features, self.in_features) else None
+        return native.w8a8_isa(self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._float32_forward(x)
 
     def _float32_product(self, flat32: torch.Tensor) -> torch.Tensor:
         if self.kernel == "native":
-            return native.w8a8_matmul(flat32, self.weight, self.scales)
+            return native.w8a8_matmul(flat32, self.weight, self.scales, isa=self.isa)
         return w8a8_reference(flat32, self.weight, self.scales)
 
     def extra_repr(self) -> str:

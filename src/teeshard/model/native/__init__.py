@@ -10,7 +10,9 @@ uses it where it is faster than torch's own kernel on the machine
 :func:`bf16_matmul`: bfloat16 weights, float32 activations, for CPUs with AVX2 but
 no BF16 instructions, where oneDNN has no bfloat16 path (``bf16_avx2.c``; the same
 blocked layout). :func:`w8a8_matmul`: int8 weights times activations it quantizes
-to int8 per row, exact int32 sums, for the w8a8 format (``w8a8_avx2.c``).
+to int8 per row, exact int32 sums, for the w8a8 format, in two kernels that give the
+same bits: ``w8a8_avx512.c`` (AVX-512 VNNI, where the CPU has it) and ``w8a8_avx2.c``
+(:func:`w8a8_isa` says which a layer gets).
 
 Built from the sources in this package with the machine's C compiler (``$CC`` or
 ``cc``) into a fresh private directory, once per process (well under a second; no
@@ -39,15 +41,18 @@ log = logging.getLogger(__name__)
 
 _SOURCES = tuple(
     Path(__file__).with_name(name)
-    for name in ("int8_avx2.c", "int8_avx512.c", "bf16_avx2.c", "w8a8_avx2.c")
+    for name in ("int8_avx2.c", "int8_avx512.c", "bf16_avx2.c", "w8a8_avx2.c", "w8a8_avx512.c")
 )
 # AVX-512 code is enabled per function (target attributes), never for the whole library
 _FLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
 _NEEDED_CPU_FLAGS = ("avx2", "fma")  # for any kernel: the library is built with them
 # instruction set -> the CPU flags it needs besides those
-_ISA_CPU_FLAGS = {"avx512": ("avx512f", "avx512bw", "avx512dq", "avx512vl"), "avx2": ()}
+_AVX512 = ("avx512f", "avx512bw", "avx512dq", "avx512vl")
+_ISA_CPU_FLAGS = {"avx512": _AVX512, "avx512vnni": (*_AVX512, "avx512_vnni"), "avx2": ()}
 # instruction set -> (its output channels, its input width) must be multiples of these
 INT8_ISAS = {"avx512": (4, 16), "avx2": (4, 16)}  # in order of preference
+W8A8_ISAS = {"avx512vnni": (4, 16), "avx2": (4, 16)}  # the same bits; fastest first
+_ISA_MULTIPLES = {**INT8_ISAS, **W8A8_ISAS}  # one blocked layout: the same multiples
 
 
 class NativeKernelError(RuntimeError):
@@ -98,7 +103,7 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     # x, int8 weight, scale, y; M, N, K; threads
     for symbol in (
         *(f"teeshard_int8_matmul_{isa}" for isa in INT8_ISAS),
-        "teeshard_w8a8_matmul_avx2",
+        *(f"teeshard_w8a8_matmul_{isa}" for isa in W8A8_ISAS),
     ):
         function = getattr(library, symbol)
         function.restype = ctypes.c_int
@@ -110,17 +115,28 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     return library, ""
 
 
-@functools.cache
-def int8_isas() -> tuple[str, ...]:
-    """The int8 kernels this CPU can run, best first (empty without AVX2/FMA)."""
+def _runnable(isas: dict[str, tuple[int, int]]) -> tuple[str, ...]:
+    """Those of ``isas`` this CPU can run, in their order (none without AVX2/FMA)."""
     flags = cpu_info()[1]
     if not set(_NEEDED_CPU_FLAGS) <= flags:
         return ()
-    return tuple(isa for isa in INT8_ISAS if set(_ISA_CPU_FLAGS[isa]) <= flags)
+    return tuple(isa for isa in isas if set(_ISA_CPU_FLAGS[isa]) <= flags)
+
+
+@functools.cache
+def int8_isas() -> tuple[str, ...]:
+    """The int8 kernels this CPU can run, best first (empty without AVX2/FMA)."""
+    return _runnable(INT8_ISAS)
+
+
+@functools.cache
+def w8a8_isas() -> tuple[str, ...]:
+    """The w8a8 kernels this CPU can run, fastest first (empty without AVX2/FMA)."""
+    return _runnable(W8A8_ISAS)
 
 
 def _fits(isa: str, channels: int, width: int) -> bool:
-    channel_multiple, width_multiple = INT8_ISAS[isa]
+    channel_multiple, width_multiple = _ISA_MULTIPLES[isa]
     return channels % channel_multiple == 0 and width % width_multiple == 0
 
 
@@ -182,27 +198,43 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, *, isa: s
 W8A8_MAX_WIDTH = 1 << 17  # the kernel's int32 sums are exact below this input width
 
 
+def w8a8_isa(channels: int, width: int) -> str | None:
+    """The fastest w8a8 kernel here for a (``channels``, ``width``) weight, if any."""
+    if width >= W8A8_MAX_WIDTH or not available():
+        return None
+    return next((isa for isa in w8a8_isas() if _fits(isa, channels, width)), None)
+
+
 def w8a8_fits(channels: int, width: int) -> bool:
     """Whether :func:`w8a8_matmul` takes a (``channels``, ``width``) weight here."""
-    return (
-        "avx2" in int8_isas()
-        and _fits("avx2", channels, width)
-        and width < W8A8_MAX_WIDTH
-        and available()
-    )
+    return w8a8_isa(channels, width) is not None
 
 
-def w8a8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def w8a8_matmul(
+    x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, *, isa: str | None = None
+) -> torch.Tensor:
     """``x`` float32 (M, K), each row quantized to int8 in the kernel, @ (``q`` int8
     (N, K) * ``scale`` bfloat16 (N,))^T -> float32 (M, N), as ``w8a8_avx2.c`` defines
     it (:func:`teeshard.model.quantize.w8a8_reference` computes the same bits).
 
+    ``isa`` names the kernel (one of :func:`w8a8_isas`; None: the fastest that fits).
     ``q`` comes blocked (:func:`block_weight`); contiguous CPU tensors, N a multiple
     of 4, K of 16. Releases the GIL while it runs."""
     rows, channels, width = _checked_int8("w8a8_matmul", x, q, scale)
-    if not w8a8_fits(channels, width):
-        raise NativeKernelError(f"w8a8_matmul: no kernel for a {channels}x{width} weight here")
-    return _run("teeshard_w8a8_matmul_avx2", (x, q, scale), rows, channels, width, "w8a8_matmul")
+    chosen = w8a8_isa(channels, width) if isa is None else isa
+    if (
+        chosen is None
+        or chosen not in w8a8_isas()
+        or not _fits(chosen, channels, width)
+        or width >= W8A8_MAX_WIDTH
+    ):
+        kernel = f"{isa} kernel" if isa else "kernel"
+        raise NativeKernelError(
+            f"w8a8_matmul: no {kernel} for a {channels}x{width} weight here "
+            f"(this CPU runs {', '.join(w8a8_isas()) or 'none'})"
+        )
+    symbol = f"teeshard_w8a8_matmul_{chosen}"
+    return _run(symbol, (x, q, scale), rows, channels, width, "w8a8_matmul")
 
 
 BF16_BLOCK = INT8_ISAS["avx2"]  # the bfloat16 kernel's (channel, width) multiples
