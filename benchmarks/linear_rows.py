@@ -67,10 +67,10 @@ def kernels(weight: torch.Tensor) -> dict[str, Callable[[torch.Tensor], torch.Te
             native.int8_matmul(x, laid, scale, isa=isa)
         )
     n, k = q.shape
-    q_blocked = native.block_weight(q)
     for isa in native.w8a8_isas() if native.w8a8_fits(n, k) else ():
-        found[f"w8a8 teeshard native ({isa_label(isa)})"] = lambda x, isa=isa: native.w8a8_matmul(
-            x, q_blocked, scale, isa=isa
+        laid = native.lay_out_int8_weight(q, isa)
+        found[f"w8a8 teeshard native ({isa_label(isa)})"] = lambda x, isa=isa, laid=laid: (
+            native.w8a8_matmul(x, laid, scale, isa=isa)
         )
     return found
 

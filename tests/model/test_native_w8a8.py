@@ -53,15 +53,20 @@ def test_rows_are_quantized_within_half_a_step() -> None:
 @each_kernel
 @pytest.mark.parametrize(
     ("rows", "channels", "width"),
-    [(1, 4, 16), (3, 36, 48), (5, 132, 2048), (9, 64, 5632), (19, 8, 96)],
+    [(1, 16, 16), (3, 48, 48), (5, 144, 2048), (9, 64, 5632), (19, 16, 96), (3, 36, 48)],
 )
 def test_native_kernel_gives_the_reference_bits(
     rows: int, channels: int, width: int, isa: str
 ) -> None:
+    """Shapes a kernel cannot take are refused, not computed wrong."""
     q, scale = weight(channels, width)
     x = torch.randn(rows, width, generator=torch.Generator().manual_seed(rows)) * 3
     x[0, 0] = -40.0  # an outlier: the row's scale follows it
-    got = native.w8a8_matmul(x, native.block_weight(q), scale, isa=isa)
+    if channels % native.W8A8_ISAS[isa][0]:
+        with pytest.raises(native.NativeKernelError, match=f"no {isa} kernel for a {channels}x"):
+            native.w8a8_matmul(x, q, scale, isa=isa)
+        return
+    got = native.w8a8_matmul(x, native.lay_out_int8_weight(q, isa), scale, isa=isa)
     want = w8a8_reference(x, q, scale)
     assert got.shape == (rows, channels) and got.dtype == torch.float32
     assert torch.equal(got, want)
@@ -76,8 +81,8 @@ def test_native_kernel_gives_the_reference_bits(
 
 @each_kernel
 def test_each_row_is_bit_for_bit_what_it_is_alone(isa: str) -> None:
-    q, scale = weight(44, 256, seed=1)
-    blocked = native.block_weight(q)
+    q, scale = weight(48, 256, seed=1)
+    blocked = native.lay_out_int8_weight(q, isa)
     x = torch.randn(19, 256)
 
     def product(rows: torch.Tensor) -> torch.Tensor:
@@ -93,18 +98,18 @@ def test_each_row_is_bit_for_bit_what_it_is_alone(isa: str) -> None:
 @each_kernel
 def test_the_widest_input_at_full_scale_sums_exactly(isa: str) -> None:
     """The largest sums the kernels allow: every activation and weight at +-127 over
-    the widest input, where the AVX-512 kernel's offset lanes (activations + 128)
-    reach half of int32's range and the true sums, +-127 * 127 * K, nearly all of it:
-    they must come out exact."""
+    the widest input. The AVX-512 kernel's offset sums (activations + 128) pass 2^32
+    here and wrap; the true sums, +-127 * 127 * K, still fit in int32 and must come
+    out exact."""
     width = native.W8A8_MAX_WIDTH - 16
-    q = torch.full((8, width), 127, dtype=torch.int8)
+    q = torch.full((16, width), 127, dtype=torch.int8)
     q[1::2] = -127
-    q[4:, : width // 2] *= -1  # mixed signs: sums from -K/2.. up to +K/2 times 127^2
-    scale = torch.ones(8, dtype=torch.bfloat16)
+    q[8:, : width // 2] *= -1  # mixed signs
+    scale = torch.ones(16, dtype=torch.bfloat16)
     x = torch.ones(3, width)
     x[1] = -1.0
     x[2, 1::2] = -1.0
-    got = native.w8a8_matmul(x, native.block_weight(q), scale, isa=isa)
+    got = native.w8a8_matmul(x, native.lay_out_int8_weight(q, isa), scale, isa=isa)
     exact = x.double() @ q.double().t()  # xq = 127 x, sx = 1 / 127: the sums / 127
     assert torch.equal(got, w8a8_reference(x, q, scale))
     assert float((got.double() - exact).abs().max()) <= float(exact.abs().max()) * 2**-22
@@ -113,11 +118,11 @@ def test_the_widest_input_at_full_scale_sums_exactly(isa: str) -> None:
 
 @each_kernel
 def test_zero_rows_and_an_empty_batch(isa: str) -> None:
-    q, scale = weight(8, 32)
-    blocked = native.block_weight(q)
+    q, scale = weight(16, 32)
+    blocked = native.lay_out_int8_weight(q, isa)
     x = torch.zeros(2, 32)
-    assert torch.equal(native.w8a8_matmul(x, blocked, scale, isa=isa), torch.zeros(2, 8))
-    assert native.w8a8_matmul(torch.zeros(0, 32), blocked, scale, isa=isa).shape == (0, 8)
+    assert torch.equal(native.w8a8_matmul(x, blocked, scale, isa=isa), torch.zeros(2, 16))
+    assert native.w8a8_matmul(torch.zeros(0, 32), blocked, scale, isa=isa).shape == (0, 16)
 
 
 @native_only
@@ -144,18 +149,25 @@ def test_bad_arguments_are_refused() -> None:
     assert native.w8a8_matmul(x, blocked, scale).shape == (2, 8)  # the same call, well formed
 
 
-def test_layer_with_bias_and_leading_dimensions() -> None:
-    layer = W8A8Linear(64, 24, bias=True)
-    layer.weight, layer.scales = weight(24, 64)
-    layer.bias = torch.randn(24).to(torch.bfloat16)
+@pytest.mark.parametrize("channels", [24, 32])  # the AVX-512 kernel takes 32 only
+def test_layer_with_bias_and_leading_dimensions(channels: int) -> None:
+    layer = W8A8Linear(64, channels, bias=True)
+    layer.weight, layer.scales = weight(channels, 64)
+    layer.bias = torch.randn(channels).to(torch.bfloat16)
     x = torch.randn(2, 3, 64)
     want = w8a8_reference(x.reshape(6, 64), layer.weight, layer.scales) + layer.bias.float()
-    for kernel in ("torch", "native") if layer.supports_native() else ("torch",):
+    kernels = ("torch", "native", "torch", "native") if layer.supports_native() else ("torch",)
+    for kernel in kernels:  # each switch lays the weight out for the kernel, and back
         layer.kernel = kernel
         got = layer(x)
-        assert got.shape == (2, 3, 24) and got.dtype == torch.float32
-        assert torch.equal(got.reshape(6, 24), want), kernel
-        assert torch.equal(layer.stored_weight(), weight(24, 64)[0])
+        assert got.shape == (2, 3, channels) and got.dtype == torch.float32
+        assert torch.equal(got.reshape(6, channels), want), kernel
+        assert torch.equal(layer.stored_weight(), weight(channels, 64)[0])
+    if layer.kernel == "native":
+        assert layer.isa == native.w8a8_isa(channels, 64)
+        assert torch.equal(
+            layer.weight, native.lay_out_int8_weight(weight(channels, 64)[0], layer.isa)
+        )
 
 
 @native_only

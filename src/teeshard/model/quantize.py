@@ -139,7 +139,7 @@ class Int8Linear(nn.Module):
         """``"torch"`` or ``"native"``, set by :func:`choose_int8_kernel` on a loaded shard.
 
         Setting it lays the weight out for the kernel: the native kernels read it
-        blocked (:func:`teeshard.model.native.block_weight`), torch's as stored; the
+        blocked (:func:`teeshard.model.native.lay_out_int8_weight`), torch's as stored; the
         bytes are the same, reordered (:meth:`stored_weight` gives them back as
         stored)."""
         return self._kernel
@@ -153,7 +153,7 @@ class Int8Linear(nn.Module):
                 f"no native int8 kernel for a {self.out_features}x{self.in_features} weight here"
             )
         isa = self._native_isa() if kernel == "native" else None
-        if (isa is None) != (self.isa is None):
+        if native.weight_block(isa) != native.weight_block(self.isa):
             self.weight = native.lay_out_int8_weight(self.stored_weight(), isa)
         self._kernel, self.isa = kernel, isa
 

@@ -51,8 +51,8 @@ _AVX512 = ("avx512f", "avx512bw", "avx512dq", "avx512vl")
 _ISA_CPU_FLAGS = {"avx512": _AVX512, "avx512vnni": (*_AVX512, "avx512_vnni"), "avx2": ()}
 # instruction set -> (its output channels, its input width) must be multiples of these
 INT8_ISAS = {"avx512": (4, 16), "avx2": (4, 16)}  # in order of preference
-W8A8_ISAS = {"avx512vnni": (4, 16), "avx2": (4, 16)}  # the same bits; fastest first
-_ISA_MULTIPLES = {**INT8_ISAS, **W8A8_ISAS}  # one blocked layout: the same multiples
+W8A8_ISAS = {"avx512vnni": (16, 16), "avx2": (4, 16)}  # the same bits; fastest first
+_ISA_MULTIPLES = {**INT8_ISAS, **W8A8_ISAS}  # "avx2" is in both, with the same multiples
 
 
 class NativeKernelError(RuntimeError):
@@ -145,29 +145,40 @@ def int8_isa(channels: int, width: int) -> str | None:
     return next((isa for isa in int8_isas() if _fits(isa, channels, width)), None)
 
 
-def block_weight(q: torch.Tensor) -> torch.Tensor:
+Block = tuple[int, int]  # (channels, inputs) of one block of a blocked weight
+FOUR_BY_SIXTEEN: Block = (4, 16)  # what every kernel reads but one
+_WEIGHT_BLOCKS: dict[str, Block] = {"avx512vnni": (16, 4)}  # that one: 16 channels a line
+
+
+def weight_block(isa: str | None) -> Block | None:
+    """The block of the layout the ``isa`` kernel reads its weight in (None: as stored)."""
+    return None if isa is None else _WEIGHT_BLOCKS.get(isa, FOUR_BY_SIXTEEN)
+
+
+def block_weight(q: torch.Tensor, block: Block = FOUR_BY_SIXTEEN) -> torch.Tensor:
     """A weight (N, K) as stored -> the same values reordered for the native kernels:
-    ``[n / 4][k / 16][n % 4][k % 16]`` (still shaped (N, K); N % 4 == K % 16 == 0)."""
-    n, k = q.shape
-    return q.view(n // 4, 4, k // 16, 16).permute(0, 2, 1, 3).contiguous().view(n, k)
+    ``[n / c][k / i][n % c][k % i]`` for ``block`` (c, i), still shaped (N, K). Four
+    channels by 16 inputs by default: one 64-byte line of an int8 weight each."""
+    (n, k), (c, i) = q.shape, block
+    return q.view(n // c, c, k // i, i).permute(0, 2, 1, 3).contiguous().view(n, k)
 
 
-def unblock_weight(blocked: torch.Tensor) -> torch.Tensor:
+def unblock_weight(blocked: torch.Tensor, block: Block = FOUR_BY_SIXTEEN) -> torch.Tensor:
     """The inverse of :func:`block_weight`."""
-    n, k = blocked.shape
-    return blocked.view(n // 4, k // 16, 4, 16).permute(0, 2, 1, 3).contiguous().view(n, k)
+    (n, k), (c, i) = blocked.shape, block
+    return blocked.view(n // c, k // i, c, i).permute(0, 2, 1, 3).contiguous().view(n, k)
 
 
 def lay_out_int8_weight(q: torch.Tensor, isa: str | None) -> torch.Tensor:
-    """int8 (N, K) as stored -> the layout the ``isa`` kernel reads (None: torch's, as stored).
-
-    Every native kernel reads the blocked layout; torch's kernel the weight as stored."""
-    return block_weight(q) if isa is not None else q
+    """int8 (N, K) as stored -> the layout the ``isa`` kernel reads (None: torch's, as stored)."""
+    block = weight_block(isa)
+    return q if block is None else block_weight(q, block)
 
 
 def stored_int8_weight(laid_out: torch.Tensor, isa: str | None) -> torch.Tensor:
     """The inverse of :func:`lay_out_int8_weight`."""
-    return unblock_weight(laid_out) if isa is not None else laid_out
+    block = weight_block(isa)
+    return laid_out if block is None else unblock_weight(laid_out, block)
 
 
 def available() -> bool:
@@ -217,9 +228,10 @@ def w8a8_matmul(
     (N, K) * ``scale`` bfloat16 (N,))^T -> float32 (M, N), as ``w8a8_avx2.c`` defines
     it (:func:`teeshard.model.quantize.w8a8_reference` computes the same bits).
 
-    ``isa`` names the kernel (one of :func:`w8a8_isas`; None: the fastest that fits).
-    ``q`` comes blocked (:func:`block_weight`); contiguous CPU tensors, N a multiple
-    of 4, K of 16. Releases the GIL while it runs."""
+    ``isa`` names the kernel (one of :func:`w8a8_isas`; None: the fastest that fits),
+    and ``q`` comes in the layout that kernel reads (:func:`lay_out_int8_weight`);
+    contiguous CPU tensors, N and K multiples of what the kernel takes (``W8A8_ISAS``).
+    Releases the GIL while it runs."""
     rows, channels, width = _checked_int8("w8a8_matmul", x, q, scale)
     chosen = w8a8_isa(channels, width) if isa is None else isa
     if (
