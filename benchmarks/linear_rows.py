@@ -55,20 +55,22 @@ def kernels(weight: torch.Tensor) -> dict[str, Callable[[torch.Tensor], torch.Te
         )
     else:
         found["bfloat16 generic (F.linear)"] = lambda x: F.linear(x.to(torch.bfloat16), bf16)
-        if native.bf16_fits(*bf16.shape):
-            blocked = native.block_weight(bf16)
-            found["bfloat16 teeshard native (AVX2)"] = lambda x: native.bf16_matmul(x, blocked)
+    for isa in native.bf16_isas() if native.bf16_fits(*bf16.shape) else ():
+        laid16 = native.lay_out_weight(bf16, isa)
+        found[f"bfloat16 teeshard native ({isa_label(isa)})"] = lambda x, isa=isa, laid=laid16: (
+            native.bf16_matmul(x, laid, isa=isa)
+        )
     found["int8 torch (_weight_int8pack_mm)"] = lambda x: torch.ops.aten._weight_int8pack_mm(
         x.to(torch.bfloat16), q, scale
     )
     for isa in native.int8_isas() if native.available() else ():
-        laid = native.lay_out_int8_weight(q, isa)
+        laid = native.lay_out_weight(q, isa)
         found[f"int8 teeshard native ({isa_label(isa)})"] = lambda x, isa=isa, laid=laid: (
             native.int8_matmul(x, laid, scale, isa=isa)
         )
     n, k = q.shape
     for isa in native.w8a8_isas() if native.w8a8_fits(n, k) else ():
-        laid = native.lay_out_int8_weight(q, isa)
+        laid = native.lay_out_weight(q, isa)
         found[f"w8a8 teeshard native ({isa_label(isa)})"] = lambda x, isa=isa, laid=laid: (
             native.w8a8_matmul(x, laid, scale, isa=isa)
         )
@@ -77,7 +79,8 @@ def kernels(weight: torch.Tensor) -> dict[str, Callable[[torch.Tensor], torch.Te
 
 def isa_label(isa: str) -> str:
     """``avx512vnni`` -> ``AVX-512 VNNI``."""
-    return {"avx512": "AVX-512", "avx512vnni": "AVX-512 VNNI"}.get(isa, isa.upper())
+    names = {"avx512": "AVX-512", "avx512vnni": "AVX-512 VNNI", "avx512bf16": "AVX-512 BF16"}
+    return names.get(isa, isa.upper())
 
 
 def main() -> int:

@@ -25,6 +25,8 @@ from torch.profiler import ProfilerActivity, profile
 from teeshard.model import native
 from teeshard.model.checkpoint import Checkpoint
 from teeshard.model.formats import (
+    BF16_KERNEL_ENV,
+    NativeBf16Linear,
     NumberFormat,
     PackedLinear,
     fuse_projections,
@@ -169,12 +171,30 @@ def assert_no_default_linear(ops: dict[str, int], layers: int) -> None:
 
 
 @pytest.mark.skipif(not onednn_bf16_available(), reason="CPU without oneDNN bfloat16")
-def test_every_bfloat16_linear_takes_the_packed_onednn_path(tiny_llama: TinyModel) -> None:
+def test_every_bfloat16_linear_takes_the_packed_onednn_path(
+    tiny_llama: TinyModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where oneDNN serves bfloat16 (asked for here, to compare with; by default only
+    where the CPU lacks AVX-512 BF16), every block linear takes its packed path."""
+    monkeypatch.setenv(BF16_KERNEL_ENV, "onednn")
     shard = load(tiny_llama, "bfloat16", LayerRange(0, 2))  # no LM head: block linears only
     ops = profiled_ops(shard)
     assert ops.get("mkldnn::_linear_pointwise", 0) == FUSED_LINEARS_PER_LAYER * 2
     assert_no_default_linear(ops, layers=2)
     assert all(isinstance(m, PackedLinear) for m in shard.layers[0].mlp.children())
+
+
+@pytest.mark.skipif(
+    native.bf16_isa(16, 16) != "avx512bf16", reason="CPU without AVX-512 BF16 (or no compiler)"
+)
+def test_every_bfloat16_linear_takes_the_avx512_bf16_kernel(tiny_llama: TinyModel) -> None:
+    shard = load(tiny_llama, "bfloat16", LayerRange(2, 4))  # with the LM head
+    ops = profiled_ops(shard)
+    assert "mkldnn::_linear_pointwise" not in ops
+    assert_no_default_linear(ops, layers=2)
+    linears = [m for m in shard.modules() if isinstance(m, NativeBf16Linear)]
+    assert len(linears) == FUSED_LINEARS_PER_LAYER * 2 + 1
+    assert {m.isa for m in linears} == {"avx512bf16"}
 
 
 def test_every_int8_linear_takes_the_int8_kernel(

@@ -54,7 +54,7 @@ def test_product_matches_a_float64_reference(
         with pytest.raises(native.NativeKernelError, match=f"no {isa} kernel"):
             native.int8_matmul(x, q, scale, isa=isa)
         return
-    got = native.int8_matmul(x, native.lay_out_int8_weight(q, isa), scale, isa=isa)
+    got = native.int8_matmul(x, native.lay_out_weight(q, isa), scale, isa=isa)
     want = x.double() @ dequantize_int8(q, scale).double().t()
     assert got.dtype == torch.float32 and got.shape == (rows, channels)
     # float32 rounding: K/lanes sequential sums per lane, four to add the lanes, one scaling
@@ -70,9 +70,7 @@ def test_each_row_is_bit_for_bit_what_it_is_alone(isa: str) -> None:
     x = torch.randn(11, 256)
 
     def product(rows: torch.Tensor) -> torch.Tensor:
-        return native.int8_matmul(
-            rows.contiguous(), native.lay_out_int8_weight(q, isa), scale, isa=isa
-        )
+        return native.int8_matmul(rows.contiguous(), native.lay_out_weight(q, isa), scale, isa=isa)
 
     alone = torch.cat([product(x[i : i + 1]) for i in range(11)])
     for rows in range(1, 12):
@@ -106,7 +104,7 @@ def test_blocking_is_a_reordering_the_layer_undoes() -> None:
         # torch's kernel rounds activations and output to bfloat16
         assert (layer(x).float() - want).abs().max() <= 0.02 * want.abs().max()
     assert layer.isa == ISAS[0]
-    assert torch.equal(layer.weight, native.lay_out_int8_weight(q, ISAS[0]))
+    assert torch.equal(layer.weight, native.lay_out_weight(q, ISAS[0]))
 
 
 def test_bad_arguments_are_refused() -> None:

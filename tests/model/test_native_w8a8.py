@@ -66,7 +66,7 @@ def test_native_kernel_gives_the_reference_bits(
         with pytest.raises(native.NativeKernelError, match=f"no {isa} kernel for a {channels}x"):
             native.w8a8_matmul(x, q, scale, isa=isa)
         return
-    got = native.w8a8_matmul(x, native.lay_out_int8_weight(q, isa), scale, isa=isa)
+    got = native.w8a8_matmul(x, native.lay_out_weight(q, isa), scale, isa=isa)
     want = w8a8_reference(x, q, scale)
     assert got.shape == (rows, channels) and got.dtype == torch.float32
     assert torch.equal(got, want)
@@ -82,7 +82,7 @@ def test_native_kernel_gives_the_reference_bits(
 @each_kernel
 def test_each_row_is_bit_for_bit_what_it_is_alone(isa: str) -> None:
     q, scale = weight(48, 256, seed=1)
-    blocked = native.lay_out_int8_weight(q, isa)
+    blocked = native.lay_out_weight(q, isa)
     x = torch.randn(19, 256)
 
     def product(rows: torch.Tensor) -> torch.Tensor:
@@ -109,7 +109,7 @@ def test_the_widest_input_at_full_scale_sums_exactly(isa: str) -> None:
     x = torch.ones(3, width)
     x[1] = -1.0
     x[2, 1::2] = -1.0
-    got = native.w8a8_matmul(x, native.lay_out_int8_weight(q, isa), scale, isa=isa)
+    got = native.w8a8_matmul(x, native.lay_out_weight(q, isa), scale, isa=isa)
     exact = x.double() @ q.double().t()  # xq = 127 x, sx = 1 / 127: the sums / 127
     assert torch.equal(got, w8a8_reference(x, q, scale))
     assert float((got.double() - exact).abs().max()) <= float(exact.abs().max()) * 2**-22
@@ -119,7 +119,7 @@ def test_the_widest_input_at_full_scale_sums_exactly(isa: str) -> None:
 @each_kernel
 def test_zero_rows_and_an_empty_batch(isa: str) -> None:
     q, scale = weight(16, 32)
-    blocked = native.lay_out_int8_weight(q, isa)
+    blocked = native.lay_out_weight(q, isa)
     x = torch.zeros(2, 32)
     assert torch.equal(native.w8a8_matmul(x, blocked, scale, isa=isa), torch.zeros(2, 16))
     assert native.w8a8_matmul(torch.zeros(0, 32), blocked, scale, isa=isa).shape == (0, 16)
@@ -165,9 +165,7 @@ def test_layer_with_bias_and_leading_dimensions(channels: int) -> None:
         assert torch.equal(layer.stored_weight(), weight(channels, 64)[0])
     if layer.kernel == "native":
         assert layer.isa == native.w8a8_isa(channels, 64)
-        assert torch.equal(
-            layer.weight, native.lay_out_int8_weight(weight(channels, 64)[0], layer.isa)
-        )
+        assert torch.equal(layer.weight, native.lay_out_weight(weight(channels, 64)[0], layer.isa))
 
 
 @native_only

@@ -32,6 +32,7 @@ same product reads the weight once: the fast path (``benchmarks/throughput.py``)
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -182,13 +183,17 @@ class PackedLinear(nn.Module):
 
 
 class NativeBf16Linear(nn.Module):
-    """A bfloat16 linear on a CPU without BF16 instructions: teeshard's AVX2 kernel
-    (:func:`teeshard.model.native.bf16_matmul`) on the weight blocked once at load,
-    float32 activations and output, batch-invariant bit for bit.
+    """A bfloat16 linear on teeshard's own kernel (:func:`teeshard.model.native.bf16_matmul`),
+    its weight laid out once at load for the kernel the CPU runs; float32 output,
+    batch-invariant bit for bit. Inference only; the laid-out weight is a plain
+    attribute.
 
-    oneDNN has no bfloat16 path on such CPUs and torch's generic product costs
-    about one product per row; this one streams the weight once per step at half
-    float32's bytes. Inference only; the blocked weight is a plain attribute."""
+    With AVX-512 BF16 (``bf16_avx512.c``): activations rounded to bfloat16 as oneDNN
+    takes them, ``vdpbf16ps``; it streams the weight faster than oneDNN's packed
+    product at decode and keeps pace at prefill, so it serves where it can. Without
+    BF16 instructions (``bf16_avx2.c``): float32 activations and FMAs on exactly
+    widened weights, where oneDNN has no bfloat16 path and torch's generic product
+    costs about one product per row."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
@@ -196,28 +201,37 @@ class NativeBf16Linear(nn.Module):
         self.out_features = linear.out_features
         weight = linear.weight.detach().to(torch.bfloat16).contiguous()
         self.weight_bytes = weight.numel() * weight.element_size()
-        self.blocked = native.block_weight(weight)
+        self.isa = native.bf16_isa(self.out_features, self.in_features)
+        if self.isa is None:
+            raise ValueError(f"no native bfloat16 kernel for a {tuple(weight.shape)} weight here")
+        self.laid_out = native.lay_out_weight(weight, self.isa)
         bias = linear.bias
         self.bias = bias.detach().float() if bias is not None else None
 
     @staticmethod
+    def isa_for(linear: nn.Module) -> str | None:
+        """The native kernel that would run ``linear``, if any."""
+        if not isinstance(linear, nn.Linear) or linear.weight.device.type != "cpu":
+            return None
+        return native.bf16_isa(linear.out_features, linear.in_features)
+
+    @staticmethod
     def fits(linear: nn.Module) -> bool:
-        return (
-            isinstance(linear, nn.Linear)
-            and linear.weight.device.type == "cpu"
-            and native.bf16_fits(linear.out_features, linear.in_features)
-        )
+        return NativeBf16Linear.isa_for(linear) is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         flat = x.reshape(-1, self.in_features).float().contiguous()
-        out = native.bf16_matmul(flat, self.blocked)
+        out = native.bf16_matmul(flat, self.laid_out, isa=self.isa)
         if self.bias is not None:
             out += self.bias
         return out.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, native bf16"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"native bf16 ({self.isa})"
+        )
 
 
 def onednn_available() -> bool:
@@ -325,8 +339,8 @@ def finish_loaded(shard: nn.Module, fmt: NumberFormat) -> None:
     thread, TinyLlama's shapes: ``benchmarks/linear_rows.py``).
     """
     fuse_projections(shard)
-    if fmt.dtype == "bfloat16" and not onednn_bf16_available():
-        _without_bf16_instructions(shard, fmt)
+    if fmt.dtype == "bfloat16":
+        _bfloat16_linears(shard, fmt)
     int8_layers = [m for m in shard.modules() if isinstance(m, Int8Linear)]
     if int8_layers and int8_layers[0].weight.device.type == "cpu":
         if fmt.quantize == "w8a8":
@@ -348,14 +362,47 @@ def finish_loaded(shard: nn.Module, fmt: NumberFormat) -> None:
         shard.lm_head = PackedLinear(head, head.weight.dtype)
 
 
-def _without_bf16_instructions(shard: nn.Module, fmt: NumberFormat) -> None:
-    """bfloat16 linears on a CPU where oneDNN has no bfloat16 path: teeshard's AVX2
-    kernel where it fits (:class:`NativeBf16Linear`), else torch's generic product."""
-    # int8 block linears have their own kernels; the others are bfloat16 here
+BF16_KERNEL_ENV = "TEESHARD_BF16_KERNEL"  # auto (the default) or onednn
+
+
+def _bfloat16_linears(shard: nn.Module, fmt: NumberFormat) -> None:
+    """The bfloat16 linears' kernel: teeshard's AVX-512 BF16 kernel where the CPU has
+    those instructions and a layer fits it (it reads the weight faster than oneDNN's
+    packed product; ``$TEESHARD_BF16_KERNEL=onednn`` keeps oneDNN's, for comparison),
+    oneDNN's packed product for the rest (:func:`finish_loaded`), and without BF16
+    instructions :func:`_without_bf16_instructions`."""
+    wanted = os.environ.get(BF16_KERNEL_ENV, "auto")
+    if wanted not in ("auto", "onednn"):
+        raise ValueError(f"{BF16_KERNEL_ENV}={wanted!r}: choose auto or onednn")
+    if not onednn_bf16_available():
+        _without_bf16_instructions(shard, fmt)
+        return
+    if wanted == "onednn":
+        return
+    taken = 0
+    for parent, name, linear in _bfloat16_products(shard, fmt):
+        if NativeBf16Linear.isa_for(linear) == "avx512bf16":  # the AVX2 one loses to oneDNN
+            setattr(parent, name, NativeBf16Linear(linear))
+            taken += 1
+    if taken:
+        log.info("%d bfloat16 linears: teeshard's AVX-512 BF16 kernel", taken)
+
+
+def _bfloat16_products(
+    shard: nn.Module, fmt: NumberFormat
+) -> list[tuple[nn.Module, str, nn.Linear]]:
+    """The plain bfloat16 linears: the block linears unless quantized, and the head."""
     linears = _block_linears(shard) if fmt.quantize is None else []
     head = getattr(shard, "lm_head", None)
     if isinstance(head, nn.Linear):
         linears.append((shard, "lm_head", head))
+    return linears
+
+
+def _without_bf16_instructions(shard: nn.Module, fmt: NumberFormat) -> None:
+    """bfloat16 linears on a CPU where oneDNN has no bfloat16 path: teeshard's AVX2
+    kernel where it fits (:class:`NativeBf16Linear`), else torch's generic product."""
+    linears = _bfloat16_products(shard, fmt)
     native_ones = [(p, n, lin) for p, n, lin in linears if NativeBf16Linear.fits(lin)]
     for parent, name, linear in native_ones:
         setattr(parent, name, NativeBf16Linear(linear))

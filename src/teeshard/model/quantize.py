@@ -139,7 +139,7 @@ class Int8Linear(nn.Module):
         """``"torch"`` or ``"native"``, set by :func:`choose_int8_kernel` on a loaded shard.
 
         Setting it lays the weight out for the kernel: the native kernels read it
-        blocked (:func:`teeshard.model.native.lay_out_int8_weight`), torch's as stored; the
+        blocked (:func:`teeshard.model.native.lay_out_weight`), torch's as stored; the
         bytes are the same, reordered (:meth:`stored_weight` gives them back as
         stored)."""
         return self._kernel
@@ -154,12 +154,12 @@ class Int8Linear(nn.Module):
             )
         isa = self._native_isa() if kernel == "native" else None
         if native.weight_block(isa) != native.weight_block(self.isa):
-            self.weight = native.lay_out_int8_weight(self.stored_weight(), isa)
+            self.weight = native.lay_out_weight(self.stored_weight(), isa)
         self._kernel, self.isa = kernel, isa
 
     def stored_weight(self) -> torch.Tensor:
         """The int8 weight (N, K) as the recipe made it, whatever the kernel's layout."""
-        return native.stored_int8_weight(self.weight, self.isa)
+        return native.stored_weight(self.weight, self.isa)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel == "native":

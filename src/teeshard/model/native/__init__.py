@@ -41,18 +41,31 @@ log = logging.getLogger(__name__)
 
 _SOURCES = tuple(
     Path(__file__).with_name(name)
-    for name in ("int8_avx2.c", "int8_avx512.c", "bf16_avx2.c", "w8a8_avx2.c", "w8a8_avx512.c")
+    for name in (
+        "int8_avx2.c",
+        "int8_avx512.c",
+        "bf16_avx2.c",
+        "bf16_avx512.c",
+        "w8a8_avx2.c",
+        "w8a8_avx512.c",
+    )
 )
 # AVX-512 code is enabled per function (target attributes), never for the whole library
 _FLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
 _NEEDED_CPU_FLAGS = ("avx2", "fma")  # for any kernel: the library is built with them
 # instruction set -> the CPU flags it needs besides those
 _AVX512 = ("avx512f", "avx512bw", "avx512dq", "avx512vl")
-_ISA_CPU_FLAGS = {"avx512": _AVX512, "avx512vnni": (*_AVX512, "avx512_vnni"), "avx2": ()}
+_ISA_CPU_FLAGS = {
+    "avx512": _AVX512,
+    "avx512vnni": (*_AVX512, "avx512_vnni"),
+    "avx512bf16": (*_AVX512, "avx512_bf16"),
+    "avx2": (),
+}
 # instruction set -> (its output channels, its input width) must be multiples of these
 INT8_ISAS = {"avx512": (4, 16), "avx2": (4, 16)}  # in order of preference
 W8A8_ISAS = {"avx512vnni": (16, 16), "avx2": (4, 16)}  # the same bits; fastest first
-_ISA_MULTIPLES = {**INT8_ISAS, **W8A8_ISAS}  # "avx2" is in both, with the same multiples
+BF16_ISAS = {"avx512bf16": (16, 16), "avx2": (4, 16)}  # fastest first
+_ISA_MULTIPLES = {**INT8_ISAS, **W8A8_ISAS, **BF16_ISAS}  # "avx2": the same in each
 
 
 class NativeKernelError(RuntimeError):
@@ -108,9 +121,10 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
         function = getattr(library, symbol)
         function.restype = ctypes.c_int
         function.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
-    bf16 = library.teeshard_bf16_matmul_avx2
-    bf16.restype = ctypes.c_int
-    bf16.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    for symbol in (f"teeshard_bf16_matmul_{isa}" for isa in BF16_ISAS):  # x, weight, y
+        function = getattr(library, symbol)
+        function.restype = ctypes.c_int
+        function.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     log.info("native int8 kernels built with %s (%s)", Path(compiler).name, "/".join(int8_isas()))
     return library, ""
 
@@ -135,6 +149,12 @@ def w8a8_isas() -> tuple[str, ...]:
     return _runnable(W8A8_ISAS)
 
 
+@functools.cache
+def bf16_isas() -> tuple[str, ...]:
+    """The bfloat16 kernels this CPU can run, fastest first (empty without AVX2/FMA)."""
+    return _runnable(BF16_ISAS)
+
+
 def _fits(isa: str, channels: int, width: int) -> bool:
     channel_multiple, width_multiple = _ISA_MULTIPLES[isa]
     return channels % channel_multiple == 0 and width % width_multiple == 0
@@ -147,7 +167,8 @@ def int8_isa(channels: int, width: int) -> str | None:
 
 Block = tuple[int, int]  # (channels, inputs) of one block of a blocked weight
 FOUR_BY_SIXTEEN: Block = (4, 16)  # what every kernel reads but one
-_WEIGHT_BLOCKS: dict[str, Block] = {"avx512vnni": (16, 4)}  # that one: 16 channels a line
+# those that read 16 channels a 64-byte line: int8 and bfloat16 elements
+_WEIGHT_BLOCKS: dict[str, Block] = {"avx512vnni": (16, 4), "avx512bf16": (16, 2)}
 
 
 def weight_block(isa: str | None) -> Block | None:
@@ -169,14 +190,15 @@ def unblock_weight(blocked: torch.Tensor, block: Block = FOUR_BY_SIXTEEN) -> tor
     return blocked.view(n // c, k // i, c, i).permute(0, 2, 1, 3).contiguous().view(n, k)
 
 
-def lay_out_int8_weight(q: torch.Tensor, isa: str | None) -> torch.Tensor:
-    """int8 (N, K) as stored -> the layout the ``isa`` kernel reads (None: torch's, as stored)."""
+def lay_out_weight(q: torch.Tensor, isa: str | None) -> torch.Tensor:
+    """A weight (N, K) as stored -> the layout the ``isa`` kernel reads (None: as stored,
+    for torch's kernels)."""
     block = weight_block(isa)
     return q if block is None else block_weight(q, block)
 
 
-def stored_int8_weight(laid_out: torch.Tensor, isa: str | None) -> torch.Tensor:
-    """The inverse of :func:`lay_out_int8_weight`."""
+def stored_weight(laid_out: torch.Tensor, isa: str | None) -> torch.Tensor:
+    """The inverse of :func:`lay_out_weight`."""
     block = weight_block(isa)
     return laid_out if block is None else unblock_weight(laid_out, block)
 
@@ -229,47 +251,61 @@ def w8a8_matmul(
     it (:func:`teeshard.model.quantize.w8a8_reference` computes the same bits).
 
     ``isa`` names the kernel (one of :func:`w8a8_isas`; None: the fastest that fits),
-    and ``q`` comes in the layout that kernel reads (:func:`lay_out_int8_weight`);
+    and ``q`` comes in the layout that kernel reads (:func:`lay_out_weight`);
     contiguous CPU tensors, N and K multiples of what the kernel takes (``W8A8_ISAS``).
     Releases the GIL while it runs."""
     rows, channels, width = _checked_int8("w8a8_matmul", x, q, scale)
-    chosen = w8a8_isa(channels, width) if isa is None else isa
-    if (
-        chosen is None
-        or chosen not in w8a8_isas()
-        or not _fits(chosen, channels, width)
-        or width >= W8A8_MAX_WIDTH
-    ):
-        kernel = f"{isa} kernel" if isa else "kernel"
-        raise NativeKernelError(
-            f"w8a8_matmul: no {kernel} for a {channels}x{width} weight here "
-            f"(this CPU runs {', '.join(w8a8_isas()) or 'none'})"
-        )
+    chosen = _chosen("w8a8_matmul", isa, w8a8_isas(), channels, width, W8A8_MAX_WIDTH)
     symbol = f"teeshard_w8a8_matmul_{chosen}"
     return _run(symbol, (x, q, scale), rows, channels, width, "w8a8_matmul")
 
 
-BF16_BLOCK = INT8_ISAS["avx2"]  # the bfloat16 kernel's (channel, width) multiples
+def _chosen(
+    name: str,
+    isa: str | None,
+    isas: tuple[str, ...],
+    channels: int,
+    width: int,
+    max_width: int | None = None,
+) -> str:
+    """``isa``, or the first of ``isas`` (this CPU's, fastest first) that takes a
+    (``channels``, ``width``) weight where ``isa`` is None; NativeKernelError if none."""
+    fit = [i for i in isas if _fits(i, channels, width)]
+    if max_width is not None and width >= max_width:
+        fit = []
+    chosen = (fit[0] if fit else None) if isa is None else (isa if isa in fit else None)
+    if chosen is None:
+        kernel = f"{isa} kernel" if isa else "kernel"
+        raise NativeKernelError(
+            f"{name}: no {kernel} for a {channels}x{width} weight here "
+            f"(this CPU runs {', '.join(isas) or 'none'})"
+        )
+    return chosen
+
+
+def bf16_isa(channels: int, width: int) -> str | None:
+    """The fastest bfloat16 kernel here for a (``channels``, ``width``) weight, if any."""
+    if not available():
+        return None
+    return next((isa for isa in bf16_isas() if _fits(isa, channels, width)), None)
 
 
 def bf16_fits(channels: int, width: int) -> bool:
     """Whether :func:`bf16_matmul` takes a (``channels``, ``width``) weight here."""
-    return (
-        "avx2" in int8_isas()
-        and channels % BF16_BLOCK[0] == 0
-        and width % BF16_BLOCK[1] == 0
-        and available()
-    )
+    return bf16_isa(channels, width) is not None
 
 
-def bf16_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``x`` float32 (M, K) @ ``w`` bfloat16 (N, K)^T -> float32 (M, N), ``w`` blocked
-    (:func:`block_weight`); contiguous CPU tensors, N a multiple of 4, K of 16.
-    Releases the GIL while it runs."""
+def bf16_matmul(x: torch.Tensor, w: torch.Tensor, *, isa: str | None = None) -> torch.Tensor:
+    """``x`` float32 (M, K) @ ``w`` bfloat16 (N, K)^T -> float32 (M, N).
+
+    ``isa`` names the kernel (one of :func:`bf16_isas`; None: the fastest that fits),
+    and ``w`` comes in the layout it reads (:func:`lay_out_weight`). ``avx2`` takes
+    ``x`` as it is; ``avx512bf16`` rounds it to bfloat16 first (``bf16_avx512.c``).
+    Contiguous CPU tensors, N and K multiples of what the kernel takes
+    (``BF16_ISAS``). Releases the GIL while it runs."""
     rows, channels, width = _checked("bf16_matmul", x, w, torch.bfloat16)
-    if not bf16_fits(channels, width):
-        raise NativeKernelError(f"bf16_matmul: no kernel for a {channels}x{width} weight here")
-    return _run("teeshard_bf16_matmul_avx2", (x, w), rows, channels, width, "bf16_matmul")
+    chosen = _chosen("bf16_matmul", isa, bf16_isas(), channels, width)
+    return _run(f"teeshard_bf16_matmul_{chosen}", (x, w), rows, channels, width, "bf16_matmul")
 
 
 def _checked_int8(
