@@ -35,6 +35,7 @@ from teeshard.model.formats import (
 )
 from teeshard.model.layer_range import LayerRange
 from teeshard.model.loader import load_shard
+from teeshard.model.native import attention
 from teeshard.model.quantize import (
     KERNEL_ENV,
     Int8Linear,
@@ -163,11 +164,17 @@ def profiled_ops(shard: Shard) -> dict[str, int]:
 FUSED_LINEARS_PER_LAYER = 4  # q/k/v stacked, o, gate/up stacked, down
 
 
-def assert_no_default_linear(ops: dict[str, int], layers: int) -> None:
+def assert_no_default_linear(ops: dict[str, int], shard: Shard) -> None:
     """No linear took torch's default product; the only ``matmul`` calls are decode
-    attention's two small products per layer (scores and weighted values)."""
+    attention's two small products per layer (scores and weighted values), and none
+    where the native decode attention serves."""
     assert not {"aten::linear", "aten::addmm", "aten::mm"} & set(ops), ops
-    assert ops.get("aten::matmul", 0) == 2 * layers, ops
+    cache = shard.new_cache(1).keys
+    native_attention = shard.native_attention and attention.supports(
+        cache.dtype, cache.device, shard.spec.head_dim
+    )
+    expected = 0 if native_attention else 2 * len(shard.layers)
+    assert ops.get("aten::matmul", 0) == expected, ops
 
 
 @pytest.mark.skipif(not onednn_bf16_available(), reason="CPU without oneDNN bfloat16")
@@ -180,7 +187,7 @@ def test_every_bfloat16_linear_takes_the_packed_onednn_path(
     shard = load(tiny_llama, "bfloat16", LayerRange(0, 2))  # no LM head: block linears only
     ops = profiled_ops(shard)
     assert ops.get("mkldnn::_linear_pointwise", 0) == FUSED_LINEARS_PER_LAYER * 2
-    assert_no_default_linear(ops, layers=2)
+    assert_no_default_linear(ops, shard)
     assert all(isinstance(m, PackedLinear) for m in shard.layers[0].mlp.children())
 
 
@@ -191,7 +198,7 @@ def test_every_bfloat16_linear_takes_the_avx512_bf16_kernel(tiny_llama: TinyMode
     shard = load(tiny_llama, "bfloat16", LayerRange(2, 4))  # with the LM head
     ops = profiled_ops(shard)
     assert "mkldnn::_linear_pointwise" not in ops
-    assert_no_default_linear(ops, layers=2)
+    assert_no_default_linear(ops, shard)
     linears = [m for m in shard.modules() if isinstance(m, NativeBf16Linear)]
     assert len(linears) == FUSED_LINEARS_PER_LAYER * 2 + 1
     assert {m.isa for m in linears} == {"avx512bf16"}
@@ -206,7 +213,7 @@ def test_every_int8_linear_takes_the_int8_kernel(
     # the block linears and the LM head (quantized too, recipe v2)
     assert ops.get("aten::_weight_int8pack_mm", 0) == FUSED_LINEARS_PER_LAYER * 2 + 1
     assert "mkldnn::_linear_pointwise" not in ops
-    assert_no_default_linear(ops, layers=2)
+    assert_no_default_linear(ops, shard)
     assert isinstance(shard.lm_head, Int8Linear) and shard.lm_head.kernel == "torch"
     assert shard.new_cache(4).keys.dtype == torch.bfloat16
 
@@ -234,7 +241,7 @@ def test_every_float32_linear_takes_the_packed_onednn_path(tiny_llama: TinyModel
     shard = load(tiny_llama, "float32", LayerRange(2, 4))
     ops = profiled_ops(shard)
     assert ops.get("mkldnn::_linear_pointwise", 0) == FUSED_LINEARS_PER_LAYER * 2 + 1
-    assert_no_default_linear(ops, layers=2)
+    assert_no_default_linear(ops, shard)
     assert all(
         isinstance(m, PackedLinear) and m.dtype == torch.float32
         for m in shard.layers[0].mlp.children()

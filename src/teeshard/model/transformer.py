@@ -25,6 +25,7 @@ from torch import nn
 
 from teeshard.model.formats import NumberFormat
 from teeshard.model.layer_range import LayerRange
+from teeshard.model.native.attention import DecodeSessions, decode_attention
 from teeshard.model.spec import ArchSpec, RopeSpec
 
 # -- the per-session KV cache, preallocated --------------------------------------------
@@ -178,6 +179,8 @@ class Pack:
     starts: tuple[int, ...]
     cos: torch.Tensor  # (sum(steps), 1, D): each row's position (broadcast over heads), float32
     sin: torch.Tensor
+    # the single-step segments, where the native decode attention takes them
+    decoding: DecodeSessions | None = None
 
 
 class Attention(nn.Module):
@@ -214,25 +217,30 @@ class Attention(nn.Module):
             v = self.v_proj(x).view(1, rows, kv_heads, head_dim)
             q = apply_rope(q.float(), pack.cos, pack.sin).to(dtype)
             k = apply_rope(k.float(), pack.cos, pack.sin).to(dtype)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.to(dtype).transpose(1, 2)
-        outs = []
+        v = v.to(dtype)
+        out = torch.empty(1, rows, heads, head_dim, dtype=dtype, device=x.device)
+        decoding = pack.decoding
+        if decoding is not None:  # every single-step segment in one native call
+            decode_attention(decoding, layer, q, k, v, out, self.sliding_window)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         offset = 0
-        for cache, steps, start in zip(pack.caches, pack.steps, pack.starts, strict=True):
+        for index, (cache, steps, start) in enumerate(
+            zip(pack.caches, pack.steps, pack.starts, strict=True)
+        ):
             rows_of = slice(offset, offset + steps)
-            outs.append(
-                self._attend(
-                    q[:, :, rows_of],
-                    k[:, :, rows_of],
-                    v[:, :, rows_of],
-                    cache.keys[layer],
-                    cache.values[layer],
-                    start,
-                )
-            )
             offset += steps
-        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)  # (1, H, N, D)
-        out = out.transpose(1, 2).reshape(1, rows, self.num_heads * self.head_dim)
-        return self.o_proj(out)
+            if decoding is not None and index in decoding.segments:
+                continue
+            attended = self._attend(
+                q[:, :, rows_of],
+                k[:, :, rows_of],
+                v[:, :, rows_of],
+                cache.keys[layer],
+                cache.values[layer],
+                start,
+            )  # (1, H, T, D)
+            out[:, rows_of] = attended.transpose(1, 2)
+        return self.o_proj(out.view(1, rows, heads * head_dim))
 
     def _attend(
         self,
@@ -338,6 +346,9 @@ class Shard(nn.Module):
         self.number_format = NumberFormat()  # set by the loader, with compute_dtype
         # dtype of the block linears' activations, the embedding and the KV cache
         self.compute_dtype = self.number_format.torch_dtype
+        # single-step segments' attention in one native call per layer, where it runs
+        # (native/attention.py); False: torch's operators per session, for comparison
+        self.native_attention = True
 
     @property
     def dtype(self) -> torch.dtype:
@@ -400,7 +411,8 @@ class Shard(nn.Module):
         tables = [self.rotary.get(s, n, device) for s, n in zip(starts, steps, strict=True)]
         cos = torch.cat([t[0] for t in tables]) if len(tables) > 1 else tables[0][0]
         sin = torch.cat([t[1] for t in tables]) if len(tables) > 1 else tables[0][1]
-        pack = Pack(tuple(caches), steps, starts, cos[:, None, :], sin[:, None, :])
+        decoding = DecodeSessions.of(caches, steps, starts) if self.native_attention else None
+        pack = Pack(tuple(caches), steps, starts, cos[:, None, :], sin[:, None, :], decoding)
         # the residual stream is float32 in every number format
         hidden = (torch.cat(hiddens, dim=1) if len(hiddens) > 1 else hiddens[0]).float()
         for index, block in enumerate(self.layers):

@@ -48,6 +48,7 @@ _SOURCES = tuple(
         "bf16_avx512.c",
         "w8a8_avx2.c",
         "w8a8_avx512.c",
+        "attention.c",
     )
 )
 # AVX-512 code is enabled per function (target attributes), never for the whole library
