@@ -9,9 +9,13 @@ positions, once as loaded and once with every linear (the LM head included)
 swapped for a free one that only allocates its output. The difference is the
 linears' time; the free step is the rest. It also counts the torch operators one
 step dispatches (a machine-independent figure). Real and free steps alternate.
+``--sessions N`` decodes N sessions in one batch (the free part then holds their
+attention); ``--attention both`` measures each format with the native decode
+attention and with torch's operators in turn.
 
     python benchmarks/step_overhead.py --threads 1
     python benchmarks/step_overhead.py --formats float32 --reps 30
+    python benchmarks/step_overhead.py --formats w8a8 --sessions 8 --attention both
 
 Prints a table; writes ``benchmarks/results/step_overhead.json``.
 """
@@ -83,20 +87,27 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def decode_step(shard: Shard, cache: KVCache, context: int) -> None:
-    cache.length = context  # every step sees the same context and rewrites the same slot
-    shard(shard.embed(torch.tensor([[7]])), cache)
+def decode_step(shard: Shard, caches: list[KVCache], context: int) -> None:
+    """One batched decode step of every session (each cache one session)."""
+    for cache in caches:  # every step sees the same context and rewrites the same slot
+        cache.length = context
+    token = shard.embed(torch.tensor([[7]]))
+    shard.forward_batch([token] * len(caches), caches)
 
 
 @torch.no_grad()
 def measure(shard: Shard, args: argparse.Namespace) -> dict[str, Any]:
     cache = shard.new_cache(args.context + 1)
     shard(shard.embed(torch.arange(args.context)[None] % shard.spec.vocab_size), cache)
+    caches = [cache] + [
+        KVCache(cache.keys.clone(), cache.values.clone(), cache.length)
+        for _ in range(args.sessions - 1)
+    ]
     real = linear_modules(shard)
     free = [(p, n, FreeLinear(int(m.out_features), output_dtype(m))) for p, n, m in real]
     counter = OpCounter()
     with counter:
-        decode_step(shard, cache, args.context)
+        decode_step(shard, caches, args.context)
     ops = sum(counter.counts.values())
     times: dict[str, list[float]] = {"step": [], "free": []}
     for rep in range(args.reps + 2):  # two warm-up rounds
@@ -104,7 +115,7 @@ def measure(shard: Shard, args: argparse.Namespace) -> dict[str, Any]:
             for parent, name, module in modules:
                 setattr(parent, name, module)
             started = time.perf_counter()
-            decode_step(shard, cache, args.context)
+            decode_step(shard, caches, args.context)
             if rep >= 2:
                 times[kind].append(time.perf_counter() - started)
     for parent, name, module in real:
@@ -132,6 +143,13 @@ def main() -> int:
     parser.add_argument("--context", type=int, default=128, help="cached positions per step")
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--sessions", type=int, default=1, help="sessions decoding in one batch")
+    parser.add_argument(
+        "--attention",
+        choices=("native", "torch", "both"),
+        default="native",
+        help="decode attention: the native kernel, torch's operators, or each in turn",
+    )
     parser.add_argument(
         "--out", type=Path, default=ROOT / "benchmarks" / "results" / "step_overhead.json"
     )
@@ -145,17 +163,22 @@ def main() -> int:
     checkpoint = Checkpoint(model_dir)
     layers = LayerRange(0, checkpoint.spec.num_layers)
     results: dict[str, Any] = {}
+    attentions = ("native", "torch") if args.attention == "both" else (args.attention,)
     for name in names:
         fmt = FORMATS[name]
         shard = load_shard(checkpoint, layers, fmt.torch_dtype, quantize=fmt.quantize)
-        results[name] = measure(shard, args)
+        for attention in attentions:
+            shard.native_attention = attention == "native"
+            label = name if len(attentions) == 1 else f"{name}/{attention}"
+            results[label] = measure(shard, args)
         del shard
-    print(f"\nmodel {model_dir.name}, decode step at context {args.context}, "
-          f"{args.threads} thread(s), median of {args.reps}; {cpu_description()}")  # fmt: skip
-    print(f"{'format':10} {'step ms':>9} {'linears ms':>11} {'rest ms':>9} {'rest share':>11} "
+    print(f"\nmodel {model_dir.name}, decode step of {args.sessions} session(s) at context "
+          f"{args.context}, {args.threads} thread(s), median of {args.reps}, "
+          f"{args.attention} decode attention; {cpu_description()}")  # fmt: skip
+    print(f"{'format':16} {'step ms':>9} {'linears ms':>11} {'rest ms':>9} {'rest share':>11} "
           f"{'ops/step':>9} {'ops/layer':>10}")  # fmt: skip
     for name, row in results.items():
-        print(f"{name:10} {row['step_ms']:9.1f} {row['linear_ms']:11.1f} "
+        print(f"{name:16} {row['step_ms']:9.1f} {row['linear_ms']:11.1f} "
               f"{row['non_linear_ms']:9.1f} {row['non_linear_share']:11.1%} "
               f"{row['ops_per_step']:9} {row['ops_per_layer']:10.1f}")  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -168,6 +191,8 @@ def main() -> int:
                 "cpu": cpu_description(),
                 "threads": args.threads,
                 "context": args.context,
+                "sessions": args.sessions,
+                "attention": args.attention,
                 "statistic": f"median of {args.reps}, real and free steps alternating",
                 "formats": results,
             },

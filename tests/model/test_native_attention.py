@@ -6,6 +6,10 @@ sliding windows, leave prefill segments to torch, and refuse what it cannot take
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -14,7 +18,7 @@ from teeshard.model.checkpoint import Checkpoint
 from teeshard.model.layer_range import LayerRange
 from teeshard.model.loader import load_shard
 from teeshard.model.native.attention import DecodeSessions, decode_attention, supports
-from teeshard.model.transformer import KVCache, one_query_attention
+from teeshard.model.transformer import ATTENTION_ENV, KVCache, one_query_attention
 from tests.checkpoints import TinyModel
 
 pytestmark = pytest.mark.skipif(
@@ -160,3 +164,43 @@ def test_a_shard_decodes_the_same_tokens_either_way(
             results.append(torch.stack(steps))
     assert (results[0] - results[1]).abs().max().item() < tolerance
     assert torch.equal(results[0].argmax(dim=-1), results[1].argmax(dim=-1))
+
+
+def test_the_attention_choice_is_checked(
+    tiny_llama: TinyModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    checkpoint, layers = Checkpoint(tiny_llama.path), LayerRange(0, 1)
+    assert load_shard(checkpoint, layers).native_attention
+    monkeypatch.setenv(ATTENTION_ENV, "torch")
+    assert not load_shard(checkpoint, layers).native_attention
+    monkeypatch.setenv(ATTENTION_ENV, "fused")
+    with pytest.raises(ValueError, match="choose native or torch"):
+        load_shard(checkpoint, layers)
+
+
+def test_without_a_working_compiler_torch_serves(tiny_llama: TinyModel) -> None:
+    """A compiler that fails leaves no native kernel (and says why); a shard then loads
+    with torch's attention and decodes. A fresh process: the build is cached per process."""
+    script = (
+        "import sys, torch\n"
+        "from teeshard.model import native\n"
+        "from teeshard.model.checkpoint import Checkpoint\n"
+        "from teeshard.model.layer_range import LayerRange\n"
+        "from teeshard.model.loader import load_shard\n"
+        "assert not native.available()\n"
+        "assert 'building the native kernels failed' in native.unavailable_reason()\n"
+        "shard = load_shard(Checkpoint(sys.argv[1]), LayerRange(0, 4))\n"
+        "assert not shard.native_attention\n"
+        "cache = shard.new_cache(8)\n"
+        "shard(shard.embed(torch.tensor([[3, 17]])), cache)\n"
+        "print(shard(shard.embed(torch.tensor([[5]])), cache).shape)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tiny_llama.path)],
+        env={**os.environ, "CC": "false"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == f"torch.Size([1, {tiny_llama.reference.config.vocab_size}])"

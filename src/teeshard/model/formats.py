@@ -10,17 +10,20 @@ rotary embedding, the softmax inside attention, and everything after the logits
 (softmax, log-probabilities, penalties, sampling). The block linears, the
 embedding, the KV cache and the LM head use the compute dtype, except that float16
 keeps a float32 head (no fast float16 product on CPUs), and int8 and w8a8 quantize
-the head like the block linears. So
-bfloat16 logits are a bfloat16 product (float32 accumulation, rounded to bfloat16
-once), as in Hugging Face's bfloat16 models. For TinyLlama a float32 head would be
-an eighth of the bytes the whole bfloat16 model reads per token; a bfloat16 head
+the head like the block linears. So bfloat16 logits are a bfloat16 product
+(float32 accumulation; rounded to bfloat16 once where oneDNN computes them, as in
+Hugging Face's bfloat16 models; float32 from teeshard's kernels). For TinyLlama a
+float32 head would be an eighth of the bytes the whole bfloat16 model reads per
+token; a bfloat16 head
 was a tenth of the int8 model's, and on a CPU without BF16 instructions it took
 torch's generic path, whose batches cost a product per row.
 
 Applied as a transformation (gpt-fast style): :func:`prepare_skeleton` swaps block
 linears and the head for :class:`~teeshard.model.quantize.Int8Linear` before
-loading, and :func:`finish_loaded` repacks bfloat16 linears for oneDNN after it.
-The model code does not know which format it runs.
+loading, and :func:`finish_loaded` gives the other linears their kernel after it:
+teeshard's bfloat16 kernel where the CPU has AVX-512 BF16
+(:class:`NativeBf16Linear`), else oneDNN's packed product. The model code does not
+know which format it runs.
 
 Why repacking: with torch's default path a one-row bfloat16 ``F.linear`` here runs
 oneDNN's matmul on a plain-layout weight, reordering it on every call, and is

@@ -24,6 +24,7 @@ from teeshard.model.formats import (
     prepare_skeleton,
 )
 from teeshard.model.layer_range import LayerRange
+from teeshard.model.native import attention
 from teeshard.model.transformer import Shard
 
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
@@ -108,4 +109,8 @@ def load_shard(
     shard.number_format, shard.compute_dtype = fmt, fmt.torch_dtype
     if pack:
         finish_loaded(shard, fmt)
+    # the native decode attention, if it runs here, is built now and not by the first
+    # decode step (its compiler run would count against that step's timeout)
+    cache = shard.new_cache(1).keys
+    shard.native_attention &= attention.supports(cache.dtype, cache.device, spec.head_dim)
     return shard

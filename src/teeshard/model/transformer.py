@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -73,6 +74,15 @@ class KVCache:
 
 
 # -- blocks -------------------------------------------------------------------------
+
+ATTENTION_ENV = "TEESHARD_DECODE_ATTENTION"  # native (the default) or torch, to compare
+
+
+def _wanted_attention() -> str:
+    wanted = os.environ.get(ATTENTION_ENV, "native")
+    if wanted not in ("native", "torch"):
+        raise ValueError(f"{ATTENTION_ENV}={wanted!r}: choose native or torch")
+    return wanted
 
 
 class RMSNorm(nn.Module):
@@ -348,7 +358,7 @@ class Shard(nn.Module):
         self.compute_dtype = self.number_format.torch_dtype
         # single-step segments' attention in one native call per layer, where it runs
         # (native/attention.py); False: torch's operators per session, for comparison
-        self.native_attention = True
+        self.native_attention = _wanted_attention() == "native"
 
     @property
     def dtype(self) -> torch.dtype:
