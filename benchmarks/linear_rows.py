@@ -114,9 +114,10 @@ def main() -> int:
             name: {str(r): statistics.median(times[(name, r)]) * 1000 for r in rows} for name in fns
         }
         print(f"\n{shape_name} ({in_features} -> {out_features}), ms, {args.threads} thread(s)")
-        print(f"{'kernel':34}" + "".join(f"{f'{r} rows':>10}" for r in rows))
+        width = max(len(name) for name in fns) + 2
+        print(f"{'kernel':{width}}" + "".join(f"{f'{r} rows':>10}" for r in rows))
         for name, by_rows in results[shape_name].items():
-            print(f"{name:34}" + "".join(f"{by_rows[str(r)]:10.2f}" for r in rows))
+            print(f"{name:{width}}" + "".join(f"{by_rows[str(r)]:10.2f}" for r in rows))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
         json.dumps(

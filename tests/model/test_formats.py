@@ -191,9 +191,11 @@ def test_every_bfloat16_linear_takes_the_packed_onednn_path(
     assert all(isinstance(m, PackedLinear) for m in shard.layers[0].mlp.children())
 
 
-@pytest.mark.skipif(
-    native.bf16_isa(16, 16) != "avx512bf16", reason="CPU without AVX-512 BF16 (or no compiler)"
-)
+AVX512_BF16_KERNEL = native.bf16_isa(16, 16) == "avx512bf16"
+
+
+@pytest.mark.skipif(not AVX512_BF16_KERNEL, reason="CPU without AVX-512 BF16 (or no compiler)")
+@pytest.mark.skipif("amx_bf16" in native.cpu_info()[1], reason="AMX: oneDNN serves bfloat16")
 def test_every_bfloat16_linear_takes_the_avx512_bf16_kernel(tiny_llama: TinyModel) -> None:
     shard = load(tiny_llama, "bfloat16", LayerRange(2, 4))  # with the LM head
     ops = profiled_ops(shard)
@@ -202,6 +204,19 @@ def test_every_bfloat16_linear_takes_the_avx512_bf16_kernel(tiny_llama: TinyMode
     linears = [m for m in shard.modules() if isinstance(m, NativeBf16Linear)]
     assert len(linears) == FUSED_LINEARS_PER_LAYER * 2 + 1
     assert {m.isa for m in linears} == {"avx512bf16"}
+
+
+@pytest.mark.skipif(not onednn_bf16_available(), reason="CPU without oneDNN bfloat16")
+def test_with_amx_oneDNN_keeps_bfloat16(
+    tiny_llama: TinyModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """oneDNN prefills bfloat16 on AMX several times faster than the AVX-512 kernel:
+    where the CPU has AMX, the packed product serves (asked of a CPU said to have it)."""
+    name, flags = native.cpu_info()
+    monkeypatch.setattr(native, "cpu_info", lambda: (name, flags | {"amx_bf16"}))
+    shard = load(tiny_llama, "bfloat16", LayerRange(2, 4))
+    assert not any(isinstance(m, NativeBf16Linear) for m in shard.modules())
+    assert isinstance(shard.lm_head, PackedLinear)
 
 
 def test_every_int8_linear_takes_the_int8_kernel(

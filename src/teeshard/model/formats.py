@@ -370,10 +370,11 @@ BF16_KERNEL_ENV = "TEESHARD_BF16_KERNEL"  # auto (the default) or onednn
 
 def _bfloat16_linears(shard: nn.Module, fmt: NumberFormat) -> None:
     """The bfloat16 linears' kernel: teeshard's AVX-512 BF16 kernel where the CPU has
-    those instructions and a layer fits it (it reads the weight faster than oneDNN's
-    packed product; ``$TEESHARD_BF16_KERNEL=onednn`` keeps oneDNN's, for comparison),
-    oneDNN's packed product for the rest (:func:`finish_loaded`), and without BF16
-    instructions :func:`_without_bf16_instructions`."""
+    those instructions but no AMX, and a layer fits it (it reads the weight faster
+    than oneDNN's packed product and keeps pace at prefill;
+    ``$TEESHARD_BF16_KERNEL=onednn`` keeps oneDNN's, for comparison), oneDNN's packed
+    product for the rest (:func:`finish_loaded`; with AMX it prefills several times
+    faster), and without BF16 instructions :func:`_without_bf16_instructions`."""
     wanted = os.environ.get(BF16_KERNEL_ENV, "auto")
     if wanted not in ("auto", "onednn"):
         raise ValueError(f"{BF16_KERNEL_ENV}={wanted!r}: choose auto or onednn")
@@ -382,6 +383,8 @@ def _bfloat16_linears(shard: nn.Module, fmt: NumberFormat) -> None:
         return
     if wanted == "onednn":
         return
+    if "amx_bf16" in native.cpu_info()[1]:
+        return  # oneDNN prefills on AMX, several times faster than any AVX-512 kernel
     taken = 0
     for parent, name, linear in _bfloat16_products(shard, fmt):
         if NativeBf16Linear.isa_for(linear) == "avx512bf16":  # the AVX2 one loses to oneDNN

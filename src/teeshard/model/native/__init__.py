@@ -1,26 +1,31 @@
 """teeshard's own CPU kernels, in C, built when first needed and called through ctypes.
 
-Three products. :func:`int8_matmul`: the weight-only int8 product with float32
-activations, for x86 CPUs, in two kernels: ``int8_avx2.c`` (AVX2 and FMA) and
-``int8_avx512.c`` (AVX-512; the faster where the CPU has it). Both read the weight
-in one blocked layout, for sequential reads (:func:`block_weight`), and take the
-shapes it fits (:func:`int8_isa` says which kernel a layer gets). The int8 format
-uses it where it is faster than torch's own kernel on the machine
-(:func:`teeshard.model.quantize.choose_int8_kernel`; ``benchmarks/linear_rows.py``).
-:func:`bf16_matmul`: bfloat16 weights, float32 activations, for CPUs with AVX2 but
-no BF16 instructions, where oneDNN has no bfloat16 path (``bf16_avx2.c``; the same
-blocked layout). :func:`w8a8_matmul`: int8 weights times activations it quantizes
-to int8 per row, exact int32 sums, for the w8a8 format, in two kernels that give the
-same bits: ``w8a8_avx512.c`` (AVX-512 VNNI, where the CPU has it) and ``w8a8_avx2.c``
-(:func:`w8a8_isa` says which a layer gets).
+Three products, each in a kernel per instruction set, fastest first where the CPU
+runs it; each kernel reads its weight in a blocked layout, laid out once at load
+(:func:`lay_out_weight`; :func:`weight_block` says which).
+
+* :func:`int8_matmul`: the weight-only int8 product with float32 activations:
+  ``int8_avx512.c`` (AVX-512) and ``int8_avx2.c`` (AVX2 and FMA). The int8 format
+  uses it where it is faster than torch's own kernel on the machine
+  (:func:`teeshard.model.quantize.choose_int8_kernel`; ``benchmarks/linear_rows.py``).
+* :func:`bf16_matmul`: bfloat16 weights: ``bf16_avx512.c`` (AVX-512 BF16,
+  activations rounded to bfloat16, ``vdpbf16ps``; it serves the bfloat16 format
+  where the CPU has it) and ``bf16_avx2.c`` (float32 activations, for CPUs without
+  BF16 instructions, where oneDNN has no bfloat16 path).
+* :func:`w8a8_matmul`: int8 weights times activations it quantizes to int8 per row,
+  exact int32 sums, for the w8a8 format: ``w8a8_avx512.c`` (AVX-512 VNNI) and
+  ``w8a8_avx2.c``, which give the same bits.
+
+And one more kernel, ``attention.c``: the decoding sessions' attention of a batch in
+one call (:mod:`teeshard.model.native.attention`).
 
 Built from the sources in this package with the machine's C compiler (``$CC`` or
-``cc``) into a fresh private directory, once per process (well under a second; no
-torch headers), which is removed once the library is loaded: nothing is loaded
-from a cache another process could have written, so inside a TEE the kernel is
-exactly the measured source. No compiler, another architecture or a CPU without
-AVX2/FMA: no native kernel, and callers keep torch's (:func:`unavailable_reason`
-says why).
+``cc``) into a fresh private directory, once per process (the sources compile side
+by side, a few seconds on two cores; no torch headers; a shard's loader triggers
+it), which is removed once the library is loaded: nothing is loaded from a cache
+another process could have written, so inside a TEE the kernel is exactly the
+measured source. No compiler, another architecture or a CPU without AVX2/FMA: no
+native kernel, and callers keep torch's (:func:`unavailable_reason` says why).
 """
 
 from __future__ import annotations
