@@ -14,4 +14,12 @@ static inline float widen_bf16(uint16_t bits) {
     return value;
 }
 
+/* the w8a8 recipe's row scale (each kernel computes amax its own way; a maximum is exact):
+ * returns sx = amax / 127 and sets *inv = 127 / amax, both 0 for a zero row; one IEEE
+ * float32 division each, as teeshard.model.quantize.quantize_rows_int8 makes them */
+static inline float w8a8_row_scale(float amax, float *inv) {
+    *inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+    return amax > 0.0f ? amax / 127.0f : 0.0f;
+}
+
 #endif

@@ -45,8 +45,8 @@ static void quantize_rows(const float *x, int64_t M, int64_t K, uint8_t *xa, int
         _mm256_storeu_ps(lanes, top);
         for (int j = 0; j < 8; j++)
             amax = lanes[j] > amax ? lanes[j] : amax;
-        float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-        sx[m] = amax > 0.0f ? amax / 127.0f : 0.0f;
+        float inv;
+        sx[m] = w8a8_row_scale(amax, &inv);
         const __m256 by = _mm256_set1_ps(inv);
         for (int64_t k = 0; k < K; k += 8) {
             __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(row + k), by));

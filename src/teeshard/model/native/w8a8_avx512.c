@@ -52,8 +52,8 @@ VNNI static void quantize_rows_offset(const float *x, int64_t M, int64_t K, uint
         for (int64_t k = 0; k < K; k += 16)
             top = _mm512_max_ps(top, _mm512_abs_ps(_mm512_loadu_ps(row + k)));
         float amax = _mm512_reduce_max_ps(top); /* a maximum: the order cannot matter */
-        float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-        sx[m] = amax > 0.0f ? amax / 127.0f : 0.0f;
+        float inv;
+        sx[m] = w8a8_row_scale(amax, &inv);
         const __m512 by = _mm512_set1_ps(inv);
         for (int64_t k = 0; k < K; k += 16) {
             __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(row + k), by));
