@@ -13,12 +13,12 @@
  * own load), leaving 16 channels' float32 sums in one register. N a multiple of 16
  * and K of 16.
  *
- * Why: oneDNN's packed bfloat16 product read one core's weight stream at about
- * 13.6 GB/s at one row on an AMD EPYC Zen 4, no faster than float32's, so bfloat16
- * decoded at 1.8-2.0x float32 for half the bytes. This kernel streams 32 channels
- * (two sequential lines a step, a software prefetch 2 KiB ahead) at 18-20 GB/s,
- * the int8 kernels' rate, and with up to eight rows per weight load it keeps pace
- * with oneDNN at prefill (128 rows): measured in benchmarks/linear_rows.py.
+ * Why: oneDNN's packed bfloat16 product read one core's weight stream at 13.5-15
+ * GB/s at one row on an AMD EPYC Zen 4, no faster than its float32 product, so
+ * bfloat16 decoded at 1.8-2.0x float32 for half the bytes. This kernel streams 32
+ * channels (two sequential lines a step, a software prefetch 2 KiB ahead) at
+ * 16-17 GB/s there (benchmarks/linear_rows.py), and with up to eight rows per
+ * weight load it keeps pace with oneDNN at prefill (128 rows, a scratch A/B).
  *
  * Batch-invariant by construction: a row's sums are the same sequence of vdpbf16ps
  * (k = 0, 2, 4, ... in order, per channel lane) whatever its batch-mates; no
