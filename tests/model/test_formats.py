@@ -169,9 +169,8 @@ def assert_no_default_linear(ops: dict[str, int], shard: Shard) -> None:
     attention's two small products per layer (scores and weighted values), and none
     where the native decode attention serves."""
     assert not {"aten::linear", "aten::addmm", "aten::mm"} & set(ops), ops
-    cache = shard.new_cache(1).keys
     native_attention = shard.native_attention and attention.supports(
-        cache.dtype, cache.device, shard.spec.head_dim
+        shard.compute_dtype, shard.device, shard.spec.head_dim
     )
     expected = 0 if native_attention else 2 * len(shard.layers)
     assert ops.get("aten::matmul", 0) == expected, ops

@@ -137,6 +137,48 @@ def test_what_the_kernel_cannot_take_is_refused() -> None:
         decode_attention(sessions, 0, q, k, v, torch.empty(1, 1, HEADS, HEAD_DIM), None)
 
 
+def test_what_would_write_outside_a_cache_is_refused() -> None:
+    """The kernel writes into each cache by the numbers it is given: a layer past the
+    slab, rows of another dtype (4-byte values into a 2-byte slab), other head counts
+    or another batch's rows must be refused before it runs, with the caches untouched."""
+    caches = [cache_with(3, 8, torch.bfloat16, seed=0), cache_with(5, 8, torch.bfloat16, seed=1)]
+    before = [(c.keys.clone(), c.values.clone()) for c in caches]
+    sessions = DecodeSessions.of(caches, [1, 1], [3, 5])
+    assert sessions is not None
+    q, k, v = new_rows(2, torch.bfloat16, seed=0)
+    out = torch.empty(1, 2, HEADS, HEAD_DIM, dtype=torch.bfloat16)
+    with pytest.raises(native.NativeKernelError, match=f"layer {LAYERS} of caches holding"):
+        decode_attention(sessions, LAYERS, q, k, v, out, None)
+    with pytest.raises(native.NativeKernelError, match="layer -1"):
+        decode_attention(sessions, -1, q, k, v, out, None)
+    wide = [t.float() for t in (q, k, v, out)]
+    with pytest.raises(native.NativeKernelError, match="does not take"):
+        decode_attention(sessions, 0, *wide[:3], wide[3].contiguous(), None)
+    q3, k3, v3 = new_rows(3, torch.bfloat16, seed=0)  # a third row the batch does not have
+    with pytest.raises(native.NativeKernelError, match="does not take"):
+        decode_attention(
+            sessions, 0, q3, k3, v3, torch.empty_like(out[:, :1]).repeat(1, 3, 1, 1), None
+        )
+    one_kv = (k[:, :, :1], v[:, :, :1])  # one key/value head where the caches hold two
+    with pytest.raises(native.NativeKernelError, match="does not take"):
+        decode_attention(sessions, 0, q[:, :, :4], *one_kv, out[:, :, :4].contiguous(), None)
+    for cache, (keys, values) in zip(caches, before, strict=True):
+        assert torch.equal(cache.keys, keys) and torch.equal(cache.values, values)
+
+
+def test_caches_unlike_the_first_are_left_to_torch() -> None:
+    """A cache with other layers, heads, head size or dtype than the batch's first is
+    not given to the kernel (it would be written by the first's numbers)."""
+    first = cache_with(2, 8, torch.float32, seed=0)
+    fewer_layers = KVCache.allocate(
+        LAYERS - 1, KV_HEADS, 8, HEAD_DIM, torch.float32, first.keys.device
+    )
+    other_dtype = cache_with(2, 8, torch.bfloat16, seed=1)
+    sessions = DecodeSessions.of([first, fewer_layers, other_dtype], [1, 1, 1], [2, 0, 2])
+    assert sessions is not None and sessions.segments == frozenset({0})
+    assert (sessions.layers, sessions.kv_heads, sessions.head_dim) == (LAYERS, KV_HEADS, HEAD_DIM)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_shard_decodes_the_same_tokens_either_way(
     tiny_model: TinyModel, dtype: torch.dtype

@@ -14,9 +14,8 @@ the head like the block linears. So bfloat16 logits are a bfloat16 product
 (float32 accumulation; rounded to bfloat16 once where oneDNN computes them, as in
 Hugging Face's bfloat16 models; float32 from teeshard's kernels). For TinyLlama a
 float32 head would be an eighth of the bytes the whole bfloat16 model reads per
-token; a bfloat16 head
-was a tenth of the int8 model's, and on a CPU without BF16 instructions it took
-torch's generic path, whose batches cost a product per row.
+token; a bfloat16 head was a tenth of the int8 model's, and on a CPU without BF16
+instructions it took torch's generic path, whose batches cost a product per row.
 
 Applied as a transformation (gpt-fast style): :func:`prepare_skeleton` swaps block
 linears and the head for :class:`~teeshard.model.quantize.Int8Linear` before

@@ -111,6 +111,5 @@ def load_shard(
         finish_loaded(shard, fmt)
     # the native decode attention, if it runs here, is built now and not by the first
     # decode step (its compiler run would count against that step's timeout)
-    cache = shard.new_cache(1).keys
-    shard.native_attention &= attention.supports(cache.dtype, cache.device, spec.head_dim)
+    shard.native_attention &= attention.supports(shard.compute_dtype, shard.device, spec.head_dim)
     return shard

@@ -21,8 +21,7 @@ one call (:mod:`teeshard.model.native.attention`).
 
 Built from the sources in this package with the machine's C compiler (``$CC`` or
 ``cc``) into a fresh private directory, once per process (the sources compile side
-by side, a few seconds on two cores; no torch headers; a shard's loader triggers
-it), which is removed once the library is loaded: nothing is loaded from a cache
+by side, 1.5 s on two cores; no torch headers; a shard's loader triggers it), which is removed once the library is loaded: nothing is loaded from a cache
 another process could have written, so inside a TEE the kernel is exactly the
 measured source. No compiler, another architecture or a CPU without AVX2/FMA: no
 native kernel, and callers keep torch's (:func:`unavailable_reason` says why).
@@ -133,7 +132,11 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
         function = getattr(library, symbol)
         function.restype = ctypes.c_int
         function.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]
-    log.info("native int8 kernels built with %s (%s)", Path(compiler).name, "/".join(int8_isas()))
+    log.info(
+        "native kernels built with %s (%s)",
+        Path(compiler).name,
+        "/".join(_runnable(_ISA_MULTIPLES)),
+    )
     return library, ""
 
 
@@ -147,19 +150,22 @@ def _runnable(isas: dict[str, tuple[int, int]]) -> tuple[str, ...]:
 
 def _compile_all(compiler: str, build_dir: Path) -> list[Path]:
     """Every source compiled to an object in ``build_dir``, all at once (each takes
-    about half a second; one after another they delayed a node's first step by five)."""
+    about half a second: 1.5 s side by side on two cores, about 4 s one after another)."""
     running = []
-    for source in _SOURCES:
-        obj = build_dir / f"{source.stem}.o"
-        command = [compiler, *_FLAGS, "-c", str(source), "-o", str(obj)]
-        running.append((subprocess.Popen(command, stdout=PIPE, stderr=PIPE), command, obj))
-    failed = None
-    for process, command, _ in running:
-        _, stderr = process.communicate(timeout=120)
-        if process.returncode != 0 and failed is None:
-            failed = subprocess.CalledProcessError(process.returncode, command, stderr=stderr)
-    if failed is not None:
-        raise failed
+    try:
+        for source in _SOURCES:
+            obj = build_dir / f"{source.stem}.o"
+            command = [compiler, *_FLAGS, "-c", str(source), "-o", str(obj)]
+            running.append((subprocess.Popen(command, stdout=PIPE, stderr=PIPE), command, obj))
+        for process, command, _ in running:
+            _, stderr = process.communicate(timeout=120)
+            if process.returncode != 0:
+                raise subprocess.CalledProcessError(process.returncode, command, stderr=stderr)
+    finally:  # a failure or a timeout leaves no compiler running
+        for process, _, _ in running:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
     return [obj for _, _, obj in running]
 
 
@@ -186,9 +192,19 @@ def _fits(isa: str, channels: int, width: int) -> bool:
     return channels % channel_multiple == 0 and width % width_multiple == 0
 
 
+def _fitting(
+    isas: tuple[str, ...], channels: int, width: int, max_width: int | None = None
+) -> list[str]:
+    """Those of ``isas`` (this CPU's, fastest first) that take a (``channels``,
+    ``width``) weight, in their order."""
+    if max_width is not None and width >= max_width:
+        return []
+    return [isa for isa in isas if _fits(isa, channels, width)]
+
+
 def int8_isa(channels: int, width: int) -> str | None:
     """The best int8 kernel here for a (``channels``, ``width``) weight, if any."""
-    return next((isa for isa in int8_isas() if _fits(isa, channels, width)), None)
+    return next(iter(_fitting(int8_isas(), channels, width)), None)
 
 
 Block = tuple[int, int]  # (channels, inputs) of one block of a blocked weight
@@ -246,11 +262,7 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, *, isa: s
     Releases the GIL while it runs.
     """
     rows, channels, width = _checked_int8("int8_matmul", x, q, scale)
-    if isa not in int8_isas() or not _fits(isa, channels, width):
-        raise NativeKernelError(
-            f"int8_matmul: no {isa} kernel for a {channels}x{width} weight here "
-            f"(this CPU runs {', '.join(int8_isas()) or 'none'})"
-        )
+    _chosen("int8_matmul", isa, int8_isas(), channels, width)
     return _run(f"teeshard_int8_matmul_{isa}", (x, q, scale), rows, channels, width, "int8_matmul")
 
 
@@ -259,9 +271,9 @@ W8A8_MAX_WIDTH = 1 << 17  # the kernel's int32 sums are exact below this input w
 
 def w8a8_isa(channels: int, width: int) -> str | None:
     """The fastest w8a8 kernel here for a (``channels``, ``width``) weight, if any."""
-    if width >= W8A8_MAX_WIDTH or not available():
+    if not available():
         return None
-    return next((isa for isa in w8a8_isas() if _fits(isa, channels, width)), None)
+    return next(iter(_fitting(w8a8_isas(), channels, width, W8A8_MAX_WIDTH)), None)
 
 
 def w8a8_fits(channels: int, width: int) -> bool:
@@ -296,10 +308,8 @@ def _chosen(
 ) -> str:
     """``isa``, or the first of ``isas`` (this CPU's, fastest first) that takes a
     (``channels``, ``width``) weight where ``isa`` is None; NativeKernelError if none."""
-    fit = [i for i in isas if _fits(i, channels, width)]
-    if max_width is not None and width >= max_width:
-        fit = []
-    chosen = (fit[0] if fit else None) if isa is None else (isa if isa in fit else None)
+    fit = _fitting(isas, channels, width, max_width)
+    chosen = next(iter(fit), None) if isa is None else (isa if isa in fit else None)
     if chosen is None:
         kernel = f"{isa} kernel" if isa else "kernel"
         raise NativeKernelError(
@@ -313,7 +323,7 @@ def bf16_isa(channels: int, width: int) -> str | None:
     """The fastest bfloat16 kernel here for a (``channels``, ``width``) weight, if any."""
     if not available():
         return None
-    return next((isa for isa in bf16_isas() if _fits(isa, channels, width)), None)
+    return next(iter(_fitting(bf16_isas(), channels, width)), None)
 
 
 def bf16_fits(channels: int, width: int) -> bool:

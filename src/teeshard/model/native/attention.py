@@ -67,7 +67,10 @@ def supports(dtype: torch.dtype, device: torch.device, head_dim: int) -> bool:
 class DecodeSessions:
     """A batch's single-step segments, as the kernel takes them (built once per batch,
     used by every layer): which segments, their rows in the packed batch, their
-    positions, and their caches' addresses and lengths."""
+    positions, and their caches' addresses and lengths; and what every one of those
+    caches is (dtype, layers, key/value heads, head size) and how many rows the
+    packed batch has, which :func:`decode_attention` holds each call to, since the
+    kernel writes into the caches by those numbers."""
 
     segments: frozenset[int]
     rows: torch.Tensor  # int64 (S,)
@@ -76,6 +79,11 @@ class DecodeSessions:
     k_bases: torch.Tensor
     v_bases: torch.Tensor
     caches: tuple[CacheSlab, ...]  # held so the addresses stay valid
+    dtype: torch.dtype
+    layers: int
+    kv_heads: int
+    head_dim: int
+    batch_rows: int  # rows of the packed batch, decoding or not
 
     @classmethod
     def of(
@@ -84,12 +92,21 @@ class DecodeSessions:
         """The single-step segments of a batch, or None where there are none or the
         kernel does not take these caches."""
         first = caches[0].keys
-        if not supports(first.dtype, first.device, first.shape[-1]):
+        if first.dim() != 5 or not supports(first.dtype, first.device, first.shape[-1]):
             return None
         chosen, rows, offset = [], [], 0
         for index, (cache, count) in enumerate(zip(caches, steps, strict=True)):
-            fits = cache.keys.dtype == first.dtype and cache.keys.is_contiguous()
-            if count == 1 and fits and cache.values.is_contiguous():
+            keys, values = cache.keys, cache.values
+            fits = (  # the slab the kernel writes into is what it takes it for
+                keys.dtype == values.dtype == first.dtype
+                and keys.shape == values.shape
+                and keys.dim() == 5
+                and (keys.shape[:3], keys.shape[4]) == (first.shape[:3], first.shape[4])
+                and keys.shape[1] == 1
+                and keys.is_contiguous()
+                and values.is_contiguous()
+            )
+            if count == 1 and fits:
                 chosen.append(index)
                 rows.append(offset)
             offset += count
@@ -108,6 +125,11 @@ class DecodeSessions:
             longs([c.keys.data_ptr() for c in picked]),
             longs([c.values.data_ptr() for c in picked]),
             tuple(picked),
+            first.dtype,
+            first.shape[0],
+            first.shape[2],
+            first.shape[4],
+            offset,
         )
 
 
@@ -125,12 +147,21 @@ def decode_attention(
     function = _function()
     heads, kv_heads, head_dim = q.shape[2], k.shape[2], q.shape[3]
     tensors = (q, k, v, out)
-    if function is None or any(
-        t.dtype != q.dtype or t.stride(3) != 1 or t.stride(2) != head_dim for t in tensors
+    if (
+        function is None
+        or any(t.dim() != 4 or t.shape[:2] != (1, sessions.batch_rows) for t in tensors)
+        or any(t.dtype != sessions.dtype or t.shape[3] != sessions.head_dim for t in tensors)
+        or any(t.stride(3) != 1 or t.stride(2) != head_dim for t in tensors)
+        or (kv_heads, v.shape[2], out.shape[2]) != (sessions.kv_heads, kv_heads, heads)
+        or heads % kv_heads != 0
     ):
         raise NativeKernelError("decode_attention: tensors the kernel does not take")
     if not out.is_contiguous():
         raise NativeKernelError("decode_attention: out must be contiguous")
+    if not 0 <= layer < sessions.layers:
+        raise NativeKernelError(
+            f"decode_attention: layer {layer} of caches holding {sessions.layers}"
+        )
     status = function(
         len(sessions.segments),
         sessions.rows.data_ptr(),

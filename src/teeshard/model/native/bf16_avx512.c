@@ -13,7 +13,7 @@
  * own load), leaving 16 channels' float32 sums in one register. N a multiple of 16
  * and K of 16.
  *
- * Why: oneDNN's packed bfloat16 product read one core's weight stream at 13.5-15
+ * Why: oneDNN's packed bfloat16 product read one core's weight stream at 13-15
  * GB/s at one row on an AMD EPYC Zen 4, no faster than its float32 product, so
  * bfloat16 decoded at 1.8-2.0x float32 for half the bytes. This kernel streams 32
  * channels (two sequential lines a step, a software prefetch 2 KiB ahead) at
