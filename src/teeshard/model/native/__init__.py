@@ -42,6 +42,8 @@ from subprocess import PIPE
 
 import torch
 
+from teeshard.model.native import huge_pages
+
 log = logging.getLogger(__name__)
 
 _SOURCES = tuple(
@@ -223,7 +225,8 @@ def block_weight(q: torch.Tensor, block: Block = FOUR_BY_SIXTEEN) -> torch.Tenso
     ``[n / c][k / i][n % c][k % i]`` for ``block`` (c, i), still shaped (N, K). Four
     channels by 16 inputs by default: one 64-byte line of an int8 weight each."""
     (n, k), (c, i) = q.shape, block
-    return q.view(n // c, c, k // i, i).permute(0, 2, 1, 3).contiguous().view(n, k)
+    # on huge pages: the kernels stream this every decode step (native/huge_pages.py)
+    return huge_pages.copy(q.view(n // c, c, k // i, i).permute(0, 2, 1, 3)).view(n, k)
 
 
 def unblock_weight(blocked: torch.Tensor, block: Block = FOUR_BY_SIXTEEN) -> torch.Tensor:
