@@ -5,7 +5,8 @@ random model: prefill of 128 tokens and greedy decode of 64, with teeshard's
 blocks unsplit in this process ("local") and over a 2-node split of
 ``teeshard node`` processes on loopback (RA-TLS, simulated attestation against a
 policy naming the format's manifests, receipts), driven through the entry's API
-with a token-id prompt and ``ignore_eos`` ("split").
+with a token-id prompt and ``ignore_eos`` ("split"), and on one such node serving
+every layer ("one node").
 
 Memory bandwidth here swings from minute to minute, so nothing is compared across
 minutes. Two phases, each interleaved:
@@ -13,9 +14,14 @@ minutes. Two phases, each interleaved:
 1. **formats**: every format's unsplit shard is loaded at once and the formats take
    turns, one prefill + decode each per repetition, in rotating order. The format
    ratios (bfloat16 / float32 and int8 / float32) come from here.
-2. **split vs unsplit**: for each format in turn its nodes start, and split and
-   unsplit runs alternate (which goes first alternates too). The split/unsplit
-   ratio is the median of each repetition's adjacent pair.
+2. **split vs unsplit**: for each format in turn (the smallest first), a 2-node
+   split and a one-node server of the whole model start, and three runs take turns
+   (each going first in turn), ``--split-reps`` times: the split, the one node (the
+   same serving stack unsplit: the split/unsplit target is measured against it) and
+   the blocks in this process (no server at all). A ratio is the median over
+   repetitions of the runs next to each other in time. Decode over the API is the
+   ``decode_tokens`` request's time less the 1-token request's (the prefill), so it
+   carries the noise of both; more repetitions narrow it.
 
 Medians over repetitions. Prints a table; writes ``benchmarks/results/throughput.json``.
 
@@ -75,7 +81,7 @@ TARGETS = {  # issue 13, ratios within one run
     "bfloat16_decode_vs_float32": 2.0,
     "bfloat16_prefill_vs_float32": 3.0,
     "int8_decode_vs_float32": 3.5,
-    "split_vs_local_decode_each_format": 0.95,
+    "split_vs_one_node_decode_each_format": 0.95,
 }
 
 
@@ -243,9 +249,11 @@ def measure_formats(
 ) -> dict[str, dict[str, Any]]:
     """Both phases (see the module docstring); timings per format."""
     runs: dict[str, dict[str, Any]] = {
-        n: {"local": [], "split": [], "beside_split": []} for n in names
+        n: {"local": [], "split": [], "one_node": [], "beside_split": []} for n in names
     }
     unsplit = load_locals(checkpoint, names)
+    for name in names:
+        runs[name]["load_s"] = unsplit[name][1]
     started = time.perf_counter()
     for rep in range(args.reps):  # phase 1: the formats take turns, unsplit
         for name in names[rep % len(names) :] + names[: rep % len(names)]:
@@ -254,36 +262,42 @@ def measure_formats(
             print(f"formats rep {rep + 1}/{args.reps} {name:9}: prefill {timing.prefill_s:.2f}s "
                   f"decode {timing.decode_s:.2f}s ({time.perf_counter() - started:.0f}s elapsed)",
                   flush=True)  # fmt: skip
-    for name in names:  # phase 2: split and unsplit alternate, one format at a time
+    # phase 2: the split, one node and the in-process blocks take turns, a format at a
+    # time, the largest last (each format's in-process shard is freed after its turn)
+    everything = LayerRange(0, checkpoint.spec.num_layers)
+    for name in sorted(names, key=lambda n: format_bytes(checkpoint, everything, FORMATS[n])):
         fmt, run = FORMATS[name], runs[name]
-        launched = time.perf_counter()
         options = ["--threads", str(args.threads)] if args.threads else []
+        launched = time.perf_counter()
         processes, launches = start_nodes(model_dir, args.nodes, "float32", fmt, options)
         run["startup_s"] = time.perf_counter() - launched
-        url = f"http://127.0.0.1:{launches[0].port}/v1/completions"
+        single, single_launch = start_nodes(model_dir, 1, "float32", fmt, options)
+        urls = {
+            "split": f"http://127.0.0.1:{launches[0].port}/v1/completions",
+            "one_node": f"http://127.0.0.1:{single_launch[0].port}/v1/completions",
+        }
+        kinds = ["split", "one_node", "beside_split"]
         try:
-            for rep in range(args.reps):
-                for where in ("split", "local") if rep % 2 == 0 else ("local", "split"):
-                    if where == "split":
-                        run["split"].append(run_split(url, prompt, args.decode_tokens))
+            for rep in range(args.split_reps):
+                for kind in kinds[rep % 3 :] + kinds[: rep % 3]:  # each goes first in turn
+                    if kind == "beside_split":
+                        run[kind].append(run_local(unsplit[name][0], prompt, args.decode_tokens))
                     else:
-                        timing = run_local(unsplit[name][0], prompt, args.decode_tokens)
-                        run["beside_split"].append(timing)
-                lo, sp = run["beside_split"][-1], run["split"][-1]
-                print(f"split rep {rep + 1}/{args.reps} {name:9}: unsplit decode "
-                      f"{lo.decode_s:.2f}s | split prefill {sp.prefill_s:.2f}s decode "
-                      f"{sp.decode_s:.2f}s ({time.perf_counter() - started:.0f}s elapsed)",
+                        nodes = args.nodes if kind == "split" else 1
+                        run[kind].append(run_split(urls[kind], prompt, args.decode_tokens, nodes))
+                sp, one, lo = run["split"][-1], run["one_node"][-1], run["beside_split"][-1]
+                print(f"split rep {rep + 1}/{args.split_reps} {name:9}: decode split "
+                      f"{sp.decode_s:.2f}s one node {one.decode_s:.2f}s in-process "
+                      f"{lo.decode_s:.2f}s ({time.perf_counter() - started:.0f}s elapsed)",
                       flush=True)  # fmt: skip
             run["rss_mb"] = node_rss_mb(launches)
         finally:
-            for process in processes:
+            for process in [*processes, *single]:
                 process.terminate()
-            for process in processes:
+            for process in [*processes, *single]:
                 process.wait()
-    for name in names:
-        runs[name]["load_s"] = unsplit[name][1]
-    del unsplit
-    gc.collect()
+        del unsplit[name]
+        gc.collect()
     return runs
 
 
@@ -315,16 +329,22 @@ def summarise(
             row[f"{where}_decode_tok_s"] = (decode_tokens - 1) / statistics.median(
                 t.decode_s for t in timings
             )
-        # each repetition of phase 2: the split against the unsplit run next to it in time
-        pairs = list(zip(beside, split, strict=True))
-        row["split_vs_local_prefill"] = statistics.median(
-            lo.prefill_s / sp.prefill_s for lo, sp in pairs
+        # each repetition of phase 2: the split against the unsplit runs next to it in time
+        for base, runs_beside in (("one_node", run["one_node"]), ("local", beside)):
+            pairs = list(zip(runs_beside, split, strict=True))
+            for what in ("prefill", "decode"):
+                row[f"split_vs_{base}_{what}"] = statistics.median(
+                    getattr(lo, f"{what}_s") / getattr(sp, f"{what}_s") for lo, sp in pairs
+                )
+        one_node = run["one_node"]
+        row["one_node_prefill_tok_s"] = prompt_len / statistics.median(
+            t.prefill_s for t in one_node
         )
-        row["split_vs_local_decode"] = statistics.median(
-            lo.decode_s / sp.decode_s for lo, sp in pairs
+        row["one_node_decode_tok_s"] = (decode_tokens - 1) / statistics.median(
+            t.decode_s for t in one_node
         )
         row["greedy_split_equals_local"] = all(
-            t.tokens == local[0].tokens for t in [*local, *split, *beside]
+            t.tokens == local[0].tokens for t in [*local, *split, *one_node, *beside]
         )
         if reference is not None:
             row["greedy_vs_float32"] = agreement(local[0].tokens, reference)
@@ -336,6 +356,7 @@ def summarise(
         row["per_rep"] = {
             "local_decode_tok_s": [(decode_tokens - 1) / t.decode_s for t in local],
             "split_decode_tok_s": [(decode_tokens - 1) / t.decode_s for t in split],
+            "one_node_decode_tok_s": [(decode_tokens - 1) / t.decode_s for t in one_node],
             "unsplit_beside_split_decode_tok_s": [(decode_tokens - 1) / t.decode_s for t in beside],
         }
         formats[name] = row
@@ -356,10 +377,10 @@ def ratios_and_targets(formats: dict[str, Any]) -> tuple[dict[str, float], dict[
                         )
     targets: dict[str, Any] = {}
     for key, target in TARGETS.items():
-        if key == "split_vs_local_decode_each_format":
+        if key == "split_vs_one_node_decode_each_format":
             if not formats:
                 continue
-            measured = {n: f["split_vs_local_decode"] for n, f in formats.items()}
+            measured = {n: f["split_vs_one_node_decode"] for n, f in formats.items()}
             targets[key] = {"target": target, "measured": measured,
                             "met": all(v >= target for v in measured.values())}  # fmt: skip
             continue
@@ -373,13 +394,15 @@ def ratios_and_targets(formats: dict[str, Any]) -> tuple[dict[str, float], dict[
 def print_table(formats: dict[str, Any], ratios: dict[str, float], targets: dict[str, Any]) -> None:
     print()
     header = (f"{'format':10} {'local prefill':>14} {'local decode':>13} {'split prefill':>14} "
-              f"{'split decode':>13} {'split/local dec':>16} {'weights MB/node':>16}")  # fmt: skip
+              f"{'split decode':>13} {'1-node decode':>14} {'split/1-node':>13} "
+              f"{'split/local':>12} {'weights MB/node':>16}")  # fmt: skip
     print(header)
     for name, row in formats.items():
         weights = "/".join(f"{w:.0f}" for w in row["node_weights_mb"])
         print(f"{name:10} {row['local_prefill_tok_s']:14.1f} {row['local_decode_tok_s']:13.2f} "
               f"{row['split_prefill_tok_s']:14.1f} {row['split_decode_tok_s']:13.2f} "
-              f"{row['split_vs_local_decode']:16.3f} {weights:>16}")  # fmt: skip
+              f"{row['one_node_decode_tok_s']:14.2f} {row['split_vs_one_node_decode']:13.3f} "
+              f"{row['split_vs_local_decode']:12.3f} {weights:>16}")  # fmt: skip
     for key, value in ratios.items():
         print(f"{key}: {value:.2f}x")
     for key, result in targets.items():
@@ -405,6 +428,10 @@ def main() -> int:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument(
+        "--split-reps", type=int, default=4,
+        help="phase 2: turns of split / one node / in-process per format",
+    )  # fmt: skip
     parser.add_argument("--formats", default=",".join(FORMATS), help="comma-separated")
     parser.add_argument(
         "--threads",
@@ -472,6 +499,7 @@ def main() -> int:
         "prompt_tokens": args.prompt_tokens,
         "decode_tokens": args.decode_tokens,
         "reps": args.reps,
+        "split_reps": args.split_reps,
         "statistic": "median over repetitions",
         "torch": torch.__version__,
         "cpu": cpu_description(),
