@@ -83,3 +83,21 @@ def test_laid_out_weights_are_on_huge_pages_and_round_trip(on: None) -> None:
         blocked = native.block_weight(q, block)
         assert blocked.data_ptr() % HUGE == 0
         assert torch.equal(native.unblock_weight(blocked, block), q)
+
+
+def _rss_mib() -> float:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * 4096 / 2**20
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_freed_heap_memory_goes_back_to_the_system() -> None:
+    """What loading leaves behind: blocks freed between blocks still held (the stored
+    bytes of weights laid out anew) stay resident in glibc's heap until trimmed."""
+    chunks = [torch.ones(16 * 1024) for _ in range(8192)]  # 64 KiB each: heap, not mmap
+    kept = chunks[1::2]
+    del chunks  # every other one freed: holes the heap cannot shrink past
+    before = _rss_mib()
+    if not huge_pages.release_freed_heap():
+        pytest.skip("no malloc_trim here (not glibc)")
+    assert before - _rss_mib() > 128  # about 256 MiB of holes
+    assert all(bool((t == 1).all()) for t in kept[:16])  # what is held stays intact

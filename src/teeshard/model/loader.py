@@ -24,7 +24,7 @@ from teeshard.model.formats import (
     prepare_skeleton,
 )
 from teeshard.model.layer_range import LayerRange
-from teeshard.model.native import attention
+from teeshard.model.native import attention, huge_pages
 from teeshard.model.transformer import Shard
 
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
@@ -109,6 +109,7 @@ def load_shard(
     shard.number_format, shard.compute_dtype = fmt, fmt.torch_dtype
     if pack:
         finish_loaded(shard, fmt)
+    huge_pages.release_freed_heap()  # the stored bytes laid out anew, the sources quantized
     # the native decode attention, if it runs here, is built now and not by the first
     # decode step (its compiler run would count against that step's timeout)
     shard.native_attention &= attention.supports(shard.compute_dtype, shard.device, spec.head_dim)
