@@ -2,7 +2,8 @@
 
 Three products, each in a kernel per instruction set, fastest first where the CPU
 runs it; each kernel reads its weight in a blocked layout, laid out once at load
-(:func:`lay_out_weight`; :func:`weight_block` says which).
+(:func:`lay_out_weight`; :func:`weight_block` says which) onto 2 MiB pages where Linux
+gives them (:mod:`teeshard.model.native.huge_pages`).
 
 * :func:`int8_matmul`: the weight-only int8 product with float32 activations:
   ``int8_avx512.c`` (AVX-512) and ``int8_avx2.c`` (AVX2 and FMA). The int8 format
