@@ -279,7 +279,8 @@ def measure_formats(
         kinds = ["split", "one_node", "beside_split"]
         try:
             for rep in range(args.split_reps):
-                for kind in kinds[rep % 3 :] + kinds[: rep % 3]:  # each goes first in turn
+                turn = rep % len(kinds)
+                for kind in kinds[turn:] + kinds[:turn]:  # each goes first in turn
                     if kind == "beside_split":
                         run[kind].append(run_local(unsplit[name][0], prompt, args.decode_tokens))
                     else:

@@ -45,14 +45,27 @@ def test_a_large_tensor_starts_on_a_huge_page_and_keeps_its_shape(on: None) -> N
     assert t.data_ptr() % HUGE == 0
 
 
+def _thp_fallbacks() -> int:
+    """Huge-page faults the kernel served with small pages (no free 2 MiB block)."""
+    for line in Path("/proc/vmstat").read_text().splitlines():
+        name, _, value = line.partition(" ")
+        if name == "thp_fault_fallback":
+            return int(value)
+    return 0
+
+
 @pytest.mark.skipif(not _thp_available(), reason="transparent huge pages are off here")
 def test_a_written_weight_is_backed_by_huge_pages(on: None) -> None:
     """The property that makes decode faster: the kernel really mapped 2 MiB pages.
     (Advice given after the memory was touched, or on memory the allocator reused,
-    would leave small pages, and this fails.)"""
+    would leave small pages without the kernel trying: this fails then.)"""
+    fallbacks = _thp_fallbacks()
     t = huge_pages.empty((8 * HUGE,), torch.int8)
     t.fill_(1)
-    assert _anon_huge_kb(t.data_ptr()) >= 8 * HUGE // 1024 // 2  # most of it, whatever else
+    huge_kb = _anon_huge_kb(t.data_ptr())
+    if huge_kb < 8 * HUGE // 1024 and _thp_fallbacks() > fallbacks:
+        pytest.skip("memory too fragmented for huge pages just now (thp_fault_fallback rose)")
+    assert huge_kb == 8 * HUGE // 1024
 
 
 @pytest.mark.skipif(not _thp_available(), reason="transparent huge pages are off here")
@@ -64,9 +77,20 @@ def test_turned_off_it_is_an_ordinary_tensor(monkeypatch: pytest.MonkeyPatch) ->
     assert _anon_huge_kb(t.data_ptr()) == 0  # "madvise" mode: nothing asked for them
 
 
-def test_small_tensors_are_left_alone(on: None) -> None:
+def test_small_tensors_get_no_mapping_of_their_own(
+    on: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under one huge page nothing is gained, and a mapping per small tensor would only
+    multiply the process's mappings: those take the ordinary allocator."""
+
+    def no_mapping(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a small tensor was given a mapping")
+
+    monkeypatch.setattr(huge_pages.mmap, "mmap", no_mapping)
     small = huge_pages.empty((HUGE // 4 - 1,), torch.float32)
-    assert small.numel() == HUGE // 4 - 1  # under one huge page: an ordinary allocation
+    assert small.shape == (HUGE // 4 - 1,) and small.dtype == torch.float32
+    with pytest.raises(AssertionError, match="given a mapping"):  # the large one does map
+        huge_pages.empty((HUGE // 4,), torch.float32)
 
 
 def test_copy_keeps_every_value_of_a_strided_source(on: None) -> None:
@@ -83,21 +107,3 @@ def test_laid_out_weights_are_on_huge_pages_and_round_trip(on: None) -> None:
         blocked = native.block_weight(q, block)
         assert blocked.data_ptr() % HUGE == 0
         assert torch.equal(native.unblock_weight(blocked, block), q)
-
-
-def _rss_mib() -> float:
-    return int(Path("/proc/self/statm").read_text().split()[1]) * 4096 / 2**20
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_freed_heap_memory_goes_back_to_the_system() -> None:
-    """What loading leaves behind: blocks freed between blocks still held (the stored
-    bytes of weights laid out anew) stay resident in glibc's heap until trimmed."""
-    chunks = [torch.ones(16 * 1024) for _ in range(8192)]  # 64 KiB each: heap, not mmap
-    kept = chunks[1::2]
-    del chunks  # every other one freed: holes the heap cannot shrink past
-    before = _rss_mib()
-    if not huge_pages.release_freed_heap():
-        pytest.skip("no malloc_trim here (not glibc)")
-    assert before - _rss_mib() > 128  # about 256 MiB of holes
-    assert all(bool((t == 1).all()) for t in kept[:16])  # what is held stays intact

@@ -20,12 +20,10 @@ kernel refuses or it is not Linux, the tensor is an ordinary one: only speed dif
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import logging
+import math
 import mmap
 import os
-import warnings
 
 import torch
 
@@ -42,18 +40,13 @@ def enabled() -> bool:
 def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised contiguous CPU tensor, on huge pages where the system gives them
     (only tensors of at least one huge page: smaller ones gain nothing)."""
-    count = 1
-    for dim in shape:
-        count *= dim
-    nbytes = count * torch.empty(0, dtype=dtype).element_size()
+    nbytes = math.prod(shape) * dtype.itemsize
     if nbytes < HUGE_PAGE or not enabled():
         return torch.empty(shape, dtype=dtype)
     # A fresh anonymous mapping, not the allocator's: memory it reuses is already backed
     # by small pages, which advice no longer changes.
     region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    with warnings.catch_warnings():  # "non-writable buffer": an anonymous mapping is writable
-        warnings.simplefilter("ignore", UserWarning)
-        raw = torch.frombuffer(region, dtype=torch.uint8)  # holds the mapping while it lives
+    raw = torch.frombuffer(region, dtype=torch.uint8)  # holds the mapping while it lives
     start = -raw.data_ptr() % HUGE_PAGE
     whole = nbytes // HUGE_PAGE * HUGE_PAGE  # a partial last page would waste its rest
     try:
@@ -68,28 +61,3 @@ def copy(tensor: torch.Tensor) -> torch.Tensor:
     out = empty(tuple(tensor.shape), tensor.dtype)
     out.copy_(tensor)
     return out
-
-
-@functools.cache
-def _malloc_trim() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
-    try:
-        trim = ctypes.CDLL(None).malloc_trim  # glibc; musl and others have none
-    except (OSError, AttributeError):
-        return None
-    trim.restype, trim.argtypes = ctypes.c_int, [ctypes.c_size_t]
-    return trim
-
-
-def release_freed_heap() -> bool:
-    """Hand the C heap's free pages back to the system (glibc ``malloc_trim``); False where
-    there is no such call.
-
-    Loading frees a weight's stored bytes once they are laid out, and quantized
-    formats free the float32 source tensors. glibc keeps such freed memory in its heap
-    and counts it in the process's resident memory until asked: a w8a8 TinyLlama half
-    stayed at 1,576 MiB resident after loading, and 959 MiB after this."""
-    trim = _malloc_trim()
-    if trim is None:
-        return False
-    trim(0)
-    return True
