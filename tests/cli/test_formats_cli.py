@@ -34,6 +34,18 @@ def test_node_config_carries_the_format(tiny_llama: TinyModel) -> None:
         replace(config, dtype="float32").validate(4)  # the config checks it too
 
 
+def test_node_config_carries_the_inline_step_bound(tiny_llama: TinyModel) -> None:
+    argv = ["node", "--model", str(tiny_llama.path), "--layers", "0:4"]
+    args = build_parser().parse_args(argv)
+    default = config_from_args(args, layers=args.layers)
+    assert default.scheduler.inline_step_s == pytest.approx(0.05)
+    off = build_parser().parse_args([*argv, "--inline-step-ms", "0"])
+    assert config_from_args(off, layers=off.layers).scheduler.inline_step_s == 0
+    negative = build_parser().parse_args([*argv, "--inline-step-ms", "-1"])
+    with pytest.raises(ValueError, match="must not be negative"):
+        config_from_args(negative, layers=negative.layers)
+
+
 def test_manifest_refuses_int8_with_float32(
     tiny_llama: TinyModel, capsys: pytest.CaptureFixture[str]
 ) -> None:

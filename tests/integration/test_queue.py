@@ -69,6 +69,8 @@ async def test_a_burst_of_64_is_queued_batched_and_all_answered(
     steps = metric(entry_metrics, "teeshard_steps_total")
     batches = metric(entry_metrics, "teeshard_batches_total")
     assert 0 < batches < steps, "the entry never ran two sessions' steps in one forward"
+    # the seven requests one at a time decoded alone: on the event loop's thread
+    assert metric(entry_metrics, "teeshard_inline_batches_total") > 0
 
 
 @pytest.fixture(scope="module")

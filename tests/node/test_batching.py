@@ -344,3 +344,149 @@ def test_pipeline_groups_split_the_active_sessions_into_smaller_batches(
     assert grouped == together == expected
     assert grouped_batches >= steps // 2  # never more than two steps in a batch
     assert together_batches < grouped_batches
+
+
+class ThreadRecorder:
+    """Wraps ``shard.forward_batch`` to note which thread ran each batch (and, when
+    asked, to make a given call slow or fail)."""
+
+    def __init__(
+        self, shard: Shard, slow: dict[int, float] | None = None, fail: int | None = None
+    ) -> None:
+        self.threads: list[int] = []
+        self.active: list[int] = []  # sessions stepping at each call, when given ``sessions``
+        self.sessions: NodeService | None = None
+        self._original = shard.forward_batch
+        self._slow = slow or {}
+        self._fail = fail
+        shard.forward_batch = self  # type: ignore[method-assign]
+
+    def __call__(self, *args: object, **kwargs: object) -> list[torch.Tensor]:
+        import threading
+        import time
+
+        from teeshard.offload.errors import AcceleratorError
+
+        call = len(self.threads)
+        self.threads.append(threading.get_ident())
+        if self.sessions is not None:
+            self.active.append(self.sessions.sessions.stepping())
+        if call == self._fail:
+            raise AcceleratorError("accelerator gave no answer")
+        time.sleep(self._slow.get(call, 0.0))
+        return self._original(*args, **kwargs)  # type: ignore[arg-type]
+
+
+def test_a_lone_sessions_decode_steps_run_on_the_loops_thread(tiny_llama: TinyModel) -> None:
+    """One session decoding: its one-row steps skip the compute thread (after the
+    first, which measures how long a step takes), and give the same tokens."""
+    import threading
+
+    prompt, new = PROMPTS[0], 8
+
+    async def main() -> tuple[list[int], ThreadRecorder, int, NodeService]:
+        service = service_for(tiny_llama)
+        recorder = ThreadRecorder(service.shard)
+        try:
+            return (
+                await generate(service, "a", prompt, new),
+                recorder,
+                threading.get_ident(),
+                service,
+            )
+        finally:
+            await service.shutdown()
+
+    tokens, recorder, loop_thread, service = asyncio.run(main())
+    assert tokens == greedy_alone(whole(tiny_llama), prompt, new)[0]
+    on_loop = [t == loop_thread for t in recorder.threads]
+    # the prefill (20 rows) and the first one-row step on the compute thread, the rest inline
+    assert on_loop == [False, False] + [True] * (new - 2)
+    assert service.counters.inline_batches == new - 2
+
+
+def test_steps_stay_on_the_compute_thread_with_two_sessions_or_when_turned_off(
+    tiny_llama: TinyModel,
+) -> None:
+    import threading
+
+    async def main(
+        limits: SchedulerLimits, sessions: int
+    ) -> tuple[list[bool], list[int], list[list[int]]]:
+        service = service_for(tiny_llama, limits)
+        recorder = ThreadRecorder(service.shard)
+        recorder.sessions = service
+        try:
+            got = await asyncio.gather(
+                *(generate(service, f"s{i}", PROMPTS[i], 6) for i in range(sessions))
+            )
+        finally:
+            await service.shutdown()
+        on_loop = [t == threading.get_ident() for t in recorder.threads]
+        return on_loop, recorder.active, list(got)
+
+    # groups=2: each session's steps form a batch of their own, one row each, so only
+    # the other active session keeps them off the loop (whose I/O serves that session)
+    on_loop, active, got = asyncio.run(main(SchedulerLimits(groups=2), 2))
+    beside = [loop for loop, n in zip(on_loop, active, strict=True) if n > 1]
+    assert len(beside) >= 6
+    assert not any(beside), "a step ran on the loop's thread beside another session"
+    assert got == [greedy_alone(whole(tiny_llama), PROMPTS[i], 6)[0] for i in range(2)]
+    on_loop, _, got = asyncio.run(main(SchedulerLimits(inline_step_s=0), 1))
+    assert not any(on_loop)
+    assert got == [greedy_alone(whole(tiny_llama), PROMPTS[0], 6)[0]]
+
+
+def test_a_slow_step_sends_the_next_one_back_to_the_compute_thread(
+    tiny_llama: TinyModel,
+) -> None:
+    """A step that took longer than ``inline_step_s`` means the next would hold the
+    event loop that long: it goes to the compute thread, and a fast one brings the
+    steps after it back."""
+    import threading
+
+    async def main() -> tuple[list[bool], list[int]]:
+        service = service_for(tiny_llama, SchedulerLimits(inline_step_s=0.05))
+        recorder = ThreadRecorder(service.shard, slow={3: 0.08})
+        try:
+            tokens = await generate(service, "a", PROMPTS[1], 7)
+        finally:
+            await service.shutdown()
+        return [t == threading.get_ident() for t in recorder.threads], tokens
+
+    on_loop, tokens = asyncio.run(main())
+    assert on_loop == [False, False, True, True, False, True, True]
+    assert tokens == greedy_alone(whole(tiny_llama), PROMPTS[1], 7)[0]
+
+
+def test_a_failed_inline_step_fails_alone_and_leaves_the_cache_as_before(
+    tiny_llama: TinyModel,
+) -> None:
+    """The node failing (the TSQP accelerator) during a step on the loop's thread
+    fails that step like any batch: the session's cache is put back, and a retry
+    gives the token it would have given."""
+
+    async def main() -> tuple[BaseException | None, int, int, int]:
+        service = service_for(tiny_llama)
+        ThreadRecorder(service.shard, fail=3)
+        try:
+            await service.open_session("a", 40, SamplingParams())
+            first = await service.step_tokens("a", PROMPTS[1])
+            second = await service.step_tokens("a", [first.token])
+            third = await service.step_tokens("a", [second.token])
+            length = service.sessions.get("a").cache.length
+            error: BaseException | None = None
+            try:
+                await service.step_tokens("a", [third.token])
+            except AcceleratorFailedError as exc:
+                error = exc
+            after = service.sessions.get("a").cache.length
+            retry = await service.step_tokens("a", [third.token])
+            return error, length, after, retry.token
+        finally:
+            await service.shutdown()
+
+    error, length, after, retried = asyncio.run(main())
+    assert isinstance(error, AcceleratorFailedError)
+    assert after == length == len(PROMPTS[1]) + 2
+    assert retried == greedy_alone(whole(tiny_llama), PROMPTS[1], 4)[0][3]

@@ -272,6 +272,13 @@ def add_runtime_options(parser: argparse.ArgumentParser) -> None:
         "`teeshard up`: its number of nodes)",
     )
     parser.add_argument(
+        "--inline-step-ms",
+        type=float,
+        default=50.0,
+        help="with one session decoding, run its step on the event loop's thread (two thread "
+        "hand-offs fewer) while a step takes at most this long (default 50; 0: never)",
+    )
+    parser.add_argument(
         "--queue-size",
         type=int,
         default=256,
@@ -325,6 +332,7 @@ def config_from_args(args: argparse.Namespace, **overrides: object) -> NodeConfi
             max_batch_rows=args.max_batch_rows,
             prefill_chunk=args.prefill_chunk,
             groups=args.pipeline_groups or 1,
+            inline_step_s=args.inline_step_ms / 1000,
         ),
         queue=QueueLimits(max_waiting=args.queue_size, max_wait_s=args.queue_timeout),
         max_body_bytes=args.max_body_bytes,

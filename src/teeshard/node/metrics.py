@@ -82,6 +82,10 @@ def stage_metrics(service: NodeService) -> Metrics:
     metrics.counter("teeshard_step_seconds_total", "Time spent in local compute")
     metrics.counter("teeshard_batches_total", "Batched forwards run (each holds 1+ steps)")
     metrics.counter("teeshard_batched_rows_total", "Token positions over all batched forwards")
+    metrics.counter(
+        "teeshard_inline_batches_total",
+        "Batched forwards run on the event loop's thread (a lone one-row step)",
+    )
     metrics.counter("teeshard_errors_total", "Failed requests by error code")
     metrics.counter("teeshard_pipeline_connections_total", "Pipeline sockets admitted")
     metrics.counter(
@@ -108,6 +112,7 @@ def stage_metrics(service: NodeService) -> Metrics:
         metrics.set("teeshard_step_seconds_total", counters.step_seconds)
         metrics.set("teeshard_batches_total", counters.batches)
         metrics.set("teeshard_batched_rows_total", counters.batched_rows)
+        metrics.set("teeshard_inline_batches_total", counters.inline_batches)
         metrics.set("teeshard_pipeline_connections_total", counters.pipeline_connections)
         for code, count in counters.errors.items():
             metrics.set("teeshard_errors_total", count, code=code)

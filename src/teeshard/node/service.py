@@ -224,6 +224,7 @@ class StageCounters:
     tokens_processed: int = 0  # token positions run through this shard
     step_seconds: float = 0.0  # time spent in local compute (batched forwards)
     batches: int = 0  # batched forwards run
+    inline_batches: int = 0  # of which run on the event loop's thread (a lone one-row step)
     batched_rows: int = 0  # token positions over all batches (rows / batches: mean batch)
     pipeline_connections: int = 0  # admitted after the upstream's introduction
     errors: Counter[str] = field(default_factory=Counter)  # failed requests by error code

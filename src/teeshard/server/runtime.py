@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from urllib.parse import urlsplit, urlunsplit
 
 import torch
@@ -157,7 +157,8 @@ def build_node(config: NodeConfig, show_progress: bool = False) -> Node:
         next_hop,
         config.resolved_node_id,
         trust.attestation,
-        config.scheduler,
+        # the TSQP accelerator's round trips never run on the event loop's thread
+        replace(config.scheduler, inline_step_s=0) if offload is not None else config.scheduler,
     )
     serving = _entry_serving(config, service, model_name, trust) if config.entry else None
     app = create_app(service, config, trust, serving)
