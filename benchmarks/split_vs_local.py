@@ -41,6 +41,7 @@ from teeshard.model.random_checkpoint import (
     write_tokenizer,
 )
 from teeshard.model.transformer import Shard
+from teeshard.node.metrics import series_total
 from teeshard.paths import data_dir
 from teeshard.procutil import die_with_parent, free_port_block, wait_healthy
 from teeshard.server.local_pipeline import write_local_policy
@@ -80,6 +81,9 @@ class Timing:
     prefill_s: float
     decode_s: float
     tokens: list[int]
+    # per node of the route, its compute (batched forwards, from /metrics) in the decode
+    # steps: the long request's less the 1-token one's; empty when not asked for
+    decode_compute_s: tuple[float, ...] = ()
 
 
 def ensure_tinyllama_shaped() -> Path:
@@ -201,30 +205,50 @@ def node_rss_mb(launches: list[LaunchSpec]) -> list[float]:
     return [h["memory"]["rss_bytes"] / 2**20 for h in health]
 
 
-def run_split(api_url: str, prompt: list[int], decode_tokens: int, nodes: int = 2) -> Timing:
+def run_split(
+    api_url: str,
+    prompt: list[int],
+    decode_tokens: int,
+    nodes: int = 2,
+    launches: list[LaunchSpec] | None = None,
+) -> Timing:
     """Through the entry's API, unstreamed (a random model's tokens are mostly empty text, so
     a stream carries no event per token): a 1-token request times the prefill, and a
     ``decode_tokens`` request minus it times the other ``decode_tokens - 1`` steps; session
-    open, close and receipts cost both requests alike and cancel."""
+    open, close and receipts cost both requests alike and cancel. With the route's
+    ``launches``, each node's compute in those decode steps is read from its /metrics."""
     body = {"model": "bench", "prompt": prompt, "temperature": 0, "ignore_eos": True}
     with httpx.Client(timeout=600) as client:
 
-        def timed(tokens: list[int], max_tokens: int) -> tuple[float, dict[str, Any]]:
+        def timed(tokens: list[int], max_tokens: int) -> tuple[float, dict[str, Any], list[float]]:
+            before = compute_seconds(launches or [])
             started = time.perf_counter()
             response = client.post(
                 api_url, json={**body, "prompt": tokens, "max_tokens": max_tokens}
             )
             elapsed = time.perf_counter() - started
             response.raise_for_status()
-            return elapsed, response.json()
+            after = compute_seconds(launches or [])
+            return elapsed, response.json(), [a - b for a, b in zip(after, before, strict=True)]
 
         timed(prompt[:1], 1)  # warm up, as the local run does
-        prefill, _ = timed(prompt, 1)
-        total, answer = timed(prompt, decode_tokens)
+        prefill, _, prefill_compute = timed(prompt, 1)
+        total, answer, total_compute = timed(prompt, decode_tokens)
     tokens = list(answer["teeshard"]["completion_token_ids"])
     # a receipt from every node of the route
     assert len(tokens) == decode_tokens and len(answer["receipts"]) >= nodes, answer.get("usage")
-    return Timing(prefill, total - prefill, tokens)
+    compute = tuple(t - p for t, p in zip(total_compute, prefill_compute, strict=True))
+    return Timing(prefill, total - prefill, tokens, compute)
+
+
+def compute_seconds(launches: list[LaunchSpec]) -> list[float]:
+    """Each node's time in batched forwards so far (``teeshard_step_seconds_total``;
+    loopback: no admin token needed; a figure only, so verify=False)."""
+    seconds = []
+    for spec in launches:
+        text = httpx.get(spec.health_url("127.0.0.1").replace("/health", "/metrics"), verify=False)
+        seconds.append(series_total(text.text, "teeshard_step_seconds_total"))
+    return seconds
 
 
 # -- report ----------------------------------------------------------------------------

@@ -276,6 +276,7 @@ def measure_formats(
             "split": f"http://127.0.0.1:{launches[0].port}/v1/completions",
             "one_node": f"http://127.0.0.1:{single_launch[0].port}/v1/completions",
         }
+        routes = {"split": launches, "one_node": single_launch}
         kinds = ["split", "one_node", "beside_split"]
         try:
             for rep in range(args.split_reps):
@@ -284,8 +285,10 @@ def measure_formats(
                     if kind == "beside_split":
                         run[kind].append(run_local(unsplit[name][0], prompt, args.decode_tokens))
                     else:
-                        nodes = args.nodes if kind == "split" else 1
-                        run[kind].append(run_split(urls[kind], prompt, args.decode_tokens, nodes))
+                        route = routes[kind]
+                        run[kind].append(
+                            run_split(urls[kind], prompt, args.decode_tokens, len(route), route)
+                        )
                 sp, one, lo = run["split"][-1], run["one_node"][-1], run["beside_split"][-1]
                 print(f"split rep {rep + 1}/{args.split_reps} {name:9}: decode split "
                       f"{sp.decode_s:.2f}s one node {one.decode_s:.2f}s in-process "
@@ -344,6 +347,8 @@ def summarise(
         row["one_node_decode_tok_s"] = (decode_tokens - 1) / statistics.median(
             t.decode_s for t in one_node
         )
+        for where, timings in (("split", split), ("one_node", one_node)):
+            row.update(step_time_parts(where, timings, decode_tokens))
         row["greedy_split_equals_local"] = all(
             t.tokens == local[0].tokens for t in [*local, *split, *one_node, *beside]
         )
@@ -362,6 +367,24 @@ def summarise(
         }
         formats[name] = row
     return formats
+
+
+def step_time_parts(where: str, timings: list[Timing], decode_tokens: int) -> dict[str, Any]:
+    """Where a decode step's time goes, in milliseconds a token (medians over repetitions):
+    each node's compute (batched forwards), and everything outside it (the hand-offs
+    between threads and nodes, the API, sampling on the loop)."""
+    steps = decode_tokens - 1
+    if not timings or not timings[0].decode_compute_s:
+        return {}
+    per_node = [[t.decode_compute_s[i] * 1000 / steps for t in timings]
+                for i in range(len(timings[0].decode_compute_s))]  # fmt: skip
+    total = [sum(t.decode_compute_s) * 1000 / steps for t in timings]
+    outside = [t.decode_s * 1000 / steps - c for t, c in zip(timings, total, strict=True)]
+    return {
+        f"{where}_compute_ms_per_token": [statistics.median(n) for n in per_node],
+        f"{where}_compute_total_ms_per_token": statistics.median(total),
+        f"{where}_outside_compute_ms_per_token": statistics.median(outside),
+    }
 
 
 def ratios_and_targets(formats: dict[str, Any]) -> tuple[dict[str, float], dict[str, Any]]:
@@ -404,6 +427,15 @@ def print_table(formats: dict[str, Any], ratios: dict[str, float], targets: dict
               f"{row['split_prefill_tok_s']:14.1f} {row['split_decode_tok_s']:13.2f} "
               f"{row['one_node_decode_tok_s']:14.2f} {row['split_vs_one_node_decode']:13.3f} "
               f"{row['split_vs_local_decode']:12.3f} {weights:>16}")  # fmt: skip
+    print(f"\n{'decode ms/token':10} {'split: compute per node':>24} {'outside':>8} "
+          f"{'one node: compute':>18} {'outside':>8}")  # fmt: skip
+    for name, row in formats.items():
+        if "split_compute_ms_per_token" not in row:
+            continue
+        nodes = " + ".join(f"{c:.1f}" for c in row["split_compute_ms_per_token"])
+        print(f"{name:10} {nodes:>24} {row['split_outside_compute_ms_per_token']:8.1f} "
+              f"{row['one_node_compute_total_ms_per_token']:18.1f} "
+              f"{row['one_node_outside_compute_ms_per_token']:8.1f}")  # fmt: skip
     for key, value in ratios.items():
         print(f"{key}: {value:.2f}x")
     for key, result in targets.items():
