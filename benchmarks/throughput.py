@@ -21,7 +21,10 @@ minutes. Two phases, each interleaved:
    the blocks in this process (no server at all). A ratio is the median over
    repetitions of the runs next to each other in time. Decode over the API is the
    ``decode_tokens`` request's time less the 1-token request's (the prefill), so it
-   carries the noise of both; more repetitions narrow it.
+   carries the noise of both; more repetitions narrow it. Each node's
+   ``teeshard_step_seconds_total`` is read around both requests, so a decode step's
+   time splits into each node's compute and everything outside it (hand-offs between
+   threads and nodes, the API, the generation loop).
 
 Medians over repetitions. Prints a table; writes ``benchmarks/results/throughput.json``.
 
@@ -371,8 +374,8 @@ def summarise(
 
 def step_time_parts(where: str, timings: list[Timing], decode_tokens: int) -> dict[str, Any]:
     """Where a decode step's time goes, in milliseconds a token (medians over repetitions):
-    each node's compute (batched forwards), and everything outside it (the hand-offs
-    between threads and nodes, the API, sampling on the loop)."""
+    each node's compute (batched forwards, sampling included), and everything outside
+    it (the hand-offs between threads and nodes, the API, the generation loop)."""
     steps = decode_tokens - 1
     if not timings or not timings[0].decode_compute_s:
         return {}

@@ -18,8 +18,8 @@ What goes into a batch, in order:
 
 A node with one session decoding has nothing to batch and nothing to overlap: its
 one-row step then runs on the event loop's thread itself, saving the two thread
-hand-offs (to the compute thread and back) that cost about 0.2-0.3 ms each on a
-busy host. Only while such steps are short (``inline_step_s``, measured on the
+hand-offs (to the compute thread and back), measured at 0.2-0.3 ms each on a
+2-core VM. Only while such steps are short (``inline_step_s``, measured on the
 last one), so a large model's step never holds the loop (health, metrics, new
 requests) for long; anything else, or a second active session, goes to the
 compute thread as before.
@@ -196,7 +196,8 @@ class StepScheduler:
             lone = len(items) == 1 and items[0].rows == 1 and self._active() <= 1
             started = time.perf_counter()
             try:
-                if lone and self._lone_step_s <= self.limits.inline_step_s:
+                inline = self.limits.inline_step_s > 0
+                if lone and inline and self._lone_step_s <= self.limits.inline_step_s:
                     self.counters.inline_batches += 1
                     outputs = run_batch(self.shard, items)
                 else:
