@@ -220,35 +220,38 @@ def run_split(
     body = {"model": "bench", "prompt": prompt, "temperature": 0, "ignore_eos": True}
     with httpx.Client(timeout=600) as client:
 
-        def timed(tokens: list[int], max_tokens: int) -> tuple[float, dict[str, Any], list[float]]:
-            before = compute_seconds(launches or [])
+        def timed(tokens: list[int], max_tokens: int) -> tuple[float, dict[str, Any]]:
             started = time.perf_counter()
             response = client.post(
                 api_url, json={**body, "prompt": tokens, "max_tokens": max_tokens}
             )
             elapsed = time.perf_counter() - started
             response.raise_for_status()
-            after = compute_seconds(launches or [])
-            return elapsed, response.json(), [a - b for a, b in zip(after, before, strict=True)]
+            return elapsed, response.json()
+
+        def compute_s() -> list[float]:  # each node's time in batched forwards so far
+            step_s = "teeshard_step_seconds_total"
+            return [node_metrics(s, step_s)[step_s] for s in launches or []]
 
         timed(prompt[:1], 1)  # warm up, as the local run does
-        prefill, _, prefill_compute = timed(prompt, 1)
-        total, answer, total_compute = timed(prompt, decode_tokens)
+        marks = [compute_s()]
+        prefill, _ = timed(prompt, 1)
+        marks.append(compute_s())
+        total, answer = timed(prompt, decode_tokens)
+        marks.append(compute_s())
     tokens = list(answer["teeshard"]["completion_token_ids"])
     # a receipt from every node of the route
     assert len(tokens) == decode_tokens and len(answer["receipts"]) >= nodes, answer.get("usage")
-    compute = tuple(t - p for t, p in zip(total_compute, prefill_compute, strict=True))
+    compute = tuple((c - b) - (b - a) for a, b, c in zip(*marks, strict=True))
     return Timing(prefill, total - prefill, tokens, compute)
 
 
-def compute_seconds(launches: list[LaunchSpec]) -> list[float]:
-    """Each node's time in batched forwards so far (``teeshard_step_seconds_total``;
-    loopback: no admin token needed; a figure only, so verify=False)."""
-    seconds = []
-    for spec in launches:
-        text = httpx.get(spec.health_url("127.0.0.1").replace("/health", "/metrics"), verify=False)
-        seconds.append(series_total(text.text, "teeshard_step_seconds_total"))
-    return seconds
+def node_metrics(spec: LaunchSpec, *names: str) -> dict[str, float]:
+    """Counters from a node's /metrics, read once (loopback: no admin token needed; a
+    figure only, so the node's certificate is not checked: verify=False)."""
+    url = spec.health_url("127.0.0.1").replace("/health", "/metrics")
+    text = httpx.get(url, verify=False).text
+    return {name: series_total(text, name) for name in names}
 
 
 # -- report ----------------------------------------------------------------------------

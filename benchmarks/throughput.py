@@ -65,6 +65,7 @@ from split_vs_local import (
     Timing,
     cpu_description,
     ensure_tinyllama_shaped,
+    node_metrics,
     node_rss_mb,
     prompt_ids,
     run_local_shard,
@@ -77,9 +78,9 @@ from teeshard.model.layer_range import LayerRange
 from teeshard.model.loader import load_shard
 from teeshard.model.plan import format_bytes, plan_checkpoint
 from teeshard.model.transformer import Shard
-from teeshard.node.metrics import series_total
 
 ROOT = Path(__file__).resolve().parent.parent
+BATCHES, ROWS = "teeshard_batches_total", "teeshard_batched_rows_total"
 TARGETS = {  # issue 13, ratios within one run
     "bfloat16_decode_vs_float32": 2.0,
     "bfloat16_prefill_vs_float32": 3.0,
@@ -116,11 +117,11 @@ def measure_concurrency(
             levels = args.levels if rep % 2 == 0 else list(reversed(args.levels))
             for count in levels:
                 fixed = asyncio.run(_concurrent_round(url, prompt, 1, count))
-                before = [_batch_counters(spec.health_url("127.0.0.1")) for spec in launches]
+                before = [node_metrics(spec, BATCHES, ROWS) for spec in launches]
                 full = asyncio.run(_concurrent_round(url, prompt, decode, count))
-                after = [_batch_counters(spec.health_url("127.0.0.1")) for spec in launches]
+                after = [node_metrics(spec, BATCHES, ROWS) for spec in launches]
                 full["mean_batch_rows"] = [
-                    (a["rows"] - b["rows"]) / max(1.0, a["batches"] - b["batches"])
+                    (a[ROWS] - b[ROWS]) / max(1.0, a[BATCHES] - b[BATCHES])
                     for a, b in zip(after, before, strict=True)
                 ]
                 samples[count].append({"fixed": fixed, "full": full})
@@ -158,16 +159,6 @@ def measure_concurrency(
             ],
         }
     return section
-
-
-def _batch_counters(health_url: str) -> dict[str, float]:
-    """A node's batch counters from its /metrics (loopback: no admin token needed; a
-    figure only, so the node's certificate is not checked: verify=False)."""
-    text = httpx.get(health_url.replace("/health", "/metrics"), verify=False).text
-    return {
-        "batches": series_total(text, "teeshard_batches_total"),
-        "rows": series_total(text, "teeshard_batched_rows_total"),
-    }
 
 
 async def _concurrent_round(

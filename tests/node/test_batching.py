@@ -10,6 +10,8 @@ that one session's bad input never fails its batch-mates.
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,6 +28,7 @@ from teeshard.node.compute import BatchItem, run_batch
 from teeshard.node.errors import AcceleratorFailedError, BadRequestError
 from teeshard.node.scheduler import SchedulerLimits
 from teeshard.node.service import Session
+from teeshard.offload.errors import AcceleratorError
 from tests.checkpoints import TinyModel, build_tiny_model
 
 PROMPTS = [
@@ -256,7 +259,6 @@ def test_bad_input_of_one_session_never_fails_its_batch_mates(tiny_llama: TinyMo
 def test_a_failed_batch_fails_its_steps_and_puts_every_cache_back(tiny_llama: TinyModel) -> None:
     """The node itself failing (here: the TSQP accelerator raising) fails the steps of
     that batch, and each session is exactly as before its step, so a retry works."""
-    from teeshard.offload.errors import AcceleratorError
 
     async def main() -> tuple[list[object], list[int], int]:
         service = service_for(tiny_llama, SchedulerLimits(prefill_chunk=4))
@@ -347,30 +349,25 @@ def test_pipeline_groups_split_the_active_sessions_into_smaller_batches(
 
 
 class ThreadRecorder:
-    """Wraps ``shard.forward_batch`` to note which thread ran each batch (and, when
-    asked, to make a given call slow or fail)."""
+    """Wraps the service's ``shard.forward_batch`` to note which thread ran each batch
+    and how many sessions were stepping then (and, when asked, to make a given call
+    slow or fail)."""
 
     def __init__(
-        self, shard: Shard, slow: dict[int, float] | None = None, fail: int | None = None
+        self, service: NodeService, slow: dict[int, float] | None = None, fail: int | None = None
     ) -> None:
         self.threads: list[int] = []
-        self.active: list[int] = []  # sessions stepping at each call, when given ``sessions``
-        self.sessions: NodeService | None = None
-        self._original = shard.forward_batch
+        self.active: list[int] = []
+        self._service = service
+        self._original = service.shard.forward_batch
         self._slow = slow or {}
         self._fail = fail
-        shard.forward_batch = self  # type: ignore[method-assign]
+        service.shard.forward_batch = self  # type: ignore[method-assign]
 
     def __call__(self, *args: object, **kwargs: object) -> list[torch.Tensor]:
-        import threading
-        import time
-
-        from teeshard.offload.errors import AcceleratorError
-
         call = len(self.threads)
         self.threads.append(threading.get_ident())
-        if self.sessions is not None:
-            self.active.append(self.sessions.sessions.stepping())
+        self.active.append(self._service.sessions.stepping())
         if call == self._fail:
             raise AcceleratorError("accelerator gave no answer")
         time.sleep(self._slow.get(call, 0.0))
@@ -380,13 +377,11 @@ class ThreadRecorder:
 def test_a_lone_sessions_decode_steps_run_on_the_loops_thread(tiny_llama: TinyModel) -> None:
     """One session decoding: its one-row steps skip the compute thread (after the
     first, which measures how long a step takes), and give the same tokens."""
-    import threading
-
     prompt, new = PROMPTS[0], 8
 
     async def main() -> tuple[list[int], ThreadRecorder, int, NodeService]:
         service = service_for(tiny_llama)
-        recorder = ThreadRecorder(service.shard)
+        recorder = ThreadRecorder(service)
         try:
             return (
                 await generate(service, "a", prompt, new),
@@ -408,14 +403,11 @@ def test_a_lone_sessions_decode_steps_run_on_the_loops_thread(tiny_llama: TinyMo
 def test_steps_stay_on_the_compute_thread_with_two_sessions_or_when_turned_off(
     tiny_llama: TinyModel,
 ) -> None:
-    import threading
-
     async def main(
         limits: SchedulerLimits, sessions: int
     ) -> tuple[list[bool], list[int], list[list[int]]]:
         service = service_for(tiny_llama, limits)
-        recorder = ThreadRecorder(service.shard)
-        recorder.sessions = service
+        recorder = ThreadRecorder(service)
         try:
             got = await asyncio.gather(
                 *(generate(service, f"s{i}", PROMPTS[i], 6) for i in range(sessions))
@@ -443,11 +435,10 @@ def test_a_slow_step_sends_the_next_one_back_to_the_compute_thread(
     """A step that took longer than ``inline_step_s`` means the next would hold the
     event loop that long: it goes to the compute thread, and a fast one brings the
     steps after it back."""
-    import threading
 
     async def main() -> tuple[list[bool], list[int]]:
         service = service_for(tiny_llama, SchedulerLimits(inline_step_s=0.05))
-        recorder = ThreadRecorder(service.shard, slow={3: 0.08})
+        recorder = ThreadRecorder(service, slow={3: 0.08})
         try:
             tokens = await generate(service, "a", PROMPTS[1], 7)
         finally:
@@ -466,9 +457,9 @@ def test_a_failed_inline_step_fails_alone_and_leaves_the_cache_as_before(
     fails that step like any batch: the session's cache is put back, and a retry
     gives the token it would have given."""
 
-    async def main() -> tuple[BaseException | None, int, int, int]:
+    async def main() -> tuple[BaseException | None, int, int, int, bool]:
         service = service_for(tiny_llama)
-        ThreadRecorder(service.shard, fail=3)
+        recorder = ThreadRecorder(service, fail=3)
         try:
             await service.open_session("a", 40, SamplingParams())
             first = await service.step_tokens("a", PROMPTS[1])
@@ -482,11 +473,13 @@ def test_a_failed_inline_step_fails_alone_and_leaves_the_cache_as_before(
                 error = exc
             after = service.sessions.get("a").cache.length
             retry = await service.step_tokens("a", [third.token])
-            return error, length, after, retry.token
+            failed_on_loop = recorder.threads[3] == threading.get_ident()
+            return error, length, after, retry.token, failed_on_loop
         finally:
             await service.shutdown()
 
-    error, length, after, retried = asyncio.run(main())
+    error, length, after, retried, failed_on_loop = asyncio.run(main())
+    assert failed_on_loop, "the failing step did not run on the loop's thread"
     assert isinstance(error, AcceleratorFailedError)
     assert after == length == len(PROMPTS[1]) + 2
     assert retried == greedy_alone(whole(tiny_llama), PROMPTS[1], 4)[0][3]

@@ -65,7 +65,10 @@ async def test_split_with_offload_matches_and_attests(
             tokens.append(token)
         receipts = [Receipt.from_json(r) for r in await client.close_session(session, sign=True)]
         manifests = [n.node.trust.attestation.manifest for n in cluster.nodes if n.node]
+        # one session decoding, yet the accelerator's round trips stayed off the loop
+        inline = [n.node.service.counters.inline_batches for n in cluster.nodes if n.node]
     assert tokens == ref_tokens
+    assert inline == [0, 0]
     for manifest, accel, mode in zip(manifests, accels, modes, strict=True):
         assert manifest.offload is not None
         assert manifest.offload["mode"] == mode

@@ -194,10 +194,11 @@ class StepScheduler:
                 job.running = True
             items = [item for _, item in batch]
             lone = len(items) == 1 and items[0].rows == 1 and self._active() <= 1
+            bound = self.limits.inline_step_s  # 0: never
+            inline = lone and bound > 0 and self._lone_step_s <= bound
             started = time.perf_counter()
             try:
-                inline = self.limits.inline_step_s > 0
-                if lone and inline and self._lone_step_s <= self.limits.inline_step_s:
+                if inline:
                     self.counters.inline_batches += 1
                     outputs = run_batch(self.shard, items)
                 else:
