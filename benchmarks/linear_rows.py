@@ -4,9 +4,8 @@ Why batching pays (decode reads every weight for one row) depends on the kernel:
 torch's default float32 product (MKL) slows down with rows, oneDNN's packed
 product does not. TinyLlama's LM head (2048 -> 32000), its fused gate/up
 (2048 -> 11264) and down (5632 -> 2048) shapes, 1, 8 and 16 rows, in float32,
-bfloat16 and int8 (torch's and teeshard's kernels; teeshard's bfloat16 kernel
-only where oneDNN has no bfloat16 path), kernels interleaved within
-each repetition; medians. The table names the CPU: kernels differ by instruction set.
+bfloat16, int8 and w8a8 (torch's and teeshard's kernels, each where this CPU runs
+it), kernels interleaved within each repetition; medians. The table names the CPU: kernels differ by instruction set.
 Prints a table; writes ``benchmarks/results/linear_rows.json``.
 
     python benchmarks/linear_rows.py --threads 1
@@ -48,6 +47,9 @@ def kernels(weight: torch.Tensor) -> dict[str, Callable[[torch.Tensor], torch.Te
             x, packed32, None, "none", [], ""
         ),
     }
+    if native.f32_isa(*weight.shape) is not None:
+        laid32 = native.lay_out_weight(weight, "avx512f")
+        found["float32 teeshard native (AVX-512F)"] = lambda x: native.f32_matmul(x, laid32)
     if onednn_bf16_available():
         packed16 = torch.ops.mkldnn._reorder_linear_weight(bf16, None)
         found["bfloat16 oneDNN packed"] = lambda x: torch.ops.mkldnn._linear_pointwise(
@@ -79,7 +81,12 @@ def kernels(weight: torch.Tensor) -> dict[str, Callable[[torch.Tensor], torch.Te
 
 def isa_label(isa: str) -> str:
     """``avx512vnni`` -> ``AVX-512 VNNI``."""
-    names = {"avx512": "AVX-512", "avx512vnni": "AVX-512 VNNI", "avx512bf16": "AVX-512 BF16"}
+    names = {
+        "avx512": "AVX-512",
+        "avx512f": "AVX-512F",
+        "avx512vnni": "AVX-512 VNNI",
+        "avx512bf16": "AVX-512 BF16",
+    }
     return names.get(isa, isa.upper())
 
 

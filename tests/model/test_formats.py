@@ -26,6 +26,7 @@ from teeshard.model import native
 from teeshard.model.checkpoint import Checkpoint
 from teeshard.model.formats import (
     BF16_KERNEL_ENV,
+    F32_KERNEL_ENV,
     NativeBf16Linear,
     NumberFormat,
     PackedLinear,
@@ -249,9 +250,13 @@ def test_bfloat16_says_when_this_cpu_has_no_fast_path(
     assert "8 of 8 bfloat16 linears cannot take teeshard's AVX2 kernel" in caplog.text
 
 
-def test_every_float32_linear_takes_the_packed_onednn_path(tiny_llama: TinyModel) -> None:
-    """Float32 block linears and the LM head run oneDNN's packed product, whose time
-    hardly grows with the rows of a batch (MKL's default product doubles at 8 rows)."""
+def test_every_float32_linear_takes_the_packed_onednn_path(
+    tiny_llama: TinyModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Asked for oneDNN (and wherever teeshard's float32 kernel does not run), float32
+    block linears and the LM head run oneDNN's packed product, whose time hardly
+    grows with the rows of a batch (MKL's default product doubles at 8 rows)."""
+    monkeypatch.setenv(F32_KERNEL_ENV, "onednn")
     shard = load(tiny_llama, "float32", LayerRange(2, 4))
     ops = profiled_ops(shard)
     assert ops.get("mkldnn::_linear_pointwise", 0) == FUSED_LINEARS_PER_LAYER * 2 + 1

@@ -184,11 +184,68 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, oneDNN {kind}"
 
 
-class NativeBf16Linear(nn.Module):
-    """A bfloat16 linear on teeshard's own kernel (:func:`teeshard.model.native.bf16_matmul`),
-    its weight laid out once at load for the kernel the CPU runs; float32 output,
+class NativeLinear(nn.Module):
+    """A linear on one of teeshard's own kernels (:mod:`teeshard.model.native`), its
+    weight laid out once at load for the kernel the CPU runs; float32 output,
     batch-invariant bit for bit. Inference only; the laid-out weight is a plain
-    attribute.
+    attribute. Subclasses name the weight's dtype and the kernel."""
+
+    weight_dtype: torch.dtype
+    label: str  # for repr
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        weight = linear.weight.detach().to(self.weight_dtype).contiguous()
+        self.weight_bytes = weight.numel() * weight.element_size()
+        isa = self.kernel_for(self.out_features, self.in_features)
+        if isa is None:
+            raise ValueError(
+                f"no native {self.label} kernel for a {tuple(weight.shape)} weight here"
+            )
+        self.isa: str = isa
+        self.laid_out = native.lay_out_weight(weight, isa)
+        bias = linear.bias
+        self.bias = bias.detach().float() if bias is not None else None
+
+    @staticmethod
+    def kernel_for(channels: int, width: int) -> str | None:
+        """The kernel that would run a (``channels``, ``width``) weight here, if any."""
+        raise NotImplementedError
+
+    @staticmethod
+    def product(x: torch.Tensor, laid_out: torch.Tensor, isa: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    @classmethod
+    def isa_for(cls, linear: nn.Module) -> str | None:
+        """The native kernel that would run ``linear``, if any."""
+        if not isinstance(linear, nn.Linear) or linear.weight.device.type != "cpu":
+            return None
+        return cls.kernel_for(linear.out_features, linear.in_features)
+
+    @classmethod
+    def fits(cls, linear: nn.Module) -> bool:
+        return cls.isa_for(linear) is not None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        flat = x.reshape(-1, self.in_features).float().contiguous()
+        out = self.product(flat, self.laid_out, self.isa)
+        if self.bias is not None:
+            out += self.bias
+        return out.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"native {self.label} ({self.isa})"
+        )
+
+
+class NativeBf16Linear(NativeLinear):
+    """A bfloat16 linear on teeshard's kernel (:func:`teeshard.model.native.bf16_matmul`).
 
     With AVX-512 BF16 (``bf16_avx512.c``): activations rounded to bfloat16 as oneDNN
     takes them, ``vdpbf16ps``; it streams the weight faster than oneDNN's packed
@@ -197,43 +254,35 @@ class NativeBf16Linear(nn.Module):
     widened weights, where oneDNN has no bfloat16 path and torch's generic product
     costs about one product per row."""
 
-    def __init__(self, linear: nn.Linear) -> None:
-        super().__init__()
-        self.in_features = linear.in_features
-        self.out_features = linear.out_features
-        weight = linear.weight.detach().to(torch.bfloat16).contiguous()
-        self.weight_bytes = weight.numel() * weight.element_size()
-        self.isa = native.bf16_isa(self.out_features, self.in_features)
-        if self.isa is None:
-            raise ValueError(f"no native bfloat16 kernel for a {tuple(weight.shape)} weight here")
-        self.laid_out = native.lay_out_weight(weight, self.isa)
-        bias = linear.bias
-        self.bias = bias.detach().float() if bias is not None else None
+    weight_dtype = torch.bfloat16
+    label = "bf16"
 
     @staticmethod
-    def isa_for(linear: nn.Module) -> str | None:
-        """The native kernel that would run ``linear``, if any."""
-        if not isinstance(linear, nn.Linear) or linear.weight.device.type != "cpu":
-            return None
-        return native.bf16_isa(linear.out_features, linear.in_features)
+    def kernel_for(channels: int, width: int) -> str | None:
+        return native.bf16_isa(channels, width)
 
     @staticmethod
-    def fits(linear: nn.Module) -> bool:
-        return NativeBf16Linear.isa_for(linear) is not None
+    def product(x: torch.Tensor, laid_out: torch.Tensor, isa: str) -> torch.Tensor:
+        return native.bf16_matmul(x, laid_out, isa=isa)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        flat = x.reshape(-1, self.in_features).float().contiguous()
-        out = native.bf16_matmul(flat, self.laid_out, isa=self.isa)
-        if self.bias is not None:
-            out += self.bias
-        return out.reshape(*lead, self.out_features)
 
-    def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"native bf16 ({self.isa})"
-        )
+class NativeF32Linear(NativeLinear):
+    """A float32 linear on teeshard's AVX-512 kernel (:func:`teeshard.model.native.f32_matmul`):
+    it streams the weight about twice as fast as oneDNN's packed float32 product at
+    decode (one to eight rows) and is a little faster at prefill, on an AMD EPYC Zen 4
+    (``benchmarks/linear_rows.py``). Sums run in input order per channel: a row's
+    result is the same whatever its batch-mates."""
+
+    weight_dtype = torch.float32
+    label = "f32"
+
+    @staticmethod
+    def kernel_for(channels: int, width: int) -> str | None:
+        return native.f32_isa(channels, width)
+
+    @staticmethod
+    def product(x: torch.Tensor, laid_out: torch.Tensor, isa: str) -> torch.Tensor:
+        return native.f32_matmul(x, laid_out, isa=isa)
 
 
 def onednn_available() -> bool:
@@ -331,18 +380,21 @@ def _packs(dtype: torch.dtype) -> bool:
 
 def finish_loaded(shard: nn.Module, fmt: NumberFormat) -> None:
     """After loading: q/k/v and gate/up fused (:func:`fuse_projections`); on the CPU,
-    int8 layers given the faster int8 kernel here (:func:`choose_int8_kernel`) and
-    other linears repacked for oneDNN where it is available.
+    int8 layers given the faster int8 kernel here (:func:`choose_int8_kernel`),
+    bfloat16 and float32 linears teeshard's kernels where they serve
+    (:func:`_bfloat16_linears`, :func:`_float32_linears`), and the other linears
+    repacked for oneDNN where it is available.
 
-    Block linears that are not quantized and the LM head, in float32, or in bfloat16
-    with BF16 instructions. For float32 the reason is batching: torch's default
-    float32 product (MKL) takes 2.2-3x as long for 8 rows as for 1 here, while
-    oneDNN's packed product takes 1.25-1.4x, and less than MKL's for 1 row (one
+    Those are block linears that are not quantized and the LM head, in float32, or in
+    bfloat16 with BF16 instructions. For float32 the reason is batching: torch's
+    default float32 product (MKL) takes 2.2-3x as long for 8 rows as for 1 here,
+    while oneDNN's packed product takes 1.25-1.4x, and less than MKL's for 1 row (one
     thread, TinyLlama's shapes: ``benchmarks/linear_rows.py``).
     """
     fuse_projections(shard)
     if fmt.dtype == "bfloat16":
         _bfloat16_linears(shard, fmt)
+    _float32_linears(shard, fmt)
     int8_layers = [m for m in shard.modules() if isinstance(m, Int8Linear)]
     if int8_layers and int8_layers[0].weight.device.type == "cpu":
         if fmt.quantize == "w8a8":
@@ -365,6 +417,35 @@ def finish_loaded(shard: nn.Module, fmt: NumberFormat) -> None:
 
 
 BF16_KERNEL_ENV = "TEESHARD_BF16_KERNEL"  # auto (the default) or onednn
+F32_KERNEL_ENV = "TEESHARD_F32_KERNEL"  # auto (the default) or onednn
+
+
+def _kernel_wanted(variable: str) -> str:
+    """``auto`` (teeshard's kernel where it serves) or ``onednn``, from ``$variable``."""
+    wanted = os.environ.get(variable, "auto")
+    if wanted not in ("auto", "onednn"):
+        raise ValueError(f"{variable}={wanted!r}: choose auto or onednn")
+    return wanted
+
+
+def _float32_linears(shard: nn.Module, fmt: NumberFormat) -> None:
+    """float32 linears (the float32 format's block linears, and a float32 LM head) on
+    teeshard's AVX-512 kernel where the CPU runs it and a layer fits it
+    (:class:`NativeF32Linear`; ``$TEESHARD_F32_KERNEL=onednn`` keeps oneDNN's packed
+    product, for comparison); the rest stay for :func:`finish_loaded` to pack."""
+    if _kernel_wanted(F32_KERNEL_ENV) == "onednn":
+        return
+    linears = _block_linears(shard) if fmt.torch_dtype == torch.float32 else []
+    head = getattr(shard, "lm_head", None)
+    if isinstance(head, nn.Linear) and head.weight.dtype == torch.float32:
+        linears.append((shard, "lm_head", head))
+    taken = 0
+    for parent, name, linear in linears:
+        if linear.weight.dtype == torch.float32 and NativeF32Linear.fits(linear):
+            setattr(parent, name, NativeF32Linear(linear))
+            taken += 1
+    if taken:
+        log.info("%d float32 linears: teeshard's AVX-512 kernel", taken)
 
 
 def _bfloat16_linears(shard: nn.Module, fmt: NumberFormat) -> None:
@@ -374,9 +455,7 @@ def _bfloat16_linears(shard: nn.Module, fmt: NumberFormat) -> None:
     ``$TEESHARD_BF16_KERNEL=onednn`` keeps oneDNN's, for comparison), oneDNN's packed
     product for the rest (:func:`finish_loaded`; with AMX it prefills several times
     faster), and without BF16 instructions :func:`_without_bf16_instructions`."""
-    wanted = os.environ.get(BF16_KERNEL_ENV, "auto")
-    if wanted not in ("auto", "onednn"):
-        raise ValueError(f"{BF16_KERNEL_ENV}={wanted!r}: choose auto or onednn")
+    wanted = _kernel_wanted(BF16_KERNEL_ENV)
     if not onednn_bf16_available():
         _without_bf16_instructions(shard, fmt)
         return

@@ -1,6 +1,6 @@
 """teeshard's own CPU kernels, in C, built when first needed and called through ctypes.
 
-Three products, each in a kernel per instruction set, fastest first where the CPU
+Four products, each in a kernel per instruction set, fastest first where the CPU
 runs it; each kernel reads its weight in a blocked layout, laid out once at load
 (:func:`lay_out_weight`; :func:`weight_block` says which) onto 2 MiB pages where Linux
 gives them (:mod:`teeshard.model.native.huge_pages`).
@@ -16,6 +16,8 @@ gives them (:mod:`teeshard.model.native.huge_pages`).
 * :func:`w8a8_matmul`: int8 weights times activations it quantizes to int8 per row,
   exact int32 sums, for the w8a8 format: ``w8a8_avx512.c`` (AVX-512 VNNI) and
   ``w8a8_avx2.c``, which give the same bits.
+* :func:`f32_matmul`: float32 weights and activations, for the float32 format where
+  the CPU has AVX-512 (``f32_avx512.c``; elsewhere oneDNN's packed product serves).
 
 And one more kernel, ``attention.c``: the decoding sessions' attention of a batch in
 one call (:mod:`teeshard.model.native.attention`).
@@ -56,6 +58,7 @@ _SOURCES = tuple(
         "bf16_avx512.c",
         "w8a8_avx2.c",
         "w8a8_avx512.c",
+        "f32_avx512.c",
         "attention.c",
     )
 )
@@ -68,13 +71,15 @@ _ISA_CPU_FLAGS = {
     "avx512": _AVX512,
     "avx512vnni": (*_AVX512, "avx512_vnni"),
     "avx512bf16": (*_AVX512, "avx512_bf16"),
+    "avx512f": _AVX512,
     "avx2": (),
 }
 # instruction set -> (its output channels, its input width) must be multiples of these
 INT8_ISAS = {"avx512": (4, 16), "avx2": (4, 16)}  # in order of preference
 W8A8_ISAS = {"avx512vnni": (16, 16), "avx2": (4, 16)}  # the same bits; fastest first
 BF16_ISAS = {"avx512bf16": (16, 16), "avx2": (4, 16)}  # fastest first
-_ISA_MULTIPLES = {**INT8_ISAS, **W8A8_ISAS, **BF16_ISAS}  # "avx2": the same in each
+F32_ISAS = {"avx512f": (16, 16)}
+_ISA_MULTIPLES = {**INT8_ISAS, **W8A8_ISAS, **BF16_ISAS, **F32_ISAS}  # "avx2": the same in each
 
 
 class NativeKernelError(RuntimeError):
@@ -131,7 +136,10 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
         function = getattr(library, symbol)
         function.restype = ctypes.c_int
         function.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
-    for symbol in (f"teeshard_bf16_matmul_{isa}" for isa in BF16_ISAS):  # x, weight, y
+    for symbol in (
+        *(f"teeshard_bf16_matmul_{isa}" for isa in BF16_ISAS),
+        *(f"teeshard_f32_matmul_{isa}" for isa in F32_ISAS),
+    ):  # x, weight, y
         function = getattr(library, symbol)
         function.restype = ctypes.c_int
         function.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]
@@ -190,6 +198,12 @@ def bf16_isas() -> tuple[str, ...]:
     return _runnable(BF16_ISAS)
 
 
+@functools.cache
+def f32_isas() -> tuple[str, ...]:
+    """The float32 kernels this CPU can run (empty without AVX-512)."""
+    return _runnable(F32_ISAS)
+
+
 def _fits(isa: str, channels: int, width: int) -> bool:
     channel_multiple, width_multiple = _ISA_MULTIPLES[isa]
     return channels % channel_multiple == 0 and width % width_multiple == 0
@@ -213,7 +227,11 @@ def int8_isa(channels: int, width: int) -> str | None:
 Block = tuple[int, int]  # (channels, inputs) of one block of a blocked weight
 FOUR_BY_SIXTEEN: Block = (4, 16)  # what every kernel reads but one
 # those that read 16 channels a 64-byte line: int8 and bfloat16 elements
-_WEIGHT_BLOCKS: dict[str, Block] = {"avx512vnni": (16, 4), "avx512bf16": (16, 2)}
+_WEIGHT_BLOCKS: dict[str, Block] = {
+    "avx512vnni": (16, 4),  # int8
+    "avx512bf16": (16, 2),  # bfloat16
+    "avx512f": (16, 1),  # float32
+}
 
 
 def weight_block(isa: str | None) -> Block | None:
@@ -346,6 +364,24 @@ def bf16_matmul(x: torch.Tensor, w: torch.Tensor, *, isa: str | None = None) -> 
     rows, channels, width = _checked("bf16_matmul", x, w, torch.bfloat16)
     chosen = _chosen("bf16_matmul", isa, bf16_isas(), channels, width)
     return _run(f"teeshard_bf16_matmul_{chosen}", (x, w), rows, channels, width, "bf16_matmul")
+
+
+def f32_isa(channels: int, width: int) -> str | None:
+    """The float32 kernel here for a (``channels``, ``width``) weight, if any."""
+    if not available():
+        return None
+    return next(iter(_fitting(f32_isas(), channels, width)), None)
+
+
+def f32_matmul(x: torch.Tensor, w: torch.Tensor, *, isa: str | None = None) -> torch.Tensor:
+    """``x`` float32 (M, K) @ ``w`` float32 (N, K)^T -> float32 (M, N) (``f32_avx512.c``).
+
+    ``isa`` names the kernel (one of :func:`f32_isas`; None: the one that fits), and
+    ``w`` comes in the layout it reads (:func:`lay_out_weight`). Contiguous CPU
+    tensors, N and K multiples of 16. Releases the GIL while it runs."""
+    rows, channels, width = _checked("f32_matmul", x, w, torch.float32)
+    chosen = _chosen("f32_matmul", isa, f32_isas(), channels, width)
+    return _run(f"teeshard_f32_matmul_{chosen}", (x, w), rows, channels, width, "f32_matmul")
 
 
 def _checked_int8(
