@@ -33,7 +33,7 @@
 
 #define AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")))
 #define PREFETCH_AHEAD 2048 /* bytes: 32 cache lines, as the other kernels */
-#define BF16_MAX_ROWS 8
+#define BF16_MAX_ROWS 8 /* EVERY_ROW_IN_BLOCKS_OF_EIGHT */
 #define BF16_MAX_BLOCKS 2 /* 16-channel blocks per pass: two weight streams */
 
 AVX512BF16 static void round_to_bf16(const float *x, int64_t count, uint16_t *out) {
@@ -73,23 +73,8 @@ AVX512BF16 static inline __attribute__((always_inline)) void bf16_rows(
             _mm512_storeu_ps(y + (m + r) * N + n + 16 * c, acc[c][r]);
 }
 
-/* every row of the product against channels n .. n + 16 C - 1 */
-#define BF16_ALL_ROWS(C)                                                             \
-    do {                                                                             \
-        int64_t m = 0;                                                               \
-        for (; m + BF16_MAX_ROWS <= M; m += BF16_MAX_ROWS)                           \
-            bf16_rows(BF16_MAX_ROWS, C, xb, wv, y, m, n, N, K);                      \
-        switch (M - m) {                                                             \
-        case 7: bf16_rows(7, C, xb, wv, y, m, n, N, K); break;                       \
-        case 6: bf16_rows(6, C, xb, wv, y, m, n, N, K); break;                       \
-        case 5: bf16_rows(5, C, xb, wv, y, m, n, N, K); break;                       \
-        case 4: bf16_rows(4, C, xb, wv, y, m, n, N, K); break;                       \
-        case 3: bf16_rows(3, C, xb, wv, y, m, n, N, K); break;                       \
-        case 2: bf16_rows(2, C, xb, wv, y, m, n, N, K); break;                       \
-        case 1: bf16_rows(1, C, xb, wv, y, m, n, N, K); break;                       \
-        default: break;                                                              \
-        }                                                                            \
-    } while (0)
+/* rows m .. m + R - 1 against the pass's channels (C, constant in each branch) */
+#define BF16_PASS(R, m) bf16_rows(R, C, xb, wv, y, m, n, N, K)
 
 AVX512BF16 int teeshard_bf16_matmul_avx512bf16(const float *x, const uint16_t *wv, float *y,
                                                int64_t M, int64_t N, int64_t K, int threads) {
@@ -105,10 +90,13 @@ AVX512BF16 int teeshard_bf16_matmul_avx512bf16(const float *x, const uint16_t *w
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t p = 0; p < passes; p++) {
         int64_t n = 32 * p;
-        if (n + 32 <= N)
-            BF16_ALL_ROWS(2);
-        else
-            BF16_ALL_ROWS(1);
+        if (n + 32 <= N) {
+            const int C = 2;
+            EVERY_ROW_IN_BLOCKS_OF_EIGHT(M, BF16_PASS);
+        } else {
+            const int C = 1;
+            EVERY_ROW_IN_BLOCKS_OF_EIGHT(M, BF16_PASS);
+        }
     }
     free(xb);
     return 0;

@@ -25,7 +25,7 @@
 
 #define AVX512F32 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl")))
 #define PREFETCH_AHEAD 2048 /* bytes: 32 cache lines, as the other kernels */
-#define F32_MAX_ROWS 8
+#define F32_MAX_ROWS 8 /* EVERY_ROW_IN_BLOCKS_OF_EIGHT */
 #define F32_MAX_BLOCKS 2 /* 16-channel blocks per pass: two weight streams */
 
 /* rows m .. m + R - 1 against channels n .. n + 16 C - 1; R, C constant after inlining */
@@ -56,23 +56,8 @@ AVX512F32 static inline __attribute__((always_inline)) void f32_rows(
             _mm512_storeu_ps(y + (m + r) * N + n + 16 * c, acc[c][r]);
 }
 
-/* every row of the product against channels n .. n + 16 C - 1 */
-#define F32_ALL_ROWS(C)                                                              \
-    do {                                                                             \
-        int64_t m = 0;                                                               \
-        for (; m + F32_MAX_ROWS <= M; m += F32_MAX_ROWS)                             \
-            f32_rows(F32_MAX_ROWS, C, x, wv, y, m, n, N, K);                         \
-        switch (M - m) {                                                             \
-        case 7: f32_rows(7, C, x, wv, y, m, n, N, K); break;                         \
-        case 6: f32_rows(6, C, x, wv, y, m, n, N, K); break;                         \
-        case 5: f32_rows(5, C, x, wv, y, m, n, N, K); break;                         \
-        case 4: f32_rows(4, C, x, wv, y, m, n, N, K); break;                         \
-        case 3: f32_rows(3, C, x, wv, y, m, n, N, K); break;                         \
-        case 2: f32_rows(2, C, x, wv, y, m, n, N, K); break;                         \
-        case 1: f32_rows(1, C, x, wv, y, m, n, N, K); break;                         \
-        default: break;                                                              \
-        }                                                                            \
-    } while (0)
+/* rows m .. m + R - 1 against the pass's channels (C, constant in each branch) */
+#define F32_PASS(R, m) f32_rows(R, C, x, wv, y, m, n, N, K)
 
 AVX512F32 int teeshard_f32_matmul_avx512f(const float *x, const float *wv, float *y, int64_t M,
                                          int64_t N, int64_t K, int threads) {
@@ -84,10 +69,13 @@ AVX512F32 int teeshard_f32_matmul_avx512f(const float *x, const float *wv, float
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t p = 0; p < passes; p++) {
         int64_t n = 32 * p;
-        if (n + 32 <= N)
-            F32_ALL_ROWS(2);
-        else
-            F32_ALL_ROWS(1);
+        if (n + 32 <= N) {
+            const int C = 2;
+            EVERY_ROW_IN_BLOCKS_OF_EIGHT(M, F32_PASS);
+        } else {
+            const int C = 1;
+            EVERY_ROW_IN_BLOCKS_OF_EIGHT(M, F32_PASS);
+        }
     }
     return 0;
 }

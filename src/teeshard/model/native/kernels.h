@@ -22,4 +22,24 @@ static inline float w8a8_row_scale(float amax, float *inv) {
     return amax > 0.0f ? amax / 127.0f : 0.0f;
 }
 
+/* ROWS(R, m) for rows m .. m + R - 1 of an M-row product: blocks of eight rows, then
+ * the rest in one call, R a constant in every call (so that a kernel's row loop
+ * inlines with its accumulators in registers) */
+#define EVERY_ROW_IN_BLOCKS_OF_EIGHT(M, ROWS)                                          \
+    do {                                                                             \
+        int64_t row_ = 0;                                                            \
+        for (; row_ + 8 <= (M); row_ += 8)                                           \
+            ROWS(8, row_);                                                           \
+        switch ((M) - row_) {                                                        \
+        case 7: ROWS(7, row_); break;                                                \
+        case 6: ROWS(6, row_); break;                                                \
+        case 5: ROWS(5, row_); break;                                                \
+        case 4: ROWS(4, row_); break;                                                \
+        case 3: ROWS(3, row_); break;                                                \
+        case 2: ROWS(2, row_); break;                                                \
+        case 1: ROWS(1, row_); break;                                                \
+        default: break;                                                              \
+        }                                                                            \
+    } while (0)
+
 #endif
