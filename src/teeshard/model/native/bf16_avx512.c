@@ -73,7 +73,7 @@ AVX512BF16 static inline __attribute__((always_inline)) void bf16_rows(
             _mm512_storeu_ps(y + (m + r) * N + n + 16 * c, acc[c][r]);
 }
 
-/* rows m .. m + R - 1 against the pass's channels (C, constant in each branch) */
+/* rows m .. m + R - 1 against the pass's channels (EVERY_PASS_AND_ROW's n and C) */
 #define BF16_PASS(R, m) bf16_rows(R, C, xb, wv, y, m, n, N, K)
 
 AVX512BF16 int teeshard_bf16_matmul_avx512bf16(const float *x, const uint16_t *wv, float *y,
@@ -86,18 +86,7 @@ AVX512BF16 int teeshard_bf16_matmul_avx512bf16(const float *x, const uint16_t *w
     if (xb == NULL)
         return -2;
     round_to_bf16(x, M * K, xb);
-    int64_t passes = (N + 31) / 32; /* 32 channels a pass; the last may hold 16 */
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t p = 0; p < passes; p++) {
-        int64_t n = 32 * p;
-        if (n + 32 <= N) {
-            const int C = 2;
-            EVERY_ROW_IN_BLOCKS_OF_EIGHT(M, BF16_PASS);
-        } else {
-            const int C = 1;
-            EVERY_ROW_IN_BLOCKS_OF_EIGHT(M, BF16_PASS);
-        }
-    }
+    EVERY_PASS_AND_ROW(M, N, BF16_PASS);
     free(xb);
     return 0;
 }

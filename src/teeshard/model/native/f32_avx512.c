@@ -56,7 +56,7 @@ AVX512F32 static inline __attribute__((always_inline)) void f32_rows(
             _mm512_storeu_ps(y + (m + r) * N + n + 16 * c, acc[c][r]);
 }
 
-/* rows m .. m + R - 1 against the pass's channels (C, constant in each branch) */
+/* rows m .. m + R - 1 against the pass's channels (EVERY_PASS_AND_ROW's n and C) */
 #define F32_PASS(R, m) f32_rows(R, C, x, wv, y, m, n, N, K)
 
 AVX512F32 int teeshard_f32_matmul_avx512f(const float *x, const float *wv, float *y, int64_t M,
@@ -65,17 +65,6 @@ AVX512F32 int teeshard_f32_matmul_avx512f(const float *x, const float *wv, float
         return -1;
     if (M == 0)
         return 0;
-    int64_t passes = (N + 31) / 32; /* 32 channels a pass; the last may hold 16 */
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t p = 0; p < passes; p++) {
-        int64_t n = 32 * p;
-        if (n + 32 <= N) {
-            const int C = 2;
-            EVERY_ROW_IN_BLOCKS_OF_EIGHT(M, F32_PASS);
-        } else {
-            const int C = 1;
-            EVERY_ROW_IN_BLOCKS_OF_EIGHT(M, F32_PASS);
-        }
-    }
+    EVERY_PASS_AND_ROW(M, N, F32_PASS);
     return 0;
 }

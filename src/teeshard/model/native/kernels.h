@@ -42,4 +42,24 @@ static inline float w8a8_row_scale(float amax, float *inv) {
         }                                                                            \
     } while (0)
 
+/* PASS(R, m) for every row of an M-row product and every pass over 32 of its N output
+ * channels (16 in the last where N is not a multiple of 32), the passes shared among
+ * `threads` OpenMP threads. Inside PASS, `n` is the pass's first channel and `C` its
+ * 16-channel blocks (2, or 1), a constant in each branch. */
+#define EVERY_PASS_AND_ROW(M, N, PASS)                                                 \
+    do {                                                                             \
+        int64_t passes_ = ((N) + 31) / 32;                                           \
+        _Pragma("omp parallel for schedule(static) num_threads(threads)")            \
+        for (int64_t pass_ = 0; pass_ < passes_; pass_++) {                          \
+            int64_t n = 32 * pass_;                                                  \
+            if (n + 32 <= (N)) {                                                     \
+                const int C = 2;                                                     \
+                EVERY_ROW_IN_BLOCKS_OF_EIGHT(M, PASS);                               \
+            } else {                                                                 \
+                const int C = 1;                                                     \
+                EVERY_ROW_IN_BLOCKS_OF_EIGHT(M, PASS);                               \
+            }                                                                        \
+        }                                                                            \
+    } while (0)
+
 #endif
