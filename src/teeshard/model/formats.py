@@ -21,7 +21,8 @@ Applied as a transformation (gpt-fast style): :func:`prepare_skeleton` swaps blo
 linears and the head for :class:`~teeshard.model.quantize.Int8Linear` before
 loading, and :func:`finish_loaded` gives the other linears their kernel after it:
 teeshard's bfloat16 kernel where the CPU has AVX-512 BF16
-(:class:`NativeBf16Linear`), else oneDNN's packed product. The model code does not
+(:class:`NativeBf16Linear`) and its float32 kernel where it has AVX-512
+(:class:`NativeF32Linear`), else oneDNN's packed product. The model code does not
 know which format it runs.
 
 Why repacking: with torch's default path a one-row bfloat16 ``F.linear`` here runs
