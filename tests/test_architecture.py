@@ -120,7 +120,7 @@ def test_every_public_name_resolves() -> None:
 
 # Ten when issue 7 set the bound. Since then five stages of their own joined the path:
 # the admission queue (entry/admission.py), batching (node/scheduler.py), the linears of
-# every format (model/formats.py) on teeshard's kernels (model/native/__init__.py: the
+# every format (model/linears.py) on teeshard's kernels (model/native/__init__.py: the
 # float32 default's too) and the decoding sessions' attention in one native call
 # (model/native/attention.py). README "How it works" lists it.
 MAX_FILES_ON_THE_PATH = 15

@@ -27,14 +27,13 @@ from teeshard.model.checkpoint import Checkpoint
 from teeshard.model.formats import (
     BF16_KERNEL_ENV,
     F32_KERNEL_ENV,
-    NativeBf16Linear,
     NumberFormat,
-    PackedLinear,
     fuse_projections,
     onednn_bf16_available,
     stack_linears,
 )
 from teeshard.model.layer_range import LayerRange
+from teeshard.model.linears import NativeBf16Linear, PackedLinear
 from teeshard.model.loader import load_shard
 from teeshard.model.native import attention
 from teeshard.model.quantize import (

@@ -10,8 +10,9 @@ import torch
 
 from teeshard.model import native
 from teeshard.model.checkpoint import Checkpoint
-from teeshard.model.formats import BF16_KERNEL_ENV, NativeBf16Linear, onednn_bf16_available
+from teeshard.model.formats import BF16_KERNEL_ENV, onednn_bf16_available
 from teeshard.model.layer_range import LayerRange
+from teeshard.model.linears import NativeBf16Linear
 from teeshard.model.loader import load_shard
 from tests.checkpoints import TinyModel
 from tests.model.test_formats import assert_agrees_with_float32

@@ -9,8 +9,9 @@ import torch
 
 from teeshard.model import native
 from teeshard.model.checkpoint import Checkpoint
-from teeshard.model.formats import F32_KERNEL_ENV, NativeF32Linear, PackedLinear
+from teeshard.model.formats import F32_KERNEL_ENV
 from teeshard.model.layer_range import LayerRange
+from teeshard.model.linears import NativeF32Linear, PackedLinear
 from teeshard.model.loader import load_shard
 from tests.checkpoints import TinyModel
 from tests.model.test_formats import (

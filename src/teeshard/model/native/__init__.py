@@ -219,6 +219,16 @@ def _fitting(
     return [isa for isa in isas if _fits(isa, channels, width)]
 
 
+def _fastest_fitting(
+    isas: tuple[str, ...], channels: int, width: int, max_width: int | None = None
+) -> str | None:
+    """The first of ``isas`` that takes a (``channels``, ``width``) weight, where the
+    native library built here; None otherwise."""
+    if not available():
+        return None
+    return next(iter(_fitting(isas, channels, width, max_width)), None)
+
+
 def int8_isa(channels: int, width: int) -> str | None:
     """The best int8 kernel here for a (``channels``, ``width``) weight, if any."""
     return next(iter(_fitting(int8_isas(), channels, width)), None)
@@ -226,7 +236,7 @@ def int8_isa(channels: int, width: int) -> str | None:
 
 Block = tuple[int, int]  # (channels, inputs) of one block of a blocked weight
 FOUR_BY_SIXTEEN: Block = (4, 16)  # what every kernel reads but one
-# those that read 16 channels a 64-byte line: int8 and bfloat16 elements
+# those that read 16 channels a 64-byte line: int8, bfloat16 and float32 elements
 _WEIGHT_BLOCKS: dict[str, Block] = {
     "avx512vnni": (16, 4),  # int8
     "avx512bf16": (16, 2),  # bfloat16
@@ -293,9 +303,7 @@ W8A8_MAX_WIDTH = 1 << 17  # the kernel's int32 sums are exact below this input w
 
 def w8a8_isa(channels: int, width: int) -> str | None:
     """The fastest w8a8 kernel here for a (``channels``, ``width``) weight, if any."""
-    if not available():
-        return None
-    return next(iter(_fitting(w8a8_isas(), channels, width, W8A8_MAX_WIDTH)), None)
+    return _fastest_fitting(w8a8_isas(), channels, width, W8A8_MAX_WIDTH)
 
 
 def w8a8_fits(channels: int, width: int) -> bool:
@@ -343,9 +351,7 @@ def _chosen(
 
 def bf16_isa(channels: int, width: int) -> str | None:
     """The fastest bfloat16 kernel here for a (``channels``, ``width``) weight, if any."""
-    if not available():
-        return None
-    return next(iter(_fitting(bf16_isas(), channels, width)), None)
+    return _fastest_fitting(bf16_isas(), channels, width)
 
 
 def bf16_fits(channels: int, width: int) -> bool:
@@ -368,9 +374,7 @@ def bf16_matmul(x: torch.Tensor, w: torch.Tensor, *, isa: str | None = None) -> 
 
 def f32_isa(channels: int, width: int) -> str | None:
     """The float32 kernel here for a (``channels``, ``width``) weight, if any."""
-    if not available():
-        return None
-    return next(iter(_fitting(f32_isas(), channels, width)), None)
+    return _fastest_fitting(f32_isas(), channels, width)
 
 
 def f32_matmul(x: torch.Tensor, w: torch.Tensor, *, isa: str | None = None) -> torch.Tensor:

@@ -9,12 +9,12 @@
  * vfmadd231ps takes against a row's activation k (broadcast), leaving 16 channels'
  * sums in one register. N a multiple of 16 and K of 16.
  *
- * Why: oneDNN's packed float32 product read one core's weight stream at 13-15 GB/s
+ * Why: oneDNN's packed float32 product read one core's weight stream at 10-13 GB/s
  * at one row on an AMD EPYC Zen 4 (TinyLlama's shapes), and MKL's product is slower
- * at more rows; this kernel streams 32 channels a pass (two sequential lines a step,
- * a software prefetch ahead), as the bfloat16 kernel does, and with up to eight rows
- * per weight load it reuses each line from the cache at prefill
- * (benchmarks/linear_rows.py).
+ * at more rows. This kernel streams 32 channels a pass (two sequential lines a step,
+ * a software prefetch ahead), as the bfloat16 kernel does, at 20-27 GB/s there, and
+ * with up to eight rows per weight load it reuses each line from the cache at
+ * prefill (benchmarks/linear_rows.py).
  *
  * Batch-invariant by construction: a row's sums are the same sequence of FMAs (k = 0,
  * 1, 2, ... in order, per channel lane) whatever its batch-mates; no horizontal sums.
