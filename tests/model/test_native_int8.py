@@ -15,7 +15,9 @@ from teeshard.model.quantize import (
     Int8Linear,
     choose_int8_kernel,
     dequantize_int8,
+    int8_a16_reference,
     quantize_int8,
+    quantize_rows_int16,
 )
 from tests.checkpoints import TinyModel
 from tests.model.test_formats import assert_agrees_with_float32
@@ -35,38 +37,89 @@ def quantized(channels: int, width: int, seed: int = 0) -> tuple[torch.Tensor, t
 ISAS = native.int8_isas()  # every kernel this CPU runs is tested, not only the preferred one
 
 
-LANES = {"avx512": 16, "avx2": 8}
+LANES = {"avx512": 16, "avx2": 8}  # the float32 kernels'; avx512vnni sums integers
 
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize(
     ("rows", "channels", "width"),
-    [(1, 64, 64), (3, 37, 48), (7, 132, 2048), (6, 12, 80), (8, 9, 80)],
+    [(1, 64, 64), (3, 37, 48), (7, 132, 2048), (6, 12, 80), (8, 9, 80), (9, 48, 5632)],
 )
 def test_product_matches_a_float64_reference(
     rows: int, channels: int, width: int, isa: str
 ) -> None:
-    """Channel counts that are not a multiple of 4 are refused; row counts that are not a
-    multiple of the kernel's row block take its smaller blocks."""
+    """Channel counts that are not a multiple of the kernel's block (4, or 16 for
+    avx512vnni) are refused; row counts that are not a multiple of its row block take
+    its smaller blocks."""
     q, scale = quantized(channels, width)
     x = torch.randn(rows, width)
-    if channels % 4:  # refused, not computed wrong
+    if channels % native.INT8_ISAS[isa][0]:  # refused, not computed wrong
         with pytest.raises(native.NativeKernelError, match=f"no {isa} kernel"):
             native.int8_matmul(x, q, scale, isa=isa)
         return
     got = native.int8_matmul(x, native.lay_out_weight(q, isa), scale, isa=isa)
-    want = x.double() @ dequantize_int8(q, scale).double().t()
+    weight = dequantize_int8(q, scale).double()
+    want = x.double() @ weight.t()
     assert got.dtype == torch.float32 and got.shape == (rows, channels)
-    # float32 rounding: K/lanes sequential sums per lane, four to add the lanes, one scaling
-    steps = width // LANES[isa] + 5
-    bound = (x.double().abs() @ dequantize_int8(q, scale).double().abs().t()) * steps * 2**-24
+    magnitude = x.double().abs() @ weight.abs().t()
+    if isa == "avx512vnni":
+        # each input within half a step of its row's 16-bit grid; then exact integer
+        # sums, one rounding to float32 and two products
+        step = x.abs().amax(dim=1).double() / 32767
+        bound = step[:, None] / 2 * weight.abs().sum(dim=1)[None, :] + magnitude * 4 * 2**-24
+    else:  # float32: K/lanes sequential sums per lane, four to add the lanes, one scaling
+        bound = magnitude * (width // LANES[isa] + 5) * 2**-24
     assert bool(((got.double() - want).abs() <= bound + 1e-30).all())
+
+
+a16_only = pytest.mark.skipif("avx512vnni" not in ISAS, reason="this CPU has no AVX-512 VNNI")
+
+
+@a16_only
+@pytest.mark.parametrize(
+    ("rows", "channels", "width"), [(1, 16, 16), (5, 48, 2048), (19, 32, 96), (8, 16, 5632)]
+)
+def test_the_vnni_kernel_gives_the_reference_bits(rows: int, channels: int, width: int) -> None:
+    """Its integer sums are exact: the torch reference's float64 sums give the same bits,
+    rows of every scale, a zero row and a row of one spike included."""
+    q, scale = quantized(channels, width, seed=rows)
+    x = torch.randn(rows, width) * torch.logspace(-4, 3, rows)[:, None]
+    x[-1, 3] = 1e4  # one outlier: the rest of its row on a coarse grid
+    if rows > 1:
+        x[rows // 2] = 0.0
+    got = native.int8_matmul(x, native.lay_out_weight(q, "avx512vnni"), scale, isa="avx512vnni")
+    assert torch.equal(got, int8_a16_reference(x, q, scale))
+    assert rows == 1 or not bool(got[rows // 2].any())  # a zero row stays zero
+
+
+def test_rows_are_quantized_to_16_bits_within_half_a_step() -> None:
+    x = torch.randn(5, 96) * torch.logspace(-4, 3, 5)[:, None]
+    x[2] = 0.0
+    q, scale = quantize_rows_int16(x)
+    assert q.dtype == torch.int16 and scale.dtype == torch.float32
+    assert int(q.abs().max()) == 32767 and int(q.min()) >= -32767
+    error = (q.float() * scale[:, None] - x).abs().amax(dim=1)
+    assert bool((error <= scale / 2 * (1 + 1e-4) + 1e-30).all())
+    assert scale[2].item() == 0.0 and not bool(q[2].any())
+
+
+@a16_only
+def test_inputs_too_wide_for_exact_sums_take_another_kernel() -> None:
+    """255 * 127 * K must stay below 2^31: from K = 2^16 the VNNI kernel refuses, and
+    the layer takes the next kernel instead of wrong sums."""
+    wide = native.INT8_A16_MAX_WIDTH
+    assert native.int8_isa(16, wide - 16) == "avx512vnni"
+    assert native.int8_isa(16, wide) == next(i for i in ISAS if i != "avx512vnni")
+    q = torch.zeros(16, wide, dtype=torch.int8)
+    scale = torch.ones(16, dtype=torch.bfloat16)
+    with pytest.raises(native.NativeKernelError, match="no avx512vnni kernel"):
+        native.int8_matmul(torch.zeros(1, wide), q, scale, isa="avx512vnni")
 
 
 @pytest.mark.parametrize("isa", ISAS)
 def test_each_row_is_bit_for_bit_what_it_is_alone(isa: str) -> None:
     """A session's result never depends on its batch-mates or its place in the batch."""
-    q, scale = quantized(44, 256, seed=1)
+    q, scale = quantized(48, 256, seed=1)
     x = torch.randn(11, 256)
 
     def product(rows: torch.Tensor) -> torch.Tensor:
@@ -103,8 +156,8 @@ def test_blocking_is_a_reordering_the_layer_undoes() -> None:
         assert torch.equal(layer.stored_weight(), q)
         # torch's kernel rounds activations and output to bfloat16
         assert (layer(x).float() - want).abs().max() <= 0.02 * want.abs().max()
-    assert layer.isa == ISAS[0]
-    assert torch.equal(layer.weight, native.lay_out_weight(q, ISAS[0]))
+    assert layer.isa == native.int8_isa(12, 48)  # the best kernel for 12 channels
+    assert torch.equal(layer.weight, native.lay_out_weight(q, layer.isa))
 
 
 def test_bad_arguments_are_refused() -> None:

@@ -23,8 +23,12 @@ reading the int8 weights once per step (:func:`choose_int8_kernel` picks, per no
 * ``"torch"``: ``torch.ops.aten._weight_int8pack_mm``, bfloat16 activations and
   output. It needs the input width to be a multiple of 16; other widths take an
   exact float32 reference path instead (only tiny test models have such widths).
-* ``"native"``: teeshard's kernel (:mod:`teeshard.model.native`; AVX-512 where the
-  CPU has it, else AVX2), float32 activations and output, batch-invariant bit for bit.
+* ``"native"``: teeshard's kernel (:mod:`teeshard.model.native`), float32 output,
+  batch-invariant bit for bit. With AVX-512 VNNI (``int8_avx512vnni.c``) it quantizes
+  each input row to 16 bits (:func:`quantize_rows_int16`) and sums the integer
+  products exactly: the same bits as :func:`int8_a16_reference`, and a finer grid
+  than torch's bfloat16 activations. Elsewhere (AVX-512 without VNNI, or AVX2) it
+  multiplies float32 activations.
 
 The recipe fixes the weights; the kernel only the arithmetic around them (the
 activations' rounding), so both compute with exactly the weights the manifest pins.
@@ -203,6 +207,30 @@ class Int8Linear(nn.Module):
     def _float32_product(self, flat32: torch.Tensor) -> torch.Tensor:
         assert self.isa is not None
         return native.int8_matmul(flat32, self.weight, self.scales, isa=self.isa)
+
+
+def quantize_rows_int16(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 rows (M, K) -> (int16 (M, K), float32 scale (M,)) as the int8 format's
+    AVX-512 VNNI kernel quantizes a product's input (``native/int8_avx512vnni.c``),
+    each step one IEEE float32 operation: ``amax`` per row, ``inv = 32767 / amax``,
+    ``round_half_even(x * inv)`` clamped to [-32767, 32767], scale ``amax / 32767``;
+    a zero row gets zeros and scale 0."""
+    amax = x.abs().amax(dim=1)
+    some = amax > 0
+    inv = torch.where(some, torch.full_like(amax, 32767.0).div(amax), torch.zeros_like(amax))
+    scale = torch.where(some, amax.div(32767.0), torch.zeros_like(amax))
+    q = torch.round(x * inv[:, None]).clamp_(-32767, 32767).to(torch.int16)
+    return q, scale
+
+
+def int8_a16_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The int8 product of the AVX-512 VNNI kernel, in torch, bit for bit: ``x`` float32
+    (M, K), each row quantized to int16 (:func:`quantize_rows_int16`), ``q`` int8 (N, K)
+    as stored, ``scale`` bfloat16 (N,); the integer sums exact, rounded once to float32."""
+    xq, x_scale = quantize_rows_int16(x)
+    # float64 holds every partial sum exactly (|sum| < 32767 * 127 * K < 2^53)
+    sums = (xq.double() @ q.double().t()).float()
+    return sums * (x_scale[:, None] * scale.float()[None, :])
 
 
 def quantize_rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,9 +5,11 @@ runs it; each kernel reads its weight in a blocked layout, laid out once at load
 (:func:`lay_out_weight`; :func:`weight_block` says which) onto 2 MiB pages where Linux
 gives them (:mod:`teeshard.model.native.huge_pages`).
 
-* :func:`int8_matmul`: the weight-only int8 product with float32 activations:
-  ``int8_avx512.c`` (AVX-512) and ``int8_avx2.c`` (AVX2 and FMA). The int8 format
-  uses it where it is faster than torch's own kernel on the machine
+* :func:`int8_matmul`: the weight-only int8 product: ``int8_avx512vnni.c`` (AVX-512
+  VNNI: each input row quantized to 16 bits, exact integer sums, ``vpdpbusd``), else
+  ``int8_avx512.c`` (AVX-512) or ``int8_avx2.c`` (AVX2 and FMA), which multiply
+  float32 activations. The int8 format uses it where it is faster than torch's own
+  kernel on the machine
   (:func:`teeshard.model.quantize.choose_int8_kernel`; ``benchmarks/linear_rows.py``).
 * :func:`bf16_matmul`: bfloat16 weights: ``bf16_avx512.c`` (AVX-512 BF16,
   activations rounded to bfloat16, ``vdpbf16ps``; it serves the bfloat16 format
@@ -54,6 +56,7 @@ _SOURCES = tuple(
     for name in (
         "int8_avx2.c",
         "int8_avx512.c",
+        "int8_avx512vnni.c",
         "bf16_avx2.c",
         "bf16_avx512.c",
         "w8a8_avx2.c",
@@ -75,7 +78,7 @@ _ISA_CPU_FLAGS = {
     "avx2": (),
 }
 # instruction set -> (its output channels, its input width) must be multiples of these
-INT8_ISAS = {"avx512": (4, 16), "avx2": (4, 16)}  # in order of preference
+INT8_ISAS = {"avx512vnni": (16, 16), "avx512": (4, 16), "avx2": (4, 16)}  # in order of preference
 W8A8_ISAS = {"avx512vnni": (16, 16), "avx2": (4, 16)}  # the same bits; fastest first
 BF16_ISAS = {"avx512bf16": (16, 16), "avx2": (4, 16)}  # fastest first
 F32_ISAS = {"avx512f": (16, 16)}
@@ -229,9 +232,17 @@ def _fastest_fitting(
     return next(iter(_fitting(isas, channels, width, max_width)), None)
 
 
+INT8_A16_MAX_WIDTH = 1 << 16  # int8_avx512vnni.c's int32 sums are exact below this width
+
+
+def _int8_isas_taking(width: int) -> tuple[str, ...]:
+    """This CPU's int8 kernels, best first, less those that refuse an input this wide."""
+    return tuple(i for i in int8_isas() if i != "avx512vnni" or width < INT8_A16_MAX_WIDTH)
+
+
 def int8_isa(channels: int, width: int) -> str | None:
     """The best int8 kernel here for a (``channels``, ``width``) weight, if any."""
-    return next(iter(_fitting(int8_isas(), channels, width)), None)
+    return next(iter(_fitting(_int8_isas_taking(width), channels, width)), None)
 
 
 Block = tuple[int, int]  # (channels, inputs) of one block of a blocked weight
@@ -289,12 +300,15 @@ def unavailable_reason() -> str:
 def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, *, isa: str) -> torch.Tensor:
     """``x`` float32 (M, K) @ (``q`` int8 (N, K) * ``scale`` bfloat16 (N,))^T -> float32 (M, N).
 
-    Every tensor contiguous on the CPU; N a multiple of 4, K of 16. ``isa`` names the
-    kernel (one of :func:`int8_isas`); ``q`` comes blocked (:func:`block_weight`).
-    Releases the GIL while it runs.
+    ``isa`` names the kernel (one of :func:`int8_isas`; ``avx512vnni`` quantizes each
+    row of ``x`` to 16 bits first, as :func:`teeshard.model.quantize.int8_a16_reference`
+    defines), and ``q`` comes in the layout it reads (:func:`lay_out_weight`). Every
+    tensor contiguous on the CPU; N and K multiples of what the kernel takes
+    (``INT8_ISAS``), K below ``INT8_A16_MAX_WIDTH`` for ``avx512vnni``. Releases the
+    GIL while it runs.
     """
     rows, channels, width = _checked_int8("int8_matmul", x, q, scale)
-    _chosen("int8_matmul", isa, int8_isas(), channels, width)
+    _chosen("int8_matmul", isa, _int8_isas_taking(width), channels, width)
     return _run(f"teeshard_int8_matmul_{isa}", (x, q, scale), rows, channels, width, "int8_matmul")
 
 
