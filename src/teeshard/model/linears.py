@@ -71,6 +71,7 @@ class NativeLinear(nn.Module):
             )
         self.isa: str = isa
         self.laid_out = native.lay_out_weight(weight, isa)
+        self._product = self.bind(self.laid_out, isa)  # checked once, not per call
         bias = linear.bias
         self.bias = bias.detach().float() if bias is not None else None
 
@@ -80,7 +81,8 @@ class NativeLinear(nn.Module):
         raise NotImplementedError
 
     @staticmethod
-    def product(x: torch.Tensor, laid_out: torch.Tensor, isa: str) -> torch.Tensor:
+    def bind(laid_out: torch.Tensor, isa: str) -> native.BoundProduct:
+        """The ``isa`` kernel's product with the laid-out weight bound."""
         raise NotImplementedError
 
     @classmethod
@@ -96,8 +98,7 @@ class NativeLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        flat = x.reshape(-1, self.in_features).float().contiguous()  # no-ops for float32
-        out = self.product(flat, self.laid_out, self.isa)
+        out = self._product(float32_rows(x, self.in_features))
         if self.bias is not None:
             out += self.bias
         return out.reshape(*lead, self.out_features)
@@ -127,8 +128,8 @@ class NativeBf16Linear(NativeLinear):
         return native.bf16_isa(channels, width)
 
     @staticmethod
-    def product(x: torch.Tensor, laid_out: torch.Tensor, isa: str) -> torch.Tensor:
-        return native.bf16_matmul(x, laid_out, isa=isa)
+    def bind(laid_out: torch.Tensor, isa: str) -> native.BoundProduct:
+        return native.bind_bf16(laid_out, isa=isa)
 
 
 class NativeF32Linear(NativeLinear):
@@ -146,5 +147,14 @@ class NativeF32Linear(NativeLinear):
         return native.f32_isa(channels, width)
 
     @staticmethod
-    def product(x: torch.Tensor, laid_out: torch.Tensor, isa: str) -> torch.Tensor:
-        return native.f32_matmul(x, laid_out, isa=isa)
+    def bind(laid_out: torch.Tensor, isa: str) -> native.BoundProduct:
+        return native.bind_f32(laid_out, isa=isa)
+
+
+def float32_rows(x: torch.Tensor, width: int) -> torch.Tensor:
+    """``x`` (..., ``width``) as contiguous float32 rows (M, ``width``): a view where it
+    already is one (the usual case: each of these calls costs a dispatch)."""
+    flat = x.reshape(-1, width)
+    if flat.dtype != torch.float32:
+        flat = flat.float()
+    return flat if flat.is_contiguous() else flat.contiguous()

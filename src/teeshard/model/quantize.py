@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from teeshard.model import native
+from teeshard.model.linears import float32_rows
 
 INT8_RECIPE = (
     "int8-weight-only/per-output-channel/symmetric-127/bf16-scale-round-up/block-linears+lm-head/v2"
@@ -199,14 +200,28 @@ class Int8Linear(nn.Module):
     def _float32_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The forward of the float32-output kernels: rows in float32, bias in float32."""
         lead = x.shape[:-1]
-        out = self._float32_product(x.reshape(-1, self.in_features).float().contiguous())
+        out = self._float32_product(float32_rows(x, self.in_features))
         if self.bias is not None:
             out += self.bias
         return out.reshape(*lead, self.out_features)
 
     def _float32_product(self, flat32: torch.Tensor) -> torch.Tensor:
-        assert self.isa is not None
-        return native.int8_matmul(flat32, self.weight, self.scales, isa=self.isa)
+        return self._bound()(flat32)
+
+    _binding: tuple[tuple[int, int, str | None], native.BoundProduct] | None = None
+
+    def _bound(self) -> native.BoundProduct:
+        """The native product with this layer's weight and scales bound: bound anew
+        whenever either tensor or the kernel changed (the loader fills the buffers
+        after the layer is built, and choosing a kernel lays the weight out anew)."""
+        key = (self.weight.data_ptr(), self.scales.data_ptr(), self.isa)
+        if self._binding is None or self._binding[0] != key:
+            assert self.isa is not None
+            self._binding = (key, self._bind(self.isa))
+        return self._binding[1]
+
+    def _bind(self, isa: str) -> native.BoundProduct:
+        return native.bind_int8(self.weight, self.scales, isa=isa)
 
 
 def quantize_rows_int16(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -277,8 +292,11 @@ class W8A8Linear(Int8Linear):
 
     def _float32_product(self, flat32: torch.Tensor) -> torch.Tensor:
         if self.kernel == "native":
-            return native.w8a8_matmul(flat32, self.weight, self.scales, isa=self.isa)
+            return self._bound()(flat32)
         return w8a8_reference(flat32, self.weight, self.scales)
+
+    def _bind(self, isa: str) -> native.BoundProduct:
+        return native.bind_w8a8(self.weight, self.scales, isa=isa)
 
     def extra_repr(self) -> str:
         return super().extra_repr().replace("int8 (", "int8 weights and activations (")

@@ -26,6 +26,7 @@ from torch import nn
 
 from teeshard.model.formats import NumberFormat
 from teeshard.model.layer_range import LayerRange
+from teeshard.model.native import block_ops
 from teeshard.model.native.attention import DecodeSessions, decode_attention
 from teeshard.model.spec import ArchSpec, RopeSpec
 
@@ -76,22 +77,30 @@ class KVCache:
 # -- blocks -------------------------------------------------------------------------
 
 ATTENTION_ENV = "TEESHARD_DECODE_ATTENTION"  # native (the default) or torch, to compare
+# native (the default): norms and rotary in one call each (native/block_ops.py); torch
+BLOCK_OPS_ENV = "TEESHARD_BLOCK_OPS"
 
 
-def _wanted_attention() -> str:
-    wanted = os.environ.get(ATTENTION_ENV, "native")
+def _wanted(env: str) -> str:
+    wanted = os.environ.get(env, "native")
     if wanted not in ("native", "torch"):
-        raise ValueError(f"{ATTENTION_ENV}={wanted!r}: choose native or torch")
+        raise ValueError(f"{env}={wanted!r}: choose native or torch")
     return wanted
 
 
 class RMSNorm(nn.Module):
+    native_ops = True  # one native call where it runs (Shard sets it per $TEESHARD_BLOCK_OPS)
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))  # float32 in every number format
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.native_ops:
+            normed = block_ops.rms_norm(x, self.weight, self.eps)
+            if normed is not None:
+                return normed
         x32 = x.float()  # normalise in float32, whatever the number format
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight.float() * x32  # float32; each linear casts to its own dtype
@@ -194,6 +203,8 @@ class Pack:
 
 
 class Attention(nn.Module):
+    native_ops = True  # rotary in one native call where it runs (as RMSNorm's)
+
     def __init__(self, spec: ArchSpec) -> None:
         super().__init__()
         self.num_heads = spec.num_heads
@@ -218,20 +229,22 @@ class Attention(nn.Module):
         if self.qkv_proj is not None:
             qkv = self.qkv_proj(x).view(1, rows, heads + 2 * kv_heads, head_dim)
             # q and k are adjacent heads of one tensor: one rotary pass turns both
-            qk = apply_rope(qkv[:, :, : heads + kv_heads].float(), pack.cos, pack.sin).to(dtype)
+            qk = self._rotated(qkv[:, :, : heads + kv_heads], pack, dtype)
             q, k = qk[:, :, :heads], qk[:, :, heads:]  # (1, N, H, D), (1, N, Hkv, D)
             v = qkv[:, :, heads + kv_heads :]
         else:
             q = self.q_proj(x).view(1, rows, heads, head_dim)
             k = self.k_proj(x).view(1, rows, kv_heads, head_dim)
             v = self.v_proj(x).view(1, rows, kv_heads, head_dim)
-            q = apply_rope(q.float(), pack.cos, pack.sin).to(dtype)
-            k = apply_rope(k.float(), pack.cos, pack.sin).to(dtype)
-        v = v.to(dtype)
+            q, k = self._rotated(q, pack, dtype), self._rotated(k, pack, dtype)
+        if v.dtype != dtype:
+            v = v.to(dtype)
         out = torch.empty(1, rows, heads, head_dim, dtype=dtype, device=x.device)
         decoding = pack.decoding
         if decoding is not None:  # every single-step segment in one native call
             decode_attention(decoding, layer, q, k, v, out, self.sliding_window)
+            if len(decoding.segments) == len(pack.steps):
+                return self.o_proj(out.view(1, rows, heads * head_dim))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         offset = 0
         for index, (cache, steps, start) in enumerate(
@@ -251,6 +264,14 @@ class Attention(nn.Module):
             )  # (1, H, T, D)
             out[:, rows_of] = attended.transpose(1, 2)
         return self.o_proj(out.view(1, rows, heads * head_dim))
+
+    def _rotated(self, x: torch.Tensor, pack: Pack, dtype: torch.dtype) -> torch.Tensor:
+        """``x`` (1, N, heads, D) turned by each row's rotary angles, in float32, then
+        cast to ``dtype`` (the caches')."""
+        turned = block_ops.rope(x, pack.cos, pack.sin) if self.native_ops else None
+        if turned is None:
+            turned = apply_rope(x.float(), pack.cos, pack.sin)
+        return turned if turned.dtype == dtype else turned.to(dtype)
 
     def _attend(
         self,
@@ -358,7 +379,11 @@ class Shard(nn.Module):
         self.compute_dtype = self.number_format.torch_dtype
         # single-step segments' attention in one native call per layer, where it runs
         # (native/attention.py); False: torch's operators per session, for comparison
-        self.native_attention = _wanted_attention() == "native"
+        self.native_attention = _wanted(ATTENTION_ENV) == "native"
+        if _wanted(BLOCK_OPS_ENV) == "torch":  # torch's norms and rotary, for comparison
+            for module in self.modules():
+                if isinstance(module, (RMSNorm, Attention)):
+                    module.native_ops = False
 
     @property
     def dtype(self) -> torch.dtype:

@@ -63,6 +63,7 @@ _SOURCES = tuple(
         "w8a8_avx512.c",
         "f32_avx512.c",
         "attention.c",
+        "block_ops.c",
     )
 )
 # AVX-512 code is enabled per function (target attributes), never for the whole library
@@ -307,9 +308,8 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, *, isa: s
     (``INT8_ISAS``), K below ``INT8_A16_MAX_WIDTH`` for ``avx512vnni``. Releases the
     GIL while it runs.
     """
-    rows, channels, width = _checked_int8("int8_matmul", x, q, scale)
-    _chosen("int8_matmul", isa, _int8_isas_taking(width), channels, width)
-    return _run(f"teeshard_int8_matmul_{isa}", (x, q, scale), rows, channels, width, "int8_matmul")
+    _checked_int8("int8_matmul", x, q, scale)
+    return bind_int8(q, scale, isa=isa)(x)
 
 
 W8A8_MAX_WIDTH = 1 << 17  # the kernel's int32 sums are exact below this input width
@@ -336,10 +336,8 @@ def w8a8_matmul(
     and ``q`` comes in the layout that kernel reads (:func:`lay_out_weight`);
     contiguous CPU tensors, N and K multiples of what the kernel takes (``W8A8_ISAS``).
     Releases the GIL while it runs."""
-    rows, channels, width = _checked_int8("w8a8_matmul", x, q, scale)
-    chosen = _chosen("w8a8_matmul", isa, w8a8_isas(), channels, width, W8A8_MAX_WIDTH)
-    symbol = f"teeshard_w8a8_matmul_{chosen}"
-    return _run(symbol, (x, q, scale), rows, channels, width, "w8a8_matmul")
+    _checked_int8("w8a8_matmul", x, q, scale)
+    return bind_w8a8(q, scale, isa=isa)(x)
 
 
 def _chosen(
@@ -381,9 +379,8 @@ def bf16_matmul(x: torch.Tensor, w: torch.Tensor, *, isa: str | None = None) -> 
     ``x`` as it is; ``avx512bf16`` rounds it to bfloat16 first (``bf16_avx512.c``).
     Contiguous CPU tensors, N and K multiples of what the kernel takes
     (``BF16_ISAS``). Releases the GIL while it runs."""
-    rows, channels, width = _checked("bf16_matmul", x, w, torch.bfloat16)
-    chosen = _chosen("bf16_matmul", isa, bf16_isas(), channels, width)
-    return _run(f"teeshard_bf16_matmul_{chosen}", (x, w), rows, channels, width, "bf16_matmul")
+    _checked("bf16_matmul", x, w, torch.bfloat16)
+    return bind_bf16(w, isa=isa)(x)
 
 
 def f32_isa(channels: int, width: int) -> str | None:
@@ -397,9 +394,83 @@ def f32_matmul(x: torch.Tensor, w: torch.Tensor, *, isa: str | None = None) -> t
     ``isa`` names the kernel (one of :func:`f32_isas`; None: the one that fits), and
     ``w`` comes in the layout it reads (:func:`lay_out_weight`). Contiguous CPU
     tensors, N and K multiples of 16. Releases the GIL while it runs."""
-    rows, channels, width = _checked("f32_matmul", x, w, torch.float32)
+    _checked("f32_matmul", x, w, torch.float32)
+    return bind_f32(w, isa=isa)(x)
+
+
+class BoundProduct:
+    """One layer's native product with its weight bound once: the kernel's function and
+    the weight's (and scale's) addresses, checked when bound, so that a call checks
+    only its input. A decode step makes about a hundred products, and the unbound
+    functions' checks cost about as much as a small product (``bind`` below).
+
+    It holds the weight tensors, so the addresses stay valid while it lives; a layer
+    that lays its weight out anew binds anew."""
+
+    def __init__(self, name: str, symbol: str, weights: tuple[torch.Tensor, ...]) -> None:
+        library = _build()[0]
+        assert library is not None  # the binders checked
+        self.name = name
+        self.channels, self.width = int(weights[0].shape[0]), int(weights[0].shape[1])
+        self._function = getattr(library, symbol)
+        self._weights = weights
+        self._pointers = tuple(w.data_ptr() for w in weights)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` float32 (M, K) contiguous on the CPU -> float32 (M, N). Releases the GIL."""
+        if (
+            x.dtype != torch.float32
+            or x.dim() != 2
+            or x.shape[1] != self.width
+            or not x.is_contiguous()
+            or x.device.type != "cpu"
+        ):
+            raise NativeKernelError(
+                f"{self.name}: x {x.dtype} {tuple(x.shape)}: expected float32 "
+                f"(M, {self.width}), a contiguous CPU tensor"
+            )
+        rows = x.shape[0]
+        out = torch.empty(rows, self.channels, dtype=torch.float32)
+        status = self._function(
+            x.data_ptr(), *self._pointers, out.data_ptr(),
+            rows, self.channels, self.width, torch.get_num_threads(),
+        )  # fmt: skip
+        if status != 0:
+            raise NativeKernelError(f"{self.name} refused its arguments ({status})")
+        return out
+
+
+def bind_int8(q: torch.Tensor, scale: torch.Tensor, *, isa: str) -> BoundProduct:
+    """:func:`int8_matmul` with ``q`` and ``scale`` bound (checked here, once)."""
+    _, channels, width = _checked_int8("int8_matmul", _no_rows(q), q, scale)
+    _chosen("int8_matmul", isa, _int8_isas_taking(width), channels, width)
+    return BoundProduct("int8_matmul", f"teeshard_int8_matmul_{isa}", (q, scale))
+
+
+def bind_w8a8(q: torch.Tensor, scale: torch.Tensor, *, isa: str | None = None) -> BoundProduct:
+    """:func:`w8a8_matmul` with ``q`` and ``scale`` bound (checked here, once)."""
+    _, channels, width = _checked_int8("w8a8_matmul", _no_rows(q), q, scale)
+    chosen = _chosen("w8a8_matmul", isa, w8a8_isas(), channels, width, W8A8_MAX_WIDTH)
+    return BoundProduct("w8a8_matmul", f"teeshard_w8a8_matmul_{chosen}", (q, scale))
+
+
+def bind_bf16(w: torch.Tensor, *, isa: str | None = None) -> BoundProduct:
+    """:func:`bf16_matmul` with ``w`` bound (checked here, once)."""
+    _, channels, width = _checked("bf16_matmul", _no_rows(w), w, torch.bfloat16)
+    chosen = _chosen("bf16_matmul", isa, bf16_isas(), channels, width)
+    return BoundProduct("bf16_matmul", f"teeshard_bf16_matmul_{chosen}", (w,))
+
+
+def bind_f32(w: torch.Tensor, *, isa: str | None = None) -> BoundProduct:
+    """:func:`f32_matmul` with ``w`` bound (checked here, once)."""
+    _, channels, width = _checked("f32_matmul", _no_rows(w), w, torch.float32)
     chosen = _chosen("f32_matmul", isa, f32_isas(), channels, width)
-    return _run(f"teeshard_f32_matmul_{chosen}", (x, w), rows, channels, width, "f32_matmul")
+    return BoundProduct("f32_matmul", f"teeshard_f32_matmul_{chosen}", (w,))
+
+
+def _no_rows(weight: torch.Tensor) -> torch.Tensor:
+    """An empty input for ``weight``, to check the weight with the unbound checks."""
+    return torch.empty(0, weight.shape[-1] if weight.dim() == 2 else 0)
 
 
 def _checked_int8(
@@ -447,18 +518,3 @@ def _checked(
             f"{others_expected}, contiguous CPU tensors"
         )
     return int(x.shape[0]), int(w.shape[0]), int(x.shape[1])
-
-
-def _run(
-    symbol: str, inputs: tuple[torch.Tensor, ...], rows: int, channels: int, width: int, name: str
-) -> torch.Tensor:
-    """Call kernel ``symbol`` on checked ``inputs``: a new float32 (rows, channels) output,
-    the shape, and torch's thread count (ctypes releases the GIL meanwhile)."""
-    library = _build()[0]
-    assert library is not None  # the callers checked
-    out = torch.empty(rows, channels, dtype=torch.float32)
-    pointers = [tensor.data_ptr() for tensor in (*inputs, out)]
-    status = getattr(library, symbol)(*pointers, rows, channels, width, torch.get_num_threads())
-    if status != 0:
-        raise NativeKernelError(f"{name} refused its arguments ({status})")
-    return out

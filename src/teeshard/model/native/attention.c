@@ -46,13 +46,6 @@ static inline uint16_t round_bf16(float value) { /* round to nearest even (finit
     return (uint16_t)(bits >> 16);
 }
 
-static inline float sum8(__m256 v) { /* the 8 lanes, in a fixed order */
-    __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-    lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
-    return _mm_cvtss_f32(lo);
-}
-
 /* e^x for x <= 0 (Cephes' polynomial; relative error about 2e-7) */
 static inline __m256 exp8(__m256 x) {
     x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));

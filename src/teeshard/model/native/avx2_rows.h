@@ -7,13 +7,6 @@
 
 #define PREFETCH_AHEAD 2048 /* bytes: 32 cache lines, measured (1, 2, 4 KiB tie) */
 
-static inline float sum8(__m256 v) {  /* the 8 lanes, in a fixed order */
-    __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-    lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
-    return _mm_cvtss_f32(lo);
-}
-
 /* NAME(x, wb, scale, y, m, n, N, K): activation rows m .. m + R - 1 against channels
  * n .. n + 3 (block n / 4) of the blocked weight wb[n / 4][k / 16][n % 4][k % 16] of
  * WTYPE, whose 8 values at p WIDEN8(p) turns into float32; each output is its sum

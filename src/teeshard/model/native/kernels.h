@@ -14,6 +14,14 @@ static inline float widen_bf16(uint16_t bits) {
     return value;
 }
 
+/* the 8 lanes of an AVX2 register summed, in a fixed order */
+static inline float sum8(__m256 v) {
+    __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+    lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
+    return _mm_cvtss_f32(lo);
+}
+
 /* the w8a8 recipe's row scale (each kernel computes amax its own way; a maximum is exact):
  * returns sx = amax / 127 and sets *inv = 127 / amax, both 0 for a zero row; one IEEE
  * float32 division each, as teeshard.model.quantize.quantize_rows_int8 makes them */
