@@ -1,5 +1,5 @@
-"""The native RMS norm and rotary pass: torch's results (rotary bit for bit, the norm
-within a rounding), each row independent of its batch-mates, torch's operators kept
+"""The native RMS norm, rotary pass and SwiGLU: torch's results (rotary bit for bit,
+the others within a rounding or two), each row independent of its batch-mates, torch's operators kept
 wherever the kernel does not take the tensors, and a shard running them generating
 what torch's operators generate."""
 
@@ -13,7 +13,7 @@ from teeshard.model.checkpoint import Checkpoint
 from teeshard.model.layer_range import LayerRange
 from teeshard.model.loader import load_shard
 from teeshard.model.native import block_ops
-from teeshard.model.transformer import BLOCK_OPS_ENV, Attention, RMSNorm, apply_rope
+from teeshard.model.transformer import BLOCK_OPS_ENV, MLP, Attention, RMSNorm, apply_rope
 from tests.checkpoints import TinyModel
 
 pytestmark = pytest.mark.skipif(
@@ -70,6 +70,22 @@ def test_rotary_is_torch_s_bit_for_bit(rows: int, heads: int, kv_heads: int, hea
     assert torch.equal(got, apply_rope(qk, cos, sin))
 
 
+@pytest.mark.parametrize("width", [5632, 20])
+def test_swiglu_is_torch_s_within_two_roundings(width: int) -> None:
+    """Gates from -100 to 100 (e^-g clamped where it would overflow); widths that are
+    no multiple of 8 end on the kernel's scalar path."""
+    gate_up = torch.randn(1, 3, 2 * width) * 4
+    gate_up[0, 0, :8] = torch.tensor([-100.0, -88.5, -20.0, -1e-3, 0.0, 1e-3, 30.0, 100.0])
+    got = block_ops.silu_mul(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    want = torch.nn.functional.silu(gate) * up
+    assert got is not None and got.shape == want.shape
+    # (far below a gate of -87 both are 0 to within 1e-35: e^-g is clamped there)
+    assert torch.allclose(got, want, rtol=8 * 2**-23, atol=1e-35)
+    alone = block_ops.silu_mul(gate_up[:, 1:2].contiguous())
+    assert alone is not None and torch.equal(alone, got[:, 1:2])  # rows independent
+
+
 def test_tensors_the_kernels_do_not_take_are_left_to_torch() -> None:
     x, weight = torch.randn(1, 3, 64), torch.randn(64)
     assert block_ops.rms_norm(x.to(torch.bfloat16), weight, 1e-5) is None
@@ -80,6 +96,9 @@ def test_tensors_the_kernels_do_not_take_are_left_to_torch() -> None:
     assert block_ops.rope(q.to(torch.bfloat16), cos, sin) is None
     assert block_ops.rope(q.transpose(2, 3), cos, sin) is None  # heads not contiguous
     assert block_ops.rope(q, cos[:2], sin[:2]) is None
+    assert block_ops.silu_mul(q.to(torch.bfloat16)) is None
+    assert block_ops.silu_mul(q.transpose(2, 3)) is None
+    assert block_ops.silu_mul(torch.randn(3, 5)) is None  # no gate/up halves
     # and the modules fall back to torch's operators for them
     norm = RMSNorm(64, 1e-5)
     norm.weight.data = weight
@@ -94,7 +113,7 @@ def test_shard_generates_what_torch_s_operators_generate(
     native_shard = load_shard(checkpoint, layers)
     monkeypatch.setenv(BLOCK_OPS_ENV, "torch")
     torch_shard = load_shard(checkpoint, layers)
-    modules = [m for m in torch_shard.modules() if isinstance(m, (RMSNorm, Attention))]
+    modules = [m for m in torch_shard.modules() if isinstance(m, (RMSNorm, Attention, MLP))]
     assert modules and not any(m.native_ops for m in modules)
     monkeypatch.setenv(BLOCK_OPS_ENV, "sometimes")
     with pytest.raises(ValueError, match="native or torch"):

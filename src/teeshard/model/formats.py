@@ -2,8 +2,9 @@
 
 A format is a compute dtype (``float32``, ``float16``, ``bfloat16``) and optionally
 a weight quantization (:mod:`teeshard.model.quantize`: ``int8``, the block linears
-and the LM head, computing with bfloat16 activations; ``w8a8``, the same int8
-weights, each product's input rows quantized to int8 too). Whatever the format,
+and the LM head, their input rows in float32, or quantized per row to 16 bits on the
+AVX-512 VNNI kernel, or bfloat16 on torch's; ``w8a8``, the same int8 weights, each
+product's input rows quantized to int8). Whatever the format,
 precision-sensitive work stays in float32 (see :mod:`teeshard.model.transformer`):
 the residual stream between blocks, RMSNorm (its weights are kept in float32),
 rotary embedding, the softmax inside attention, and everything after the logits
@@ -64,8 +65,8 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class NumberFormat:
     dtype: str = "float32"  # compute dtype of the block linears, embedding and KV cache
-    # "int8": block linears and LM head in int8 (bfloat16 activations); "w8a8": the same
-    # weights, and each of those products' input rows quantized to int8 too
+    # "int8": block linears and LM head in int8 (activations as the kernel takes them:
+    # quantize.py); "w8a8": the same weights, each product's input rows quantized to int8
     quantize: str | None = None
 
     def __post_init__(self) -> None:

@@ -77,7 +77,8 @@ class KVCache:
 # -- blocks -------------------------------------------------------------------------
 
 ATTENTION_ENV = "TEESHARD_DECODE_ATTENTION"  # native (the default) or torch, to compare
-# native (the default): norms and rotary in one call each (native/block_ops.py); torch
+# native (the default): norms, rotary and SwiGLU in one call each (native/block_ops.py);
+# torch: torch's operators, to compare
 BLOCK_OPS_ENV = "TEESHARD_BLOCK_OPS"
 
 
@@ -322,6 +323,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    native_ops = True  # SwiGLU in one native call where it runs (as RMSNorm's)
+
     def __init__(self, spec: ArchSpec) -> None:
         super().__init__()
         self.gate_proj = Linear(spec.hidden_size, spec.intermediate_size, bias=False)
@@ -331,7 +334,11 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is not None:
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            both = self.gate_up_proj(x)
+            fused = block_ops.silu_mul(both) if self.native_ops else None
+            if fused is not None:
+                return self.down_proj(fused)
+            gate, up = both.chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
         return self.down_proj(F.silu(gate) * up)
@@ -380,9 +387,9 @@ class Shard(nn.Module):
         # single-step segments' attention in one native call per layer, where it runs
         # (native/attention.py); False: torch's operators per session, for comparison
         self.native_attention = _wanted(ATTENTION_ENV) == "native"
-        if _wanted(BLOCK_OPS_ENV) == "torch":  # torch's norms and rotary, for comparison
+        if _wanted(BLOCK_OPS_ENV) == "torch":  # torch's norms, rotary and SwiGLU
             for module in self.modules():
-                if isinstance(module, (RMSNorm, Attention)):
+                if isinstance(module, (RMSNorm, Attention, MLP)):
                     module.native_ops = False
 
     @property
