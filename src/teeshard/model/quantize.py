@@ -226,16 +226,9 @@ class Int8Linear(nn.Module):
 
 def quantize_rows_int16(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """float32 rows (M, K) -> (int16 (M, K), float32 scale (M,)) as the int8 format's
-    AVX-512 VNNI kernel quantizes a product's input (``native/int8_avx512vnni.c``),
-    each step one IEEE float32 operation: ``amax`` per row, ``inv = 32767 / amax``,
-    ``round_half_even(x * inv)`` clamped to [-32767, 32767], scale ``amax / 32767``;
-    a zero row gets zeros and scale 0."""
-    amax = x.abs().amax(dim=1)
-    some = amax > 0
-    inv = torch.where(some, torch.full_like(amax, 32767.0).div(amax), torch.zeros_like(amax))
-    scale = torch.where(some, amax.div(32767.0), torch.zeros_like(amax))
-    q = torch.round(x * inv[:, None]).clamp_(-32767, 32767).to(torch.int16)
-    return q, scale
+    AVX-512 VNNI kernel quantizes a product's input (``native/int8_avx512vnni.c``):
+    :func:`quantize_rows_int8`'s steps with 32767 levels each side for 127."""
+    return _quantize_rows(x, 32767, torch.int16)
 
 
 def int8_a16_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -254,12 +247,20 @@ def quantize_rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     kernel makes (``native/w8a8_avx2.c``): ``amax`` per row, ``inv = 127 / amax``,
     ``round_half_even(x * inv)`` clamped to [-127, 127], scale ``amax / 127``; a zero
     row gets zeros and scale 0."""
+    return _quantize_rows(x, 127, torch.int8)
+
+
+def _quantize_rows(
+    x: torch.Tensor, levels: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row of ``x`` symmetric on ``levels`` steps each side of 0, as integers of
+    ``dtype``, and its float32 scale (``amax / levels``; 0 for a zero row)."""
     amax = x.abs().amax(dim=1)
     some = amax > 0
     # a true division: torch's `127.0 / t` is a reciprocal and a product, two roundings
-    inv = torch.where(some, torch.full_like(amax, 127.0).div(amax), torch.zeros_like(amax))
-    scale = torch.where(some, amax.div(127.0), torch.zeros_like(amax))
-    q = torch.round(x * inv[:, None]).clamp_(-127, 127).to(torch.int8)
+    inv = torch.where(some, torch.full_like(amax, float(levels)).div(amax), torch.zeros_like(amax))
+    scale = torch.where(some, amax.div(float(levels)), torch.zeros_like(amax))
+    q = torch.round(x * inv[:, None]).clamp_(-levels, levels).to(dtype)
     return q, scale
 
 

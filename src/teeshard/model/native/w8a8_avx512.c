@@ -110,19 +110,9 @@ VNNI int teeshard_w8a8_matmul_avx512vnni(const float *x, const int8_t *qv,
     int64_t blocks = N / 16;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t b = 0; b < blocks; b++) {
-        int64_t m = 0;
-        for (; m + VNNI_MAX_ROWS <= M; m += VNNI_MAX_ROWS)
-            vnni_rows(VNNI_MAX_ROWS, u, sx, qv, scale, y, m, 16 * b, N, K);
-        switch (M - m) {
-        case 7: vnni_rows(7, u, sx, qv, scale, y, m, 16 * b, N, K); break;
-        case 6: vnni_rows(6, u, sx, qv, scale, y, m, 16 * b, N, K); break;
-        case 5: vnni_rows(5, u, sx, qv, scale, y, m, 16 * b, N, K); break;
-        case 4: vnni_rows(4, u, sx, qv, scale, y, m, 16 * b, N, K); break;
-        case 3: vnni_rows(3, u, sx, qv, scale, y, m, 16 * b, N, K); break;
-        case 2: vnni_rows(2, u, sx, qv, scale, y, m, 16 * b, N, K); break;
-        case 1: vnni_rows(1, u, sx, qv, scale, y, m, 16 * b, N, K); break;
-        default: break;
-        }
+#define VNNI_ROWS(R, m) vnni_rows(R, u, sx, qv, scale, y, m, 16 * b, N, K)
+        EVERY_ROW_IN_BLOCKS_OF_EIGHT(M, VNNI_ROWS);
+#undef VNNI_ROWS
     }
     free(u);
     return 0;
