@@ -92,6 +92,26 @@ def test_the_vnni_kernel_gives_the_reference_bits(rows: int, channels: int, widt
     assert rows == 1 or not bool(got[rows // 2].any())  # a zero row stays zero
 
 
+@a16_only
+def test_the_vnni_sums_stay_exact_at_full_scale_over_the_widest_input() -> None:
+    """The kernel's three int32 sums reach 255 * 127 * K at most: every input at full
+    scale (+32767 is all-ones bytes, -32767 the smallest offset) times every weight at
+    +-127, over the widest width it takes, still gives the reference's bits."""
+    width = native.INT8_A16_MAX_WIDTH - 16
+    q = torch.full((32, width), 127, dtype=torch.int8)
+    q[16:] = -127
+    scale = torch.full((32,), 0.5, dtype=torch.bfloat16)
+    x = torch.ones(3, width)
+    x[1] = -1.0
+    x[2, ::2] = -1.0  # signs alternating: the true sums cancel, the offset sums do not
+    got = native.int8_matmul(x, native.lay_out_weight(q, "avx512vnni"), scale, isa="avx512vnni")
+    assert torch.equal(got, int8_a16_reference(x, q, scale))
+    full = 127 * width * 0.5  # x = 1 times 127 * 0.5 over every input
+    assert torch.allclose(got[0, :16], torch.full((16,), full), rtol=1e-6)
+    assert torch.allclose(got[1, 16:], torch.full((16,), full), rtol=1e-6)
+    assert not bool(got[2].any())
+
+
 def test_rows_are_quantized_to_16_bits_within_half_a_step() -> None:
     generator = torch.Generator().manual_seed(3)
     x = torch.randn(5, 96, generator=generator) * torch.logspace(-4, 3, 5)[:, None]

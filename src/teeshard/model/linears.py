@@ -12,6 +12,8 @@ same product reads the weight once: the fast path (``benchmarks/throughput.py``)
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -71,19 +73,14 @@ class NativeLinear(nn.Module):
             )
         self.isa: str = isa
         self.laid_out = native.lay_out_weight(weight, isa)
-        self._product = self.bind(self.laid_out, isa)  # checked once, not per call
+        self._product = self.bind(self.laid_out, isa=isa)  # checked once, not per call
         bias = linear.bias
         self.bias = bias.detach().float() if bias is not None else None
 
-    @staticmethod
-    def kernel_for(channels: int, width: int) -> str | None:
-        """The kernel that would run a (``channels``, ``width``) weight here, if any."""
-        raise NotImplementedError
-
-    @staticmethod
-    def bind(laid_out: torch.Tensor, isa: str) -> native.BoundProduct:
-        """The ``isa`` kernel's product with the laid-out weight bound."""
-        raise NotImplementedError
+    # the kernel that would run a (channels, width) weight here, if any
+    kernel_for: Callable[[int, int], str | None]
+    # the ``isa`` kernel's product with the laid-out weight bound
+    bind: Callable[..., native.BoundProduct]
 
     @classmethod
     def isa_for(cls, linear: nn.Module) -> str | None:
@@ -97,11 +94,7 @@ class NativeLinear(nn.Module):
         return cls.isa_for(linear) is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        out = self._product(float32_rows(x, self.in_features))
-        if self.bias is not None:
-            out += self.bias
-        return out.reshape(*lead, self.out_features)
+        return float32_linear(x, self._product, self.bias, self.out_features)
 
     def extra_repr(self) -> str:
         return (
@@ -122,14 +115,8 @@ class NativeBf16Linear(NativeLinear):
 
     weight_dtype = torch.bfloat16
     label = "bf16"
-
-    @staticmethod
-    def kernel_for(channels: int, width: int) -> str | None:
-        return native.bf16_isa(channels, width)
-
-    @staticmethod
-    def bind(laid_out: torch.Tensor, isa: str) -> native.BoundProduct:
-        return native.bind_bf16(laid_out, isa=isa)
+    kernel_for = staticmethod(native.bf16_isa)
+    bind = staticmethod(native.bind_bf16)
 
 
 class NativeF32Linear(NativeLinear):
@@ -141,20 +128,24 @@ class NativeF32Linear(NativeLinear):
 
     weight_dtype = torch.float32
     label = "f32"
-
-    @staticmethod
-    def kernel_for(channels: int, width: int) -> str | None:
-        return native.f32_isa(channels, width)
-
-    @staticmethod
-    def bind(laid_out: torch.Tensor, isa: str) -> native.BoundProduct:
-        return native.bind_f32(laid_out, isa=isa)
+    kernel_for = staticmethod(native.f32_isa)
+    bind = staticmethod(native.bind_f32)
 
 
-def float32_rows(x: torch.Tensor, width: int) -> torch.Tensor:
-    """``x`` (..., ``width``) as contiguous float32 rows (M, ``width``): a view where it
-    already is one (the usual case: each of these calls costs a dispatch)."""
-    flat = x.reshape(-1, width)
+def float32_linear(
+    x: torch.Tensor,
+    product: Callable[[torch.Tensor], torch.Tensor],
+    bias: torch.Tensor | None,
+    out_features: int,
+) -> torch.Tensor:
+    """``x`` (..., K) through a float32-output ``product`` of rows (M, K) -> (M, N), the
+    bias added in float32: (..., N). The rows go in as a view where they already are
+    contiguous float32 (the usual case: each conversion would cost a dispatch)."""
+    lead = x.shape[:-1]
+    flat = x.reshape(-1, x.shape[-1])
     if flat.dtype != torch.float32:
         flat = flat.float()
-    return flat if flat.is_contiguous() else flat.contiguous()
+    out = product(flat if flat.is_contiguous() else flat.contiguous())
+    if bias is not None:
+        out += bias
+    return out.reshape(*lead, out_features)

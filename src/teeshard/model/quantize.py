@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from teeshard.model import native
-from teeshard.model.linears import float32_rows
+from teeshard.model.linears import float32_linear
 
 INT8_RECIPE = (
     "int8-weight-only/per-output-channel/symmetric-127/bf16-scale-round-up/block-linears+lm-head/v2"
@@ -199,11 +199,7 @@ class Int8Linear(nn.Module):
 
     def _float32_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The forward of the float32-output kernels: rows in float32, bias in float32."""
-        lead = x.shape[:-1]
-        out = self._float32_product(float32_rows(x, self.in_features))
-        if self.bias is not None:
-            out += self.bias
-        return out.reshape(*lead, self.out_features)
+        return float32_linear(x, self._float32_product, self.bias, self.out_features)
 
     def _float32_product(self, flat32: torch.Tensor) -> torch.Tensor:
         return self._bound()(flat32)

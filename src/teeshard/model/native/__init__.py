@@ -219,37 +219,39 @@ def _fits(isa: str, channels: int, width: int) -> bool:
     return channels % channel_multiple == 0 and width % width_multiple == 0
 
 
+# kernel -> the input width it must stay below, for a product whose kernels have one
+# (their int32 sums are exact only below it); the others take any width
+Widest = dict[str, int]
+W8A8_MAX_WIDTH = 1 << 17  # the w8a8 kernels' int32 sums are exact below this input width
+INT8_A16_MAX_WIDTH = 1 << 16  # int8_avx512vnni.c's likewise
+_W8A8_WIDEST: Widest = dict.fromkeys(W8A8_ISAS, W8A8_MAX_WIDTH)
+_INT8_WIDEST: Widest = {"avx512vnni": INT8_A16_MAX_WIDTH}
+
+
 def _fitting(
-    isas: tuple[str, ...], channels: int, width: int, max_width: int | None = None
+    isas: tuple[str, ...], channels: int, width: int, widest: Widest | None = None
 ) -> list[str]:
     """Those of ``isas`` (this CPU's, fastest first) that take a (``channels``,
-    ``width``) weight, in their order."""
-    if max_width is not None and width >= max_width:
-        return []
-    return [isa for isa in isas if _fits(isa, channels, width)]
+    ``width``) weight, in their order (``widest``: the product's width limits)."""
+    limits = widest or {}
+    return [
+        isa for isa in isas if _fits(isa, channels, width) and width < limits.get(isa, width + 1)
+    ]
 
 
 def _fastest_fitting(
-    isas: tuple[str, ...], channels: int, width: int, max_width: int | None = None
+    isas: tuple[str, ...], channels: int, width: int, widest: Widest | None = None
 ) -> str | None:
     """The first of ``isas`` that takes a (``channels``, ``width``) weight, where the
     native library built here; None otherwise."""
     if not available():
         return None
-    return next(iter(_fitting(isas, channels, width, max_width)), None)
-
-
-INT8_A16_MAX_WIDTH = 1 << 16  # int8_avx512vnni.c's int32 sums are exact below this width
-
-
-def _int8_isas_taking(width: int) -> tuple[str, ...]:
-    """This CPU's int8 kernels, best first, less those that refuse an input this wide."""
-    return tuple(i for i in int8_isas() if i != "avx512vnni" or width < INT8_A16_MAX_WIDTH)
+    return next(iter(_fitting(isas, channels, width, widest)), None)
 
 
 def int8_isa(channels: int, width: int) -> str | None:
     """The best int8 kernel here for a (``channels``, ``width``) weight, if any."""
-    return next(iter(_fitting(_int8_isas_taking(width), channels, width)), None)
+    return _fastest_fitting(int8_isas(), channels, width, _INT8_WIDEST)
 
 
 def available() -> bool:
@@ -275,12 +277,9 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, *, isa: s
     return bind_int8(q, scale, isa=isa)(x)
 
 
-W8A8_MAX_WIDTH = 1 << 17  # the kernel's int32 sums are exact below this input width
-
-
 def w8a8_isa(channels: int, width: int) -> str | None:
     """The fastest w8a8 kernel here for a (``channels``, ``width``) weight, if any."""
-    return _fastest_fitting(w8a8_isas(), channels, width, W8A8_MAX_WIDTH)
+    return _fastest_fitting(w8a8_isas(), channels, width, _W8A8_WIDEST)
 
 
 def w8a8_fits(channels: int, width: int) -> bool:
@@ -309,11 +308,11 @@ def _chosen(
     isas: tuple[str, ...],
     channels: int,
     width: int,
-    max_width: int | None = None,
+    widest: Widest | None = None,
 ) -> str:
     """``isa``, or the first of ``isas`` (this CPU's, fastest first) that takes a
     (``channels``, ``width``) weight where ``isa`` is None; NativeKernelError if none."""
-    fit = _fitting(isas, channels, width, max_width)
+    fit = _fitting(isas, channels, width, widest)
     chosen = next(iter(fit), None) if isa is None else (isa if isa in fit else None)
     if chosen is None:
         kernel = f"{isa} kernel" if isa else "kernel"
@@ -406,14 +405,14 @@ class BoundProduct:
 def bind_int8(q: torch.Tensor, scale: torch.Tensor, *, isa: str) -> BoundProduct:
     """:func:`int8_matmul` with ``q`` and ``scale`` bound (checked here, once)."""
     _, channels, width = _checked_int8("int8_matmul", _no_rows(q), q, scale)
-    _chosen("int8_matmul", isa, _int8_isas_taking(width), channels, width)
+    _chosen("int8_matmul", isa, int8_isas(), channels, width, _INT8_WIDEST)
     return BoundProduct("int8_matmul", f"teeshard_int8_matmul_{isa}", (q, scale))
 
 
 def bind_w8a8(q: torch.Tensor, scale: torch.Tensor, *, isa: str | None = None) -> BoundProduct:
     """:func:`w8a8_matmul` with ``q`` and ``scale`` bound (checked here, once)."""
     _, channels, width = _checked_int8("w8a8_matmul", _no_rows(q), q, scale)
-    chosen = _chosen("w8a8_matmul", isa, w8a8_isas(), channels, width, W8A8_MAX_WIDTH)
+    chosen = _chosen("w8a8_matmul", isa, w8a8_isas(), channels, width, _W8A8_WIDEST)
     return BoundProduct("w8a8_matmul", f"teeshard_w8a8_matmul_{chosen}", (q, scale))
 
 

@@ -7,7 +7,7 @@
  * inv = 32767 / amax, xq = round_half_even(x * inv) clamped to [-32767, 32767],
  * sx = amax / 32767 (each one IEEE float32 operation; a zero row gives zeros and sx
  * 0), as teeshard.model.quantize.quantize_rows_int16 does. That is a finer grid than
- * bfloat16's 8 significant bits for every element within 1/128 of its row's largest.
+ * bfloat16's 8 significant bits for every element within 1/64 of its row's largest.
  *
  * Why: the other int8 kernels widen every weight to float32 before a float FMA (three
  * instructions per 16 weights), and that, not memory, set their pace: on a Zen 4
