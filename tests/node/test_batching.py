@@ -156,13 +156,22 @@ def service_for(model: TinyModel, scheduler: SchedulerLimits | None = None) -> N
 
 
 async def generate(
-    service: NodeService, sid: str, prompt: list[int], new: int, delay: float = 0.0
+    service: NodeService,
+    sid: str,
+    prompt: list[int],
+    new: int,
+    delay: float = 0.0,
+    pause: float = 0.0,
 ) -> list[int]:
+    """Open, step ``new`` times (``pause`` seconds before each step after the first, as
+    a slower upstream would), close."""
     await asyncio.sleep(delay)
     await service.open_session(sid, len(prompt) + new, SamplingParams())
     tokens = []
     step = prompt
-    for _ in range(new):
+    for index in range(new):
+        if index and pause:
+            await asyncio.sleep(pause)
         result = await service.step_tokens(sid, step)
         tokens.append(result.token)
         step = [result.token]
@@ -346,6 +355,51 @@ def test_pipeline_groups_split_the_active_sessions_into_smaller_batches(
     assert grouped == together == expected
     assert grouped_batches >= steps // 2  # never more than two steps in a batch
     assert together_batches < grouped_batches
+
+
+def test_steps_that_arrive_a_few_milliseconds_apart_still_share_a_batch(
+    tiny_llama: TinyModel,
+) -> None:
+    """The previous node sends a batch's steps one frame each, so they arrive spread
+    over a few milliseconds (here 1, 4, 7 and 10 ms after each result). Waiting a
+    share of the last decode batch's time (``gather_share``) collects all four into
+    one batch; waiting only ``gather_s`` leaves the late ones for a batch of their own,
+    which costs as much as the whole batch when decode is bound by reading weights.
+    Each batch takes 120 ms here, so the share (25%) is 30 ms."""
+    prompts = PROMPTS[:4]
+    new = 6
+    expected = [greedy_alone(whole(tiny_llama), p, new)[0] for p in prompts]
+
+    async def main(share: float) -> tuple[list[list[int]], list[int]]:
+        service = service_for(tiny_llama, SchedulerLimits(gather_s=0.002, gather_share=share))
+        recorder = ThreadRecorder(service, slow=dict.fromkeys(range(200), 0.12))
+        sizes: list[int] = []
+        original = recorder.__call__
+
+        def sized(hiddens: list[torch.Tensor], *args: object, **kwargs: object) -> object:
+            sizes.append(len(hiddens))
+            return original(hiddens, *args, **kwargs)
+
+        service.shard.forward_batch = sized  # type: ignore[method-assign,assignment]
+        try:
+            got = await asyncio.gather(
+                *(
+                    generate(service, f"s{i}", p, new, pause=0.001 + 0.003 * i)
+                    for i, p in enumerate(prompts)
+                )
+            )
+        finally:
+            await service.shutdown()
+        return list(got), sizes
+
+    gathered, sizes = asyncio.run(main(0.25))
+    assert gathered == expected
+    # one batch per step, and at most one more: the first decode step, before any decode
+    # batch was timed, has only ``gather_s``
+    assert len(sizes) <= new + 1, sizes
+    hurried, sizes = asyncio.run(main(0.0))
+    assert hurried == expected
+    assert len(sizes) >= new + 3, sizes  # the later sessions kept missing the batch
 
 
 class ThreadRecorder:

@@ -19,7 +19,10 @@ What goes into a batch, in order:
 A node with one session decoding has nothing to batch and nothing to overlap: its
 one-row step then runs on the event loop's thread itself, saving the two thread
 hand-offs (to the compute thread and back), measured at 0.2-0.3 ms each on a
-2-core VM. Only while such steps are short (``inline_step_s``, measured on the
+2-core VM; when the scheduler is idle, in the caller's own coroutine, saving the
+two turns of the event loop to the scheduler's task and back as well (about
+0.1-0.2 ms each here, after the node sat idle waiting for the next hop). Only
+while such steps are short (``inline_step_s``, measured on the
 last one), so a large model's step never holds the loop (health, metrics, new
 requests) for long; anything else, or a second active session, goes to the
 compute thread as before.
@@ -59,8 +62,12 @@ class SchedulerLimits:
     max_batch_rows: int = 512  # token positions per batched forward
     max_batch_sessions: int = 64  # steps per batched forward
     prefill_chunk: int = 256  # a longer prefill runs in chunks of this many positions
-    # after a wake from idle, wait at most this long for the other active sessions' steps
+    # before a batch short of the active sessions' steps, wait for them at most this long,
+    # or this share of the last decode batch's time where that is longer: the previous
+    # node sends a batch's steps one frame each, a fraction of a millisecond apart, and a
+    # step that misses the batch costs a whole batch of its own later
     gather_s: float = 0.002
+    gather_share: float = 0.25
     # split the active sessions into this many batches, so that with a route of that many
     # nodes each node computes one group while the next node computes another (pipelining)
     groups: int = 1
@@ -71,8 +78,8 @@ class SchedulerLimits:
     def __post_init__(self) -> None:
         if min(self.max_batch_rows, self.max_batch_sessions, self.prefill_chunk, self.groups) < 1:
             raise ValueError("scheduler limits must be at least 1")
-        if self.gather_s < 0 or self.inline_step_s < 0:
-            raise ValueError("gather_s and inline_step_s must not be negative")
+        if min(self.gather_s, self.gather_share, self.inline_step_s) < 0:
+            raise ValueError("gather_s, gather_share and inline_step_s must not be negative")
 
 
 @dataclass(eq=False)
@@ -126,6 +133,7 @@ class StepScheduler:
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self._lone_step_s = float("inf")  # how long the last lone one-row step took
+        self._decode_batch_s = 0.0  # how long the last batch of one-row steps took
 
     @classmethod
     def on_executor(
@@ -158,6 +166,9 @@ class StepScheduler:
         the grammar's mask for the token the last node samples at its end."""
         rows = tokens if tokens is not None else hidden
         assert rows is not None
+        if not self._waiting and rows.shape[1] == 1 and self._inline_now():
+            # idle, and a lone decode step: run it here, without any hand-off
+            return self._run_alone(BatchItem(session, tokens, hidden, allowed=allowed))
         job = _Job(
             session,
             rows,
@@ -187,20 +198,16 @@ class StepScheduler:
             if not self._waiting:
                 self._wake.clear()
                 await self._wake.wait()
-                await self._gather()
-                continue
+            await self._gather()
             batch = self._take()
             for job, _ in batch:
                 job.running = True
             items = [item for _, item in batch]
-            lone = len(items) == 1 and items[0].rows == 1 and self._active() <= 1
-            bound = self.limits.inline_step_s  # 0: never
-            inline = lone and bound > 0 and self._lone_step_s <= bound
+            lone = len(items) == 1 and items[0].rows == 1
             started = time.perf_counter()
             try:
-                if inline:
-                    self.counters.inline_batches += 1
-                    outputs = run_batch(self.shard, items)
+                if lone and self._inline_now():
+                    outputs = self._run_inline(items)
                 else:
                     outputs = await self._run_in_thread(
                         functools.partial(run_batch, self.shard, items)
@@ -212,12 +219,8 @@ class StepScheduler:
                     raise
                 continue
             finally:
-                elapsed = time.perf_counter() - started
-                self.counters.step_seconds += elapsed
-                if lone:
-                    self._lone_step_s = elapsed
-            self.counters.batches += 1
-            self.counters.batched_rows += sum(item.rows for item in items)
+                self._timed(started, lone and self._active() <= 1, items)
+            self._count(items)
             for (job, item), output in zip(batch, outputs, strict=True):
                 self._advance(job, item, output)
             # Let the sessions just answered submit their next step (the entry's loop
@@ -225,11 +228,53 @@ class StepScheduler:
             # decoding beside a chunked prefill would get a token every other batch.
             await asyncio.sleep(0)
 
+    def _inline_now(self) -> bool:
+        """Whether a lone one-row step may run on the loop's thread: no other session is
+        active, and the last such step was short (``inline_step_s``; 0: never)."""
+        bound = self.limits.inline_step_s
+        return bound > 0 and self._lone_step_s <= bound and self._active() <= 1
+
+    def _run_alone(self, item: BatchItem) -> StepOutput:
+        """Run a lone decode step in its caller, on an idle scheduler: the same batch of
+        one that the loop would run on its thread, without the two hand-offs to the
+        loop's task and back (each a turn of the event loop)."""
+        items = [item]
+        length_before = item.session.cache.length
+        started = time.perf_counter()
+        try:
+            output = self._run_inline(items)[0]
+        except BaseException:  # the node failed: the step fails, its cache as before
+            item.session.cache.length = length_before
+            raise
+        finally:
+            self._timed(started, True, items)
+        self._count(items)
+        return output
+
+    def _run_inline(self, items: list[BatchItem]) -> list[StepOutput]:
+        self.counters.inline_batches += 1
+        return run_batch(self.shard, items)
+
+    def _timed(self, started: float, lone: bool, items: list[BatchItem]) -> None:
+        elapsed = time.perf_counter() - started
+        self.counters.step_seconds += elapsed
+        if lone:
+            self._lone_step_s = elapsed
+        if all(item.rows == 1 for item in items):
+            self._decode_batch_s = elapsed
+
+    def _count(self, items: list[BatchItem]) -> None:
+        self.counters.batches += 1
+        self.counters.batched_rows += sum(item.rows for item in items)
+
     async def _gather(self) -> None:
-        """Woken from idle by one step: give the other active sessions' steps, which
-        usually arrive together (the previous node's batch, sent frame by frame), a
-        moment to join, rather than run a batch of one and leave them for the next."""
-        deadline = time.monotonic() + self.limits.gather_s
+        """Before a batch that would hold fewer steps than there are active sessions
+        (up to a group's share): give the others' steps, which usually arrive together
+        (the previous node's batch, sent frame by frame), a moment to join, rather than
+        run without them and leave them a batch of their own. Also after a batch: a
+        session answered sooner than its batch-mates must not stay a batch apart."""
+        wait = max(self.limits.gather_s, self.limits.gather_share * self._decode_batch_s)
+        deadline = time.monotonic() + wait
         while len(self._waiting) < min(self._active(), self._session_cap()):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
