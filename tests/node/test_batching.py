@@ -402,6 +402,42 @@ def test_steps_that_arrive_a_few_milliseconds_apart_still_share_a_batch(
     assert len(sizes) >= new + 3, sizes  # the later sessions kept missing the batch
 
 
+def test_a_session_that_stopped_stepping_holds_the_others_back_only_briefly(
+    tiny_llama: TinyModel,
+) -> None:
+    """A session whose client stopped reading stays open but is not about to step.
+    The scheduler waits for it only while its last step is recent (``recent_s``, or
+    four decode batches' time): after that the session still decoding runs without
+    the wait, where counting every open session would make each of its steps wait
+    in vain."""
+    new = 12
+    expected = greedy_alone(whole(tiny_llama), PROMPTS[0], new + 1)[0]
+
+    async def main(recent_s: float) -> tuple[list[int], int]:
+        limits = SchedulerLimits(gather_share=0.25, recent_s=recent_s)
+        service = service_for(tiny_llama, limits)
+        ThreadRecorder(service, slow=dict.fromkeys(range(100), 0.02))  # 20 ms a batch
+        try:
+            for sid, prompt in (("a", PROMPTS[0]), ("b", PROMPTS[1])):
+                await service.open_session(sid, len(prompt) + new + 1, SamplingParams())
+            first, _ = await asyncio.gather(
+                service.step_tokens("a", PROMPTS[0]), service.step_tokens("b", PROMPTS[1])
+            )
+            tokens = [first.token]  # b's client stops reading here; b stays open
+            for _ in range(new):
+                tokens.append((await service.step_tokens("a", [tokens[-1]])).token)
+            return tokens, service.counters.gather_timeouts
+        finally:
+            await service.shutdown()
+
+    tokens, waited_in_vain = asyncio.run(main(0.05))  # b counts for 80 ms: 4 batches
+    assert tokens == expected
+    assert 1 <= waited_in_vain <= 6
+    tokens, waited_in_vain = asyncio.run(main(float("inf")))  # b always counts
+    assert tokens == expected
+    assert waited_in_vain == new
+
+
 class ThreadRecorder:
     """Wraps the service's ``shard.forward_batch`` to note which thread ran each batch
     and how many sessions were stepping then (and, when asked, to make a given call

@@ -86,6 +86,10 @@ def stage_metrics(service: NodeService) -> Metrics:
         "teeshard_inline_batches_total",
         "Batched forwards run on the event loop's thread (a lone one-row step)",
     )
+    metrics.counter(
+        "teeshard_batch_gather_timeouts_total",
+        "Batches that waited for other active sessions' steps until the deadline",
+    )
     metrics.counter("teeshard_errors_total", "Failed requests by error code")
     metrics.counter("teeshard_pipeline_connections_total", "Pipeline sockets admitted")
     metrics.counter(
@@ -113,6 +117,7 @@ def stage_metrics(service: NodeService) -> Metrics:
         metrics.set("teeshard_batches_total", counters.batches)
         metrics.set("teeshard_batched_rows_total", counters.batched_rows)
         metrics.set("teeshard_inline_batches_total", counters.inline_batches)
+        metrics.set("teeshard_batch_gather_timeouts_total", counters.gather_timeouts)
         metrics.set("teeshard_pipeline_connections_total", counters.pipeline_connections)
         for code, count in counters.errors.items():
             metrics.set("teeshard_errors_total", count, code=code)

@@ -68,6 +68,11 @@ class SchedulerLimits:
     # step that misses the batch costs a whole batch of its own later
     gather_s: float = 0.002
     gather_share: float = 0.25
+    # a session counts as active (worth waiting for; keeps a lone step off the loop's
+    # thread) while a step of it runs or ended at most this long ago, or four decode
+    # batches' time where that is longer: one whose client stopped reading holds the
+    # others' batches back only that long
+    recent_s: float = 0.25
     # split the active sessions into this many batches, so that with a route of that many
     # nodes each node computes one group while the next node computes another (pipelining)
     groups: int = 1
@@ -78,8 +83,10 @@ class SchedulerLimits:
     def __post_init__(self) -> None:
         if min(self.max_batch_rows, self.max_batch_sessions, self.prefill_chunk, self.groups) < 1:
             raise ValueError("scheduler limits must be at least 1")
-        if min(self.gather_s, self.gather_share, self.inline_step_s) < 0:
-            raise ValueError("gather_s, gather_share and inline_step_s must not be negative")
+        if min(self.gather_s, self.gather_share, self.inline_step_s, self.recent_s) < 0:
+            raise ValueError(
+                "gather_s, gather_share, inline_step_s and recent_s must not be negative"
+            )
 
 
 @dataclass(eq=False)
@@ -121,13 +128,14 @@ class StepScheduler:
         run_in_thread: Callable[[Callable[[], list[StepOutput]]], asyncio.Future[list[StepOutput]]],
         counters: StageCounters,
         limits: SchedulerLimits | None = None,
-        active: Callable[[], int] = lambda: 0,
+        active: Callable[[float], int] = lambda recent_s: 0,
     ) -> None:
         self.shard = shard
         self.limits = limits or SchedulerLimits()
         self.counters = counters
-        # sessions likely to submit a step soon (open and stepping): worth a short wait
-        self._active = active
+        # sessions likely to submit a step soon (open, and stepping within the given
+        # seconds): worth a short wait
+        self._sessions_stepping = active
         self._run_in_thread = run_in_thread
         self._waiting: list[_Job] = []
         self._wake = asyncio.Event()
@@ -142,7 +150,7 @@ class StepScheduler:
         executor: Executor,
         counters: StageCounters,
         limits: SchedulerLimits | None = None,
-        active: Callable[[], int] = lambda: 0,
+        active: Callable[[float], int] = lambda recent_s: 0,
     ) -> StepScheduler:
         def run_in_thread(fn: Callable[[], list[StepOutput]]) -> asyncio.Future[list[StepOutput]]:
             return asyncio.get_running_loop().run_in_executor(executor, fn)
@@ -228,6 +236,10 @@ class StepScheduler:
             # decoding beside a chunked prefill would get a token every other batch.
             await asyncio.sleep(0)
 
+    def _active(self) -> int:
+        """Sessions stepping now or lately (``recent_s``, or four decode batches)."""
+        return self._sessions_stepping(max(self.limits.recent_s, 4 * self._decode_batch_s))
+
     def _inline_now(self) -> bool:
         """Whether a lone one-row step may run on the loop's thread: no other session is
         active, and the last such step was short (``inline_step_s``; 0: never)."""
@@ -278,6 +290,7 @@ class StepScheduler:
         while len(self._waiting) < min(self._active(), self._session_cap()):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
+                self.counters.gather_timeouts += 1
                 return
             self._wake.clear()
             with contextlib.suppress(TimeoutError):

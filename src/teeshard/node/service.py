@@ -107,9 +107,18 @@ class SessionStore:
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def stepping(self) -> int:
-        """Open sessions that have stepped and may step again soon (for batching)."""
-        return sum(1 for s in self._sessions.values() if s.stepped)
+    def stepping(self, recent_s: float | None = None) -> int:
+        """Open sessions that have stepped and may step again soon (for batching); with
+        ``recent_s``, only those with a step running or one that ended at most that long
+        ago (a session whose client stopped reading is not about to step)."""
+        if recent_s is None:
+            return sum(1 for s in self._sessions.values() if s.stepped)
+        since = time.monotonic() - recent_s
+        return sum(
+            1
+            for s in self._sessions.values()
+            if s.stepped and (s.in_flight or s.last_used >= since)
+        )
 
     @property
     def reserved_tokens(self) -> int:
@@ -225,6 +234,7 @@ class StageCounters:
     step_seconds: float = 0.0  # time spent in local compute (batched forwards)
     batches: int = 0  # batched forwards run
     inline_batches: int = 0  # of which run on the event loop's thread (a lone one-row step)
+    gather_timeouts: int = 0  # batches that waited for other sessions' steps in vain
     batched_rows: int = 0  # token positions over all batches (rows / batches: mean batch)
     pipeline_connections: int = 0  # admitted after the upstream's introduction
     errors: Counter[str] = field(default_factory=Counter)  # failed requests by error code
