@@ -373,14 +373,6 @@ def test_steps_that_arrive_a_few_milliseconds_apart_still_share_a_batch(
     async def main(share: float) -> tuple[list[list[int]], list[int]]:
         service = service_for(tiny_llama, SchedulerLimits(gather_s=0.002, gather_share=share))
         recorder = ThreadRecorder(service, slow=dict.fromkeys(range(200), 0.12))
-        sizes: list[int] = []
-        original = recorder.__call__
-
-        def sized(hiddens: list[torch.Tensor], *args: object, **kwargs: object) -> object:
-            sizes.append(len(hiddens))
-            return original(hiddens, *args, **kwargs)
-
-        service.shard.forward_batch = sized  # type: ignore[method-assign,assignment]
         try:
             got = await asyncio.gather(
                 *(
@@ -390,7 +382,7 @@ def test_steps_that_arrive_a_few_milliseconds_apart_still_share_a_batch(
             )
         finally:
             await service.shutdown()
-        return list(got), sizes
+        return list(got), recorder.sizes
 
     gathered, sizes = asyncio.run(main(0.25))
     assert gathered == expected
@@ -439,14 +431,15 @@ def test_a_session_that_stopped_stepping_holds_the_others_back_only_briefly(
 
 
 class ThreadRecorder:
-    """Wraps the service's ``shard.forward_batch`` to note which thread ran each batch
-    and how many sessions were stepping then (and, when asked, to make a given call
-    slow or fail)."""
+    """Wraps the service's ``shard.forward_batch`` to note which thread ran each batch,
+    how many steps it held and how many sessions were stepping then (and, when asked,
+    to make a given call slow or fail)."""
 
     def __init__(
         self, service: NodeService, slow: dict[int, float] | None = None, fail: int | None = None
     ) -> None:
         self.threads: list[int] = []
+        self.sizes: list[int] = []  # steps in each batch
         self.active: list[int] = []
         self._service = service
         self._original = service.shard.forward_batch
@@ -457,6 +450,7 @@ class ThreadRecorder:
     def __call__(self, *args: object, **kwargs: object) -> list[torch.Tensor]:
         call = len(self.threads)
         self.threads.append(threading.get_ident())
+        self.sizes.append(len(args[0]))  # type: ignore[arg-type]
         self.active.append(self._service.sessions.stepping())
         if call == self._fail:
             raise AcceleratorError("accelerator gave no answer")

@@ -21,6 +21,7 @@ local session again. Errors from the next node keep their code and status.
 from __future__ import annotations
 
 import logging
+import math
 import struct
 import time
 from collections import Counter
@@ -107,12 +108,10 @@ class SessionStore:
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def stepping(self, recent_s: float | None = None) -> int:
-        """Open sessions that have stepped and may step again soon (for batching); with
-        ``recent_s``, only those with a step running or one that ended at most that long
-        ago (a session whose client stopped reading is not about to step)."""
-        if recent_s is None:
-            return sum(1 for s in self._sessions.values() if s.stepped)
+    def stepping(self, recent_s: float = math.inf) -> int:
+        """Open sessions that have stepped and may step again soon (for batching): with a
+        step running or one that ended at most ``recent_s`` ago (a session whose client
+        stopped reading is not about to step)."""
         since = time.monotonic() - recent_s
         return sum(
             1
